@@ -1,0 +1,464 @@
+//! The Rollout API (`apiVersion: baton.dev/v1alpha1`, `kind: Rollout`): types, parsing
+//! and validation.
+//!
+//! Parsing goes YAML → JSON value → typed struct so that every deserialisation error
+//! carries the field path (`spec.strategy.canary.steps[2].setWeight`), then a semantic
+//! pass collects *every* remaining problem instead of stopping at the first.
+
+mod duration;
+mod validate;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use duration::Duration;
+pub use validate::validate;
+
+pub const API_VERSION: &str = "baton.dev/v1alpha1";
+pub const KIND: &str = "Rollout";
+
+/// One problem in a spec, named by its field path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    /// Where the problem is, e.g. `spec.traffic.listen`. Prefixed with the document
+    /// (`documents[1].`) when a file holds several.
+    pub field: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// Every problem found in a spec source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} problem(s) in the spec:\n{}", .0.len(), .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+pub struct SpecErrors(pub Vec<FieldError>);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rollout {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: RolloutSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// Instances per revision.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    pub run: RunSpec,
+    #[serde(default)]
+    pub probes: Probes,
+    #[serde(default)]
+    pub shutdown: Shutdown,
+    /// An instance must stay ready this long before it counts as available.
+    #[serde(default)]
+    pub min_ready_seconds: u64,
+    /// A rollout that makes no progress for this long is aborted.
+    #[serde(default = "default_progress_deadline")]
+    pub progress_deadline_seconds: u64,
+    pub traffic: Traffic,
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub analysis: Analysis,
+    #[serde(default)]
+    pub rollback: Rollback,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_progress_deadline() -> u64 {
+    600
+}
+
+/// How to start one instance. Any change here makes a new revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunSpec {
+    /// Program and arguments; `{port}` is replaced by the instance's port (also in `env`
+    /// values). The port is in `PORT` too.
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+}
+
+impl RunSpec {
+    /// Stable identity of this run spec: the first 10 hex digits of the SHA-256 of its
+    /// canonical JSON (env is a sorted map, so the encoding is deterministic).
+    pub fn revision_hash(&self) -> String {
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&canonical);
+        digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The `APP_VERSION` the revision advertises, if any: a human label, not an identity.
+    pub fn app_version(&self) -> Option<&str> {
+        self.env.get("APP_VERSION").map(String::as_str)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Probes {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Probe>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Probe {
+    pub http_get: HttpGet,
+    #[serde(default = "default_period")]
+    pub period_seconds: f64,
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: f64,
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    #[serde(default = "one")]
+    pub success_threshold: u32,
+    #[serde(default)]
+    pub initial_delay_seconds: f64,
+}
+
+fn default_period() -> f64 {
+    1.0
+}
+fn default_timeout() -> f64 {
+    1.0
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpGet {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Shutdown {
+    /// Time between leaving routing and SIGTERM, so that no request is in flight towards
+    /// an instance that is about to stop.
+    #[serde(default = "default_pre_stop")]
+    pub pre_stop_seconds: f64,
+    /// Time after SIGTERM before SIGKILL.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_seconds: f64,
+}
+
+fn default_pre_stop() -> f64 {
+    1.0
+}
+fn default_drain() -> f64 {
+    30.0
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            pre_stop_seconds: default_pre_stop(),
+            drain_timeout_seconds: default_drain(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Traffic {
+    /// Where the proxy listens for this rollout's users, e.g. `127.0.0.1:8080`.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Strategy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blue_green: Option<BlueGreen>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling: Option<Rolling>,
+}
+
+/// The strategy in force, once validation made sure exactly one is set.
+#[derive(Debug, Clone, Copy)]
+pub enum StrategyRef<'a> {
+    Canary(&'a Canary),
+    BlueGreen(&'a BlueGreen),
+    Rolling(&'a Rolling),
+}
+
+impl Strategy {
+    pub fn kind(&self) -> StrategyRef<'_> {
+        match (&self.canary, &self.blue_green, &self.rolling) {
+            (Some(c), _, _) => StrategyRef::Canary(c),
+            (None, Some(b), _) => StrategyRef::BlueGreen(b),
+            (None, None, Some(r)) => StrategyRef::Rolling(r),
+            (None, None, None) => StrategyRef::Rolling(&DEFAULT_ROLLING),
+        }
+    }
+}
+
+static DEFAULT_ROLLING: Rolling = Rolling {
+    max_surge: 1,
+    max_unavailable: 0,
+};
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Canary {
+    #[serde(default)]
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum Step {
+    /// Send this share (0-100) of traffic to the canary.
+    SetWeight(u32),
+    /// Wait for a duration, or until promoted when no duration is given.
+    Pause(Pause),
+    /// Wait until the named gates have each passed `count` measurements in this step.
+    Analysis(AnalysisStep),
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Pause {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnalysisStep {
+    pub gates: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BlueGreen {
+    /// A second listener that routes only to the new revision, for smoke tests and humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_listen: Option<String>,
+    /// Switch as soon as the new stack is available and its smoke tests pass; otherwise
+    /// wait for `baton promote`.
+    #[serde(default = "yes")]
+    pub auto_promote: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub smoke: Vec<SmokeTest>,
+    /// How long the previous stack keeps running after the switch, so that a rollback is
+    /// a switch back rather than a redeploy.
+    #[serde(default = "default_retain")]
+    pub retain_previous: Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_retain() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// One HTTP check run against the preview revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SmokeTest {
+    #[serde(default = "default_method")]
+    pub method: String,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default = "default_status")]
+    pub expect_status: u16,
+    /// The response body must contain this text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_body_contains: Option<String>,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_status() -> u16 {
+    200
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rolling {
+    /// Instances above `replicas` that may exist during the roll.
+    #[serde(default = "one")]
+    pub max_surge: u32,
+    /// Instances below `replicas` that may be unavailable during the roll.
+    #[serde(default)]
+    pub max_unavailable: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Analysis {
+    #[serde(default)]
+    pub gates: Vec<Gate>,
+}
+
+/// An SLO gate. Every gate is measured on the canary in the background while it has
+/// traffic; an `analysis` step also waits for the gates it names to pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Gate {
+    pub name: String,
+    pub metric: MetricSource,
+    /// Expression over `result` that must hold, e.g. `result < 0.800`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_condition: Option<String>,
+    /// Expression over `result` that marks a failure even if the success condition holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_condition: Option<String>,
+    #[serde(default = "default_interval")]
+    pub interval: Duration,
+    /// Failed measurements tolerated; one more aborts the rollout.
+    #[serde(default)]
+    pub failure_limit: u32,
+    /// Passing measurements an `analysis` step needs from this gate.
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Requests a measurement window must hold to be judged; a smaller window grows
+    /// until it does, so a handful of slow requests cannot fail a version.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_min_requests() -> u64 {
+    20
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum MetricSource {
+    /// Measured by the built-in proxy per revision, with no scrape delay.
+    Builtin(BuiltinMetric),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinMetric {
+    /// Share (0-1) of responses that were 5xx or failed to reach an instance.
+    ErrorRate,
+    LatencyP50,
+    LatencyP90,
+    LatencyP99,
+}
+
+impl BuiltinMetric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuiltinMetric::ErrorRate => "error_rate",
+            BuiltinMetric::LatencyP50 => "latency_p50",
+            BuiltinMetric::LatencyP90 => "latency_p90",
+            BuiltinMetric::LatencyP99 => "latency_p99",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rollback {
+    /// Abort and return all traffic to stable when a gate fails or the progress deadline
+    /// passes. When false, the rollout pauses instead and waits for a human.
+    #[serde(default = "yes")]
+    pub on_failure: bool,
+}
+
+impl Default for Rollback {
+    fn default() -> Self {
+        Rollback { on_failure: true }
+    }
+}
+
+/// Parses one or more `---`-separated Rollout documents and validates each; returns
+/// every problem found, prefixed with the document index when there are several.
+pub fn parse(text: &str) -> Result<Vec<Rollout>, SpecErrors> {
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text).map_err(|e| {
+        SpecErrors(vec![FieldError {
+            field: "(yaml)".into(),
+            reason: first_line(&e.to_string()),
+        }])
+    })?;
+    if docs.is_empty() {
+        return Err(SpecErrors(vec![FieldError {
+            field: "(document)".into(),
+            reason: "no Rollout found: the input is empty".into(),
+        }]));
+    }
+    let many = docs.len() > 1;
+    let prefix = |i: usize, field: &str| {
+        if many {
+            format!("documents[{i}].{field}")
+        } else {
+            field.to_string()
+        }
+    };
+    let mut errors = Vec::new();
+    let mut rollouts = Vec::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        match serde_path_to_error::deserialize::<_, Rollout>(doc) {
+            Ok(r) => {
+                for e in validate(&r) {
+                    errors.push(FieldError {
+                        field: prefix(i, &e.field),
+                        reason: e.reason,
+                    });
+                }
+                rollouts.push(r);
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                errors.push(FieldError {
+                    field: prefix(i, if path == "." { "(document)" } else { &path }),
+                    reason: e.into_inner().to_string(),
+                });
+            }
+        }
+    }
+    validate::across(&rollouts, &mut errors, many);
+    if errors.is_empty() {
+        Ok(rollouts)
+    } else {
+        Err(SpecErrors(errors))
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).to_string()
+}
+
+#[cfg(test)]
+mod tests;

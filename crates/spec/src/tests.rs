@@ -1,0 +1,122 @@
+use super::*;
+
+const CANARY: &str = include_str!("../../../examples/hello/canary.yaml");
+const BLUE_GREEN: &str = include_str!("../../../examples/hello/blue-green.yaml");
+
+fn fields(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => vec![],
+        Err(SpecErrors(e)) => e.into_iter().map(|e| e.field).collect(),
+    }
+}
+
+#[test]
+fn shipped_examples_are_valid() {
+    let c = parse(CANARY).expect("canary example");
+    assert_eq!(c[0].metadata.name, "hello");
+    let steps = &c[0].spec.strategy.canary.as_ref().expect("canary").steps;
+    assert_eq!(steps[0], Step::SetWeight(10));
+    assert_eq!(
+        steps[1],
+        Step::Pause(Pause {
+            duration: Some(Duration::from_secs(5))
+        })
+    );
+    let bg = parse(BLUE_GREEN).expect("blue-green example");
+    let bgs = bg[0].spec.strategy.blue_green.as_ref().expect("blueGreen");
+    assert_eq!(bgs.retain_previous, Duration::from_secs(3600));
+    assert_eq!(bgs.smoke.len(), 2);
+    assert_eq!(bgs.smoke[0].method, "GET");
+}
+
+#[test]
+fn type_errors_name_the_field_path() {
+    let bad = CANARY.replace("setWeight: 25", "setWeight: lots");
+    assert_eq!(
+        fields(&bad),
+        vec!["spec.strategy.canary.steps[3].setWeight"]
+    );
+    let unknown = CANARY.replace("replicas: 2", "replicas: 2\n  replicaz: 3");
+    let f = fields(&unknown);
+    assert_eq!(f.len(), 1);
+    assert!(f[0].starts_with("spec"), "{f:?}");
+}
+
+#[test]
+fn semantic_errors_are_all_reported() {
+    let bad = CANARY
+        .replace("replicas: 2", "replicas: 0")
+        .replace("127.0.0.1:8080", "localhost")
+        .replace("setWeight: 50", "setWeight: 150")
+        .replace(
+            "analysis: { gates: [errors, p99] }\n        - setWeight: 25",
+            "analysis: { gates: [nope] }\n        - setWeight: 25",
+        )
+        .replace("result <= 0.01", "result <=");
+    let f = fields(&bad);
+    assert_eq!(
+        f,
+        vec![
+            "spec.replicas",
+            "spec.traffic.listen",
+            "spec.strategy.canary.steps[2].analysis.gates[0]",
+            "spec.strategy.canary.steps[5].setWeight",
+            "spec.analysis.gates[0].successCondition",
+        ]
+    );
+}
+
+#[test]
+fn exactly_one_strategy() {
+    let two = BLUE_GREEN.replace(
+        "    blueGreen:",
+        "    rolling: { maxSurge: 1 }\n    blueGreen:",
+    );
+    assert_eq!(fields(&two), vec!["spec.strategy"]);
+}
+
+#[test]
+fn durations_parse_in_human_forms() {
+    for (text, ms) in [
+        ("90s", 90_000),
+        ("1m30s", 90_000),
+        ("500ms", 500),
+        ("2", 2000),
+    ] {
+        let d: Duration = text.parse().expect(text);
+        assert_eq!(d.as_millis(), ms, "{text}");
+    }
+    assert!("soon".parse::<Duration>().is_err());
+}
+
+#[test]
+fn multi_document_names_and_listeners_must_be_unique() {
+    let both = format!("{CANARY}\n---\n{CANARY}");
+    let f = fields(&both);
+    assert_eq!(
+        f,
+        vec![
+            "documents[1].metadata.name",
+            "documents[1].spec.traffic.listen"
+        ]
+    );
+    let ok = format!("{CANARY}\n---\n{BLUE_GREEN}");
+    assert_eq!(parse(&ok).expect("two rollouts").len(), 2);
+}
+
+#[test]
+fn revision_hash_follows_run_only() {
+    let a = parse(CANARY).expect("valid").remove(0);
+    let mut b = a.clone();
+    b.spec.replicas = 5;
+    assert_eq!(a.spec.run.revision_hash(), b.spec.run.revision_hash());
+    b.spec.run.env.insert("APP_VERSION".into(), "v2".into());
+    assert_ne!(a.spec.run.revision_hash(), b.spec.run.revision_hash());
+    assert_eq!(a.spec.run.revision_hash().len(), 10);
+}
+
+#[test]
+fn empty_and_broken_yaml_are_errors() {
+    assert_eq!(fields(""), vec!["(document)"]);
+    assert_eq!(fields("a: [1, 2"), vec!["(yaml)"]);
+}

@@ -1,0 +1,347 @@
+//! Semantic checks that serde cannot express. Each returns a field path and a reason
+//! that tells the user what to write instead.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+
+use crate::{API_VERSION, FieldError, KIND, Probe, Rollout, Step};
+
+/// Every problem in one rollout, in field order.
+pub fn validate(r: &Rollout) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let mut err = |field: &str, reason: String| {
+        errs.push(FieldError {
+            field: field.to_string(),
+            reason,
+        })
+    };
+    if r.api_version != API_VERSION {
+        err(
+            "apiVersion",
+            format!("must be {API_VERSION:?}, got {:?}", r.api_version),
+        );
+    }
+    if r.kind != KIND {
+        err("kind", format!("must be {KIND:?}, got {:?}", r.kind));
+    }
+    if let Err(reason) = check_name(&r.metadata.name) {
+        err("metadata.name", reason);
+    }
+    let s = &r.spec;
+    if s.replicas == 0 || s.replicas > 100 {
+        err(
+            "spec.replicas",
+            format!("must be between 1 and 100, got {}", s.replicas),
+        );
+    }
+    match s.run.command.first() {
+        None => err("spec.run.command", "must name a program to run".into()),
+        Some(p) if p.trim().is_empty() => {
+            err("spec.run.command[0]", "the program name is empty".into())
+        }
+        _ => {}
+    }
+    for key in s.run.env.keys() {
+        let ok = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            err(
+                &format!("spec.run.env.{key}"),
+                "an environment variable name is letters, digits and _, not starting with a digit"
+                    .into(),
+            );
+        }
+    }
+    if let Some(dir) = &s.run.working_dir
+        && dir.trim().is_empty()
+    {
+        err(
+            "spec.run.workingDir",
+            "is empty; leave it out to use the current directory".into(),
+        );
+    }
+    for (name, probe) in [
+        ("readiness", &s.probes.readiness),
+        ("liveness", &s.probes.liveness),
+    ] {
+        if let Some(p) = probe {
+            check_probe(&format!("spec.probes.{name}"), p, &mut err);
+        }
+    }
+    for (field, v) in [
+        ("spec.shutdown.preStopSeconds", s.shutdown.pre_stop_seconds),
+        (
+            "spec.shutdown.drainTimeoutSeconds",
+            s.shutdown.drain_timeout_seconds,
+        ),
+    ] {
+        if !(0.0..=3600.0).contains(&v) {
+            err(
+                field,
+                format!("must be between 0 and 3600 seconds, got {v}"),
+            );
+        }
+    }
+    if s.progress_deadline_seconds == 0 {
+        err("spec.progressDeadlineSeconds", "must be at least 1".into());
+    }
+    let listen = check_addr("spec.traffic.listen", &s.traffic.listen, &mut err);
+
+    let st = &s.strategy;
+    let set = [
+        st.canary.is_some(),
+        st.blue_green.is_some(),
+        st.rolling.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if set != 1 {
+        err(
+            "spec.strategy",
+            format!("set exactly one of canary, blueGreen or rolling (found {set})"),
+        );
+    }
+    let gate_names: BTreeSet<&str> = s.analysis.gates.iter().map(|g| g.name.as_str()).collect();
+    if let Some(c) = &st.canary {
+        for (i, step) in c.steps.iter().enumerate() {
+            let f = format!("spec.strategy.canary.steps[{i}]");
+            match step {
+                Step::SetWeight(w) if *w > 100 => {
+                    err(&format!("{f}.setWeight"), format!("must be 0-100, got {w}"))
+                }
+                Step::Pause(p) if p.duration.is_some_and(|d| d.0.is_zero()) => err(
+                    &format!("{f}.pause.duration"),
+                    "must be positive; leave it out to pause until promoted".into(),
+                ),
+                Step::Analysis(a) => {
+                    if a.gates.is_empty() {
+                        err(
+                            &format!("{f}.analysis.gates"),
+                            "name at least one gate".into(),
+                        );
+                    }
+                    for (j, g) in a.gates.iter().enumerate() {
+                        if !gate_names.contains(g.as_str()) {
+                            err(
+                                &format!("{f}.analysis.gates[{j}]"),
+                                format!("no gate named {g:?} in spec.analysis.gates"),
+                            );
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(bg) = &st.blue_green {
+        if let Some(p) = &bg.preview_listen {
+            let preview = check_addr("spec.strategy.blueGreen.previewListen", p, &mut err);
+            if preview.is_some() && preview == listen {
+                err(
+                    "spec.strategy.blueGreen.previewListen",
+                    "must differ from spec.traffic.listen".into(),
+                );
+            }
+        }
+        for (i, t) in bg.smoke.iter().enumerate() {
+            let f = format!("spec.strategy.blueGreen.smoke[{i}]");
+            if !t.path.starts_with('/') {
+                err(
+                    &format!("{f}.path"),
+                    format!("must start with /, got {:?}", t.path),
+                );
+            }
+            if !(100..=599).contains(&t.expect_status) {
+                err(
+                    &format!("{f}.expectStatus"),
+                    format!("must be 100-599, got {}", t.expect_status),
+                );
+            }
+            if t.method.parse::<MethodName>().is_err() {
+                err(
+                    &format!("{f}.method"),
+                    format!("{:?} is not an HTTP method", t.method),
+                );
+            }
+        }
+    }
+    if let Some(r) = &st.rolling {
+        if r.max_surge == 0 && r.max_unavailable == 0 {
+            err(
+                "spec.strategy.rolling",
+                "maxSurge and maxUnavailable cannot both be 0: nothing could move".into(),
+            );
+        }
+        if r.max_unavailable >= s.replicas && s.replicas > 0 {
+            err(
+                "spec.strategy.rolling.maxUnavailable",
+                format!(
+                    "must be below replicas ({}), or the service could go dark",
+                    s.replicas
+                ),
+            );
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for (i, g) in s.analysis.gates.iter().enumerate() {
+        let f = format!("spec.analysis.gates[{i}]");
+        if let Err(reason) = check_name(&g.name) {
+            err(&format!("{f}.name"), reason);
+        } else if !seen.insert(g.name.as_str()) {
+            err(
+                &format!("{f}.name"),
+                format!("gate {:?} is defined twice", g.name),
+            );
+        }
+        if g.success_condition.is_none() && g.failure_condition.is_none() {
+            err(
+                &f,
+                "set successCondition and/or failureCondition, e.g. successCondition: \"result < 0.8\"".into(),
+            );
+        }
+        for (k, c) in [
+            ("successCondition", &g.success_condition),
+            ("failureCondition", &g.failure_condition),
+        ] {
+            if let Some(c) = c
+                && let Err(e) = check_condition(c)
+            {
+                err(&format!("{f}.{k}"), e);
+            }
+        }
+        if g.interval.0.is_zero() {
+            err(&format!("{f}.interval"), "must be positive".into());
+        }
+        if g.count == 0 {
+            err(&format!("{f}.count"), "must be at least 1".into());
+        }
+    }
+    errs
+}
+
+/// Problems between documents of one file: names and listeners must be unique.
+pub(crate) fn across(rollouts: &[Rollout], errors: &mut Vec<FieldError>, many: bool) {
+    if !many {
+        return;
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut listens: HashMap<String, usize> = HashMap::new();
+    for (i, r) in rollouts.iter().enumerate() {
+        if let Some(first) = names.insert(&r.metadata.name, i) {
+            errors.push(FieldError {
+                field: format!("documents[{i}].metadata.name"),
+                reason: format!(
+                    "{:?} is also the name of documents[{first}]",
+                    r.metadata.name
+                ),
+            });
+        }
+        let mut addrs = vec![r.spec.traffic.listen.clone()];
+        if let Some(bg) = &r.spec.strategy.blue_green
+            && let Some(p) = &bg.preview_listen
+        {
+            addrs.push(p.clone());
+        }
+        for a in addrs {
+            if let Some(first) = listens.insert(a.clone(), i) {
+                errors.push(FieldError {
+                    field: format!("documents[{i}].spec.traffic.listen"),
+                    reason: format!("{a} is already used by documents[{first}]"),
+                });
+            }
+        }
+    }
+}
+
+/// Checks that a condition parses and yields a boolean for a sample `result`.
+pub fn check_condition(c: &str) -> Result<(), String> {
+    use evalexpr::ContextWithMutableVariables;
+    let tree = evalexpr::build_operator_tree::<evalexpr::DefaultNumericTypes>(c)
+        .map_err(|e| format!("cannot parse {c:?}: {e}"))?;
+    let mut ctx = evalexpr::HashMapContext::<evalexpr::DefaultNumericTypes>::new();
+    ctx.set_value("result".into(), evalexpr::Value::Float(0.5))
+        .map_err(|e| e.to_string())?;
+    tree.eval_boolean_with_context(&ctx)
+        .map(|_| ())
+        .map_err(|e| format!("{c:?} must be a true/false expression over `result`: {e}"))
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        ))
+    }
+}
+
+fn check_probe(f: &str, p: &Probe, err: &mut impl FnMut(&str, String)) {
+    if !p.http_get.path.starts_with('/') {
+        err(
+            &format!("{f}.httpGet.path"),
+            format!("must start with /, got {:?}", p.http_get.path),
+        );
+    }
+    for (k, v, min) in [
+        ("periodSeconds", p.period_seconds, 0.05),
+        ("timeoutSeconds", p.timeout_seconds, 0.05),
+        ("initialDelaySeconds", p.initial_delay_seconds, 0.0),
+    ] {
+        if !(min..=3600.0).contains(&v) {
+            err(
+                &format!("{f}.{k}"),
+                format!("must be between {min} and 3600, got {v}"),
+            );
+        }
+    }
+    if p.failure_threshold == 0 {
+        err(
+            &format!("{f}.failureThreshold"),
+            "must be at least 1".into(),
+        );
+    }
+    if p.success_threshold == 0 {
+        err(
+            &format!("{f}.successThreshold"),
+            "must be at least 1".into(),
+        );
+    }
+}
+
+fn check_addr(f: &str, a: &str, err: &mut impl FnMut(&str, String)) -> Option<SocketAddr> {
+    match a.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() == 0 => {
+            err(f, format!("{a:?} needs a fixed port, not 0"));
+            None
+        }
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            err(
+                f,
+                format!("{a:?} is not an IP:port address such as 127.0.0.1:8080"),
+            );
+            None
+        }
+    }
+}
+
+struct MethodName;
+impl std::str::FromStr for MethodName {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" => Ok(MethodName),
+            _ => Err(()),
+        }
+    }
+}
