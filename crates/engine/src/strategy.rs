@@ -1,0 +1,814 @@
+//! The step function and the three strategies.
+
+use std::collections::BTreeMap;
+
+use baton_spec::{BlueGreen, Rolling, Rollout, Step, StrategyRef};
+
+use crate::{
+    Action, Command, CommandResult, GateStatus, Millis, Observations, Output, Phase, Revision,
+    SmokeState, Status, Verdict,
+};
+
+/// A smoke run with no answer after this long is asked for again (the controller may
+/// have restarted while it ran).
+const SMOKE_RETRY_MS: Millis = 60_000;
+
+struct Ctx<'a> {
+    spec: &'a Rollout,
+    obs: &'a Observations,
+    now: Millis,
+    s: Status,
+    actions: Vec<Action>,
+}
+
+impl Ctx<'_> {
+    fn event(&mut self, reason: &str, message: String) {
+        self.actions.push(Action::Event {
+            reason: reason.into(),
+            message,
+        });
+    }
+
+    fn acked(&self) -> bool {
+        self.obs.router_acked >= self.s.route_version
+    }
+
+    fn replicas(&self) -> u32 {
+        self.spec.spec.replicas
+    }
+
+    /// Starts (or restarts) the rollout of the canary from its first step.
+    fn restart_steps(&mut self) {
+        self.s.step_index = 0;
+        self.s.step_started_at = self.now;
+        self.s.canary_weight = 0;
+        self.s.aborted = false;
+        self.s.failed_paused = false;
+        self.s.promote_full = false;
+        self.s.promote_once = false;
+        self.s.smoke = SmokeState::NotRun;
+        self.s.gates.clear();
+        self.s.analysis_epoch += 1;
+        self.s.last_progress_at = self.now;
+        self.s.last_canary_available = 0;
+    }
+
+    fn abort(&mut self, reason: String) {
+        let Some(c) = self.s.canary.clone() else {
+            return;
+        };
+        if self.s.aborted {
+            return;
+        }
+        self.s.aborted = true;
+        self.s.failed_paused = false;
+        self.s.canary_weight = 0;
+        self.s.promote_full = false;
+        self.s.message = reason.clone();
+        let now = self.now;
+        if let Some(r) = self.s.revision_mut(&c) {
+            r.aborted_at = Some(now);
+            r.abort_reason = Some(reason.clone());
+        }
+        let label = self.s.label(&c);
+        self.event(
+            "Aborted",
+            format!("{label} aborted: {reason}; all traffic back to stable"),
+        );
+    }
+
+    /// A gate failed or the deadline passed: roll back, or pause for a human.
+    fn fail(&mut self, reason: String) {
+        if self.spec.spec.rollback.on_failure {
+            self.abort(reason);
+        } else if !self.s.failed_paused {
+            self.s.failed_paused = true;
+            self.s.message = format!(
+                "{reason} (rollback.onFailure is false: paused; promote to go on, abort to roll back)"
+            );
+            self.event("FailedPaused", self.s.message.clone());
+        }
+    }
+
+    fn advance_step(&mut self, steps_len: usize) {
+        self.s.step_index += 1;
+        self.s.step_started_at = self.now;
+        self.s.last_progress_at = self.now;
+        for g in self.s.gates.values_mut() {
+            g.passes = 0;
+        }
+        let msg = if self.s.step_index < steps_len {
+            format!("step {}/{} done", self.s.step_index, steps_len)
+        } else {
+            format!("all {steps_len} steps done")
+        };
+        self.event("StepCompleted", msg);
+    }
+
+    /// The canary reached 100 % and the router confirmed it: it becomes stable.
+    fn promote_canary(&mut self) {
+        let Some(c) = self.s.canary.take() else {
+            return;
+        };
+        let old = self.s.stable.replace(c.clone());
+        self.s.stable_history.push(c.clone());
+        let now = self.now;
+        if let Some(r) = self.s.revision_mut(&c) {
+            r.promoted_at = Some(now);
+        }
+        if let (Some(old), StrategyRef::BlueGreen(bg)) = (&old, self.spec.spec.strategy.kind()) {
+            self.s
+                .retain_until
+                .insert(old.clone(), now + bg.retain_previous.as_millis());
+        }
+        self.s.retain_until.remove(&c);
+        self.s.promote_full = false;
+        self.s.promote_once = false;
+        self.s.preview = None;
+        let label = self.s.label(&c);
+        self.event(
+            "Promoted",
+            format!("{label} is now stable with 100 % of traffic"),
+        );
+    }
+}
+
+pub fn step(spec: &Rollout, prev: &Status, obs: &Observations, now: Millis) -> Output {
+    let mut cx = Ctx {
+        spec,
+        obs,
+        now,
+        s: prev.clone(),
+        actions: Vec::new(),
+    };
+    select_target(&mut cx);
+    let command_results = obs.commands.iter().map(|c| command(&mut cx, *c)).collect();
+    record_measurements(&mut cx);
+    record_smoke(&mut cx);
+    progress_deadline(&mut cx);
+
+    let strategy = spec.spec.strategy.kind();
+    if cx.s.canary.is_some() {
+        match strategy {
+            StrategyRef::Canary(c) => canary(&mut cx, &c.steps),
+            StrategyRef::BlueGreen(bg) => blue_green(&mut cx, bg),
+            StrategyRef::Rolling(_) => {}
+        }
+    }
+    let rolling = match strategy {
+        StrategyRef::Rolling(r) => Some(r),
+        _ => None,
+    };
+    compute_desired(&mut cx, rolling);
+    compute_routes(&mut cx, rolling);
+    if let Some(r) = rolling {
+        rolling_finish(&mut cx, r);
+    }
+    finish_promotion(&mut cx);
+    schedule_measurements(&mut cx);
+    compute_phase(&mut cx);
+    Output {
+        status: cx.s,
+        actions: cx.actions,
+        command_results,
+    }
+}
+
+/// Works out which revision the spec asks for and whether it is new.
+fn select_target(cx: &mut Ctx) {
+    let run = &cx.spec.spec.run;
+    let hash = run.revision_hash();
+    if cx.s.revision(&hash).is_none() {
+        let number = cx.s.revisions.iter().map(|r| r.number).max().unwrap_or(0) + 1;
+        cx.s.revisions.push(Revision {
+            name: hash.clone(),
+            number,
+            run: run.clone(),
+            created_at: cx.now,
+            promoted_at: None,
+            aborted_at: None,
+            abort_reason: None,
+        });
+    }
+    let label = cx.s.label(&hash);
+    match (&cx.s.stable, &cx.s.canary) {
+        (None, _) => {
+            cx.s.stable = Some(hash.clone());
+            cx.s.stable_history.push(hash.clone());
+            cx.s.last_progress_at = cx.now;
+            cx.s.message = format!("starting {label}");
+            cx.event(
+                "NewRevision",
+                format!("first revision {label}: starting it"),
+            );
+        }
+        (Some(stable), canary) if *stable == hash => {
+            if let Some(c) = canary.clone() {
+                let cl = cx.s.label(&c);
+                cx.s.canary = None;
+                cx.s.aborted = false;
+                cx.s.failed_paused = false;
+                cx.s.message = format!("spec is back on stable {label}; {cl} abandoned");
+                cx.event("Abandoned", cx.s.message.clone());
+            }
+        }
+        (Some(_), canary) if canary.as_deref() != Some(hash.as_str()) => {
+            if let Some(c) = canary.clone() {
+                let cl = cx.s.label(&c);
+                cx.event("Superseded", format!("{cl} superseded by {label}"));
+            }
+            cx.s.canary = Some(hash.clone());
+            cx.restart_steps();
+            cx.s.message = format!("rolling out {label}");
+            cx.event("NewRevision", format!("rolling out {label}"));
+        }
+        _ => {}
+    }
+}
+
+fn command(cx: &mut Ctx, c: Command) -> CommandResult {
+    let Some(canary) = cx.s.canary.clone() else {
+        return Err(format!(
+            "nothing to {}: no rollout in progress (stable is {})",
+            c.as_str(),
+            cx.s.stable
+                .as_deref()
+                .map(|s| cx.s.label(s))
+                .unwrap_or_default()
+        ));
+    };
+    let label = cx.s.label(&canary);
+    match c {
+        Command::Abort if cx.s.aborted => Err(format!("{label} is already aborted")),
+        Command::Abort => {
+            cx.abort("aborted by user".into());
+            Ok(format!("{label} aborted; traffic returns to stable"))
+        }
+        Command::Retry if !cx.s.aborted => Err(format!("{label} is not aborted; nothing to retry")),
+        Command::Retry => {
+            cx.restart_steps();
+            cx.s.message = format!("retrying {label}");
+            cx.event("Retry", format!("retrying {label} from the first step"));
+            Ok(format!("retrying {label} from the first step"))
+        }
+        Command::Promote | Command::PromoteFull if cx.s.aborted => Err(format!(
+            "{label} was aborted; use retry to roll it out again"
+        )),
+        Command::Promote => {
+            if let StrategyRef::Canary(cs) = cx.spec.spec.strategy.kind()
+                && let Some(Step::SetWeight(w)) = cs.steps.get(cx.s.step_index)
+                && !cx.s.failed_paused
+            {
+                return Err(format!(
+                    "{label} is at step {} (setWeight {w}), which completes by itself once the router confirms the weight; promote --full skips every step",
+                    cx.s.step_index + 1
+                ));
+            }
+            if cx.s.failed_paused {
+                cx.s.failed_paused = false;
+                for g in cx.s.gates.values_mut() {
+                    g.failures = 0;
+                }
+            }
+            cx.s.promote_once = true;
+            cx.event(
+                "Promote",
+                format!("{label}: promoted past the current step by user"),
+            );
+            Ok(format!("{label}: going past the current step"))
+        }
+        Command::PromoteFull => {
+            cx.s.failed_paused = false;
+            cx.s.promote_full = true;
+            cx.event(
+                "PromoteFull",
+                format!("{label}: full promotion requested by user"),
+            );
+            Ok(format!(
+                "{label}: promoting fully, skipping remaining steps"
+            ))
+        }
+    }
+}
+
+fn record_measurements(cx: &mut Ctx) {
+    let Some(canary) = cx.s.canary.clone() else {
+        return;
+    };
+    if cx.s.aborted {
+        return;
+    }
+    let mut failed: Option<String> = None;
+    for m in &cx.obs.measurements {
+        if m.revision != canary {
+            continue;
+        }
+        let Some(gate) = cx
+            .spec
+            .spec
+            .analysis
+            .gates
+            .iter()
+            .find(|g| g.name == m.gate)
+        else {
+            continue;
+        };
+        let g = cx.s.gates.entry(m.gate.clone()).or_default();
+        match m.verdict {
+            Verdict::Pass => {
+                g.passes += 1;
+                cx.s.last_progress_at = cx.now;
+            }
+            Verdict::Fail => g.failures += 1,
+            Verdict::Inconclusive => g.inconclusive += 1,
+        }
+        g.last = Some(m.clone());
+        if m.verdict == Verdict::Fail && g.failures > gate.failure_limit && failed.is_none() {
+            failed = Some(format!(
+                "gate {} failed {} time(s) (limit {}): {}",
+                m.gate, g.failures, gate.failure_limit, m.detail
+            ));
+        }
+    }
+    if let Some(reason) = failed {
+        cx.fail(reason);
+    }
+}
+
+fn record_smoke(cx: &mut Ctx) {
+    let Some((rev, passed, detail)) = &cx.obs.smoke else {
+        return;
+    };
+    if cx.s.canary.as_ref() != Some(rev) || cx.s.aborted {
+        return;
+    }
+    if *passed {
+        cx.s.smoke = SmokeState::Passed;
+        cx.s.last_progress_at = cx.now;
+        cx.event(
+            "SmokePassed",
+            format!("smoke tests passed on {}", cx.s.label(rev)),
+        );
+    } else {
+        cx.s.smoke = SmokeState::Failed;
+        cx.fail(format!("smoke tests failed: {detail}"));
+    }
+}
+
+fn canary(cx: &mut Ctx, steps: &[Step]) {
+    if cx.s.aborted {
+        cx.s.canary_weight = 0;
+        return;
+    }
+    let Some(c) = cx.s.canary.clone() else {
+        return;
+    };
+    let avail = cx.obs.rev(&c).available;
+    let fully_available = avail >= cx.replicas();
+    // Several steps may complete in one call (a pause that already elapsed, a weight
+    // the router already confirmed); the bound keeps a bad spec from looping.
+    for _ in 0..=steps.len() {
+        if cx.s.failed_paused {
+            return;
+        }
+        if cx.s.promote_full || cx.s.step_index >= steps.len() {
+            cx.s.canary_weight = 100;
+            return;
+        }
+        let done = match &steps[cx.s.step_index] {
+            Step::SetWeight(w) => {
+                cx.s.canary_weight = *w;
+                // Done only when the router runs the table with exactly this weight.
+                (*w == 0 || fully_available) && cx.acked() && cx.s.weight(&c) == *w
+            }
+            Step::Pause(p) => {
+                if cx.s.promote_once {
+                    cx.s.promote_once = false;
+                    true
+                } else {
+                    p.duration
+                        .is_some_and(|d| cx.now >= cx.s.step_started_at + d.as_millis())
+                }
+            }
+            Step::Analysis(a) => {
+                if cx.s.promote_once {
+                    cx.s.promote_once = false;
+                    true
+                } else {
+                    a.gates.iter().all(|name| {
+                        let need = cx
+                            .spec
+                            .spec
+                            .analysis
+                            .gates
+                            .iter()
+                            .find(|g| &g.name == name)
+                            .map_or(1, |g| g.count);
+                        cx.s.gates.get(name).is_some_and(|g| g.passes >= need)
+                    })
+                }
+            }
+        };
+        if !done {
+            return;
+        }
+        cx.advance_step(steps.len());
+    }
+}
+
+fn blue_green(cx: &mut Ctx, bg: &BlueGreen) {
+    if cx.s.aborted {
+        return;
+    }
+    let Some(c) = cx.s.canary.clone() else {
+        return;
+    };
+    if cx.s.promote_full {
+        return;
+    }
+    if cx.obs.rev(&c).available < cx.replicas() {
+        return;
+    }
+    let smoke_ok = match cx.s.smoke {
+        _ if bg.smoke.is_empty() => true,
+        SmokeState::Passed => true,
+        SmokeState::Failed => false,
+        SmokeState::Running { since } => {
+            if cx.now >= since + SMOKE_RETRY_MS {
+                cx.s.smoke = SmokeState::Running { since: cx.now };
+                cx.actions.push(Action::RunSmoke {
+                    revision: c.clone(),
+                });
+            }
+            false
+        }
+        SmokeState::NotRun => {
+            // Smoke tests go through the preview listener when there is one, so wait
+            // for the router to serve the preview first.
+            if cx.s.preview.as_ref() == Some(&c) && cx.acked() || bg.preview_listen.is_none() {
+                cx.s.smoke = SmokeState::Running { since: cx.now };
+                cx.actions.push(Action::RunSmoke {
+                    revision: c.clone(),
+                });
+                cx.event(
+                    "SmokeStarted",
+                    format!("running smoke tests on {}", cx.s.label(&c)),
+                );
+            }
+            false
+        }
+    };
+    if !smoke_ok || cx.s.failed_paused {
+        return;
+    }
+    if bg.auto_promote || cx.s.promote_once {
+        cx.s.promote_once = false;
+        cx.s.promote_full = true;
+        cx.event(
+            "Switch",
+            format!("switching all traffic to {}", cx.s.label(&c)),
+        );
+    }
+}
+
+/// Replicas wanted per revision. The stable revision of a canary or blue-green rollout
+/// always keeps `replicas`; nothing is scaled to zero while the router may still send
+/// it traffic.
+fn compute_desired(cx: &mut Ctx, rolling: Option<&Rolling>) {
+    let replicas = cx.replicas();
+    let acked = cx.acked();
+    let mut desired = BTreeMap::new();
+    if let Some(st) = &cx.s.stable {
+        desired.insert(st.clone(), replicas);
+    }
+    if let Some(c) = &cx.s.canary {
+        let keep = !cx.s.aborted || cx.s.weight(c) > 0 || !acked;
+        if keep {
+            desired.insert(c.clone(), replicas);
+        }
+    }
+    if let (Some(r), Some(st), Some(c)) = (rolling, cx.s.stable.clone(), cx.s.canary.clone())
+        && !cx.s.aborted
+    {
+        // Kubernetes' Deployment arithmetic: never above replicas + maxSurge instances,
+        // never fewer than replicas - maxUnavailable available.
+        let prev_new = cx.s.desired.get(&c).copied().unwrap_or(0);
+        let prev_old = cx.s.desired.get(&st).copied().unwrap_or(replicas);
+        let new_avail = cx.obs.rev(&c).available.min(prev_new);
+        let new_desired = prev_new
+            .max((replicas + r.max_surge).saturating_sub(prev_old))
+            .min(replicas);
+        let floor = replicas.saturating_sub(r.max_unavailable);
+        let mut old_desired = prev_old.min(floor.saturating_sub(new_avail));
+        if old_desired == 0 && (cx.s.weight(&st) > 0 || !acked) {
+            // Keep one until the router has stopped sending it traffic.
+            old_desired = 1;
+        }
+        desired.insert(c, new_desired);
+        desired.insert(st, old_desired);
+    }
+    // Other revisions (a previous stable, a superseded canary) go once traffic has left
+    // them, unless a blue-green retention keeps them warm.
+    for (rev, n) in &cx.s.desired {
+        if desired.contains_key(rev) {
+            continue;
+        }
+        let retained = cx.s.retain_until.get(rev).is_some_and(|t| cx.now < *t);
+        if retained || cx.s.weight(rev) > 0 || cx.s.preview.as_ref() == Some(rev) || !acked {
+            desired.insert(rev.clone(), *n);
+        }
+    }
+    cx.s.retain_until.retain(|_, t| cx.now < *t);
+    cx.s.desired = desired;
+}
+
+/// The routing table, from the split the strategy asks for, restricted to revisions
+/// that have ready instances.
+fn compute_routes(cx: &mut Ctx, rolling: Option<&Rolling>) {
+    let stable = match &cx.s.stable {
+        Some(s) => s.clone(),
+        None => return,
+    };
+    let mut split: BTreeMap<String, u64> = BTreeMap::new();
+    let canary = cx.s.canary.clone().filter(|_| !cx.s.aborted);
+    match (&canary, rolling) {
+        (None, _) => {
+            split.insert(stable.clone(), 100);
+        }
+        (Some(c), Some(_)) => {
+            // Rolling: traffic follows available instances.
+            let new = u64::from(
+                cx.obs
+                    .rev(c)
+                    .available
+                    .min(cx.s.desired.get(c).copied().unwrap_or(0)),
+            );
+            let old = u64::from(
+                cx.obs
+                    .rev(&stable)
+                    .available
+                    .min(cx.s.desired.get(&stable).copied().unwrap_or(0)),
+            );
+            let old = if cx.s.desired.get(&stable).copied().unwrap_or(0) <= 1
+                && cx.s.desired.get(c).copied().unwrap_or(0) >= cx.replicas()
+                && new >= u64::from(cx.replicas())
+            {
+                0
+            } else {
+                old
+            };
+            split.insert(stable.clone(), old);
+            split.insert(c.clone(), new);
+        }
+        (Some(c), None) => {
+            // The canary (or green) gets weight only once it is available, not merely
+            // ready: a fresh instance must prove it stays up for minReadySeconds.
+            let w = if cx.s.promote_full {
+                100
+            } else {
+                cx.s.canary_weight.min(100)
+            };
+            let w = if cx.obs.rev(c).available > 0 { w } else { 0 };
+            split.insert(stable.clone(), u64::from(100 - w));
+            split.insert(c.clone(), u64::from(w));
+        }
+    }
+    let weights = normalise(&split, &stable, |r| cx.obs.rev(r).ready > 0);
+    let preview = match &canary {
+        Some(c) if matches!(cx.spec.spec.strategy.kind(), StrategyRef::BlueGreen(_)) => {
+            Some(c.clone()).filter(|c| cx.obs.rev(c).ready > 0)
+        }
+        _ => None,
+    };
+    if weights != cx.s.weights || preview != cx.s.preview {
+        cx.s.weights = weights;
+        cx.s.preview = preview;
+        cx.s.route_version += 1;
+    }
+}
+
+/// Drops revisions with no ready instance, rescales the rest to sum to exactly 100
+/// (largest remainder), and falls back to 100 % on stable when nothing is routable:
+/// the table always sums to 100, and the proxy answers 503 if stable has no ready
+/// instance either.
+fn normalise(
+    split: &BTreeMap<String, u64>,
+    stable: &str,
+    ready: impl Fn(&str) -> bool,
+) -> BTreeMap<String, u32> {
+    let live: Vec<(&String, u64)> = split
+        .iter()
+        .filter(|(r, w)| **w > 0 && ready(r))
+        .map(|(r, w)| (r, *w))
+        .collect();
+    let total: u64 = live.iter().map(|(_, w)| w).sum();
+    let mut out = BTreeMap::new();
+    if total == 0 {
+        // Nothing the split wants is routable: stable if it is ready, else any ready
+        // revision, else stable.
+        let pick = if ready(stable) {
+            Some(stable.to_string())
+        } else {
+            split.keys().find(|r| ready(r)).cloned()
+        };
+        out.insert(pick.unwrap_or_else(|| stable.to_string()), 100);
+        return out;
+    }
+    let mut given = 0u32;
+    let mut rems: Vec<(u64, &String)> = Vec::new();
+    for (r, w) in &live {
+        let exact = w * 100;
+        let floor = u32::try_from(exact / total).unwrap_or(100);
+        given += floor;
+        out.insert((*r).clone(), floor);
+        rems.push((exact % total, r));
+    }
+    rems.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    for (_, r) in rems.iter().take((100 - given) as usize) {
+        *out.entry((*r).clone()).or_default() += 1;
+    }
+    out.retain(|_, w| *w > 0);
+    out
+}
+
+fn rolling_finish(cx: &mut Ctx, r: &Rolling) {
+    let _ = r;
+    let (Some(c), Some(st)) = (cx.s.canary.clone(), cx.s.stable.clone()) else {
+        return;
+    };
+    if cx.s.aborted {
+        return;
+    }
+    if cx.s.weight(&c) == 100
+        && cx.acked()
+        && cx.obs.rev(&c).available >= cx.replicas()
+        && cx.s.weight(&st) == 0
+    {
+        cx.promote_canary();
+        cx.s.desired.remove(&st);
+    }
+}
+
+/// Canary and blue-green: the new revision becomes stable once the router confirmed it
+/// takes all traffic.
+fn finish_promotion(cx: &mut Ctx) {
+    let Some(c) = cx.s.canary.clone() else {
+        return;
+    };
+    if cx.s.aborted || matches!(cx.spec.spec.strategy.kind(), StrategyRef::Rolling(_)) {
+        return;
+    }
+    let wants_all = cx.s.promote_full
+        || match cx.spec.spec.strategy.kind() {
+            StrategyRef::Canary(cs) => cx.s.step_index >= cs.steps.len(),
+            _ => false,
+        };
+    if wants_all && cx.s.weight(&c) == 100 && cx.acked() {
+        cx.promote_canary();
+    }
+}
+
+fn schedule_measurements(cx: &mut Ctx) {
+    let Some(c) = cx.s.canary.clone() else {
+        return;
+    };
+    if cx.s.aborted || cx.s.failed_paused {
+        return;
+    }
+    // Measure only while the canary takes traffic the router confirmed.
+    let has_traffic = (cx.s.weight(&c) > 0 || cx.s.preview.as_ref() == Some(&c)) && cx.acked();
+    if !has_traffic {
+        return;
+    }
+    for gate in &cx.spec.spec.analysis.gates {
+        let g =
+            cx.s.gates
+                .entry(gate.name.clone())
+                .or_insert_with(|| GateStatus {
+                    next_due: cx.now,
+                    ..GateStatus::default()
+                });
+        if cx.now >= g.next_due {
+            g.next_due = cx.now + gate.interval.as_millis();
+            cx.actions.push(Action::Measure {
+                gate: gate.name.clone(),
+                revision: c.clone(),
+                epoch: cx.s.analysis_epoch,
+            });
+        }
+    }
+}
+
+fn progress_deadline(cx: &mut Ctx) {
+    let Some(c) = cx.s.canary.clone() else {
+        return;
+    };
+    let pausing = match cx.spec.spec.strategy.kind() {
+        StrategyRef::Canary(cs) => matches!(cs.steps.get(cx.s.step_index), Some(Step::Pause(_))),
+        _ => false,
+    };
+    if cx.s.aborted || cx.s.failed_paused || pausing || waiting_for_human(cx) {
+        cx.s.last_progress_at = cx.now;
+        return;
+    }
+    let avail = cx.obs.rev(&c).available;
+    if avail != cx.s.last_canary_available {
+        cx.s.last_canary_available = avail;
+        cx.s.last_progress_at = cx.now;
+    }
+    let deadline = cx.spec.spec.progress_deadline_seconds * 1000;
+    if cx.now >= cx.s.last_progress_at + deadline {
+        cx.fail(format!(
+            "progress deadline exceeded: no progress for {}s (available instances of {}: {avail}/{})",
+            cx.spec.spec.progress_deadline_seconds,
+            cx.s.label(&c),
+            cx.replicas()
+        ));
+    }
+}
+
+fn waiting_for_human(cx: &Ctx) -> bool {
+    match cx.spec.spec.strategy.kind() {
+        StrategyRef::Canary(c) => {
+            matches!(
+                c.steps.get(cx.s.step_index),
+                Some(Step::Pause(p)) if p.duration.is_none()
+            ) && !cx.s.promote_full
+        }
+        StrategyRef::BlueGreen(bg) => {
+            !bg.auto_promote
+                && !cx.s.promote_full
+                && (bg.smoke.is_empty() || cx.s.smoke == SmokeState::Passed)
+                && cx
+                    .s
+                    .canary
+                    .as_ref()
+                    .is_some_and(|c| cx.obs.rev(c).available >= cx.replicas())
+        }
+        StrategyRef::Rolling(_) => false,
+    }
+}
+
+fn compute_phase(cx: &mut Ctx) {
+    let (phase, message) = match &cx.s.canary {
+        Some(_) if cx.s.aborted => (Phase::Degraded, cx.s.message.clone()),
+        Some(_) if cx.s.failed_paused => (Phase::Paused, cx.s.message.clone()),
+        Some(c) if waiting_for_human(cx) => (
+            Phase::Paused,
+            format!(
+                "{} waits for promote at step {}",
+                cx.s.label(c),
+                cx.s.step_index + 1
+            ),
+        ),
+        Some(c) => (
+            Phase::Progressing,
+            format!(
+                "rolling out {} ({} % of traffic)",
+                cx.s.label(c),
+                cx.s.weight(c)
+            ),
+        ),
+        None => {
+            let st = cx.s.stable.clone().unwrap_or_default();
+            let ready = cx.obs.rev(&st).available >= cx.replicas() && cx.acked();
+            if ready {
+                let keep = matches!(cx.s.phase, Phase::Healthy) && !cx.s.message.is_empty();
+                let msg = if keep {
+                    cx.s.message.clone()
+                } else {
+                    format!("{} serves all traffic", cx.s.label(&st))
+                };
+                (Phase::Healthy, msg)
+            } else {
+                (
+                    Phase::Progressing,
+                    format!(
+                        "waiting for {}: {}/{} available",
+                        cx.s.label(&st),
+                        cx.obs.rev(&st).available,
+                        cx.replicas()
+                    ),
+                )
+            }
+        }
+    };
+    if phase != cx.s.phase {
+        cx.event(
+            "Phase",
+            format!("{} → {}: {message}", cx.s.phase.as_str(), phase.as_str()),
+        );
+    }
+    cx.s.phase = phase;
+    cx.s.message = message;
+}
+
+/// The revision `undo` goes back to: the last stable before the current one.
+pub fn undo_target(s: &Status) -> Option<&Revision> {
+    let current = s.stable.as_deref()?;
+    s.stable_history
+        .iter()
+        .rev()
+        .find(|r| r.as_str() != current)
+        .and_then(|r| s.revision(r))
+}

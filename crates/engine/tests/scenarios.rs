@@ -1,0 +1,326 @@
+//! Whole rollouts through the engine in a simulated world.
+
+mod common;
+
+use baton_engine::{Action, Command, Phase, RevisionObs, Verdict, undo_target};
+use common::*;
+
+fn started(yaml: &str) -> World {
+    let mut w = World::new(spec(yaml));
+    w.tick();
+    w.tick();
+    assert_eq!(w.status.phase, Phase::Healthy, "{}", w.status.message);
+    assert_eq!(w.weight("v1"), 100);
+    w
+}
+
+#[test]
+fn first_revision_becomes_healthy_once_available() {
+    let mut w = World::new(spec(CANARY));
+    w.perfect = false;
+    w.tick();
+    assert_eq!(w.status.phase, Phase::Progressing);
+    let v1 = w.name_of("v1");
+    assert_eq!(w.status.desired.get(&v1), Some(&2));
+    w.obs.revisions.insert(
+        v1.clone(),
+        RevisionObs {
+            ready: 2,
+            available: 2,
+        },
+    );
+    w.tick();
+    assert_eq!(
+        w.status.phase,
+        Phase::Progressing,
+        "not healthy before the router acked"
+    );
+    w.obs.router_acked = w.status.route_version;
+    w.tick();
+    assert_eq!(w.status.phase, Phase::Healthy);
+}
+
+#[test]
+fn canary_walks_its_steps_and_waits_for_promote() {
+    let mut w = started(CANARY);
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    assert_eq!(w.status.phase, Phase::Progressing);
+    w.tick();
+    assert_eq!(w.weight("v2"), 10);
+    assert_eq!(w.weight("v1"), 90);
+    // The 10 s pause, then the analysis step needs two passes.
+    assert!(w.run_until(Verdict::Pass, |w| w.weight("v2") == 50));
+    assert!(w.run_until(Verdict::Pass, |w| w.status.phase == Phase::Paused));
+    assert_eq!(w.weight("v2"), 50);
+    w.advance(600_000);
+    assert_eq!(
+        w.status.phase,
+        Phase::Paused,
+        "an indefinite pause is not a stalled rollout"
+    );
+    w.command(Command::Promote).expect("promote");
+    assert!(w.run_until(Verdict::Pass, |w| w.status.phase == Phase::Healthy));
+    let v2 = w.name_of("v2");
+    assert_eq!(w.status.stable.as_deref(), Some(v2.as_str()));
+    assert_eq!(w.weight("v2"), 100);
+    w.tick();
+    assert!(
+        !w.status.desired.contains_key(&w.name_of("v1")),
+        "old stable scaled away"
+    );
+}
+
+#[test]
+fn a_weight_step_waits_for_the_router() {
+    let mut w = started(CANARY);
+    w.spec = with_version(&w.spec, "v2");
+    w.perfect = false;
+    let v2 = w.status.revisions.len();
+    w.tick();
+    let name = w.name_of("v2");
+    w.obs.revisions.insert(
+        name.clone(),
+        RevisionObs {
+            ready: 2,
+            available: 2,
+        },
+    );
+    for _ in 0..20 {
+        w.advance(1000);
+    }
+    assert_eq!(v2 + 1, w.status.revisions.len());
+    assert_eq!(w.status.weight(&name), 10, "the table asks for 10 %");
+    assert_eq!(
+        w.status.step_index, 0,
+        "but the step is not done before the ack"
+    );
+    w.obs.router_acked = w.status.route_version;
+    w.tick();
+    assert_eq!(w.status.step_index, 1);
+}
+
+#[test]
+fn failed_gate_rolls_back_to_stable() {
+    let mut w = started(CANARY);
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.tick();
+    assert_eq!(w.weight("v2"), 10);
+    w.tick();
+    w.answer_measurements(Verdict::Fail);
+    let out = w.advance(1000);
+    assert_eq!(w.status.phase, Phase::Degraded);
+    assert!(
+        w.status.message.contains("gate errors failed"),
+        "{}",
+        w.status.message
+    );
+    assert_eq!(w.weight("v2"), 0);
+    assert_eq!(w.weight("v1"), 100);
+    assert!(
+        out.actions
+            .iter()
+            .any(|a| matches!(a, Action::Event { reason, .. } if reason == "Aborted"))
+    );
+    let v2 = w.name_of("v2");
+    assert!(
+        w.status.desired.contains_key(&v2),
+        "canary kept until the router acked 0 %"
+    );
+    w.tick();
+    assert!(!w.status.desired.contains_key(&v2), "then scaled away");
+    assert_eq!(
+        w.status
+            .revision(&v2)
+            .and_then(|r| r.abort_reason.clone())
+            .map(|r| r.contains("errors")),
+        Some(true)
+    );
+    // Retry starts over.
+    w.command(Command::Retry).expect("retry");
+    assert!(w.run_until(Verdict::Pass, |w| w.weight("v2") == 10));
+}
+
+#[test]
+fn inconclusive_measurements_neither_pass_nor_fail() {
+    let mut w = started(CANARY);
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.advance(11_000);
+    for _ in 0..30 {
+        w.answer_measurements(Verdict::Inconclusive);
+        w.advance(1000);
+    }
+    assert_eq!(w.status.step_index, 2, "analysis step still waiting");
+    assert_eq!(w.status.phase, Phase::Progressing);
+}
+
+#[test]
+fn abort_and_promote_full_commands() {
+    let mut w = started(CANARY);
+    assert!(w.command(Command::Abort).is_err(), "nothing to abort");
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.tick();
+    assert!(
+        w.command(Command::Promote).is_err(),
+        "a setWeight step is not promoted by hand"
+    );
+    w.command(Command::Abort).expect("abort");
+    assert_eq!(w.status.phase, Phase::Degraded);
+    assert_eq!(w.weight("v1"), 100);
+    assert!(w.command(Command::Abort).is_err());
+    assert!(
+        w.command(Command::PromoteFull).is_err(),
+        "aborted: retry first"
+    );
+    w.command(Command::Retry).expect("retry");
+    w.tick();
+    w.command(Command::PromoteFull).expect("full");
+    w.tick();
+    w.tick();
+    assert_eq!(w.status.phase, Phase::Healthy);
+    assert_eq!(w.weight("v2"), 100);
+}
+
+#[test]
+fn spec_back_to_stable_abandons_canary_and_undo_finds_previous() {
+    let mut w = started(CANARY);
+    let v1 = w.spec.clone();
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.tick();
+    w.spec = v1;
+    w.tick();
+    w.tick();
+    assert_eq!(w.status.canary, None);
+    assert_eq!(w.status.phase, Phase::Healthy);
+    assert_eq!(w.weight("v1"), 100);
+    assert_eq!(undo_target(&w.status), None, "v1 was the only stable");
+    w.spec = with_version(&w.spec, "v3");
+    w.tick();
+    w.command(Command::PromoteFull).expect("full");
+    w.tick();
+    w.tick();
+    assert_eq!(
+        undo_target(&w.status).and_then(|r| r.run.app_version()),
+        Some("v1")
+    );
+}
+
+#[test]
+fn progress_deadline_aborts_a_canary_that_never_starts() {
+    let mut w = started(CANARY);
+    w.spec = with_version(&w.spec, "v2");
+    w.perfect = false;
+    w.tick();
+    w.advance(59_000);
+    assert_eq!(w.status.phase, Phase::Progressing);
+    w.advance(2_000);
+    assert_eq!(w.status.phase, Phase::Degraded);
+    assert!(
+        w.status.message.contains("progress deadline"),
+        "{}",
+        w.status.message
+    );
+}
+
+#[test]
+fn failure_without_rollback_pauses() {
+    let mut s = spec(CANARY);
+    s.spec.rollback.on_failure = false;
+    let mut w = World::new(s);
+    w.tick();
+    w.tick();
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.tick();
+    w.tick();
+    w.answer_measurements(Verdict::Fail);
+    w.advance(1000);
+    assert_eq!(w.status.phase, Phase::Paused);
+    assert_eq!(w.weight("v2"), 10, "traffic stays where it was");
+    w.command(Command::Promote)
+        .expect("promote past the failure");
+    assert_eq!(w.status.phase, Phase::Progressing);
+}
+
+#[test]
+fn blue_green_previews_smokes_switches_and_retains() {
+    let mut w = started(BLUE_GREEN);
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    let out = w.tick();
+    let v2 = w.name_of("v2");
+    assert_eq!(w.status.preview.as_deref(), Some(v2.as_str()));
+    assert_eq!(w.weight("v2"), 0);
+    let _ = out;
+    let out = w.tick();
+    assert!(
+        out.actions
+            .iter()
+            .any(|a| matches!(a, Action::RunSmoke { revision } if *revision == v2))
+    );
+    w.obs.smoke = Some((v2.clone(), true, "ok".into()));
+    w.tick();
+    w.tick();
+    assert_eq!(w.status.phase, Phase::Healthy);
+    assert_eq!(w.weight("v2"), 100);
+    let v1 = w.name_of("v1");
+    assert_eq!(
+        w.status.desired.get(&v1),
+        Some(&2),
+        "previous stack retained"
+    );
+    w.advance(61_000);
+    assert!(
+        !w.status.desired.contains_key(&v1),
+        "and released after retainPrevious"
+    );
+}
+
+#[test]
+fn blue_green_failed_smoke_aborts() {
+    let mut w = started(BLUE_GREEN);
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.tick();
+    w.tick();
+    let v2 = w.name_of("v2");
+    w.obs.smoke = Some((v2.clone(), false, "GET /readyz: 503".into()));
+    w.tick();
+    assert_eq!(w.status.phase, Phase::Degraded);
+    assert!(w.status.message.contains("503"));
+    assert_eq!(w.weight("v1"), 100);
+    assert_eq!(w.status.preview, None);
+}
+
+#[test]
+fn rolling_keeps_capacity_and_finishes() {
+    let mut w = started(ROLLING);
+    w.spec = with_version(&w.spec, "v2");
+    let mut steps = 0;
+    while w.status.phase != Phase::Healthy
+        || w.status.revisions.len() < 2
+        || w.status.stable.as_deref() != Some(w.name_of("v2").as_str())
+    {
+        w.tick();
+        let total: u32 = w.status.desired.values().sum();
+        assert!(
+            total <= 4,
+            "never above replicas + maxSurge: {:?}",
+            w.status.desired
+        );
+        let avail: u32 = w.obs.revisions.values().map(|r| r.available).sum();
+        assert!(
+            avail >= 2,
+            "never below replicas - maxUnavailable available"
+        );
+        steps += 1;
+        assert!(steps < 50, "rolling did not finish: {:?}", w.status);
+    }
+    w.tick();
+    assert_eq!(w.status.desired.len(), 1);
+    assert_eq!(w.weight("v2"), 100);
+}
