@@ -1,1 +1,490 @@
+//! The built-in L7 proxy.
+//!
+//! It runs as its own long-lived process (`baton proxy`), apart from the controller:
+//! if the controller dies, traffic keeps flowing on the last routing table. The
+//! controller drives it over a Unix socket (see [`control`]).
+//!
+//! Hot path: one lock-free load of the compiled table, a weighted pick, a pooled
+//! keep-alive connection to the instance. Request bodies are buffered (up to a limit)
+//! so that a request whose connection failed can be sent again to another instance.
 
+pub mod control;
+pub mod metrics;
+pub mod table;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub use control::{
+    ControlError, ProxyClient, Request as ControlRequest, Response as ControlResponse,
+};
+pub use metrics::{BUCKETS, RevisionStats, StatsSnapshot};
+pub use table::{RevisionRoute, RoutingTable, ServiceRoute};
+
+use metrics::Metrics;
+use table::Compiled;
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// At most this many instances are tried for one request.
+const MAX_ATTEMPTS: usize = 4;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub control_socket: PathBuf,
+    /// Where to serve Prometheus `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// On shutdown, how long open connections may take to finish.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on control socket {path}: {source}")]
+    ControlSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+struct Shared {
+    table: ArcSwap<Compiled>,
+    /// Serialises table changes (binding listeners, then swapping).
+    apply_lock: tokio::sync::Mutex<()>,
+    metrics: Metrics,
+    client: Client<HttpConnector, Full<Bytes>>,
+    listeners: Mutex<HashMap<SocketAddr, JoinHandle<()>>>,
+    graceful: Mutex<Option<GracefulShutdown>>,
+    stop: Notify,
+    stopping: AtomicBool,
+    max_body: usize,
+}
+
+/// Runs the proxy until it is told to stop (control socket, SIGTERM or SIGINT).
+pub async fn run(config: Config) -> Result<(), ProxyError> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let client = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .retry_canceled_requests(true)
+        .build(connector);
+    let shared = Arc::new(Shared {
+        table: ArcSwap::from_pointee(Compiled::default()),
+        apply_lock: tokio::sync::Mutex::new(()),
+        metrics: Metrics::default(),
+        client,
+        listeners: Mutex::new(HashMap::new()),
+        graceful: Mutex::new(Some(GracefulShutdown::new())),
+        stop: Notify::new(),
+        stopping: AtomicBool::new(false),
+        max_body: config.max_body_bytes,
+    });
+
+    let _ = std::fs::remove_file(&config.control_socket);
+    let control =
+        UnixListener::bind(&config.control_socket).map_err(|source| ProxyError::ControlSocket {
+            path: config.control_socket.clone(),
+            source,
+        })?;
+    let control_task = tokio::spawn(serve_control(shared.clone(), control));
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Metrics { addr, source })?;
+            Some(tokio::spawn(serve_metrics(shared.clone(), l)))
+        }
+        None => None,
+    };
+    info!(socket = %config.control_socket.display(), "proxy ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = shared.stop.notified() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    shared.stopping.store(true, Ordering::SeqCst);
+    info!("proxy stopping: no new connections, draining open ones");
+    for (_, h) in shared
+        .listeners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+    {
+        h.abort();
+    }
+    let graceful = shared
+        .graceful
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(g) = graceful
+        && tokio::time::timeout(config.drain_timeout, g.shutdown())
+            .await
+            .is_err()
+    {
+        warn!("drain timeout passed with connections still open");
+    }
+    control_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&config.control_socket);
+    Ok(())
+}
+
+async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match serde_json::from_str::<ControlRequest>(&line) {
+                    Ok(req) => control_request(&shared, req).await,
+                    Err(e) => ControlResponse::Error {
+                        error: format!("bad request: {e}"),
+                    },
+                };
+                let mut out = serde_json::to_string(&resp)
+                    .unwrap_or_else(|e| format!("{{\"reply\":\"error\",\"error\":\"{e}\"}}"));
+                out.push('\n');
+                if w.write_all(out.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn control_request(shared: &Arc<Shared>, req: ControlRequest) -> ControlResponse {
+    match req {
+        ControlRequest::Ping => ControlResponse::Pong {
+            pid: std::process::id(),
+            version: shared.table.load().version,
+        },
+        ControlRequest::GetTable => ControlResponse::Table {
+            table: shared.table.load().source.clone(),
+        },
+        ControlRequest::Stats => ControlResponse::Stats {
+            stats: shared.metrics.snapshot(),
+        },
+        ControlRequest::SetTable { table } => {
+            let version = table.version;
+            match apply_table(shared, table).await {
+                Ok(()) => ControlResponse::Ack { version },
+                Err(error) => ControlResponse::Refused { version, error },
+            }
+        }
+        ControlRequest::Shutdown => {
+            shared.stop.notify_one();
+            ControlResponse::ShuttingDown
+        }
+    }
+}
+
+/// Binds any new listener first, then swaps the table in one atomic store: a request
+/// sees either the old table or the new one, never a mix. Refused tables change nothing.
+async fn apply_table(shared: &Arc<Shared>, table: RoutingTable) -> Result<(), String> {
+    let _guard = shared.apply_lock.lock().await;
+    let current = shared.table.load();
+    if table.version < current.version {
+        return Err(format!(
+            "version {} is older than the table in force ({})",
+            table.version, current.version
+        ));
+    }
+    let compiled = Compiled::build(&table, &shared.metrics)?;
+    let wanted: Vec<SocketAddr> = compiled.routes.keys().copied().collect();
+    let missing: Vec<SocketAddr> = {
+        let l = shared.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        wanted
+            .iter()
+            .filter(|a| !l.contains_key(a))
+            .copied()
+            .collect()
+    };
+    let mut bound = Vec::new();
+    for addr in missing {
+        match TcpListener::bind(addr).await {
+            Ok(l) => bound.push((addr, l)),
+            Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
+        }
+    }
+    shared.table.store(Arc::new(compiled));
+    let mut listeners = shared.listeners.lock().unwrap_or_else(|p| p.into_inner());
+    for (addr, l) in bound {
+        info!(%addr, "listening");
+        listeners.insert(addr, tokio::spawn(accept_loop(shared.clone(), addr, l)));
+    }
+    listeners.retain(|addr, h| {
+        let keep = wanted.contains(addr);
+        if !keep {
+            info!(%addr, "no longer routed: closing listener");
+            h.abort();
+        }
+        keep
+    });
+    Ok(())
+}
+
+async fn accept_loop(shared: Arc<Shared>, addr: SocketAddr, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%addr, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let s = shared.clone();
+        let svc = hyper::service::service_fn(move |req| handle(s.clone(), addr, peer, req));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), svc);
+        let watched = {
+            let g = shared.graceful.lock().unwrap_or_else(|p| p.into_inner());
+            g.as_ref().map(|g| g.watch(conn))
+        };
+        if let Some(fut) = watched {
+            tokio::spawn(async move {
+                let _ = fut.await;
+            });
+        }
+    }
+}
+
+const HOP_BY_HOP: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(list) = h
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    {
+        for name in list.split(',') {
+            h.remove(name.trim());
+        }
+    }
+    for name in &HOP_BY_HOP {
+        h.remove(name);
+    }
+}
+
+fn plain(status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    listen: SocketAddr,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    let route = shared.table.load().routes.get(&listen).cloned();
+    let Some(route) = route else {
+        return Ok(plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no route for this listener",
+        ));
+    };
+    let Some(first) = route.pick() else {
+        return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "no ready instance"));
+    };
+    let (mut parts, body) = req.into_parts();
+    let body = match Limited::new(body, shared.max_body).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let too_big = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            let (code, msg) = if too_big {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body over {} bytes", shared.max_body),
+                )
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("could not read the request body: {e}"),
+                )
+            };
+            route.targets[first]
+                .metrics
+                .observe(code.as_u16(), start.elapsed().as_secs_f64());
+            return Ok(plain(code, &msg));
+        }
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    let forwarded = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+
+    // The chosen revision's instances first, then the other revisions'.
+    let mut order: Vec<usize> = vec![first];
+    order.extend(
+        (0..route.targets.len()).filter(|i| *i != first && !route.targets[*i].backends.is_empty()),
+    );
+    let mut attempts = 0;
+    let mut last_error = String::new();
+    'targets: for ti in order {
+        let target = &route.targets[ti];
+        for k in 0..target.backends.len() {
+            if attempts == MAX_ATTEMPTS {
+                break 'targets;
+            }
+            attempts += 1;
+            let Some(addr) = target.backend(k) else { break };
+            let mut out = Request::new(Full::new(body.clone()));
+            *out.method_mut() = parts.method.clone();
+            *out.headers_mut() = parts.headers.clone();
+            *out.version_mut() = hyper::Version::HTTP_11;
+            match format!("http://{addr}{path}").parse() {
+                Ok(uri) => *out.uri_mut() = uri,
+                Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "bad request target")),
+            }
+            match shared.client.request(out).await {
+                Ok(resp) => {
+                    let (mut rp, rb) = resp.into_parts();
+                    strip_hop_by_hop(&mut rp.headers);
+                    target
+                        .metrics
+                        .observe(rp.status.as_u16(), start.elapsed().as_secs_f64());
+                    return Ok(Response::from_parts(rp, rb.boxed()));
+                }
+                Err(e) => {
+                    // A connection that failed before the request went out can always
+                    // be retried; one that failed later only for idempotent methods.
+                    last_error = format!("{addr}: {e}");
+                    if e.is_connect() || idempotent(&parts.method) {
+                        target.metrics.retry();
+                        continue;
+                    }
+                    break 'targets;
+                }
+            }
+        }
+    }
+    let t = &route.targets[first];
+    t.metrics.upstream_error();
+    t.metrics.observe(502, start.elapsed().as_secs_f64());
+    warn!(service = %route.service, revision = %t.name, error = %last_error, "no instance answered");
+    Ok(plain(StatusCode::BAD_GATEWAY, "no instance could answer"))
+}
+
+async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let s = s.clone();
+                async move {
+                    if req.uri().path() != "/metrics" {
+                        return Ok::<_, Infallible>(plain(StatusCode::NOT_FOUND, "try /metrics"));
+                    }
+                    let active = s
+                        .graceful
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map_or(0, |g| g.count() as u64);
+                    let body = s.metrics.render(s.table.load().version, active);
+                    let mut r = plain(StatusCode::OK, "");
+                    *r.body_mut() = Full::new(Bytes::from(body))
+                        .map_err(|never| match never {})
+                        .boxed();
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    Ok(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

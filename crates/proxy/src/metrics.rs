@@ -1,0 +1,301 @@
+//! Per-revision request counters and latency histograms: lock-free on the hot path,
+//! read by the controller as snapshots and by Prometheus as text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+/// Upper bounds (seconds). Denser around the 100 ms - 1 s range where latency SLOs sit,
+/// so a p99 threshold of 0.8 s can be judged from the buckets.
+pub const BUCKETS: [f64; 24] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7,
+    0.8, 0.9, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default)]
+pub struct RevisionMetrics {
+    /// Responses by status class: 1xx..5xx.
+    classes: [AtomicU64; 5],
+    /// Requests that reached no instance at all (answered 502 by the proxy).
+    upstream_errors: AtomicU64,
+    /// Connection attempts that failed and were retried elsewhere.
+    retries: AtomicU64,
+    /// Non-cumulative bucket counts; the last is +Inf.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl RevisionMetrics {
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.classes[class].fetch_add(1, Ordering::Relaxed);
+        let i = BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+    pub fn upstream_error(&self) {
+        self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> RevisionStats {
+        RevisionStats {
+            classes: std::array::from_fn(|i| self.classes[i].load(Ordering::Relaxed)),
+            upstream_errors: self.upstream_errors.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+/// Counters of one revision at one moment; subtract two to get a window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionStats {
+    pub classes: [u64; 5],
+    pub upstream_errors: u64,
+    pub retries: u64,
+    pub buckets: Vec<u64>,
+    pub sum_seconds: f64,
+}
+
+impl RevisionStats {
+    pub fn requests(&self) -> u64 {
+        self.classes.iter().sum()
+    }
+    /// 5xx answers (including the proxy's own 502s) over all answers.
+    pub fn error_rate(&self) -> Option<f64> {
+        let n = self.requests();
+        (n > 0).then(|| self.classes[4] as f64 / n as f64)
+    }
+    /// The window between `earlier` and `self`.
+    pub fn since(&self, earlier: &RevisionStats) -> RevisionStats {
+        RevisionStats {
+            classes: std::array::from_fn(|i| self.classes[i].saturating_sub(earlier.classes[i])),
+            upstream_errors: self.upstream_errors.saturating_sub(earlier.upstream_errors),
+            retries: self.retries.saturating_sub(earlier.retries),
+            buckets: self
+                .buckets
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b.saturating_sub(earlier.buckets.get(i).copied().unwrap_or(0)))
+                .collect(),
+            sum_seconds: (self.sum_seconds - earlier.sum_seconds).max(0.0),
+        }
+    }
+    /// The q-quantile by linear interpolation inside the bucket, as Prometheus'
+    /// `histogram_quantile` computes it, so both agree on what "p99" means.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q * total as f64;
+        let mut seen = 0u64;
+        for (i, count) in self.buckets.iter().enumerate() {
+            let before = seen;
+            seen += count;
+            if (seen as f64) >= rank && *count > 0 {
+                let Some(upper) = BUCKETS.get(i) else {
+                    // In +Inf: the highest finite bound, as Prometheus answers.
+                    return Some(BUCKETS[BUCKETS.len() - 1]);
+                };
+                let lower = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+                let frac = (rank - before as f64) / *count as f64;
+                return Some(lower + (upper - lower) * frac.clamp(0.0, 1.0));
+            }
+        }
+        Some(BUCKETS[BUCKETS.len() - 1])
+    }
+}
+
+/// All services' revisions: `service -> revision -> stats`.
+pub type StatsSnapshot = BTreeMap<String, BTreeMap<String, RevisionStats>>;
+
+#[derive(Default)]
+pub struct Metrics {
+    by_revision: Mutex<BTreeMap<(String, String), Arc<RevisionMetrics>>>,
+}
+
+impl Metrics {
+    /// The counters of one revision, created on first use and kept across tables so
+    /// a weight change never resets them.
+    pub fn revision(&self, service: &str, revision: &str) -> Arc<RevisionMetrics> {
+        let mut map = self.by_revision.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((service.to_string(), revision.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let map = self.by_revision.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = StatsSnapshot::new();
+        for ((svc, rev), m) in map.iter() {
+            out.entry(svc.clone())
+                .or_default()
+                .insert(rev.clone(), m.snapshot());
+        }
+        out
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self, table_version: u64, active_connections: u64) -> String {
+        let snap = self.snapshot();
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "# HELP http_requests_total Requests answered through the proxy, by revision and status class."
+        );
+        let _ = writeln!(o, "# TYPE http_requests_total counter");
+        for (svc, revs) in &snap {
+            for (rev, s) in revs {
+                for (i, n) in s.classes.iter().enumerate() {
+                    let _ = writeln!(
+                        o,
+                        "http_requests_total{{service=\"{svc}\",version=\"{rev}\",code=\"{}xx\"}} {n}",
+                        i + 1
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP http_request_duration_seconds Time from request to response headers, by revision."
+        );
+        let _ = writeln!(o, "# TYPE http_request_duration_seconds histogram");
+        for (svc, revs) in &snap {
+            for (rev, s) in revs {
+                let mut cum = 0;
+                for (i, n) in s.buckets.iter().enumerate() {
+                    cum += n;
+                    let le = BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+                    let _ = writeln!(
+                        o,
+                        "http_request_duration_seconds_bucket{{service=\"{svc}\",version=\"{rev}\",le=\"{le}\"}} {cum}"
+                    );
+                }
+                let _ = writeln!(
+                    o,
+                    "http_request_duration_seconds_sum{{service=\"{svc}\",version=\"{rev}\"}} {}",
+                    s.sum_seconds
+                );
+                let _ = writeln!(
+                    o,
+                    "http_request_duration_seconds_count{{service=\"{svc}\",version=\"{rev}\"}} {cum}"
+                );
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP baton_proxy_upstream_errors_total Requests that reached no instance (answered 502)."
+        );
+        let _ = writeln!(o, "# TYPE baton_proxy_upstream_errors_total counter");
+        for (svc, revs) in &snap {
+            for (rev, s) in revs {
+                let _ = writeln!(
+                    o,
+                    "baton_proxy_upstream_errors_total{{service=\"{svc}\",version=\"{rev}\"}} {}",
+                    s.upstream_errors
+                );
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP baton_proxy_retries_total Connection attempts retried on another instance."
+        );
+        let _ = writeln!(o, "# TYPE baton_proxy_retries_total counter");
+        for (svc, revs) in &snap {
+            for (rev, s) in revs {
+                let _ = writeln!(
+                    o,
+                    "baton_proxy_retries_total{{service=\"{svc}\",version=\"{rev}\"}} {}",
+                    s.retries
+                );
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP baton_proxy_routing_table_version Version of the routing table in force."
+        );
+        let _ = writeln!(o, "# TYPE baton_proxy_routing_table_version gauge");
+        let _ = writeln!(o, "baton_proxy_routing_table_version {table_version}");
+        let _ = writeln!(
+            o,
+            "# HELP baton_proxy_active_connections Client connections open now."
+        );
+        let _ = writeln!(o, "# TYPE baton_proxy_active_connections gauge");
+        let _ = writeln!(o, "baton_proxy_active_connections {active_connections}");
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_like_prometheus() {
+        let m = RevisionMetrics::default();
+        for _ in 0..99 {
+            m.observe(200, 0.004);
+        }
+        m.observe(500, 0.95);
+        let s = m.snapshot();
+        assert_eq!(s.requests(), 100);
+        assert_eq!(s.error_rate(), Some(0.01));
+        // 99 of 100 in (0.0025, 0.005]: p50 interpolates inside that bucket.
+        let p50 = s.quantile(0.5).expect("data");
+        assert!((0.0025..=0.005).contains(&p50), "{p50}");
+        let p999 = s.quantile(0.999).expect("data");
+        assert!((0.9..=1.0).contains(&p999), "{p999}");
+        assert_eq!(RevisionStats::default().quantile(0.99), None);
+    }
+
+    #[test]
+    fn windows_subtract() {
+        let m = RevisionMetrics::default();
+        m.observe(500, 0.01);
+        let a = m.snapshot();
+        for _ in 0..10 {
+            m.observe(200, 0.01);
+        }
+        let w = m.snapshot().since(&a);
+        assert_eq!(w.requests(), 10);
+        assert_eq!(w.error_rate(), Some(0.0));
+    }
+
+    #[test]
+    fn text_format_has_conventional_names() {
+        let metrics = Metrics::default();
+        metrics.revision("hello", "abc").observe(200, 0.02);
+        let text = metrics.render(7, 1);
+        assert!(
+            text.contains("http_requests_total{service=\"hello\",version=\"abc\",code=\"2xx\"} 1")
+        );
+        assert!(text.contains(
+            "http_request_duration_seconds_bucket{service=\"hello\",version=\"abc\",le=\"0.025\"} 1"
+        ));
+        assert!(text.contains(
+            "http_request_duration_seconds_bucket{service=\"hello\",version=\"abc\",le=\"+Inf\"} 1"
+        ));
+        assert!(
+            text.contains(
+                "http_request_duration_seconds_count{service=\"hello\",version=\"abc\"} 1"
+            )
+        );
+        assert!(text.contains("baton_proxy_routing_table_version 7"));
+    }
+}
