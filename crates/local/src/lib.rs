@@ -1,1 +1,10 @@
+//! The local platform: instances as processes on this machine, probed over loopback,
+//! stopped gracefully, recorded in SQLite so a restarted controller adopts them.
 
+pub mod platform;
+pub mod probe;
+pub mod process;
+pub mod store;
+
+pub use platform::{Desired, InstancePhase, InstanceView, Platform, PlatformEvent, RevisionWant};
+pub use store::{EventRecord, InstanceRecord, Store, StoreError};

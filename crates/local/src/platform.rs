@@ -1,0 +1,722 @@
+//! Supervision of every instance of every rollout on this machine.
+//!
+//! The life of an instance: `Starting` (process up, not yet ready) → `Running` (ready
+//! or not, per its probes) → `Terminating` (out of the desired count: removed from
+//! routing, waiting for the router to confirm) → `Stopping` (preStop wait, SIGTERM,
+//! drain timeout, SIGKILL) → gone. An instance that exits or fails liveness while it
+//! should run is replaced, with exponential backoff per revision.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::Duration;
+
+use baton_engine::RevisionObs;
+use baton_spec::{Probe, Probes, RunSpec, Shutdown};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::probe;
+use crate::process;
+use crate::store::{InstanceRecord, Store, StoreError};
+
+pub type Millis = u64;
+
+/// What one revision of one rollout should have.
+#[derive(Debug, Clone)]
+pub struct RevisionWant {
+    pub replicas: u32,
+    pub run: RunSpec,
+    pub probes: Probes,
+    pub shutdown: Shutdown,
+    pub min_ready_ms: u64,
+}
+
+/// rollout → revision → want. A revision not listed should have no instance.
+pub type Desired = BTreeMap<String, BTreeMap<String, RevisionWant>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum InstancePhase {
+    Starting,
+    Running,
+    Terminating,
+    Stopping,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceView {
+    pub id: u64,
+    pub revision: String,
+    pub address: SocketAddr,
+    pub pid: u32,
+    pub state: String,
+    pub ready: bool,
+    pub restarts: u32,
+}
+
+/// Something that happened to an instance, for the log and the history.
+#[derive(Debug, Clone)]
+pub struct PlatformEvent {
+    pub rollout: String,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+struct Instance {
+    rec: InstanceRecord,
+    child: Option<Child>,
+    phase: InstancePhase,
+    ready: bool,
+    ready_since: Option<Millis>,
+    successes: u32,
+    failures: u32,
+    live_failures: u32,
+    probes: Vec<JoinHandle<()>>,
+    derouted: bool,
+    stopper: Option<JoinHandle<()>>,
+    want: Option<RevisionWant>,
+}
+
+impl Instance {
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.rec.port))
+    }
+    fn exited(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => !process::alive(self.rec.pid, self.rec.start_time),
+        }
+    }
+    fn stop_probes(&mut self) {
+        for p in self.probes.drain(..) {
+            p.abort();
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.stop_probes();
+    }
+}
+
+#[derive(Debug)]
+enum ProbeKind {
+    Readiness,
+    Liveness,
+}
+
+#[derive(Debug)]
+struct ProbeReport {
+    id: u64,
+    kind: ProbeKind,
+    result: Result<(), String>,
+}
+
+#[derive(Default)]
+struct Backoff {
+    crashes: u32,
+    not_before: Millis,
+}
+
+pub struct Platform {
+    log_dir: PathBuf,
+    instances: BTreeMap<u64, Instance>,
+    next_id: u64,
+    backoff: HashMap<(String, String), Backoff>,
+    restarts: HashMap<(String, String), u32>,
+    tx: mpsc::UnboundedSender<ProbeReport>,
+    rx: mpsc::UnboundedReceiver<ProbeReport>,
+}
+
+const MAX_BACKOFF_MS: u64 = 30_000;
+
+impl Platform {
+    /// A platform that re-adopts the instances recorded in `store` that still run.
+    /// Those found in `routed` (the proxy's current table) start out ready, so that a
+    /// restarted controller does not pull traffic from instances that were serving.
+    pub fn adopt(
+        log_dir: PathBuf,
+        store: &Store,
+        routed: &HashSet<SocketAddr>,
+    ) -> Result<(Platform, Vec<PlatformEvent>), StoreError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut p = Platform {
+            log_dir,
+            instances: BTreeMap::new(),
+            next_id: 1,
+            backoff: HashMap::new(),
+            restarts: HashMap::new(),
+            tx,
+            rx,
+        };
+        let mut events = Vec::new();
+        for rec in store.instances()? {
+            p.next_id = p.next_id.max(rec.id + 1);
+            if !process::alive(rec.pid, rec.start_time) {
+                store.remove_instance(rec.id)?;
+                continue;
+            }
+            let addr = SocketAddr::from(([127, 0, 0, 1], rec.port));
+            let ready = routed.contains(&addr);
+            events.push(PlatformEvent {
+                rollout: rec.rollout.clone(),
+                reason: "Adopted",
+                message: format!(
+                    "adopted instance {} (pid {}, {addr}, revision {}){}",
+                    rec.id,
+                    rec.pid,
+                    rec.revision,
+                    if ready { ", serving" } else { "" }
+                ),
+            });
+            p.instances.insert(
+                rec.id,
+                Instance {
+                    rec,
+                    child: None,
+                    phase: InstancePhase::Running,
+                    ready,
+                    // Serving instances count as available at once.
+                    ready_since: ready.then_some(0),
+                    successes: 0,
+                    failures: 0,
+                    live_failures: 0,
+                    probes: Vec::new(),
+                    derouted: false,
+                    stopper: None,
+                    want: None,
+                },
+            );
+        }
+        Ok((p, events))
+    }
+
+    /// One supervision pass: take in probe results, notice exits, start and stop
+    /// instances to match `desired`.
+    pub fn reconcile(
+        &mut self,
+        desired: &Desired,
+        store: &Store,
+        now: Millis,
+    ) -> Result<Vec<PlatformEvent>, StoreError> {
+        let mut events = Vec::new();
+        self.take_probe_reports(now, &mut events);
+        self.reap(store, now, &mut events)?;
+
+        // Attach wants (for adopted instances) and start probes where missing.
+        for inst in self.instances.values_mut() {
+            let want = desired
+                .get(&inst.rec.rollout)
+                .and_then(|m| m.get(&inst.rec.revision));
+            if let Some(w) = want
+                && inst.want.is_none()
+            {
+                inst.want = Some(w.clone());
+            }
+            if inst.probes.is_empty()
+                && matches!(inst.phase, InstancePhase::Starting | InstancePhase::Running)
+                && let Some(w) = &inst.want
+            {
+                inst.probes = start_probes(inst.rec.id, inst.addr(), &w.probes, self.tx.clone());
+            }
+        }
+
+        // Scale each wanted revision.
+        for (rollout, revs) in desired {
+            for (rev, want) in revs {
+                let live: Vec<u64> = self
+                    .instances
+                    .values()
+                    .filter(|i| &i.rec.rollout == rollout && &i.rec.revision == rev)
+                    .filter(|i| matches!(i.phase, InstancePhase::Starting | InstancePhase::Running))
+                    .map(|i| i.rec.id)
+                    .collect();
+                let have = live.len() as u32;
+                if have < want.replicas {
+                    let key = (rollout.clone(), rev.clone());
+                    let wait = self.backoff.get(&key).map_or(0, |b| b.not_before);
+                    if now < wait {
+                        continue;
+                    }
+                    for _ in have..want.replicas {
+                        match self.start(rollout, rev, want, store) {
+                            Ok(id) => events.push(PlatformEvent {
+                                rollout: rollout.clone(),
+                                reason: "Started",
+                                message: format!("started instance {id} of revision {rev}"),
+                            }),
+                            Err(e) => {
+                                let b = self.backoff.entry(key.clone()).or_default();
+                                b.crashes += 1;
+                                b.not_before = now + backoff_ms(b.crashes);
+                                events.push(PlatformEvent {
+                                    rollout: rollout.clone(),
+                                    reason: "StartFailed",
+                                    message: format!(
+                                        "revision {rev}: {e}; retrying in {} ms",
+                                        backoff_ms(b.crashes)
+                                    ),
+                                });
+                                break;
+                            }
+                        }
+                    }
+                } else if have > want.replicas {
+                    // Unready and youngest first.
+                    let mut pick: Vec<&Instance> = live
+                        .iter()
+                        .filter_map(|id| self.instances.get(id))
+                        .collect();
+                    pick.sort_by_key(|i| (i.ready, std::cmp::Reverse(i.rec.id)));
+                    let ids: Vec<u64> = pick
+                        .iter()
+                        .take((have - want.replicas) as usize)
+                        .map(|i| i.rec.id)
+                        .collect();
+                    for id in ids {
+                        self.terminate(id, &mut events);
+                    }
+                }
+            }
+        }
+        // Instances of revisions nobody wants any more.
+        let unwanted: Vec<u64> = self
+            .instances
+            .values()
+            .filter(|i| matches!(i.phase, InstancePhase::Starting | InstancePhase::Running))
+            .filter(|i| {
+                desired
+                    .get(&i.rec.rollout)
+                    .and_then(|m| m.get(&i.rec.revision))
+                    .is_none()
+            })
+            .map(|i| i.rec.id)
+            .collect();
+        for id in unwanted {
+            self.terminate(id, &mut events);
+        }
+        // Out of routing and confirmed: begin the graceful stop.
+        for inst in self.instances.values_mut() {
+            if inst.phase == InstancePhase::Terminating && inst.derouted {
+                inst.phase = InstancePhase::Stopping;
+                let shutdown = inst
+                    .want
+                    .as_ref()
+                    .map(|w| w.shutdown.clone())
+                    .unwrap_or_default();
+                inst.stopper = Some(tokio::spawn(graceful_stop(
+                    inst.rec.pid,
+                    inst.rec.start_time,
+                    shutdown,
+                )));
+            }
+        }
+        Ok(events)
+    }
+
+    fn start(
+        &mut self,
+        rollout: &str,
+        rev: &str,
+        want: &RevisionWant,
+        store: &Store,
+    ) -> Result<u64, String> {
+        let id = self.next_id;
+        let port = process::free_port().map_err(|e| e.to_string())?;
+        let log = self.log_dir.join(format!("{rollout}-{rev}-{id}.log"));
+        let child = process::spawn(&want.run, port, &log).map_err(|e| e.to_string())?;
+        let pid = child.id();
+        let start_time = process::start_time(pid).unwrap_or(0);
+        let rec = InstanceRecord {
+            id,
+            rollout: rollout.to_string(),
+            revision: rev.to_string(),
+            pid,
+            port,
+            start_time,
+        };
+        store.add_instance(&rec).map_err(|e| e.to_string())?;
+        self.next_id += 1;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let probes = start_probes(id, addr, &want.probes, self.tx.clone());
+        self.instances.insert(
+            id,
+            Instance {
+                rec,
+                child: Some(child),
+                phase: InstancePhase::Starting,
+                ready: false,
+                ready_since: None,
+                successes: 0,
+                failures: 0,
+                live_failures: 0,
+                probes,
+                derouted: false,
+                stopper: None,
+                want: Some(want.clone()),
+            },
+        );
+        Ok(id)
+    }
+
+    fn terminate(&mut self, id: u64, events: &mut Vec<PlatformEvent>) {
+        if let Some(inst) = self.instances.get_mut(&id) {
+            inst.phase = InstancePhase::Terminating;
+            inst.ready = false;
+            inst.stop_probes();
+            events.push(PlatformEvent {
+                rollout: inst.rec.rollout.clone(),
+                reason: "Terminating",
+                message: format!(
+                    "instance {id} ({}) of revision {} leaves routing, then stops",
+                    inst.addr(),
+                    inst.rec.revision
+                ),
+            });
+        }
+    }
+
+    fn take_probe_reports(&mut self, now: Millis, events: &mut Vec<PlatformEvent>) {
+        while let Ok(r) = self.rx.try_recv() {
+            let Some(inst) = self.instances.get_mut(&r.id) else {
+                continue;
+            };
+            if !matches!(inst.phase, InstancePhase::Starting | InstancePhase::Running) {
+                continue;
+            }
+            let default_probe = Probe {
+                http_get: baton_spec::HttpGet { path: "/".into() },
+                period_seconds: 1.0,
+                timeout_seconds: 1.0,
+                failure_threshold: 3,
+                success_threshold: 1,
+                initial_delay_seconds: 0.0,
+            };
+            let probes = inst
+                .want
+                .as_ref()
+                .map(|w| w.probes.clone())
+                .unwrap_or_default();
+            match r.kind {
+                ProbeKind::Readiness => {
+                    let p = probes.readiness.unwrap_or(default_probe);
+                    match r.result {
+                        Ok(()) => {
+                            inst.failures = 0;
+                            inst.successes += 1;
+                            if !inst.ready && inst.successes >= p.success_threshold {
+                                inst.ready = true;
+                                inst.ready_since = Some(now);
+                                inst.phase = InstancePhase::Running;
+                                self.backoff
+                                    .remove(&(inst.rec.rollout.clone(), inst.rec.revision.clone()));
+                                events.push(PlatformEvent {
+                                    rollout: inst.rec.rollout.clone(),
+                                    reason: "Ready",
+                                    message: format!(
+                                        "instance {} ({}) of revision {} is ready",
+                                        inst.rec.id,
+                                        inst.addr(),
+                                        inst.rec.revision
+                                    ),
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            inst.successes = 0;
+                            inst.failures += 1;
+                            if inst.ready && inst.failures >= p.failure_threshold {
+                                inst.ready = false;
+                                inst.ready_since = None;
+                                events.push(PlatformEvent {
+                                    rollout: inst.rec.rollout.clone(),
+                                    reason: "NotReady",
+                                    message: format!(
+                                        "instance {} ({}) failed readiness: {e}",
+                                        inst.rec.id,
+                                        inst.addr()
+                                    ),
+                                });
+                            }
+                        }
+                    }
+                }
+                ProbeKind::Liveness => {
+                    let Some(p) = probes.liveness else { continue };
+                    match r.result {
+                        Ok(()) => inst.live_failures = 0,
+                        Err(e) => {
+                            inst.live_failures += 1;
+                            if inst.live_failures >= p.failure_threshold {
+                                events.push(PlatformEvent {
+                                    rollout: inst.rec.rollout.clone(),
+                                    reason: "LivenessFailed",
+                                    message: format!("instance {} ({}) failed liveness {} times ({e}): killing it", inst.rec.id, inst.addr(), inst.live_failures),
+                                });
+                                process::signal(inst.rec.pid, Signal::SIGKILL);
+                                inst.ready = false;
+                                inst.live_failures = 0;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes instances whose process is gone; an unexpected exit is a crash.
+    fn reap(
+        &mut self,
+        store: &Store,
+        now: Millis,
+        events: &mut Vec<PlatformEvent>,
+    ) -> Result<(), StoreError> {
+        let mut gone = Vec::new();
+        for (id, inst) in self.instances.iter_mut() {
+            if inst.exited() {
+                gone.push(*id);
+            }
+        }
+        for id in gone {
+            let Some(inst) = self.instances.remove(&id) else {
+                continue;
+            };
+            store.remove_instance(id)?;
+            if let Some(s) = &inst.stopper {
+                s.abort();
+            }
+            let key = (inst.rec.rollout.clone(), inst.rec.revision.clone());
+            if matches!(inst.phase, InstancePhase::Starting | InstancePhase::Running) {
+                let b = self.backoff.entry(key.clone()).or_default();
+                b.crashes += 1;
+                b.not_before = now + backoff_ms(b.crashes);
+                *self.restarts.entry(key).or_default() += 1;
+                events.push(PlatformEvent {
+                    rollout: inst.rec.rollout.clone(),
+                    reason: "Crashed",
+                    message: format!(
+                        "instance {id} (pid {}) of revision {} exited unexpectedly; replacing it in {} ms",
+                        inst.rec.pid,
+                        inst.rec.revision,
+                        backoff_ms(b.crashes)
+                    ),
+                });
+            } else {
+                events.push(PlatformEvent {
+                    rollout: inst.rec.rollout.clone(),
+                    reason: "Stopped",
+                    message: format!("instance {id} of revision {} stopped", inst.rec.revision),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The router confirmed a table routing to exactly `routed`: terminating instances
+    /// absent from it may now stop.
+    pub fn routes_confirmed(&mut self, routed: &HashSet<SocketAddr>) {
+        for inst in self.instances.values_mut() {
+            if inst.phase == InstancePhase::Terminating && !routed.contains(&inst.addr()) {
+                inst.derouted = true;
+            }
+        }
+    }
+
+    /// Ready, running instances of one revision: what the router may send traffic to.
+    pub fn backends(&self, rollout: &str, rev: &str) -> Vec<SocketAddr> {
+        self.instances
+            .values()
+            .filter(|i| i.rec.rollout == rollout && i.rec.revision == rev)
+            .filter(|i| i.phase == InstancePhase::Running && i.ready)
+            .map(Instance::addr)
+            .collect()
+    }
+
+    /// Ready and available counts per revision of a rollout, for the engine.
+    pub fn observe(
+        &self,
+        rollout: &str,
+        min_ready_ms: u64,
+        now: Millis,
+    ) -> BTreeMap<String, RevisionObs> {
+        let mut out: BTreeMap<String, RevisionObs> = BTreeMap::new();
+        for i in self.instances.values().filter(|i| i.rec.rollout == rollout) {
+            let o = out.entry(i.rec.revision.clone()).or_default();
+            if i.phase == InstancePhase::Running && i.ready {
+                o.ready += 1;
+                if i.ready_since
+                    .is_some_and(|t| now.saturating_sub(t) >= min_ready_ms)
+                {
+                    o.available += 1;
+                }
+            }
+        }
+        out
+    }
+
+    pub fn instances(&self, rollout: &str) -> Vec<InstanceView> {
+        self.instances
+            .values()
+            .filter(|i| i.rec.rollout == rollout)
+            .map(|i| InstanceView {
+                id: i.rec.id,
+                revision: i.rec.revision.clone(),
+                address: i.addr(),
+                pid: i.rec.pid,
+                state: match (i.phase, i.ready) {
+                    (InstancePhase::Starting, _) => "Starting",
+                    (InstancePhase::Running, true) => "Ready",
+                    (InstancePhase::Running, false) => "NotReady",
+                    (InstancePhase::Terminating, _) => "Terminating",
+                    (InstancePhase::Stopping, _) => "Stopping",
+                }
+                .to_string(),
+                ready: i.ready && i.phase == InstancePhase::Running,
+                restarts: self
+                    .restarts
+                    .get(&(i.rec.rollout.clone(), i.rec.revision.clone()))
+                    .copied()
+                    .unwrap_or(0),
+            })
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+    }
+
+    /// Stops every instance now (SIGTERM, then SIGKILL after each one's drain timeout)
+    /// and waits for them to be gone. For `baton down`, after the proxy has stopped.
+    pub async fn stop_all(
+        &mut self,
+        store: &Store,
+        default_drain: Duration,
+    ) -> Result<usize, StoreError> {
+        let n = self.instances.len();
+        let mut waits = Vec::new();
+        for inst in self.instances.values_mut() {
+            inst.stop_probes();
+            let mut shutdown = inst
+                .want
+                .as_ref()
+                .map(|w| w.shutdown.clone())
+                .unwrap_or_default();
+            if inst.want.is_none() {
+                shutdown.drain_timeout_seconds = default_drain.as_secs_f64();
+            }
+            shutdown.pre_stop_seconds = 0.0;
+            waits.push(tokio::spawn(graceful_stop(
+                inst.rec.pid,
+                inst.rec.start_time,
+                shutdown,
+            )));
+        }
+        for w in waits {
+            let _ = w.await;
+        }
+        for (id, mut inst) in std::mem::take(&mut self.instances) {
+            if let Some(c) = &mut inst.child {
+                let _ = c.try_wait();
+            }
+            store.remove_instance(id)?;
+        }
+        Ok(n)
+    }
+}
+
+fn backoff_ms(crashes: u32) -> u64 {
+    (500u64 << crashes.min(10)).min(MAX_BACKOFF_MS)
+}
+
+/// preStop wait, SIGTERM, then SIGKILL if the drain timeout passes; returns once the
+/// process is gone.
+async fn graceful_stop(pid: u32, start: u64, s: Shutdown) {
+    tokio::time::sleep(Duration::from_secs_f64(s.pre_stop_seconds)).await;
+    if !process::alive(pid, start) {
+        return;
+    }
+    process::signal(pid, Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(s.drain_timeout_seconds);
+    while tokio::time::Instant::now() < deadline {
+        if !process::alive(pid, start) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if process::alive(pid, start) {
+        process::signal(pid, Signal::SIGKILL);
+    }
+}
+
+fn start_probes(
+    id: u64,
+    addr: SocketAddr,
+    probes: &Probes,
+    tx: mpsc::UnboundedSender<ProbeReport>,
+) -> Vec<JoinHandle<()>> {
+    let mut out = Vec::new();
+    let readiness = probes.readiness.clone();
+    let rtx = tx.clone();
+    out.push(tokio::spawn(async move {
+        let (period, timeout, delay) = match &readiness {
+            Some(p) => (p.period_seconds, p.timeout_seconds, p.initial_delay_seconds),
+            // Without a readiness probe: TCP connect, checked often.
+            None => (0.25, 1.0, 0.0),
+        };
+        tokio::time::sleep(Duration::from_secs_f64(delay)).await;
+        loop {
+            let timeout = Duration::from_secs_f64(timeout);
+            let result = match &readiness {
+                Some(p) => probe::http_get(addr, &p.http_get.path, timeout)
+                    .await
+                    .map(|_| ()),
+                None => probe::tcp(addr, timeout).await,
+            };
+            if rtx
+                .send(ProbeReport {
+                    id,
+                    kind: ProbeKind::Readiness,
+                    result,
+                })
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs_f64(period)).await;
+        }
+    }));
+    if let Some(p) = probes.liveness.clone() {
+        out.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(
+                p.initial_delay_seconds.max(p.period_seconds),
+            ))
+            .await;
+            loop {
+                let result = probe::http_get(
+                    addr,
+                    &p.http_get.path,
+                    Duration::from_secs_f64(p.timeout_seconds),
+                )
+                .await
+                .map(|_| ());
+                if tx
+                    .send(ProbeReport {
+                        id,
+                        kind: ProbeKind::Liveness,
+                        result,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs_f64(p.period_seconds)).await;
+            }
+        }));
+    }
+    out
+}
