@@ -1,1 +1,406 @@
-fn main() {}
+//! The `baton` command line.
+
+use std::io::{IsTerminal, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use baton::api::{ApiClient, ApiCall};
+use baton::controller::{self, UpOptions};
+use baton::paths::Paths;
+use baton::{demo, view};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+/// Zero-downtime rollouts on one machine: canary, blue-green and rolling, gated on
+/// readiness and SLOs, with automatic rollback.
+///
+/// Start with `baton demo` to watch a whole canary and an automatic rollback, or
+/// `baton up -f examples/hello/canary.yaml` to run your own spec.
+#[derive(Parser, Debug)]
+#[command(name = "baton", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    /// State directory: SQLite state, API token and address, proxy socket, logs.
+    #[arg(long, global = true, env = "BATON_DIR", default_value = ".baton")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct SpecArgs {
+    /// A YAML file (several `---`-separated Rollouts allowed), a directory of them
+    /// (*.yaml, *.yml), or `-` for standard input.
+    #[arg(short = 'f', long = "filename", value_name = "SPEC")]
+    file: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the controller in the foreground: starts (or re-adopts) the proxy and the
+    /// instances, applies SPEC, and rolls out every change until stopped.
+    ///
+    /// Ctrl-C stops only the controller: the proxy and instances keep serving, and the
+    /// next `baton up` carries on where this one stopped. `baton down` stops everything.
+    Up {
+        /// Rollouts to apply at start; without it, the stored ones resume.
+        #[arg(short = 'f', long = "filename", value_name = "SPEC")]
+        file: Option<PathBuf>,
+        /// Address of the control API (the CLI finds it in the state directory).
+        #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+        api_listen: SocketAddr,
+        /// Serve Prometheus metrics of the proxy (per-revision requests and latency)
+        /// at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// Stop the proxy and every instance gracefully, and the controller if it runs.
+    Down,
+    /// Send new or changed Rollouts to the running controller. A change under `run`
+    /// starts a new revision.
+    Apply(SpecArgs),
+    /// Check a spec and report every problem with its field path; changes nothing.
+    Validate {
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show rollouts: phase, step, weight per revision, instances, gates.
+    Status {
+        /// One rollout; all when left out.
+        name: Option<String>,
+        /// Redraw as things change until Ctrl-C (plain lines when not on a terminal).
+        #[arg(short, long)]
+        watch: bool,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Move past the current pause or analysis step (or blue-green preview).
+    Promote {
+        name: String,
+        /// Skip every remaining step and analysis: straight to 100 %.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Send all traffic back to stable and scale the new revision away.
+    Abort { name: String },
+    /// After an abort: roll the same revision out again from the first step.
+    Retry { name: String },
+    /// Roll back to the previous stable revision (through the strategy).
+    Undo { name: String },
+    /// Revisions of a rollout with when, outcome and duration, and its events.
+    History {
+        name: String,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Tell the whole story in this terminal: v1, a canary to v2 under load, then a
+    /// broken v3 rolled back on its own. Needs the `hello` example built beside baton.
+    Demo {
+        /// Requests per second of the built-in load.
+        #[arg(long, default_value_t = 400)]
+        rate: u32,
+        /// Concurrent keep-alive clients.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// The example service's binary (default: `hello` beside this executable).
+        #[arg(long, value_name = "PATH")]
+        hello: Option<PathBuf>,
+        /// Working directory for the demo's state (default: a new temporary one).
+        #[arg(long = "workdir", value_name = "DIR")]
+        workdir: Option<PathBuf>,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Run the data-plane proxy. `baton up` starts it; you rarely need this.
+    Proxy {
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
+        /// Request bodies above this many bytes get 413.
+        #[arg(long, default_value_t = 10 << 20)]
+        max_body_bytes: usize,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn read_spec(path: &Path) -> Result<String> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("cannot read the spec from stdin")?;
+        return Ok(s);
+    }
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot read directory {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("{} holds no *.yaml or *.yml file", path.display());
+        }
+        let texts = files
+            .iter()
+            .map(|f| std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display())))
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(texts.join("\n---\n"));
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn parse_spec(path: &Path) -> Result<Vec<baton_spec::Rollout>> {
+    let text = read_spec(path)?;
+    baton_spec::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Turns a non-2xx answer into an error with the controller's message.
+fn check((code, v): (u16, Value)) -> Result<Value> {
+    if (200..300).contains(&code) {
+        return Ok(v);
+    }
+    let mut msg = v["error"].as_str().unwrap_or("request failed").to_string();
+    if let Some(errs) = v["errors"].as_array() {
+        msg = format!("{} problem(s) in the spec:", errs.len());
+        for e in errs {
+            msg.push_str(&format!("\n  - {}: {}", e["field"].as_str().unwrap_or(""), e["reason"].as_str().unwrap_or("")));
+        }
+    }
+    Err(anyhow!("{msg}"))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let paths = Paths::new(&cli.dir);
+    match cli.command {
+        Cmd::Proxy { control_socket, metrics_listen, max_body_bytes } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_ansi(false)
+                .init();
+            baton_proxy::run(baton_proxy::Config {
+                control_socket,
+                metrics_listen,
+                max_body_bytes,
+                drain_timeout: Duration::from_secs(30),
+            })
+            .await?;
+            Ok(())
+        }
+        Cmd::Validate { spec, output } => {
+            let text = read_spec(&spec.file)?;
+            match baton_spec::parse(&text) {
+                Ok(rollouts) => {
+                    if output == Output::Json {
+                        print_json(&serde_json::json!({ "valid": true, "rollouts": rollouts.iter().map(|r| &r.metadata.name).collect::<Vec<_>>() }))?;
+                    } else {
+                        for r in &rollouts {
+                            println!("{}: rollout {} is valid (revision {})", spec.file.display(), r.metadata.name, r.spec.run.revision_hash());
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    if output == Output::Json {
+                        print_json(&serde_json::json!({ "valid": false, "errors": e.0 }))?;
+                        std::process::exit(1);
+                    }
+                    Err(anyhow!("{}: {e}", spec.file.display()))
+                }
+            }
+        }
+        Cmd::Up { file, api_listen, metrics_listen } => {
+            let specs = match &file {
+                Some(f) => parse_spec(f)?,
+                None => Vec::new(),
+            };
+            if specs.is_empty() && !paths.exists() {
+                bail!("nothing to run: give a spec with -f (no state in {} to resume)", paths.root.display());
+            }
+            let h = controller::start(UpOptions {
+                paths: paths.clone(),
+                specs,
+                api_listen,
+                metrics_listen,
+                tick: Duration::from_millis(100),
+                echo: true,
+            })
+            .await?;
+            println!(
+                "baton up: control API on http://{} (token in {}){}",
+                h.api_addr,
+                paths.token().display(),
+                metrics_listen.map(|m| format!(", metrics on http://{m}/metrics")).unwrap_or_default()
+            );
+            println!("  watch with `baton status --watch`; Ctrl-C stops the controller only, `baton down` stops everything");
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let tx = h.tx.clone();
+            let mut join = h.join;
+            tokio::select! {
+                r = &mut join => return r?,
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            let _ = tx.send(baton::api::ApiRequest { call: ApiCall::Shutdown { down: false }, reply }).await;
+            let _ = rx.await;
+            let _ = join.await;
+            println!("controller stopped; the proxy and instances keep serving (`baton down` stops them)");
+            Ok(())
+        }
+        Cmd::Down => down(&paths).await,
+        Cmd::Apply(spec) => {
+            let text = read_spec(&spec.file)?;
+            // Validate here too, so a bad spec is reported even with no controller.
+            baton_spec::parse(&text).map_err(|e| anyhow!("{}: {e}", spec.file.display()))?;
+            let client = ApiClient::from_paths(&paths)?;
+            let v = check(client.post("/v1/apply", Some(text)).await?)?;
+            for n in v["applied"].as_array().into_iter().flatten() {
+                println!("rollout {} configured", n.as_str().unwrap_or(""));
+            }
+            for n in v["unchanged"].as_array().into_iter().flatten() {
+                println!("rollout {} unchanged", n.as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
+        Cmd::Status { name, watch, output } => status(&paths, name, watch, output).await,
+        Cmd::Promote { name, full } => command(&paths, &name, if full { "promote-full" } else { "promote" }).await,
+        Cmd::Abort { name } => command(&paths, &name, "abort").await,
+        Cmd::Retry { name } => command(&paths, &name, "retry").await,
+        Cmd::Undo { name } => command(&paths, &name, "undo").await,
+        Cmd::History { name, output } => {
+            let client = ApiClient::from_paths(&paths)?;
+            let v = check(client.get(&format!("/v1/rollouts/{name}/history")).await?)?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
+            print!("{}", view::render_history(&v));
+            Ok(())
+        }
+        Cmd::Demo { rate, concurrency, hello, workdir, output } => {
+            if rate == 0 || concurrency == 0 {
+                bail!("--rate and --concurrency must be at least 1");
+            }
+            let s = demo::run(demo::DemoOptions { dir: workdir, hello, rate, concurrency }).await?;
+            if output == Output::Json {
+                return print_json(&serde_json::to_value(&s)?);
+            }
+            print!("{}", demo::render_summary(&s));
+            if s.failed_not_v3 > 0 {
+                bail!("{} request(s) failed because of the rollouts themselves", s.failed_not_v3);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn command(paths: &Paths, name: &str, action: &str) -> Result<()> {
+    let client = ApiClient::from_paths(paths)?;
+    let v = check(client.post(&format!("/v1/rollouts/{name}/{action}"), None).await?)?;
+    println!("{}", v["result"].as_str().unwrap_or("done"));
+    Ok(())
+}
+
+async fn status(paths: &Paths, name: Option<String>, watch: bool, output: Output) -> Result<()> {
+    let client = ApiClient::from_paths(paths)?;
+    let path = match &name {
+        Some(n) => format!("/v1/rollouts/{n}"),
+        None => "/v1/rollouts".into(),
+    };
+    let tty = std::io::stdout().is_terminal();
+    let mut last = String::new();
+    loop {
+        let v = check(client.get(&path).await?)?;
+        let text = if output == Output::Json {
+            serde_json::to_string_pretty(&v)?
+        } else {
+            match v["rollouts"].as_array() {
+                Some(list) if list.is_empty() => "no rollouts\n".to_string(),
+                Some(list) => list.iter().map(view::render).collect::<Vec<_>>().join("\n"),
+                None => view::render(&v),
+            }
+        };
+        if !watch {
+            print!("{text}");
+            if output == Output::Json {
+                println!();
+            }
+            return Ok(());
+        }
+        if text != last {
+            if tty {
+                print!("\x1b[H\x1b[2J{text}");
+            } else {
+                println!("{text}");
+            }
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            last = text;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// Stops everything: through the controller when it runs, directly otherwise.
+async fn down(paths: &Paths) -> Result<()> {
+    if !paths.exists() {
+        bail!("nothing to stop: no state in {}", paths.root.display());
+    }
+    if let Ok(client) = ApiClient::from_paths(paths)
+        && let Ok(answer) = client.post("/v1/shutdown?down=true", None).await
+    {
+        let v = check(answer)?;
+        println!("{}", v["result"].as_str().unwrap_or("stopped"));
+        return Ok(());
+    }
+    // No controller: stop the proxy, then the recorded instances.
+    let proxy = baton_proxy::ProxyClient::new(paths.proxy_socket());
+    let proxy_stopped = proxy.shutdown().await.is_ok();
+    if proxy_stopped {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while proxy.ping().await.is_ok() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let store = baton_local::Store::open(&paths.db())?;
+    let (mut platform, _) = baton_local::Platform::adopt(paths.logs(), &store, &Default::default())?;
+    let n = platform.stop_all(&store, Duration::from_secs(10)).await?;
+    println!(
+        "stopped {}{n} instance(s) (no controller was running)",
+        if proxy_stopped { "the proxy and " } else { "" }
+    );
+    Ok(())
+}

@@ -5,6 +5,7 @@
 //! controller writes.
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Serialize, de::DeserializeOwned};
@@ -41,11 +42,17 @@ pub struct EventRecord {
     pub message: String,
 }
 
+/// The connection sits behind a mutex so the controller's async loop can hold a
+/// `&Store` across awaits; calls are short and never contended in practice.
 pub struct Store {
-    conn: Connection,
+    conn: Mutex<Connection>,
 }
 
 impl Store {
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -74,7 +81,9 @@ impl Store {
                  key TEXT PRIMARY KEY,
                  value TEXT NOT NULL);",
         )?;
-        Ok(Store { conn })
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
     }
 
     pub fn save_rollout<S: Serialize, T: Serialize>(
@@ -92,7 +101,7 @@ impl Store {
             what: format!("status of {name}"),
             source,
         })?;
-        self.conn.execute(
+        self.conn().execute(
             "INSERT INTO rollouts (name, spec, status, updated_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(name) DO UPDATE SET spec = ?2, status = ?3, updated_at = ?4",
             params![name, spec, status, now as i64],
@@ -103,9 +112,8 @@ impl Store {
     pub fn rollouts<S: DeserializeOwned, T: DeserializeOwned>(
         &self,
     ) -> Result<Vec<(String, S, T)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT name, spec, status FROM rollouts ORDER BY name")?;
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, spec, status FROM rollouts ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -130,7 +138,7 @@ impl Store {
     }
 
     pub fn add_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT OR REPLACE INTO instances (id, rollout, revision, pid, port, start_time)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -146,13 +154,14 @@ impl Store {
     }
 
     pub fn remove_instance(&self, id: u64) -> Result<(), StoreError> {
-        self.conn
+        self.conn()
             .execute("DELETE FROM instances WHERE id = ?1", params![id as i64])?;
         Ok(())
     }
 
     pub fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
             "SELECT id, rollout, revision, pid, port, start_time FROM instances ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -175,7 +184,7 @@ impl Store {
         reason: &str,
         message: &str,
     ) -> Result<(), StoreError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT INTO events (at, rollout, reason, message) VALUES (?1, ?2, ?3, ?4)",
             params![at as i64, rollout, reason, message],
         )?;
@@ -184,7 +193,8 @@ impl Store {
 
     /// The latest `limit` events of a rollout, oldest first.
     pub fn events(&self, rollout: &str, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
             "SELECT at, rollout, reason, message FROM
                (SELECT id, at, rollout, reason, message FROM events WHERE rollout = ?1 ORDER BY id DESC LIMIT ?2)
              ORDER BY id",
@@ -202,7 +212,7 @@ impl Store {
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
-            .conn
+            .conn()
             .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
                 r.get(0)
             })
@@ -210,7 +220,7 @@ impl Store {
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.conn.execute(
+        self.conn().execute(
             "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
             params![key, value],
         )?;

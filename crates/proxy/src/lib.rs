@@ -401,9 +401,10 @@ async fn handle(
 
     // The chosen revision's instances first, then the other revisions'.
     let mut order: Vec<usize> = vec![first];
-    order.extend(
-        (0..route.targets.len()).filter(|i| *i != first && !route.targets[*i].backends.is_empty()),
-    );
+    order.extend((0..route.targets.len()).filter(|i| {
+        let t = &route.targets[*i];
+        *i != first && t.weight > 0 && !t.backends.is_empty()
+    }));
     let mut attempts = 0;
     let mut last_error = String::new();
     'targets: for ti in order {

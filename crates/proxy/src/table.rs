@@ -80,8 +80,11 @@ impl Route {
                 return Some(i);
             }
         }
-        // Weights that point at no instance: any revision that has one.
-        self.targets.iter().position(|t| !t.backends.is_empty())
+        // The slot's revision has no ready instance: another weighted one that has.
+        // Never a zero-weight revision (an aborted canary, an unpromoted preview).
+        self.targets
+            .iter()
+            .position(|t| t.weight > 0 && !t.backends.is_empty())
     }
 }
 

@@ -1,0 +1,248 @@
+//! The control API: HTTP on loopback, a bearer token from `.baton/token`.
+//!
+//! The server only parses and authenticates; every call is handed to the controller
+//! loop, which owns all state, and answered when the loop has acted on it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::paths::Paths;
+
+/// Commands a person can give a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    Promote,
+    PromoteFull,
+    Abort,
+    Retry,
+    Undo,
+}
+
+impl CommandKind {
+    pub fn from_path(s: &str) -> Option<Self> {
+        Some(match s {
+            "promote" => CommandKind::Promote,
+            "promote-full" => CommandKind::PromoteFull,
+            "abort" => CommandKind::Abort,
+            "retry" => CommandKind::Retry,
+            "undo" => CommandKind::Undo,
+            _ => return None,
+        })
+    }
+    pub fn path(self) -> &'static str {
+        match self {
+            CommandKind::Promote => "promote",
+            CommandKind::PromoteFull => "promote-full",
+            CommandKind::Abort => "abort",
+            CommandKind::Retry => "retry",
+            CommandKind::Undo => "undo",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ApiCall {
+    List,
+    Get(String),
+    /// A YAML source of one or more Rollouts.
+    Apply(String),
+    Command { name: String, kind: CommandKind },
+    History(String),
+    /// Stop the controller; with `down`, stop the proxy and every instance too.
+    Shutdown { down: bool },
+}
+
+/// An answer: HTTP status and JSON body.
+pub type Reply = (StatusCode, Value);
+
+#[derive(Debug)]
+pub struct ApiRequest {
+    pub call: ApiCall,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+pub fn error(status: StatusCode, msg: impl Into<String>) -> Reply {
+    (status, json!({ "error": msg.into() }))
+}
+
+/// Serves the API until the task is dropped.
+pub async fn serve(listener: TcpListener, token: String, tx: mpsc::Sender<ApiRequest>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let token = token.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(req, token.clone(), tx.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn respond((status, body): Reply) -> Response<Full<Bytes>> {
+    let mut text = serde_json::to_vec_pretty(&body).unwrap_or_default();
+    text.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Compares without an early exit, so timing does not reveal the token.
+fn token_matches(given: &[u8], want: &[u8]) -> bool {
+    given.len() == want.len() && given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    token: String,
+    tx: mpsc::Sender<ApiRequest>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let authorised = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| token_matches(t.as_bytes(), token.as_bytes()));
+    if !authorised {
+        return Ok(respond(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong token: send 'Authorization: Bearer <token>' with the token from .baton/token",
+        )));
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let call = match (&method, segs.as_slice()) {
+        (&Method::GET, ["v1", "rollouts"]) => ApiCall::List,
+        (&Method::GET, ["v1", "rollouts", name]) => ApiCall::Get((*name).to_string()),
+        (&Method::GET, ["v1", "rollouts", name, "history"]) => ApiCall::History((*name).to_string()),
+        (&Method::POST, ["v1", "rollouts", name, action]) => match CommandKind::from_path(action) {
+            Some(kind) => ApiCall::Command {
+                name: (*name).to_string(),
+                kind,
+            },
+            None => {
+                return Ok(respond(error(
+                    StatusCode::NOT_FOUND,
+                    format!("no action {action:?}: use promote, promote-full, abort, retry or undo"),
+                )));
+            }
+        },
+        (&Method::POST, ["v1", "apply"]) => {
+            let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return Ok(respond(error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("spec unreadable or over 1 MiB: {e}"),
+                    )));
+                }
+            };
+            match String::from_utf8(body.to_vec()) {
+                Ok(text) => ApiCall::Apply(text),
+                Err(_) => return Ok(respond(error(StatusCode::BAD_REQUEST, "the spec is not UTF-8 text"))),
+            }
+        }
+        (&Method::POST, ["v1", "shutdown"]) => ApiCall::Shutdown {
+            down: query.split('&').any(|kv| kv == "down=true"),
+        },
+        _ => {
+            return Ok(respond(error(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {method} {path}"),
+            )));
+        }
+    };
+    let (reply, rx) = oneshot::channel();
+    if tx.send(ApiRequest { call, reply }).await.is_err() {
+        return Ok(respond(error(StatusCode::SERVICE_UNAVAILABLE, "the controller is stopping")));
+    }
+    let answer = match tokio::time::timeout(Duration::from_secs(60), rx).await {
+        Ok(Ok(r)) => r,
+        _ => error(StatusCode::GATEWAY_TIMEOUT, "the controller did not answer in time"),
+    };
+    Ok(respond(answer))
+}
+
+/// The CLI's side of the API.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    pub addr: SocketAddr,
+    token: String,
+}
+
+impl ApiClient {
+    pub fn new(addr: SocketAddr, token: String) -> Self {
+        ApiClient { addr, token }
+    }
+
+    /// The API of the controller whose state lives in `paths`.
+    pub fn from_paths(paths: &Paths) -> Result<Self> {
+        let addr = std::fs::read_to_string(paths.api_addr()).with_context(|| {
+            format!(
+                "no controller has run in {} (missing {}): start one with `baton up -f SPEC`",
+                paths.root.display(),
+                paths.api_addr().display()
+            )
+        })?;
+        let addr: SocketAddr = addr
+            .trim()
+            .parse()
+            .with_context(|| format!("{} holds no address", paths.api_addr().display()))?;
+        let token = std::fs::read_to_string(paths.token())
+            .with_context(|| format!("cannot read the API token {}", paths.token().display()))?;
+        Ok(ApiClient::new(addr, token.trim().to_string()))
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<(u16, Value)> {
+        let stream = TcpStream::connect(self.addr).await.with_context(|| {
+            format!(
+                "cannot reach the controller's API at {}: is `baton up` running?",
+                self.addr
+            )
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, self.addr.to_string())
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let resp = sender.send_request(req).await.context("the controller closed the connection")?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow!("the controller answered HTTP {status} with no JSON ({e})"))?;
+        Ok((status, value))
+    }
+
+    pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Option<String>) -> Result<(u16, Value)> {
+        self.call(Method::POST, path, body).await
+    }
+}

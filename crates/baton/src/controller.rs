@@ -1,0 +1,691 @@
+//! `baton up`: the controller loop on one machine.
+//!
+//! Every tick: answer API calls, step the engine of each rollout (status persisted
+//! before anything is acted on), let the platform start and stop instances, and push
+//! the routing table to the proxy when it changed. The proxy and the instances are
+//! separate processes that outlive the controller; a new controller adopts them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use baton_analysis::{Measurer, run_smoke};
+use baton_engine::{Action, Command, Measurement, Observations, Status, step, undo_target};
+use baton_local::{Desired, Platform, PlatformEvent, RevisionWant, Store};
+use baton_proxy::{ControlError, ProxyClient, RevisionRoute, RoutingTable, ServiceRoute, StatsSnapshot};
+use baton_spec::{Rollout, StrategyRef};
+use hyper::StatusCode;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::api::{self, ApiCall, ApiRequest, CommandKind, Reply};
+use crate::paths::{Paths, new_token};
+use crate::{now_ms, view};
+
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub paths: Paths,
+    /// Rollouts to apply at start (from `-f`); stored ones resume either way.
+    pub specs: Vec<Rollout>,
+    pub api_listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub tick: Duration,
+    /// Print each event to stdout as it happens.
+    pub echo: bool,
+}
+
+/// A running controller.
+pub struct Handle {
+    pub api_addr: SocketAddr,
+    pub tx: mpsc::Sender<ApiRequest>,
+    pub join: JoinHandle<Result<()>>,
+}
+
+impl Handle {
+    /// Sends one call to the controller and waits for its answer.
+    pub async fn call(&self, call: ApiCall) -> Reply {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(ApiRequest { call, reply }).await.is_err() {
+            return api::error(StatusCode::SERVICE_UNAVAILABLE, "controller stopped");
+        }
+        rx.await
+            .unwrap_or_else(|_| api::error(StatusCode::SERVICE_UNAVAILABLE, "controller stopped"))
+    }
+}
+
+struct RolloutState {
+    spec: Rollout,
+    status: Status,
+    /// The engine's route version that the router has confirmed.
+    acked: u64,
+    measurements: Vec<Measurement>,
+    smoke: Option<(String, bool, String)>,
+    commands: Vec<(Command, oneshot::Sender<Reply>)>,
+}
+
+struct Controller {
+    paths: Paths,
+    opts: UpOptions,
+    store: Store,
+    platform: Platform,
+    proxy: ProxyClient,
+    proxy_child: Option<Child>,
+    rollouts: BTreeMap<String, RolloutState>,
+    measurer: Measurer,
+    table_version: u64,
+    last_services: Option<Vec<ServiceRoute>>,
+    last_routed: HashSet<SocketAddr>,
+    push_retry_at: u64,
+    smoke_tx: mpsc::UnboundedSender<(String, String, bool, String)>,
+    smoke_rx: mpsc::UnboundedReceiver<(String, String, bool, String)>,
+}
+
+/// Starts a controller: adopts or starts the proxy, adopts recorded instances, applies
+/// `opts.specs`, serves the API. Fails before changing anything if the specs cannot be
+/// applied or another controller owns the directory.
+pub async fn start(opts: UpOptions) -> Result<Handle> {
+    let paths = opts.paths.clone();
+    paths.create()?;
+    claim_directory(&paths)?;
+    let store = Store::open(&paths.db()).with_context(|| format!("cannot open {}", paths.db().display()))?;
+    let proxy = ProxyClient::new(paths.proxy_socket());
+    let (proxy_child, proxy_version, routed) = ensure_proxy(&paths, &proxy, opts.metrics_listen).await?;
+    let stored_version: u64 = store
+        .meta("route_version")?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (platform, adopted) = Platform::adopt(paths.logs(), &store, &routed)?;
+    let (smoke_tx, smoke_rx) = mpsc::unbounded_channel();
+    let mut c = Controller {
+        paths: paths.clone(),
+        opts: opts.clone(),
+        store,
+        platform,
+        proxy,
+        proxy_child,
+        rollouts: BTreeMap::new(),
+        measurer: Measurer::default(),
+        table_version: stored_version.max(proxy_version),
+        last_services: None,
+        last_routed: routed,
+        push_retry_at: 0,
+        smoke_tx,
+        smoke_rx,
+    };
+    for (name, spec, status) in c.store.rollouts::<Rollout, Status>()? {
+        c.say(&name, "Resumed", &format!("resuming: {} ({})", status.phase.as_str(), status.message));
+        c.rollouts.insert(
+            name,
+            RolloutState {
+                spec,
+                status,
+                acked: 0,
+                measurements: Vec::new(),
+                smoke: None,
+                commands: Vec::new(),
+            },
+        );
+    }
+    c.platform_events(adopted);
+    if !opts.specs.is_empty() {
+        let (code, body) = c.apply(opts.specs.clone());
+        if !code.is_success() {
+            bail!("{}", body["error"].as_str().unwrap_or("cannot apply the spec"));
+        }
+    }
+
+    let listener = TcpListener::bind(opts.api_listen)
+        .await
+        .with_context(|| format!("cannot serve the control API on {}", opts.api_listen))?;
+    let api_addr = listener.local_addr()?;
+    let token = match std::fs::read_to_string(paths.token()) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let t = new_token()?;
+            write_private(&paths.token(), &t)?;
+            t
+        }
+    };
+    std::fs::write(paths.api_addr(), api_addr.to_string())?;
+    let (tx, rx) = mpsc::channel(64);
+    let server = tokio::spawn(api::serve(listener, token, tx.clone()));
+    let join = tokio::spawn(async move {
+        let r = c.run(rx).await;
+        server.abort();
+        r
+    });
+    Ok(Handle { api_addr, tx, join })
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// One controller per directory: refuse to start beside a live one.
+fn claim_directory(paths: &Paths) -> Result<()> {
+    if let Ok(text) = std::fs::read_to_string(paths.controller_pid())
+        && let Some((pid, start)) = text.trim().split_once(':')
+        && let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>())
+        && pid != std::process::id()
+        && baton_local::process::alive(pid, start)
+    {
+        bail!(
+            "another controller (pid {pid}) is running for {}; stop it first or use another --dir",
+            paths.root.display()
+        );
+    }
+    let me = std::process::id();
+    let start = baton_local::process::start_time(me).unwrap_or(0);
+    std::fs::write(paths.controller_pid(), format!("{me}:{start}"))?;
+    Ok(())
+}
+
+/// Finds the running proxy, or starts one as a detached process. Returns its child
+/// handle (when started here), its table version and the addresses it routes to.
+async fn ensure_proxy(
+    paths: &Paths,
+    proxy: &ProxyClient,
+    metrics: Option<SocketAddr>,
+) -> Result<(Option<Child>, u64, HashSet<SocketAddr>)> {
+    if let Ok((_, version)) = proxy.ping().await {
+        let table = proxy.table().await?;
+        let routed = table
+            .services
+            .iter()
+            .flat_map(|s| s.revisions.iter().flat_map(|r| r.backends.iter().copied()))
+            .collect();
+        return Ok((None, version, routed));
+    }
+    let exe = std::env::current_exe().context("cannot find the baton executable to start the proxy")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.proxy_log())
+        .with_context(|| format!("cannot open {}", paths.proxy_log().display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("proxy").arg("--control-socket").arg(paths.proxy_socket());
+    if let Some(m) = metrics {
+        cmd.arg("--metrics-listen").arg(m.to_string());
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the proxy process")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if proxy.ping().await.is_ok() {
+            return Ok((Some(child), 0, HashSet::new()));
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the proxy did not come up within 10 s; see {}",
+                paths.proxy_log().display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn wants_for(spec: &Rollout, status: &Status) -> BTreeMap<String, RevisionWant> {
+    status
+        .desired
+        .iter()
+        .filter_map(|(rev, n)| {
+            let r = status.revision(rev)?;
+            Some((
+                rev.clone(),
+                RevisionWant {
+                    replicas: *n,
+                    run: r.run.clone(),
+                    probes: spec.spec.probes.clone(),
+                    shutdown: spec.spec.shutdown.clone(),
+                    min_ready_ms: spec.spec.min_ready_seconds * 1000,
+                },
+            ))
+        })
+        .collect()
+}
+
+impl Controller {
+    fn say(&self, rollout: &str, reason: &str, message: &str) {
+        let now = now_ms();
+        if let Err(e) = self.store.add_event(now, rollout, reason, message) {
+            eprintln!("warning: cannot record event: {e}");
+        }
+        if self.opts.echo {
+            println!("{} {rollout:<12} {message}", view::clock(now));
+        }
+    }
+
+    fn platform_events(&self, events: Vec<PlatformEvent>) {
+        for e in events {
+            self.say(&e.rollout, e.reason, &e.message);
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<ApiRequest>) -> Result<()> {
+        loop {
+            let mut stop = None;
+            while let Ok(req) = rx.try_recv() {
+                if let Some(s) = self.api(req) {
+                    stop = Some(s);
+                }
+            }
+            if let Some((down, reply)) = stop {
+                return self.shutdown(down, reply).await;
+            }
+            self.tick().await?;
+            tokio::select! {
+                _ = tokio::time::sleep(self.opts.tick) => {}
+                Some(req) = rx.recv() => {
+                    if let Some((down, reply)) = self.api(req) {
+                        return self.shutdown(down, reply).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn tick(&mut self) -> Result<()> {
+        while let Ok((rollout, rev, passed, detail)) = self.smoke_rx.try_recv() {
+            if let Some(r) = self.rollouts.get_mut(&rollout) {
+                r.smoke = Some((rev, passed, detail));
+            }
+        }
+        let now = now_ms();
+        let mut stats: Option<StatsSnapshot> = None;
+        let names: Vec<String> = self.rollouts.keys().cloned().collect();
+        for name in names {
+            let Some(r) = self.rollouts.get_mut(&name) else { continue };
+            let commands = std::mem::take(&mut r.commands);
+            let obs = Observations {
+                revisions: self.platform.observe(&name, r.spec.spec.min_ready_seconds * 1000, now),
+                router_acked: r.acked,
+                measurements: std::mem::take(&mut r.measurements),
+                smoke: r.smoke.take(),
+                commands: commands.iter().map(|(c, _)| *c).collect(),
+            };
+            let out = step(&r.spec, &r.status, &obs, now);
+            if out.status != r.status {
+                // Persist before acting, so a crash never acts on an unrecorded decision.
+                self.store.save_rollout(&name, &r.spec, &out.status, now)?;
+            }
+            r.status = out.status;
+            for ((_, reply), result) in commands.into_iter().zip(out.command_results) {
+                let _ = reply.send(match result {
+                    Ok(msg) => (StatusCode::OK, json!({ "result": msg })),
+                    Err(msg) => api::error(StatusCode::CONFLICT, msg),
+                });
+            }
+            let spec = r.spec.clone();
+            for action in out.actions {
+                match action {
+                    Action::Event { reason, message } => self.say(&name, &reason, &message),
+                    Action::Measure { gate, revision, epoch } => {
+                        let Some(g) = spec.spec.analysis.gates.iter().find(|g| g.name == gate) else {
+                            continue;
+                        };
+                        if stats.is_none() {
+                            stats = self.proxy.stats().await.ok();
+                        }
+                        let Some(snap) = &stats else { continue };
+                        let current = snap
+                            .get(&name)
+                            .and_then(|m| m.get(&revision))
+                            .cloned()
+                            .unwrap_or_default();
+                        let m = self.measurer.measure(&name, g, &revision, epoch, &current, now);
+                        if m.verdict == baton_engine::Verdict::Fail {
+                            self.say(&name, "GateFailed", &format!("gate {gate}: {}", m.detail));
+                        }
+                        if let Some(r) = self.rollouts.get_mut(&name) {
+                            r.measurements.push(m);
+                        }
+                    }
+                    Action::RunSmoke { revision } => self.start_smoke(&name, &spec, &revision),
+                }
+            }
+        }
+        let desired: Desired = self
+            .rollouts
+            .iter()
+            .map(|(n, r)| (n.clone(), wants_for(&r.spec, &r.status)))
+            .collect();
+        let events = self.platform.reconcile(&desired, &self.store, now)?;
+        self.platform_events(events);
+        self.sync_routes(now).await;
+        if let Some(c) = &mut self.proxy_child {
+            let _ = c.try_wait();
+        }
+        Ok(())
+    }
+
+    fn start_smoke(&self, name: &str, spec: &Rollout, revision: &str) {
+        let StrategyRef::BlueGreen(bg) = spec.spec.strategy.kind() else {
+            return;
+        };
+        let target = bg
+            .preview_listen
+            .as_ref()
+            .and_then(|p| p.parse::<SocketAddr>().ok())
+            .or_else(|| self.platform.backends(name, revision).first().copied());
+        let tests = bg.smoke.clone();
+        let tx = self.smoke_tx.clone();
+        let (name, revision) = (name.to_string(), revision.to_string());
+        tokio::spawn(async move {
+            let result = match target {
+                Some(addr) => run_smoke(addr, &tests, Duration::from_secs(5)).await,
+                None => Err("no ready instance to test".into()),
+            };
+            let (passed, detail) = match result {
+                Ok(d) => (true, d),
+                Err(e) => (false, e),
+            };
+            let _ = tx.send((name, revision, passed, detail));
+        });
+    }
+
+    fn services(&self) -> (Vec<ServiceRoute>, BTreeMap<String, u64>) {
+        let mut versions = BTreeMap::new();
+        let services = self
+            .rollouts
+            .iter()
+            .map(|(name, r)| {
+                versions.insert(name.clone(), r.status.route_version);
+                let bg = match r.spec.spec.strategy.kind() {
+                    StrategyRef::BlueGreen(bg) => bg.preview_listen.clone(),
+                    _ => None,
+                };
+                let mut revisions: Vec<RevisionRoute> = r
+                    .status
+                    .weights
+                    .iter()
+                    .map(|(rev, w)| RevisionRoute {
+                        name: rev.clone(),
+                        weight: *w,
+                        backends: self.platform.backends(name, rev),
+                    })
+                    .collect();
+                if let Some(p) = &r.status.preview
+                    && !r.status.weights.contains_key(p)
+                {
+                    revisions.push(RevisionRoute {
+                        name: p.clone(),
+                        weight: 0,
+                        backends: self.platform.backends(name, p),
+                    });
+                }
+                ServiceRoute {
+                    name: name.clone(),
+                    listen: r.spec.spec.traffic.listen.clone(),
+                    preview_listen: bg,
+                    preview: r.status.preview.clone(),
+                    revisions,
+                }
+            })
+            .collect();
+        (services, versions)
+    }
+
+    /// Pushes the routing table when it changed; on the proxy's acknowledgement, the
+    /// engine may move on and instances that left routing may stop.
+    async fn sync_routes(&mut self, now: u64) {
+        let (services, versions) = self.services();
+        if self.last_services.as_ref() == Some(&services) {
+            for (name, v) in versions {
+                if let Some(r) = self.rollouts.get_mut(&name) {
+                    r.acked = v;
+                }
+            }
+            self.platform.routes_confirmed(&self.last_routed);
+            return;
+        }
+        if now < self.push_retry_at {
+            return;
+        }
+        let table = RoutingTable {
+            version: self.table_version + 1,
+            services: services.clone(),
+        };
+        match self.proxy.set_table(&table).await {
+            Ok(v) => {
+                self.table_version = v;
+                let _ = self.store.set_meta("route_version", &v.to_string());
+                self.last_routed = services
+                    .iter()
+                    .flat_map(|s| s.revisions.iter().flat_map(|r| r.backends.iter().copied()))
+                    .collect();
+                self.last_services = Some(services);
+                for (name, v) in versions {
+                    if let Some(r) = self.rollouts.get_mut(&name) {
+                        r.acked = v;
+                    }
+                }
+                self.platform.routes_confirmed(&self.last_routed);
+            }
+            Err(ControlError::Refused { error, .. }) => {
+                self.push_retry_at = now + 2000;
+                for name in self.rollouts.keys() {
+                    self.say(name, "RoutingRefused", &format!("the proxy refused the routing table: {error}"));
+                }
+            }
+            Err(e) => {
+                self.push_retry_at = now + 500;
+                eprintln!("warning: {e}; starting a new proxy");
+                match ensure_proxy(&self.paths, &self.proxy, self.opts.metrics_listen).await {
+                    Ok((child, v, _)) => {
+                        if child.is_some() {
+                            self.proxy_child = child;
+                        }
+                        self.table_version = self.table_version.max(v);
+                        self.last_services = None;
+                    }
+                    Err(e) => eprintln!("warning: {e:#}"),
+                }
+            }
+        }
+    }
+
+    /// Handles one API call; returns `Some` when the controller must stop.
+    fn api(&mut self, req: ApiRequest) -> Option<(bool, oneshot::Sender<Reply>)> {
+        let ApiRequest { call, reply } = req;
+        let answer = match call {
+            ApiCall::List => {
+                let list: Vec<_> = self.rollouts.keys().map(|n| self.view(n)).collect();
+                (StatusCode::OK, json!({ "rollouts": list }))
+            }
+            ApiCall::Get(name) => match self.rollouts.contains_key(&name) {
+                true => (StatusCode::OK, self.view(&name)),
+                false => self.unknown(&name),
+            },
+            ApiCall::History(name) => match self.rollouts.get(&name) {
+                Some(r) => {
+                    let events = self.store.events(&name, 500).unwrap_or_default();
+                    (StatusCode::OK, view::history(&name, &r.status, &events))
+                }
+                None => self.unknown(&name),
+            },
+            ApiCall::Apply(text) => match baton_spec::parse(&text) {
+                Ok(specs) => self.apply(specs),
+                Err(e) => (
+                    StatusCode::BAD_REQUEST,
+                    json!({ "error": e.to_string(), "errors": e.0 }),
+                ),
+            },
+            ApiCall::Command { name, kind } => {
+                let Some(r) = self.rollouts.get_mut(&name) else {
+                    let _ = reply.send(self.unknown(&name));
+                    return None;
+                };
+                let cmd = match kind {
+                    CommandKind::Promote => Command::Promote,
+                    CommandKind::PromoteFull => Command::PromoteFull,
+                    CommandKind::Abort => Command::Abort,
+                    CommandKind::Retry => Command::Retry,
+                    CommandKind::Undo => {
+                        let _ = reply.send(self.undo(&name));
+                        return None;
+                    }
+                };
+                // Answered once the engine has acted on it, in the next step.
+                r.commands.push((cmd, reply));
+                return None;
+            }
+            ApiCall::Shutdown { down } => return Some((down, reply)),
+        };
+        let _ = reply.send(answer);
+        None
+    }
+
+    fn unknown(&self, name: &str) -> Reply {
+        let known: Vec<&str> = self.rollouts.keys().map(String::as_str).collect();
+        api::error(
+            StatusCode::NOT_FOUND,
+            format!("no rollout named {name:?} (known: {})", known.join(", ")),
+        )
+    }
+
+    fn view(&self, name: &str) -> serde_json::Value {
+        match self.rollouts.get(name) {
+            Some(r) => view::rollout(name, &r.spec, &r.status, r.acked, &self.platform),
+            None => json!(null),
+        }
+    }
+
+    /// Records new or changed specs; the engine picks them up on the next step.
+    fn apply(&mut self, specs: Vec<Rollout>) -> Reply {
+        // Listeners must not clash with other rollouts already running.
+        for s in &specs {
+            for (name, r) in &self.rollouts {
+                if *name == s.metadata.name {
+                    continue;
+                }
+                let theirs = listen_addrs(&r.spec);
+                for a in listen_addrs(s) {
+                    if theirs.contains(&a) {
+                        return api::error(
+                            StatusCode::BAD_REQUEST,
+                            format!(
+                                "spec.traffic.listen: {a} of rollout {} is already used by rollout {name}",
+                                s.metadata.name
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let now = now_ms();
+        let mut changed = Vec::new();
+        let mut unchanged = Vec::new();
+        for spec in specs {
+            let name = spec.metadata.name.clone();
+            let status = match self.rollouts.get(&name) {
+                Some(r) if r.spec == spec => {
+                    unchanged.push(name);
+                    continue;
+                }
+                Some(r) => r.status.clone(),
+                None => Status::default(),
+            };
+            if let Err(e) = self.store.save_rollout(&name, &spec, &status, now) {
+                return api::error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record {name}: {e}"));
+            }
+            let revision = spec.spec.run.revision_hash();
+            let version = spec.spec.run.app_version().unwrap_or("").to_string();
+            self.say(&name, "Applied", &format!("spec applied (revision {revision} {version})"));
+            match self.rollouts.get_mut(&name) {
+                Some(r) => r.spec = spec,
+                None => {
+                    self.rollouts.insert(
+                        name.clone(),
+                        RolloutState {
+                            spec,
+                            status,
+                            acked: 0,
+                            measurements: Vec::new(),
+                            smoke: None,
+                            commands: Vec::new(),
+                        },
+                    );
+                }
+            }
+            changed.push(name);
+        }
+        (StatusCode::OK, json!({ "applied": changed, "unchanged": unchanged }))
+    }
+
+    /// Rolls back to the previous stable revision by re-applying its `run`, so the
+    /// strategy decides how traffic moves back (a blue-green switch back is instant
+    /// while the previous stack is retained).
+    fn undo(&mut self, name: &str) -> Reply {
+        let Some(r) = self.rollouts.get(name) else {
+            return self.unknown(name);
+        };
+        let Some(target) = undo_target(&r.status) else {
+            return api::error(StatusCode::CONFLICT, format!("{name} has no previous stable revision to go back to"));
+        };
+        let mut spec = r.spec.clone();
+        spec.spec.run = target.run.clone();
+        let label = target.label();
+        let reply = self.apply(vec![spec]);
+        if reply.0.is_success() {
+            self.say(name, "Undo", &format!("undo: rolling back to {label}"));
+            (StatusCode::OK, json!({ "result": format!("rolling back to {label}") }))
+        } else {
+            reply
+        }
+    }
+
+    async fn shutdown(mut self, down: bool, reply: oneshot::Sender<Reply>) -> Result<()> {
+        let answer = if down {
+            // Proxy first: it stops accepting and drains; then the instances.
+            let _ = self.proxy.shutdown().await;
+            if let Some(c) = &mut self.proxy_child {
+                let _ = tokio::time::timeout(Duration::from_secs(15), async {
+                    while matches!(c.try_wait(), Ok(None)) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+                .await;
+            }
+            let n = self.platform.stop_all(&self.store, Duration::from_secs(10)).await?;
+            for name in self.rollouts.keys() {
+                self.say(name, "Down", "proxy and instances stopped");
+            }
+            json!({ "result": format!("stopped the proxy and {n} instance(s)") })
+        } else {
+            json!({ "result": "controller stopped; the proxy and instances keep serving" })
+        };
+        let _ = std::fs::remove_file(self.paths.controller_pid());
+        let _ = reply.send((StatusCode::OK, answer));
+        Ok(())
+    }
+}
+
+fn listen_addrs(spec: &Rollout) -> Vec<String> {
+    let mut v = vec![spec.spec.traffic.listen.clone()];
+    if let StrategyRef::BlueGreen(bg) = spec.spec.strategy.kind()
+        && let Some(p) = &bg.preview_listen
+    {
+        v.push(p.clone());
+    }
+    v
+}

@@ -1,0 +1,348 @@
+//! `baton demo`: the whole story in one command, on this machine.
+//!
+//! Start v1 of the example service, roll out v2 on a canary under load, then roll out
+//! a broken v3 and watch the analysis roll it back on its own. Prints a summary with
+//! the numbers that matter: requests sent, failed, and how long v3's bad answers
+//! lasted before it had no traffic.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::api::ApiCall;
+use crate::controller::{self, Handle, UpOptions};
+use crate::load::{Load, LoadReport};
+use crate::paths::Paths;
+use crate::{now_ms, view};
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub dir: Option<PathBuf>,
+    pub hello: Option<PathBuf>,
+    /// Requests per second of the built-in load.
+    pub rate: u32,
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DemoSummary {
+    pub requests: u64,
+    pub failed: u64,
+    /// Failures answered by anything but the broken v3: a rollout must cause none.
+    pub failed_not_v3: u64,
+    pub v3_bad_answers: u64,
+    pub v3_answers: u64,
+    /// From v3's first bad answer to the proxy confirming v3 has 0 % of traffic.
+    pub rollback_ms: Option<u64>,
+    pub v2_rollout_seconds: f64,
+    pub rollback_reason: String,
+    pub load: LoadReport,
+}
+
+const NAME: &str = "hello";
+
+fn spec(hello: &str, listen: SocketAddr, version: &str, extra_env: &str) -> String {
+    format!(
+        r#"apiVersion: baton.dev/v1alpha1
+kind: Rollout
+metadata: {{ name: {NAME} }}
+spec:
+  replicas: 2
+  run:
+    command: ["{hello}", "--port", "{{port}}"]
+    env: {{ APP_VERSION: {version}{extra_env} }}
+  probes:
+    readiness: {{ httpGet: {{ path: /readyz }}, periodSeconds: 0.25, failureThreshold: 2 }}
+    liveness: {{ httpGet: {{ path: /healthz }}, periodSeconds: 1, failureThreshold: 3 }}
+  minReadySeconds: 1
+  shutdown: {{ preStopSeconds: 0.5, drainTimeoutSeconds: 5 }}
+  traffic: {{ listen: "{listen}" }}
+  strategy:
+    canary:
+      steps:
+        - setWeight: 10
+        - pause: {{ duration: 3s }}
+        - analysis: {{ gates: [errors, p99] }}
+        - setWeight: 30
+        - pause: {{ duration: 3s }}
+        - setWeight: 60
+        - pause: {{ duration: 3s }}
+        - analysis: {{ gates: [errors, p99] }}
+  analysis:
+    gates:
+      - name: errors
+        metric: {{ builtin: error_rate }}
+        successCondition: "result <= 0.01"
+        interval: 1s
+        minRequests: 20
+      - name: p99
+        metric: {{ builtin: latency_p99 }}
+        successCondition: "result < 0.5"
+        interval: 1s
+        minRequests: 20
+  rollback: {{ onFailure: true }}
+"#
+    )
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
+    Ok(l.local_addr()?)
+}
+
+fn find_hello(given: Option<PathBuf>) -> Result<PathBuf> {
+    let path = match given {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("cannot locate the baton executable")?
+            .with_file_name("hello"),
+    };
+    if !path.exists() {
+        bail!(
+            "the example service is not built ({} is missing): run `cargo build --release` first, or pass --hello PATH",
+            path.display()
+        );
+    }
+    Ok(path.canonicalize()?)
+}
+
+struct Narrator {
+    started: Instant,
+    last: String,
+    load_last: (Instant, u64),
+}
+
+impl Narrator {
+    fn heading(&self, text: &str) {
+        println!("\n[{:>6.1}s] ── {text}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// One line when something visible changed.
+    fn progress(&mut self, v: &Value, load: Option<&Load>) {
+        let weights: Vec<String> = v["revisions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                format!(
+                    "{} {}% ({}/{} ready)",
+                    r["appVersion"].as_str().unwrap_or("?"),
+                    r["weight"],
+                    r["readyReplicas"],
+                    r["desiredReplicas"]
+                )
+            })
+            .collect();
+        let step = match v["step"].as_object() {
+            Some(s) => {
+                let i = s["index"].as_u64().unwrap_or(0) as usize;
+                let total = s["total"].as_u64().unwrap_or(0) as usize;
+                let name = s["steps"].get(i).and_then(Value::as_str).unwrap_or("done");
+                if v["canaryRevision"].is_null() {
+                    String::new()
+                } else {
+                    format!(" step {}/{total} {name} |", (i + 1).min(total))
+                }
+            }
+            None => String::new(),
+        };
+        let line = format!("{:<11}{step} {}", v["phase"].as_str().unwrap_or(""), weights.join(", "));
+        let elapsed = self.load_last.0.elapsed().as_secs_f64();
+        let load_text = match load {
+            Some(l) if elapsed >= 1.0 || line != self.last => {
+                let r = l.report();
+                let rate = (r.sent - self.load_last.1) as f64 / elapsed.max(0.001);
+                self.load_last = (Instant::now(), r.sent);
+                format!(" | load {rate:.0} req/s, sent {}, failed {}", r.sent, r.failed)
+            }
+            _ => String::new(),
+        };
+        if line != self.last || !load_text.is_empty() {
+            println!("[{:>6.1}s]   {line}{load_text}", self.started.elapsed().as_secs_f64());
+            self.last = line;
+        }
+    }
+}
+
+async fn status(h: &Handle) -> Result<Value> {
+    let (code, v) = h.call(ApiCall::Get(NAME.into())).await;
+    if !code.is_success() {
+        bail!("status: {}", v["error"]);
+    }
+    Ok(v)
+}
+
+async fn wait_for(
+    h: &Handle,
+    n: &mut Narrator,
+    load: Option<&Load>,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let v = status(h).await?;
+        n.progress(&v, load);
+        if done(&v) {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("gave up waiting for {what} after {limit:?}:\n{}", view::render(&v));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn version_of(v: &Value, field: &str) -> Option<String> {
+    let name = v[field].as_str()?;
+    v["revisions"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == name)
+        .and_then(|r| r["appVersion"].as_str().map(str::to_string))
+}
+
+fn weight_of(v: &Value, version: &str) -> u64 {
+    v["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["appVersion"] == version)
+        .and_then(|r| r["weight"].as_u64())
+        .unwrap_or(0)
+}
+
+pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
+    let hello = find_hello(opts.hello)?;
+    let hello = hello.display().to_string();
+    let dir = match opts.dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("baton-demo-{}", std::process::id())),
+    };
+    let paths = Paths::new(dir.join(".baton"));
+    if paths.root.exists() {
+        std::fs::remove_dir_all(&paths.root)
+            .with_context(|| format!("cannot clear {}", paths.root.display()))?;
+    }
+    let listen = free_addr()?;
+    let metrics = free_addr()?;
+    let mut n = Narrator {
+        started: Instant::now(),
+        last: String::new(),
+        load_last: (Instant::now(), 0),
+    };
+    println!("Baton demo: a canary of `hello` on this machine, state in {}", paths.root.display());
+    println!("  traffic:  http://{listen}/      metrics: http://{metrics}/metrics");
+
+    n.heading("1. start v1 (2 instances behind the built-in proxy)");
+    let v1 = baton_spec::parse(&spec(&hello, listen, "v1", ""))?;
+    let h = controller::start(UpOptions {
+        paths: paths.clone(),
+        specs: v1,
+        api_listen: "127.0.0.1:0".parse()?,
+        metrics_listen: Some(metrics),
+        tick: Duration::from_millis(50),
+        echo: false,
+    })
+    .await?;
+    println!("  control API on {} (token in {})", h.api_addr, paths.token().display());
+    let result = story(&h, &mut n, &hello, listen, opts.rate, opts.concurrency).await;
+
+    n.heading("cleaning up: stopping the proxy and every instance");
+    let (_, v) = h.call(ApiCall::Shutdown { down: true }).await;
+    println!("  {}", v["result"].as_str().unwrap_or(""));
+    let _ = h.join.await;
+    println!("  logs kept in {}", paths.root.display());
+    result
+}
+
+async fn story(h: &Handle, n: &mut Narrator, hello: &str, listen: SocketAddr, rate: u32, concurrency: usize) -> Result<DemoSummary> {
+    wait_for(h, n, None, Duration::from_secs(60), "v1 to be healthy", |v| v["phase"] == "Healthy").await?;
+
+    n.heading(&format!("2. load: {concurrency} keep-alive clients, {rate} req/s in all"));
+    let load = Load::start(listen, concurrency, rate);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    n.heading("3. apply v2: canary 10% → 30% → 60% → 100%, gated on error rate and p99");
+    let t2 = Instant::now();
+    let (code, v) = h.call(ApiCall::Apply(spec(hello, listen, "v2", ""))).await;
+    if !code.is_success() {
+        bail!("apply v2: {}", v["error"]);
+    }
+    wait_for(h, n, Some(&load), Duration::from_secs(120), "v2 to become stable", |v| {
+        v["phase"] == "Healthy" && version_of(v, "stableRevision").as_deref() == Some("v2")
+    })
+    .await?;
+    let v2_seconds = t2.elapsed().as_secs_f64();
+    let after_v2 = load.report();
+    println!(
+        "  v2 is stable after {v2_seconds:.1}s; {} requests so far, {} failed",
+        after_v2.sent, after_v2.failed
+    );
+
+    n.heading("4. apply v3, which fails half of its requests: the analysis must roll it back");
+    let (code, v) = h
+        .call(ApiCall::Apply(spec(hello, listen, "v3", ", FAIL_RATE: \"0.5\"")))
+        .await;
+    if !code.is_success() {
+        bail!("apply v3: {}", v["error"]);
+    }
+    let v = wait_for(h, n, Some(&load), Duration::from_secs(60), "v3 to be rolled back", |v| {
+        v["phase"] == "Degraded" && weight_of(v, "v3") == 0 && v["routerAcked"].as_u64() >= v["routeVersion"].as_u64()
+    })
+    .await?;
+    let rolled_back_at = now_ms();
+    let reason = v["message"].as_str().unwrap_or("").to_string();
+    println!("  rolled back: {reason}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = load.stop().await;
+
+    let v3 = report.by_version.get("v3").cloned().unwrap_or_default();
+    let summary = DemoSummary {
+        requests: report.sent,
+        failed: report.failed,
+        failed_not_v3: report.failures_not_from("v3").len() as u64,
+        v3_bad_answers: v3.failed,
+        v3_answers: v3.ok + v3.failed,
+        rollback_ms: v3.first_failure_ms.map(|f| rolled_back_at.saturating_sub(f)),
+        v2_rollout_seconds: v2_seconds,
+        rollback_reason: reason,
+        load: report,
+    };
+
+    n.heading("history");
+    let (_, hist) = h.call(ApiCall::History(NAME.into())).await;
+    print!("{}", view::render_history(&hist));
+    for e in hist["events"].as_array().into_iter().flatten() {
+        let reason = e["reason"].as_str().unwrap_or("");
+        if matches!(reason, "NewRevision" | "StepCompleted" | "Promoted" | "Aborted" | "GateFailed" | "Applied") {
+            println!("  {} {:<14} {}", view::clock(e["at"].as_u64().unwrap_or(0)), reason, e["message"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(summary)
+}
+
+/// The summary as the terminal shows it.
+pub fn render_summary(s: &DemoSummary) -> String {
+    let rollback = s
+        .rollback_ms
+        .map(|ms| format!("{:.2} s", ms as f64 / 1000.0))
+        .unwrap_or_else(|| "n/a (v3 gave no bad answer)".into());
+    format!(
+        "\n── summary\n  requests sent:                      {}\n  failed:                             {}\n    of which v3's own bad answers:    {}\n    caused by the rollouts themselves: {}\n  v3 answers before rollback:         {} ({} bad)\n  v1 → v2 canary took:                {:.1} s\n  v3 first bad answer → 0 % weight:   {rollback}\n  rollback reason:                    {}\n",
+        s.requests,
+        s.failed,
+        s.v3_bad_answers,
+        s.failed_not_v3,
+        s.v3_answers,
+        s.v3_bad_answers,
+        s.v2_rollout_seconds,
+        s.rollback_reason
+    )
+}

@@ -1,0 +1,237 @@
+//! What `status` and `history` show: one JSON shape for `--output json` and for the
+//! human rendering, so both always agree.
+
+use std::fmt::Write;
+
+use baton_engine::Status;
+use baton_local::{EventRecord, Platform};
+use baton_spec::{Rollout, Step, StrategyRef};
+use serde_json::{Value, json};
+
+/// `HH:MM:SS.mmm` (UTC) of a millisecond timestamp.
+pub fn clock(ms: u64) -> String {
+    let s = ms / 1000;
+    format!("{:02}:{:02}:{:02}.{:03}", (s / 3600) % 24, (s / 60) % 60, s % 60, ms % 1000)
+}
+
+fn step_text(step: &Step) -> String {
+    match step {
+        Step::SetWeight(w) => format!("setWeight {w}"),
+        Step::Pause(p) => match p.duration {
+            Some(d) => format!("pause {d}"),
+            None => "pause (until promoted)".into(),
+        },
+        Step::Analysis(a) => format!("analysis {}", a.gates.join(", ")),
+    }
+}
+
+pub fn rollout(name: &str, spec: &Rollout, status: &Status, acked: u64, platform: &Platform) -> Value {
+    let now = crate::now_ms();
+    let obs = platform.observe(name, spec.spec.min_ready_seconds * 1000, now);
+    let instances = platform.instances(name);
+    let (strategy, steps): (&str, Vec<String>) = match spec.spec.strategy.kind() {
+        StrategyRef::Canary(c) => ("canary", c.steps.iter().map(step_text).collect()),
+        StrategyRef::BlueGreen(_) => ("blueGreen", vec![]),
+        StrategyRef::Rolling(_) => ("rolling", vec![]),
+    };
+    let mut revisions: Vec<Value> = status
+        .revisions
+        .iter()
+        .filter(|r| {
+            Some(&r.name) == status.stable.as_ref()
+                || Some(&r.name) == status.canary.as_ref()
+                || status.desired.contains_key(&r.name)
+                || instances.iter().any(|i| i.revision == r.name)
+        })
+        .map(|r| {
+            let role = if Some(&r.name) == status.stable.as_ref() {
+                "stable"
+            } else if Some(&r.name) == status.canary.as_ref() {
+                if status.aborted { "aborted" } else { "canary" }
+            } else {
+                "previous"
+            };
+            let o = obs.get(&r.name).copied().unwrap_or_default();
+            json!({
+                "name": r.name,
+                "number": r.number,
+                "appVersion": r.run.app_version(),
+                "role": role,
+                "weight": status.weight(&r.name),
+                "preview": status.preview.as_ref() == Some(&r.name),
+                "desiredReplicas": status.desired.get(&r.name).copied().unwrap_or(0),
+                "readyReplicas": o.ready,
+                "availableReplicas": o.available,
+                "instances": instances.iter().filter(|i| i.revision == r.name).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    revisions.sort_by_key(|r| r["number"].as_u64());
+    let gates: Vec<Value> = status
+        .gates
+        .iter()
+        .map(|(n, g)| {
+            json!({
+                "name": n,
+                "passes": g.passes,
+                "failures": g.failures,
+                "inconclusive": g.inconclusive,
+                "last": g.last,
+            })
+        })
+        .collect();
+    json!({
+        "name": name,
+        "phase": status.phase.as_str(),
+        "message": status.message,
+        "strategy": strategy,
+        "stableRevision": status.stable,
+        "canaryRevision": status.canary,
+        "aborted": status.aborted,
+        "step": if steps.is_empty() { Value::Null } else { json!({
+            "index": status.step_index.min(steps.len()),
+            "total": steps.len(),
+            "steps": steps,
+        })},
+        "routeVersion": status.route_version,
+        "routerAcked": acked,
+        "listen": spec.spec.traffic.listen,
+        "revisions": revisions,
+        "gates": gates,
+    })
+}
+
+pub fn history(name: &str, status: &Status, events: &[EventRecord]) -> Value {
+    let revisions: Vec<Value> = status
+        .revisions
+        .iter()
+        .map(|r| {
+            let outcome = if Some(&r.name) == status.stable.as_ref() {
+                "stable"
+            } else if r.aborted_at.is_some() && Some(&r.name) == status.canary.as_ref() {
+                "aborted"
+            } else if Some(&r.name) == status.canary.as_ref() {
+                "in progress"
+            } else if r.aborted_at.is_some() {
+                "aborted"
+            } else if r.promoted_at.is_some() {
+                "superseded"
+            } else {
+                "abandoned"
+            };
+            let ended = r.promoted_at.or(r.aborted_at);
+            json!({
+                "number": r.number,
+                "name": r.name,
+                "appVersion": r.run.app_version(),
+                "createdAt": r.created_at,
+                "promotedAt": r.promoted_at,
+                "abortedAt": r.aborted_at,
+                "abortReason": r.abort_reason,
+                "durationSeconds": ended.map(|e| e.saturating_sub(r.created_at) as f64 / 1000.0),
+                "outcome": outcome,
+                "run": r.run,
+            })
+        })
+        .collect();
+    json!({ "name": name, "revisions": revisions, "events": events })
+}
+
+/// The human form of one rollout's status.
+pub fn render(v: &Value) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{}  {}  {}",
+        v["name"].as_str().unwrap_or(""),
+        v["phase"].as_str().unwrap_or(""),
+        v["message"].as_str().unwrap_or("")
+    );
+    let _ = write!(o, "  strategy: {}", v["strategy"].as_str().unwrap_or(""));
+    if let Some(step) = v["step"].as_object() {
+        let i = step["index"].as_u64().unwrap_or(0) as usize;
+        let total = step["total"].as_u64().unwrap_or(0) as usize;
+        let steps: Vec<&str> = step["steps"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if i < total {
+            let _ = write!(o, ", step {}/{}: {}", i + 1, total, steps.get(i).unwrap_or(&""));
+        } else {
+            let _ = write!(o, ", all {total} steps done");
+        }
+    }
+    let _ = writeln!(o, "   listen: {}", v["listen"].as_str().unwrap_or(""));
+    let _ = writeln!(
+        o,
+        "  {:<4} {:<12} {:<10} {:<9} {:<24} {:>6}  {}",
+        "REV", "VERSION", "NAME", "ROLE", "WEIGHT", "READY", "INSTANCES"
+    );
+    for r in v["revisions"].as_array().into_iter().flatten() {
+        let w = r["weight"].as_u64().unwrap_or(0);
+        let bar_len = (w as usize).div_ceil(5);
+        let bar = format!("{}{}", "█".repeat(bar_len), "░".repeat(20 - bar_len.min(20)));
+        let insts: Vec<String> = r["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| {
+                format!(
+                    "{} {}",
+                    i["address"].as_str().unwrap_or(""),
+                    i["state"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        let role = if r["preview"].as_bool() == Some(true) {
+            format!("{}+preview", r["role"].as_str().unwrap_or(""))
+        } else {
+            r["role"].as_str().unwrap_or("").to_string()
+        };
+        let _ = writeln!(
+            o,
+            "  #{:<3} {:<12} {:<10} {:<9} {} {:>3}% {:>3}/{:<2}  {}",
+            r["number"].as_u64().unwrap_or(0),
+            r["appVersion"].as_str().unwrap_or("-"),
+            r["name"].as_str().unwrap_or(""),
+            role,
+            bar,
+            w,
+            r["readyReplicas"].as_u64().unwrap_or(0),
+            r["desiredReplicas"].as_u64().unwrap_or(0),
+            insts.join(", ")
+        );
+    }
+    for g in v["gates"].as_array().into_iter().flatten() {
+        let last = &g["last"];
+        let _ = writeln!(
+            o,
+            "  gate {:<10} pass {:>3}  fail {:>2}  last: {} {}",
+            g["name"].as_str().unwrap_or(""),
+            g["passes"].as_u64().unwrap_or(0),
+            g["failures"].as_u64().unwrap_or(0),
+            last["verdict"].as_str().unwrap_or("-"),
+            last["detail"].as_str().unwrap_or("")
+        );
+    }
+    o
+}
+
+pub fn render_history(v: &Value) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "{:<4} {:<12} {:<10} {:<12} {:>10}  {:<13} {}", "REV", "VERSION", "NAME", "CREATED", "DURATION", "OUTCOME", "REASON");
+    for r in v["revisions"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "#{:<3} {:<12} {:<10} {:<12} {:>10}  {:<13} {}",
+            r["number"].as_u64().unwrap_or(0),
+            r["appVersion"].as_str().unwrap_or("-"),
+            r["name"].as_str().unwrap_or(""),
+            clock(r["createdAt"].as_u64().unwrap_or(0)),
+            r["durationSeconds"].as_f64().map(|d| format!("{d:.1}s")).unwrap_or_else(|| "-".into()),
+            r["outcome"].as_str().unwrap_or(""),
+            r["abortReason"].as_str().unwrap_or("")
+        );
+    }
+    o
+}
