@@ -114,7 +114,7 @@ pub fn history(name: &str, status: &Status, events: &[EventRecord]) -> Value {
                 "in progress"
             } else if r.aborted_at.is_some() {
                 "aborted"
-            } else if r.promoted_at.is_some() {
+            } else if r.promoted_at.is_some() || status.stable_history.contains(&r.name) {
                 "superseded"
             } else {
                 "abandoned"

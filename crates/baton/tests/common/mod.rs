@@ -1,0 +1,216 @@
+//! Helpers for end-to-end tests: the real `baton` binary, the real `hello` service, a
+//! state directory of their own, and cleanup that stops every process they started.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use baton::api::ApiClient;
+use baton::paths::Paths;
+use serde_json::Value;
+
+pub fn baton_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_baton"))
+}
+
+/// The `hello` example, built beside `baton` (built here if the workspace build did not).
+pub fn hello_bin() -> PathBuf {
+    let path = baton_bin().with_file_name("hello");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "hello"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building hello failed");
+    }
+    assert!(path.exists(), "{} missing after build", path.display());
+    path
+}
+
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    l.local_addr().expect("addr")
+}
+
+/// A canary spec of `hello` with the given steps (YAML list items, indented 8).
+pub fn canary_spec(listen: SocketAddr, version: &str, extra_env: &str, steps: &str) -> String {
+    format!(
+        r#"apiVersion: baton.dev/v1alpha1
+kind: Rollout
+metadata: {{ name: hello }}
+spec:
+  replicas: 2
+  run:
+    command: ["{hello}", "--port", "{{port}}"]
+    env: {{ APP_VERSION: {version}{extra_env} }}
+  probes:
+    readiness: {{ httpGet: {{ path: /readyz }}, periodSeconds: 0.2, failureThreshold: 2 }}
+    liveness: {{ httpGet: {{ path: /healthz }}, periodSeconds: 1, failureThreshold: 3 }}
+  minReadySeconds: 1
+  shutdown: {{ preStopSeconds: 0.5, drainTimeoutSeconds: 5 }}
+  traffic: {{ listen: "{listen}" }}
+  strategy:
+    canary:
+      steps:
+{steps}
+  analysis:
+    gates:
+      - name: errors
+        metric: {{ builtin: error_rate }}
+        successCondition: "result <= 0.01"
+        interval: 1s
+        minRequests: 20
+      - name: p99
+        metric: {{ builtin: latency_p99 }}
+        successCondition: "result < 0.8"
+        interval: 1s
+        minRequests: 20
+"#,
+        hello = hello_bin().display()
+    )
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub paths: Paths,
+    pub up: Option<Child>,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = Paths::new(dir.path().join(".baton"));
+        Env { dir, paths, up: None }
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).expect("write spec");
+        p
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(baton_bin());
+        c.arg("--dir").arg(&self.paths.root).current_dir(self.dir.path());
+        c
+    }
+
+    /// Runs a CLI command to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("baton runs")
+    }
+
+    /// Starts `baton up` with these extra arguments and waits for its API.
+    pub fn start_up(&mut self, args: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("up.log"))
+            .expect("log");
+        let child = self
+            .cmd()
+            .arg("up")
+            .args(args)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("baton up starts");
+        let pid = child.id();
+        self.up = Some(child);
+        // The API address file is rewritten by every controller: wait for this one's.
+        wait_until(Duration::from_secs(30), "the controller's API", || {
+            let mine = std::fs::read_to_string(self.paths.controller_pid())
+                .is_ok_and(|t| t.starts_with(&format!("{pid}:")));
+            mine && std::fs::read_to_string(self.paths.api_addr()).is_ok()
+        });
+    }
+
+    pub fn client(&self) -> ApiClient {
+        ApiClient::from_paths(&self.paths).expect("api client")
+    }
+
+    pub fn up_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("down").stdout(Stdio::null()).stderr(Stdio::null()).status();
+        if let Some(mut c) = self.up.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Nothing of ours may outlive the test.
+        let _ = self.cmd().arg("down").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls the rollout's status until `done` holds; panics with the last status otherwise.
+pub async fn wait_status(client: &ApiClient, name: &str, limit: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + limit;
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        if let Ok((200, v)) = client.get(&format!("/v1/rollouts/{name}")).await {
+            if done(&v) {
+                return v;
+            }
+            last = v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {limit:?} waiting for {what}; last status:\n{}", serde_json::to_string_pretty(&last).unwrap_or_default());
+}
+
+pub fn revision<'a>(v: &'a Value, app_version: &str) -> Option<&'a Value> {
+    v["revisions"].as_array()?.iter().find(|r| r["appVersion"] == app_version)
+}
+
+pub fn weight(v: &Value, app_version: &str) -> u64 {
+    revision(v, app_version).and_then(|r| r["weight"].as_u64()).unwrap_or(0)
+}
+
+pub fn stable_version(v: &Value) -> Option<String> {
+    let name = v["stableRevision"].as_str()?;
+    v["revisions"].as_array()?.iter().find(|r| r["name"] == name)?["appVersion"].as_str().map(str::to_string)
+}
+
+pub fn acked(v: &Value) -> bool {
+    v["routerAcked"].as_u64() >= v["routeVersion"].as_u64()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn pids(v: &Value) -> Vec<u64> {
+    let mut p: Vec<u64> = v["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["instances"].as_array().into_iter().flatten())
+        .filter_map(|i| i["pid"].as_u64())
+        .collect();
+    p.sort();
+    p
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
