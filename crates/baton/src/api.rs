@@ -57,10 +57,15 @@ pub enum ApiCall {
     Get(String),
     /// A YAML source of one or more Rollouts.
     Apply(String),
-    Command { name: String, kind: CommandKind },
+    Command {
+        name: String,
+        kind: CommandKind,
+    },
     History(String),
     /// Stop the controller; with `down`, stop the proxy and every instance too.
-    Shutdown { down: bool },
+    Shutdown {
+        down: bool,
+    },
 }
 
 /// An answer: HTTP status and JSON body.
@@ -107,7 +112,12 @@ fn respond((status, body): Reply) -> Response<Full<Bytes>> {
 
 /// Compares without an early exit, so timing does not reveal the token.
 fn token_matches(given: &[u8], want: &[u8]) -> bool {
-    given.len() == want.len() && given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given.len() == want.len()
+        && given
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 async fn handle(
@@ -134,7 +144,9 @@ async fn handle(
     let call = match (&method, segs.as_slice()) {
         (&Method::GET, ["v1", "rollouts"]) => ApiCall::List,
         (&Method::GET, ["v1", "rollouts", name]) => ApiCall::Get((*name).to_string()),
-        (&Method::GET, ["v1", "rollouts", name, "history"]) => ApiCall::History((*name).to_string()),
+        (&Method::GET, ["v1", "rollouts", name, "history"]) => {
+            ApiCall::History((*name).to_string())
+        }
         (&Method::POST, ["v1", "rollouts", name, action]) => match CommandKind::from_path(action) {
             Some(kind) => ApiCall::Command {
                 name: (*name).to_string(),
@@ -143,7 +155,9 @@ async fn handle(
             None => {
                 return Ok(respond(error(
                     StatusCode::NOT_FOUND,
-                    format!("no action {action:?}: use promote, promote-full, abort, retry or undo"),
+                    format!(
+                        "no action {action:?}: use promote, promote-full, abort, retry or undo"
+                    ),
                 )));
             }
         },
@@ -159,7 +173,12 @@ async fn handle(
             };
             match String::from_utf8(body.to_vec()) {
                 Ok(text) => ApiCall::Apply(text),
-                Err(_) => return Ok(respond(error(StatusCode::BAD_REQUEST, "the spec is not UTF-8 text"))),
+                Err(_) => {
+                    return Ok(respond(error(
+                        StatusCode::BAD_REQUEST,
+                        "the spec is not UTF-8 text",
+                    )));
+                }
             }
         }
         (&Method::POST, ["v1", "shutdown"]) => ApiCall::Shutdown {
@@ -174,11 +193,17 @@ async fn handle(
     };
     let (reply, rx) = oneshot::channel();
     if tx.send(ApiRequest { call, reply }).await.is_err() {
-        return Ok(respond(error(StatusCode::SERVICE_UNAVAILABLE, "the controller is stopping")));
+        return Ok(respond(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is stopping",
+        )));
     }
     let answer = match tokio::time::timeout(Duration::from_secs(60), rx).await {
         Ok(Ok(r)) => r,
-        _ => error(StatusCode::GATEWAY_TIMEOUT, "the controller did not answer in time"),
+        _ => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the controller did not answer in time",
+        ),
     };
     Ok(respond(answer))
 }
@@ -213,14 +238,20 @@ impl ApiClient {
         Ok(ApiClient::new(addr, token.trim().to_string()))
     }
 
-    pub async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<(u16, Value)> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(u16, Value)> {
         let stream = TcpStream::connect(self.addr).await.with_context(|| {
             format!(
                 "cannot reach the controller's API at {}: is `baton up` running?",
                 self.addr
             )
         })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -228,9 +259,15 @@ impl ApiClient {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, self.addr.to_string())
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
             .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = sender.send_request(req).await.context("the controller closed the connection")?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("the controller closed the connection")?;
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await?.to_bytes();
         let value = serde_json::from_slice(&bytes)

@@ -15,7 +15,9 @@ use anyhow::{Context, Result, bail};
 use baton_analysis::{Measurer, run_smoke};
 use baton_engine::{Action, Command, Measurement, Observations, Status, step, undo_target};
 use baton_local::{Desired, Platform, PlatformEvent, RevisionWant, Store};
-use baton_proxy::{ControlError, ProxyClient, RevisionRoute, RoutingTable, ServiceRoute, StatsSnapshot};
+use baton_proxy::{
+    ControlError, ProxyClient, RevisionRoute, RoutingTable, ServiceRoute, StatsSnapshot,
+};
 use baton_spec::{Rollout, StrategyRef};
 use hyper::StatusCode;
 use serde_json::json;
@@ -92,9 +94,11 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     let paths = opts.paths.clone();
     paths.create()?;
     claim_directory(&paths)?;
-    let store = Store::open(&paths.db()).with_context(|| format!("cannot open {}", paths.db().display()))?;
+    let store = Store::open(&paths.db())
+        .with_context(|| format!("cannot open {}", paths.db().display()))?;
     let proxy = ProxyClient::new(paths.proxy_socket());
-    let (proxy_child, proxy_version, routed) = ensure_proxy(&paths, &proxy, opts.metrics_listen).await?;
+    let (proxy_child, proxy_version, routed) =
+        ensure_proxy(&paths, &proxy, opts.metrics_listen).await?;
     let stored_version: u64 = store
         .meta("route_version")?
         .and_then(|v| v.parse().ok())
@@ -118,7 +122,11 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         smoke_rx,
     };
     for (name, spec, status) in c.store.rollouts::<Rollout, Status>()? {
-        c.say(&name, "Resumed", &format!("resuming: {} ({})", status.phase.as_str(), status.message));
+        c.say(
+            &name,
+            "Resumed",
+            &format!("resuming: {} ({})", status.phase.as_str(), status.message),
+        );
         c.rollouts.insert(
             name,
             RolloutState {
@@ -135,7 +143,10 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     if !opts.specs.is_empty() {
         let (code, body) = c.apply(opts.specs.clone());
         if !code.is_success() {
-            bail!("{}", body["error"].as_str().unwrap_or("cannot apply the spec"));
+            bail!(
+                "{}",
+                body["error"].as_str().unwrap_or("cannot apply the spec")
+            );
         }
     }
 
@@ -211,14 +222,17 @@ async fn ensure_proxy(
             .collect();
         return Ok((None, version, routed));
     }
-    let exe = std::env::current_exe().context("cannot find the baton executable to start the proxy")?;
+    let exe =
+        std::env::current_exe().context("cannot find the baton executable to start the proxy")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(paths.proxy_log())
         .with_context(|| format!("cannot open {}", paths.proxy_log().display()))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("proxy").arg("--control-socket").arg(paths.proxy_socket());
+    cmd.arg("proxy")
+        .arg("--control-socket")
+        .arg(paths.proxy_socket());
     if let Some(m) = metrics {
         cmd.arg("--metrics-listen").arg(m.to_string());
     }
@@ -314,10 +328,14 @@ impl Controller {
         let mut stats: Option<StatsSnapshot> = None;
         let names: Vec<String> = self.rollouts.keys().cloned().collect();
         for name in names {
-            let Some(r) = self.rollouts.get_mut(&name) else { continue };
+            let Some(r) = self.rollouts.get_mut(&name) else {
+                continue;
+            };
             let commands = std::mem::take(&mut r.commands);
             let obs = Observations {
-                revisions: self.platform.observe(&name, r.spec.spec.min_ready_seconds * 1000, now),
+                revisions: self
+                    .platform
+                    .observe(&name, r.spec.spec.min_ready_seconds * 1000, now),
                 router_acked: r.acked,
                 measurements: std::mem::take(&mut r.measurements),
                 smoke: r.smoke.take(),
@@ -339,8 +357,13 @@ impl Controller {
             for action in out.actions {
                 match action {
                     Action::Event { reason, message } => self.say(&name, &reason, &message),
-                    Action::Measure { gate, revision, epoch } => {
-                        let Some(g) = spec.spec.analysis.gates.iter().find(|g| g.name == gate) else {
+                    Action::Measure {
+                        gate,
+                        revision,
+                        epoch,
+                    } => {
+                        let Some(g) = spec.spec.analysis.gates.iter().find(|g| g.name == gate)
+                        else {
                             continue;
                         };
                         if stats.is_none() {
@@ -352,7 +375,9 @@ impl Controller {
                             .and_then(|m| m.get(&revision))
                             .cloned()
                             .unwrap_or_default();
-                        let m = self.measurer.measure(&name, g, &revision, epoch, &current, now);
+                        let m = self
+                            .measurer
+                            .measure(&name, g, &revision, epoch, &current, now);
                         if m.verdict == baton_engine::Verdict::Fail {
                             self.say(&name, "GateFailed", &format!("gate {gate}: {}", m.detail));
                         }
@@ -484,7 +509,11 @@ impl Controller {
             Err(ControlError::Refused { error, .. }) => {
                 self.push_retry_at = now + 2000;
                 for name in self.rollouts.keys() {
-                    self.say(name, "RoutingRefused", &format!("the proxy refused the routing table: {error}"));
+                    self.say(
+                        name,
+                        "RoutingRefused",
+                        &format!("the proxy refused the routing table: {error}"),
+                    );
                 }
             }
             Err(e) => {
@@ -606,11 +635,18 @@ impl Controller {
                 None => Status::default(),
             };
             if let Err(e) = self.store.save_rollout(&name, &spec, &status, now) {
-                return api::error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot record {name}: {e}"));
+                return api::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot record {name}: {e}"),
+                );
             }
             let revision = spec.spec.run.revision_hash();
             let version = spec.spec.run.app_version().unwrap_or("").to_string();
-            self.say(&name, "Applied", &format!("spec applied (revision {revision} {version})"));
+            self.say(
+                &name,
+                "Applied",
+                &format!("spec applied (revision {revision} {version})"),
+            );
             match self.rollouts.get_mut(&name) {
                 Some(r) => r.spec = spec,
                 None => {
@@ -629,7 +665,10 @@ impl Controller {
             }
             changed.push(name);
         }
-        (StatusCode::OK, json!({ "applied": changed, "unchanged": unchanged }))
+        (
+            StatusCode::OK,
+            json!({ "applied": changed, "unchanged": unchanged }),
+        )
     }
 
     /// Rolls back to the previous stable revision by re-applying its `run`, so the
@@ -640,7 +679,10 @@ impl Controller {
             return self.unknown(name);
         };
         let Some(target) = undo_target(&r.status) else {
-            return api::error(StatusCode::CONFLICT, format!("{name} has no previous stable revision to go back to"));
+            return api::error(
+                StatusCode::CONFLICT,
+                format!("{name} has no previous stable revision to go back to"),
+            );
         };
         let mut spec = r.spec.clone();
         spec.spec.run = target.run.clone();
@@ -648,7 +690,10 @@ impl Controller {
         let reply = self.apply(vec![spec]);
         if reply.0.is_success() {
             self.say(name, "Undo", &format!("undo: rolling back to {label}"));
-            (StatusCode::OK, json!({ "result": format!("rolling back to {label}") }))
+            (
+                StatusCode::OK,
+                json!({ "result": format!("rolling back to {label}") }),
+            )
         } else {
             reply
         }
@@ -666,7 +711,10 @@ impl Controller {
                 })
                 .await;
             }
-            let n = self.platform.stop_all(&self.store, Duration::from_secs(10)).await?;
+            let n = self
+                .platform
+                .stop_all(&self.store, Duration::from_secs(10))
+                .await?;
             for name in self.rollouts.keys() {
                 self.say(name, "Down", "proxy and instances stopped");
             }

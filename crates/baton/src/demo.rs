@@ -119,7 +119,10 @@ struct Narrator {
 
 impl Narrator {
     fn heading(&self, text: &str) {
-        println!("\n[{:>6.1}s] ── {text}", self.started.elapsed().as_secs_f64());
+        println!(
+            "\n[{:>6.1}s] ── {text}",
+            self.started.elapsed().as_secs_f64()
+        );
     }
 
     /// One line when something visible changed.
@@ -151,19 +154,29 @@ impl Narrator {
             }
             None => String::new(),
         };
-        let line = format!("{:<11}{step} {}", v["phase"].as_str().unwrap_or(""), weights.join(", "));
+        let line = format!(
+            "{:<11}{step} {}",
+            v["phase"].as_str().unwrap_or(""),
+            weights.join(", ")
+        );
         let elapsed = self.load_last.0.elapsed().as_secs_f64();
         let load_text = match load {
             Some(l) if elapsed >= 1.0 || line != self.last => {
                 let r = l.report();
                 let rate = (r.sent - self.load_last.1) as f64 / elapsed.max(0.001);
                 self.load_last = (Instant::now(), r.sent);
-                format!(" | load {rate:.0} req/s, sent {}, failed {}", r.sent, r.failed)
+                format!(
+                    " | load {rate:.0} req/s, sent {}, failed {}",
+                    r.sent, r.failed
+                )
             }
             _ => String::new(),
         };
         if line != self.last || !load_text.is_empty() {
-            println!("[{:>6.1}s]   {line}{load_text}", self.started.elapsed().as_secs_f64());
+            println!(
+                "[{:>6.1}s]   {line}{load_text}",
+                self.started.elapsed().as_secs_f64()
+            );
             self.last = line;
         }
     }
@@ -193,7 +206,10 @@ async fn wait_for(
             return Ok(v);
         }
         if Instant::now() > deadline {
-            bail!("gave up waiting for {what} after {limit:?}:\n{}", view::render(&v));
+            bail!(
+                "gave up waiting for {what} after {limit:?}:\n{}",
+                view::render(&v)
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -237,7 +253,10 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         last: String::new(),
         load_last: (Instant::now(), 0),
     };
-    println!("Baton demo: a canary of `hello` on this machine, state in {}", paths.root.display());
+    println!(
+        "Baton demo: a canary of `hello` on this machine, state in {}",
+        paths.root.display()
+    );
     println!("  traffic:  http://{listen}/      metrics: http://{metrics}/metrics");
 
     n.heading("1. start v1 (2 instances behind the built-in proxy)");
@@ -251,7 +270,11 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         echo: false,
     })
     .await?;
-    println!("  control API on {} (token in {})", h.api_addr, paths.token().display());
+    println!(
+        "  control API on {} (token in {})",
+        h.api_addr,
+        paths.token().display()
+    );
     let result = story(&h, &mut n, &hello, listen, opts.rate, opts.concurrency).await;
 
     n.heading("cleaning up: stopping the proxy and every instance");
@@ -262,10 +285,27 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
     result
 }
 
-async fn story(h: &Handle, n: &mut Narrator, hello: &str, listen: SocketAddr, rate: u32, concurrency: usize) -> Result<DemoSummary> {
-    wait_for(h, n, None, Duration::from_secs(60), "v1 to be healthy", |v| v["phase"] == "Healthy").await?;
+async fn story(
+    h: &Handle,
+    n: &mut Narrator,
+    hello: &str,
+    listen: SocketAddr,
+    rate: u32,
+    concurrency: usize,
+) -> Result<DemoSummary> {
+    wait_for(
+        h,
+        n,
+        None,
+        Duration::from_secs(60),
+        "v1 to be healthy",
+        |v| v["phase"] == "Healthy",
+    )
+    .await?;
 
-    n.heading(&format!("2. load: {concurrency} keep-alive clients, {rate} req/s in all"));
+    n.heading(&format!(
+        "2. load: {concurrency} keep-alive clients, {rate} req/s in all"
+    ));
     let load = Load::start(listen, concurrency, rate);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -275,9 +315,14 @@ async fn story(h: &Handle, n: &mut Narrator, hello: &str, listen: SocketAddr, ra
     if !code.is_success() {
         bail!("apply v2: {}", v["error"]);
     }
-    wait_for(h, n, Some(&load), Duration::from_secs(120), "v2 to become stable", |v| {
-        v["phase"] == "Healthy" && version_of(v, "stableRevision").as_deref() == Some("v2")
-    })
+    wait_for(
+        h,
+        n,
+        Some(&load),
+        Duration::from_secs(120),
+        "v2 to become stable",
+        |v| v["phase"] == "Healthy" && version_of(v, "stableRevision").as_deref() == Some("v2"),
+    )
     .await?;
     let v2_seconds = t2.elapsed().as_secs_f64();
     let after_v2 = load.report();
@@ -288,14 +333,28 @@ async fn story(h: &Handle, n: &mut Narrator, hello: &str, listen: SocketAddr, ra
 
     n.heading("4. apply v3, which fails half of its requests: the analysis must roll it back");
     let (code, v) = h
-        .call(ApiCall::Apply(spec(hello, listen, "v3", ", FAIL_RATE: \"0.5\"")))
+        .call(ApiCall::Apply(spec(
+            hello,
+            listen,
+            "v3",
+            ", FAIL_RATE: \"0.5\"",
+        )))
         .await;
     if !code.is_success() {
         bail!("apply v3: {}", v["error"]);
     }
-    let v = wait_for(h, n, Some(&load), Duration::from_secs(60), "v3 to be rolled back", |v| {
-        v["phase"] == "Degraded" && weight_of(v, "v3") == 0 && v["routerAcked"].as_u64() >= v["routeVersion"].as_u64()
-    })
+    let v = wait_for(
+        h,
+        n,
+        Some(&load),
+        Duration::from_secs(60),
+        "v3 to be rolled back",
+        |v| {
+            v["phase"] == "Degraded"
+                && weight_of(v, "v3") == 0
+                && v["routerAcked"].as_u64() >= v["routeVersion"].as_u64()
+        },
+    )
     .await?;
     let rolled_back_at = now_ms();
     let reason = v["message"].as_str().unwrap_or("").to_string();
@@ -310,7 +369,9 @@ async fn story(h: &Handle, n: &mut Narrator, hello: &str, listen: SocketAddr, ra
         failed_not_v3: report.failures_not_from("v3").len() as u64,
         v3_bad_answers: v3.failed,
         v3_answers: v3.ok + v3.failed,
-        rollback_ms: v3.first_failure_ms.map(|f| rolled_back_at.saturating_sub(f)),
+        rollback_ms: v3
+            .first_failure_ms
+            .map(|f| rolled_back_at.saturating_sub(f)),
         v2_rollout_seconds: v2_seconds,
         rollback_reason: reason,
         load: report,
@@ -321,8 +382,16 @@ async fn story(h: &Handle, n: &mut Narrator, hello: &str, listen: SocketAddr, ra
     print!("{}", view::render_history(&hist));
     for e in hist["events"].as_array().into_iter().flatten() {
         let reason = e["reason"].as_str().unwrap_or("");
-        if matches!(reason, "NewRevision" | "StepCompleted" | "Promoted" | "Aborted" | "GateFailed" | "Applied") {
-            println!("  {} {:<14} {}", view::clock(e["at"].as_u64().unwrap_or(0)), reason, e["message"].as_str().unwrap_or(""));
+        if matches!(
+            reason,
+            "NewRevision" | "StepCompleted" | "Promoted" | "Aborted" | "GateFailed" | "Applied"
+        ) {
+            println!(
+                "  {} {:<14} {}",
+                view::clock(e["at"].as_u64().unwrap_or(0)),
+                reason,
+                e["message"].as_str().unwrap_or("")
+            );
         }
     }
     Ok(summary)

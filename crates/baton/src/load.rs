@@ -51,7 +51,10 @@ pub struct LoadReport {
 impl LoadReport {
     /// Failures whose answer did not come from `version`: the ones a rollout must never cause.
     pub fn failures_not_from(&self, version: &str) -> Vec<&Failure> {
-        self.failures.iter().filter(|f| f.version != version).collect()
+        self.failures
+            .iter()
+            .filter(|f| f.version != version)
+            .collect()
     }
 }
 
@@ -96,7 +99,10 @@ impl Load {
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("?")
                                 .to_string();
-                            resp.into_body().collect().await.map_err(|e| e.to_string())?;
+                            resp.into_body()
+                                .collect()
+                                .await
+                                .map_err(|e| e.to_string())?;
                             Ok::<_, String>((status, version))
                         })
                         .await
@@ -105,7 +111,9 @@ impl Load {
                         let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
                         r.sent += 1;
                         let (ok, version, status, error) = match result {
-                            Ok((s, v)) if (200..400).contains(&s) => (true, v, Some(s), String::new()),
+                            Ok((s, v)) if (200..400).contains(&s) => {
+                                (true, v, Some(s), String::new())
+                            }
                             Ok((s, v)) => (false, v, Some(s), format!("HTTP {s}")),
                             Err(e) => (false, "-".to_string(), None, e),
                         };
@@ -119,18 +127,30 @@ impl Load {
                             c.first_failure_ms.get_or_insert(now);
                             r.failed += 1;
                             if r.failures.len() < 1000 {
-                                r.failures.push(Failure { at_ms: now, version, status, error });
+                                r.failures.push(Failure {
+                                    at_ms: now,
+                                    version,
+                                    status,
+                                    error,
+                                });
                             }
                         }
                     }
                 })
             })
             .collect();
-        Load { stop, report, tasks }
+        Load {
+            stop,
+            report,
+            tasks,
+        }
     }
 
     pub fn report(&self) -> LoadReport {
-        self.report.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Stops sending, waits for requests in flight, and returns the final counts.
@@ -139,7 +159,9 @@ impl Load {
         for t in self.tasks {
             let _ = t.await;
         }
-        let r = self.report.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        r
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }

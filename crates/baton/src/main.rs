@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use baton::api::{ApiClient, ApiCall};
+use baton::api::{ApiCall, ApiClient};
 use baton::controller::{self, UpOptions};
 use baton::paths::Paths;
 use baton::{demo, view};
@@ -19,7 +19,12 @@ use serde_json::Value;
 /// Start with `baton demo` to watch a whole canary and an automatic rollback, or
 /// `baton up -f examples/hello/canary.yaml` to run your own spec.
 #[derive(Parser, Debug)]
-#[command(name = "baton", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "baton",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     /// State directory: SQLite state, API token and address, proxy socket, logs.
     #[arg(long, global = true, env = "BATON_DIR", default_value = ".baton")]
@@ -134,7 +139,10 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -150,7 +158,9 @@ fn main() {
 fn read_spec(path: &Path) -> Result<String> {
     if path == Path::new("-") {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("cannot read the spec from stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read the spec from stdin")?;
         return Ok(s);
     }
     if path.is_dir() {
@@ -165,7 +175,9 @@ fn read_spec(path: &Path) -> Result<String> {
         }
         let texts = files
             .iter()
-            .map(|f| std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display())))
+            .map(|f| {
+                std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))
+            })
             .collect::<Result<Vec<_>>>()?;
         return Ok(texts.join("\n---\n"));
     }
@@ -191,7 +203,11 @@ fn check((code, v): (u16, Value)) -> Result<Value> {
     if let Some(errs) = v["errors"].as_array() {
         msg = format!("{} problem(s) in the spec:", errs.len());
         for e in errs {
-            msg.push_str(&format!("\n  - {}: {}", e["field"].as_str().unwrap_or(""), e["reason"].as_str().unwrap_or("")));
+            msg.push_str(&format!(
+                "\n  - {}: {}",
+                e["field"].as_str().unwrap_or(""),
+                e["reason"].as_str().unwrap_or("")
+            ));
         }
     }
     Err(anyhow!("{msg}"))
@@ -200,7 +216,11 @@ fn check((code, v): (u16, Value)) -> Result<Value> {
 async fn run(cli: Cli) -> Result<()> {
     let paths = Paths::new(&cli.dir);
     match cli.command {
-        Cmd::Proxy { control_socket, metrics_listen, max_body_bytes } => {
+        Cmd::Proxy {
+            control_socket,
+            metrics_listen,
+            max_body_bytes,
+        } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -222,10 +242,17 @@ async fn run(cli: Cli) -> Result<()> {
             match baton_spec::parse(&text) {
                 Ok(rollouts) => {
                     if output == Output::Json {
-                        print_json(&serde_json::json!({ "valid": true, "rollouts": rollouts.iter().map(|r| &r.metadata.name).collect::<Vec<_>>() }))?;
+                        print_json(
+                            &serde_json::json!({ "valid": true, "rollouts": rollouts.iter().map(|r| &r.metadata.name).collect::<Vec<_>>() }),
+                        )?;
                     } else {
                         for r in &rollouts {
-                            println!("{}: rollout {} is valid (revision {})", spec.file.display(), r.metadata.name, r.spec.run.revision_hash());
+                            println!(
+                                "{}: rollout {} is valid (revision {})",
+                                spec.file.display(),
+                                r.metadata.name,
+                                r.spec.run.revision_hash()
+                            );
                         }
                     }
                     Ok(())
@@ -239,13 +266,20 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Up { file, api_listen, metrics_listen } => {
+        Cmd::Up {
+            file,
+            api_listen,
+            metrics_listen,
+        } => {
             let specs = match &file {
                 Some(f) => parse_spec(f)?,
                 None => Vec::new(),
             };
             if specs.is_empty() && !paths.exists() {
-                bail!("nothing to run: give a spec with -f (no state in {} to resume)", paths.root.display());
+                bail!(
+                    "nothing to run: give a spec with -f (no state in {} to resume)",
+                    paths.root.display()
+                );
             }
             let h = controller::start(UpOptions {
                 paths: paths.clone(),
@@ -260,10 +294,15 @@ async fn run(cli: Cli) -> Result<()> {
                 "baton up: control API on http://{} (token in {}){}",
                 h.api_addr,
                 paths.token().display(),
-                metrics_listen.map(|m| format!(", metrics on http://{m}/metrics")).unwrap_or_default()
+                metrics_listen
+                    .map(|m| format!(", metrics on http://{m}/metrics"))
+                    .unwrap_or_default()
             );
-            println!("  watch with `baton status --watch`; Ctrl-C stops the controller only, `baton down` stops everything");
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            println!(
+                "  watch with `baton status --watch`; Ctrl-C stops the controller only, `baton down` stops everything"
+            );
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             let tx = h.tx.clone();
             let mut join = h.join;
             tokio::select! {
@@ -272,10 +311,17 @@ async fn run(cli: Cli) -> Result<()> {
                 _ = term.recv() => {}
             }
             let (reply, rx) = tokio::sync::oneshot::channel();
-            let _ = tx.send(baton::api::ApiRequest { call: ApiCall::Shutdown { down: false }, reply }).await;
+            let _ = tx
+                .send(baton::api::ApiRequest {
+                    call: ApiCall::Shutdown { down: false },
+                    reply,
+                })
+                .await;
             let _ = rx.await;
             let _ = join.await;
-            println!("controller stopped; the proxy and instances keep serving (`baton down` stops them)");
+            println!(
+                "controller stopped; the proxy and instances keep serving (`baton down` stops them)"
+            );
             Ok(())
         }
         Cmd::Down => down(&paths).await,
@@ -293,8 +339,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Status { name, watch, output } => status(&paths, name, watch, output).await,
-        Cmd::Promote { name, full } => command(&paths, &name, if full { "promote-full" } else { "promote" }).await,
+        Cmd::Status {
+            name,
+            watch,
+            output,
+        } => status(&paths, name, watch, output).await,
+        Cmd::Promote { name, full } => {
+            command(&paths, &name, if full { "promote-full" } else { "promote" }).await
+        }
         Cmd::Abort { name } => command(&paths, &name, "abort").await,
         Cmd::Retry { name } => command(&paths, &name, "retry").await,
         Cmd::Undo { name } => command(&paths, &name, "undo").await,
@@ -307,17 +359,32 @@ async fn run(cli: Cli) -> Result<()> {
             print!("{}", view::render_history(&v));
             Ok(())
         }
-        Cmd::Demo { rate, concurrency, hello, workdir, output } => {
+        Cmd::Demo {
+            rate,
+            concurrency,
+            hello,
+            workdir,
+            output,
+        } => {
             if rate == 0 || concurrency == 0 {
                 bail!("--rate and --concurrency must be at least 1");
             }
-            let s = demo::run(demo::DemoOptions { dir: workdir, hello, rate, concurrency }).await?;
+            let s = demo::run(demo::DemoOptions {
+                dir: workdir,
+                hello,
+                rate,
+                concurrency,
+            })
+            .await?;
             if output == Output::Json {
                 return print_json(&serde_json::to_value(&s)?);
             }
             print!("{}", demo::render_summary(&s));
             if s.failed_not_v3 > 0 {
-                bail!("{} request(s) failed because of the rollouts themselves", s.failed_not_v3);
+                bail!(
+                    "{} request(s) failed because of the rollouts themselves",
+                    s.failed_not_v3
+                );
             }
             Ok(())
         }
@@ -326,7 +393,11 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn command(paths: &Paths, name: &str, action: &str) -> Result<()> {
     let client = ApiClient::from_paths(paths)?;
-    let v = check(client.post(&format!("/v1/rollouts/{name}/{action}"), None).await?)?;
+    let v = check(
+        client
+            .post(&format!("/v1/rollouts/{name}/{action}"), None)
+            .await?,
+    )?;
     println!("{}", v["result"].as_str().unwrap_or("done"));
     Ok(())
 }
@@ -396,7 +467,8 @@ async fn down(paths: &Paths) -> Result<()> {
         }
     }
     let store = baton_local::Store::open(&paths.db())?;
-    let (mut platform, _) = baton_local::Platform::adopt(paths.logs(), &store, &Default::default())?;
+    let (mut platform, _) =
+        baton_local::Platform::adopt(paths.logs(), &store, &Default::default())?;
     let n = platform.stop_all(&store, Duration::from_secs(10)).await?;
     println!(
         "stopped {}{n} instance(s) (no controller was running)",

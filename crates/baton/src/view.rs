@@ -11,7 +11,13 @@ use serde_json::{Value, json};
 /// `HH:MM:SS.mmm` (UTC) of a millisecond timestamp.
 pub fn clock(ms: u64) -> String {
     let s = ms / 1000;
-    format!("{:02}:{:02}:{:02}.{:03}", (s / 3600) % 24, (s / 60) % 60, s % 60, ms % 1000)
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60,
+        ms % 1000
+    )
 }
 
 fn step_text(step: &Step) -> String {
@@ -25,7 +31,13 @@ fn step_text(step: &Step) -> String {
     }
 }
 
-pub fn rollout(name: &str, spec: &Rollout, status: &Status, acked: u64, platform: &Platform) -> Value {
+pub fn rollout(
+    name: &str,
+    spec: &Rollout,
+    status: &Status,
+    acked: u64,
+    platform: &Platform,
+) -> Value {
     let now = crate::now_ms();
     let obs = platform.observe(name, spec.spec.min_ready_seconds * 1000, now);
     let instances = platform.instances(name);
@@ -156,7 +168,13 @@ pub fn render(v: &Value) -> String {
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         if i < total {
-            let _ = write!(o, ", step {}/{}: {}", i + 1, total, steps.get(i).unwrap_or(&""));
+            let _ = write!(
+                o,
+                ", step {}/{}: {}",
+                i + 1,
+                total,
+                steps.get(i).unwrap_or(&"")
+            );
         } else {
             let _ = write!(o, ", all {total} steps done");
         }
@@ -164,13 +182,17 @@ pub fn render(v: &Value) -> String {
     let _ = writeln!(o, "   listen: {}", v["listen"].as_str().unwrap_or(""));
     let _ = writeln!(
         o,
-        "  {:<4} {:<12} {:<10} {:<9} {:<24} {:>6}  {}",
-        "REV", "VERSION", "NAME", "ROLE", "WEIGHT", "READY", "INSTANCES"
+        "  {:<4} {:<12} {:<10} {:<9} {:<25} {:<6} INSTANCES",
+        "REV", "VERSION", "NAME", "ROLE", "WEIGHT", "READY"
     );
     for r in v["revisions"].as_array().into_iter().flatten() {
         let w = r["weight"].as_u64().unwrap_or(0);
         let bar_len = (w as usize).div_ceil(5);
-        let bar = format!("{}{}", "█".repeat(bar_len), "░".repeat(20 - bar_len.min(20)));
+        let bar = format!(
+            "{}{}",
+            "█".repeat(bar_len),
+            "░".repeat(20 - bar_len.min(20))
+        );
         let insts: Vec<String> = r["instances"]
             .as_array()
             .into_iter()
@@ -219,7 +241,11 @@ pub fn render(v: &Value) -> String {
 
 pub fn render_history(v: &Value) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "{:<4} {:<12} {:<10} {:<12} {:>10}  {:<13} {}", "REV", "VERSION", "NAME", "CREATED", "DURATION", "OUTCOME", "REASON");
+    let _ = writeln!(
+        o,
+        "{:<4} {:<12} {:<10} {:<12} {:>10}  {:<13} REASON",
+        "REV", "VERSION", "NAME", "CREATED", "DURATION", "OUTCOME"
+    );
     for r in v["revisions"].as_array().into_iter().flatten() {
         let _ = writeln!(
             o,
@@ -228,7 +254,10 @@ pub fn render_history(v: &Value) -> String {
             r["appVersion"].as_str().unwrap_or("-"),
             r["name"].as_str().unwrap_or(""),
             clock(r["createdAt"].as_u64().unwrap_or(0)),
-            r["durationSeconds"].as_f64().map(|d| format!("{d:.1}s")).unwrap_or_else(|| "-".into()),
+            r["durationSeconds"]
+                .as_f64()
+                .map(|d| format!("{d:.1}s"))
+                .unwrap_or_else(|| "-".into()),
             r["outcome"].as_str().unwrap_or(""),
             r["abortReason"].as_str().unwrap_or("")
         );

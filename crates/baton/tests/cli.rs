@@ -23,7 +23,11 @@ fn validate_names_every_bad_field() {
     let out = env.run(&["validate", "-f", path_str(&bad)]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    for field in ["spec.replicas", "spec.strategy.canary.steps[0].setWeight", "spec.analysis.gates[0].successCondition"] {
+    for field in [
+        "spec.replicas",
+        "spec.strategy.canary.steps[0].setWeight",
+        "spec.analysis.gates[0].successCondition",
+    ] {
         assert!(err.contains(field), "{field} missing from: {err}");
     }
     let out = env.run(&["validate", "-f", path_str(&bad), "--output", "json"]);
@@ -44,23 +48,44 @@ fn wrong_flags_and_missing_files_are_errors() {
     assert!(stderr(&out).contains("/nonexistent/spec.yaml"));
     let out = env.run(&["status"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("baton up"), "tells what to do: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("baton up"),
+        "tells what to do: {}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_apply_changes_nothing() {
     let mut env = Env::new();
     let listen = free_addr();
-    let spec = canary_spec(listen, "v1", "", "        - setWeight: 50\n        - pause: {}");
+    let spec = canary_spec(
+        listen,
+        "v1",
+        "",
+        "        - setWeight: 50\n        - pause: {}",
+    );
     let v1 = env.write("v1.yaml", &spec);
     env.start_up(&["-f", path_str(&v1)]);
     let client = env.client();
-    let before = wait_status(&client, "hello", Duration::from_secs(30), "healthy", |v| v["phase"] == "Healthy").await;
+    let before = wait_status(&client, "hello", Duration::from_secs(30), "healthy", |v| {
+        v["phase"] == "Healthy"
+    })
+    .await;
 
-    let bad = env.write("bad.yaml", &spec.replace("APP_VERSION: v1", "APP_VERSION: v2").replace(&listen.to_string(), "nowhere"));
+    let bad = env.write(
+        "bad.yaml",
+        &spec
+            .replace("APP_VERSION: v1", "APP_VERSION: v2")
+            .replace(&listen.to_string(), "nowhere"),
+    );
     let out = env.run(&["apply", "-f", path_str(&bad)]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("spec.traffic.listen"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("spec.traffic.listen"),
+        "{}",
+        stderr(&out)
+    );
     // The API refuses it too, with the field list.
     let text = std::fs::read_to_string(&bad).expect("read");
     let (code, body) = client.post("/v1/apply", Some(text)).await.expect("api");
@@ -70,12 +95,24 @@ async fn a_bad_apply_changes_nothing() {
     let clash = env.write("clash.yaml", &spec.replace("name: hello", "name: other"));
     let out = env.run(&["apply", "-f", path_str(&clash)]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("already used by rollout hello"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already used by rollout hello"),
+        "{}",
+        stderr(&out)
+    );
     // Commands on unknown rollouts or with nothing to act on.
     let out = env.run(&["promote", "nosuch"]);
-    assert!(stderr(&out).contains("no rollout named \"nosuch\""), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no rollout named \"nosuch\""),
+        "{}",
+        stderr(&out)
+    );
     let out = env.run(&["abort", "hello"]);
-    assert!(stderr(&out).contains("nothing to abort"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nothing to abort"),
+        "{}",
+        stderr(&out)
+    );
     // Unauthenticated API calls get nothing.
     let anon = baton::api::ApiClient::new(client.addr, "wrong".into());
     let (code, _) = anon.get("/v1/rollouts").await.expect("api");

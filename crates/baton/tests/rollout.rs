@@ -22,9 +22,21 @@ async fn canary_under_load_then_automatic_rollback() {
     let listen = free_addr();
     let metrics = free_addr();
     let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", STEPS_TO_PAUSE));
-    env.start_up(&["-f", path_str(&v1), "--metrics-listen", &metrics.to_string()]);
+    env.start_up(&[
+        "-f",
+        path_str(&v1),
+        "--metrics-listen",
+        &metrics.to_string(),
+    ]);
     let client = env.client();
-    wait_status(&client, "hello", Duration::from_secs(30), "v1 healthy", |v| v["phase"] == "Healthy").await;
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v1 healthy",
+        |v| v["phase"] == "Healthy",
+    )
+    .await;
 
     let load = Load::start(listen, 16, 2500);
     let v2 = env.write("v2.yaml", &canary_spec(listen, "v2", "", STEPS_TO_PAUSE));
@@ -34,46 +46,80 @@ async fn canary_under_load_then_automatic_rollback() {
     let sent_before = load.report().sent;
 
     // Through the weights and analyses to the final pause.
-    let paused = wait_status(&client, "hello", Duration::from_secs(60), "the canary's final pause", |v| {
-        v["phase"] == "Paused"
-    })
+    let paused = wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(60),
+        "the canary's final pause",
+        |v| v["phase"] == "Paused",
+    )
     .await;
     assert_eq!(weight(&paused, "v2"), 50);
     assert_eq!(weight(&paused, "v1"), 50);
     // Stay there until at least 20,000 requests went through this canary.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while load.report().sent < sent_before + 20_000 {
-        assert!(std::time::Instant::now() < deadline, "load too slow: {:?}", load.report().sent);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "load too slow: {:?}",
+            load.report().sent
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let promoted = env.run(&["promote", "hello"]);
     assert!(promoted.status.success(), "{}", stderr(&promoted));
-    let done = wait_status(&client, "hello", Duration::from_secs(30), "v2 stable", |v| {
-        v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2")
-    })
+    let done = wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v2 stable",
+        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
+    )
     .await;
     assert_eq!(weight(&done, "v2"), 100);
     let r = load.report();
     let during = r.sent - sent_before;
-    eprintln!("v1 → v2: {during} requests during the canary, {} failed; by version {:?}", r.failed, r.by_version);
+    eprintln!(
+        "v1 → v2: {during} requests during the canary, {} failed; by version {:?}",
+        r.failed, r.by_version
+    );
     assert!(during >= 20_000);
-    assert_eq!(r.failed, 0, "failures during a good rollout: {:?}", r.failures);
+    assert_eq!(
+        r.failed, 0,
+        "failures during a good rollout: {:?}",
+        r.failures
+    );
     assert!(r.by_version.get("v1").is_some_and(|c| c.ok > 1000));
     assert!(r.by_version.get("v2").is_some_and(|c| c.ok > 1000));
 
     // The proxy's metrics, as Prometheus would scrape them.
     let text = http_get(metrics, "/metrics").await;
-    let v2_name = revision(&done, "v2").and_then(|r| r["name"].as_str()).expect("v2 name").to_string();
-    assert!(text.contains(&format!("http_requests_total{{service=\"hello\",version=\"{v2_name}\",code=\"2xx\"}}")), "{text}");
+    let v2_name = revision(&done, "v2")
+        .and_then(|r| r["name"].as_str())
+        .expect("v2 name")
+        .to_string();
+    assert!(
+        text.contains(&format!(
+            "http_requests_total{{service=\"hello\",version=\"{v2_name}\",code=\"2xx\"}}"
+        )),
+        "{text}"
+    );
     assert!(text.contains("http_request_duration_seconds_bucket{service=\"hello\""));
 
     // A broken v3: half its answers are 500s.
-    let v3 = env.write("v3.yaml", &canary_spec(listen, "v3", ", FAIL_RATE: \"0.5\"", STEPS_TO_PAUSE));
+    let v3 = env.write(
+        "v3.yaml",
+        &canary_spec(listen, "v3", ", FAIL_RATE: \"0.5\"", STEPS_TO_PAUSE),
+    );
     let applied = env.run(&["apply", "-f", path_str(&v3)]);
     assert!(applied.status.success(), "{}", stderr(&applied));
-    let rolled = wait_status(&client, "hello", Duration::from_secs(60), "v3 rolled back", |v| {
-        v["phase"] == "Degraded" && weight(v, "v3") == 0 && acked(v)
-    })
+    let rolled = wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(60),
+        "v3 rolled back",
+        |v| v["phase"] == "Degraded" && weight(v, "v3") == 0 && acked(v),
+    )
     .await;
     let rolled_back_at = baton::now_ms();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -85,7 +131,10 @@ async fn canary_under_load_then_automatic_rollback() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
     assert_eq!(status["phase"], "Degraded");
     let msg = status["message"].as_str().unwrap_or("");
-    assert!(msg.contains("gate errors") || msg.contains("gate p99"), "reason names the gate: {msg}");
+    assert!(
+        msg.contains("gate errors") || msg.contains("gate p99"),
+        "reason names the gate: {msg}"
+    );
     let v3c = r.by_version.get("v3").cloned().unwrap_or_default();
     eprintln!(
         "v3: {} answers, {} bad; first bad → rollback confirmed in {} ms; total failed {}",
@@ -98,7 +147,10 @@ async fn canary_under_load_then_automatic_rollback() {
     for f in &r.failures {
         assert_eq!(f.version, "v3", "a failure not from v3: {f:?}");
         assert_eq!(f.status, Some(500), "{f:?}");
-        assert!(f.at_ms <= rolled_back_at, "v3 failed a request after the rollback: {f:?}");
+        assert!(
+            f.at_ms <= rolled_back_at,
+            "v3 failed a request after the rollback: {f:?}"
+        );
     }
     assert_eq!(r.failed, v3c.failed);
     let history = env.run(&["history", "hello"]);
@@ -108,7 +160,9 @@ async fn canary_under_load_then_automatic_rollback() {
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("handshake");
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
     let req = hyper::Request::get(path)
         .header("host", addr.to_string())
@@ -132,13 +186,24 @@ async fn controller_crash_mid_canary_loses_nothing() {
     let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", steps));
     env.start_up(&["-f", path_str(&v1)]);
     let client = env.client();
-    wait_status(&client, "hello", Duration::from_secs(30), "v1 healthy", |v| v["phase"] == "Healthy").await;
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v1 healthy",
+        |v| v["phase"] == "Healthy",
+    )
+    .await;
     let load = Load::start(listen, 8, 800);
     let v2 = env.write("v2.yaml", &canary_spec(listen, "v2", "", steps));
     assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
-    let before = wait_status(&client, "hello", Duration::from_secs(30), "the pause at 20 %", |v| {
-        v["phase"] == "Paused" && weight(v, "v2") == 20 && acked(v)
-    })
+    let before = wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "the pause at 20 %",
+        |v| v["phase"] == "Paused" && weight(v, "v2") == 20 && acked(v),
+    )
     .await;
     let proxy = baton_proxy::ProxyClient::new(env.paths.proxy_socket());
     let (proxy_pid, _) = proxy.ping().await.expect("proxy answers");
@@ -152,25 +217,62 @@ async fn controller_crash_mid_canary_loses_nothing() {
     let at_kill = load.report();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let while_dead = load.report();
-    assert!(while_dead.sent > at_kill.sent + 500, "load kept flowing: {} → {}", at_kill.sent, while_dead.sent);
-    assert_eq!(while_dead.failed, 0, "failures while the controller was dead: {:?}", while_dead.failures);
-    assert!(while_dead.by_version["v2"].ok > at_kill.by_version["v2"].ok, "the canary kept its share");
+    assert!(
+        while_dead.sent > at_kill.sent + 500,
+        "load kept flowing: {} → {}",
+        at_kill.sent,
+        while_dead.sent
+    );
+    assert_eq!(
+        while_dead.failed, 0,
+        "failures while the controller was dead: {:?}",
+        while_dead.failures
+    );
+    assert!(
+        while_dead.by_version["v2"].ok > at_kill.by_version["v2"].ok,
+        "the canary kept its share"
+    );
 
     env.start_up(&[]);
     let client = env.client();
-    let after = wait_status(&client, "hello", Duration::from_secs(30), "the resumed rollout", |v| v["phase"] == "Paused" && acked(v)).await;
-    assert_eq!(after["step"]["index"], before["step"]["index"], "resumed at the same step");
+    let after = wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "the resumed rollout",
+        |v| v["phase"] == "Paused" && acked(v),
+    )
+    .await;
+    assert_eq!(
+        after["step"]["index"], before["step"]["index"],
+        "resumed at the same step"
+    );
     assert_eq!(weight(&after, "v2"), 20);
     assert_eq!(pids(&after), instance_pids, "the same instances, adopted");
-    assert_eq!(proxy.ping().await.expect("proxy").0, proxy_pid, "the same proxy, adopted");
-    assert!(env.up_log().contains("adopted instance"), "{}", env.up_log());
+    assert_eq!(
+        proxy.ping().await.expect("proxy").0,
+        proxy_pid,
+        "the same proxy, adopted"
+    );
+    assert!(
+        env.up_log().contains("adopted instance"),
+        "{}",
+        env.up_log()
+    );
 
     assert!(env.run(&["promote", "hello"]).status.success());
-    wait_status(&client, "hello", Duration::from_secs(30), "v2 stable", |v| {
-        v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2")
-    })
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v2 stable",
+        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
+    )
     .await;
     let r = load.stop().await;
-    eprintln!("{} requests across the controller crash, {} failed", r.sent, r.failed);
+    eprintln!(
+        "{} requests across the controller crash, {} failed",
+        r.sent, r.failed
+    );
     assert_eq!(r.failed, 0, "{:?}", r.failures);
 }

@@ -103,10 +103,10 @@ fn check(
         let now = out.desired.get(rev).copied().unwrap_or(0);
         if *n > 0 && now == 0 {
             prop_assert!(
-                prev.weights.get(rev).is_none() && obs.router_acked >= prev.route_version,
+                !prev.weights.contains_key(rev) && obs.router_acked >= prev.route_version,
                 "{rev} scaled to zero while the router may still send it traffic"
             );
-            prop_assert!(out.weights.get(rev).is_none());
+            prop_assert!(!out.weights.contains_key(rev));
         }
     }
     Ok(())

@@ -83,7 +83,11 @@ impl Env {
     pub fn new() -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let paths = Paths::new(dir.path().join(".baton"));
-        Env { dir, paths, up: None }
+        Env {
+            dir,
+            paths,
+            up: None,
+        }
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
@@ -94,7 +98,9 @@ impl Env {
 
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(baton_bin());
-        c.arg("--dir").arg(&self.paths.root).current_dir(self.dir.path());
+        c.arg("--dir")
+            .arg(&self.paths.root)
+            .current_dir(self.dir.path());
         c
     }
 
@@ -140,26 +146,45 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let _ = self.cmd().arg("down").stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = self
+            .cmd()
+            .arg("down")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         if let Some(mut c) = self.up.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
         // Nothing of ours may outlive the test.
-        let _ = self.cmd().arg("down").stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = self
+            .cmd()
+            .arg("down")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
 pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Polls the rollout's status until `done` holds; panics with the last status otherwise.
-pub async fn wait_status(client: &ApiClient, name: &str, limit: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub async fn wait_status(
+    client: &ApiClient,
+    name: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + limit;
     let mut last = Value::Null;
     while Instant::now() < deadline {
@@ -171,20 +196,33 @@ pub async fn wait_status(client: &ApiClient, name: &str, limit: Duration, what: 
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("timed out after {limit:?} waiting for {what}; last status:\n{}", serde_json::to_string_pretty(&last).unwrap_or_default());
+    panic!(
+        "timed out after {limit:?} waiting for {what}; last status:\n{}",
+        serde_json::to_string_pretty(&last).unwrap_or_default()
+    );
 }
 
 pub fn revision<'a>(v: &'a Value, app_version: &str) -> Option<&'a Value> {
-    v["revisions"].as_array()?.iter().find(|r| r["appVersion"] == app_version)
+    v["revisions"]
+        .as_array()?
+        .iter()
+        .find(|r| r["appVersion"] == app_version)
 }
 
 pub fn weight(v: &Value, app_version: &str) -> u64 {
-    revision(v, app_version).and_then(|r| r["weight"].as_u64()).unwrap_or(0)
+    revision(v, app_version)
+        .and_then(|r| r["weight"].as_u64())
+        .unwrap_or(0)
 }
 
 pub fn stable_version(v: &Value) -> Option<String> {
     let name = v["stableRevision"].as_str()?;
-    v["revisions"].as_array()?.iter().find(|r| r["name"] == name)?["appVersion"].as_str().map(str::to_string)
+    v["revisions"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == name)?["appVersion"]
+        .as_str()
+        .map(str::to_string)
 }
 
 pub fn acked(v: &Value) -> bool {
