@@ -409,12 +409,11 @@ async fn handle(
     let mut last_error = String::new();
     'targets: for ti in order {
         let target = &route.targets[ti];
-        for k in 0..target.backends.len() {
+        for addr in target.backends_from_next() {
             if attempts == MAX_ATTEMPTS {
                 break 'targets;
             }
             attempts += 1;
-            let Some(addr) = target.backend(k) else { break };
             let mut out = Request::new(Full::new(body.clone()));
             *out.method_mut() = parts.method.clone();
             *out.headers_mut() = parts.headers.clone();

@@ -50,13 +50,12 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    /// Round-robin over the revision's instances.
-    pub fn backend(&self, attempt: usize) -> Option<SocketAddr> {
-        if self.backends.is_empty() {
-            return None;
-        }
+    /// The instances to try for one request, in order: round-robin picks the first,
+    /// the others follow, each once.
+    pub fn backends_from_next(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         let n = self.next.fetch_add(1, Ordering::Relaxed) as usize;
-        Some(self.backends[(n + attempt) % self.backends.len()])
+        let len = self.backends.len();
+        (0..len).map(move |k| self.backends[(n + k) % len])
     }
 }
 
@@ -221,10 +220,15 @@ mod tests {
     fn backends_rotate() {
         let c = Compiled::build(&table(&[("a", 100, 3)]), &Metrics::default()).expect("valid");
         let route = c.routes.values().next().expect("route");
-        let picks: Vec<_> = (0..3).map(|_| route.targets[0].backend(0)).collect();
+        let picks: Vec<_> = (0..3)
+            .map(|_| route.targets[0].backends_from_next().next())
+            .collect();
         assert_eq!(
             picks.iter().collect::<std::collections::HashSet<_>>().len(),
             3
         );
+        let order: Vec<_> = route.targets[0].backends_from_next().collect();
+        let distinct = order.iter().collect::<std::collections::HashSet<_>>().len();
+        assert_eq!(distinct, 3, "a request tries each instance once");
     }
 }

@@ -1,0 +1,239 @@
+//! The proxy process's behaviour through its real sockets: weights, retries, limits,
+//! refused tables, stats.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use baton_proxy::{Config, ProxyClient, RevisionRoute, RoutingTable, ServiceRoute};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+fn free() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+}
+
+/// A backend that answers every request with its name.
+async fn backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |_req: Request<hyper::body::Incoming>| async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Proxy {
+    client: ProxyClient,
+    task: tokio::task::JoinHandle<Result<(), baton_proxy::ProxyError>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn proxy() -> Proxy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("proxy.sock");
+    let task = tokio::spawn(baton_proxy::run(Config {
+        control_socket: sock.clone(),
+        metrics_listen: None,
+        max_body_bytes: 1024,
+        drain_timeout: Duration::from_secs(2),
+    }));
+    let client = ProxyClient::new(&sock);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while client.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "proxy did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Proxy {
+        client,
+        task,
+        _dir: dir,
+    }
+}
+
+fn table(
+    version: u64,
+    listen: SocketAddr,
+    revs: Vec<(&str, u32, Vec<SocketAddr>)>,
+) -> RoutingTable {
+    RoutingTable {
+        version,
+        services: vec![ServiceRoute {
+            name: "svc".into(),
+            listen: listen.to_string(),
+            preview_listen: None,
+            preview: None,
+            revisions: revs
+                .into_iter()
+                .map(|(n, w, b)| RevisionRoute {
+                    name: n.into(),
+                    weight: w,
+                    backends: b,
+                })
+                .collect(),
+        }],
+    }
+}
+
+async fn send(addr: SocketAddr, body: &'static [u8]) -> (u16, String) {
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let method = if body.is_empty() { "GET" } else { "POST" };
+    let req = Request::builder()
+        .method(method)
+        .uri("/")
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::from_static(body)))
+        .expect("request");
+    let resp = tx.send_request(req).await.expect("response");
+    let code = resp.status().as_u16();
+    let text = resp.into_body().collect().await.expect("body").to_bytes();
+    (code, String::from_utf8_lossy(&text).into_owned())
+}
+
+#[tokio::test]
+async fn weights_split_traffic_and_stats_count_it() {
+    let p = proxy().await;
+    let (a, b) = (backend("a").await, backend("b").await);
+    let listen = free();
+    let v = p
+        .client
+        .set_table(&table(
+            1,
+            listen,
+            vec![("a", 80, vec![a]), ("b", 20, vec![b])],
+        ))
+        .await
+        .expect("ack");
+    assert_eq!(v, 1);
+    let mut got = std::collections::HashMap::<String, u32>::new();
+    for _ in 0..100 {
+        let (code, who) = send(listen, b"").await;
+        assert_eq!(code, 200);
+        *got.entry(who).or_default() += 1;
+    }
+    assert_eq!(got["a"], 80);
+    assert_eq!(got["b"], 20);
+    let stats = p.client.stats().await.expect("stats");
+    assert_eq!(stats["svc"]["a"].requests(), 80);
+    assert_eq!(stats["svc"]["b"].classes[1], 20);
+    // The new table takes over in one swap.
+    p.client
+        .set_table(&table(2, listen, vec![("b", 100, vec![b])]))
+        .await
+        .expect("ack");
+    for _ in 0..10 {
+        assert_eq!(send(listen, b"").await.1, "b");
+    }
+    p.client.shutdown().await.expect("shutdown");
+    tokio::time::timeout(Duration::from_secs(5), p.task)
+        .await
+        .expect("stops")
+        .expect("joins")
+        .expect("clean exit");
+}
+
+#[tokio::test]
+async fn a_dead_instance_is_retried_elsewhere() {
+    let p = proxy().await;
+    let live = backend("live").await;
+    let dead = free(); // nothing listens here
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![dead, live])]))
+        .await
+        .expect("ack");
+    for _ in 0..20 {
+        assert_eq!(send(listen, b"").await, (200, "live".into()));
+    }
+    // POST too: a connect failure means the request was never sent.
+    assert_eq!(send(listen, b"order").await, (200, "live".into()));
+    let stats = p.client.stats().await.expect("stats");
+    assert!(stats["svc"]["a"].retries >= 10, "{:?}", stats["svc"]["a"]);
+    assert_eq!(stats["svc"]["a"].upstream_errors, 0);
+    // With no live instance at all: 502, counted.
+    p.client
+        .set_table(&table(2, listen, vec![("a", 100, vec![dead])]))
+        .await
+        .expect("ack");
+    assert_eq!(send(listen, b"").await.0, 502);
+    assert_eq!(
+        p.client.stats().await.expect("stats")["svc"]["a"].upstream_errors,
+        1
+    );
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let p = proxy().await;
+    let a = backend("a").await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    static BIG: [u8; 4096] = [b'x'; 4096];
+    assert_eq!(send(listen, &BIG).await.0, 413);
+    assert_eq!(send(listen, b"small").await.0, 200);
+}
+
+#[tokio::test]
+async fn bad_tables_are_refused_and_change_nothing() {
+    let p = proxy().await;
+    let a = backend("a").await;
+    let listen = free();
+    p.client
+        .set_table(&table(5, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let err = p
+        .client
+        .set_table(&table(6, listen, vec![("a", 60, vec![a])]))
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("sum to 60"), "{err}");
+    let err = p
+        .client
+        .set_table(&table(4, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("older"), "{err}");
+    // A listener that cannot be bound (taken by someone else).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("addr");
+    let err = p
+        .client
+        .set_table(&table(7, taken_addr, vec![("a", 100, vec![a])]))
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("cannot listen"), "{err}");
+    assert_eq!(
+        p.client.ping().await.expect("ping").1,
+        5,
+        "still on the last good table"
+    );
+    assert_eq!(send(listen, b"").await, (200, "a".into()));
+}
