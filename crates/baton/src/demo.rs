@@ -26,6 +26,8 @@ pub struct DemoOptions {
     /// Requests per second of the built-in load.
     pub rate: u32,
     pub concurrency: usize,
+    /// Tell the story on stderr (for `--output json`).
+    pub narrate_to_stderr: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -45,6 +47,19 @@ pub struct DemoSummary {
 }
 
 const NAME: &str = "hello";
+
+/// With `--output json` the narrative goes to stderr so stdout holds only the JSON.
+static NARRATE_TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if NARRATE_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($arg)*);
+        } else {
+            println!($($arg)*);
+        }
+    };
+}
 
 fn spec(hello: &str, listen: SocketAddr, version: &str, extra_env: &str) -> String {
     format!(
@@ -119,7 +134,7 @@ struct Narrator {
 
 impl Narrator {
     fn heading(&self, text: &str) {
-        println!(
+        say!(
             "\n[{:>6.1}s] ── {text}",
             self.started.elapsed().as_secs_f64()
         );
@@ -173,7 +188,7 @@ impl Narrator {
             _ => String::new(),
         };
         if line != self.last || !load_text.is_empty() {
-            println!(
+            say!(
                 "[{:>6.1}s]   {line}{load_text}",
                 self.started.elapsed().as_secs_f64()
             );
@@ -235,6 +250,7 @@ fn weight_of(v: &Value, version: &str) -> u64 {
 }
 
 pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
+    NARRATE_TO_STDERR.store(opts.narrate_to_stderr, std::sync::atomic::Ordering::Relaxed);
     let hello = find_hello(opts.hello)?;
     let hello = hello.display().to_string();
     let dir = match opts.dir {
@@ -253,11 +269,11 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         last: String::new(),
         load_last: (Instant::now(), 0),
     };
-    println!(
+    say!(
         "Baton demo: a canary of `hello` on this machine, state in {}",
         paths.root.display()
     );
-    println!("  traffic:  http://{listen}/      metrics: http://{metrics}/metrics");
+    say!("  traffic:  http://{listen}/      metrics: http://{metrics}/metrics");
 
     n.heading("1. start v1 (2 instances behind the built-in proxy)");
     let v1 = baton_spec::parse(&spec(&hello, listen, "v1", ""))?;
@@ -270,7 +286,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         echo: false,
     })
     .await?;
-    println!(
+    say!(
         "  control API on {} (token in {})",
         h.api_addr,
         paths.token().display()
@@ -279,9 +295,9 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
 
     n.heading("cleaning up: stopping the proxy and every instance");
     let (_, v) = h.call(ApiCall::Shutdown { down: true }).await;
-    println!("  {}", v["result"].as_str().unwrap_or(""));
+    say!("  {}", v["result"].as_str().unwrap_or(""));
     let _ = h.join.await;
-    println!("  logs kept in {}", paths.root.display());
+    say!("  logs kept in {}", paths.root.display());
     result
 }
 
@@ -326,9 +342,10 @@ async fn story(
     .await?;
     let v2_seconds = t2.elapsed().as_secs_f64();
     let after_v2 = load.report();
-    println!(
+    say!(
         "  v2 is stable after {v2_seconds:.1}s; {} requests so far, {} failed",
-        after_v2.sent, after_v2.failed
+        after_v2.sent,
+        after_v2.failed
     );
 
     n.heading("4. apply v3, which fails half of its requests: the analysis must roll it back");
@@ -358,7 +375,7 @@ async fn story(
     .await?;
     let rolled_back_at = now_ms();
     let reason = v["message"].as_str().unwrap_or("").to_string();
-    println!("  rolled back: {reason}");
+    say!("  rolled back: {reason}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = load.stop().await;
 
@@ -379,14 +396,14 @@ async fn story(
 
     n.heading("history");
     let (_, hist) = h.call(ApiCall::History(NAME.into())).await;
-    print!("{}", view::render_history(&hist));
+    say!("{}", view::render_history(&hist).trim_end());
     for e in hist["events"].as_array().into_iter().flatten() {
         let reason = e["reason"].as_str().unwrap_or("");
         if matches!(
             reason,
             "NewRevision" | "StepCompleted" | "Promoted" | "Aborted" | "GateFailed" | "Applied"
         ) {
-            println!(
+            say!(
                 "  {} {:<14} {}",
                 view::clock(e["at"].as_u64().unwrap_or(0)),
                 reason,

@@ -374,6 +374,7 @@ async fn run(cli: Cli) -> Result<()> {
                 hello,
                 rate,
                 concurrency,
+                narrate_to_stderr: output == Output::Json,
             })
             .await?;
             if output == Output::Json {
