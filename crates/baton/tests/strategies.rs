@@ -1,0 +1,314 @@
+//! Blue-green, rolling, and instance crashes, end to end.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use baton::load::Load;
+use common::*;
+
+fn blue_green_spec(
+    listen: std::net::SocketAddr,
+    preview: std::net::SocketAddr,
+    version: &str,
+    extra_env: &str,
+    auto: bool,
+) -> String {
+    format!(
+        r#"apiVersion: baton.dev/v1alpha1
+kind: Rollout
+metadata: {{ name: shop }}
+spec:
+  replicas: 2
+  run:
+    command: ["{hello}", "--port", "{{port}}"]
+    env: {{ APP_VERSION: {version}{extra_env} }}
+  probes:
+    readiness: {{ httpGet: {{ path: /readyz }}, periodSeconds: 0.2 }}
+  shutdown: {{ preStopSeconds: 0.5, drainTimeoutSeconds: 5 }}
+  traffic: {{ listen: "{listen}" }}
+  strategy:
+    blueGreen:
+      previewListen: "{preview}"
+      autoPromote: {auto}
+      smoke:
+        - path: /readyz
+        - path: /
+          expectBodyContains: "hello from"
+      retainPrevious: 1h
+"#,
+        hello = hello_bin().display()
+    )
+}
+
+async fn get_body(addr: std::net::SocketAddr) -> String {
+    use http_body_util::BodyExt;
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/")
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = tx.send_request(req).await.expect("response");
+    String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
+        .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_previews_switches_and_undoes_instantly() {
+    let mut env = Env::new();
+    let (listen, preview) = (free_addr(), free_addr());
+    let v1 = env.write(
+        "v1.yaml",
+        &blue_green_spec(listen, preview, "v1", "", false),
+    );
+    env.start_up(&["-f", path_str(&v1)]);
+    let client = env.client();
+    wait_status(
+        &client,
+        "shop",
+        Duration::from_secs(30),
+        "v1 healthy",
+        |v| v["phase"] == "Healthy",
+    )
+    .await;
+    let load = Load::start(listen, 4, 300);
+
+    let v2 = env.write(
+        "v2.yaml",
+        &blue_green_spec(listen, preview, "v2", "", false),
+    );
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    let waiting = wait_status(
+        &client,
+        "shop",
+        Duration::from_secs(30),
+        "v2 previewed and smoke-tested",
+        |v| v["phase"] == "Paused" && acked(v),
+    )
+    .await;
+    assert_eq!(
+        weight(&waiting, "v2"),
+        0,
+        "no user traffic before the switch"
+    );
+    assert_eq!(get_body(preview).await.trim(), "hello from v2");
+    assert_eq!(get_body(listen).await.trim(), "hello from v1");
+
+    assert!(env.run(&["promote", "shop"]).status.success());
+    let switched = wait_status(
+        &client,
+        "shop",
+        Duration::from_secs(30),
+        "the switch",
+        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2") && acked(v),
+    )
+    .await;
+    assert_eq!(get_body(listen).await.trim(), "hello from v2");
+    let previous = revision(&switched, "v1").expect("v1 retained");
+    assert_eq!(previous["role"], "previous");
+    assert_eq!(
+        previous["readyReplicas"], 2,
+        "the previous stack keeps running"
+    );
+    let v1_pids: Vec<u64> = previous["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["pid"].as_u64())
+        .collect();
+
+    // Undo goes back to the retained stack: a switch, no start-up.
+    let started = Instant::now();
+    let out = env.run(&["undo", "shop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("rolling back to #1"),
+        "{}",
+        stdout(&out)
+    );
+    // The undo re-applies v1 with autoPromote false: it waits for promote after smoke.
+    wait_status(
+        &client,
+        "shop",
+        Duration::from_secs(30),
+        "v1 previewed again",
+        |v| v["phase"] == "Paused",
+    )
+    .await;
+    assert!(env.run(&["promote", "shop"]).status.success());
+    let back = wait_status(
+        &client,
+        "shop",
+        Duration::from_secs(30),
+        "back on v1",
+        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v1") && acked(v),
+    )
+    .await;
+    eprintln!("undo to the retained stack took {:?}", started.elapsed());
+    let now_pids: Vec<u64> = revision(&back, "v1").expect("v1")["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["pid"].as_u64())
+        .collect();
+    assert_eq!(
+        now_pids, v1_pids,
+        "the retained instances serve again, none restarted"
+    );
+
+    // A v3 that fails its smoke tests never gets user traffic.
+    let v3 = env.write(
+        "v3.yaml",
+        &blue_green_spec(listen, preview, "v3", ", FAIL_RATE: \"1\"", true),
+    );
+    assert!(env.run(&["apply", "-f", path_str(&v3)]).status.success());
+    let failed = wait_status(
+        &client,
+        "shop",
+        Duration::from_secs(30),
+        "v3 refused",
+        |v| v["phase"] == "Degraded",
+    )
+    .await;
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("smoke tests failed"),
+        "{}",
+        failed["message"]
+    );
+    assert_eq!(weight(&failed, "v3"), 0);
+    let r = load.stop().await;
+    eprintln!("blue-green: {} requests, {} failed", r.sent, r.failed);
+    assert_eq!(r.failed, 0, "{:?}", r.failures);
+    assert_eq!(
+        r.by_version.get("v3").map_or(0, |c| c.ok + c.failed),
+        0,
+        "v3 never served users"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_replaces_every_instance_without_a_failure() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let spec = |version: &str| {
+        format!(
+            r#"apiVersion: baton.dev/v1alpha1
+kind: Rollout
+metadata: {{ name: api }}
+spec:
+  replicas: 3
+  run: {{ command: ["{hello}", "--port", "{{port}}"], env: {{ APP_VERSION: {version} }} }}
+  probes: {{ readiness: {{ httpGet: {{ path: /readyz }}, periodSeconds: 0.2 }} }}
+  shutdown: {{ preStopSeconds: 0.5, drainTimeoutSeconds: 5 }}
+  traffic: {{ listen: "{listen}" }}
+  strategy: {{ rolling: {{ maxSurge: 1, maxUnavailable: 0 }} }}
+"#,
+            hello = hello_bin().display()
+        )
+    };
+    let v1 = env.write("v1.yaml", &spec("v1"));
+    env.start_up(&["-f", path_str(&v1)]);
+    let client = env.client();
+    wait_status(&client, "api", Duration::from_secs(30), "v1 healthy", |v| {
+        v["phase"] == "Healthy"
+    })
+    .await;
+    let load = Load::start(listen, 4, 400);
+    let v2 = env.write("v2.yaml", &spec("v2"));
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = client.get("/v1/rollouts/api").await.expect("status");
+        let running: u64 = v["revisions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["desiredReplicas"].as_u64().unwrap_or(0))
+            .sum();
+        most = most.max(running);
+        if v["phase"] == "Healthy"
+            && stable_version(&v).as_deref() == Some("v2")
+            && revision(&v, "v1").is_none()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rolling update did not finish: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        most <= 4,
+        "never more than replicas + maxSurge desired (saw {most})"
+    );
+    let r = load.stop().await;
+    eprintln!(
+        "rolling: {} requests, {} failed, by version {:?}",
+        r.sent,
+        r.failed,
+        r.by_version.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(r.failed, 0, "{:?}", r.failures);
+    assert!(r.by_version.contains_key("v2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instance_is_replaced_and_no_request_fails() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let v1 = env.write(
+        "v1.yaml",
+        &canary_spec(listen, "v1", "", "        - setWeight: 50"),
+    );
+    env.start_up(&["-f", path_str(&v1)]);
+    let client = env.client();
+    let before = wait_status(&client, "hello", Duration::from_secs(30), "healthy", |v| {
+        v["phase"] == "Healthy"
+    })
+    .await;
+    let load = Load::start(listen, 4, 400);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = pids(&before)[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let after = wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "a replacement",
+        |v| {
+            let p = pids(v);
+            p.len() == 2
+                && !p.contains(&victim)
+                && revision(v, "v1").is_some_and(|r| r["readyReplicas"] == 2)
+        },
+    )
+    .await;
+    let restarts = revision(&after, "v1").and_then(|r| r["instances"][0]["restarts"].as_u64());
+    assert_eq!(restarts, Some(1));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = load.stop().await;
+    eprintln!("crash: {} requests, {} failed", r.sent, r.failed);
+    assert_eq!(
+        r.failed, 0,
+        "idempotent requests to the dead instance are retried: {:?}",
+        r.failures
+    );
+    assert!(
+        env.up_log().contains("exited unexpectedly"),
+        "{}",
+        env.up_log()
+    );
+}
