@@ -498,6 +498,7 @@ impl Controller {
                     .iter()
                     .flat_map(|s| s.revisions.iter().flat_map(|r| r.backends.iter().copied()))
                     .collect();
+                self.announce_traffic(&services, v);
                 self.last_services = Some(services);
                 for (name, v) in versions {
                     if let Some(r) = self.rollouts.get_mut(&name) {
@@ -530,6 +531,50 @@ impl Controller {
                     Err(e) => eprintln!("warning: {e:#}"),
                 }
             }
+        }
+    }
+
+    /// Tells of each rollout whose split changed in a table the proxy just confirmed.
+    fn announce_traffic(&self, services: &[ServiceRoute], version: u64) {
+        let split = |s: &ServiceRoute| {
+            let mut w: Vec<(String, u32)> = s
+                .revisions
+                .iter()
+                .filter(|r| r.weight > 0)
+                .map(|r| (r.name.clone(), r.weight))
+                .collect();
+            w.sort();
+            (w, s.preview.clone())
+        };
+        for svc in services {
+            let before = self
+                .last_services
+                .as_ref()
+                .and_then(|l| l.iter().find(|o| o.name == svc.name))
+                .map(split);
+            let now = split(svc);
+            if before.as_ref() == Some(&now) {
+                continue;
+            }
+            let Some(r) = self.rollouts.get(&svc.name) else {
+                continue;
+            };
+            let mut parts: Vec<String> = now
+                .0
+                .iter()
+                .map(|(rev, w)| format!("{} {w} %", r.status.label(rev)))
+                .collect();
+            if let Some(p) = &now.1 {
+                parts.push(format!("preview {}", r.status.label(p)));
+            }
+            self.say(
+                &svc.name,
+                "TrafficShifted",
+                &format!(
+                    "traffic now {} (confirmed by the proxy, table {version})",
+                    parts.join(", ")
+                ),
+            );
         }
     }
 

@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use baton_engine::Status;
 use baton_local::{EventRecord, Platform};
-use baton_spec::{Rollout, Step, StrategyRef};
+use baton_spec::{Rollout, StrategyRef};
 use serde_json::{Value, json};
 
 /// `HH:MM:SS.mmm` (UTC) of a millisecond timestamp.
@@ -20,17 +20,6 @@ pub fn clock(ms: u64) -> String {
     )
 }
 
-fn step_text(step: &Step) -> String {
-    match step {
-        Step::SetWeight(w) => format!("setWeight {w}"),
-        Step::Pause(p) => match p.duration {
-            Some(d) => format!("pause {d}"),
-            None => "pause (until promoted)".into(),
-        },
-        Step::Analysis(a) => format!("analysis {}", a.gates.join(", ")),
-    }
-}
-
 pub fn rollout(
     name: &str,
     spec: &Rollout,
@@ -42,7 +31,10 @@ pub fn rollout(
     let obs = platform.observe(name, spec.spec.min_ready_seconds * 1000, now);
     let instances = platform.instances(name);
     let (strategy, steps): (&str, Vec<String>) = match spec.spec.strategy.kind() {
-        StrategyRef::Canary(c) => ("canary", c.steps.iter().map(step_text).collect()),
+        StrategyRef::Canary(c) => (
+            "canary",
+            c.steps.iter().map(baton_engine::describe).collect(),
+        ),
         StrategyRef::BlueGreen(_) => ("blueGreen", vec![]),
         StrategyRef::Rolling(_) => ("rolling", vec![]),
     };
@@ -74,6 +66,7 @@ pub fn rollout(
                 "desiredReplicas": status.desired.get(&r.name).copied().unwrap_or(0),
                 "readyReplicas": o.ready,
                 "availableReplicas": o.available,
+                "restarts": platform.restarts(name, &r.name),
                 "instances": instances.iter().filter(|i| i.revision == r.name).collect::<Vec<_>>(),
             })
         })

@@ -312,3 +312,46 @@ async fn a_crashed_instance_is_replaced_and_no_request_fails() {
         env.up_log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_liveness_restarts_with_growing_backoff() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let spec = canary_spec(
+        listen,
+        "v1",
+        ", UNHEALTHY_AFTER_MS: \"300\"",
+        "        - setWeight: 50",
+    )
+    .replace("replicas: 2", "replicas: 1")
+    .replace(
+        "liveness: { httpGet: { path: /healthz }, periodSeconds: 1, failureThreshold: 3 }",
+        "liveness: { httpGet: { path: /healthz }, periodSeconds: 0.1, failureThreshold: 2 }",
+    );
+    let v1 = env.write("v1.yaml", &spec);
+    env.start_up(&["-f", path_str(&v1)]);
+    // Each instance turns unhealthy 300 ms after start: killed, replaced, again.
+    wait_until(Duration::from_secs(30), "three liveness restarts", || {
+        env.up_log().matches("failed liveness").count() >= 3
+    });
+    let log = env.up_log();
+    let delays: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split("replacing it in ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(delays.len() >= 2, "{log}");
+    assert!(
+        delays.windows(2).all(|w| w[1] > w[0]),
+        "backoff grows: {delays:?}"
+    );
+    let (_, v) = env
+        .client()
+        .get("/v1/rollouts/hello")
+        .await
+        .expect("status");
+    let restarts = revision(&v, "v1")
+        .and_then(|r| r["restarts"].as_u64())
+        .unwrap_or(0);
+    assert!(restarts >= 2, "{v}");
+}

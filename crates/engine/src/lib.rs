@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use baton_spec::{Rollout, RunSpec};
 use serde::{Deserialize, Serialize};
 
-pub use strategy::undo_target;
+pub use strategy::{describe, undo_target};
 
 /// Milliseconds on the controller's clock (wall clock since the epoch in practice).
 pub type Millis = u64;

@@ -90,17 +90,29 @@ impl Ctx<'_> {
         }
     }
 
-    fn advance_step(&mut self, steps_len: usize) {
+    fn advance_step(&mut self, steps: &[Step]) {
+        let done = steps
+            .get(self.s.step_index)
+            .map(describe)
+            .unwrap_or_default();
         self.s.step_index += 1;
         self.s.step_started_at = self.now;
         self.s.last_progress_at = self.now;
         for g in self.s.gates.values_mut() {
             g.passes = 0;
         }
-        let msg = if self.s.step_index < steps_len {
-            format!("step {}/{} done", self.s.step_index, steps_len)
-        } else {
-            format!("all {steps_len} steps done")
+        let msg = match steps.get(self.s.step_index) {
+            Some(next) => format!(
+                "step {}/{} ({done}) done; next: {}",
+                self.s.step_index,
+                steps.len(),
+                describe(next)
+            ),
+            None => format!(
+                "step {}/{} ({done}) done; promoting to 100 %",
+                self.s.step_index,
+                steps.len()
+            ),
         };
         self.event("StepCompleted", msg);
     }
@@ -412,7 +424,7 @@ fn canary(cx: &mut Ctx, steps: &[Step]) {
         if !done {
             return;
         }
-        cx.advance_step(steps.len());
+        cx.advance_step(steps);
     }
 }
 
@@ -801,6 +813,18 @@ fn compute_phase(cx: &mut Ctx) {
     }
     cx.s.phase = phase;
     cx.s.message = message;
+}
+
+/// A step as people read it: `setWeight 10`, `pause 30s`, `analysis errors, p99`.
+pub fn describe(step: &Step) -> String {
+    match step {
+        Step::SetWeight(w) => format!("setWeight {w}"),
+        Step::Pause(p) => match p.duration {
+            Some(d) => format!("pause {d}"),
+            None => "pause until promoted".into(),
+        },
+        Step::Analysis(a) => format!("analysis {}", a.gates.join(", ")),
+    }
 }
 
 /// The revision `undo` goes back to: the last stable before the current one.

@@ -134,6 +134,10 @@ pub struct Platform {
 }
 
 const MAX_BACKOFF_MS: u64 = 30_000;
+/// An instance that stays ready this long proves its revision healthy again: the crash
+/// backoff starts over. Resetting on mere readiness would let an instance that turns
+/// ready and then fails liveness restart in a tight loop.
+const BACKOFF_RESET_MS: u64 = 10_000;
 
 impl Platform {
     /// A platform that re-adopts the instances recorded in `store` that still run.
@@ -208,6 +212,16 @@ impl Platform {
         self.take_probe_reports(now, &mut events);
         self.reap(store, now, &mut events)?;
 
+        for inst in self.instances.values() {
+            if inst.ready
+                && inst
+                    .ready_since
+                    .is_some_and(|t| now.saturating_sub(t) >= BACKOFF_RESET_MS)
+            {
+                self.backoff
+                    .remove(&(inst.rec.rollout.clone(), inst.rec.revision.clone()));
+            }
+        }
         // Attach wants (for adopted instances) and start probes where missing.
         for inst in self.instances.values_mut() {
             let want = desired
@@ -413,8 +427,6 @@ impl Platform {
                                 inst.ready = true;
                                 inst.ready_since = Some(now);
                                 inst.phase = InstancePhase::Running;
-                                self.backoff
-                                    .remove(&(inst.rec.rollout.clone(), inst.rec.revision.clone()));
                                 events.push(PlatformEvent {
                                     rollout: inst.rec.rollout.clone(),
                                     reason: "Ready",
@@ -584,6 +596,14 @@ impl Platform {
                     .unwrap_or(0),
             })
             .collect()
+    }
+
+    /// Instances of a revision replaced after a crash or failed liveness.
+    pub fn restarts(&self, rollout: &str, rev: &str) -> u32 {
+        self.restarts
+            .get(&(rollout.to_string(), rev.to_string()))
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -120,3 +120,15 @@ fn empty_and_broken_yaml_are_errors() {
     assert_eq!(fields(""), vec!["(document)"]);
     assert_eq!(fields("a: [1, 2"), vec!["(yaml)"]);
 }
+
+#[test]
+fn the_readme_spec_is_valid() {
+    let readme = include_str!("../../../README.md");
+    let start = readme.find("```yaml\n").expect("README has a yaml block") + 8;
+    let len = readme[start..].find("```").expect("block ends");
+    let rollouts = parse(&readme[start..start + len]).expect("the README's spec parses");
+    let r = &rollouts[0];
+    assert_eq!(r.spec.replicas, 2);
+    assert_eq!(r.spec.run.working_dir.as_deref(), Some("."));
+    assert_eq!(r.spec.analysis.gates[0].min_requests, 20);
+}

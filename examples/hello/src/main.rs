@@ -3,7 +3,8 @@
 //! `hello --port N` answers `GET /` with its version (`APP_VERSION`), has `/healthz`
 //! (liveness) and `/readyz` (readiness), and can misbehave on demand so a bad version
 //! can be shown: `STARTUP_DELAY_MS` (not ready until then), `FAIL_RATE` (share of
-//! answers that are 500), `LATENCY_MS` (added to every answer). On SIGTERM it turns
+//! answers that are 500), `LATENCY_MS` (added to every answer), `UNHEALTHY_AFTER_MS`
+//! (`/healthz` fails from then on, so liveness restarts it). On SIGTERM it turns
 //! unready, stops accepting, finishes what is in flight and exits.
 
 use std::convert::Infallible;
@@ -24,6 +25,7 @@ struct State {
     startup_delay: Duration,
     fail_rate: f64,
     latency: Duration,
+    unhealthy_after: Option<Duration>,
     served: AtomicU64,
     draining: AtomicBool,
 }
@@ -84,6 +86,10 @@ async fn run() -> Result<(), String> {
         startup_delay: Duration::from_millis(env_num("STARTUP_DELAY_MS")? as u64),
         fail_rate,
         latency: Duration::from_millis(env_num("LATENCY_MS")? as u64),
+        unhealthy_after: match std::env::var("UNHEALTHY_AFTER_MS") {
+            Ok(_) => Some(Duration::from_millis(env_num("UNHEALTHY_AFTER_MS")? as u64)),
+            Err(_) => None,
+        },
         served: AtomicU64::new(0),
         draining: AtomicBool::new(false),
     });
@@ -129,7 +135,12 @@ async fn handle(
         Ok(r)
     };
     match req.uri().path() {
-        "/healthz" => reply(StatusCode::OK, "ok\n".into()),
+        "/healthz" => match s.unhealthy_after {
+            Some(after) if s.started.elapsed() >= after => {
+                reply(StatusCode::INTERNAL_SERVER_ERROR, "unhealthy\n".into())
+            }
+            _ => reply(StatusCode::OK, "ok\n".into()),
+        },
         "/readyz" => {
             if s.draining.load(Ordering::SeqCst) {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())

@@ -15,19 +15,25 @@ pub fn baton_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_baton"))
 }
 
-/// The `hello` example, built beside `baton` (built here if the workspace build did not).
+/// The `hello` example, built beside `baton`. Built once per test process, so a
+/// changed example is never tested stale (cargo makes this a no-op when up to date).
 pub fn hello_bin() -> PathBuf {
-    let path = baton_bin().with_file_name("hello");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "hello"])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building hello failed");
-    }
-    assert!(path.exists(), "{} missing after build", path.display());
-    path
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let path = baton_bin().with_file_name("hello");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-q", "-p", "hello"]);
+            if baton_bin().components().any(|c| c.as_os_str() == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("cargo runs");
+            assert!(status.success(), "building hello failed");
+            assert!(path.exists(), "{} missing after build", path.display());
+            path
+        })
+        .clone()
 }
 
 pub fn free_addr() -> SocketAddr {
