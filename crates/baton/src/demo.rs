@@ -396,7 +396,15 @@ async fn story(
 
     n.heading("history");
     let (_, hist) = h.call(ApiCall::History(NAME.into())).await;
-    say!("{}", view::render_history(&hist).trim_end());
+    let table = view::render_history(&hist);
+    say!(
+        "{}",
+        table
+            .split("\nlatest events")
+            .next()
+            .unwrap_or("")
+            .trim_end()
+    );
     for e in hist["events"].as_array().into_iter().flatten() {
         let reason = e["reason"].as_str().unwrap_or("");
         if matches!(

@@ -403,8 +403,59 @@ async fn command(paths: &Paths, name: &str, action: &str) -> Result<()> {
     Ok(())
 }
 
+/// The last recorded state, read from the state directory while no controller runs:
+/// rollouts from SQLite, instances checked against the running processes and the
+/// proxy's table.
+async fn offline_status(paths: &Paths, name: Option<&str>) -> Result<Value> {
+    let store = baton_local::Store::open(&paths.db())?;
+    let proxy = baton_proxy::ProxyClient::new(paths.proxy_socket());
+    let routed = match proxy.table().await {
+        Ok(t) => t
+            .services
+            .iter()
+            .flat_map(|s| s.revisions.iter().flat_map(|r| r.backends.iter().copied()))
+            .collect(),
+        Err(_) => Default::default(),
+    };
+    let platform = baton_local::Platform::inspect(&store, &routed)?;
+    let mut list = Vec::new();
+    for (n, spec, status) in store.rollouts::<baton_spec::Rollout, baton_engine::Status>()? {
+        if name.is_some_and(|want| want != n) {
+            continue;
+        }
+        let mut v = view::rollout(&n, &spec, &status, 0, &platform);
+        v["controller"] = "down".into();
+        list.push(v);
+    }
+    match name {
+        Some(n) => list
+            .pop()
+            .ok_or_else(|| anyhow!("no rollout named {n:?} in {}", paths.db().display())),
+        None => Ok(serde_json::json!({ "rollouts": list, "controller": "down" })),
+    }
+}
+
 async fn status(paths: &Paths, name: Option<String>, watch: bool, output: Output) -> Result<()> {
-    let client = ApiClient::from_paths(paths)?;
+    let client = match ApiClient::from_paths(paths) {
+        Ok(c) if c.get("/v1/rollouts").await.is_ok() => Some(c),
+        Ok(_) if paths.exists() && !watch => None,
+        Ok(c) => Some(c),
+        Err(e) => return Err(e),
+    };
+    let Some(client) = client else {
+        let v = offline_status(paths, name.as_deref()).await?;
+        if output == Output::Json {
+            return print_json(&v);
+        }
+        eprintln!(
+            "note: no controller is running; this is the last recorded state (start one with `baton up`)"
+        );
+        match v["rollouts"].as_array() {
+            Some(list) => list.iter().for_each(|r| print!("{}", view::render(r))),
+            None => print!("{}", view::render(&v)),
+        }
+        return Ok(());
+    };
     let path = match &name {
         Some(n) => format!("/v1/rollouts/{n}"),
         None => "/v1/rollouts".into(),

@@ -255,5 +255,21 @@ pub fn render_history(v: &Value) -> String {
             r["abortReason"].as_str().unwrap_or("")
         );
     }
+    let events = v["events"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if !events.is_empty() {
+        let _ = writeln!(o, "\nlatest events (all with --output json):");
+        for e in &events[events.len().saturating_sub(15)..] {
+            let _ = writeln!(
+                o,
+                "  {} {:<15} {}",
+                clock(e["at"].as_u64().unwrap_or(0)),
+                e["reason"].as_str().unwrap_or(""),
+                e["message"].as_str().unwrap_or("")
+            );
+        }
+    }
     o
 }

@@ -215,6 +215,14 @@ async fn controller_crash_mid_canary_loses_nothing() {
     up.kill().expect("kill");
     up.wait().expect("reaped");
     let at_kill = load.report();
+    // Status still answers, from the state directory.
+    let out = env.run(&["status", "hello", "--output", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let offline: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(offline["controller"], "down");
+    assert_eq!(offline["phase"], "Paused");
+    assert_eq!(weight(&offline, "v2"), 20);
+    assert_eq!(pids(&offline), instance_pids);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let while_dead = load.report();
     assert!(

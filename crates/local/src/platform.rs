@@ -148,6 +148,21 @@ impl Platform {
         store: &Store,
         routed: &HashSet<SocketAddr>,
     ) -> Result<(Platform, Vec<PlatformEvent>), StoreError> {
+        Self::load(log_dir, store, routed, true)
+    }
+
+    /// The recorded instances that still run, for a read-only look (`status` while no
+    /// controller runs): nothing is written to the store.
+    pub fn inspect(store: &Store, routed: &HashSet<SocketAddr>) -> Result<Platform, StoreError> {
+        Ok(Self::load(PathBuf::new(), store, routed, false)?.0)
+    }
+
+    fn load(
+        log_dir: PathBuf,
+        store: &Store,
+        routed: &HashSet<SocketAddr>,
+        prune: bool,
+    ) -> Result<(Platform, Vec<PlatformEvent>), StoreError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut p = Platform {
             log_dir,
@@ -162,7 +177,9 @@ impl Platform {
         for rec in store.instances()? {
             p.next_id = p.next_id.max(rec.id + 1);
             if !process::alive(rec.pid, rec.start_time) {
-                store.remove_instance(rec.id)?;
+                if prune {
+                    store.remove_instance(rec.id)?;
+                }
                 continue;
             }
             let addr = SocketAddr::from(([127, 0, 0, 1], rec.port));
