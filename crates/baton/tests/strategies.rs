@@ -332,9 +332,13 @@ async fn failing_liveness_restarts_with_growing_backoff() {
     env.start_up(&["-f", path_str(&v1)]);
     // Each instance turns unhealthy 300 ms after start: killed, replaced, again.
     wait_until(Duration::from_secs(30), "three liveness restarts", || {
-        env.up_log().matches("failed liveness").count() >= 3
+        env.up_log().matches("replacing it in").count() >= 3
     });
     let log = env.up_log();
+    assert!(
+        log.matches("failed liveness").count() <= log.matches("exited unexpectedly").count() + 1,
+        "each failing instance is killed once: {log}"
+    );
     let delays: Vec<u64> = log
         .lines()
         .filter_map(|l| l.split("replacing it in ").nth(1))

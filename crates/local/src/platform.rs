@@ -490,6 +490,8 @@ impl Platform {
                                 process::signal(inst.rec.pid, Signal::SIGKILL);
                                 inst.ready = false;
                                 inst.live_failures = 0;
+                                // Reaped as a crash on the next pass; no probe may kill it twice.
+                                inst.stop_probes();
                             }
                         }
                     }
