@@ -216,7 +216,7 @@ mod tests {
         NewEntry {
             actor: "baton".into(),
             action: "step".into(),
-            rollout: if i % 2 == 0 { "web" } else { "api" }.into(),
+            rollout: if i.is_multiple_of(2) { "web" } else { "api" }.into(),
             revision: Some("abc".into()),
             spec_digest: None,
             reason: format!("step {i}"),
