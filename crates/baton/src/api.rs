@@ -62,6 +62,12 @@ pub enum ApiCall {
         kind: CommandKind,
     },
     History(String),
+    /// What changed between two revisions' specs (by number).
+    Diff {
+        name: String,
+        from: u64,
+        to: u64,
+    },
     /// Stop the controller; with `down`, stop the proxy and every instance too.
     Shutdown {
         down: bool,
@@ -74,7 +80,45 @@ pub type Reply = (StatusCode, Value);
 #[derive(Debug)]
 pub struct ApiRequest {
     pub call: ApiCall,
+    /// Who asked: the name of the token used, with the user the client says it acts
+    /// for (`admin/alice`).
+    pub actor: String,
     pub reply: oneshot::Sender<Reply>,
+}
+
+/// Named API tokens: `.baton/token` is `admin`; `.baton/tokens` may add lines of
+/// `NAME TOKEN`, one identity each.
+#[derive(Debug, Clone, Default)]
+pub struct Identities(pub Vec<(String, String)>);
+
+impl Identities {
+    pub fn load(paths: &Paths) -> Identities {
+        let mut ids = Vec::new();
+        if let Ok(t) = std::fs::read_to_string(paths.token()) {
+            ids.push(("admin".to_string(), t.trim().to_string()));
+        }
+        if let Ok(text) = std::fs::read_to_string(paths.root.join("tokens")) {
+            for line in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            {
+                if let Some((name, token)) = line.split_once(char::is_whitespace)
+                    && token.trim().len() >= 16
+                {
+                    ids.push((name.to_string(), token.trim().to_string()));
+                }
+            }
+        }
+        Identities(ids)
+    }
+
+    fn who(&self, given: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(_, t)| token_matches(given.as_bytes(), t.as_bytes()))
+            .map(|(n, _)| n.as_str())
+    }
 }
 
 pub fn error(status: StatusCode, msg: impl Into<String>) -> Reply {
@@ -82,15 +126,16 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Reply {
 }
 
 /// Serves the API until the task is dropped.
-pub async fn serve(listener: TcpListener, token: String, tx: mpsc::Sender<ApiRequest>) {
+pub async fn serve(listener: TcpListener, ids: Identities, tx: mpsc::Sender<ApiRequest>) {
+    let ids = std::sync::Arc::new(ids);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let token = token.clone();
+        let ids = ids.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(req, token.clone(), tx.clone()));
+            let svc = hyper::service::service_fn(move |req| handle(req, ids.clone(), tx.clone()));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
@@ -122,21 +167,37 @@ fn token_matches(given: &[u8], want: &[u8]) -> bool {
 
 async fn handle(
     req: Request<Incoming>,
-    token: String,
+    ids: std::sync::Arc<Identities>,
     tx: mpsc::Sender<ApiRequest>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let authorised = req
+    let who = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| token_matches(t.as_bytes(), token.as_bytes()));
-    if !authorised {
+        .and_then(|t| ids.who(t));
+    let Some(who) = who else {
         return Ok(respond(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong token: send 'Authorization: Bearer <token>' with the token from .baton/token",
         )));
-    }
+    };
+    // The user a client acts for is its own claim, recorded beside the proven identity.
+    let on_behalf = req
+        .headers()
+        .get("x-baton-user")
+        .and_then(|v| v.to_str().ok())
+        .map(|u| {
+            u.chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "._-@".contains(*c))
+                .take(64)
+                .collect::<String>()
+        })
+        .filter(|u| !u.is_empty());
+    let actor = match on_behalf {
+        Some(u) => format!("{who}/{u}"),
+        None => who.to_string(),
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -146,6 +207,27 @@ async fn handle(
         (&Method::GET, ["v1", "rollouts", name]) => ApiCall::Get((*name).to_string()),
         (&Method::GET, ["v1", "rollouts", name, "history"]) => {
             ApiCall::History((*name).to_string())
+        }
+        (&Method::GET, ["v1", "rollouts", name, "diff"]) => {
+            let num = |key: &str| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                    .and_then(|v| v.trim_start_matches('#').parse::<u64>().ok())
+            };
+            match (num("from"), num("to")) {
+                (Some(from), Some(to)) => ApiCall::Diff {
+                    name: (*name).to_string(),
+                    from,
+                    to,
+                },
+                _ => {
+                    return Ok(respond(error(
+                        StatusCode::BAD_REQUEST,
+                        "diff needs ?from=N&to=M with revision numbers",
+                    )));
+                }
+            }
         }
         (&Method::POST, ["v1", "rollouts", name, action]) => match CommandKind::from_path(action) {
             Some(kind) => ApiCall::Command {
@@ -192,7 +274,7 @@ async fn handle(
         }
     };
     let (reply, rx) = oneshot::channel();
-    if tx.send(ApiRequest { call, reply }).await.is_err() {
+    if tx.send(ApiRequest { call, actor, reply }).await.is_err() {
         return Ok(respond(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the controller is stopping",
@@ -233,8 +315,12 @@ impl ApiClient {
             .trim()
             .parse()
             .with_context(|| format!("{} holds no address", paths.api_addr().display()))?;
-        let token = std::fs::read_to_string(paths.token())
-            .with_context(|| format!("cannot read the API token {}", paths.token().display()))?;
+        let token = match std::env::var("BATON_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => t,
+            _ => std::fs::read_to_string(paths.token()).with_context(|| {
+                format!("cannot read the API token {}", paths.token().display())
+            })?,
+        };
         Ok(ApiClient::new(addr, token.trim().to_string()))
     }
 
@@ -263,6 +349,7 @@ impl ApiClient {
                 hyper::header::AUTHORIZATION,
                 format!("Bearer {}", self.token),
             )
+            .header("x-baton-user", local_user())
             .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let resp = sender
             .send_request(req)
@@ -282,4 +369,21 @@ impl ApiClient {
     pub async fn post(&self, path: &str, body: Option<String>) -> Result<(u16, Value)> {
         self.call(Method::POST, path, body).await
     }
+}
+
+/// The local user name, to say on whose behalf the CLI acts.
+pub fn local_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            let uid = nix::unistd::getuid();
+            nix::unistd::User::from_uid(uid)
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .or_else(|| Some(format!("uid{uid}")))
+        })
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -13,19 +13,21 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use baton_analysis::{Measurer, run_smoke};
+use baton_audit::{AuditLog, NewEntry};
 use baton_engine::{Action, Command, Measurement, Observations, Status, step, undo_target};
 use baton_local::{Desired, Platform, PlatformEvent, RevisionWant, Store};
 use baton_proxy::{
     ControlError, ProxyClient, RevisionRoute, RoutingTable, ServiceRoute, StatsSnapshot,
 };
-use baton_spec::{Rollout, StrategyRef};
+use baton_spec::{NotificationEvent, Rollout, StrategyRef};
 use hyper::StatusCode;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::api::{self, ApiCall, ApiRequest, CommandKind, Reply};
+use crate::api::{self, ApiCall, ApiRequest, CommandKind, Identities, Reply, local_user};
+use crate::notify::{Delivery, Notice, Notifier};
 use crate::paths::{Paths, new_token};
 use crate::{now_ms, view};
 
@@ -39,6 +41,9 @@ pub struct UpOptions {
     pub tick: Duration,
     /// Print each event to stdout as it happens.
     pub echo: bool,
+    /// Where the audit trail's head is mirrored after every entry, so truncating the
+    /// database is detectable (default: `audit.head` in the state directory).
+    pub audit_head: Option<std::path::PathBuf>,
 }
 
 /// A running controller.
@@ -52,7 +57,13 @@ impl Handle {
     /// Sends one call to the controller and waits for its answer.
     pub async fn call(&self, call: ApiCall) -> Reply {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(ApiRequest { call, reply }).await.is_err() {
+        let actor = format!("os:{}", local_user());
+        if self
+            .tx
+            .send(ApiRequest { call, actor, reply })
+            .await
+            .is_err()
+        {
             return api::error(StatusCode::SERVICE_UNAVAILABLE, "controller stopped");
         }
         rx.await
@@ -62,12 +73,41 @@ impl Handle {
 
 struct RolloutState {
     spec: Rollout,
+    /// SHA-256 of the spec's JSON, recorded with every audit entry.
+    digest: String,
     status: Status,
     /// The engine's route version that the router has confirmed.
     acked: u64,
     measurements: Vec<Measurement>,
     smoke: Option<(String, bool, String)>,
-    commands: Vec<(Command, oneshot::Sender<Reply>)>,
+    commands: Vec<(Command, String, oneshot::Sender<Reply>)>,
+}
+
+fn spec_digest(spec: &Rollout) -> String {
+    baton_audit::digest(&serde_json::to_vec(spec).unwrap_or_default())
+}
+
+/// The audit action a controller event stands for.
+fn action_of(reason: &str, message: &str) -> &'static str {
+    match reason {
+        "Applied" => "apply",
+        "NewRevision" | "Superseded" | "Abandoned" => "revision",
+        "StepCompleted" => "step",
+        "TrafficShifted" => "traffic",
+        "GatePassed" | "GateFailed" => "gate",
+        "SmokeStarted" | "SmokePassed" => "smoke",
+        "Promote" | "PromoteFull" | "Promoted" | "Switch" => "promote",
+        "Aborted" if message.contains("aborted by user") => "abort",
+        "Aborted" | "FailedPaused" => "rollback",
+        "Abort" => "abort",
+        "Retry" => "retry",
+        "Undo" => "undo",
+        "Phase" => "phase",
+        "Notification" => "notify",
+        "Resumed" | "ControllerStarted" | "ControllerStopped" | "RoutingRefused" => "config",
+        "Down" => "down",
+        _ => "instance",
+    }
 }
 
 struct Controller {
@@ -85,6 +125,9 @@ struct Controller {
     push_retry_at: u64,
     smoke_tx: mpsc::UnboundedSender<(String, String, bool, String)>,
     smoke_rx: mpsc::UnboundedReceiver<(String, String, bool, String)>,
+    audit: AuditLog,
+    notifier: Notifier,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
 }
 
 /// Starts a controller: adopts or starts the proxy, adopts recorded instances, applies
@@ -105,6 +148,12 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         .unwrap_or(0);
     let (platform, adopted) = Platform::adopt(paths.logs(), &store, &routed)?;
     let (smoke_tx, smoke_rx) = mpsc::unbounded_channel();
+    let head = opts
+        .audit_head
+        .clone()
+        .unwrap_or_else(|| paths.root.join("audit.head"));
+    let audit = AuditLog::open(&paths.db(), Some(head)).context("cannot open the audit trail")?;
+    let (delivery_tx, deliveries) = mpsc::unbounded_channel();
     let mut c = Controller {
         paths: paths.clone(),
         opts: opts.clone(),
@@ -120,7 +169,23 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         push_retry_at: 0,
         smoke_tx,
         smoke_rx,
+        audit,
+        notifier: Notifier::new(delivery_tx),
+        deliveries,
     };
+    let me = format!("os:{}", local_user());
+    c.record(
+        &me,
+        "",
+        "ControllerStarted",
+        &format!(
+            "controller started (pid {}, state {}, metrics {})",
+            std::process::id(),
+            paths.root.display(),
+            opts.metrics_listen
+                .map_or("off".to_string(), |m| m.to_string())
+        ),
+    );
     for (name, spec, status) in c.store.rollouts::<Rollout, Status>()? {
         c.say(
             &name,
@@ -130,6 +195,7 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         c.rollouts.insert(
             name,
             RolloutState {
+                digest: spec_digest(&spec),
                 spec,
                 status,
                 acked: 0,
@@ -141,7 +207,7 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     }
     c.platform_events(adopted);
     if !opts.specs.is_empty() {
-        let (code, body) = c.apply(opts.specs.clone());
+        let (code, body) = c.apply(opts.specs.clone(), &me);
         if !code.is_success() {
             bail!(
                 "{}",
@@ -154,17 +220,14 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         .await
         .with_context(|| format!("cannot serve the control API on {}", opts.api_listen))?;
     let api_addr = listener.local_addr()?;
-    let token = match std::fs::read_to_string(paths.token()) {
-        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
-        _ => {
-            let t = new_token()?;
-            write_private(&paths.token(), &t)?;
-            t
-        }
-    };
+    match std::fs::read_to_string(paths.token()) {
+        Ok(t) if !t.trim().is_empty() => {}
+        _ => write_private(&paths.token(), &new_token()?)?,
+    }
+    let ids = Identities::load(&paths);
     std::fs::write(paths.api_addr(), api_addr.to_string())?;
     let (tx, rx) = mpsc::channel(64);
-    let server = tokio::spawn(api::serve(listener, token, tx.clone()));
+    let server = tokio::spawn(api::serve(listener, ids, tx.clone()));
     let join = tokio::spawn(async move {
         let r = c.run(rx).await;
         server.abort();
@@ -279,13 +342,39 @@ fn wants_for(spec: &Rollout, status: &Status) -> BTreeMap<String, RevisionWant> 
 }
 
 impl Controller {
+    /// An event of Baton's own making.
     fn say(&self, rollout: &str, reason: &str, message: &str) {
+        self.record("baton", rollout, reason, message);
+    }
+
+    /// Appends to the audit trail and, unless it is routine, prints it.
+    fn record(&self, actor: &str, rollout: &str, reason: &str, message: &str) {
         let now = now_ms();
-        if let Err(e) = self.store.add_event(now, rollout, reason, message) {
-            eprintln!("warning: cannot record event: {e}");
+        let (revision, digest) = match self.rollouts.get(rollout) {
+            Some(r) => (
+                r.status.canary.clone().or_else(|| r.status.stable.clone()),
+                Some(r.digest.clone()),
+            ),
+            None => (None, None),
+        };
+        let entry = NewEntry {
+            actor: actor.to_string(),
+            action: action_of(reason, message).to_string(),
+            rollout: rollout.to_string(),
+            revision,
+            spec_digest: digest,
+            reason: message.to_string(),
+        };
+        if let Err(e) = self.audit.append(entry, now) {
+            eprintln!("warning: cannot append to the audit trail: {e}");
         }
-        if self.opts.echo {
-            println!("{} {rollout:<12} {message}", view::clock(now));
+        if self.opts.echo && reason != "GatePassed" {
+            let who = if actor == "baton" {
+                String::new()
+            } else {
+                format!(" [{actor}]")
+            };
+            println!("{} {rollout:<12} {message}{who}", view::clock(now));
         }
     }
 
@@ -319,6 +408,9 @@ impl Controller {
     }
 
     async fn tick(&mut self) -> Result<()> {
+        while let Ok(d) = self.deliveries.try_recv() {
+            self.say(&d.rollout, "Notification", &d.message);
+        }
         while let Ok((rollout, rev, passed, detail)) = self.smoke_rx.try_recv() {
             if let Some(r) = self.rollouts.get_mut(&rollout) {
                 r.smoke = Some((rev, passed, detail));
@@ -339,24 +431,57 @@ impl Controller {
                 router_acked: r.acked,
                 measurements: std::mem::take(&mut r.measurements),
                 smoke: r.smoke.take(),
-                commands: commands.iter().map(|(c, _)| *c).collect(),
+                commands: commands.iter().map(|(c, _, _)| *c).collect(),
             };
             let out = step(&r.spec, &r.status, &obs, now);
             if out.status != r.status {
                 // Persist before acting, so a crash never acts on an unrecorded decision.
                 self.store.save_rollout(&name, &r.spec, &out.status, now)?;
             }
+            let was_paused = r.status.phase == baton_engine::Phase::Paused;
             r.status = out.status;
-            for ((_, reply), result) in commands.into_iter().zip(out.command_results) {
-                let _ = reply.send(match result {
-                    Ok(msg) => (StatusCode::OK, json!({ "result": msg })),
-                    Err(msg) => api::error(StatusCode::CONFLICT, msg),
-                });
-            }
             let spec = r.spec.clone();
+            let paused = (!was_paused && r.status.phase == baton_engine::Phase::Paused)
+                .then(|| r.status.message.clone());
+            for ((cmd, actor, reply), result) in commands.into_iter().zip(out.command_results) {
+                let reason = match cmd {
+                    Command::Promote => "Promote",
+                    Command::PromoteFull => "PromoteFull",
+                    Command::Abort => "Abort",
+                    Command::Retry => "Retry",
+                };
+                let answer = match result {
+                    Ok(msg) => {
+                        self.record(&actor, &name, reason, &format!("{}: {msg}", cmd.as_str()));
+                        (StatusCode::OK, json!({ "result": msg }))
+                    }
+                    Err(msg) => api::error(StatusCode::CONFLICT, msg),
+                };
+                let _ = reply.send(answer);
+            }
+            if let Some(why) = paused {
+                self.notify(&name, NotificationEvent::Paused, &why);
+            }
             for action in out.actions {
                 match action {
-                    Action::Event { reason, message } => self.say(&name, &reason, &message),
+                    Action::Event { reason, message } => {
+                        let event = match reason.as_str() {
+                            "NewRevision" if message.starts_with("rolling out") => {
+                                Some(NotificationEvent::Started)
+                            }
+                            "StepCompleted" => Some(NotificationEvent::StepPassed),
+                            "Promoted" => Some(NotificationEvent::Promoted),
+                            "Aborted" if message.contains("aborted by user") => {
+                                Some(NotificationEvent::Aborted)
+                            }
+                            "Aborted" => Some(NotificationEvent::RolledBack),
+                            _ => None,
+                        };
+                        self.say(&name, &reason, &message);
+                        if let Some(e) = event {
+                            self.notify(&name, e, &message);
+                        }
+                    }
                     Action::Measure {
                         gate,
                         revision,
@@ -378,8 +503,14 @@ impl Controller {
                         let m = self
                             .measurer
                             .measure(&name, g, &revision, epoch, &current, now);
-                        if m.verdict == baton_engine::Verdict::Fail {
-                            self.say(&name, "GateFailed", &format!("gate {gate}: {}", m.detail));
+                        match m.verdict {
+                            baton_engine::Verdict::Fail => {
+                                self.say(&name, "GateFailed", &format!("gate {gate}: {}", m.detail))
+                            }
+                            baton_engine::Verdict::Pass => {
+                                self.say(&name, "GatePassed", &format!("gate {gate}: {}", m.detail))
+                            }
+                            baton_engine::Verdict::Inconclusive => {}
                         }
                         if let Some(r) = self.rollouts.get_mut(&name) {
                             r.measurements.push(m);
@@ -401,6 +532,32 @@ impl Controller {
             let _ = c.try_wait();
         }
         Ok(())
+    }
+
+    /// Tells the rollout's webhooks; delivery happens in the background.
+    fn notify(&self, name: &str, event: NotificationEvent, reason: &str) {
+        let Some(r) = self.rollouts.get(name) else {
+            return;
+        };
+        if r.spec.spec.notifications.is_empty() {
+            return;
+        }
+        let revision = r.status.canary.clone().or_else(|| r.status.stable.clone());
+        let app_version = revision
+            .as_deref()
+            .and_then(|rev| r.status.revision(rev))
+            .and_then(|rev| rev.run.app_version().map(str::to_string));
+        let notice = Notice {
+            rollout: name.to_string(),
+            event: event.as_str(),
+            revision,
+            app_version,
+            phase: r.status.phase.as_str().to_string(),
+            reason: reason.to_string(),
+            at: now_ms(),
+        };
+        self.notifier
+            .notify(&r.spec.spec.notifications, event, notice);
     }
 
     fn start_smoke(&self, name: &str, spec: &Rollout, revision: &str) {
@@ -580,7 +737,7 @@ impl Controller {
 
     /// Handles one API call; returns `Some` when the controller must stop.
     fn api(&mut self, req: ApiRequest) -> Option<(bool, oneshot::Sender<Reply>)> {
-        let ApiRequest { call, reply } = req;
+        let ApiRequest { call, actor, reply } = req;
         let answer = match call {
             ApiCall::List => {
                 let list: Vec<_> = self.rollouts.keys().map(|n| self.view(n)).collect();
@@ -592,13 +749,19 @@ impl Controller {
             },
             ApiCall::History(name) => match self.rollouts.get(&name) {
                 Some(r) => {
-                    let events = self.store.events(&name, 500).unwrap_or_default();
+                    let filter = baton_audit::Filter {
+                        rollout: Some(name.clone()),
+                        limit: Some(500),
+                        ..Default::default()
+                    };
+                    let events = self.audit.list(&filter).unwrap_or_default();
                     (StatusCode::OK, view::history(&name, &r.status, &events))
                 }
                 None => self.unknown(&name),
             },
+            ApiCall::Diff { name, from, to } => self.diff(&name, from, to),
             ApiCall::Apply(text) => match baton_spec::parse(&text) {
-                Ok(specs) => self.apply(specs),
+                Ok(specs) => self.apply(specs, &actor),
                 Err(e) => (
                     StatusCode::BAD_REQUEST,
                     json!({ "error": e.to_string(), "errors": e.0 }),
@@ -615,15 +778,23 @@ impl Controller {
                     CommandKind::Abort => Command::Abort,
                     CommandKind::Retry => Command::Retry,
                     CommandKind::Undo => {
-                        let _ = reply.send(self.undo(&name));
+                        let _ = reply.send(self.undo(&name, &actor));
                         return None;
                     }
                 };
                 // Answered once the engine has acted on it, in the next step.
-                r.commands.push((cmd, reply));
+                r.commands.push((cmd, actor, reply));
                 return None;
             }
-            ApiCall::Shutdown { down } => return Some((down, reply)),
+            ApiCall::Shutdown { down } => {
+                let what = if down {
+                    "down: stopping the proxy, every instance and the controller"
+                } else {
+                    "controller stopping; proxy and instances keep serving"
+                };
+                self.record(&actor, "", "ControllerStopped", what);
+                return Some((down, reply));
+            }
         };
         let _ = reply.send(answer);
         None
@@ -645,7 +816,7 @@ impl Controller {
     }
 
     /// Records new or changed specs; the engine picks them up on the next step.
-    fn apply(&mut self, specs: Vec<Rollout>) -> Reply {
+    fn apply(&mut self, specs: Vec<Rollout>, actor: &str) -> Reply {
         // Listeners must not clash with other rollouts already running.
         for s in &specs {
             for (name, r) in &self.rollouts {
@@ -679,25 +850,29 @@ impl Controller {
                 Some(r) => r.status.clone(),
                 None => Status::default(),
             };
-            if let Err(e) = self.store.save_rollout(&name, &spec, &status, now) {
+            let revision = spec.spec.run.revision_hash();
+            let saved = self
+                .store
+                .save_rollout(&name, &spec, &status, now)
+                .and_then(|()| self.store.save_revision_spec(&name, &revision, &spec));
+            if let Err(e) = saved {
                 return api::error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("cannot record {name}: {e}"),
                 );
             }
-            let revision = spec.spec.run.revision_hash();
             let version = spec.spec.run.app_version().unwrap_or("").to_string();
-            self.say(
-                &name,
-                "Applied",
-                &format!("spec applied (revision {revision} {version})"),
-            );
+            let digest = spec_digest(&spec);
             match self.rollouts.get_mut(&name) {
-                Some(r) => r.spec = spec,
+                Some(r) => {
+                    r.spec = spec;
+                    r.digest = digest;
+                }
                 None => {
                     self.rollouts.insert(
                         name.clone(),
                         RolloutState {
+                            digest,
                             spec,
                             status,
                             acked: 0,
@@ -708,6 +883,12 @@ impl Controller {
                     );
                 }
             }
+            self.record(
+                actor,
+                &name,
+                "Applied",
+                &format!("spec applied (revision {revision} {version})"),
+            );
             changed.push(name);
         }
         (
@@ -719,7 +900,7 @@ impl Controller {
     /// Rolls back to the previous stable revision by re-applying its `run`, so the
     /// strategy decides how traffic moves back (a blue-green switch back is instant
     /// while the previous stack is retained).
-    fn undo(&mut self, name: &str) -> Reply {
+    fn undo(&mut self, name: &str, actor: &str) -> Reply {
         let Some(r) = self.rollouts.get(name) else {
             return self.unknown(name);
         };
@@ -732,9 +913,14 @@ impl Controller {
         let mut spec = r.spec.clone();
         spec.spec.run = target.run.clone();
         let label = target.label();
-        let reply = self.apply(vec![spec]);
+        let reply = self.apply(vec![spec], actor);
         if reply.0.is_success() {
-            self.say(name, "Undo", &format!("undo: rolling back to {label}"));
+            self.record(
+                actor,
+                name,
+                "Undo",
+                &format!("undo: rolling back to {label}"),
+            );
             (
                 StatusCode::OK,
                 json!({ "result": format!("rolling back to {label}") }),
@@ -742,6 +928,38 @@ impl Controller {
         } else {
             reply
         }
+    }
+
+    /// A unified diff of the specs that introduced two revisions.
+    fn diff(&self, name: &str, from: u64, to: u64) -> Reply {
+        let Some(r) = self.rollouts.get(name) else {
+            return self.unknown(name);
+        };
+        let mut texts = Vec::new();
+        for n in [from, to] {
+            let Some(rev) = r.status.revisions.iter().find(|x| x.number == n) else {
+                return api::error(
+                    StatusCode::NOT_FOUND,
+                    format!("{name} has no revision #{n}"),
+                );
+            };
+            let spec: Option<Rollout> = self.store.revision_spec(name, &rev.name).unwrap_or(None);
+            let Some(spec) = spec else {
+                return api::error(
+                    StatusCode::NOT_FOUND,
+                    format!("the spec of {name} #{n} was not recorded"),
+                );
+            };
+            texts.push(serde_saphyr::to_string(&spec).unwrap_or_default());
+        }
+        let diff = similar::TextDiff::from_lines(&texts[0], &texts[1])
+            .unified_diff()
+            .header(&format!("{name} #{from}"), &format!("{name} #{to}"))
+            .to_string();
+        (
+            StatusCode::OK,
+            json!({ "from": from, "to": to, "diff": diff }),
+        )
     }
 
     async fn shutdown(mut self, down: bool, reply: oneshot::Sender<Reply>) -> Result<()> {

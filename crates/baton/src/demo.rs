@@ -284,6 +284,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         metrics_listen: Some(metrics),
         tick: Duration::from_millis(50),
         echo: false,
+        audit_head: None,
     })
     .await?;
     say!(
@@ -298,7 +299,41 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
     say!("  {}", v["result"].as_str().unwrap_or(""));
     let _ = h.join.await;
     say!("  logs kept in {}", paths.root.display());
+    if result.is_ok() {
+        show_audit(&paths)?;
+    }
     result
+}
+
+/// The demo's audit trail (routine instance and gate-pass entries left out) and the
+/// verification of its hash chain.
+fn show_audit(paths: &Paths) -> Result<()> {
+    let log = baton_audit::AuditLog::open(&paths.db(), None)?;
+    let entries = log.list(&baton_audit::Filter::default())?;
+    say!(
+        "\n── audit trail ({} entries; `baton audit --dir {}` lists them all)",
+        entries.len(),
+        paths.root.display()
+    );
+    for e in entries.iter().filter(|e| {
+        !matches!(e.action.as_str(), "instance" | "phase")
+            && (e.action != "gate" || e.reason.contains("does not meet"))
+    }) {
+        say!(
+            "  #{:<4} {} {:<14} {:<9} {}",
+            e.seq,
+            view::clock(e.at),
+            e.actor,
+            e.action,
+            e.reason
+        );
+    }
+    let head = baton_audit::Head::read(&paths.root.join("audit.head"))?;
+    match log.verify(head.as_ref())? {
+        (n, None) => say!("  hash chain verified: {n} entries intact, up to the recorded head"),
+        (_, Some(p)) => bail!("the demo's audit trail does not verify: {p}"),
+    }
+    Ok(())
 }
 
 async fn story(
@@ -405,20 +440,6 @@ async fn story(
             .unwrap_or("")
             .trim_end()
     );
-    for e in hist["events"].as_array().into_iter().flatten() {
-        let reason = e["reason"].as_str().unwrap_or("");
-        if matches!(
-            reason,
-            "NewRevision" | "StepCompleted" | "Promoted" | "Aborted" | "GateFailed" | "Applied"
-        ) {
-            say!(
-                "  {} {:<14} {}",
-                view::clock(e["at"].as_u64().unwrap_or(0)),
-                reason,
-                e["message"].as_str().unwrap_or("")
-            );
-        }
-    }
     Ok(summary)
 }
 

@@ -7,6 +7,7 @@ pub mod api;
 pub mod controller;
 pub mod demo;
 pub mod load;
+pub mod notify;
 pub mod paths;
 pub mod view;
 

@@ -48,6 +48,20 @@ struct SpecArgs {
 }
 
 #[derive(Subcommand, Debug)]
+enum AuditCmd {
+    /// Check the hash chain; names the first entry altered, removed or reordered, and
+    /// catches truncation against the head file.
+    Verify {
+        /// The head recorded outside the database (default: `audit.head` in the state
+        /// directory, when present).
+        #[arg(long, value_name = "FILE")]
+        head: Option<PathBuf>,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the controller in the foreground: starts (or re-adopts) the proxy and the
     /// instances, applies SPEC, and rolls out every change until stopped.
@@ -65,6 +79,10 @@ enum Cmd {
         /// at http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<SocketAddr>,
+        /// Mirror the audit trail's head to this file after every entry (keep it
+        /// outside the state directory to detect truncation of the database).
+        #[arg(long, value_name = "FILE")]
+        audit_head: Option<PathBuf>,
     },
     /// Stop the proxy and every instance gracefully, and the controller if it runs.
     Down,
@@ -104,6 +122,27 @@ enum Cmd {
     /// Revisions of a rollout with when, outcome and duration, and its events.
     History {
         name: String,
+        /// Show what changed between the specs of two revisions, by number:
+        /// `--diff 2 3`.
+        #[arg(long, num_args = 2, value_names = ["FROM", "TO"])]
+        diff: Option<Vec<u64>>,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The audit trail: every action with who, when, why, and a hash chain that shows
+    /// any later edit. Reads the state directory; works without a controller.
+    Audit {
+        #[command(subcommand)]
+        verify: Option<AuditCmd>,
+        /// Only this rollout's entries.
+        #[arg(long)]
+        rollout: Option<String>,
+        /// Only entries this recent (`10m`, `2h`) or since this time (`2026-11-25T17:00:00Z`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the newest N entries.
+        #[arg(long)]
+        limit: Option<usize>,
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -270,6 +309,7 @@ async fn run(cli: Cli) -> Result<()> {
             file,
             api_listen,
             metrics_listen,
+            audit_head,
         } => {
             let specs = match &file {
                 Some(f) => parse_spec(f)?,
@@ -288,6 +328,7 @@ async fn run(cli: Cli) -> Result<()> {
                 metrics_listen,
                 tick: Duration::from_millis(100),
                 echo: true,
+                audit_head,
             })
             .await?;
             println!(
@@ -314,6 +355,7 @@ async fn run(cli: Cli) -> Result<()> {
             let _ = tx
                 .send(baton::api::ApiRequest {
                     call: ApiCall::Shutdown { down: false },
+                    actor: format!("os:{}", baton::api::local_user()),
                     reply,
                 })
                 .await;
@@ -350,7 +392,40 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Abort { name } => command(&paths, &name, "abort").await,
         Cmd::Retry { name } => command(&paths, &name, "retry").await,
         Cmd::Undo { name } => command(&paths, &name, "undo").await,
-        Cmd::History { name, output } => {
+        Cmd::History {
+            name,
+            diff: Some(d),
+            ..
+        } => {
+            let client = ApiClient::from_paths(&paths)?;
+            let v = check(
+                client
+                    .get(&format!(
+                        "/v1/rollouts/{name}/diff?from={}&to={}",
+                        d[0], d[1]
+                    ))
+                    .await?,
+            )?;
+            let text = v["diff"].as_str().unwrap_or("");
+            if text.is_empty() {
+                println!("#{} and #{} have the same spec", d[0], d[1]);
+            } else {
+                print!("{text}");
+            }
+            Ok(())
+        }
+        Cmd::Audit {
+            verify: Some(AuditCmd::Verify { head, output }),
+            ..
+        } => audit_verify(&paths, head, output),
+        Cmd::Audit {
+            verify: None,
+            rollout,
+            since,
+            limit,
+            output,
+        } => audit_list(&paths, rollout, since, limit, output),
+        Cmd::History { name, output, .. } => {
             let client = ApiClient::from_paths(&paths)?;
             let v = check(client.get(&format!("/v1/rollouts/{name}/history")).await?)?;
             if output == Output::Json {
@@ -389,6 +464,96 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn open_audit(paths: &Paths) -> Result<baton_audit::AuditLog> {
+    if !paths.exists() {
+        bail!("no audit trail: no state in {}", paths.root.display());
+    }
+    Ok(baton_audit::AuditLog::open(&paths.db(), None)?)
+}
+
+fn parse_since(s: &str) -> Result<u64> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return Ok(d.as_millis() as u64);
+    }
+    let d = humantime::parse_duration(s)
+        .map_err(|_| anyhow!("--since {s:?}: give a duration such as 10m or 2h, or a time such as 2026-11-25T17:00:00Z"))?;
+    Ok(baton::now_ms().saturating_sub(d.as_millis() as u64))
+}
+
+fn audit_list(
+    paths: &Paths,
+    rollout: Option<String>,
+    since: Option<String>,
+    limit: Option<usize>,
+    output: Output,
+) -> Result<()> {
+    let log = open_audit(paths)?;
+    let since = since.as_deref().map(parse_since).transpose()?;
+    let entries = log.list(&baton_audit::Filter {
+        rollout,
+        since,
+        limit,
+    })?;
+    if output == Output::Json {
+        return print_json(&serde_json::to_value(&entries)?);
+    }
+    println!(
+        "{:>5}  {:<23}  {:<18} {:<9} {:<10} {:<10} REASON",
+        "SEQ", "TIME (UTC)", "ACTOR", "ACTION", "ROLLOUT", "REVISION"
+    );
+    for e in &entries {
+        println!(
+            "{:>5}  {:<23}  {:<18} {:<9} {:<10} {:<10} {}",
+            e.seq,
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(e.at))
+                .to_string(),
+            e.actor,
+            e.action,
+            e.rollout,
+            e.revision.as_deref().unwrap_or("-"),
+            e.reason
+        );
+    }
+    Ok(())
+}
+
+fn audit_verify(paths: &Paths, head: Option<PathBuf>, output: Output) -> Result<()> {
+    let log = open_audit(paths)?;
+    let head_path = head.unwrap_or_else(|| paths.root.join("audit.head"));
+    let head = baton_audit::Head::read(&head_path)?;
+    let (n, problem) = log.verify(head.as_ref())?;
+    if output == Output::Json {
+        print_json(&serde_json::json!({
+            "intact": problem.is_none(),
+            "entries": n,
+            "head": head,
+            "problem": problem.as_ref().map(|p| serde_json::json!({ "detail": p, "message": p.to_string() })),
+        }))?;
+        if problem.is_some() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    match problem {
+        None => {
+            let against = match &head {
+                Some(h) => format!(
+                    ", up to the recorded head #{} in {}",
+                    h.seq,
+                    head_path.display()
+                ),
+                None => {
+                    " (no head file: truncation of the newest entries cannot be checked)".into()
+                }
+            };
+            println!("audit trail intact: {n} entries{against}");
+            Ok(())
+        }
+        Some(p) => Err(anyhow!("audit trail broken: {p}")),
     }
 }
 

@@ -3,8 +3,9 @@
 
 use std::fmt::Write;
 
+use baton_audit::Entry;
 use baton_engine::Status;
-use baton_local::{EventRecord, Platform};
+use baton_local::Platform;
 use baton_spec::{Rollout, StrategyRef};
 use serde_json::{Value, json};
 
@@ -106,7 +107,7 @@ pub fn rollout(
     })
 }
 
-pub fn history(name: &str, status: &Status, events: &[EventRecord]) -> Value {
+pub fn history(name: &str, status: &Status, events: &[Entry]) -> Value {
     let revisions: Vec<Value> = status
         .revisions
         .iter()
@@ -266,8 +267,8 @@ pub fn render_history(v: &Value) -> String {
                 o,
                 "  {} {:<15} {}",
                 clock(e["at"].as_u64().unwrap_or(0)),
-                e["reason"].as_str().unwrap_or(""),
-                e["message"].as_str().unwrap_or("")
+                e["action"].as_str().unwrap_or(""),
+                e["reason"].as_str().unwrap_or("")
             );
         }
     }

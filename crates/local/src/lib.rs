@@ -7,4 +7,4 @@ pub mod process;
 pub mod store;
 
 pub use platform::{Desired, InstancePhase, InstanceView, Platform, PlatformEvent, RevisionWant};
-pub use store::{EventRecord, InstanceRecord, Store, StoreError};
+pub use store::{InstanceRecord, Store, StoreError};

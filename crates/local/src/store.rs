@@ -33,15 +33,6 @@ pub struct InstanceRecord {
     pub start_time: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EventRecord {
-    pub at: u64,
-    pub rollout: String,
-    pub reason: String,
-    pub message: String,
-}
-
 /// The connection sits behind a mutex so the controller's async loop can hold a
 /// `&Store` across awaits; calls are short and never contended in practice.
 pub struct Store {
@@ -71,12 +62,11 @@ impl Store {
                  pid INTEGER NOT NULL,
                  port INTEGER NOT NULL,
                  start_time INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS events (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT,
-                 at INTEGER NOT NULL,
+             CREATE TABLE IF NOT EXISTS revision_specs (
                  rollout TEXT NOT NULL,
-                 reason TEXT NOT NULL,
-                 message TEXT NOT NULL);
+                 revision TEXT NOT NULL,
+                 spec TEXT NOT NULL,
+                 PRIMARY KEY (rollout, revision));
              CREATE TABLE IF NOT EXISTS meta (
                  key TEXT PRIMARY KEY,
                  value TEXT NOT NULL);",
@@ -177,37 +167,44 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn add_event(
+    /// Keeps the spec that first introduced a revision, for `history --diff`.
+    pub fn save_revision_spec<S: Serialize>(
         &self,
-        at: u64,
         rollout: &str,
-        reason: &str,
-        message: &str,
+        revision: &str,
+        spec: &S,
     ) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(spec).map_err(|source| StoreError::Decode {
+            what: format!("spec of {rollout} revision {revision}"),
+            source,
+        })?;
         self.conn().execute(
-            "INSERT INTO events (at, rollout, reason, message) VALUES (?1, ?2, ?3, ?4)",
-            params![at as i64, rollout, reason, message],
+            "INSERT OR IGNORE INTO revision_specs (rollout, revision, spec) VALUES (?1, ?2, ?3)",
+            params![rollout, revision, spec],
         )?;
         Ok(())
     }
 
-    /// The latest `limit` events of a rollout, oldest first.
-    pub fn events(&self, rollout: &str, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT at, rollout, reason, message FROM
-               (SELECT id, at, rollout, reason, message FROM events WHERE rollout = ?1 ORDER BY id DESC LIMIT ?2)
-             ORDER BY id",
-        )?;
-        let rows = stmt.query_map(params![rollout, limit as i64], |r| {
-            Ok(EventRecord {
-                at: r.get::<_, i64>(0)? as u64,
-                rollout: r.get(1)?,
-                reason: r.get(2)?,
-                message: r.get(3)?,
+    pub fn revision_spec<S: DeserializeOwned>(
+        &self,
+        rollout: &str,
+        revision: &str,
+    ) -> Result<Option<S>, StoreError> {
+        let text: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT spec FROM revision_specs WHERE rollout = ?1 AND revision = ?2",
+                params![rollout, revision],
+                |r| r.get(0),
+            )
+            .optional()?;
+        text.map(|t| {
+            serde_json::from_str(&t).map_err(|source| StoreError::Decode {
+                what: format!("spec of {rollout} revision {revision}"),
+                source,
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .transpose()
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -249,7 +246,10 @@ mod tests {
                 start_time: 99,
             })
             .expect("instance");
-            s.add_event(5, "web", "Promoted", "done").expect("event");
+            s.save_revision_spec("web", "abc", &"spec-1")
+                .expect("revision spec");
+            s.save_revision_spec("web", "abc", &"spec-later")
+                .expect("first one is kept");
             s.set_meta("route_version", "12").expect("meta");
         }
         let s = Store::open(&path).expect("reopen");
@@ -258,7 +258,8 @@ mod tests {
         assert_eq!(s.instances().expect("instances")[0].port, 40000);
         s.remove_instance(7).expect("remove");
         assert!(s.instances().expect("instances").is_empty());
-        assert_eq!(s.events("web", 10).expect("events")[0].reason, "Promoted");
+        let kept: Option<String> = s.revision_spec("web", "abc").expect("revision spec");
+        assert_eq!(kept.as_deref(), Some("spec-1"));
         assert_eq!(
             s.meta("route_version").expect("meta").as_deref(),
             Some("12")

@@ -79,6 +79,9 @@ pub struct RolloutSpec {
     pub analysis: Analysis,
     #[serde(default)]
     pub rollback: Rollback,
+    /// Webhooks told about the rollout's progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<Notification>,
 }
 
 fn one() -> u32 {
@@ -400,6 +403,79 @@ pub struct Rollback {
 impl Default for Rollback {
     fn default() -> Self {
         Rollback { on_failure: true }
+    }
+}
+
+/// A webhook told when a rollout starts, pauses, passes a step, is promoted, aborted
+/// or rolled back. A failed delivery is retried and never holds up the rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Notification {
+    /// How logs and the audit trail name this webhook (they never show its URL's path
+    /// or its headers, which may hold secrets).
+    #[serde(default = "default_notification_name")]
+    pub name: String,
+    /// `http(s)://...`. `${NAME}` is replaced from the controller's environment when
+    /// sending, so secrets need not be in the spec.
+    pub url: String,
+    #[serde(default)]
+    pub format: NotificationFormat,
+    /// Extra request headers; values may use `${NAME}` too.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Which events to send; all when left out.
+    #[serde(default = "all_events")]
+    pub events: Vec<NotificationEvent>,
+}
+
+fn default_notification_name() -> String {
+    "webhook".into()
+}
+
+fn all_events() -> Vec<NotificationEvent> {
+    vec![
+        NotificationEvent::Started,
+        NotificationEvent::Paused,
+        NotificationEvent::StepPassed,
+        NotificationEvent::Promoted,
+        NotificationEvent::Aborted,
+        NotificationEvent::RolledBack,
+    ]
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NotificationFormat {
+    /// `{"rollout", "event", "revision", "appVersion", "phase", "reason", "at"}`.
+    #[default]
+    Json,
+    /// `{"text": "..."}`, as Slack's incoming webhooks (and Mattermost's) take it.
+    Slack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NotificationEvent {
+    Started,
+    Paused,
+    StepPassed,
+    Promoted,
+    /// Aborted by a person.
+    Aborted,
+    /// Aborted by Baton itself: a failed gate, smoke test or progress deadline.
+    RolledBack,
+}
+
+impl NotificationEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationEvent::Started => "started",
+            NotificationEvent::Paused => "paused",
+            NotificationEvent::StepPassed => "stepPassed",
+            NotificationEvent::Promoted => "promoted",
+            NotificationEvent::Aborted => "aborted",
+            NotificationEvent::RolledBack => "rolledBack",
+        }
     }
 }
 

@@ -132,3 +132,24 @@ fn the_readme_spec_is_valid() {
     assert_eq!(r.spec.run.working_dir.as_deref(), Some("."));
     assert_eq!(r.spec.analysis.gates[0].min_requests, 20);
 }
+
+#[test]
+fn notifications_are_checked() {
+    let with = |n: &str| format!("{CANARY}  notifications:\n{n}");
+    let ok = with(
+        "    - { name: oncall, url: \"${HOOK_URL}\", format: slack }\n    - { url: \"http://127.0.0.1:9/x?token=${T}\", events: [rolledBack] }\n",
+    );
+    let r = parse(&ok).expect("valid notifications");
+    assert_eq!(r[0].spec.notifications.len(), 2);
+    assert_eq!(r[0].spec.notifications[0].events.len(), 6);
+    assert_eq!(r[0].spec.notifications[1].name, "webhook");
+    let bad = with("    - { url: \"ftp://x\", events: [], headers: { \"bad header\": x } }\n");
+    assert_eq!(
+        fields(&bad),
+        vec![
+            "spec.notifications[0].url",
+            "spec.notifications[0].headers.bad header",
+            "spec.notifications[0].events"
+        ]
+    );
+}

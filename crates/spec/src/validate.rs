@@ -218,7 +218,63 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
             err(&format!("{f}.count"), "must be at least 1".into());
         }
     }
+    for (i, n) in s.notifications.iter().enumerate() {
+        let f = format!("spec.notifications[{i}]");
+        // `${NAME}` parts are filled in when sending; check the rest.
+        let shape = expand_placeholders(&n.url);
+        if !(shape.starts_with("http://") || shape.starts_with("https://")) {
+            err(
+                &format!("{f}.url"),
+                "must start with http:// or https:// (or be ${NAME} from the environment)".into(),
+            );
+        }
+        if n.name.trim().is_empty() {
+            err(&format!("{f}.name"), "is empty".into());
+        }
+        for key in n.headers.keys() {
+            if key.is_empty()
+                || !key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+            {
+                err(
+                    &format!("{f}.headers.{key}"),
+                    "is not a valid header name".into(),
+                );
+            }
+        }
+        if n.events.is_empty() {
+            err(
+                &format!("{f}.events"),
+                "name at least one event, or leave it out for all".into(),
+            );
+        }
+    }
     errs
+}
+
+/// `${NAME}` placeholders replaced by `x`, to check the shape of a templated value.
+fn expand_placeholders(s: &str) -> String {
+    if s.trim().starts_with("${") && s.trim().ends_with('}') && !s.trim()[2..].contains("${") {
+        return "https://placeholder".into();
+    }
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        match rest[start..].find('}') {
+            Some(end) => {
+                out.push('x');
+                rest = &rest[start + end + 1..];
+            }
+            None => {
+                rest = &rest[start..];
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Problems between documents of one file: names and listeners must be unique.

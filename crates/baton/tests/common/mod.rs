@@ -83,6 +83,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub paths: Paths,
     pub up: Option<Child>,
+    /// Environment variables for `baton up` only.
+    pub up_env: Vec<(String, String)>,
 }
 
 impl Env {
@@ -93,6 +95,7 @@ impl Env {
             dir,
             paths,
             up: None,
+            up_env: Vec::new(),
         }
     }
 
@@ -126,6 +129,7 @@ impl Env {
             .cmd()
             .arg("up")
             .args(args)
+            .envs(self.up_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .stdin(Stdio::null())
