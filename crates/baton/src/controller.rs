@@ -278,12 +278,7 @@ async fn ensure_proxy(
 ) -> Result<(Option<Child>, u64, HashSet<SocketAddr>)> {
     if let Ok((_, version)) = proxy.ping().await {
         let table = proxy.table().await?;
-        let routed = table
-            .services
-            .iter()
-            .flat_map(|s| s.revisions.iter().flat_map(|r| r.backends.iter().copied()))
-            .collect();
-        return Ok((None, version, routed));
+        return Ok((None, version, baton_proxy::routed(&table.services)));
     }
     let exe =
         std::env::current_exe().context("cannot find the baton executable to start the proxy")?;
@@ -651,10 +646,7 @@ impl Controller {
             Ok(v) => {
                 self.table_version = v;
                 let _ = self.store.set_meta("route_version", &v.to_string());
-                self.last_routed = services
-                    .iter()
-                    .flat_map(|s| s.revisions.iter().flat_map(|r| r.backends.iter().copied()))
-                    .collect();
+                self.last_routed = baton_proxy::routed(&services);
                 self.announce_traffic(&services, v);
                 self.last_services = Some(services);
                 for (name, v) in versions {

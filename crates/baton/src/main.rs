@@ -575,11 +575,7 @@ async fn offline_status(paths: &Paths, name: Option<&str>) -> Result<Value> {
     let store = baton_local::Store::open(&paths.db())?;
     let proxy = baton_proxy::ProxyClient::new(paths.proxy_socket());
     let routed = match proxy.table().await {
-        Ok(t) => t
-            .services
-            .iter()
-            .flat_map(|s| s.revisions.iter().flat_map(|r| r.backends.iter().copied()))
-            .collect(),
+        Ok(t) => baton_proxy::routed(&t.services),
         Err(_) => Default::default(),
     };
     let platform = baton_local::Platform::inspect(&store, &routed)?;

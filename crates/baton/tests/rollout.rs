@@ -157,22 +157,6 @@ async fn canary_under_load_then_automatic_rollback() {
     assert!(stdout(&history).contains("aborted"), "{}", stdout(&history));
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("request");
-    let resp = s.send_request(req).await.expect("response");
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    String::from_utf8_lossy(&body).into_owned()
-}
-
 /// The controller dies mid-canary: traffic flows on; a new controller adopts the proxy
 /// and the instances and resumes at the same step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

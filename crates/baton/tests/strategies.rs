@@ -41,22 +41,6 @@ spec:
     )
 }
 
-async fn get_body(addr: std::net::SocketAddr) -> String {
-    use http_body_util::BodyExt;
-    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/")
-        .header("host", addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("request");
-    let resp = tx.send_request(req).await.expect("response");
-    String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
-        .into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blue_green_previews_switches_and_undoes_instantly() {
     let mut env = Env::new();
@@ -95,8 +79,8 @@ async fn blue_green_previews_switches_and_undoes_instantly() {
         0,
         "no user traffic before the switch"
     );
-    assert_eq!(get_body(preview).await.trim(), "hello from v2");
-    assert_eq!(get_body(listen).await.trim(), "hello from v1");
+    assert_eq!(http_get(preview, "/").await.trim(), "hello from v2");
+    assert_eq!(http_get(listen, "/").await.trim(), "hello from v1");
 
     assert!(env.run(&["promote", "shop"]).status.success());
     let switched = wait_status(
@@ -107,7 +91,7 @@ async fn blue_green_previews_switches_and_undoes_instantly() {
         |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2") && acked(v),
     )
     .await;
-    assert_eq!(get_body(listen).await.trim(), "hello from v2");
+    assert_eq!(http_get(listen, "/").await.trim(), "hello from v2");
     let previous = revision(&switched, "v1").expect("v1 retained");
     assert_eq!(previous["role"], "previous");
     assert_eq!(

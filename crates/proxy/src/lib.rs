@@ -40,7 +40,7 @@ pub use control::{
     ControlError, ProxyClient, Request as ControlRequest, Response as ControlResponse,
 };
 pub use metrics::{BUCKETS, RevisionStats, StatsSnapshot};
-pub use table::{RevisionRoute, RoutingTable, ServiceRoute};
+pub use table::{RevisionRoute, RoutingTable, ServiceRoute, routed};
 
 use metrics::Metrics;
 use table::Compiled;

@@ -198,32 +198,29 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            o,
-            "# HELP baton_proxy_upstream_errors_total Requests that reached no instance (answered 502)."
-        );
-        let _ = writeln!(o, "# TYPE baton_proxy_upstream_errors_total counter");
-        for (svc, revs) in &snap {
-            for (rev, s) in revs {
-                let _ = writeln!(
-                    o,
-                    "baton_proxy_upstream_errors_total{{service=\"{svc}\",version=\"{rev}\"}} {}",
-                    s.upstream_errors
-                );
-            }
-        }
-        let _ = writeln!(
-            o,
-            "# HELP baton_proxy_retries_total Connection attempts retried on another instance."
-        );
-        let _ = writeln!(o, "# TYPE baton_proxy_retries_total counter");
-        for (svc, revs) in &snap {
-            for (rev, s) in revs {
-                let _ = writeln!(
-                    o,
-                    "baton_proxy_retries_total{{service=\"{svc}\",version=\"{rev}\"}} {}",
-                    s.retries
-                );
+        let counters: [(&str, &str, fn(&RevisionStats) -> u64); 2] = [
+            (
+                "baton_proxy_upstream_errors_total",
+                "Requests that reached no instance (answered 502).",
+                |s| s.upstream_errors,
+            ),
+            (
+                "baton_proxy_retries_total",
+                "Connection attempts retried on another instance.",
+                |s| s.retries,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} counter");
+            for (svc, revs) in &snap {
+                for (rev, s) in revs {
+                    let _ = writeln!(
+                        o,
+                        "{name}{{service=\"{svc}\",version=\"{rev}\"}} {}",
+                        value(s)
+                    );
+                }
             }
         }
         let _ = writeln!(

@@ -40,6 +40,14 @@ pub struct RevisionRoute {
     pub backends: Vec<SocketAddr>,
 }
 
+/// Every instance address the services route to: what a table keeps serving.
+pub fn routed(services: &[ServiceRoute]) -> std::collections::HashSet<SocketAddr> {
+    services
+        .iter()
+        .flat_map(|s| s.revisions.iter().flat_map(|r| r.backends.iter().copied()))
+        .collect()
+}
+
 /// One revision, ready for the hot path.
 pub(crate) struct Target {
     pub name: Arc<str>,
