@@ -125,6 +125,9 @@ impl RevisionStats {
 /// All services' revisions: `service -> revision -> stats`.
 pub type StatsSnapshot = BTreeMap<String, BTreeMap<String, RevisionStats>>;
 
+/// A per-revision counter family: name, help text, and how to read it.
+type Counter = (&'static str, &'static str, fn(&RevisionStats) -> u64);
+
 #[derive(Default)]
 pub struct Metrics {
     by_revision: Mutex<BTreeMap<(String, String), Arc<RevisionMetrics>>>,
@@ -198,7 +201,7 @@ impl Metrics {
                 );
             }
         }
-        let counters: [(&str, &str, fn(&RevisionStats) -> u64); 2] = [
+        let counters: [Counter; 2] = [
             (
                 "baton_proxy_upstream_errors_total",
                 "Requests that reached no instance (answered 502).",
