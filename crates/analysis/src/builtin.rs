@@ -8,18 +8,30 @@ use std::collections::HashMap;
 
 use baton_engine::{Measurement, Millis, Verdict};
 use baton_proxy::RevisionStats;
-use baton_spec::{BuiltinMetric, Gate, MetricSource};
+use baton_spec::{BuiltinMetric, Compare, Gate, MetricSource};
 
 use crate::threshold::judge;
 
 #[derive(Default)]
 pub struct Measurer {
-    /// (rollout, gate, revision, epoch) → counters at the window's start.
-    windows: HashMap<(String, String, String, u64), RevisionStats>,
+    /// (rollout, gate, revision, epoch) → counters of the canary (and of stable, when
+    /// the gate compares) at the window's start.
+    windows: HashMap<(String, String, String, u64), (RevisionStats, RevisionStats)>,
+}
+
+fn value_of(metric: BuiltinMetric, window: &RevisionStats) -> Option<f64> {
+    match metric {
+        BuiltinMetric::ErrorRate => window.error_rate(),
+        BuiltinMetric::LatencyP50 => window.quantile(0.50),
+        BuiltinMetric::LatencyP90 => window.quantile(0.90),
+        BuiltinMetric::LatencyP99 => window.quantile(0.99),
+    }
 }
 
 impl Measurer {
-    /// One measurement of `gate` on `revision`, from the revision's current counters.
+    /// One measurement of `gate` on `revision` from its current counters; `stable`
+    /// holds the stable revision's current counters, used when the gate compares.
+    #[allow(clippy::too_many_arguments)]
     pub fn measure(
         &mut self,
         rollout: &str,
@@ -27,6 +39,7 @@ impl Measurer {
         revision: &str,
         epoch: u64,
         current: &RevisionStats,
+        stable: Option<&RevisionStats>,
         now: Millis,
     ) -> Measurement {
         let key = (
@@ -47,8 +60,12 @@ impl Measurer {
             at: now,
             detail,
         };
-        let Some(start) = self.windows.get(&key) else {
-            self.windows.insert(key, current.clone());
+        let MetricSource::Builtin(metric) = gate.metric else {
+            return m(Verdict::Error, None, 0, "not a builtin metric".into());
+        };
+        let stable_now = stable.cloned().unwrap_or_default();
+        let Some((start, stable_start)) = self.windows.get(&key) else {
+            self.windows.insert(key, (current.clone(), stable_now));
             return m(
                 Verdict::Inconclusive,
                 None,
@@ -66,27 +83,79 @@ impl Measurer {
                 format!("{n} request(s) in the window, {} needed", gate.min_requests),
             );
         }
-        let MetricSource::Builtin(metric) = gate.metric;
-        let value = match metric {
-            BuiltinMetric::ErrorRate => window.error_rate(),
-            BuiltinMetric::LatencyP50 => window.quantile(0.50),
-            BuiltinMetric::LatencyP90 => window.quantile(0.90),
-            BuiltinMetric::LatencyP99 => window.quantile(0.99),
+        let baseline = gate
+            .compare
+            .as_ref()
+            .map(|_| stable_now.since(stable_start));
+        if let Some(b) = &baseline
+            && b.requests() < gate.min_requests
+        {
+            return m(
+                Verdict::Inconclusive,
+                None,
+                n,
+                format!(
+                    "stable has {} request(s) in the window, {} needed to compare",
+                    b.requests(),
+                    gate.min_requests
+                ),
+            );
+        }
+        self.windows.insert(key, (current.clone(), stable_now));
+        let Some(v) = value_of(metric, &window) else {
+            return m(Verdict::Inconclusive, None, n, "no data".into());
         };
-        self.windows.insert(key, current.clone());
-        match value {
-            Some(v) => {
-                let (verdict, detail) = judge(gate, v);
-                m(
-                    verdict,
+        let name = metric.as_str();
+        let (mut verdict, mut detail) =
+            if gate.success_condition.is_some() || gate.failure_condition.is_some() {
+                judge(gate, v)
+            } else {
+                (Verdict::Pass, format!("result {v:.4}"))
+            };
+        if let (Some(c), Some(b)) = (&gate.compare, &baseline) {
+            let Some(sv) = value_of(metric, b) else {
+                return m(
+                    Verdict::Inconclusive,
                     Some(v),
                     n,
-                    format!("{} over {n} requests: {detail}", metric.as_str()),
-                )
+                    "no stable data to compare with".into(),
+                );
+            };
+            let (ok, text) = compare(c, v, sv);
+            if !ok {
+                verdict = Verdict::Fail;
             }
-            None => m(Verdict::Inconclusive, None, n, "no data".into()),
+            detail = format!("{detail}; {text}");
         }
+        m(
+            verdict,
+            Some(v),
+            n,
+            format!("{name} over {n} requests: {detail}"),
+        )
     }
+}
+
+/// Canary `v` against stable `sv` within the allowances; either allowance suffices.
+pub fn compare(c: &Compare, v: f64, sv: f64) -> (bool, String) {
+    let mut allowed: Option<f64> = None;
+    let mut parts = Vec::new();
+    if let Some(p) = c.max_increase_percent {
+        allowed = Some(allowed.unwrap_or(f64::MIN).max(sv * (1.0 + p / 100.0)));
+        parts.push(format!("+{p} %"));
+    }
+    if let Some(a) = c.max_increase {
+        allowed = Some(allowed.unwrap_or(f64::MIN).max(sv + a));
+        parts.push(format!("+{a}"));
+    }
+    let limit = allowed.unwrap_or(f64::INFINITY);
+    let ok = v <= limit;
+    let text = format!(
+        "canary {v:.4} {} stable {sv:.4} {} (limit {limit:.4})",
+        if ok { "within" } else { "exceeds" },
+        parts.join(" or ")
+    );
+    (ok, text)
 }
 
 #[cfg(test)]
@@ -104,6 +173,12 @@ mod tests {
             failure_limit: 0,
             count: 1,
             min_requests: min,
+            initial_delay: Duration::default(),
+            inconclusive_limit: None,
+            consecutive_error_limit: 4,
+            dry_run: false,
+            on_failure: None,
+            compare: None,
         }
     }
 
@@ -123,18 +198,18 @@ mod tests {
         let g = gate(BuiltinMetric::ErrorRate, "result < 0.1", 20);
         let mut m = Measurer::default();
         assert_eq!(
-            m.measure("r", &g, "v2", 1, &stats(0, 0), 0).verdict,
+            m.measure("r", &g, "v2", 1, &stats(0, 0), None, 0).verdict,
             Verdict::Inconclusive
         );
-        let few = m.measure("r", &g, "v2", 1, &stats(5, 5), 1);
+        let few = m.measure("r", &g, "v2", 1, &stats(5, 5), None, 1);
         assert_eq!(few.verdict, Verdict::Inconclusive, "{}", few.detail);
         // The window kept growing from the start: 40 requests, 10 errors.
-        let judged = m.measure("r", &g, "v2", 1, &stats(30, 10), 2);
+        let judged = m.measure("r", &g, "v2", 1, &stats(30, 10), None, 2);
         assert_eq!(judged.verdict, Verdict::Fail);
         assert_eq!(judged.value, Some(0.25));
         assert_eq!(judged.requests, 40);
         // A fresh window: 30 more good requests.
-        let next = m.measure("r", &g, "v2", 1, &stats(60, 10), 3);
+        let next = m.measure("r", &g, "v2", 1, &stats(60, 10), None, 3);
         assert_eq!(next.verdict, Verdict::Pass);
         assert_eq!(next.value, Some(0.0));
     }
@@ -143,8 +218,93 @@ mod tests {
     fn a_new_epoch_starts_a_new_window() {
         let g = gate(BuiltinMetric::LatencyP99, "result < 0.8", 1);
         let mut m = Measurer::default();
-        m.measure("r", &g, "v2", 1, &stats(10, 0), 0);
-        let again = m.measure("r", &g, "v2", 2, &stats(20, 0), 1);
+        m.measure("r", &g, "v2", 1, &stats(10, 0), None, 0);
+        let again = m.measure("r", &g, "v2", 2, &stats(20, 0), None, 1);
         assert_eq!(again.verdict, Verdict::Inconclusive);
+    }
+}
+
+#[cfg(test)]
+mod compare_tests {
+    use super::*;
+    use baton_spec::Duration;
+
+    fn stats(ok: u64, errors: u64, bucket: usize) -> RevisionStats {
+        let mut s = RevisionStats {
+            buckets: vec![0; baton_proxy::BUCKETS.len() + 1],
+            ..RevisionStats::default()
+        };
+        s.classes[1] = ok;
+        s.classes[4] = errors;
+        s.buckets[bucket] = ok + errors;
+        s
+    }
+
+    fn gate() -> Gate {
+        Gate {
+            name: "vs-stable".into(),
+            metric: MetricSource::Builtin(BuiltinMetric::LatencyP99),
+            success_condition: None,
+            failure_condition: None,
+            interval: Duration::from_secs(1),
+            failure_limit: 0,
+            count: 1,
+            min_requests: 10,
+            initial_delay: Duration::default(),
+            inconclusive_limit: None,
+            consecutive_error_limit: 4,
+            dry_run: false,
+            on_failure: None,
+            compare: Some(Compare {
+                max_increase_percent: Some(5.0),
+                max_increase: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_canary_is_judged_against_stable_over_the_same_window() {
+        let g = gate();
+        let mut m = Measurer::default();
+        // Bucket 7 is (0.075, 0.1]; bucket 13 is (0.4, 0.5].
+        m.measure("r", &g, "c", 1, &stats(0, 0, 7), Some(&stats(0, 0, 7)), 0);
+        let same = m.measure(
+            "r",
+            &g,
+            "c",
+            1,
+            &stats(50, 0, 7),
+            Some(&stats(500, 0, 7)),
+            1,
+        );
+        assert_eq!(same.verdict, Verdict::Pass, "{}", same.detail);
+        let slower = m.measure(
+            "r",
+            &g,
+            "c",
+            1,
+            &stats(100, 0, 13),
+            Some(&stats(1000, 0, 7)),
+            2,
+        );
+        assert_eq!(slower.verdict, Verdict::Fail, "{}", slower.detail);
+        assert!(slower.detail.contains("exceeds"), "{}", slower.detail);
+    }
+
+    #[test]
+    fn allowances() {
+        let pct = Compare {
+            max_increase_percent: Some(5.0),
+            max_increase: None,
+        };
+        assert!(compare(&pct, 0.104, 0.1).0);
+        assert!(!compare(&pct, 0.106, 0.1).0);
+        // A zero error rate on stable: only an absolute allowance lets any error through.
+        let both = Compare {
+            max_increase_percent: Some(5.0),
+            max_increase: Some(0.001),
+        };
+        assert!(compare(&both, 0.0009, 0.0).0);
+        assert!(!compare(&both, 0.002, 0.0).0);
     }
 }

@@ -1,14 +1,20 @@
 //! Metric providers and judges.
 //!
-//! Today: the built-in provider (the proxy's own per-revision counters, read over its
-//! control socket with no scrape delay), the threshold judge (`successCondition` /
-//! `failureCondition` expressions over `result`, evaluated by `evalexpr`), and HTTP
-//! smoke tests for blue-green previews. One file per provider as more arrive.
+//! Providers, one file each: builtin (the proxy's own per-revision counters, read
+//! over its control socket with no scrape delay), prometheus, web, command; smoke
+//! tests for blue-green previews. Judges: thresholds (`successCondition` /
+//! `failureCondition` over `result`, evaluated by `evalexpr`) and comparison with the
+//! stable revision over the same window.
 
 pub mod builtin;
+pub mod command;
+pub mod prometheus;
+pub mod provider;
 pub mod smoke;
 pub mod threshold;
+pub mod web;
 
 pub use builtin::Measurer;
+pub use provider::{MetricProvider, ProviderError, Sample, Vars, judge_sample, measure};
 pub use smoke::run_smoke;
 pub use threshold::judge;

@@ -63,6 +63,12 @@ mod tests {
             failure_limit: 0,
             count: 1,
             min_requests: 1,
+            initial_delay: Duration::default(),
+            inconclusive_limit: None,
+            consecutive_error_limit: 4,
+            dry_run: false,
+            on_failure: None,
+            compare: None,
         }
     }
 

@@ -94,7 +94,7 @@ fn action_of(reason: &str, message: &str) -> &'static str {
         "NewRevision" | "Superseded" | "Abandoned" => "revision",
         "StepCompleted" => "step",
         "TrafficShifted" => "traffic",
-        "GatePassed" | "GateFailed" => "gate",
+        "GatePassed" | "GateFailed" | "GateError" => "gate",
         "SmokeStarted" | "SmokePassed" => "smoke",
         "Promote" | "PromoteFull" | "Promoted" | "Switch" => "promote",
         "Aborted" if message.contains("aborted by user") => "abort",
@@ -128,6 +128,8 @@ struct Controller {
     audit: AuditLog,
     notifier: Notifier,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
+    measure_tx: mpsc::UnboundedSender<(String, Measurement)>,
+    measure_rx: mpsc::UnboundedReceiver<(String, Measurement)>,
 }
 
 /// Starts a controller: adopts or starts the proxy, adopts recorded instances, applies
@@ -154,6 +156,7 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         .unwrap_or_else(|| paths.root.join("audit.head"));
     let audit = AuditLog::open(&paths.db(), Some(head)).context("cannot open the audit trail")?;
     let (delivery_tx, deliveries) = mpsc::unbounded_channel();
+    let (measure_tx, measure_rx) = mpsc::unbounded_channel();
     let mut c = Controller {
         paths: paths.clone(),
         opts: opts.clone(),
@@ -172,6 +175,8 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         audit,
         notifier: Notifier::new(delivery_tx),
         deliveries,
+        measure_tx,
+        measure_rx,
     };
     let me = format!("os:{}", local_user());
     c.record(
@@ -403,6 +408,9 @@ impl Controller {
     }
 
     async fn tick(&mut self) -> Result<()> {
+        while let Ok((rollout, m)) = self.measure_rx.try_recv() {
+            self.take_measurement(&rollout, m);
+        }
         while let Ok(d) = self.deliveries.try_recv() {
             self.say(&d.rollout, "Notification", &d.message);
         }
@@ -486,30 +494,48 @@ impl Controller {
                         else {
                             continue;
                         };
+                        let stable = self
+                            .rollouts
+                            .get(&name)
+                            .and_then(|r| r.status.stable.clone());
+                        if !matches!(g.metric, baton_spec::MetricSource::Builtin(_)) {
+                            // External providers do I/O that may take seconds: off the loop.
+                            let vars = baton_analysis::Vars {
+                                service: name.clone(),
+                                revision: revision.clone(),
+                                stable,
+                                address: self.platform.backends(&name, &revision).first().copied(),
+                            };
+                            let (g, tx) = (g.clone(), self.measure_tx.clone());
+                            let rollout = name.clone();
+                            tokio::spawn(async move {
+                                let m = baton_analysis::measure(&g, &vars, now_ms()).await;
+                                let _ = tx.send((rollout, m));
+                            });
+                            continue;
+                        }
                         if stats.is_none() {
                             stats = self.proxy.stats().await.ok();
                         }
                         let Some(snap) = &stats else { continue };
-                        let current = snap
-                            .get(&name)
-                            .and_then(|m| m.get(&revision))
-                            .cloned()
-                            .unwrap_or_default();
-                        let m = self
-                            .measurer
-                            .measure(&name, g, &revision, epoch, &current, now);
-                        match m.verdict {
-                            baton_engine::Verdict::Fail => {
-                                self.say(&name, "GateFailed", &format!("gate {gate}: {}", m.detail))
-                            }
-                            baton_engine::Verdict::Pass => {
-                                self.say(&name, "GatePassed", &format!("gate {gate}: {}", m.detail))
-                            }
-                            baton_engine::Verdict::Inconclusive => {}
-                        }
-                        if let Some(r) = self.rollouts.get_mut(&name) {
-                            r.measurements.push(m);
-                        }
+                        let of = |rev: &str| {
+                            snap.get(&name)
+                                .and_then(|m| m.get(rev))
+                                .cloned()
+                                .unwrap_or_default()
+                        };
+                        let current = of(&revision);
+                        let stable_now = stable.as_deref().map(of);
+                        let m = self.measurer.measure(
+                            &name,
+                            g,
+                            &revision,
+                            epoch,
+                            &current,
+                            stable_now.as_ref(),
+                            now,
+                        );
+                        self.take_measurement(&name, m);
                     }
                     Action::RunSmoke { revision } => self.start_smoke(&name, &spec, &revision),
                 }
@@ -527,6 +553,20 @@ impl Controller {
             let _ = c.try_wait();
         }
         Ok(())
+    }
+
+    /// Logs a measurement's verdict and hands it to the engine's next step.
+    fn take_measurement(&mut self, name: &str, m: Measurement) {
+        let what = format!("gate {}: {}", m.gate, m.detail);
+        match m.verdict {
+            baton_engine::Verdict::Fail => self.say(name, "GateFailed", &what),
+            baton_engine::Verdict::Pass => self.say(name, "GatePassed", &what),
+            baton_engine::Verdict::Error => self.say(name, "GateError", &what),
+            baton_engine::Verdict::Inconclusive => {}
+        }
+        if let Some(r) = self.rollouts.get_mut(name) {
+            r.measurements.push(m);
+        }
     }
 
     /// Tells the rollout's webhooks; delivery happens in the background.

@@ -83,8 +83,12 @@ impl Revision {
 pub enum Verdict {
     Pass,
     Fail,
-    /// Too little data (below `minRequests`); not counted either way.
+    /// Too little data (below `minRequests`, an empty query); not counted either way,
+    /// but too many pause the rollout (`inconclusiveLimit`).
     Inconclusive,
+    /// The measurement could not be taken (the provider failed). Not a failed metric;
+    /// too many in a row fail the gate (`consecutiveErrorLimit`).
+    Error,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,6 +112,9 @@ pub struct GateStatus {
     /// Passes since the current step began (an `analysis` step waits on these).
     pub passes: u32,
     pub inconclusive: u32,
+    /// Provider errors since the last measurement that worked.
+    #[serde(default)]
+    pub consecutive_errors: u32,
     pub next_due: Millis,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<Measurement>,

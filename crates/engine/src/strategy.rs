@@ -77,15 +77,19 @@ impl Ctx<'_> {
         );
     }
 
-    /// A gate failed or the deadline passed: roll back, or pause for a human.
+    /// A failure that the spec says rolls back, or pauses for a human.
     fn fail(&mut self, reason: String) {
         if self.spec.spec.rollback.on_failure {
             self.abort(reason);
-        } else if !self.s.failed_paused {
+        } else {
+            self.pause_on_failure(reason);
+        }
+    }
+
+    fn pause_on_failure(&mut self, reason: String) {
+        if !self.s.failed_paused {
             self.s.failed_paused = true;
-            self.s.message = format!(
-                "{reason} (rollback.onFailure is false: paused; promote to go on, abort to roll back)"
-            );
+            self.s.message = format!("{reason} (paused; promote to go on, abort to roll back)");
             self.event("FailedPaused", self.s.message.clone());
         }
     }
@@ -310,7 +314,9 @@ fn record_measurements(cx: &mut Ctx) {
     if cx.s.aborted {
         return;
     }
-    let mut failed: Option<String> = None;
+    // (reason, pause instead of roll back)
+    let mut failed: Option<(String, bool)> = None;
+    let global_pause = !cx.spec.spec.rollback.on_failure;
     for m in &cx.obs.measurements {
         if m.revision != canary {
             continue;
@@ -329,21 +335,65 @@ fn record_measurements(cx: &mut Ctx) {
         match m.verdict {
             Verdict::Pass => {
                 g.passes += 1;
-                cx.s.last_progress_at = cx.now;
+                g.consecutive_errors = 0;
+                if !gate.dry_run {
+                    cx.s.last_progress_at = cx.now;
+                }
             }
-            Verdict::Fail => g.failures += 1,
-            Verdict::Inconclusive => g.inconclusive += 1,
+            Verdict::Fail => {
+                g.failures += 1;
+                g.consecutive_errors = 0;
+            }
+            Verdict::Inconclusive => {
+                g.inconclusive += 1;
+                g.consecutive_errors = 0;
+            }
+            Verdict::Error => g.consecutive_errors += 1,
         }
         g.last = Some(m.clone());
-        if m.verdict == Verdict::Fail && g.failures > gate.failure_limit && failed.is_none() {
-            failed = Some(format!(
-                "gate {} failed {} time(s) (limit {}): {}",
-                m.gate, g.failures, gate.failure_limit, m.detail
+        if gate.dry_run || failed.is_some() {
+            continue;
+        }
+        let pause = gate
+            .on_failure
+            .map_or(global_pause, |o| o == baton_spec::OnFailure::Pause);
+        if m.verdict == Verdict::Fail && g.failures > gate.failure_limit {
+            failed = Some((
+                format!(
+                    "gate {} failed {} time(s) (limit {}): {}",
+                    m.gate, g.failures, gate.failure_limit, m.detail
+                ),
+                pause,
+            ));
+        } else if m.verdict == Verdict::Error && g.consecutive_errors > gate.consecutive_error_limit
+        {
+            failed = Some((
+                format!(
+                    "gate {} could not be measured {} times in a row (limit {}): {}",
+                    m.gate, g.consecutive_errors, gate.consecutive_error_limit, m.detail
+                ),
+                pause,
+            ));
+        } else if m.verdict == Verdict::Inconclusive
+            && gate.inconclusive_limit.is_some_and(|l| g.inconclusive > l)
+        {
+            // Not knowing is not failing: a human decides.
+            failed = Some((
+                format!(
+                    "gate {} was inconclusive {} times (limit {}): {}",
+                    m.gate,
+                    g.inconclusive,
+                    gate.inconclusive_limit.unwrap_or(0),
+                    m.detail
+                ),
+                true,
             ));
         }
     }
-    if let Some(reason) = failed {
-        cx.fail(reason);
+    match failed {
+        Some((reason, true)) => cx.pause_on_failure(reason),
+        Some((reason, false)) => cx.abort(reason),
+        None => {}
     }
 }
 
@@ -408,15 +458,14 @@ fn canary(cx: &mut Ctx, steps: &[Step]) {
                     true
                 } else {
                     a.gates.iter().all(|name| {
-                        let need = cx
-                            .spec
-                            .spec
-                            .analysis
-                            .gates
-                            .iter()
-                            .find(|g| &g.name == name)
-                            .map_or(1, |g| g.count);
-                        cx.s.gates.get(name).is_some_and(|g| g.passes >= need)
+                        let gate = cx.spec.spec.analysis.gates.iter().find(|g| &g.name == name);
+                        // A dry-run gate is measured and recorded but never holds a step.
+                        gate.is_some_and(|g| g.dry_run)
+                            || cx
+                                .s
+                                .gates
+                                .get(name)
+                                .is_some_and(|g| g.passes >= gate.map_or(1, |g| g.count))
                     })
                 }
             }
@@ -697,7 +746,7 @@ fn schedule_measurements(cx: &mut Ctx) {
             cx.s.gates
                 .entry(gate.name.clone())
                 .or_insert_with(|| GateStatus {
-                    next_due: cx.now,
+                    next_due: cx.now + gate.initial_delay.as_millis(),
                     ..GateStatus::default()
                 });
         if cx.now >= g.next_due {

@@ -40,7 +40,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u64..20_000).prop_map(Op::Wait),
         4 => (0usize..4, 0u32..4, 0u32..4).prop_map(|(rev, ready, a)| Op::Instances { rev, ready, available: a.min(ready) }),
         4 => Just(Op::Ack),
-        2 => (0usize..4, prop_oneof![Just(Verdict::Pass), Just(Verdict::Fail), Just(Verdict::Inconclusive)])
+        2 => (0usize..4, prop_oneof![Just(Verdict::Pass), Just(Verdict::Fail), Just(Verdict::Inconclusive), Just(Verdict::Error)])
             .prop_map(|(rev, verdict)| Op::Measure { rev, verdict }),
         1 => (0usize..4, any::<bool>()).prop_map(|(rev, passed)| Op::Smoke { rev, passed }),
         1 => prop_oneof![Just(Command::Promote), Just(Command::PromoteFull), Just(Command::Abort), Just(Command::Retry)].prop_map(Op::Cmd),

@@ -324,3 +324,113 @@ fn rolling_keeps_capacity_and_finishes() {
     assert_eq!(w.status.desired.len(), 1);
     assert_eq!(w.weight("v2"), 100);
 }
+
+fn canary_with(edit: impl Fn(&mut baton_spec::Gate)) -> World {
+    let mut s = spec(CANARY);
+    edit(&mut s.spec.analysis.gates[0]);
+    let mut w = World::new(s);
+    w.tick();
+    w.tick();
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.tick();
+    w.tick();
+    w
+}
+
+#[test]
+fn a_dry_run_gate_records_but_never_acts() {
+    let mut w = canary_with(|g| g.dry_run = true);
+    for _ in 0..5 {
+        w.answer_measurements(Verdict::Fail);
+        w.advance(1000);
+    }
+    assert_eq!(w.status.phase, Phase::Progressing, "{}", w.status.message);
+    assert!(
+        w.status.gates["errors"].failures >= 3,
+        "failures are recorded"
+    );
+    // Nor does it hold the analysis step that names it.
+    assert!(w.run_until(Verdict::Fail, |w| w.status.phase == Phase::Paused));
+    assert_eq!(w.weight("v2"), 50);
+}
+
+#[test]
+fn provider_errors_fail_the_gate_only_past_the_limit() {
+    let mut w = canary_with(|g| g.consecutive_error_limit = 2);
+    for _ in 0..2 {
+        w.answer_measurements(Verdict::Error);
+        w.advance(1000);
+    }
+    assert_eq!(w.status.phase, Phase::Progressing);
+    w.answer_measurements(Verdict::Pass);
+    w.advance(1000);
+    assert_eq!(
+        w.status.gates["errors"].consecutive_errors, 0,
+        "a good measurement resets the count"
+    );
+    for _ in 0..3 {
+        w.answer_measurements(Verdict::Error);
+        w.advance(1000);
+    }
+    assert_eq!(w.status.phase, Phase::Degraded);
+    assert!(
+        w.status.message.contains("could not be measured 3 times"),
+        "{}",
+        w.status.message
+    );
+}
+
+#[test]
+fn too_many_inconclusive_measurements_pause_for_a_human() {
+    let mut w = canary_with(|g| g.inconclusive_limit = Some(2));
+    for _ in 0..3 {
+        w.answer_measurements(Verdict::Inconclusive);
+        w.advance(1000);
+    }
+    assert_eq!(
+        w.status.phase,
+        Phase::Paused,
+        "not rolled back: not knowing is not failing"
+    );
+    assert!(
+        w.status.message.contains("inconclusive 3 times"),
+        "{}",
+        w.status.message
+    );
+    assert_eq!(w.weight("v2"), 10, "traffic stays where it was");
+}
+
+#[test]
+fn a_gate_can_pause_instead_of_rolling_back() {
+    let mut w = canary_with(|g| g.on_failure = Some(baton_spec::OnFailure::Pause));
+    w.answer_measurements(Verdict::Fail);
+    w.advance(1000);
+    assert_eq!(w.status.phase, Phase::Paused);
+    w.command(Command::Abort).expect("a human decides");
+    assert_eq!(w.status.phase, Phase::Degraded);
+}
+
+#[test]
+fn initial_delay_postpones_the_first_measurement() {
+    let mut w = canary_with(|g| g.initial_delay = baton_spec::Duration::from_secs(5));
+    let measured = |w: &World| {
+        w.last.as_ref().is_some_and(|o| {
+            o.actions
+                .iter()
+                .any(|a| matches!(a, Action::Measure { .. }))
+        })
+    };
+    let mut first = None;
+    for i in 0..10 {
+        w.advance(1000);
+        if measured(&w) {
+            first = Some(i + 1);
+            break;
+        }
+    }
+    assert!(
+        first.is_some_and(|s| s >= 5),
+        "first measurement after {first:?} s"
+    );
+}

@@ -354,6 +354,52 @@ pub struct Gate {
     /// until it does, so a handful of slow requests cannot fail a version.
     #[serde(default = "default_min_requests")]
     pub min_requests: u64,
+    /// Wait this long after the canary first gets traffic before the first measurement.
+    #[serde(default)]
+    pub initial_delay: Duration,
+    /// Inconclusive measurements tolerated; one more pauses the rollout for a human.
+    /// No limit when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inconclusive_limit: Option<u32>,
+    /// Measurements in a row that could not be taken (the provider failed: Prometheus
+    /// down, a bad query); one more fails the gate. A provider error is not a failed
+    /// metric.
+    #[serde(default = "default_consecutive_error_limit")]
+    pub consecutive_error_limit: u32,
+    /// Measure and record, never act: for trying a new query before trusting it.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// What a failure of this gate does; `rollback.onFailure` decides when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
+    /// Judge the canary against the stable revision over the same window instead of
+    /// (or as well as) against fixed conditions. Built-in metrics only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare: Option<Compare>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnFailure {
+    Rollback,
+    Pause,
+}
+
+/// The canary passes when its value is within the allowance over stable's:
+/// `canary <= stable * (1 + maxIncreasePercent / 100)` or
+/// `canary <= stable + maxIncrease` (either allowance suffices when both are set).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Compare {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_increase_percent: Option<f64>,
+    /// In the metric's own unit: seconds for latency, a 0-1 share for error rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_increase: Option<f64>,
+}
+
+fn default_consecutive_error_limit() -> u32 {
+    4
 }
 
 fn default_interval() -> Duration {
@@ -368,6 +414,55 @@ fn default_min_requests() -> u64 {
 pub enum MetricSource {
     /// Measured by the built-in proxy per revision, with no scrape delay.
     Builtin(BuiltinMetric),
+    /// An instant PromQL query; `{{service}}`, `{{revision}}` and `{{stable}}` are
+    /// replaced by the rollout's name and the canary's and stable's revision names.
+    Prometheus(PrometheusMetric),
+    /// An HTTP GET whose JSON answer holds the value at `jsonPath`.
+    Web(WebMetric),
+    /// A command whose exit status is the result (0 passes by default); the local twin
+    /// of a Kubernetes Job.
+    Command(CommandMetric),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrometheusMetric {
+    /// E.g. `http://127.0.0.1:9090`.
+    pub address: String,
+    pub query: String,
+    #[serde(default = "default_provider_timeout")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebMetric {
+    /// `{{service}}`, `{{revision}}`, `{{stable}}` are replaced as in Prometheus queries.
+    pub url: String,
+    /// Dotted path to a number in the JSON answer, e.g. `data.p99` or `items.0.value`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_path: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default = "default_provider_timeout")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CommandMetric {
+    /// Program and arguments. It gets `BATON_SERVICE`, `BATON_REVISION`,
+    /// `BATON_STABLE` and `BATON_ADDRESS` (a ready instance of the canary).
+    pub command: Vec<String>,
+    #[serde(default = "default_command_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_provider_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

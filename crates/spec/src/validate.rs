@@ -195,12 +195,73 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
                 format!("gate {:?} is defined twice", g.name),
             );
         }
-        if g.success_condition.is_none() && g.failure_condition.is_none() {
+        let is_command = matches!(g.metric, crate::MetricSource::Command(_));
+        if g.success_condition.is_none()
+            && g.failure_condition.is_none()
+            && g.compare.is_none()
+            && !is_command
+        {
             err(
                 &f,
-                "set successCondition and/or failureCondition, e.g. successCondition: \"result < 0.8\"".into(),
+                "set successCondition, failureCondition or compare, e.g. successCondition: \"result < 0.8\"".into(),
             );
         }
+        if let Some(c) = &g.compare {
+            if !matches!(g.metric, crate::MetricSource::Builtin(_)) {
+                err(
+                    &format!("{f}.compare"),
+                    "comparing with stable needs a builtin metric".into(),
+                );
+            }
+            if c.max_increase_percent.is_none() && c.max_increase.is_none() {
+                err(
+                    &format!("{f}.compare"),
+                    "set maxIncreasePercent and/or maxIncrease".into(),
+                );
+            }
+            for (k, v) in [
+                ("maxIncreasePercent", c.max_increase_percent),
+                ("maxIncrease", c.max_increase),
+            ] {
+                if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                    err(
+                        &format!("{f}.compare.{k}"),
+                        "must be a non-negative number".into(),
+                    );
+                }
+            }
+        }
+        match &g.metric {
+            crate::MetricSource::Prometheus(p) => {
+                if !(p.address.starts_with("http://") || p.address.starts_with("https://")) {
+                    err(
+                        &format!("{f}.metric.prometheus.address"),
+                        format!("{:?} must start with http:// or https://", p.address),
+                    );
+                }
+                if p.query.trim().is_empty() {
+                    err(&format!("{f}.metric.prometheus.query"), "is empty".into());
+                }
+            }
+            crate::MetricSource::Web(w) => {
+                if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                    err(
+                        &format!("{f}.metric.web.url"),
+                        format!("{:?} must start with http:// or https://", w.url),
+                    );
+                }
+            }
+            crate::MetricSource::Command(c) => {
+                if c.command.first().is_none_or(|p| p.trim().is_empty()) {
+                    err(
+                        &format!("{f}.metric.command.command"),
+                        "must name a program to run".into(),
+                    );
+                }
+            }
+            crate::MetricSource::Builtin(_) => {}
+        }
+
         for (k, c) in [
             ("successCondition", &g.success_condition),
             ("failureCondition", &g.failure_condition),

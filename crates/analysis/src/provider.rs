@@ -1,0 +1,182 @@
+//! The metric-provider interface and the registry that picks one by the gate's
+//! `metric` field. One file per provider beside this one.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use baton_engine::{Measurement, Millis, Verdict};
+use baton_spec::{Gate, MetricSource};
+
+use crate::threshold::judge;
+
+/// What a query may refer to.
+#[derive(Debug, Clone, Default)]
+pub struct Vars {
+    /// The rollout's name (the `service` label of the proxy's metrics).
+    pub service: String,
+    /// The revision measured (the canary).
+    pub revision: String,
+    pub stable: Option<String>,
+    /// A ready instance of the revision, for commands that probe it.
+    pub address: Option<SocketAddr>,
+}
+
+impl Vars {
+    /// Replaces `{{service}}`, `{{revision}}` and `{{stable}}`.
+    pub fn apply(&self, template: &str) -> String {
+        template
+            .replace("{{service}}", &self.service)
+            .replace("{{revision}}", &self.revision)
+            .replace("{{stable}}", self.stable.as_deref().unwrap_or(""))
+    }
+}
+
+/// A provider's answer: a number, or a reason why there is none (not an error: an
+/// empty query result or NaN means no data yet, and is judged inconclusive).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sample {
+    Value(f64),
+    NoData(String),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("cannot reach {what}: {detail}")]
+    Unreachable { what: String, detail: String },
+    #[error("{what} answered HTTP {status}: {body}")]
+    Status {
+        what: String,
+        status: u16,
+        body: String,
+    },
+    #[error("no answer from {what} within {seconds} s")]
+    Timeout { what: String, seconds: f64 },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One kind of measurement. Implementations do I/O and nothing else; judging is
+/// done once, by [`measure`], for all of them.
+pub trait MetricProvider {
+    fn sample(&self, vars: &Vars) -> impl Future<Output = Result<Sample, ProviderError>> + Send;
+}
+
+/// Takes one measurement of an external (non-builtin) gate and judges it.
+pub async fn measure(gate: &Gate, vars: &Vars, now: Millis) -> Measurement {
+    let result = match &gate.metric {
+        MetricSource::Prometheus(p) => crate::prometheus::Prometheus(p).sample(vars).await,
+        MetricSource::Web(w) => crate::web::Web(w).sample(vars).await,
+        MetricSource::Command(c) => crate::command::Command(c).sample(vars).await,
+        MetricSource::Builtin(_) => Err(ProviderError::Invalid(
+            "builtin metrics are measured from the proxy's counters".into(),
+        )),
+    };
+    judge_sample(gate, &vars.revision, now, result)
+}
+
+/// Turns a provider's answer into a verdict with the gate's conditions.
+pub fn judge_sample(
+    gate: &Gate,
+    revision: &str,
+    now: Millis,
+    result: Result<Sample, ProviderError>,
+) -> Measurement {
+    let (verdict, value, detail) = match result {
+        Ok(Sample::Value(v)) if v.is_nan() => (
+            Verdict::Inconclusive,
+            None,
+            "the result is NaN (no data)".to_string(),
+        ),
+        Ok(Sample::Value(v)) => {
+            let (verdict, detail) =
+                if gate.success_condition.is_none() && gate.failure_condition.is_none() {
+                    // Commands: the exit status is the verdict.
+                    if v == 0.0 {
+                        (Verdict::Pass, "exit status 0".to_string())
+                    } else {
+                        (Verdict::Fail, format!("exit status {v}"))
+                    }
+                } else {
+                    judge(gate, v)
+                };
+            (verdict, Some(v), detail)
+        }
+        Ok(Sample::NoData(why)) => (Verdict::Inconclusive, None, why),
+        Err(e) => (Verdict::Error, None, e.to_string()),
+    };
+    Measurement {
+        gate: gate.name.clone(),
+        revision: revision.to_string(),
+        verdict,
+        value,
+        requests: 0,
+        at: now,
+        detail,
+    }
+}
+
+/// GETs `url` over plain HTTP with a timeout; the body if the status is 2xx.
+pub(crate) async fn http_get(
+    url: &str,
+    headers: &[(String, String)],
+    timeout: std::time::Duration,
+    what: &str,
+) -> Result<Vec<u8>, ProviderError> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    if url.starts_with("https://") {
+        return Err(ProviderError::Invalid(format!(
+            "{what}: https is not supported yet; use http://"
+        )));
+    }
+    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = hyper::Request::get(url);
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req
+        .body(Empty::new())
+        .map_err(|e| ProviderError::Invalid(format!("{what}: bad request: {e}")))?;
+    let fut = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| ProviderError::Unreachable {
+                what: what.to_string(),
+                detail: if e.is_connect() {
+                    "connection refused or failed".into()
+                } else {
+                    e.to_string()
+                },
+            })?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ProviderError::Unreachable {
+                what: what.to_string(),
+                detail: e.to_string(),
+            })?
+            .to_bytes()
+            .to_vec();
+        if !(200..300).contains(&status) {
+            let text = String::from_utf8_lossy(&body).chars().take(300).collect();
+            return Err(ProviderError::Status {
+                what: what.to_string(),
+                status,
+                body: text,
+            });
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProviderError::Timeout {
+                what: what.to_string(),
+                seconds: timeout.as_secs_f64(),
+            })
+        })
+}
