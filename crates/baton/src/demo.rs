@@ -28,6 +28,11 @@ pub struct DemoOptions {
     pub concurrency: usize,
     /// Tell the story on stderr (for `--output json`).
     pub narrate_to_stderr: bool,
+    /// Where the proxy serves `/metrics` (default: a free port).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Gate on this Prometheus (which must scrape `metrics_listen`) instead of the
+    /// proxy's own counters.
+    pub prometheus: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,7 +66,19 @@ macro_rules! say {
     };
 }
 
-fn spec(hello: &str, listen: SocketAddr, version: &str, extra_env: &str) -> String {
+fn spec(
+    hello: &str,
+    listen: SocketAddr,
+    version: &str,
+    extra_env: &str,
+    prometheus: Option<&str>,
+) -> String {
+    let errors = match prometheus {
+        None => "metric: { builtin: error_rate }".to_string(),
+        Some(url) => format!(
+            "metric: {{ prometheus: {{ address: \"{url}\", query: 'sum(rate(http_requests_total{{service=\"{{{{service}}}}\",version=\"{{{{revision}}}}\",code=\"5xx\"}}[5s])) / sum(rate(http_requests_total{{service=\"{{{{service}}}}\",version=\"{{{{revision}}}}\"}}[5s]))' }} }}"
+        ),
+    };
     format!(
         r#"apiVersion: baton.dev/v1alpha1
 kind: Rollout
@@ -91,7 +108,7 @@ spec:
   analysis:
     gates:
       - name: errors
-        metric: {{ builtin: error_rate }}
+        {errors}
         successCondition: "result <= 0.01"
         interval: 1s
         minRequests: 20
@@ -263,7 +280,11 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
             .with_context(|| format!("cannot clear {}", paths.root.display()))?;
     }
     let listen = free_addr()?;
-    let metrics = free_addr()?;
+    let metrics = match opts.metrics_listen {
+        Some(m) => m,
+        None => free_addr()?,
+    };
+    let prometheus = opts.prometheus.clone();
     let mut n = Narrator {
         started: Instant::now(),
         last: String::new(),
@@ -276,7 +297,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
     say!("  traffic:  http://{listen}/      metrics: http://{metrics}/metrics");
 
     n.heading("1. start v1 (2 instances behind the built-in proxy)");
-    let v1 = baton_spec::parse(&spec(&hello, listen, "v1", ""))?;
+    let v1 = baton_spec::parse(&spec(&hello, listen, "v1", "", prometheus.as_deref()))?;
     let h = controller::start(UpOptions {
         paths: paths.clone(),
         specs: v1,
@@ -292,7 +313,16 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         h.api_addr,
         paths.token().display()
     );
-    let result = story(&h, &mut n, &hello, listen, opts.rate, opts.concurrency).await;
+    let result = story(
+        &h,
+        &mut n,
+        &hello,
+        listen,
+        opts.rate,
+        opts.concurrency,
+        prometheus.as_deref(),
+    )
+    .await;
 
     n.heading("cleaning up: stopping the proxy and every instance");
     let (_, v) = h.call(ApiCall::Shutdown { down: true }).await;
@@ -343,6 +373,7 @@ async fn story(
     listen: SocketAddr,
     rate: u32,
     concurrency: usize,
+    prometheus: Option<&str>,
 ) -> Result<DemoSummary> {
     wait_for(
         h,
@@ -362,7 +393,9 @@ async fn story(
 
     n.heading("3. apply v2: canary 10% → 30% → 60% → 100%, gated on error rate and p99");
     let t2 = Instant::now();
-    let (code, v) = h.call(ApiCall::Apply(spec(hello, listen, "v2", ""))).await;
+    let (code, v) = h
+        .call(ApiCall::Apply(spec(hello, listen, "v2", "", prometheus)))
+        .await;
     if !code.is_success() {
         bail!("apply v2: {}", v["error"]);
     }
@@ -390,6 +423,7 @@ async fn story(
             listen,
             "v3",
             ", FAIL_RATE: \"0.5\"",
+            prometheus,
         )))
         .await;
     if !code.is_success() {

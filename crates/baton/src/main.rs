@@ -161,6 +161,13 @@ enum Cmd {
         /// Working directory for the demo's state (default: a new temporary one).
         #[arg(long = "workdir", value_name = "DIR")]
         workdir: Option<PathBuf>,
+        /// Serve the proxy's metrics here (default: a free port).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
+        /// Gate the error rate with PromQL on this Prometheus (which must scrape
+        /// --metrics-listen) instead of the proxy's own counters.
+        #[arg(long, value_name = "URL")]
+        prometheus: Option<String>,
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -439,6 +446,8 @@ async fn run(cli: Cli) -> Result<()> {
             concurrency,
             hello,
             workdir,
+            metrics_listen,
+            prometheus,
             output,
         } => {
             if rate == 0 || concurrency == 0 {
@@ -450,6 +459,8 @@ async fn run(cli: Cli) -> Result<()> {
                 rate,
                 concurrency,
                 narrate_to_stderr: output == Output::Json,
+                metrics_listen,
+                prometheus,
             })
             .await?;
             if output == Output::Json {

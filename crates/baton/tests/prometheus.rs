@@ -1,0 +1,138 @@
+//! Gates on PromQL against a real Prometheus that scrapes the proxy's `/metrics`.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use baton::load::Load;
+use common::*;
+
+/// A Prometheus server on loopback, scraping `target` every second; stopped on drop.
+struct Prometheus {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Prometheus {
+    fn start(dir: &std::path::Path, target: std::net::SocketAddr) -> Prometheus {
+        let addr = free_addr();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: baton\n    static_configs: [{{ targets: [\"{target}\"] }}]\n"
+            ),
+        )
+        .expect("config");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).expect("log"))
+            .spawn()
+            .expect("the prometheus server is installed (Debian package `prometheus`; scripts/test installs it)");
+        let p = Prometheus { child, addr };
+        wait_until(Duration::from_secs(30), "Prometheus to be ready", || {
+            std::net::TcpStream::connect(addr).is_ok()
+        });
+        p
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spec(
+    listen: std::net::SocketAddr,
+    prom: std::net::SocketAddr,
+    version: &str,
+    extra_env: &str,
+) -> String {
+    canary_spec(listen, version, extra_env, "        - setWeight: 50\n        - analysis: { gates: [p99-prom] }")
+        .replace(
+            "  analysis:\n    gates:\n",
+            &format!(
+                r#"  analysis:
+    gates:
+      - name: p99-prom
+        metric:
+          prometheus:
+            address: "http://{prom}"
+            query: 'histogram_quantile(0.99, sum by (le) (rate(http_request_duration_seconds_bucket{{service="{{{{service}}}}",version="{{{{revision}}}}"}}[5s])))'
+        successCondition: "result < 0.3"
+        interval: 1s
+        count: 3
+"#
+            ),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promql_gate_promotes_a_good_canary_and_rolls_back_a_slow_one() {
+    let mut env = Env::new();
+    let (listen, metrics) = (free_addr(), free_addr());
+    let prom = Prometheus::start(env.dir.path(), metrics);
+    let v1 = env.write("v1.yaml", &spec(listen, prom.addr, "v1", ""));
+    env.start_up(&[
+        "-f",
+        path_str(&v1),
+        "--metrics-listen",
+        &metrics.to_string(),
+    ]);
+    let client = env.client();
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v1 healthy",
+        |v| v["phase"] == "Healthy",
+    )
+    .await;
+    let load = Load::start(listen, 8, 300);
+
+    let v2 = env.write("v2.yaml", &spec(listen, prom.addr, "v2", ""));
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    let good = wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(90),
+        "v2 promoted on Prometheus' word",
+        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
+    )
+    .await;
+    let _ = good;
+    let audit = stdout(&env.run(&["audit", "--rollout", "hello"]));
+    assert!(
+        audit.contains("gate p99-prom: result"),
+        "the PromQL gate judged v2: {audit}"
+    );
+
+    // v3 answers in 500 ms: p99 over the 300 ms bound.
+    let v3 = env.write(
+        "v3.yaml",
+        &spec(listen, prom.addr, "v3", ", LATENCY_MS: \"500\""),
+    );
+    assert!(env.run(&["apply", "-f", path_str(&v3)]).status.success());
+    let bad = wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(90),
+        "v3 rolled back",
+        |v| v["phase"] == "Degraded" && weight(v, "v3") == 0,
+    )
+    .await;
+    let msg = bad["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("gate p99-prom failed") && msg.contains("does not meet `result < 0.3`"),
+        "{msg}"
+    );
+    assert_eq!(stable_version(&bad).as_deref(), Some("v2"));
+    let r = load.stop().await;
+    assert_eq!(r.failed, 0, "slow is not failed: {:?}", r.failures);
+}
