@@ -83,10 +83,8 @@ impl Measurer {
                 format!("{n} request(s) in the window, {} needed", gate.min_requests),
             );
         }
-        let baseline = gate
-            .compare
-            .as_ref()
-            .map(|_| stable_now.since(stable_start));
+        let compares = gate.compare.is_some() || gate.statistical.is_some();
+        let baseline = compares.then(|| stable_now.since(stable_start));
         if let Some(b) = &baseline
             && b.requests() < gate.min_requests
         {
@@ -122,6 +120,13 @@ impl Measurer {
                 );
             };
             let (ok, text) = compare(c, v, sv);
+            if !ok {
+                verdict = Verdict::Fail;
+            }
+            detail = format!("{detail}; {text}");
+        }
+        if let (Some(st), Some(b)) = (&gate.statistical, &baseline) {
+            let (ok, text) = crate::statistical::judge(st, metric, &window, b);
             if !ok {
                 verdict = Verdict::Fail;
             }
@@ -179,6 +184,7 @@ mod tests {
             dry_run: false,
             on_failure: None,
             compare: None,
+            statistical: None,
         }
     }
 
@@ -259,6 +265,7 @@ mod compare_tests {
                 max_increase_percent: Some(5.0),
                 max_increase: None,
             }),
+            statistical: None,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod command;
 pub mod prometheus;
 pub mod provider;
 pub mod smoke;
+pub mod statistical;
 pub mod stats;
 pub mod threshold;
 pub mod web;

@@ -27,7 +27,11 @@ pub fn mann_whitney(x: &[f64], y: &[f64]) -> Option<MannWhitney> {
     if x.is_empty() || y.is_empty() {
         return None;
     }
-    let mut all: Vec<(f64, bool)> = x.iter().map(|v| (*v, true)).chain(y.iter().map(|v| (*v, false))).collect();
+    let mut all: Vec<(f64, bool)> = x
+        .iter()
+        .map(|v| (*v, true))
+        .chain(y.iter().map(|v| (*v, false)))
+        .collect();
     all.sort_by(|a, b| a.0.total_cmp(&b.0));
     let n = all.len();
     let (mut r1, mut tie_term) = (0.0, 0.0);
@@ -49,7 +53,11 @@ pub fn mann_whitney(x: &[f64], y: &[f64]) -> Option<MannWhitney> {
     let mu = n1 * n2 / 2.0;
     let sigma = (n1 * n2 / 12.0 * ((nf + 1.0) - tie_term / (nf * (nf - 1.0)))).sqrt();
     if sigma == 0.0 || !sigma.is_finite() {
-        return Some(MannWhitney { u: u1, p_two_sided: 1.0, p_greater: 1.0 });
+        return Some(MannWhitney {
+            u: u1,
+            p_two_sided: 1.0,
+            p_greater: 1.0,
+        });
     }
     let z_two = (u1.max(u2) - mu - 0.5) / sigma;
     let z_greater = (u1 - mu - 0.5) / sigma;
@@ -101,7 +109,13 @@ impl SplitMix {
 
 /// A percentile-bootstrap interval, at `confidence`, for
 /// `quantile(x, q) - quantile(y, q)`.
-pub fn bootstrap_quantile_diff(x: &[f64], y: &[f64], q: f64, confidence: f64, rounds: usize) -> Option<(f64, f64)> {
+pub fn bootstrap_quantile_diff(
+    x: &[f64],
+    y: &[f64],
+    q: f64,
+    confidence: f64,
+    rounds: usize,
+) -> Option<(f64, f64)> {
     if x.is_empty() || y.is_empty() || rounds == 0 {
         return None;
     }
@@ -121,5 +135,8 @@ pub fn bootstrap_quantile_diff(x: &[f64], y: &[f64], q: f64, confidence: f64, ro
     }
     diffs.sort_by(f64::total_cmp);
     let alpha = 1.0 - confidence;
-    Some((quantile(&diffs, alpha / 2.0), quantile(&diffs, 1.0 - alpha / 2.0)))
+    Some((
+        quantile(&diffs, alpha / 2.0),
+        quantile(&diffs, 1.0 - alpha / 2.0),
+    ))
 }

@@ -69,6 +69,7 @@ mod tests {
             dry_run: false,
             on_failure: None,
             compare: None,
+            statistical: None,
         }
     }
 

@@ -376,6 +376,29 @@ pub struct Gate {
     /// (or as well as) against fixed conditions. Built-in metrics only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compare: Option<Compare>,
+    /// Judge the canary against stable with statistics over the same window: a
+    /// Mann-Whitney test for a shift, a bootstrap interval on the tail quantile for a
+    /// change of shape, Fisher's exact test for error counts. Built-in metrics only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistical: Option<Statistical>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Statistical {
+    /// How sure a test must be before it calls the canary worse.
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
+    /// The smallest worsening that matters, as a share of stable's value.
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+}
+
+fn default_confidence() -> f64 {
+    0.99
+}
+fn default_tolerance() -> f64 {
+    0.1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

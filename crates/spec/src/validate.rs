@@ -199,12 +199,36 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         if g.success_condition.is_none()
             && g.failure_condition.is_none()
             && g.compare.is_none()
+            && g.statistical.is_none()
             && !is_command
         {
             err(
                 &f,
                 "set successCondition, failureCondition or compare, e.g. successCondition: \"result < 0.8\"".into(),
             );
+        }
+        if let Some(st) = &g.statistical {
+            if !matches!(g.metric, crate::MetricSource::Builtin(_)) {
+                err(
+                    &format!("{f}.statistical"),
+                    "statistical comparison needs a builtin metric".into(),
+                );
+            }
+            if !(st.confidence > 0.5 && st.confidence < 1.0) {
+                err(
+                    &format!("{f}.statistical.confidence"),
+                    format!(
+                        "must be between 0.5 and 1 (exclusive), got {}",
+                        st.confidence
+                    ),
+                );
+            }
+            if !(st.tolerance.is_finite() && st.tolerance >= 0.0) {
+                err(
+                    &format!("{f}.statistical.tolerance"),
+                    "must be a non-negative number".into(),
+                );
+            }
         }
         if let Some(c) = &g.compare {
             if !matches!(g.metric, crate::MetricSource::Builtin(_)) {
