@@ -8,12 +8,17 @@ use std::collections::HashMap;
 
 use baton_engine::{Measurement, Millis, Verdict};
 use baton_proxy::RevisionStats;
-use baton_spec::{BuiltinMetric, Compare, Gate, MetricSource};
+use baton_spec::{BuiltinMetric, BurnRate, Compare, Gate, MetricSource};
 
 use crate::threshold::judge;
 
+/// (time, requests, errors) of a revision at one measurement.
+type Snapshot = (Millis, u64, u64);
+
 #[derive(Default)]
 pub struct Measurer {
+    /// (rollout, revision) → (time, requests, errors) at each burn-rate measurement.
+    series: HashMap<(String, String), Vec<Snapshot>>,
     /// (rollout, gate, revision, epoch) → counters of the canary (and of stable, when
     /// the gate compares) at the window's start.
     windows: HashMap<(String, String, String, u64), (RevisionStats, RevisionStats)>,
@@ -63,6 +68,25 @@ impl Measurer {
         let MetricSource::Builtin(metric) = gate.metric else {
             return m(Verdict::Error, None, 0, "not a builtin metric".into());
         };
+        if let Some(b) = &gate.burn_rate {
+            let series = self
+                .series
+                .entry((rollout.to_string(), revision.to_string()))
+                .or_default();
+            series.push((now, current.requests(), current.classes[4]));
+            // Keep what the longest window needs: the last snapshot before it, and after.
+            let longest = b
+                .windows
+                .iter()
+                .map(|w| w.long.as_millis())
+                .max()
+                .unwrap_or(0);
+            while series.len() > 2 && series[1].0 <= now.saturating_sub(longest) {
+                series.remove(0);
+            }
+            let (verdict, value, n, detail) = burn(b, gate.min_requests, series, now);
+            return m(verdict, value, n, detail);
+        }
         let stable_now = stable.cloned().unwrap_or_default();
         let Some((start, stable_start)) = self.windows.get(&key) else {
             self.windows.insert(key, (current.clone(), stable_now));
@@ -141,6 +165,75 @@ impl Measurer {
     }
 }
 
+/// The error ratio since the snapshot a window ago (or the first, when the series is
+/// younger than the window): `(ratio, requests)`.
+fn ratio_over(series: &[Snapshot], now: Millis, window_ms: u64) -> (f64, u64) {
+    let Some(last) = series.last() else {
+        return (0.0, 0);
+    };
+    let from = now.saturating_sub(window_ms);
+    let start = series
+        .iter()
+        .rev()
+        .find(|s| s.0 <= from)
+        .unwrap_or(&series[0]);
+    let (n, e) = (
+        last.1.saturating_sub(start.1),
+        last.2.saturating_sub(start.2),
+    );
+    (if n == 0 { 0.0 } else { e as f64 / n as f64 }, n)
+}
+
+/// Multi-window, multi-burn-rate: fails when any pair burns faster than its factor over
+/// both its windows. The value is the highest short-window burn rate.
+fn burn(
+    b: &BurnRate,
+    min_requests: u64,
+    series: &[Snapshot],
+    now: Millis,
+) -> (Verdict, Option<f64>, u64, String) {
+    let budget = 1.0 - b.slo;
+    let mut worst: Option<f64> = None;
+    let mut parts = Vec::new();
+    let mut fired = false;
+    let mut enough = false;
+    for w in &b.windows {
+        let (long, _) = ratio_over(series, now, w.long.as_millis());
+        let (short, n) = ratio_over(series, now, w.short.as_millis());
+        if n < min_requests {
+            continue;
+        }
+        enough = true;
+        let (bl, bs) = (long / budget, short / budget);
+        worst = Some(worst.map_or(bs, |x: f64| x.max(bs)));
+        let fires = bl > w.factor && bs > w.factor;
+        fired |= fires;
+        parts.push(format!(
+            "burn {bl:.1}x over {} and {bs:.1}x over {} (limit {}x){}",
+            w.long,
+            w.short,
+            w.factor,
+            if fires { " FIRING" } else { "" }
+        ));
+    }
+    let n = ratio_over(series, now, u64::MAX).1;
+    if !enough {
+        return (
+            Verdict::Inconclusive,
+            None,
+            n,
+            format!("fewer than {min_requests} requests in the short windows"),
+        );
+    }
+    let verdict = if fired { Verdict::Fail } else { Verdict::Pass };
+    (
+        verdict,
+        worst,
+        n,
+        format!("error budget {:.3} %: {}", budget * 100.0, parts.join("; ")),
+    )
+}
+
 /// Canary `v` against stable `sv` within the allowances; either allowance suffices.
 pub fn compare(c: &Compare, v: f64, sv: f64) -> (bool, String) {
     let mut allowed: Option<f64> = None;
@@ -185,6 +278,7 @@ mod tests {
             on_failure: None,
             compare: None,
             statistical: None,
+            burn_rate: None,
         }
     }
 
@@ -231,6 +325,49 @@ mod tests {
 }
 
 #[cfg(test)]
+mod burn_tests {
+    use super::*;
+    use baton_spec::{BurnWindow, Duration};
+
+    fn rate(slo: f64) -> BurnRate {
+        BurnRate {
+            slo,
+            windows: vec![BurnWindow {
+                long: Duration::from_secs(60),
+                short: Duration::from_secs(5),
+                factor: 14.4,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_fast_burn_over_both_windows_fires() {
+        // 2 % errors against a 0.1 % budget: 20x.
+        let series = vec![(0, 0, 0), (30_000, 3000, 60), (60_000, 6000, 120)];
+        let (v, value, _, detail) = burn(&rate(0.999), 20, &series, 60_000);
+        assert_eq!(v, Verdict::Fail, "{detail}");
+        assert!(value.is_some_and(|b| (b - 20.0).abs() < 0.5), "{value:?}");
+    }
+
+    #[test]
+    fn a_short_spike_alone_does_not_fire() {
+        // 60 s of clean traffic, then 5 s at 2 %: the long window stays under 14.4x.
+        let series = vec![(0, 0, 0), (55_000, 5500, 0), (60_000, 6000, 10)];
+        let (v, _, _, detail) = burn(&rate(0.999), 20, &series, 60_000);
+        assert_eq!(v, Verdict::Pass, "{detail}");
+    }
+
+    #[test]
+    fn too_few_requests_is_inconclusive() {
+        let series = vec![(0, 0, 0), (5_000, 5, 5)];
+        assert_eq!(
+            burn(&rate(0.999), 20, &series, 5_000).0,
+            Verdict::Inconclusive
+        );
+    }
+}
+
+#[cfg(test)]
 mod compare_tests {
     use super::*;
     use baton_spec::Duration;
@@ -266,6 +403,7 @@ mod compare_tests {
                 max_increase: None,
             }),
             statistical: None,
+            burn_rate: None,
         }
     }
 

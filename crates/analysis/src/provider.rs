@@ -37,6 +37,11 @@ impl Vars {
 pub enum Sample {
     Value(f64),
     NoData(String),
+    /// A check that passed or failed by itself (smoke tests), with what it saw.
+    Check {
+        passed: bool,
+        detail: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -67,6 +72,7 @@ pub async fn measure(gate: &Gate, vars: &Vars, now: Millis) -> Measurement {
         MetricSource::Prometheus(p) => crate::prometheus::Prometheus(p).sample(vars).await,
         MetricSource::Web(w) => crate::web::Web(w).sample(vars).await,
         MetricSource::Command(c) => crate::command::Command(c).sample(vars).await,
+        MetricSource::Smoke(tests) => crate::smoke::Smoke(tests).sample(vars).await,
         MetricSource::Builtin(_) => Err(ProviderError::Invalid(
             "builtin metrics are measured from the proxy's counters".into(),
         )),
@@ -102,6 +108,14 @@ pub fn judge_sample(
             (verdict, Some(v), detail)
         }
         Ok(Sample::NoData(why)) => (Verdict::Inconclusive, None, why),
+        Ok(Sample::Check { passed, detail }) => {
+            let v = if passed { 0.0 } else { 1.0 };
+            (
+                if passed { Verdict::Pass } else { Verdict::Fail },
+                Some(v),
+                detail,
+            )
+        }
         Err(e) => (Verdict::Error, None, e.to_string()),
     };
     Measurement {

@@ -10,6 +10,35 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+/// Smoke tests as a gate: run against a ready instance of the canary only.
+pub struct Smoke<'a>(pub &'a [SmokeTest]);
+
+impl crate::provider::MetricProvider for Smoke<'_> {
+    async fn sample(
+        &self,
+        vars: &crate::provider::Vars,
+    ) -> Result<crate::provider::Sample, crate::provider::ProviderError> {
+        use crate::provider::Sample;
+        let Some(addr) = vars.address else {
+            return Ok(Sample::NoData(
+                "no ready instance of the canary to test".into(),
+            ));
+        };
+        Ok(
+            match run_smoke(addr, self.0, Duration::from_secs(5)).await {
+                Ok(detail) => Sample::Check {
+                    passed: true,
+                    detail,
+                },
+                Err(detail) => Sample::Check {
+                    passed: false,
+                    detail,
+                },
+            },
+        )
+    }
+}
+
 /// Runs every test in order against `addr`; the first failure is the error.
 pub async fn run_smoke(
     addr: SocketAddr,

@@ -70,6 +70,7 @@ mod tests {
             on_failure: None,
             compare: None,
             statistical: None,
+            burn_rate: None,
         }
     }
 

@@ -381,6 +381,45 @@ pub struct Gate {
     /// change of shape, Fisher's exact test for error counts. Built-in metrics only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statistical: Option<Statistical>,
+    /// Error-budget burn rate over the canary's errors (builtin `error_rate` only), as
+    /// in the SRE workbook's multi-window, multi-burn-rate alerts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burn_rate: Option<BurnRate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BurnRate {
+    /// The availability objective, e.g. `0.999`: the error budget is `1 - slo`.
+    pub slo: f64,
+    /// The gate fails when, for any pair, the budget burns faster than `factor` over
+    /// both the long and the short window. Windows longer than the canary has run
+    /// cover what there is.
+    #[serde(default = "default_burn_windows")]
+    pub windows: Vec<BurnWindow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BurnWindow {
+    pub long: Duration,
+    pub short: Duration,
+    pub factor: f64,
+}
+
+fn default_burn_windows() -> Vec<BurnWindow> {
+    vec![
+        BurnWindow {
+            long: Duration::from_secs(3600),
+            short: Duration::from_secs(300),
+            factor: 14.4,
+        },
+        BurnWindow {
+            long: Duration::from_secs(6 * 3600),
+            short: Duration::from_secs(1800),
+            factor: 6.0,
+        },
+    ]
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -445,6 +484,8 @@ pub enum MetricSource {
     /// A command whose exit status is the result (0 passes by default); the local twin
     /// of a Kubernetes Job.
     Command(CommandMetric),
+    /// HTTP checks against a ready instance of the canary only; passes when all pass.
+    Smoke(Vec<SmokeTest>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

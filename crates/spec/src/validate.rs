@@ -200,12 +200,55 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
             && g.failure_condition.is_none()
             && g.compare.is_none()
             && g.statistical.is_none()
+            && g.burn_rate.is_none()
             && !is_command
+            && !matches!(g.metric, crate::MetricSource::Smoke(_))
         {
             err(
                 &f,
                 "set successCondition, failureCondition or compare, e.g. successCondition: \"result < 0.8\"".into(),
             );
+        }
+        if let Some(b) = &g.burn_rate {
+            if !matches!(
+                g.metric,
+                crate::MetricSource::Builtin(crate::BuiltinMetric::ErrorRate)
+            ) {
+                err(
+                    &format!("{f}.burnRate"),
+                    "a burn rate is computed from errors: use metric { builtin: error_rate }"
+                        .into(),
+                );
+            }
+            if !(b.slo > 0.0 && b.slo < 1.0) {
+                err(
+                    &format!("{f}.burnRate.slo"),
+                    format!(
+                        "must be between 0 and 1 (exclusive), e.g. 0.999; got {}",
+                        b.slo
+                    ),
+                );
+            }
+            if b.windows.is_empty() {
+                err(
+                    &format!("{f}.burnRate.windows"),
+                    "name at least one window pair, or leave it out for the defaults".into(),
+                );
+            }
+            for (j, w) in b.windows.iter().enumerate() {
+                if w.short.0.is_zero() || w.short > w.long {
+                    err(
+                        &format!("{f}.burnRate.windows[{j}]"),
+                        "short must be positive and no longer than long".into(),
+                    );
+                }
+                if !(w.factor.is_finite() && w.factor > 0.0) {
+                    err(
+                        &format!("{f}.burnRate.windows[{j}].factor"),
+                        "must be a positive number".into(),
+                    );
+                }
+            }
         }
         if let Some(st) = &g.statistical {
             if !matches!(g.metric, crate::MetricSource::Builtin(_)) {
@@ -281,6 +324,22 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
                         &format!("{f}.metric.command.command"),
                         "must name a program to run".into(),
                     );
+                }
+            }
+            crate::MetricSource::Smoke(tests) => {
+                if tests.is_empty() {
+                    err(
+                        &format!("{f}.metric.smoke"),
+                        "name at least one check".into(),
+                    );
+                }
+                for (j, t) in tests.iter().enumerate() {
+                    if !t.path.starts_with('/') {
+                        err(
+                            &format!("{f}.metric.smoke[{j}].path"),
+                            format!("must start with /, got {:?}", t.path),
+                        );
+                    }
                 }
             }
             crate::MetricSource::Builtin(_) => {}
