@@ -99,12 +99,27 @@ impl Measurer {
         };
         let window = current.since(start);
         let n = window.requests();
-        if n < gate.min_requests {
+        // A quantile of fewer than 1/(1-q) requests is just the slowest one: a p99 needs
+        // 100, so a handful of slow requests cannot pass for a slow version.
+        let needed = match metric {
+            BuiltinMetric::LatencyP99
+                if gate.success_condition.is_some() || gate.failure_condition.is_some() =>
+            {
+                gate.min_requests.max(100)
+            }
+            BuiltinMetric::LatencyP90
+                if gate.success_condition.is_some() || gate.failure_condition.is_some() =>
+            {
+                gate.min_requests.max(10)
+            }
+            _ => gate.min_requests,
+        };
+        if n < needed {
             return m(
                 Verdict::Inconclusive,
                 None,
                 n,
-                format!("{n} request(s) in the window, {} needed", gate.min_requests),
+                format!("{n} request(s) in the window, {needed} needed"),
             );
         }
         let compares = gate.compare.is_some() || gate.statistical.is_some();
@@ -312,6 +327,21 @@ mod tests {
         let next = m.measure("r", &g, "v2", 1, &stats(60, 10), None, 3);
         assert_eq!(next.verdict, Verdict::Pass);
         assert_eq!(next.value, Some(0.0));
+    }
+
+    #[test]
+    fn a_p99_threshold_waits_for_a_hundred_requests() {
+        // With fewer, "p99" is the slowest request: one slow request would fail it.
+        let g = gate(BuiltinMetric::LatencyP99, "result < 0.8", 20);
+        let mut m = Measurer::default();
+        m.measure("r", &g, "v2", 1, &stats(0, 0), None, 0);
+        let small = m.measure("r", &g, "v2", 1, &stats(60, 0), None, 1);
+        assert_eq!(small.verdict, Verdict::Inconclusive);
+        assert!(small.detail.contains("100 needed"), "{}", small.detail);
+        assert_eq!(
+            m.measure("r", &g, "v2", 1, &stats(120, 0), None, 2).verdict,
+            Verdict::Pass
+        );
     }
 
     #[test]

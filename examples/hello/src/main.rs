@@ -4,7 +4,9 @@
 //! (liveness) and `/readyz` (readiness), and can misbehave on demand so a bad version
 //! can be shown: `STARTUP_DELAY_MS` (not ready until then), `FAIL_RATE` (share of
 //! answers that are 500), `LATENCY_MS` (added to every answer), `UNHEALTHY_AFTER_MS`
-//! (`/healthz` fails from then on, so liveness restarts it). On SIGTERM it turns
+//! (`/healthz` fails from then on, so liveness restarts it), `SLOW_REQUESTS` and
+//! `SLOW_MS` (the first N answers take that long: a few slow requests, not a slow
+//! version). On SIGTERM it turns
 //! unready, stops accepting, finishes what is in flight and exits.
 
 use std::convert::Infallible;
@@ -26,6 +28,8 @@ struct State {
     fail_rate: f64,
     latency: Duration,
     unhealthy_after: Option<Duration>,
+    slow_requests: u64,
+    slow: Duration,
     served: AtomicU64,
     draining: AtomicBool,
 }
@@ -86,6 +90,8 @@ async fn run() -> Result<(), String> {
         startup_delay: Duration::from_millis(env_num("STARTUP_DELAY_MS")? as u64),
         fail_rate,
         latency: Duration::from_millis(env_num("LATENCY_MS")? as u64),
+        slow_requests: env_num("SLOW_REQUESTS")? as u64,
+        slow: Duration::from_millis(env_num("SLOW_MS")? as u64),
         unhealthy_after: match std::env::var("UNHEALTHY_AFTER_MS") {
             Ok(_) => Some(Duration::from_millis(env_num("UNHEALTHY_AFTER_MS")? as u64)),
             Err(_) => None,
@@ -156,6 +162,9 @@ async fn handle(
             }
             // A deterministic share: request n fails when n * rate crosses an integer.
             let n = s.served.fetch_add(1, Ordering::Relaxed);
+            if n < s.slow_requests {
+                tokio::time::sleep(s.slow).await;
+            }
             let fails = ((n + 1) as f64 * s.fail_rate).floor() > (n as f64 * s.fail_rate).floor();
             if fails {
                 reply(

@@ -1,0 +1,90 @@
+//! Low traffic: a healthy canary with a few slow requests is not rolled back; a
+//! canary that is slow throughout is, on the same traffic, by the statistical judge.
+
+mod common;
+
+use std::time::Duration;
+
+use baton::load::Load;
+use common::*;
+
+/// The gates: errors, and latency judged against stable by statistics — not the p99
+/// threshold of the shared spec, which a few slow requests in a small window trip.
+fn spec(listen: std::net::SocketAddr, version: &str, extra_env: &str) -> String {
+    canary_spec(listen, version, extra_env, "        - setWeight: 50\n        - analysis: { gates: [errors, latency] }")
+        .replace(
+            "      - name: p99\n        metric: { builtin: latency_p99 }\n        successCondition: \"result < 0.8\"\n        interval: 1s\n        minRequests: 20\n",
+            "",
+        )
+        .replace(
+            "  analysis:\n    gates:\n",
+            r#"  analysis:
+    gates:
+      - name: latency
+        metric: { builtin: latency_p99 }
+        statistical: { confidence: 0.99, tolerance: 0.1 }
+        interval: 1s
+        minRequests: 300
+        count: 1
+"#,
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_slow_requests_do_not_roll_back_a_healthy_canary() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let v1 = env.write("v1.yaml", &spec(listen, "v1", ""));
+    env.start_up(&["-f", path_str(&v1)]);
+    let client = env.client();
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v1 healthy",
+        |v| v["phase"] == "Healthy",
+    )
+    .await;
+    // Fifty requests a second in all: about twenty-five to the canary.
+    let load = Load::start(listen, 2, 50);
+
+    // Each v2 instance answers its first request in 0.8 s: two slow requests, enough
+    // to trip a p99 threshold over a small window.
+    let v2 = env.write(
+        "v2.yaml",
+        &spec(listen, "v2", ", SLOW_REQUESTS: \"1\", SLOW_MS: \"800\""),
+    );
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(90),
+        "v2 promoted despite its slow starts",
+        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
+    )
+    .await;
+    let audit = stdout(&env.run(&["audit", "--rollout", "hello"]));
+    assert!(
+        audit.contains("gate latency: latency_p99"),
+        "the statistical gate judged v2: {audit}"
+    );
+
+    // The same traffic, a canary slow throughout: rolled back.
+    let v3 = env.write("v3.yaml", &spec(listen, "v3", ", LATENCY_MS: \"300\""));
+    assert!(env.run(&["apply", "-f", path_str(&v3)]).status.success());
+    let bad = wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(90),
+        "v3 rolled back",
+        |v| v["phase"] == "Degraded",
+    )
+    .await;
+    let msg = bad["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("gate latency failed") && msg.contains("HIGH"),
+        "{msg}"
+    );
+    let r = load.stop().await;
+    assert_eq!(r.failed, 0, "{:?}", r.failures);
+}
