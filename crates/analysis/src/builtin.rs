@@ -65,8 +65,11 @@ impl Measurer {
             at: now,
             detail,
         };
-        let MetricSource::Builtin(metric) = gate.metric else {
-            return m(Verdict::Error, None, 0, "not a builtin metric".into());
+        let metric = match &gate.metric {
+            MetricSource::Builtin(metric) => *metric,
+            // The window's size is counted in requests, whatever the card holds.
+            MetricSource::Scorecard(_) => BuiltinMetric::ErrorRate,
+            _ => return m(Verdict::Error, None, 0, "not a builtin metric".into()),
         };
         if let Some(b) = &gate.burn_rate {
             let series = self
@@ -139,6 +142,17 @@ impl Measurer {
             );
         }
         self.windows.insert(key, (current.clone(), stable_now));
+        if let (MetricSource::Scorecard(metrics), Some(st), Some(b)) =
+            (&gate.metric, &gate.statistical, &baseline)
+        {
+            let (verdict, score, detail) = crate::statistical::scorecard(st, metrics, &window, b);
+            return m(
+                verdict,
+                score,
+                n,
+                format!("scorecard over {n} requests: {detail}"),
+            );
+        }
         let Some(v) = value_of(metric, &window) else {
             return m(Verdict::Inconclusive, None, n, "no data".into());
         };

@@ -73,7 +73,7 @@ pub async fn measure(gate: &Gate, vars: &Vars, now: Millis) -> Measurement {
         MetricSource::Web(w) => crate::web::Web(w).sample(vars).await,
         MetricSource::Command(c) => crate::command::Command(c).sample(vars).await,
         MetricSource::Smoke(tests) => crate::smoke::Smoke(tests).sample(vars).await,
-        MetricSource::Builtin(_) => Err(ProviderError::Invalid(
+        MetricSource::Builtin(_) | MetricSource::Scorecard(_) => Err(ProviderError::Invalid(
             "builtin metrics are measured from the proxy's counters".into(),
         )),
     };

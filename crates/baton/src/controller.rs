@@ -498,7 +498,11 @@ impl Controller {
                             .rollouts
                             .get(&name)
                             .and_then(|r| r.status.stable.clone());
-                        if !matches!(g.metric, baton_spec::MetricSource::Builtin(_)) {
+                        if !matches!(
+                            g.metric,
+                            baton_spec::MetricSource::Builtin(_)
+                                | baton_spec::MetricSource::Scorecard(_)
+                        ) {
                             // External providers do I/O that may take seconds: off the loop.
                             let vars = baton_analysis::Vars {
                                 service: name.clone(),

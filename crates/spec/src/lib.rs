@@ -431,6 +431,32 @@ pub struct Statistical {
     /// The smallest worsening that matters, as a share of stable's value.
     #[serde(default = "default_tolerance")]
     pub tolerance: f64,
+    /// Which way is worse: `increase` (latency, errors; the default), `decrease`, or
+    /// `either`.
+    #[serde(default)]
+    pub direction: Direction,
+    /// For a `scorecard`: the share (0-100) of metrics that must pass to pass...
+    #[serde(default = "default_pass_score")]
+    pub pass_score: f64,
+    /// ... and below which the canary fails; in between it is inconclusive.
+    #[serde(default = "default_marginal_score")]
+    pub marginal_score: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Direction {
+    #[default]
+    Increase,
+    Decrease,
+    Either,
+}
+
+fn default_pass_score() -> f64 {
+    95.0
+}
+fn default_marginal_score() -> f64 {
+    75.0
 }
 
 fn default_confidence() -> f64 {
@@ -486,6 +512,10 @@ pub enum MetricSource {
     Command(CommandMetric),
     /// HTTP checks against a ready instance of the canary only; passes when all pass.
     Smoke(Vec<SmokeTest>),
+    /// Several builtin metrics judged together against stable, Kayenta-style: each is
+    /// classified Pass/High/Low/NoData and the share that pass is scored. Needs
+    /// `statistical`.
+    Scorecard(Vec<BuiltinMetric>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -250,8 +250,34 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
                 }
             }
         }
+        if let crate::MetricSource::Scorecard(ms) = &g.metric {
+            if g.statistical.is_none() {
+                err(&format!("{f}.statistical"), "a scorecard needs statistical: { ... } (confidence, tolerance, passScore, marginalScore)".into());
+            }
+            if ms.is_empty() {
+                err(
+                    &format!("{f}.metric.scorecard"),
+                    "name at least one builtin metric".into(),
+                );
+            }
+        }
         if let Some(st) = &g.statistical {
-            if !matches!(g.metric, crate::MetricSource::Builtin(_)) {
+            if !(st.marginal_score <= st.pass_score
+                && (0.0..=100.0).contains(&st.pass_score)
+                && st.marginal_score >= 0.0)
+            {
+                err(
+                    &format!("{f}.statistical"),
+                    format!(
+                        "need 0 <= marginalScore ({}) <= passScore ({}) <= 100",
+                        st.marginal_score, st.pass_score
+                    ),
+                );
+            }
+            if !matches!(
+                g.metric,
+                crate::MetricSource::Builtin(_) | crate::MetricSource::Scorecard(_)
+            ) {
                 err(
                     &format!("{f}.statistical"),
                     "statistical comparison needs a builtin metric".into(),
@@ -342,7 +368,7 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
                     }
                 }
             }
-            crate::MetricSource::Builtin(_) => {}
+            crate::MetricSource::Builtin(_) | crate::MetricSource::Scorecard(_) => {}
         }
 
         for (k, c) in [
