@@ -645,20 +645,36 @@ impl Controller {
                         backends: self.platform.backends(name, rev),
                     })
                     .collect();
-                if let Some(p) = &r.status.preview
-                    && !r.status.weights.contains_key(p)
-                {
-                    revisions.push(RevisionRoute {
-                        name: p.clone(),
-                        weight: 0,
-                        backends: self.platform.backends(name, p),
-                    });
+                // The preview, and a live canary still at 0 %, are listed with no
+                // weight: the preview listener and the canary header reach them,
+                // weighted traffic and retries never do.
+                let live_canary = r.status.canary.clone().filter(|_| !r.status.aborted);
+                for extra in [&r.status.preview, &live_canary].into_iter().flatten() {
+                    if !r.status.weights.contains_key(extra)
+                        && !revisions.iter().any(|x| &x.name == extra)
+                    {
+                        revisions.push(RevisionRoute {
+                            name: extra.clone(),
+                            weight: 0,
+                            backends: self.platform.backends(name, extra),
+                        });
+                    }
                 }
+                let traffic = &r.spec.spec.traffic;
                 ServiceRoute {
                     name: name.clone(),
-                    listen: r.spec.spec.traffic.listen.clone(),
+                    listen: traffic.listen.clone(),
                     preview_listen: bg,
                     preview: r.status.preview.clone(),
+                    stable: r.status.stable.clone(),
+                    canary: live_canary,
+                    sticky_header: traffic.stickiness.as_ref().and_then(|s| s.header.clone()),
+                    sticky_cookie: traffic.stickiness.as_ref().and_then(|s| s.cookie.clone()),
+                    canary_header: traffic
+                        .canary_header
+                        .as_ref()
+                        .map(|h| (h.name.clone(), h.value.clone())),
+                    shield_canary: traffic.shield_canary,
                     revisions,
                 }
             })

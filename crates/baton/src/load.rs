@@ -46,6 +46,11 @@ pub struct LoadReport {
     pub by_version: BTreeMap<String, VersionCounts>,
     /// The first failures, for the record (at most 1000 kept).
     pub failures: Vec<Failure>,
+    /// Answers from a revision the client had already moved away from: a sticky
+    /// client must never go back.
+    pub flip_flops: u64,
+    /// Clients whose answers came from more than one revision.
+    pub clients_moved: u64,
 }
 
 impl LoadReport {
@@ -67,6 +72,12 @@ pub struct Load {
 impl Load {
     /// `concurrency` clients sending `GET /` to `addr`, `rate` requests a second in all.
     pub fn start(addr: SocketAddr, concurrency: usize, rate: u32) -> Load {
+        Load::start_clients(addr, concurrency, rate, 1)
+    }
+
+    /// As [`Load::start`], each worker speaking for `clients` distinct `X-Client-Id`s
+    /// in turn, so stickiness can be watched per client.
+    pub fn start_clients(addr: SocketAddr, concurrency: usize, rate: u32, clients: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(LoadReport::default()));
         let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
@@ -84,10 +95,16 @@ impl Load {
                         Ok(u) => u,
                         Err(_) => return,
                     };
+                    // Per client: the revision it was last answered by, and those it left.
+                    let mut seen: Vec<(String, Vec<String>)> =
+                        vec![(String::new(), Vec::new()); clients.max(1)];
+                    let mut k = 0usize;
                     while !stop.load(Ordering::Relaxed) {
                         tick.tick().await;
+                        let who = k % seen.len();
+                        k += 1;
                         let req = Request::get(uri.clone())
-                            .header("x-client-id", format!("load-{n}"))
+                            .header("x-client-id", format!("load-{n}-{who}"))
                             .body(Empty::new());
                         let Ok(req) = req else { return };
                         let result = tokio::time::timeout(Duration::from_secs(10), async {
@@ -117,6 +134,21 @@ impl Load {
                             Ok((s, v)) => (false, v, Some(s), format!("HTTP {s}")),
                             Err(e) => (false, "-".to_string(), None, e),
                         };
+                        if ok {
+                            let (last, left) = &mut seen[who];
+                            if *last != version {
+                                if left.contains(&version) {
+                                    r.flip_flops += 1;
+                                }
+                                if !last.is_empty() {
+                                    if left.is_empty() {
+                                        r.clients_moved += 1;
+                                    }
+                                    left.push(std::mem::take(last));
+                                }
+                                *last = version.clone();
+                            }
+                        }
                         let c = r.by_version.entry(version.clone()).or_default();
                         c.last_seen_ms = now;
                         if ok {

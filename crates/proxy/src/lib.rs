@@ -354,10 +354,10 @@ async fn handle(
             "no route for this listener",
         ));
     };
-    let Some(first) = route.pick() else {
+    let (mut parts, body) = req.into_parts();
+    let Some(first) = route.pick(&parts.headers) else {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "no ready instance"));
     };
-    let (mut parts, body) = req.into_parts();
     let body = match Limited::new(body, shared.max_body).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -407,6 +407,18 @@ async fn handle(
     }));
     let mut attempts = 0;
     let mut last_error = String::new();
+    // Shielding: a canary's 5xx to an idempotent request is counted against the canary,
+    // then the request goes to stable; kept in case stable cannot answer either.
+    let mut shielded: Option<Response<ProxyBody>> = None;
+    let stable = route
+        .stable
+        .filter(|s| !route.targets[*s].backends.is_empty());
+    let shield_from = |ti: usize| {
+        route.shield
+            && Some(ti) == route.canary
+            && idempotent(&parts.method)
+            && stable.is_some_and(|s| s != ti)
+    };
     'targets: for ti in order {
         let target = &route.targets[ti];
         for addr in target.backends_from_next() {
@@ -414,22 +426,16 @@ async fn handle(
                 break 'targets;
             }
             attempts += 1;
-            let mut out = Request::new(Full::new(body.clone()));
-            *out.method_mut() = parts.method.clone();
-            *out.headers_mut() = parts.headers.clone();
-            *out.version_mut() = hyper::Version::HTTP_11;
-            match format!("http://{addr}{path}").parse() {
-                Ok(uri) => *out.uri_mut() = uri,
-                Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "bad request target")),
-            }
-            match shared.client.request(out).await {
+            match forward(&shared, &parts, &body, &path, addr).await {
                 Ok(resp) => {
-                    let (mut rp, rb) = resp.into_parts();
-                    strip_hop_by_hop(&mut rp.headers);
                     target
                         .metrics
-                        .observe(rp.status.as_u16(), start.elapsed().as_secs_f64());
-                    return Ok(Response::from_parts(rp, rb.boxed()));
+                        .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                    if resp.status().is_server_error() && shield_from(ti) {
+                        shielded = Some(resp);
+                        break 'targets;
+                    }
+                    return Ok(resp);
                 }
                 Err(e) => {
                     // A connection that failed before the request went out can always
@@ -444,11 +450,45 @@ async fn handle(
             }
         }
     }
+    if let (Some(canary_answer), Some(s)) = (shielded, stable) {
+        let target = &route.targets[s];
+        for addr in target.backends_from_next().take(2) {
+            if let Ok(resp) = forward(&shared, &parts, &body, &path, addr).await {
+                target
+                    .metrics
+                    .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                route.targets[first].metrics.retry();
+                return Ok(resp);
+            }
+        }
+        return Ok(canary_answer);
+    }
     let t = &route.targets[first];
     t.metrics.upstream_error();
     t.metrics.observe(502, start.elapsed().as_secs_f64());
     warn!(service = %route.service, revision = %t.name, error = %last_error, "no instance answered");
     Ok(plain(StatusCode::BAD_GATEWAY, "no instance could answer"))
+}
+
+/// One attempt at one instance, with hop-by-hop headers stripped from the answer.
+async fn forward(
+    shared: &Shared,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    path: &str,
+    addr: SocketAddr,
+) -> Result<Response<ProxyBody>, hyper_util::client::legacy::Error> {
+    let mut out = Request::new(Full::new(body.clone()));
+    *out.method_mut() = parts.method.clone();
+    *out.headers_mut() = parts.headers.clone();
+    *out.version_mut() = hyper::Version::HTTP_11;
+    if let Ok(uri) = format!("http://{addr}{path}").parse() {
+        *out.uri_mut() = uri;
+    }
+    let resp = shared.client.request(out).await?;
+    let (mut rp, rb) = resp.into_parts();
+    strip_hop_by_hop(&mut rp.headers);
+    Ok(Response::from_parts(rp, rb.boxed()))
 }
 
 async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {

@@ -28,6 +28,21 @@ pub struct ServiceRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview: Option<String>,
     pub revisions: Vec<RevisionRoute>,
+    /// The stable and canary revisions' names: the order sticky clients are laid out
+    /// in, where header routing and shielding send requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_cookie: Option<String>,
+    /// `(name, value)`: requests with it go to the canary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_header: Option<(String, String)>,
+    #[serde(default)]
+    pub shield_canary: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,20 +84,73 @@ impl Target {
 
 pub(crate) struct Route {
     pub service: Arc<str>,
+    /// Stable first, the canary last: a canary that grows takes the top of the slot
+    /// range, so sticky clients only ever move onto it.
     pub targets: Vec<Target>,
     counter: AtomicU64,
+    pub canary: Option<usize>,
+    pub stable: Option<usize>,
+    sticky: Option<Sticky>,
+    canary_header: Option<(hyper::header::HeaderName, String)>,
+    pub shield: bool,
+}
+
+enum Sticky {
+    Header(hyper::header::HeaderName),
+    Cookie(String),
+}
+
+/// FNV-1a: a fixed, tiny hash so a client's slot is the same in every proxy process
+/// and version (std's hasher makes no such promise).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn cookie<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
 }
 
 impl Route {
-    /// Picks a revision by weight. Requests are spread over 100 slots by stepping
-    /// through them with a stride coprime to 100, so a 10 % canary gets every tenth
-    /// request or so rather than bursts of ten.
-    pub fn pick(&self) -> Option<usize> {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let slot = ((n.wrapping_mul(37)) % 100) as u32;
+    /// Picks a revision for a request: the canary header first, then the client's
+    /// sticky slot, else by weight. Non-sticky requests are spread over 100 slots by
+    /// stepping through them with a stride coprime to 100, so a 10 % canary gets
+    /// every tenth request or so rather than bursts of ten.
+    pub fn pick(&self, headers: &hyper::HeaderMap) -> Option<usize> {
+        if let (Some((name, value)), Some(c)) = (&self.canary_header, self.canary)
+            && headers
+                .get(name)
+                .is_some_and(|v| v.as_bytes() == value.as_bytes())
+            && !self.targets[c].backends.is_empty()
+        {
+            return Some(c);
+        }
+        let key = match &self.sticky {
+            Some(Sticky::Header(h)) => headers.get(h).map(|v| v.as_bytes()),
+            Some(Sticky::Cookie(c)) => cookie(headers, c).map(str::as_bytes),
+            None => None,
+        };
+        // Slots in hundredths of a percent for sticky clients, so that they spread
+        // finely; whole percents for the rest.
+        let (slot, scale) = match key {
+            Some(k) => ((fnv1a(k) % 10_000) as u32, 100),
+            None => {
+                let n = self.counter.fetch_add(1, Ordering::Relaxed);
+                ((n.wrapping_mul(37) % 100) as u32, 1)
+            }
+        };
         let mut acc = 0;
         for (i, t) in self.targets.iter().enumerate() {
-            acc += t.weight;
+            acc += t.weight * scale;
             if slot < acc && !t.backends.is_empty() {
                 return Some(i);
             }
@@ -125,10 +193,44 @@ impl Compiled {
                     svc.name
                 ));
             }
+            let mut ordered: Vec<&RevisionRoute> = svc.revisions.iter().collect();
+            let rank = |r: &RevisionRoute| {
+                if svc.stable.as_ref() == Some(&r.name) {
+                    0
+                } else if svc.canary.as_ref() == Some(&r.name) {
+                    2
+                } else {
+                    1
+                }
+            };
+            ordered.sort_by_key(|r| rank(r));
+            let targets: Vec<Target> = ordered.iter().map(|r| target(r, r.weight)).collect();
+            let find = |name: &Option<String>| {
+                name.as_ref()
+                    .and_then(|n| targets.iter().position(|t| &*t.name == n.as_str()))
+            };
+            let header = |h: &str| {
+                hyper::header::HeaderName::from_bytes(h.as_bytes())
+                    .map_err(|_| format!("service {}: {h:?} is not a header name", svc.name))
+            };
+            let sticky = match (&svc.sticky_header, &svc.sticky_cookie) {
+                (Some(h), _) => Some(Sticky::Header(header(h)?)),
+                (None, Some(c)) => Some(Sticky::Cookie(c.clone())),
+                (None, None) => None,
+            };
+            let canary_header = match &svc.canary_header {
+                Some((n, v)) => Some((header(n)?, v.clone())),
+                None => None,
+            };
             let main = Route {
                 service: service.clone(),
-                targets: svc.revisions.iter().map(|r| target(r, r.weight)).collect(),
+                canary: find(&svc.canary),
+                stable: find(&svc.stable),
+                targets,
                 counter: AtomicU64::new(0),
+                sticky,
+                canary_header,
+                shield: svc.shield_canary,
             };
             if routes.insert(listen, Arc::new(main)).is_some() {
                 return Err(format!("address {listen} is used twice"));
@@ -147,6 +249,11 @@ impl Compiled {
                     service: service.clone(),
                     targets,
                     counter: AtomicU64::new(0),
+                    canary: None,
+                    stable: None,
+                    sticky: None,
+                    canary_header: None,
+                    shield: false,
                 };
                 if routes.insert(addr, Arc::new(preview)).is_some() {
                     return Err(format!("address {addr} is used twice"));
@@ -173,6 +280,12 @@ mod tests {
                 listen: "127.0.0.1:1".into(),
                 preview_listen: None,
                 preview: None,
+                stable: None,
+                canary: None,
+                sticky_header: None,
+                sticky_cookie: None,
+                canary_header: None,
+                shield_canary: false,
                 revisions: weights
                     .iter()
                     .enumerate()
@@ -193,7 +306,7 @@ mod tests {
         let route = c.routes.values().next().expect("one route");
         let mut out = HashMap::new();
         for _ in 0..n {
-            let i = route.pick().expect("a target");
+            let i = route.pick(&hyper::HeaderMap::new()).expect("a target");
             *out.entry(route.targets[i].name.to_string()).or_default() += 1;
         }
         out
@@ -222,6 +335,75 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.contains("sum to 90"), "{e}");
+    }
+
+    #[test]
+    fn sticky_clients_only_move_onto_a_growing_canary() {
+        let mut t = table(&[("stable", 90, 1), ("canary", 10, 1)]);
+        t.services[0].stable = Some("stable".into());
+        t.services[0].canary = Some("canary".into());
+        t.services[0].sticky_header = Some("x-client-id".into());
+        let place = |t: &RoutingTable| -> Vec<String> {
+            let c = Compiled::build(t, &Metrics::default()).expect("valid");
+            let route = c.routes.values().next().expect("route");
+            (0..2000)
+                .map(|i| {
+                    let mut h = hyper::HeaderMap::new();
+                    h.insert("x-client-id", format!("client-{i}").parse().expect("value"));
+                    // Twice per client: the same answer both times.
+                    let a = route.pick(&h).expect("target");
+                    assert_eq!(route.pick(&h), Some(a));
+                    route.targets[a].name.to_string()
+                })
+                .collect()
+        };
+        let at10 = place(&t);
+        for w in [25, 50, 100] {
+            t.services[0].revisions[0].weight = 100 - w;
+            t.services[0].revisions[1].weight = w;
+            let next = place(&t);
+            for (before, after) in at10.iter().zip(&next) {
+                assert!(
+                    !(before == "canary" && after == "stable"),
+                    "a client went back to stable at {w} %"
+                );
+            }
+            let on_canary = next.iter().filter(|n| *n == "canary").count();
+            assert!(
+                (on_canary as f64 / 2000.0 - f64::from(w) / 100.0).abs() < 0.05,
+                "{on_canary} at {w} %"
+            );
+        }
+        let share = at10.iter().filter(|n| *n == "canary").count();
+        assert!(
+            (150..=250).contains(&share),
+            "about 10 % of clients start on the canary: {share}"
+        );
+    }
+
+    #[test]
+    fn the_canary_header_reaches_the_canary_at_any_weight() {
+        let mut t = table(&[("stable", 100, 1), ("canary", 0, 1)]);
+        t.services[0].stable = Some("stable".into());
+        t.services[0].canary = Some("canary".into());
+        t.services[0].canary_header = Some(("x-canary".into(), "always".into()));
+        let c = Compiled::build(&t, &Metrics::default()).expect("valid");
+        let route = c.routes.values().next().expect("route");
+        let mut h = hyper::HeaderMap::new();
+        assert_eq!(
+            route.targets[route.pick(&h).expect("t")].name.as_ref(),
+            "stable"
+        );
+        h.insert("x-canary", "always".parse().expect("value"));
+        assert_eq!(
+            route.targets[route.pick(&h).expect("t")].name.as_ref(),
+            "canary"
+        );
+        h.insert("x-canary", "sometimes".parse().expect("value"));
+        assert_eq!(
+            route.targets[route.pick(&h).expect("t")].name.as_ref(),
+            "stable"
+        );
     }
 
     #[test]

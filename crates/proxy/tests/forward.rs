@@ -83,6 +83,12 @@ fn table(
             listen: listen.to_string(),
             preview_listen: None,
             preview: None,
+            stable: None,
+            canary: None,
+            sticky_header: None,
+            sticky_cookie: None,
+            canary_header: None,
+            shield_canary: false,
             revisions: revs
                 .into_iter()
                 .map(|(n, w, b)| RevisionRoute {

@@ -193,6 +193,36 @@ impl Default for Shutdown {
 pub struct Traffic {
     /// Where the proxy listens for this rollout's users, e.g. `127.0.0.1:8080`.
     pub listen: String,
+    /// Keep each client on one revision while weights change: requests carrying the
+    /// same header value (or cookie) hash to the same place, and a growing canary
+    /// only takes clients over, never hands them back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stickiness: Option<Stickiness>,
+    /// Requests with this header and value go to the canary whatever its weight
+    /// (while it has ready instances): for testers, before users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_header: Option<HeaderMatch>,
+    /// An idempotent request that the canary answers with a 5xx (or cannot answer) is
+    /// sent once more to stable, so users see stable's answer while the analysis
+    /// still counts the canary's failure.
+    #[serde(default)]
+    pub shield_canary: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Stickiness {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -87,6 +87,36 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         err("spec.progressDeadlineSeconds", "must be at least 1".into());
     }
     let listen = check_addr("spec.traffic.listen", &s.traffic.listen, &mut err);
+    let header_name = |h: &str| {
+        !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+    };
+    if let Some(st) = &s.traffic.stickiness {
+        match (&st.header, &st.cookie) {
+            (Some(_), Some(_)) | (None, None) => err(
+                "spec.traffic.stickiness",
+                "set exactly one of header or cookie".into(),
+            ),
+            (Some(h), None) if !header_name(h) => err(
+                "spec.traffic.stickiness.header",
+                format!("{h:?} is not a header name"),
+            ),
+            (None, Some(c)) if c.is_empty() || c.contains([';', '=', ' ']) => err(
+                "spec.traffic.stickiness.cookie",
+                format!("{c:?} is not a cookie name"),
+            ),
+            _ => {}
+        }
+    }
+    if let Some(h) = &s.traffic.canary_header
+        && !header_name(&h.name)
+    {
+        err(
+            "spec.traffic.canaryHeader.name",
+            format!("{:?} is not a header name", h.name),
+        );
+    }
 
     let st = &s.strategy;
     let set = [

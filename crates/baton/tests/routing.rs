@@ -1,0 +1,135 @@
+//! Sticky clients, header routing and a canary users are shielded from, end to end.
+
+mod common;
+
+use std::time::Duration;
+
+use baton::load::Load;
+use common::*;
+
+const STEPS: &str = "        - setWeight: 10
+        - pause: { duration: 1s }
+        - setWeight: 30
+        - pause: { duration: 1s }
+        - setWeight: 60
+        - pause: { duration: 1s }";
+
+fn spec(listen: std::net::SocketAddr, version: &str, extra_env: &str) -> String {
+    canary_spec(listen, version, extra_env, STEPS).replace(
+        &format!("  traffic: {{ listen: \"{listen}\" }}"),
+        &format!(
+            "  traffic:\n    listen: \"{listen}\"\n    stickiness: {{ header: X-Client-Id }}\n    canaryHeader: {{ name: X-Canary, value: always }}\n    shieldCanary: true"
+        ),
+    )
+}
+
+async fn get_with(addr: std::net::SocketAddr, header: (&str, &str)) -> String {
+    use http_body_util::BodyExt;
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/")
+        .header("host", addr.to_string())
+        .header(header.0, header.1)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = tx.send_request(req).await.expect("response");
+    String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
+        .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_clients_never_flip_and_a_shielded_broken_canary_fails_no_one() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let v1 = env.write("v1.yaml", &spec(listen, "v1", ""));
+    assert!(
+        std::fs::read_to_string(&v1)
+            .expect("spec")
+            .contains("shieldCanary: true")
+    );
+    env.start_up(&["-f", path_str(&v1)]);
+    let client = env.client();
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v1 healthy",
+        |v| v["phase"] == "Healthy",
+    )
+    .await;
+    // 8 workers × 25 clients: 200 sticky clients.
+    let load = Load::start_clients(listen, 8, 800, 25);
+
+    let v2 = env.write("v2.yaml", &spec(listen, "v2", ""));
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "the canary at 10 %",
+        |v| weight(v, "v2") == 10 && acked(v),
+    )
+    .await;
+    // A tester reaches the canary on demand; others stay where they are.
+    assert_eq!(
+        get_with(listen, ("x-canary", "always")).await.trim(),
+        "hello from v2"
+    );
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(60),
+        "v2 stable",
+        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
+    )
+    .await;
+    // A second for every client to be asked once more, now that v2 has all traffic.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = load.report();
+    eprintln!(
+        "v1 → v2: {} requests, {} clients moved, {} flip-flops",
+        r.sent, r.clients_moved, r.flip_flops
+    );
+    assert_eq!(r.failed, 0, "{:?}", r.failures);
+    assert_eq!(
+        r.flip_flops, 0,
+        "a sticky client went back to a revision it had left"
+    );
+    assert!(
+        r.clients_moved >= 190,
+        "clients moved onto v2 as it grew: {}",
+        r.clients_moved
+    );
+
+    // A v3 that fails half its answers: shielded, users see stable's answers.
+    let before = load.report();
+    let v3 = env.write("v3.yaml", &spec(listen, "v3", ", FAIL_RATE: \"0.5\""));
+    assert!(env.run(&["apply", "-f", path_str(&v3)]).status.success());
+    let bad = wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(60),
+        "v3 rolled back",
+        |v| v["phase"] == "Degraded" && weight(v, "v3") == 0 && acked(v),
+    )
+    .await;
+    let msg = bad["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("gate errors failed"),
+        "the analysis still saw v3's failures: {msg}"
+    );
+    let r = load.stop().await;
+    eprintln!(
+        "v3: {} requests during its canary, {} failed",
+        r.sent - before.sent,
+        r.failed
+    );
+    assert_eq!(
+        r.failed, 0,
+        "a shielded canary fails no user request: {:?}",
+        r.failures
+    );
+}
