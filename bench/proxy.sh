@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The same backend and the same load through Baton's proxy, HAProxy and nginx (and
+# straight to the backend), one after the other in one run; prints requests/s and
+# p50/p99 for each and Baton's ratio to each peer, as a Markdown table.
+# Usage: bench/proxy.sh [SECONDS] [CONNECTIONS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+conns=${2:-64}
+for tool in wrk haproxy nginx; do
+  command -v $tool >/dev/null || { echo "needs $tool: apt-get install wrk haproxy nginx-light" >&2; exit 1; }
+done
+cargo build --release -p baton >/dev/null 2>&1
+work=$(mktemp -d)
+pids=()
+trap 'for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done; rm -rf "$work"' EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+backend=$(port); p_baton=$(port); p_haproxy=$(port); p_nginx=$(port)
+
+# The backend: nginx answering a fixed 2-byte body, 1 worker (the same for all).
+cat >"$work/backend.conf" <<CONF
+worker_processes 1; daemon off; pid $work/backend.pid; error_log $work/backend.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$backend; location / { return 200 "ok"; } } }
+CONF
+nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
+
+# Baton's proxy, driven over its control socket as `baton up` does.
+./target/release/baton proxy --control-socket "$work/proxy.sock" >"$work/baton.log" 2>&1 & pids+=($!)
+for _ in $(seq 100); do [ -S "$work/proxy.sock" ] && break; sleep 0.05; done
+python3 - "$work/proxy.sock" "$p_baton" "$backend" <<'PY'
+import json, socket, sys
+sock, listen, backend = sys.argv[1], sys.argv[2], sys.argv[3]
+table = {"op": "setTable", "table": {"version": 1, "services": [{"name": "bench", "listen": f"127.0.0.1:{listen}",
+         "revisions": [{"name": "r1", "weight": 100, "backends": [f"127.0.0.1:{backend}"]}]}]}}
+s = socket.socket(socket.AF_UNIX); s.connect(sock); s.sendall((json.dumps(table) + "\n").encode())
+answer = s.makefile().readline()
+assert '"ack"' in answer, answer
+PY
+
+# HAProxy: 2 threads, keep-alive to the backend.
+cat >"$work/haproxy.cfg" <<CONF
+global
+  nbthread 2
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend f
+  bind 127.0.0.1:$p_haproxy
+  default_backend b
+backend b
+  http-reuse always
+  server s1 127.0.0.1:$backend
+CONF
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
+
+# nginx as a proxy: 2 workers, keep-alive upstream.
+cat >"$work/proxy.conf" <<CONF
+worker_processes 2; daemon off; pid $work/proxy.pid; error_log $work/proxy.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream b { server 127.0.0.1:$backend; keepalive 128; }
+  server { listen 127.0.0.1:$p_nginx;
+    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+nginx -c "$work/proxy.conf" -p "$work" & pids+=($!)
+sleep 1
+
+run() { # name port -> "rps p50 p99"
+  wrk -t2 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:$2/" >"$work/$1.wrk" 2>&1 || true
+  python3 -c '
+import re, sys
+t = sys.stdin.read()
+def ms(v):
+    n, u = re.match(r"([\d.]+)(\w+)", v).groups(); n = float(n)
+    return n * {"us": 0.001, "ms": 1, "s": 1000}[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+p50 = ms(re.search(r"\n\s+50%\s+(\S+)", t).group(1)); p99 = ms(re.search(r"\n\s+99%\s+(\S+)", t).group(1))
+print(f"{rps:.0f} {p50:.3f} {p99:.3f}")' <"$work/$1.wrk" || { echo "wrk against $1 failed:" >&2; cat "$work/$1.wrk" >&2; exit 1; }
+}
+declare -A R
+for name in direct baton haproxy nginx; do
+  case $name in direct) p=$backend;; baton) p=$p_baton;; haproxy) p=$p_haproxy;; nginx) p=$p_nginx;; esac
+  run "$name" "$p" >/dev/null  # warm-up: connections, pools
+  R[$name]=$(run "$name" "$p")
+done
+read -r b_rps b_p50 b_p99 <<<"${R[baton]}"
+echo "| target | requests/s | p50 (ms) | p99 (ms) | Baton's throughput ratio | Baton's p99 ratio |"
+echo "| --- | --- | --- | --- | --- | --- |"
+for name in direct baton haproxy nginx; do
+  read -r rps p50 p99 <<<"${R[$name]}"
+  ratio=$(python3 -c "print(f'{$b_rps/$rps:.2f}x')")
+  pratio=$(python3 -c "print(f'{$b_p99/$p99:.2f}x')")
+  [ $name = baton ] && { ratio="—"; pratio="—"; }
+  echo "| $name | $rps | $p50 | $p99 | $ratio | $pratio |"
+done
