@@ -29,6 +29,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -49,6 +50,8 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// At most this many instances are tried for one request.
 const MAX_ATTEMPTS: usize = 4;
+/// Request heads above this size are refused (HTTP/1.1: 431) instead of buffered.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -276,21 +279,33 @@ async fn accept_loop(shared: Arc<Shared>, addr: SocketAddr, listener: TcpListene
             return;
         }
         let _ = stream.set_nodelay(true);
-        let s = shared.clone();
-        let svc = hyper::service::service_fn(move |req| handle(s.clone(), addr, peer, req));
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .serve_connection(TokioIo::new(stream), svc);
-        let watched = {
-            let g = shared.graceful.lock().unwrap_or_else(|p| p.into_inner());
-            g.as_ref().map(|g| g.watch(conn))
+        let Some(watcher) = shared
+            .graceful
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(GracefulShutdown::watcher)
+        else {
+            return;
         };
-        if let Some(fut) = watched {
-            tokio::spawn(async move {
-                let _ = fut.await;
-            });
-        }
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(s.clone(), addr, peer, req));
+            // HTTP/1.1 and HTTP/2 (prior knowledge, h2c) on the same port.
+            let mut builder = AutoBuilder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .max_buf_size(MAX_HEADER_BYTES);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .keep_alive_interval(Duration::from_secs(20));
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn.into_owned()).await;
+        });
     }
 }
 

@@ -243,3 +243,106 @@ async fn bad_tables_are_refused_and_change_nothing() {
     );
     assert_eq!(send(listen, b"").await, (200, "a".into()));
 }
+
+#[tokio::test]
+async fn http2_clients_are_served_over_h2c() {
+    let p = proxy().await;
+    let a = backend("a").await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let s = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(s),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    // Many streams on one connection, all answered by the HTTP/1.1 backend.
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        let req = Request::get(format!("http://{listen}/"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        answers.push(tx.send_request(req));
+    }
+    for a in answers {
+        let resp = a.await.expect("response");
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            &resp.into_body().collect().await.expect("body").to_bytes()[..],
+            b"a"
+        );
+    }
+}
+
+#[tokio::test]
+async fn oversized_request_heads_get_431() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = proxy().await;
+    let a = backend("a").await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let mut s = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let huge = "x".repeat(80 * 1024);
+    s.write_all(format!("GET / HTTP/1.1\r\nhost: a\r\nx-big: {huge}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut answer = vec![0u8; 64];
+    let n = s.read(&mut answer).await.expect("read");
+    let text = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(text.starts_with("HTTP/1.1 431"), "{text:?}");
+    // The proxy keeps serving others.
+    assert_eq!(send(listen, b"").await, (200, "a".into()));
+}
+
+/// A real HTTP/2 client: h2load (Debian `nghttp2-client`; `scripts/test` installs it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_gets_every_answer() {
+    let p = proxy().await;
+    let (a, b) = (backend("a").await, backend("b").await);
+    let listen = free();
+    p.client
+        .set_table(&table(
+            1,
+            listen,
+            vec![("a", 50, vec![a]), ("b", 50, vec![b])],
+        ))
+        .await
+        .expect("ack");
+    let out = tokio::process::Command::new("h2load")
+        .args([
+            "-n",
+            "2000",
+            "-c",
+            "4",
+            "-m",
+            "10",
+            &format!("http://{listen}/"),
+        ])
+        .output()
+        .await
+        .expect("h2load is installed (Debian package nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("2000 succeeded, 0 failed, 0 errored"),
+        "{text}"
+    );
+    assert!(text.contains("status codes: 2000 2xx"), "{text}");
+    let stats = p.client.stats().await.expect("stats");
+    assert_eq!(
+        stats["svc"]["a"].requests() + stats["svc"]["b"].requests(),
+        2000
+    );
+}
