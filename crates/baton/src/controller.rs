@@ -675,6 +675,15 @@ impl Controller {
                         .as_ref()
                         .map(|h| (h.name.clone(), h.value.clone())),
                     shield_canary: traffic.shield_canary,
+                    // Just before the instance would be killed: it may close with 1012
+                    // itself when it gets SIGTERM, after preStop.
+                    drain_ms: Some(
+                        ((r.spec.spec.shutdown.pre_stop_seconds
+                            + r.spec.spec.shutdown.drain_timeout_seconds)
+                            * 1000.0
+                            - 500.0)
+                            .max(0.0) as u64,
+                    ),
                     revisions,
                 }
             })

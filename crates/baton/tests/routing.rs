@@ -133,3 +133,67 @@ async fn sticky_clients_never_flip_and_a_shielded_broken_canary_fails_no_one() {
         r.failures
     );
 }
+
+/// A WebSocket client across a rollout: its instance closes it with 1012 when it
+/// drains; the client reconnects and lands on the new revision. Nothing abnormal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_move_to_the_new_revision_with_a_clean_close() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut env = Env::new();
+    let listen = free_addr();
+    let v1 = env.write("v1.yaml", &spec(listen, "v1", ""));
+    env.start_up(&["-f", path_str(&v1)]);
+    let client = env.client();
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v1 healthy",
+        |v| v["phase"] == "Healthy",
+    )
+    .await;
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(listen)
+            .await
+            .expect("connect");
+        tokio_tungstenite::client_async(format!("ws://{listen}/ws"), tcp)
+            .await
+            .expect("handshake")
+            .0
+    };
+    let mut ws = connect().await;
+    ws.send(Message::text("hi")).await.expect("send");
+    assert_eq!(
+        ws.next().await.expect("answer").expect("ok"),
+        Message::text("v1: hi")
+    );
+
+    let v2 = env.write("v2.yaml", &spec(listen, "v2", ""));
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(60),
+        "v2 stable",
+        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
+    )
+    .await;
+    // v1's instances drain: the session ends with a clean close, not a dropped socket.
+    let end = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        .await
+        .expect("closed in time");
+    match end {
+        Some(Ok(Message::Close(Some(f)))) => {
+            let code = u16::from(f.code);
+            assert!(code == 1012 || code == 1001, "close code {code}");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    let mut again = connect().await;
+    again.send(Message::text("hi")).await.expect("send");
+    assert_eq!(
+        again.next().await.expect("answer").expect("ok"),
+        Message::text("v2: hi")
+    );
+}

@@ -11,6 +11,7 @@
 pub mod control;
 pub mod metrics;
 pub mod table;
+pub mod websocket;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -89,6 +90,7 @@ struct Shared {
     stop: Notify,
     stopping: AtomicBool,
     max_body: usize,
+    sessions: websocket::Sessions,
 }
 
 /// Runs the proxy until it is told to stop (control socket, SIGTERM or SIGINT).
@@ -111,6 +113,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         stop: Notify::new(),
         stopping: AtomicBool::new(false),
         max_body: config.max_body_bytes,
+        sessions: websocket::Sessions::default(),
     });
 
     let _ = std::fs::remove_file(&config.control_socket);
@@ -249,6 +252,22 @@ async fn apply_table(shared: &Arc<Shared>, table: RoutingTable) -> Result<(), St
         }
     }
     shared.table.store(Arc::new(compiled));
+    // Tunnels to instances that left routing start their drain clock.
+    let drain: HashMap<String, Duration> = table
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                Duration::from_millis(s.drain_ms.unwrap_or(30_000)),
+            )
+        })
+        .collect();
+    shared
+        .sessions
+        .drain_unrouted(&table::routed(&table.services), |svc| {
+            drain.get(svc).copied().unwrap_or(Duration::from_secs(30))
+        });
     let mut listeners = shared.listeners.lock().unwrap_or_else(|p| p.into_inner());
     for (addr, l) in bound {
         info!(%addr, "listening");
@@ -369,6 +388,9 @@ async fn handle(
             "no route for this listener",
         ));
     };
+    if is_upgrade(req.headers()) {
+        return Ok(upgrade(shared, route, req, peer).await);
+    }
     let (mut parts, body) = req.into_parts();
     let Some(first) = route.pick(&parts.headers) else {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "no ready instance"));
@@ -485,6 +507,98 @@ async fn handle(
     Ok(plain(StatusCode::BAD_GATEWAY, "no instance could answer"))
 }
 
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+fn empty() -> ProxyBody {
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An HTTP/1.1 upgrade (WebSocket): the request goes to one instance on a connection
+/// of its own, and once it answers 101 the two sides are joined by a tunnel that
+/// drains gracefully when the instance leaves routing.
+async fn upgrade(
+    shared: Arc<Shared>,
+    route: Arc<table::Route>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let Some(first) = route.pick(req.headers()) else {
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "no ready instance");
+    };
+    let mut order: Vec<usize> = vec![first];
+    order.extend((0..route.targets.len()).filter(|i| {
+        let t = &route.targets[*i];
+        *i != first && t.weight > 0 && !t.backends.is_empty()
+    }));
+    let mut headers = req.headers().clone();
+    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+        headers.append("x-forwarded-for", v);
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    for ti in order {
+        let target = &route.targets[ti];
+        for addr in target.backends_from_next() {
+            let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                target.metrics.retry();
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok((mut sender, conn)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+            else {
+                continue;
+            };
+            tokio::spawn(conn.with_upgrades());
+            let mut out = Request::new(http_body_util::Empty::<Bytes>::new());
+            *out.method_mut() = req.method().clone();
+            *out.headers_mut() = headers.clone();
+            if let Ok(uri) = path.parse() {
+                *out.uri_mut() = uri;
+            }
+            let Ok(mut resp) = sender.send_request(out).await else {
+                target.metrics.retry();
+                continue;
+            };
+            target
+                .metrics
+                .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                let (mut rp, rb) = resp.into_parts();
+                strip_hop_by_hop(&mut rp.headers);
+                return Response::from_parts(rp, rb.boxed());
+            }
+            let server_side = hyper::upgrade::on(&mut resp);
+            let client_side = hyper::upgrade::on(&mut req);
+            let (s, service) = (shared.clone(), route.service.to_string());
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(b)) = tokio::join!(client_side, server_side) {
+                    websocket::tunnel(&s.sessions, &service, addr, c, b).await;
+                }
+            });
+            let (rp, _) = resp.into_parts();
+            return Response::from_parts(rp, empty());
+        }
+    }
+    route.targets[first].metrics.upstream_error();
+    plain(StatusCode::BAD_GATEWAY, "no instance could answer")
+}
+
 /// One attempt at one instance, with hop-by-hop headers stripped from the answer.
 async fn forward(
     shared: &Shared,
@@ -525,7 +639,9 @@ async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
                         .unwrap_or_else(|p| p.into_inner())
                         .as_ref()
                         .map_or(0, |g| g.count() as u64);
-                    let body = s.metrics.render(s.table.load().version, active);
+                    let body =
+                        s.metrics
+                            .render(s.table.load().version, active, s.sessions.count() as u64);
                     let mut r = plain(StatusCode::OK, "");
                     *r.body_mut() = Full::new(Bytes::from(body))
                         .map_err(|never| match never {})

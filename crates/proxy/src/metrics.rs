@@ -155,7 +155,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition format.
-    pub fn render(&self, table_version: u64, active_connections: u64) -> String {
+    pub fn render(&self, table_version: u64, active_connections: u64, websockets: u64) -> String {
         let snap = self.snapshot();
         let mut o = String::new();
         let _ = writeln!(
@@ -238,6 +238,12 @@ impl Metrics {
         );
         let _ = writeln!(o, "# TYPE baton_proxy_active_connections gauge");
         let _ = writeln!(o, "baton_proxy_active_connections {active_connections}");
+        let _ = writeln!(
+            o,
+            "# HELP baton_proxy_websocket_sessions WebSocket tunnels open now."
+        );
+        let _ = writeln!(o, "# TYPE baton_proxy_websocket_sessions gauge");
+        let _ = writeln!(o, "baton_proxy_websocket_sessions {websockets}");
         o
     }
 }
@@ -281,7 +287,7 @@ mod tests {
     fn text_format_has_conventional_names() {
         let metrics = Metrics::default();
         metrics.revision("hello", "abc").observe(200, 0.02);
-        let text = metrics.render(7, 1);
+        let text = metrics.render(7, 1, 0);
         assert!(
             text.contains("http_requests_total{service=\"hello\",version=\"abc\",code=\"2xx\"} 1")
         );

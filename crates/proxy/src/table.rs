@@ -43,6 +43,10 @@ pub struct ServiceRoute {
     pub canary_header: Option<(String, String)>,
     #[serde(default)]
     pub shield_canary: bool,
+    /// How long a WebSocket to an instance that left routing may stay open before the
+    /// proxy closes it with 1001 (the instance may close it first, with 1012).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,6 +290,7 @@ mod tests {
                 sticky_cookie: None,
                 canary_header: None,
                 shield_canary: false,
+                drain_ms: None,
                 revisions: weights
                     .iter()
                     .enumerate()

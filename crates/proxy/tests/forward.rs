@@ -89,6 +89,7 @@ fn table(
             sticky_cookie: None,
             canary_header: None,
             shield_canary: false,
+            drain_ms: Some(300),
             revisions: revs
                 .into_iter()
                 .map(|(n, w, b)| RevisionRoute {
@@ -344,5 +345,83 @@ async fn h2load_gets_every_answer() {
     assert_eq!(
         stats["svc"]["a"].requests() + stats["svc"]["b"].requests(),
         2000
+    );
+}
+
+/// A WebSocket echo server that never closes on its own.
+async fn ws_backend(name: &'static str) -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+                        let _ = ws.send(format!("{name}: {}", t.as_str()).into()).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_pass_through_and_drain_with_1001() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let p = proxy().await;
+    let (old, new) = (ws_backend("old").await, ws_backend("new").await);
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![old])]))
+        .await
+        .expect("ack");
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(listen)
+            .await
+            .expect("connect");
+        tokio_tungstenite::client_async(format!("ws://{listen}/ws"), tcp)
+            .await
+            .expect("handshake")
+            .0
+    };
+    let mut ws = connect().await;
+    ws.send(Message::text("hi")).await.expect("send");
+    assert_eq!(
+        ws.next().await.expect("answer").expect("ok"),
+        Message::text("old: hi")
+    );
+
+    // The instance leaves routing: the session lives on through the drain time...
+    p.client
+        .set_table(&table(2, listen, vec![("b", 100, vec![new])]))
+        .await
+        .expect("ack");
+    ws.send(Message::text("still")).await.expect("send");
+    assert_eq!(
+        ws.next().await.expect("answer").expect("ok"),
+        Message::text("old: still")
+    );
+    // ...then the proxy closes it as going away, and a reconnect reaches the new one.
+    let closed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("closed in time");
+    match closed {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1001),
+        other => panic!("expected a 1001 close, got {other:?}"),
+    }
+    let mut again = connect().await;
+    again.send(Message::text("hi")).await.expect("send");
+    assert_eq!(
+        again.next().await.expect("answer").expect("ok"),
+        Message::text("new: hi")
     );
 }

@@ -6,18 +6,20 @@
 //! answers that are 500), `LATENCY_MS` (added to every answer), `UNHEALTHY_AFTER_MS`
 //! (`/healthz` fails from then on, so liveness restarts it), `SLOW_REQUESTS` and
 //! `SLOW_MS` (the first N answers take that long: a few slow requests, not a slow
-//! version). On SIGTERM it turns
-//! unready, stops accepting, finishes what is in flight and exits.
+//! version). `/ws` is a WebSocket that echoes each text message prefixed with the
+//! version. On SIGTERM it turns
+//! unready, closes WebSockets with 1012 ("service restart") so clients reconnect
+//! elsewhere, stops accepting, finishes what is in flight and exits.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, header};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
@@ -32,6 +34,9 @@ struct State {
     slow: Duration,
     served: AtomicU64,
     draining: AtomicBool,
+    /// Tells WebSocket sessions to close with 1012.
+    drain: tokio::sync::watch::Sender<bool>,
+    sessions: AtomicUsize,
 }
 
 fn env_num(name: &str) -> Result<f64, String> {
@@ -98,6 +103,8 @@ async fn run() -> Result<(), String> {
         },
         served: AtomicU64::new(0),
         draining: AtomicBool::new(false),
+        drain: tokio::sync::watch::channel(false).0,
+        sessions: AtomicUsize::new(0),
     });
     let listener = TcpListener::bind(("127.0.0.1", port))
         .await
@@ -112,10 +119,10 @@ async fn run() -> Result<(), String> {
                 let Ok((stream, _)) = accepted else { continue };
                 let s = state.clone();
                 let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .serve_connection(TokioIo::new(stream), svc);
-                let fut = graceful.watch(conn);
+                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder.http1().timer(TokioTimer::new());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let fut = graceful.watch(conn.into_owned());
                 tokio::spawn(async move { let _ = fut.await; });
             }
             _ = term.recv() => break,
@@ -124,8 +131,64 @@ async fn run() -> Result<(), String> {
     state.draining.store(true, Ordering::SeqCst);
     drop(listener);
     eprintln!("hello {}: SIGTERM, draining", state.version);
+    state.drain.send_replace(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while state.sessions.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     Ok(())
+}
+
+/// Resolves once the instance starts draining.
+async fn drained(mut rx: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Echoes text messages as `VERSION: text` until the client closes or the instance
+/// drains, when it closes with 1012 so the client reconnects to a live instance.
+async fn websocket(s: Arc<State>, req: Request<Incoming>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, frame::coding::CloseCode};
+    let Ok(upgraded) = hyper::upgrade::on(req).await else {
+        return;
+    };
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        None,
+    )
+    .await;
+    s.sessions.fetch_add(1, Ordering::SeqCst);
+    let drained = drained(s.drain.subscribe());
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if ws.send(Message::text(format!("{}: {}", s.version, t.as_str()))).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            _ = &mut drained => {
+                let frame = CloseFrame { code: CloseCode::Restart, reason: "service restart".into() };
+                let _ = ws.close(Some(frame)).await;
+                break;
+            }
+        }
+    }
+    s.sessions.fetch_sub(1, Ordering::SeqCst);
 }
 
 async fn handle(
@@ -140,6 +203,34 @@ async fn handle(
         }
         Ok(r)
     };
+    if req.uri().path() == "/ws" {
+        let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "a WebSocket upgrade is needed here\n".into(),
+            );
+        };
+        if s.draining.load(Ordering::SeqCst) {
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+        }
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        tokio::spawn(websocket(s.clone(), req));
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("Upgrade"),
+        );
+        if let Ok(v) = header::HeaderValue::from_str(&accept) {
+            h.insert("sec-websocket-accept", v);
+        }
+        return Ok(r);
+    }
     match req.uri().path() {
         "/healthz" => match s.unhealthy_after {
             Some(after) if s.started.elapsed() >= after => {
