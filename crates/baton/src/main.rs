@@ -180,6 +180,9 @@ enum Cmd {
         /// Request bodies above this many bytes get 413.
         #[arg(long, default_value_t = 10 << 20)]
         max_body_bytes: usize,
+        /// Seconds an instance may take to answer before the attempt counts as failed.
+        #[arg(long, default_value_t = 60)]
+        request_timeout: u64,
     },
 }
 
@@ -266,6 +269,7 @@ async fn run(cli: Cli) -> Result<()> {
             control_socket,
             metrics_listen,
             max_body_bytes,
+            request_timeout,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -279,6 +283,7 @@ async fn run(cli: Cli) -> Result<()> {
                 metrics_listen,
                 max_body_bytes,
                 drain_timeout: Duration::from_secs(30),
+                request_timeout: Duration::from_secs(request_timeout),
             })
             .await?;
             Ok(())

@@ -63,6 +63,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// On shutdown, how long open connections may take to finish.
     pub drain_timeout: Duration,
+    /// How long an instance may take to answer one attempt before it counts as failed.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +92,9 @@ struct Shared {
     stop: Notify,
     stopping: AtomicBool,
     max_body: usize,
+    request_timeout: Duration,
     sessions: websocket::Sessions,
+    outliers: table::Outliers,
 }
 
 /// Runs the proxy until it is told to stop (control socket, SIGTERM or SIGINT).
@@ -113,7 +117,9 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         stop: Notify::new(),
         stopping: AtomicBool::new(false),
         max_body: config.max_body_bytes,
+        request_timeout: config.request_timeout,
         sessions: websocket::Sessions::default(),
+        outliers: table::Outliers::default(),
     });
 
     let _ = std::fs::remove_file(&config.control_socket);
@@ -234,7 +240,7 @@ async fn apply_table(shared: &Arc<Shared>, table: RoutingTable) -> Result<(), St
             table.version, current.version
         ));
     }
-    let compiled = Compiled::build(&table, &shared.metrics)?;
+    let compiled = Compiled::build(&table, &shared.metrics, &shared.outliers)?;
     let wanted: Vec<SocketAddr> = compiled.routes.keys().copied().collect();
     let missing: Vec<SocketAddr> = {
         let l = shared.listeners.lock().unwrap_or_else(|p| p.into_inner());
@@ -458,7 +464,7 @@ async fn handle(
     };
     'targets: for ti in order {
         let target = &route.targets[ti];
-        for addr in target.backends_from_next() {
+        for (addr, health) in target.backends_from_next(&shared.outliers) {
             if attempts == MAX_ATTEMPTS {
                 break 'targets;
             }
@@ -468,6 +474,7 @@ async fn handle(
                     target
                         .metrics
                         .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                    shared.outcome(target, health, sick(resp.status()));
                     if resp.status().is_server_error() && shield_from(ti) {
                         shielded = Some(resp);
                         break 'targets;
@@ -478,6 +485,7 @@ async fn handle(
                     // A connection that failed before the request went out can always
                     // be retried; one that failed later only for idempotent methods.
                     last_error = format!("{addr}: {e}");
+                    shared.outcome(target, health, true);
                     if e.is_connect() || idempotent(&parts.method) {
                         target.metrics.retry();
                         continue;
@@ -489,7 +497,7 @@ async fn handle(
     }
     if let (Some(canary_answer), Some(s)) = (shielded, stable) {
         let target = &route.targets[s];
-        for addr in target.backends_from_next().take(2) {
+        for (addr, _) in target.backends_from_next(&shared.outliers).take(2) {
             if let Ok(resp) = forward(&shared, &parts, &body, &path, addr).await {
                 target
                     .metrics
@@ -505,6 +513,22 @@ async fn handle(
     t.metrics.observe(502, start.elapsed().as_secs_f64());
     warn!(service = %route.service, revision = %t.name, error = %last_error, "no instance answered");
     Ok(plain(StatusCode::BAD_GATEWAY, "no instance could answer"))
+}
+
+/// Answers that say the instance itself is unwell (as opposed to the request).
+fn sick(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
+}
+
+impl Shared {
+    fn outcome(&self, target: &table::Target, health: &table::BackendHealth, failed: bool) {
+        if !failed {
+            self.outliers.succeeded(health);
+        } else if self.outliers.failed(health) {
+            target.metrics.ejection();
+            warn!(revision = %target.name, "instance ejected after consecutive failures");
+        }
+    }
 }
 
 fn is_upgrade(h: &HeaderMap) -> bool {
@@ -553,7 +577,7 @@ async fn upgrade(
         .to_string();
     for ti in order {
         let target = &route.targets[ti];
-        for addr in target.backends_from_next() {
+        for (addr, _) in target.backends_from_next(&shared.outliers) {
             let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
                 target.metrics.retry();
                 continue;
@@ -599,6 +623,21 @@ async fn upgrade(
     plain(StatusCode::BAD_GATEWAY, "no instance could answer")
 }
 
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("{0}")]
+    Client(#[from] hyper_util::client::legacy::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl AttemptError {
+    /// The request never left: it can go to another instance whatever its method.
+    fn is_connect(&self) -> bool {
+        matches!(self, AttemptError::Client(e) if e.is_connect())
+    }
+}
+
 /// One attempt at one instance, with hop-by-hop headers stripped from the answer.
 async fn forward(
     shared: &Shared,
@@ -606,7 +645,7 @@ async fn forward(
     body: &Bytes,
     path: &str,
     addr: SocketAddr,
-) -> Result<Response<ProxyBody>, hyper_util::client::legacy::Error> {
+) -> Result<Response<ProxyBody>, AttemptError> {
     let mut out = Request::new(Full::new(body.clone()));
     *out.method_mut() = parts.method.clone();
     *out.headers_mut() = parts.headers.clone();
@@ -614,7 +653,9 @@ async fn forward(
     if let Ok(uri) = format!("http://{addr}{path}").parse() {
         *out.uri_mut() = uri;
     }
-    let resp = shared.client.request(out).await?;
+    let resp = tokio::time::timeout(shared.request_timeout, shared.client.request(out))
+        .await
+        .map_err(|_| AttemptError::Timeout(shared.request_timeout))??;
     let (mut rp, rb) = resp.into_parts();
     strip_hop_by_hop(&mut rp.headers);
     Ok(Response::from_parts(rp, rb.boxed()))

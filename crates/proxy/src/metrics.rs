@@ -23,6 +23,8 @@ pub struct RevisionMetrics {
     upstream_errors: AtomicU64,
     /// Connection attempts that failed and were retried elsewhere.
     retries: AtomicU64,
+    /// Instances of this revision left out after consecutive failures.
+    ejections: AtomicU64,
     /// Non-cumulative bucket counts; the last is +Inf.
     buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_micros: AtomicU64,
@@ -46,11 +48,15 @@ impl RevisionMetrics {
     pub fn retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
+    pub fn ejection(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
     pub fn snapshot(&self) -> RevisionStats {
         RevisionStats {
             classes: std::array::from_fn(|i| self.classes[i].load(Ordering::Relaxed)),
             upstream_errors: self.upstream_errors.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
+            ejections: self.ejections.load(Ordering::Relaxed),
             buckets: self
                 .buckets
                 .iter()
@@ -68,6 +74,8 @@ pub struct RevisionStats {
     pub classes: [u64; 5],
     pub upstream_errors: u64,
     pub retries: u64,
+    #[serde(default)]
+    pub ejections: u64,
     pub buckets: Vec<u64>,
     pub sum_seconds: f64,
 }
@@ -87,6 +95,7 @@ impl RevisionStats {
             classes: std::array::from_fn(|i| self.classes[i].saturating_sub(earlier.classes[i])),
             upstream_errors: self.upstream_errors.saturating_sub(earlier.upstream_errors),
             retries: self.retries.saturating_sub(earlier.retries),
+            ejections: self.ejections.saturating_sub(earlier.ejections),
             buckets: self
                 .buckets
                 .iter()
@@ -201,7 +210,7 @@ impl Metrics {
                 );
             }
         }
-        let counters: [Counter; 2] = [
+        let counters: [Counter; 3] = [
             (
                 "baton_proxy_upstream_errors_total",
                 "Requests that reached no instance (answered 502).",
@@ -211,6 +220,11 @@ impl Metrics {
                 "baton_proxy_retries_total",
                 "Connection attempts retried on another instance.",
                 |s| s.retries,
+            ),
+            (
+                "baton_proxy_ejections_total",
+                "Instances left out after consecutive failures.",
+                |s| s.ejections,
             ),
         ];
         for (name, help, value) in counters {

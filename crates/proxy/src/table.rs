@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -67,22 +68,90 @@ pub fn routed(services: &[ServiceRoute]) -> std::collections::HashSet<SocketAddr
         .collect()
 }
 
+/// Passive outlier detection for one instance: consecutive failures, and how long it
+/// is out. Kept per address across routing tables, which change at every step.
+#[derive(Default)]
+pub struct BackendHealth {
+    consecutive: AtomicU32,
+    ejected_until_ms: AtomicU64,
+}
+
+/// Instances that failed `after` times in a row (connection refused or reset, 502,
+/// 503, 504: signs of a sick instance rather than of a bad request) are left out for
+/// `eject_ms`. When every instance of a revision is out, all are tried anyway.
+pub struct Outliers {
+    start: std::time::Instant,
+    by_addr: Mutex<HashMap<SocketAddr, Arc<BackendHealth>>>,
+    pub after: u32,
+    pub eject_ms: u64,
+}
+
+impl Default for Outliers {
+    fn default() -> Self {
+        Outliers {
+            start: std::time::Instant::now(),
+            by_addr: Mutex::new(HashMap::new()),
+            after: 5,
+            eject_ms: 10_000,
+        }
+    }
+}
+
+impl Outliers {
+    fn health(&self, addr: SocketAddr) -> Arc<BackendHealth> {
+        let mut m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(addr).or_default().clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn ejected(&self, h: &BackendHealth) -> bool {
+        h.ejected_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// Records a failure; true when it ejected the instance.
+    pub fn failed(&self, h: &BackendHealth) -> bool {
+        let n = h.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.after && !self.ejected(h) {
+            h.ejected_until_ms
+                .store(self.now_ms() + self.eject_ms, Ordering::Relaxed);
+            h.consecutive.store(0, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    pub fn succeeded(&self, h: &BackendHealth) {
+        h.consecutive.store(0, Ordering::Relaxed);
+    }
+}
+
 /// One revision, ready for the hot path.
 pub(crate) struct Target {
     pub name: Arc<str>,
     pub weight: u32,
     pub backends: Vec<SocketAddr>,
+    health: Vec<Arc<BackendHealth>>,
     next: AtomicU64,
     pub metrics: Arc<RevisionMetrics>,
 }
 
 impl Target {
     /// The instances to try for one request, in order: round-robin picks the first,
-    /// the others follow, each once.
-    pub fn backends_from_next(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+    /// the others follow, each once; ejected instances only when all are ejected.
+    pub fn backends_from_next<'a>(
+        &'a self,
+        outliers: &'a Outliers,
+    ) -> impl Iterator<Item = (SocketAddr, &'a BackendHealth)> + 'a {
         let n = self.next.fetch_add(1, Ordering::Relaxed) as usize;
         let len = self.backends.len();
-        (0..len).map(move |k| self.backends[(n + k) % len])
+        let all_out = self.health.iter().all(|h| outliers.ejected(h));
+        (0..len)
+            .map(move |k| (n + k) % len)
+            .filter(move |i| all_out || !outliers.ejected(&self.health[*i]))
+            .map(move |i| (self.backends[i], &*self.health[i]))
     }
 }
 
@@ -176,7 +245,11 @@ pub(crate) struct Compiled {
 }
 
 impl Compiled {
-    pub fn build(table: &RoutingTable, metrics: &Metrics) -> Result<Compiled, String> {
+    pub fn build(
+        table: &RoutingTable,
+        metrics: &Metrics,
+        outliers: &Outliers,
+    ) -> Result<Compiled, String> {
         let mut routes = HashMap::new();
         for svc in &table.services {
             let service: Arc<str> = svc.name.as_str().into();
@@ -184,6 +257,7 @@ impl Compiled {
                 name: r.name.as_str().into(),
                 weight,
                 backends: r.backends.clone(),
+                health: r.backends.iter().map(|a| outliers.health(*a)).collect(),
                 next: AtomicU64::new(0),
                 metrics: metrics.revision(&svc.name, &r.name),
             };
@@ -307,7 +381,7 @@ mod tests {
     }
 
     fn share(t: &RoutingTable, n: usize) -> HashMap<String, usize> {
-        let c = Compiled::build(t, &Metrics::default()).expect("valid table");
+        let c = Compiled::build(t, &Metrics::default(), &Outliers::default()).expect("valid table");
         let route = c.routes.values().next().expect("one route");
         let mut out = HashMap::new();
         for _ in 0..n {
@@ -336,7 +410,7 @@ mod tests {
     #[test]
     fn bad_tables_are_refused() {
         let bad = table(&[("a", 50, 1), ("b", 40, 1)]);
-        let e = Compiled::build(&bad, &Metrics::default())
+        let e = Compiled::build(&bad, &Metrics::default(), &Outliers::default())
             .err()
             .expect("refused");
         assert!(e.contains("sum to 90"), "{e}");
@@ -349,7 +423,7 @@ mod tests {
         t.services[0].canary = Some("canary".into());
         t.services[0].sticky_header = Some("x-client-id".into());
         let place = |t: &RoutingTable| -> Vec<String> {
-            let c = Compiled::build(t, &Metrics::default()).expect("valid");
+            let c = Compiled::build(t, &Metrics::default(), &Outliers::default()).expect("valid");
             let route = c.routes.values().next().expect("route");
             (0..2000)
                 .map(|i| {
@@ -392,7 +466,7 @@ mod tests {
         t.services[0].stable = Some("stable".into());
         t.services[0].canary = Some("canary".into());
         t.services[0].canary_header = Some(("x-canary".into(), "always".into()));
-        let c = Compiled::build(&t, &Metrics::default()).expect("valid");
+        let c = Compiled::build(&t, &Metrics::default(), &Outliers::default()).expect("valid");
         let route = c.routes.values().next().expect("route");
         let mut h = hyper::HeaderMap::new();
         assert_eq!(
@@ -413,17 +487,39 @@ mod tests {
 
     #[test]
     fn backends_rotate() {
-        let c = Compiled::build(&table(&[("a", 100, 3)]), &Metrics::default()).expect("valid");
+        let o = Outliers::default();
+        let c = Compiled::build(
+            &table(&[("a", 100, 3)]),
+            &Metrics::default(),
+            &Outliers::default(),
+        )
+        .expect("valid");
         let route = c.routes.values().next().expect("route");
         let picks: Vec<_> = (0..3)
-            .map(|_| route.targets[0].backends_from_next().next())
+            .map(|_| route.targets[0].backends_from_next(&o).next().map(|b| b.0))
             .collect();
         assert_eq!(
             picks.iter().collect::<std::collections::HashSet<_>>().len(),
             3
         );
-        let order: Vec<_> = route.targets[0].backends_from_next().collect();
+        let order: Vec<_> = route.targets[0]
+            .backends_from_next(&o)
+            .map(|b| b.0)
+            .collect();
         let distinct = order.iter().collect::<std::collections::HashSet<_>>().len();
         assert_eq!(distinct, 3, "a request tries each instance once");
+        // Five failures in a row eject an instance; it is skipped until it is back.
+        let (first, health) = route.targets[0].backends_from_next(&o).next().expect("one");
+        for _ in 0..4 {
+            assert!(!o.failed(health));
+        }
+        assert!(o.failed(health), "the fifth failure ejects");
+        for _ in 0..6 {
+            assert!(
+                route.targets[0]
+                    .backends_from_next(&o)
+                    .all(|(a, _)| a != first)
+            );
+        }
     }
 }

@@ -57,6 +57,7 @@ async fn proxy() -> Proxy {
         metrics_listen: None,
         max_body_bytes: 1024,
         drain_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(10),
     }));
     let client = ProxyClient::new(&sock);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -179,7 +180,11 @@ async fn a_dead_instance_is_retried_elsewhere() {
     // POST too: a connect failure means the request was never sent.
     assert_eq!(send(listen, b"order").await, (200, "live".into()));
     let stats = p.client.stats().await.expect("stats");
-    assert!(stats["svc"]["a"].retries >= 10, "{:?}", stats["svc"]["a"]);
+    assert_eq!(
+        stats["svc"]["a"].retries, 5,
+        "retried until ejected: {:?}",
+        stats["svc"]["a"]
+    );
     assert_eq!(stats["svc"]["a"].upstream_errors, 0);
     // With no live instance at all: 502, counted.
     p.client
@@ -423,5 +428,36 @@ async fn websockets_pass_through_and_drain_with_1001() {
     assert_eq!(
         again.next().await.expect("answer").expect("ok"),
         Message::text("new: hi")
+    );
+}
+
+#[tokio::test]
+async fn a_dead_instance_is_ejected_and_no_longer_tried() {
+    let p = proxy().await;
+    let live = backend("live").await;
+    let dead = free();
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![dead, live])]))
+        .await
+        .expect("ack");
+    for _ in 0..40 {
+        assert_eq!(send(listen, b"").await, (200, "live".into()));
+    }
+    let s = &p.client.stats().await.expect("stats")["svc"]["a"];
+    assert_eq!(s.ejections, 1, "{s:?}");
+    // Five failed attempts ejected it; after that requests go straight to the live one.
+    assert_eq!(s.retries, 5, "{s:?}");
+    // Ejection is remembered across routing tables.
+    p.client
+        .set_table(&table(2, listen, vec![("a", 100, vec![dead, live])]))
+        .await
+        .expect("ack");
+    for _ in 0..10 {
+        assert_eq!(send(listen, b"").await, (200, "live".into()));
+    }
+    assert_eq!(
+        p.client.stats().await.expect("stats")["svc"]["a"].retries,
+        5
     );
 }
