@@ -171,6 +171,10 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Upgrade or restart the proxy without dropping a connection: a new proxy process
+    /// (this executable) takes the listening sockets, table and counters over, and the
+    /// old one drains and exits.
+    RestartProxy,
     /// Run the data-plane proxy. `baton up` starts it; you rarely need this.
     Proxy {
         #[arg(long, value_name = "PATH")]
@@ -183,6 +187,10 @@ enum Cmd {
         /// Seconds an instance may take to answer before the attempt counts as failed.
         #[arg(long, default_value_t = 60)]
         request_timeout: u64,
+        /// Hot restart: take the listening sockets, table and counters over from the
+        /// proxy running on --control-socket, which then drains and exits.
+        #[arg(long)]
+        takeover: bool,
     },
 }
 
@@ -270,6 +278,7 @@ async fn run(cli: Cli) -> Result<()> {
             metrics_listen,
             max_body_bytes,
             request_timeout,
+            takeover,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -284,6 +293,7 @@ async fn run(cli: Cli) -> Result<()> {
                 max_body_bytes,
                 drain_timeout: Duration::from_secs(30),
                 request_timeout: Duration::from_secs(request_timeout),
+                takeover,
             })
             .await?;
             Ok(())
@@ -379,6 +389,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Down => down(&paths).await,
+        Cmd::RestartProxy => restart_proxy(&paths).await,
         Cmd::Apply(spec) => {
             let text = read_spec(&spec.file)?;
             // Validate here too, so a bad spec is reported even with no controller.
@@ -671,6 +682,52 @@ async fn status(paths: &Paths, name: Option<String>, watch: bool, output: Output
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
+    }
+}
+
+async fn restart_proxy(paths: &Paths) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let proxy = baton_proxy::ProxyClient::new(paths.proxy_socket());
+    let (old_pid, version) = proxy.ping().await.with_context(|| {
+        format!(
+            "no proxy answers on {}: is `baton up` running?",
+            paths.proxy_socket().display()
+        )
+    })?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.proxy_log())
+        .with_context(|| format!("cannot open {}", paths.proxy_log().display()))?;
+    let exe = std::env::current_exe().context("cannot find the baton executable")?;
+    std::process::Command::new(exe)
+        .arg("proxy")
+        .arg("--control-socket")
+        .arg(paths.proxy_socket())
+        .arg("--takeover")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the new proxy")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok((pid, v)) = proxy.ping().await
+            && pid != old_pid
+        {
+            println!(
+                "proxy restarted: pid {old_pid} → {pid}, routing table {v} (was {version}); the old process drains and exits"
+            );
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the new proxy did not take over within 15 s; see {}",
+                paths.proxy_log().display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

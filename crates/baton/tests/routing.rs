@@ -197,3 +197,54 @@ async fn websockets_move_to_the_new_revision_with_a_clean_close() {
         Message::text("v2: hi")
     );
 }
+
+/// `baton restart-proxy` under load: a new proxy process, not one failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_proxy_under_load_fails_no_request() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let v1 = env.write("v1.yaml", &spec(listen, "v1", ""));
+    env.start_up(&["-f", path_str(&v1)]);
+    let client = env.client();
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v1 healthy",
+        |v| v["phase"] == "Healthy",
+    )
+    .await;
+    let proxy = baton_proxy::ProxyClient::new(env.paths.proxy_socket());
+    let (old_pid, _) = proxy.ping().await.expect("proxy");
+    let load = Load::start(listen, 8, 800);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = env.run(&["restart-proxy"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("proxy restarted"), "{}", stdout(&out));
+    let (new_pid, _) = proxy.ping().await.expect("proxy");
+    assert_ne!(new_pid, old_pid);
+    // The old process drains and goes.
+    wait_until(Duration::from_secs(15), "the old proxy to exit", || {
+        !std::path::Path::new(&format!("/proc/{old_pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{old_pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = load.stop().await;
+    eprintln!(
+        "{} requests across the proxy restart, {} failed",
+        r.sent, r.failed
+    );
+    assert_eq!(r.failed, 0, "{:?}", r.failures);
+    // The controller keeps steering the new proxy.
+    let v2 = env.write("v2.yaml", &spec(listen, "v2", ""));
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(60),
+        "v2 stable",
+        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
+    )
+    .await;
+}

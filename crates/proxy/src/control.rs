@@ -25,18 +25,43 @@ pub enum Request {
     Stats,
     /// Stop accepting, let in-flight requests finish, exit.
     Shutdown,
+    /// A new proxy process asks for the listening sockets (hot restart).
+    Handover,
+    /// The new process serves: stop accepting, drain, exit.
+    HandoverDone,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "camelCase")]
 pub enum Response {
-    Pong { pid: u32, version: u64 },
-    Ack { version: u64 },
-    Refused { version: u64, error: String },
-    Table { table: RoutingTable },
-    Stats { stats: StatsSnapshot },
+    Pong {
+        pid: u32,
+        version: u64,
+    },
+    Ack {
+        version: u64,
+    },
+    Refused {
+        version: u64,
+        error: String,
+    },
+    Table {
+        table: RoutingTable,
+    },
+    Stats {
+        stats: StatsSnapshot,
+    },
     ShuttingDown,
-    Error { error: String },
+    /// Sent right after the listening sockets (SCM_RIGHTS), in the same order.
+    Handover {
+        listeners: Vec<std::net::SocketAddr>,
+        metrics: Option<std::net::SocketAddr>,
+        table: RoutingTable,
+        stats: StatsSnapshot,
+    },
+    Error {
+        error: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

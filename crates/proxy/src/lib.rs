@@ -9,6 +9,7 @@
 //! so that a request whose connection failed can be sent again to another instance.
 
 pub mod control;
+pub mod handover;
 pub mod metrics;
 pub mod table;
 pub mod websocket;
@@ -16,6 +17,7 @@ pub mod websocket;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +67,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long an instance may take to answer one attempt before it counts as failed.
     pub request_timeout: Duration,
+    /// Take the listening sockets, table and counters over from the proxy running on
+    /// `control_socket` (hot restart) instead of starting empty.
+    pub takeover: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +84,8 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot take over from the running proxy: {0}")]
+    Takeover(std::io::Error),
 }
 
 struct Shared {
@@ -87,7 +94,11 @@ struct Shared {
     apply_lock: tokio::sync::Mutex<()>,
     metrics: Metrics,
     client: Client<HttpConnector, Full<Bytes>>,
-    listeners: Mutex<HashMap<SocketAddr, JoinHandle<()>>>,
+    /// Accept loops, with their socket's fd (handed over on hot restart).
+    listeners: Mutex<HashMap<SocketAddr, (JoinHandle<()>, RawFd)>>,
+    metrics_socket: Mutex<Option<(SocketAddr, RawFd)>>,
+    /// Set once a new process took over: the control socket's path is now its own.
+    handed_over: AtomicBool,
     graceful: Mutex<Option<GracefulShutdown>>,
     stop: Notify,
     stopping: AtomicBool,
@@ -113,6 +124,8 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         metrics: Metrics::default(),
         client,
         listeners: Mutex::new(HashMap::new()),
+        metrics_socket: Mutex::new(None),
+        handed_over: AtomicBool::new(false),
         graceful: Mutex::new(Some(GracefulShutdown::new())),
         stop: Notify::new(),
         stopping: AtomicBool::new(false),
@@ -122,6 +135,50 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         outliers: table::Outliers::default(),
     });
 
+    let inherited = if config.takeover {
+        let path = config.control_socket.clone();
+        let got = tokio::task::spawn_blocking(move || handover::take_over(&path))
+            .await
+            .map_err(|e| ProxyError::Takeover(std::io::Error::other(e)))?
+            .map_err(ProxyError::Takeover)?;
+        shared.metrics.seed(&got.stats);
+        Some(got)
+    } else {
+        None
+    };
+    let (table, listeners, metrics_listener, old) = match inherited {
+        Some(h) => (Some(h.table), h.listeners, h.metrics, Some(h.old)),
+        None => (None, Vec::new(), None, None),
+    };
+    if let Some(t) = table {
+        let pool = listeners.into_iter().collect();
+        apply_table_with(&shared, t, pool)
+            .await
+            .map_err(|e| ProxyError::Takeover(std::io::Error::other(e)))?;
+    }
+    let metrics_task = match (metrics_listener, config.metrics_listen) {
+        (Some((addr, l)), _) => {
+            let l =
+                TcpListener::from_std(l).map_err(|source| ProxyError::Metrics { addr, source })?;
+            *shared
+                .metrics_socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some((addr, l.as_raw_fd()));
+            Some(tokio::spawn(serve_metrics(shared.clone(), l)))
+        }
+        (None, Some(addr)) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Metrics { addr, source })?;
+            *shared
+                .metrics_socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some((addr, l.as_raw_fd()));
+            Some(tokio::spawn(serve_metrics(shared.clone(), l)))
+        }
+        (None, None) => None,
+    };
+    // A new path for the control socket; an old process keeps its open connections.
     let _ = std::fs::remove_file(&config.control_socket);
     let control =
         UnixListener::bind(&config.control_socket).map_err(|source| ProxyError::ControlSocket {
@@ -129,15 +186,11 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
             source,
         })?;
     let control_task = tokio::spawn(serve_control(shared.clone(), control));
-    let metrics_task = match config.metrics_listen {
-        Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ProxyError::Metrics { addr, source })?;
-            Some(tokio::spawn(serve_metrics(shared.clone(), l)))
-        }
-        None => None,
-    };
+    if let Some(old) = old {
+        // We accept on the inherited sockets: the old process may stop.
+        handover::release(old).map_err(ProxyError::Takeover)?;
+        info!("took over from the previous proxy process");
+    }
     info!(socket = %config.control_socket.display(), "proxy ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -148,7 +201,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
     }
     shared.stopping.store(true, Ordering::SeqCst);
     info!("proxy stopping: no new connections, draining open ones");
-    for (_, h) in shared
+    for (_, (h, _)) in shared
         .listeners
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -161,18 +214,28 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
-    if let Some(g) = graceful
-        && tokio::time::timeout(config.drain_timeout, g.shutdown())
+    if let Some(g) = graceful {
+        // First softly: every answer now says `Connection: close`, so busy keep-alive
+        // clients close their connection themselves after it, without racing a close
+        // from our side. Then the rest (idle ones, HTTP/2 with GOAWAY).
+        let soft = tokio::time::Instant::now() + Duration::from_secs(2);
+        while g.count() > 0 && tokio::time::Instant::now() < soft {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if tokio::time::timeout(config.drain_timeout, g.shutdown())
             .await
             .is_err()
-    {
-        warn!("drain timeout passed with connections still open");
+        {
+            warn!("drain timeout passed with connections still open");
+        }
     }
     control_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
-    let _ = std::fs::remove_file(&config.control_socket);
+    if !shared.handed_over.load(Ordering::SeqCst) {
+        let _ = std::fs::remove_file(&config.control_socket);
+    }
     Ok(())
 }
 
@@ -187,6 +250,21 @@ async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let resp = match serde_json::from_str::<ControlRequest>(&line) {
+                    Ok(ControlRequest::Handover) => {
+                        use std::os::fd::AsRawFd;
+                        match hand_over(&shared, w.as_ref().as_raw_fd()) {
+                            Ok(r) => r,
+                            Err(e) => ControlResponse::Error {
+                                error: format!("cannot hand over: {e}"),
+                            },
+                        }
+                    }
+                    Ok(ControlRequest::HandoverDone) => {
+                        shared.handed_over.store(true, Ordering::SeqCst);
+                        shared.stop.notify_one();
+                        info!("a new proxy process took over: draining");
+                        break;
+                    }
                     Ok(req) => control_request(&shared, req).await,
                     Err(e) => ControlResponse::Error {
                         error: format!("bad request: {e}"),
@@ -201,6 +279,31 @@ async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
             }
         });
     }
+}
+
+/// Sends our listening sockets to the process on the other end of `socket`, then
+/// (the caller writes it) the table and counters that go with them.
+fn hand_over(shared: &Shared, socket: RawFd) -> std::io::Result<ControlResponse> {
+    let listeners: Vec<(SocketAddr, RawFd)> = shared
+        .listeners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(a, (_, fd))| (*a, *fd))
+        .collect();
+    let metrics = *shared
+        .metrics_socket
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let mut fds: Vec<RawFd> = listeners.iter().map(|l| l.1).collect();
+    fds.extend(metrics.map(|m| m.1));
+    handover::send_fds(socket, &fds)?;
+    Ok(ControlResponse::Handover {
+        listeners: listeners.iter().map(|l| l.0).collect(),
+        metrics: metrics.map(|m| m.0),
+        table: shared.table.load().source.clone(),
+        stats: shared.metrics.snapshot(),
+    })
 }
 
 async fn control_request(shared: &Arc<Shared>, req: ControlRequest) -> ControlResponse {
@@ -226,12 +329,25 @@ async fn control_request(shared: &Arc<Shared>, req: ControlRequest) -> ControlRe
             shared.stop.notify_one();
             ControlResponse::ShuttingDown
         }
+        ControlRequest::Handover | ControlRequest::HandoverDone => ControlResponse::Error {
+            error: "handover is answered on its own connection".into(),
+        },
     }
 }
 
 /// Binds any new listener first, then swaps the table in one atomic store: a request
 /// sees either the old table or the new one, never a mix. Refused tables change nothing.
 async fn apply_table(shared: &Arc<Shared>, table: RoutingTable) -> Result<(), String> {
+    apply_table_with(shared, table, HashMap::new()).await
+}
+
+/// As [`apply_table`], taking listening sockets from `inherited` (hot restart) before
+/// binding new ones.
+async fn apply_table_with(
+    shared: &Arc<Shared>,
+    table: RoutingTable,
+    mut inherited: HashMap<SocketAddr, std::net::TcpListener>,
+) -> Result<(), String> {
     let _guard = shared.apply_lock.lock().await;
     let current = shared.table.load();
     if table.version < current.version {
@@ -252,7 +368,11 @@ async fn apply_table(shared: &Arc<Shared>, table: RoutingTable) -> Result<(), St
     };
     let mut bound = Vec::new();
     for addr in missing {
-        match TcpListener::bind(addr).await {
+        let l = match inherited.remove(&addr) {
+            Some(std_listener) => TcpListener::from_std(std_listener),
+            None => TcpListener::bind(addr).await,
+        };
+        match l {
             Ok(l) => bound.push((addr, l)),
             Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
         }
@@ -277,9 +397,13 @@ async fn apply_table(shared: &Arc<Shared>, table: RoutingTable) -> Result<(), St
     let mut listeners = shared.listeners.lock().unwrap_or_else(|p| p.into_inner());
     for (addr, l) in bound {
         info!(%addr, "listening");
-        listeners.insert(addr, tokio::spawn(accept_loop(shared.clone(), addr, l)));
+        let fd = l.as_raw_fd();
+        listeners.insert(
+            addr,
+            (tokio::spawn(accept_loop(shared.clone(), addr, l)), fd),
+        );
     }
-    listeners.retain(|addr, h| {
+    listeners.retain(|addr, (h, _)| {
         let keep = wanted.contains(addr);
         if !keep {
             info!(%addr, "no longer routed: closing listener");
@@ -386,6 +510,23 @@ async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let h2 = req.version() == hyper::Version::HTTP_2;
+    let mut resp = route_request(&shared, listen, peer, req).await?;
+    if shared.stopping.load(Ordering::Relaxed) && !h2 {
+        // Draining: the client closes this connection after this answer.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(resp)
+}
+
+async fn route_request(
+    shared: &Arc<Shared>,
+    listen: SocketAddr,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let shared = shared.clone();
     let start = Instant::now();
     let route = shared.table.load().routes.get(&listen).cloned();
     let Some(route) = route else {

@@ -152,6 +152,28 @@ impl Metrics {
             .clone()
     }
 
+    /// Starts from another process's counters (hot restart), so that rates and
+    /// analysis windows see no reset.
+    pub fn seed(&self, from: &StatsSnapshot) {
+        for (svc, revs) in from {
+            for (rev, s) in revs {
+                let m = self.revision(svc, rev);
+                for (i, n) in s.classes.iter().enumerate() {
+                    m.classes[i].store(*n, Ordering::Relaxed);
+                }
+                m.upstream_errors
+                    .store(s.upstream_errors, Ordering::Relaxed);
+                m.retries.store(s.retries, Ordering::Relaxed);
+                m.ejections.store(s.ejections, Ordering::Relaxed);
+                for (i, n) in s.buckets.iter().enumerate().take(m.buckets.len()) {
+                    m.buckets[i].store(*n, Ordering::Relaxed);
+                }
+                m.sum_micros
+                    .store((s.sum_seconds * 1e6) as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let map = self.by_revision.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = StatsSnapshot::new();

@@ -58,6 +58,7 @@ async fn proxy() -> Proxy {
         max_body_bytes: 1024,
         drain_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),
+        takeover: false,
     }));
     let client = ProxyClient::new(&sock);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -460,4 +461,94 @@ async fn a_dead_instance_is_ejected_and_no_longer_tried() {
         p.client.stats().await.expect("stats")["svc"]["a"].retries,
         5
     );
+}
+
+/// Hot restart under load: a second proxy process takes the sockets over; no request
+/// fails, the table and the counters carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_restart_under_load_loses_nothing() {
+    use http_body_util::Empty;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let old = proxy().await;
+    let a = backend("a").await;
+    let listen = free();
+    old.client
+        .set_table(&table(7, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (
+        std::sync::Arc::new(AtomicU64::new(0)),
+        std::sync::Arc::new(AtomicU64::new(0)),
+    );
+    let client: hyper_util::client::legacy::Client<_, Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed, client) =
+                (stop.clone(), ok.clone(), failed.clone(), client.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let req = Request::get(format!("http://{listen}/"))
+                        .body(Empty::new())
+                        .expect("request");
+                    match client.request(req).await {
+                        Ok(r) if r.status() == 200 => {
+                            let _ = r.into_body().collect().await;
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ok.load(Ordering::Relaxed);
+    // The new process, on the same control socket path.
+    let sock = old._dir.path().join("proxy.sock");
+    let new = tokio::spawn(baton_proxy::run(Config {
+        control_socket: sock.clone(),
+        metrics_listen: None,
+        max_body_bytes: 1024,
+        drain_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(10),
+        takeover: true,
+    }));
+    // The old one drains and exits by itself.
+    tokio::time::timeout(Duration::from_secs(15), old.task)
+        .await
+        .expect("the old proxy exits")
+        .expect("joins")
+        .expect("clean exit");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        let _ = l.await;
+    }
+    let client = ProxyClient::new(&sock);
+    assert_eq!(
+        client.ping().await.expect("the new proxy answers").1,
+        7,
+        "same table"
+    );
+    let served = client.stats().await.expect("stats")["svc"]["a"].requests();
+    assert!(
+        served >= before,
+        "counters carried over: {served} < {before}"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > before,
+        "traffic flowed after the handover"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed across the hot restart"
+    );
+    client.shutdown().await.expect("shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(10), new).await;
 }
