@@ -677,6 +677,10 @@ impl Controller {
                     shield_canary: traffic.shield_canary,
                     // Just before the instance would be killed: it may close with 1012
                     // itself when it gets SIGTERM, after preStop.
+                    tls: traffic
+                        .tls
+                        .as_ref()
+                        .map(|t| (t.cert_file.clone(), t.key_file.clone())),
                     drain_ms: Some(
                         ((r.spec.spec.shutdown.pre_stop_seconds
                             + r.spec.spec.shutdown.drain_timeout_seconds)

@@ -437,25 +437,55 @@ async fn accept_loop(shared: Arc<Shared>, addr: SocketAddr, listener: TcpListene
         else {
             return;
         };
+        let tls = shared
+            .table
+            .load()
+            .routes
+            .get(&addr)
+            .and_then(|r| r.tls.clone());
         let s = shared.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(s.clone(), addr, peer, req));
-            // HTTP/1.1 and HTTP/2 (prior knowledge, h2c) on the same port.
-            let mut builder = AutoBuilder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .max_buf_size(MAX_HEADER_BYTES);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .keep_alive_interval(Duration::from_secs(20));
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            let _ = watcher.watch(conn.into_owned()).await;
+            match tls {
+                Some(acceptor) => {
+                    // A handshake that stalls must not hold a task for ever.
+                    let accepted =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await;
+                    if let Ok(Ok(tls_stream)) = accepted {
+                        serve_connection(s, addr, peer, watcher, TokioIo::new(tls_stream)).await;
+                    }
+                }
+                None => serve_connection(s, addr, peer, watcher, TokioIo::new(stream)).await,
+            }
         });
     }
+}
+
+/// HTTP/1.1 and HTTP/2 (h2c by prior knowledge, or h2 by ALPN over TLS) on one
+/// connection, watched for graceful shutdown.
+async fn serve_connection<I>(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    peer: SocketAddr,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| handle(shared.clone(), addr, peer, req));
+    let mut builder = AutoBuilder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(Duration::from_secs(20));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    let _ = watcher.watch(conn.into_owned()).await;
 }
 
 const HOP_BY_HOP: [header::HeaderName; 7] = [

@@ -48,6 +48,9 @@ pub struct ServiceRoute {
     /// proxy closes it with 1001 (the instance may close it first, with 1012).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_ms: Option<u64>,
+    /// `(certificate PEM file, key PEM file)`: serve the main listener over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +169,7 @@ pub(crate) struct Route {
     sticky: Option<Sticky>,
     canary_header: Option<(hyper::header::HeaderName, String)>,
     pub shield: bool,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 enum Sticky {
@@ -234,6 +238,31 @@ impl Route {
             .iter()
             .position(|t| t.weight > 0 && !t.backends.is_empty())
     }
+}
+
+/// A TLS acceptor for a certificate and key in PEM files, offering HTTP/2 and
+/// HTTP/1.1 by ALPN.
+fn tls_acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read the certificate {cert}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{cert} holds no certificate"));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("cannot read the key {key}: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not go together: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The table as the hot path reads it: a route per listening address.
@@ -309,6 +338,13 @@ impl Compiled {
                 sticky,
                 canary_header,
                 shield: svc.shield_canary,
+                tls: match &svc.tls {
+                    Some((cert, key)) => Some(
+                        tls_acceptor(cert, key)
+                            .map_err(|e| format!("service {}: {e}", svc.name))?,
+                    ),
+                    None => None,
+                },
             };
             if routes.insert(listen, Arc::new(main)).is_some() {
                 return Err(format!("address {listen} is used twice"));
@@ -332,6 +368,7 @@ impl Compiled {
                     sticky: None,
                     canary_header: None,
                     shield: false,
+                    tls: None,
                 };
                 if routes.insert(addr, Arc::new(preview)).is_some() {
                     return Err(format!("address {addr} is used twice"));
@@ -365,6 +402,7 @@ mod tests {
                 canary_header: None,
                 shield_canary: false,
                 drain_ms: None,
+                tls: None,
                 revisions: weights
                     .iter()
                     .enumerate()

@@ -92,6 +92,7 @@ fn table(
             canary_header: None,
             shield_canary: false,
             drain_ms: Some(300),
+            tls: None,
             revisions: revs
                 .into_iter()
                 .map(|(n, w, b)| RevisionRoute {
@@ -551,4 +552,100 @@ async fn a_hot_restart_under_load_loses_nothing() {
     );
     client.shutdown().await.expect("shutdown");
     let _ = tokio::time::timeout(Duration::from_secs(10), new).await;
+}
+
+/// TLS with ALPN: an HTTP/2 client and an HTTP/1.1 client on the same listener.
+#[tokio::test]
+async fn tls_serves_h2_and_http1_by_alpn() {
+    use tokio_rustls::rustls;
+    let p = proxy().await;
+    let a = backend("a").await;
+    let listen = free();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let (cert_file, key_file) = (
+        p._dir.path().join("cert.pem"),
+        p._dir.path().join("key.pem"),
+    );
+    std::fs::write(&cert_file, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).expect("write key");
+    let mut t = table(1, listen, vec![("a", 100, vec![a])]);
+    t.services[0].tls = Some((
+        cert_file.display().to_string(),
+        key_file.display().to_string(),
+    ));
+    p.client.set_table(&t).await.expect("ack");
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).expect("root");
+    let connect = |alpn: &'static [u8]| {
+        let roots = roots.clone();
+        async move {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![alpn.to_vec()];
+            let tcp = tokio::net::TcpStream::connect(listen)
+                .await
+                .expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .expect("TLS handshake")
+        }
+    };
+    let tls = connect(b"h2").await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .expect("h2");
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(
+            Request::get(format!("https://localhost:{}/", listen.port()))
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(
+        (resp.version(), resp.status().as_u16()),
+        (hyper::Version::HTTP_2, 200)
+    );
+
+    let tls = connect(b"http/1.1").await;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("http1");
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(
+            Request::get("/")
+                .header("host", "localhost")
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        &resp.into_body().collect().await.expect("body").to_bytes()[..],
+        b"a"
+    );
+
+    // A table naming a missing certificate is refused, and changes nothing.
+    let mut bad = table(2, listen, vec![("a", 100, vec![a])]);
+    bad.services[0].tls = Some((
+        "/nonexistent/cert.pem".into(),
+        "/nonexistent/key.pem".into(),
+    ));
+    let e = p.client.set_table(&bad).await.expect_err("refused");
+    assert!(e.to_string().contains("cannot read the certificate"), "{e}");
 }

@@ -207,6 +207,18 @@ pub struct Traffic {
     /// still counts the canary's failure.
     #[serde(default)]
     pub shield_canary: bool,
+    /// Serve the listener over TLS (rustls), offering HTTP/2 and HTTP/1.1 by ALPN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -109,6 +109,13 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
             _ => {}
         }
     }
+    if let Some(t) = &s.traffic.tls {
+        for (k, v) in [("certFile", &t.cert_file), ("keyFile", &t.key_file)] {
+            if v.trim().is_empty() {
+                err(&format!("spec.traffic.tls.{k}"), "is empty".into());
+            }
+        }
+    }
     if let Some(h) = &s.traffic.canary_header
         && !header_name(&h.name)
     {
