@@ -681,6 +681,7 @@ impl Controller {
                         .tls
                         .as_ref()
                         .map(|t| (t.cert_file.clone(), t.key_file.clone())),
+                    mirror_percent: traffic.mirror_percent,
                     drain_ms: Some(
                         ((r.spec.spec.shutdown.pre_stop_seconds
                             + r.spec.spec.shutdown.drain_timeout_seconds)

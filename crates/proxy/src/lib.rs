@@ -186,6 +186,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
             source,
         })?;
     let control_task = tokio::spawn(serve_control(shared.clone(), control));
+    let checks = tokio::spawn(active_checks(shared.clone()));
     if let Some(old) = old {
         // We accept on the inherited sockets: the old process may stop.
         handover::release(old).map_err(ProxyError::Takeover)?;
@@ -230,6 +231,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         }
     }
     control_task.abort();
+    checks.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -619,6 +621,7 @@ async fn route_request(
         let t = &route.targets[*i];
         *i != first && t.weight > 0 && !t.backends.is_empty()
     }));
+    route.earn_retry();
     let mut attempts = 0;
     let mut last_error = String::new();
     // Shielding: a canary's 5xx to an idempotent request is counted against the canary,
@@ -646,6 +649,9 @@ async fn route_request(
                         .metrics
                         .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
                     shared.outcome(target, health, sick(resp.status()));
+                    if let Some(c) = route.mirror(ti).filter(|_| idempotent(&parts.method)) {
+                        mirror(&shared, &route, c, &parts, &body, &path);
+                    }
                     if resp.status().is_server_error() && shield_from(ti) {
                         shielded = Some(resp);
                         break 'targets;
@@ -654,10 +660,11 @@ async fn route_request(
                 }
                 Err(e) => {
                     // A connection that failed before the request went out can always
-                    // be retried; one that failed later only for idempotent methods.
+                    // be retried; one that failed later only for idempotent methods;
+                    // either only within the retry budget.
                     last_error = format!("{addr}: {e}");
                     shared.outcome(target, health, true);
-                    if e.is_connect() || idempotent(&parts.method) {
+                    if (e.is_connect() || idempotent(&parts.method)) && route.spend_retry() {
                         target.metrics.retry();
                         continue;
                     }
@@ -684,6 +691,78 @@ async fn route_request(
     t.metrics.observe(502, start.elapsed().as_secs_f64());
     warn!(service = %route.service, revision = %t.name, error = %last_error, "no instance answered");
     Ok(plain(StatusCode::BAD_GATEWAY, "no instance could answer"))
+}
+
+/// Sends a copy of a request to the canary in the background; its answer only feeds
+/// the canary's metrics.
+fn mirror(
+    shared: &Arc<Shared>,
+    route: &Arc<table::Route>,
+    canary: usize,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    path: &str,
+) {
+    let (shared, route, parts, body, path) = (
+        shared.clone(),
+        route.clone(),
+        parts.clone(),
+        body.clone(),
+        path.to_string(),
+    );
+    tokio::spawn(async move {
+        let target = &route.targets[canary];
+        let Some((addr, _)) = target.backends_from_next(&shared.outliers).next() else {
+            return;
+        };
+        let start = Instant::now();
+        let status = match forward(&shared, &parts, &body, &path, addr).await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let _ = resp.into_body().collect().await;
+                status
+            }
+            Err(_) => 502,
+        };
+        target
+            .metrics
+            .observe(status, start.elapsed().as_secs_f64());
+        target.metrics.mirrored();
+    });
+}
+
+/// Between the platform's probes, a TCP connect to every routed instance twice a
+/// second: one that stopped listening (it crashed) leaves rotation at once instead of
+/// after five failed requests, and an ejected one that answers comes back.
+async fn active_checks(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let routed = table::routed(&shared.table.load().source.services);
+        let checks = shared
+            .outliers
+            .all()
+            .into_iter()
+            .filter(|(a, _)| routed.contains(a))
+            .map(|(addr, h)| {
+                let shared = shared.clone();
+                async move {
+                    let up = tokio::time::timeout(
+                        Duration::from_millis(300),
+                        tokio::net::TcpStream::connect(addr),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                    if up {
+                        shared.outliers.reachable(&h);
+                    } else if shared.outliers.unreachable(&h) {
+                        warn!(%addr, "instance unreachable: out of rotation until it answers");
+                    }
+                }
+            });
+        futures_util::future::join_all(checks).await;
+    }
 }
 
 /// Answers that say the instance itself is unwell (as opposed to the request).

@@ -25,6 +25,8 @@ pub struct RevisionMetrics {
     retries: AtomicU64,
     /// Instances of this revision left out after consecutive failures.
     ejections: AtomicU64,
+    /// Copies of requests it answered, answers discarded.
+    mirrored: AtomicU64,
     /// Non-cumulative bucket counts; the last is +Inf.
     buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_micros: AtomicU64,
@@ -51,12 +53,16 @@ impl RevisionMetrics {
     pub fn ejection(&self) {
         self.ejections.fetch_add(1, Ordering::Relaxed);
     }
+    pub fn mirrored(&self) {
+        self.mirrored.fetch_add(1, Ordering::Relaxed);
+    }
     pub fn snapshot(&self) -> RevisionStats {
         RevisionStats {
             classes: std::array::from_fn(|i| self.classes[i].load(Ordering::Relaxed)),
             upstream_errors: self.upstream_errors.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             ejections: self.ejections.load(Ordering::Relaxed),
+            mirrored: self.mirrored.load(Ordering::Relaxed),
             buckets: self
                 .buckets
                 .iter()
@@ -76,6 +82,8 @@ pub struct RevisionStats {
     pub retries: u64,
     #[serde(default)]
     pub ejections: u64,
+    #[serde(default)]
+    pub mirrored: u64,
     pub buckets: Vec<u64>,
     pub sum_seconds: f64,
 }
@@ -96,6 +104,7 @@ impl RevisionStats {
             upstream_errors: self.upstream_errors.saturating_sub(earlier.upstream_errors),
             retries: self.retries.saturating_sub(earlier.retries),
             ejections: self.ejections.saturating_sub(earlier.ejections),
+            mirrored: self.mirrored.saturating_sub(earlier.mirrored),
             buckets: self
                 .buckets
                 .iter()
@@ -165,6 +174,7 @@ impl Metrics {
                     .store(s.upstream_errors, Ordering::Relaxed);
                 m.retries.store(s.retries, Ordering::Relaxed);
                 m.ejections.store(s.ejections, Ordering::Relaxed);
+                m.mirrored.store(s.mirrored, Ordering::Relaxed);
                 for (i, n) in s.buckets.iter().enumerate().take(m.buckets.len()) {
                     m.buckets[i].store(*n, Ordering::Relaxed);
                 }
@@ -232,7 +242,7 @@ impl Metrics {
                 );
             }
         }
-        let counters: [Counter; 3] = [
+        let counters: [Counter; 4] = [
             (
                 "baton_proxy_upstream_errors_total",
                 "Requests that reached no instance (answered 502).",
@@ -247,6 +257,11 @@ impl Metrics {
                 "baton_proxy_ejections_total",
                 "Instances left out after consecutive failures.",
                 |s| s.ejections,
+            ),
+            (
+                "baton_proxy_mirrored_total",
+                "Copies of stable's requests answered by this revision (answers discarded).",
+                |s| s.mirrored,
             ),
         ];
         for (name, help, value) in counters {

@@ -48,6 +48,9 @@ pub struct ServiceRoute {
     /// proxy closes it with 1001 (the instance may close it first, with 1012).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_ms: Option<u64>,
+    /// Share (0-100) of stable's idempotent requests copied to the canary.
+    #[serde(default)]
+    pub mirror_percent: u32,
     /// `(certificate PEM file, key PEM file)`: serve the main listener over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<(String, String)>,
@@ -77,6 +80,8 @@ pub fn routed(services: &[ServiceRoute]) -> std::collections::HashSet<SocketAddr
 pub struct BackendHealth {
     consecutive: AtomicU32,
     ejected_until_ms: AtomicU64,
+    /// Set by the active check while the instance refuses connections.
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 /// Instances that failed `after` times in a row (connection refused or reset, 502,
@@ -110,8 +115,27 @@ impl Outliers {
         self.start.elapsed().as_millis() as u64
     }
 
-    fn ejected(&self, h: &BackendHealth) -> bool {
-        h.ejected_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    /// Every instance address known, with its health.
+    pub fn all(&self) -> Vec<(SocketAddr, Arc<BackendHealth>)> {
+        let m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(a, h)| (*a, h.clone())).collect()
+    }
+
+    /// An active check could not connect: out of rotation until one can. True when
+    /// this is news.
+    pub fn unreachable(&self, h: &BackendHealth) -> bool {
+        !h.unreachable.swap(true, Ordering::Relaxed)
+    }
+
+    /// An active check connected. (A passive ejection for bad answers still runs its
+    /// course: accepting connections is not answering well.)
+    pub fn reachable(&self, h: &BackendHealth) {
+        h.unreachable.store(false, Ordering::Relaxed);
+    }
+
+    pub(crate) fn ejected(&self, h: &BackendHealth) -> bool {
+        h.unreachable.load(Ordering::Relaxed)
+            || h.ejected_until_ms.load(Ordering::Relaxed) > self.now_ms()
     }
 
     /// Records a failure; true when it ejected the instance.
@@ -170,6 +194,12 @@ pub(crate) struct Route {
     canary_header: Option<(hyper::header::HeaderName, String)>,
     pub shield: bool,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub mirror_percent: u32,
+    mirror_counter: AtomicU64,
+    /// Retry budget in tenths of a retry: each request earns one tenth, each retry
+    /// spends ten, so retries stay under about 10 % of requests (plus a burst of ten),
+    /// and a sick revision cannot double the load on the others.
+    retry_budget: std::sync::atomic::AtomicI64,
 }
 
 enum Sticky {
@@ -197,7 +227,40 @@ fn cookie<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
         })
 }
 
+/// Ten retries' worth, in tenths.
+const RETRY_BURST: i64 = 100;
+
 impl Route {
+    /// A request came in: it earns a tenth of a retry.
+    pub fn earn_retry(&self) {
+        let b = &self.retry_budget;
+        if b.load(Ordering::Relaxed) < RETRY_BURST {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Spends one retry from the budget, if there is one.
+    pub fn spend_retry(&self) -> bool {
+        self.retry_budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b >= 10).then_some(b - 10)
+            })
+            .is_ok()
+    }
+
+    /// Whether this request (served by stable) is copied to the canary.
+    pub fn mirror(&self, served_by: usize) -> Option<usize> {
+        let canary = self.canary?;
+        if self.mirror_percent == 0
+            || Some(served_by) != self.stable
+            || self.targets[canary].backends.is_empty()
+        {
+            return None;
+        }
+        let n = self.mirror_counter.fetch_add(1, Ordering::Relaxed);
+        (((n.wrapping_mul(37)) % 100) as u32 >= 100 - self.mirror_percent).then_some(canary)
+    }
+
     /// Picks a revision for a request: the canary header first, then the client's
     /// sticky slot, else by weight. Non-sticky requests are spread over 100 slots by
     /// stepping through them with a stride coprime to 100, so a 10 % canary gets
@@ -338,6 +401,9 @@ impl Compiled {
                 sticky,
                 canary_header,
                 shield: svc.shield_canary,
+                mirror_percent: svc.mirror_percent.min(100),
+                mirror_counter: AtomicU64::new(0),
+                retry_budget: std::sync::atomic::AtomicI64::new(RETRY_BURST),
                 tls: match &svc.tls {
                     Some((cert, key)) => Some(
                         tls_acceptor(cert, key)
@@ -369,6 +435,9 @@ impl Compiled {
                     canary_header: None,
                     shield: false,
                     tls: None,
+                    mirror_percent: 0,
+                    mirror_counter: AtomicU64::new(0),
+                    retry_budget: std::sync::atomic::AtomicI64::new(RETRY_BURST),
                 };
                 if routes.insert(addr, Arc::new(preview)).is_some() {
                     return Err(format!("address {addr} is used twice"));
@@ -403,6 +472,7 @@ mod tests {
                 shield_canary: false,
                 drain_ms: None,
                 tls: None,
+                mirror_percent: 0,
                 revisions: weights
                     .iter()
                     .enumerate()

@@ -207,6 +207,12 @@ pub struct Traffic {
     /// still counts the canary's failure.
     #[serde(default)]
     pub shield_canary: bool,
+    /// Copy this share (0-100) of the idempotent requests that stable serves to the
+    /// canary too, answers discarded: the canary meets real traffic (and its gates
+    /// measure it) before any user sees its answers. Non-idempotent requests are never
+    /// copied: an order must not be placed twice.
+    #[serde(default)]
+    pub mirror_percent: u32,
     /// Serve the listener over TLS (rustls), offering HTTP/2 and HTTP/1.1 by ALPN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,

@@ -109,6 +109,12 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
             _ => {}
         }
     }
+    if s.traffic.mirror_percent > 100 {
+        err(
+            "spec.traffic.mirrorPercent",
+            format!("must be 0-100, got {}", s.traffic.mirror_percent),
+        );
+    }
     if let Some(t) = &s.traffic.tls {
         for (k, v) in [("certFile", &t.cert_file), ("keyFile", &t.key_file)] {
             if v.trim().is_empty() {
