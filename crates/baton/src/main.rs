@@ -294,6 +294,7 @@ async fn run(cli: Cli) -> Result<()> {
                 drain_timeout: Duration::from_secs(30),
                 request_timeout: Duration::from_secs(request_timeout),
                 takeover,
+                workers: 0,
             })
             .await?;
             Ok(())

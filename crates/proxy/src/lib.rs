@@ -70,6 +70,8 @@ pub struct Config {
     /// Take the listening sockets, table and counters over from the proxy running on
     /// `control_socket` (hot restart) instead of starting empty.
     pub takeover: bool,
+    /// Data-plane threads; 0 means one per CPU.
+    pub workers: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,8 @@ pub enum ProxyError {
     },
     #[error("cannot take over from the running proxy: {0}")]
     Takeover(std::io::Error),
+    #[error("cannot start the data-plane threads: {0}")]
+    Workers(std::io::Error),
 }
 
 struct Shared {
@@ -93,9 +97,12 @@ struct Shared {
     /// Serialises table changes (binding listeners, then swapping).
     apply_lock: tokio::sync::Mutex<()>,
     metrics: Metrics,
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// The data-plane threads: one single-threaded runtime each, so a request and the
+    /// backend connection serving it stay on one thread (no cross-thread wake-ups —
+    /// what the profile showed the multi-threaded runtime spending its time on).
+    workers: Vec<tokio::runtime::Handle>,
     /// Accept loops, with their socket's fd (handed over on hot restart).
-    listeners: Mutex<HashMap<SocketAddr, (JoinHandle<()>, RawFd)>>,
+    listeners: Mutex<HashMap<SocketAddr, Listening>>,
     metrics_socket: Mutex<Option<(SocketAddr, RawFd)>>,
     /// Set once a new process took over: the control socket's path is now its own.
     handed_over: AtomicBool,
@@ -108,21 +115,22 @@ struct Shared {
     outliers: table::Outliers,
 }
 
+/// A listening socket: one accept loop per data-plane thread, and the socket itself
+/// (kept to hand over on hot restart).
+type Listening = (Vec<JoinHandle<()>>, std::net::TcpListener);
+
 /// Runs the proxy until it is told to stop (control socket, SIGTERM or SIGINT).
 pub async fn run(config: Config) -> Result<(), ProxyError> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    let client = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .retry_canceled_requests(true)
-        .build(connector);
+    let n = match config.workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let (workers, stop_workers) = start_workers(n).map_err(ProxyError::Workers)?;
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(Compiled::default()),
         apply_lock: tokio::sync::Mutex::new(()),
         metrics: Metrics::default(),
-        client,
+        workers,
         listeners: Mutex::new(HashMap::new()),
         metrics_socket: Mutex::new(None),
         handed_over: AtomicBool::new(false),
@@ -202,13 +210,13 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
     }
     shared.stopping.store(true, Ordering::SeqCst);
     info!("proxy stopping: no new connections, draining open ones");
-    for (_, (h, _)) in shared
+    for (_, (hs, _)) in shared
         .listeners
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .drain()
     {
-        h.abort();
+        hs.iter().for_each(JoinHandle::abort);
     }
     let graceful = shared
         .graceful
@@ -238,7 +246,54 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
     if !shared.handed_over.load(Ordering::SeqCst) {
         let _ = std::fs::remove_file(&config.control_socket);
     }
+    drop(stop_workers);
     Ok(())
+}
+
+/// Starts `n` threads, each running a single-threaded runtime until the returned
+/// senders are dropped.
+fn start_workers(
+    n: usize,
+) -> std::io::Result<(
+    Vec<tokio::runtime::Handle>,
+    Vec<tokio::sync::oneshot::Sender<()>>,
+)> {
+    let mut handles = Vec::new();
+    let mut stops = Vec::new();
+    for i in 0..n.max(1) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(rt.handle().clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        stops.push(tx);
+        std::thread::Builder::new()
+            .name(format!("baton-proxy-{i}"))
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = rx.await;
+                });
+            })?;
+    }
+    Ok((handles, stops))
+}
+
+thread_local! {
+    /// Each data-plane thread keeps its own pool of backend connections.
+    static CLIENT: Client<HttpConnector, Full<Bytes>> = {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .retry_canceled_requests(true)
+            .build(connector)
+    };
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    CLIENT.with(Client::clone)
 }
 
 async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
@@ -291,7 +346,7 @@ fn hand_over(shared: &Shared, socket: RawFd) -> std::io::Result<ControlResponse>
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|(a, (_, fd))| (*a, *fd))
+        .map(|(a, (_, l))| (*a, l.as_raw_fd()))
         .collect();
     let metrics = *shared
         .metrics_socket
@@ -399,17 +454,28 @@ async fn apply_table_with(
     let mut listeners = shared.listeners.lock().unwrap_or_else(|p| p.into_inner());
     for (addr, l) in bound {
         info!(%addr, "listening");
-        let fd = l.as_raw_fd();
-        listeners.insert(
-            addr,
-            (tokio::spawn(accept_loop(shared.clone(), addr, l)), fd),
-        );
+        // Every data-plane thread accepts on the same socket.
+        let std_listener = l.into_std().map_err(|e| format!("{addr}: {e}"))?;
+        let mut loops = Vec::new();
+        for w in &shared.workers {
+            let mine = std_listener
+                .try_clone()
+                .map_err(|e| format!("{addr}: {e}"))?;
+            let shared = shared.clone();
+            loops.push(w.spawn(async move {
+                match TcpListener::from_std(mine) {
+                    Ok(l) => accept_loop(shared, addr, l).await,
+                    Err(e) => warn!(%addr, error = %e, "cannot accept on this thread"),
+                }
+            }));
+        }
+        listeners.insert(addr, (loops, std_listener));
     }
-    listeners.retain(|addr, (h, _)| {
+    listeners.retain(|addr, (hs, _)| {
         let keep = wanted.contains(addr);
         if !keep {
             info!(%addr, "no longer routed: closing listener");
-            h.abort();
+            hs.iter().for_each(JoinHandle::abort);
         }
         keep
     });
@@ -903,7 +969,7 @@ async fn forward(
     if let Ok(uri) = format!("http://{addr}{path}").parse() {
         *out.uri_mut() = uri;
     }
-    let resp = tokio::time::timeout(shared.request_timeout, shared.client.request(out))
+    let resp = tokio::time::timeout(shared.request_timeout, client().request(out))
         .await
         .map_err(|_| AttemptError::Timeout(shared.request_timeout))??;
     let (mut rp, rb) = resp.into_parts();

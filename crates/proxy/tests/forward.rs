@@ -59,6 +59,7 @@ async fn proxy() -> Proxy {
         drain_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),
         takeover: false,
+        workers: 2,
     }));
     let client = ProxyClient::new(&sock);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -556,6 +557,7 @@ async fn a_hot_restart_under_load_loses_nothing() {
         drain_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),
         takeover: true,
+        workers: 2,
     }));
     // The old one drains and exits by itself.
     tokio::time::timeout(Duration::from_secs(15), old.task)
