@@ -35,16 +35,7 @@ async fn a_few_slow_requests_do_not_roll_back_a_healthy_canary() {
     let mut env = Env::new();
     let listen = free_addr();
     let v1 = env.write("v1.yaml", &spec(listen, "v1", ""));
-    env.start_up(&["-f", path_str(&v1)]);
-    let client = env.client();
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v1 healthy",
-        |v| v["phase"] == "Healthy",
-    )
-    .await;
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
     // Fifty requests a second in all: about twenty-five to the canary.
     let load = Load::start(listen, 2, 50);
 

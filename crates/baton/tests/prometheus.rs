@@ -81,21 +81,17 @@ async fn a_promql_gate_promotes_a_good_canary_and_rolls_back_a_slow_one() {
     let (listen, metrics) = (free_addr(), free_addr());
     let prom = Prometheus::start(env.dir.path(), metrics);
     let v1 = env.write("v1.yaml", &spec(listen, prom.addr, "v1", ""));
-    env.start_up(&[
-        "-f",
-        path_str(&v1),
-        "--metrics-listen",
-        &metrics.to_string(),
-    ]);
-    let client = env.client();
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v1 healthy",
-        |v| v["phase"] == "Healthy",
-    )
-    .await;
+    let client = env
+        .start_healthy(
+            &[
+                "-f",
+                path_str(&v1),
+                "--metrics-listen",
+                &metrics.to_string(),
+            ],
+            "hello",
+        )
+        .await;
     let load = Load::start(listen, 8, 300);
 
     let v2 = env.write("v2.yaml", &spec(listen, prom.addr, "v2", ""));

@@ -22,21 +22,17 @@ async fn canary_under_load_then_automatic_rollback() {
     let listen = free_addr();
     let metrics = free_addr();
     let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", STEPS_TO_PAUSE));
-    env.start_up(&[
-        "-f",
-        path_str(&v1),
-        "--metrics-listen",
-        &metrics.to_string(),
-    ]);
-    let client = env.client();
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v1 healthy",
-        |v| v["phase"] == "Healthy",
-    )
-    .await;
+    let client = env
+        .start_healthy(
+            &[
+                "-f",
+                path_str(&v1),
+                "--metrics-listen",
+                &metrics.to_string(),
+            ],
+            "hello",
+        )
+        .await;
 
     let load = Load::start(listen, 16, 2500);
     let v2 = env.write("v2.yaml", &canary_spec(listen, "v2", "", STEPS_TO_PAUSE));
@@ -168,16 +164,7 @@ async fn controller_crash_mid_canary_loses_nothing() {
         - setWeight: 60
         - pause: { duration: 1s }";
     let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", steps));
-    env.start_up(&["-f", path_str(&v1)]);
-    let client = env.client();
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v1 healthy",
-        |v| v["phase"] == "Healthy",
-    )
-    .await;
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
     let load = Load::start(listen, 8, 800);
     let v2 = env.write("v2.yaml", &canary_spec(listen, "v2", "", steps));
     assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());

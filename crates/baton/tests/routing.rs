@@ -50,16 +50,7 @@ async fn sticky_clients_never_flip_and_a_shielded_broken_canary_fails_no_one() {
             .expect("spec")
             .contains("shieldCanary: true")
     );
-    env.start_up(&["-f", path_str(&v1)]);
-    let client = env.client();
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v1 healthy",
-        |v| v["phase"] == "Healthy",
-    )
-    .await;
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
     // 8 workers × 25 clients: 200 sticky clients.
     let load = Load::start_clients(listen, 8, 800, 25);
 
@@ -143,16 +134,7 @@ async fn websockets_move_to_the_new_revision_with_a_clean_close() {
     let mut env = Env::new();
     let listen = free_addr();
     let v1 = env.write("v1.yaml", &spec(listen, "v1", ""));
-    env.start_up(&["-f", path_str(&v1)]);
-    let client = env.client();
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v1 healthy",
-        |v| v["phase"] == "Healthy",
-    )
-    .await;
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
     let connect = || async {
         let tcp = tokio::net::TcpStream::connect(listen)
             .await
@@ -204,16 +186,7 @@ async fn restarting_the_proxy_under_load_fails_no_request() {
     let mut env = Env::new();
     let listen = free_addr();
     let v1 = env.write("v1.yaml", &spec(listen, "v1", ""));
-    env.start_up(&["-f", path_str(&v1)]);
-    let client = env.client();
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v1 healthy",
-        |v| v["phase"] == "Healthy",
-    )
-    .await;
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
     let proxy = baton_proxy::ProxyClient::new(env.paths.proxy_socket());
     let (old_pid, _) = proxy.ping().await.expect("proxy");
     let load = Load::start(listen, 8, 800);

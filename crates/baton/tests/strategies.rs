@@ -49,16 +49,7 @@ async fn blue_green_previews_switches_and_undoes_instantly() {
         "v1.yaml",
         &blue_green_spec(listen, preview, "v1", "", false),
     );
-    env.start_up(&["-f", path_str(&v1)]);
-    let client = env.client();
-    wait_status(
-        &client,
-        "shop",
-        Duration::from_secs(30),
-        "v1 healthy",
-        |v| v["phase"] == "Healthy",
-    )
-    .await;
+    let client = env.start_healthy(&["-f", path_str(&v1)], "shop").await;
     let load = Load::start(listen, 4, 300);
 
     let v2 = env.write(

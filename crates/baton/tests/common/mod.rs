@@ -145,6 +145,21 @@ impl Env {
         });
     }
 
+    /// Starts `baton up` and waits until `rollout` is Healthy; returns the API client.
+    pub async fn start_healthy(&mut self, args: &[&str], rollout: &str) -> ApiClient {
+        self.start_up(args);
+        let client = self.client();
+        wait_status(
+            &client,
+            rollout,
+            Duration::from_secs(30),
+            "the first revision to be healthy",
+            |v| v["phase"] == "Healthy",
+        )
+        .await;
+        client
+    }
+
     pub fn client(&self) -> ApiClient {
         ApiClient::from_paths(&self.paths).expect("api client")
     }
