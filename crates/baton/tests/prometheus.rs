@@ -96,7 +96,7 @@ async fn a_promql_gate_promotes_a_good_canary_and_rolls_back_a_slow_one() {
 
     let v2 = env.write("v2.yaml", &spec(listen, prom.addr, "v2", ""));
     assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
-    let good = wait_status(
+    wait_status(
         &client,
         "hello",
         Duration::from_secs(90),
@@ -104,7 +104,6 @@ async fn a_promql_gate_promotes_a_good_canary_and_rolls_back_a_slow_one() {
         |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
     )
     .await;
-    let _ = good;
     let audit = stdout(&env.run(&["audit", "--rollout", "hello"]));
     assert!(
         audit.contains("gate p99-prom: result"),

@@ -177,8 +177,8 @@ pub fn step(spec: &Rollout, prev: &Status, obs: &Observations, now: Millis) -> O
     };
     compute_desired(&mut cx, rolling);
     compute_routes(&mut cx, rolling);
-    if let Some(r) = rolling {
-        rolling_finish(&mut cx, r);
+    if rolling.is_some() {
+        rolling_finish(&mut cx);
     }
     finish_promotion(&mut cx);
     schedule_measurements(&mut cx);
@@ -692,8 +692,9 @@ fn normalise(
     out
 }
 
-fn rolling_finish(cx: &mut Ctx, r: &Rolling) {
-    let _ = r;
+/// Rolling: the new revision becomes stable once it is fully available, takes all
+/// traffic, and the router confirmed the old revision has none.
+fn rolling_finish(cx: &mut Ctx) {
     let (Some(c), Some(st)) = (cx.s.canary.clone(), cx.s.stable.clone()) else {
         return;
     };

@@ -625,10 +625,6 @@ impl Platform {
             .unwrap_or(0)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.instances.is_empty()
-    }
-
     /// Stops every instance now (SIGTERM, then SIGKILL after each one's drain timeout)
     /// and waits for them to be gone. For `baton down`, after the proxy has stopped.
     pub async fn stop_all(
