@@ -133,14 +133,7 @@ async fn actions_are_audited_and_tampering_is_named() {
         .await
         .expect("promote");
     assert_eq!(code, 200);
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v2 stable",
-        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
-    )
-    .await;
+    wait_stable(&client, "hello", "v2", Duration::from_secs(30)).await;
     assert_eq!(load.stop().await.failed, 0);
 
     // History: what changed between the two revisions.
@@ -265,14 +258,7 @@ async fn notifications_are_sent_retried_and_never_block() {
     // The late receiver comes up a second after the rollout starts.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let late = receiver(late_addr, None).await;
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v2 stable while notifications hang",
-        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
-    )
-    .await;
+    wait_stable(&client, "hello", "v2", Duration::from_secs(30)).await;
     // Only now does the JSON receiver answer.
     gate.notify_waiters();
     wait_until(Duration::from_secs(20), "all notifications", || {

@@ -96,14 +96,7 @@ async fn a_promql_gate_promotes_a_good_canary_and_rolls_back_a_slow_one() {
 
     let v2 = env.write("v2.yaml", &spec(listen, prom.addr, "v2", ""));
     assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(90),
-        "v2 promoted on Prometheus' word",
-        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
-    )
-    .await;
+    wait_stable(&client, "hello", "v2", Duration::from_secs(90)).await;
     let audit = stdout(&env.run(&["audit", "--rollout", "hello"]));
     assert!(
         audit.contains("gate p99-prom: result"),

@@ -64,14 +64,7 @@ async fn canary_under_load_then_automatic_rollback() {
     }
     let promoted = env.run(&["promote", "hello"]);
     assert!(promoted.status.success(), "{}", stderr(&promoted));
-    let done = wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v2 stable",
-        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
-    )
-    .await;
+    let done = wait_stable(&client, "hello", "v2", Duration::from_secs(30)).await;
     assert_eq!(weight(&done, "v2"), 100);
     let r = load.report();
     let during = r.sent - sent_before;
@@ -240,14 +233,7 @@ async fn controller_crash_mid_canary_loses_nothing() {
     );
 
     assert!(env.run(&["promote", "hello"]).status.success());
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v2 stable",
-        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
-    )
-    .await;
+    wait_stable(&client, "hello", "v2", Duration::from_secs(30)).await;
     let r = load.stop().await;
     eprintln!(
         "{} requests across the controller crash, {} failed",

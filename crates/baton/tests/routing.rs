@@ -69,14 +69,7 @@ async fn sticky_clients_never_flip_and_a_shielded_broken_canary_fails_no_one() {
         get_with(listen, ("x-canary", "always")).await.trim(),
         "hello from v2"
     );
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(60),
-        "v2 stable",
-        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
-    )
-    .await;
+    wait_stable(&client, "hello", "v2", Duration::from_secs(60)).await;
     // A second for every client to be asked once more, now that v2 has all traffic.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let r = load.report();
@@ -153,14 +146,7 @@ async fn websockets_move_to_the_new_revision_with_a_clean_close() {
 
     let v2 = env.write("v2.yaml", &spec(listen, "v2", ""));
     assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(60),
-        "v2 stable",
-        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
-    )
-    .await;
+    wait_stable(&client, "hello", "v2", Duration::from_secs(60)).await;
     // v1's instances drain: the session ends with a clean close, not a dropped socket.
     let end = tokio::time::timeout(Duration::from_secs(30), ws.next())
         .await
@@ -212,12 +198,5 @@ async fn restarting_the_proxy_under_load_fails_no_request() {
     // The controller keeps steering the new proxy.
     let v2 = env.write("v2.yaml", &spec(listen, "v2", ""));
     assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(60),
-        "v2 stable",
-        |v| v["phase"] == "Healthy" && stable_version(v).as_deref() == Some("v2"),
-    )
-    .await;
+    wait_stable(&client, "hello", "v2", Duration::from_secs(60)).await;
 }

@@ -227,6 +227,15 @@ pub async fn wait_status(
     );
 }
 
+/// Waits until `version` (its APP_VERSION) is the stable revision of a Healthy rollout.
+pub async fn wait_stable(client: &ApiClient, name: &str, version: &str, limit: Duration) -> Value {
+    let what = format!("{version} stable");
+    wait_status(client, name, limit, &what, |v| {
+        v["phase"] == "Healthy" && stable_version(v).as_deref() == Some(version)
+    })
+    .await
+}
+
 pub fn revision<'a>(v: &'a Value, app_version: &str) -> Option<&'a Value> {
     v["revisions"]
         .as_array()?
