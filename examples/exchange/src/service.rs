@@ -39,8 +39,8 @@ pub struct CommonArgs {
     #[arg(long, env = "EXCHANGE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
     /// Version string reported by /version, in metrics and logs.
-    #[arg(long, env = "APP_VERSION", default_value = "dev")]
-    pub version: String,
+    #[arg(long = "app-version", env = "APP_VERSION", default_value = "dev")]
+    pub app_version: String,
     /// Not ready until this many milliseconds after start (a slow-starting version).
     #[arg(long, env = "STARTUP_DELAY_MS", default_value_t = 0)]
     pub startup_delay_ms: u64,
@@ -125,7 +125,7 @@ impl Common {
         extra(&mut registry);
         Arc::new(Common {
             service,
-            version: args.version.clone(),
+            version: args.app_version.clone(),
             started: Instant::now(),
             startup_delay: Duration::from_millis(args.startup_delay_ms),
             ready: AtomicBool::new(false),
@@ -408,4 +408,36 @@ pub fn empty(status: StatusCode) -> Response {
     let mut r = Response::new(Body::empty());
     *r.status_mut() = status;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    #[command(version)]
+    struct Args {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    #[test]
+    fn flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_json_names_the_field() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Body {
+            qty: i64,
+        }
+        let err = parse_json::<Body>(br#"{"qty": "ten"}"#).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("qty"));
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        let err = parse_json::<Body>(b"not json").unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("body"));
+    }
 }
