@@ -9,7 +9,7 @@ cargo build --release --workspace --bins >/dev/null 2>&1
 echo "| run | rate (req/s) | requests | failed | v3's own bad answers | failed by the rollouts | v1→v2 canary (s) | v3 first bad answer → 0 % (s) |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for i in $(seq 1 "$runs"); do
-  ./target/release/baton demo --rate "$rate" --output json 2>/dev/null | python3 -c '
+  ./target/release/baton demo --example hello --rate "$rate" --output json 2>/dev/null | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
 rb = s["rollbackMs"]

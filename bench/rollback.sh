@@ -34,6 +34,6 @@ print("| %s | %s | %d | %d | %d | %s |" % (sys.argv[1], sys.argv[2], s["requests
 echo "| gate provider | run | requests | v3's bad answers | failed by the rollouts | v3 first bad answer → 0 % (s) |"
 echo "| --- | --- | --- | --- | --- | --- |"
 for i in $(seq 1 "$runs"); do
-  ./target/release/baton demo --rate "$rate" --output json 2>/dev/null | row builtin "$i"
-  ./target/release/baton demo --rate "$rate" --metrics-listen "$metrics" --prometheus "http://$promaddr" --output json 2>/dev/null | row "prometheus (1 s scrape)" "$i"
+  ./target/release/baton demo --example hello --rate "$rate" --output json 2>/dev/null | row builtin "$i"
+  ./target/release/baton demo --example hello --rate "$rate" --metrics-listen "$metrics" --prometheus "http://$promaddr" --output json 2>/dev/null | row "prometheus (1 s scrape)" "$i"
 done

@@ -146,25 +146,39 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
-    /// Tell the whole story in this terminal: v1, a canary to v2 under load, then a
-    /// broken v3 rolled back on its own. Needs the `hello` example built beside baton.
+    /// Tell the whole story in this terminal. With the example exchange (default):
+    /// user, trade and notification services under a trader load; trade and
+    /// notification rolled to v2 on canaries, user through blue-green, then broken v3s
+    /// of trade and notification rolled back on their own; the trader then checks that
+    /// no order or notification was lost or doubled. With `--example hello`: a canary
+    /// of a tiny HTTP service under plain load. Needs the examples built beside baton.
     Demo {
-        /// Requests per second of the built-in load.
-        #[arg(long, default_value_t = 400)]
-        rate: u32,
-        /// Concurrent keep-alive clients.
+        /// Which example to roll out.
+        #[arg(long, value_enum, default_value = "exchange")]
+        example: Example,
+        /// Load: orders per second (exchange, default 150) or requests per second
+        /// (hello, default 400).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Simulated traders (exchange).
+        #[arg(long, default_value_t = 8)]
+        traders: usize,
+        /// Concurrent keep-alive clients (hello).
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
-        /// The example service's binary (default: `hello` beside this executable).
+        /// The hello binary (default: `hello` beside this executable).
         #[arg(long, value_name = "PATH")]
         hello: Option<PathBuf>,
+        /// Directory holding the exchange's binaries (default: beside this executable).
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
         /// Working directory for the demo's state (default: a new temporary one).
         #[arg(long = "workdir", value_name = "DIR")]
         workdir: Option<PathBuf>,
-        /// Serve the proxy's metrics here (default: a free port).
+        /// Serve the proxy's metrics here (hello; default: a free port).
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<SocketAddr>,
-        /// Gate the error rate with PromQL on this Prometheus (which must scrape
+        /// Gate the error rate with PromQL on this Prometheus (hello; it must scrape
         /// --metrics-listen) instead of the proxy's own counters.
         #[arg(long, value_name = "URL")]
         prometheus: Option<String>,
@@ -459,21 +473,45 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Demo {
+            example,
             rate,
+            traders,
             concurrency,
             hello,
+            bin_dir,
             workdir,
             metrics_listen,
             prometheus,
             output,
         } => {
-            if rate == 0 || concurrency == 0 {
-                bail!("--rate and --concurrency must be at least 1");
+            if rate == Some(0) || concurrency == 0 || traders == 0 {
+                bail!("--rate, --traders and --concurrency must be at least 1");
+            }
+            if example == Example::Exchange {
+                let s = demo::exchange::run(demo::exchange::ExchangeDemoOptions {
+                    dir: workdir,
+                    bin_dir,
+                    traders,
+                    rate: rate.unwrap_or(150),
+                    narrate_to_stderr: output == Output::Json,
+                })
+                .await?;
+                if output == Output::Json {
+                    print_json(&serde_json::to_value(&s)?)?;
+                } else {
+                    print!("{}", demo::exchange::render_summary(&s));
+                }
+                if !s.is_clean() {
+                    bail!(
+                        "the rollouts lost or doubled something, or failed requests themselves (see the summary)"
+                    );
+                }
+                return Ok(());
             }
             let s = demo::run(demo::DemoOptions {
                 dir: workdir,
                 hello,
-                rate,
+                rate: rate.unwrap_or(400),
                 concurrency,
                 narrate_to_stderr: output == Output::Json,
                 metrics_listen,
@@ -493,6 +531,15 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The example `baton demo` rolls out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Example {
+    /// A mock crypto exchange: user, trade and notification services and a trader.
+    Exchange,
+    /// A tiny HTTP service.
+    Hello,
 }
 
 fn open_audit(paths: &Paths) -> Result<baton_audit::AuditLog> {

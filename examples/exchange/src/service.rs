@@ -243,6 +243,10 @@ async fn track(
             next.run(req).await
         }
     };
+    let mut response = response;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&c.version) {
+        response.headers_mut().insert("x-app-version", v);
+    }
     let code = response.status().as_u16();
     if !plumbing {
         c.requests

@@ -46,9 +46,9 @@ pub struct TraderConfig {
 impl Default for TraderConfig {
     fn default() -> TraderConfig {
         TraderConfig {
-            user_url: "http://127.0.0.1:8081".into(),
-            trade_url: "http://127.0.0.1:8082".into(),
-            notify_url: "http://127.0.0.1:8083".into(),
+            user_url: "http://127.0.0.1:7001".into(),
+            trade_url: "http://127.0.0.1:7002".into(),
+            notify_url: "http://127.0.0.1:7003".into(),
             traders: 8,
             rate: 50.0,
             duration: Duration::from_secs(10),
@@ -70,6 +70,9 @@ pub struct Failure {
     pub op: &'static str,
     /// The status, or the transport error.
     pub what: String,
+    /// The answering version (`X-App-Version`), when there was an answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -189,6 +192,10 @@ struct Shared {
 
 impl Shared {
     async fn fail(&self, op: &'static str, what: String) {
+        self.fail_from(op, what, None).await;
+    }
+
+    async fn fail_from(&self, op: &'static str, what: String, version: Option<String>) {
         self.failed.fetch_add(1, Ordering::Relaxed);
         let mut f = self.failures.lock().await;
         if f.len() < 1000 {
@@ -196,6 +203,7 @@ impl Shared {
                 at_ms: crate::now_ms(),
                 op,
                 what,
+                version,
             });
         }
     }
@@ -242,23 +250,25 @@ impl Shared {
             let outcome = tokio::time::timeout(self.cfg.request_timeout, async {
                 let resp = self.http.request(req).await.map_err(|e| format!("{e:?}"))?;
                 let status = resp.status();
+                let version = version_of(resp.headers());
                 let bytes = resp
                     .into_body()
                     .collect()
                     .await
                     .map_err(|e| e.to_string())?
                     .to_bytes();
-                Ok::<_, String>((status, bytes))
+                Ok::<_, String>((status, bytes, version))
             })
             .await;
             match outcome {
-                Ok(Ok((status, bytes)))
+                Ok(Ok((status, bytes, version)))
                     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS =>
                 {
                     last = format!("{status}: {}", String::from_utf8_lossy(&bytes).trim());
-                    self.fail(op, status.as_u16().to_string()).await;
+                    self.fail_from(op, status.as_u16().to_string(), version)
+                        .await;
                 }
-                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Ok((status, bytes, _))) => return Ok((status, bytes)),
                 Ok(Err(e)) => {
                     last = e.clone();
                     self.fail(op, e).await;
@@ -365,6 +375,13 @@ async fn account(sh: &Shared, name: &str) -> Result<Account, TraderError> {
     Ok(Account { token, user_id })
 }
 
+fn version_of(headers: &hyper::HeaderMap) -> Option<String> {
+    headers
+        .get("x-app-version")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 fn ws_url(base: &str, since: i64) -> String {
     let base = base
         .replacen("https://", "wss://", 1)
@@ -409,7 +426,11 @@ async fn follow(
                 ws
             }
             Ok(Err(e)) => {
-                sh.fail("feed connect", e.to_string()).await;
+                let version = match &e {
+                    tokio_tungstenite::tungstenite::Error::Http(resp) => version_of(resp.headers()),
+                    _ => None,
+                };
+                sh.fail_from("feed connect", e.to_string(), version).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
                 continue;
@@ -555,6 +576,15 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// Runs the load for `cfg.duration`, then checks the books and the feeds.
 pub async fn run(cfg: TraderConfig) -> Result<Tally, TraderError> {
+    let duration = cfg.duration;
+    run_until(cfg, tokio::time::sleep(duration)).await
+}
+
+/// Runs the load until `stop` resolves, then checks the books and the feeds.
+pub async fn run_until(
+    cfg: TraderConfig,
+    stop: impl Future<Output = ()>,
+) -> Result<Tally, TraderError> {
     let started = Instant::now();
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -608,7 +638,7 @@ pub async fn run(cfg: TraderConfig) -> Result<Tally, TraderError> {
             }
         })
     });
-    tokio::time::sleep(cfg.duration).await;
+    stop.await;
     sh.stop.store(true, Ordering::SeqCst);
 
     let mut tally = Tally {

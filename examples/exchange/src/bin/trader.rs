@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use exchange::trader::{TraderConfig, run};
+use exchange::trader::TraderConfig;
 
 /// Simulated traders: each registers, logs in, follows its WebSocket feed
 /// (resuming from its last sequence number after any disconnect) and places limit
@@ -15,13 +15,13 @@ use exchange::trader::{TraderConfig, run};
 #[command(version)]
 struct Args {
     /// The user service's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    #[arg(long, default_value = "http://127.0.0.1:7001")]
     user_url: String,
     /// The trade service's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8082")]
+    #[arg(long, default_value = "http://127.0.0.1:7002")]
     trade_url: String,
     /// The notification service's base URL (http://; the feed is at /ws).
-    #[arg(long, default_value = "http://127.0.0.1:8083")]
+    #[arg(long, default_value = "http://127.0.0.1:7003")]
     notify_url: String,
     /// Number of simulated traders.
     #[arg(long, default_value_t = 8)]
@@ -29,7 +29,8 @@ struct Args {
     /// Orders per second, all traders together.
     #[arg(long, default_value_t = 50.0)]
     rate: f64,
-    /// How long to place orders, e.g. 30s or 2m.
+    /// How long to place orders, e.g. 30s or 2m. SIGINT or SIGTERM stops earlier;
+    /// the books are checked either way.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Markets to trade, comma-separated (must exist on the trade service).
@@ -41,6 +42,9 @@ struct Args {
     /// Output format of the tally.
     #[arg(long, short, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Print a progress line to stderr every second (default: with text output).
+    #[arg(long)]
+    progress: bool,
     /// Exit with status 1 unless nothing was lost or doubled.
     #[arg(long)]
     check: bool,
@@ -55,7 +59,7 @@ enum Output {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.traders == 0 || !(args.rate > 0.0) {
+    if args.traders == 0 || !args.rate.is_finite() || args.rate <= 0.0 {
         anyhow::bail!("--traders and --rate must be positive");
     }
     if args.markets.is_empty() {
@@ -70,10 +74,17 @@ async fn main() -> anyhow::Result<()> {
         duration: args.duration,
         markets: args.markets,
         max_attempts: args.max_attempts.max(1),
-        progress: matches!(args.output, Output::Text),
+        progress: args.progress || matches!(args.output, Output::Text),
         ..TraderConfig::default()
     };
-    let tally = run(cfg).await?;
+    let duration = args.duration;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => {}
+            _ = exchange::service::terminated() => eprintln!("stopping the load; checking the books"),
+        }
+    };
+    let tally = exchange::trader::run_until(cfg, stop).await?;
     match args.output {
         Output::Text => print!("{}", tally.render()),
         Output::Json => println!("{}", serde_json::to_string_pretty(&tally)?),

@@ -95,7 +95,7 @@ impl NotifyState {
                     }
                     Err(e) => {
                         failures += 1;
-                        if failures == 1 || failures % 100 == 0 {
+                        if failures == 1 || failures.is_multiple_of(100) {
                             tracing::warn!(error = %e, failures, "cannot read the outbox");
                         }
                     }

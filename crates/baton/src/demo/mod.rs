@@ -54,17 +54,20 @@ pub struct DemoSummary {
 const NAME: &str = "hello";
 
 /// With `--output json` the narrative goes to stderr so stdout holds only the JSON.
-static NARRATE_TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub(crate) static NARRATE_TO_STDERR: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 macro_rules! say {
     ($($arg:tt)*) => {
-        if NARRATE_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
+        if $crate::demo::NARRATE_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
             eprintln!($($arg)*);
         } else {
             println!($($arg)*);
         }
     };
 }
+
+pub mod exchange;
 
 fn spec(
     hello: &str,
@@ -147,6 +150,8 @@ struct Narrator {
     started: Instant,
     last: String,
     load_last: (Instant, u64),
+    /// Printed before each progress line (the rollout's name, when there are several).
+    label: String,
 }
 
 impl Narrator {
@@ -187,7 +192,8 @@ impl Narrator {
             None => String::new(),
         };
         let line = format!(
-            "{:<11}{step} {}",
+            "{}{:<11}{step} {}",
+            self.label,
             v["phase"].as_str().unwrap_or(""),
             weights.join(", ")
         );
@@ -214,8 +220,8 @@ impl Narrator {
     }
 }
 
-async fn status(h: &Handle) -> Result<Value> {
-    let (code, v) = h.call(ApiCall::Get(NAME.into())).await;
+async fn status(h: &Handle, name: &str) -> Result<Value> {
+    let (code, v) = h.call(ApiCall::Get(name.into())).await;
     if !code.is_success() {
         bail!("status: {}", v["error"]);
     }
@@ -224,6 +230,7 @@ async fn status(h: &Handle) -> Result<Value> {
 
 async fn wait_for(
     h: &Handle,
+    name: &str,
     n: &mut Narrator,
     load: Option<&Load>,
     limit: Duration,
@@ -232,7 +239,7 @@ async fn wait_for(
 ) -> Result<Value> {
     let deadline = Instant::now() + limit;
     loop {
-        let v = status(h).await?;
+        let v = status(h, name).await?;
         n.progress(&v, load);
         if done(&v) {
             return Ok(v);
@@ -289,6 +296,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         started: Instant::now(),
         last: String::new(),
         load_last: (Instant::now(), 0),
+        label: String::new(),
     };
     say!(
         "Baton demo: a canary of `hello` on this machine, state in {}",
@@ -377,6 +385,7 @@ async fn story(
 ) -> Result<DemoSummary> {
     wait_for(
         h,
+        NAME,
         n,
         None,
         Duration::from_secs(60),
@@ -401,6 +410,7 @@ async fn story(
     }
     wait_for(
         h,
+        NAME,
         n,
         Some(&load),
         Duration::from_secs(120),
@@ -431,6 +441,7 @@ async fn story(
     }
     let v = wait_for(
         h,
+        NAME,
         n,
         Some(&load),
         Duration::from_secs(60),
