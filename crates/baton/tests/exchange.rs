@@ -78,7 +78,13 @@ fn exchange_rollouts_lose_and_double_nothing() {
     );
     for f in s["trader"]["failures"].as_array().expect("failures") {
         assert_eq!(f["version"], "v3", "{f}");
+        // Orders carry idempotency keys, so the proxy shields traders from trade v3.
+        assert_ne!(f["op"], "place order", "a trader saw trade v3's error: {f}");
     }
+    let exposed = s["rollouts"][3]["exposedMs"]
+        .as_u64()
+        .expect("trade v3 exposure");
+    assert!(exposed < 60_000, "{s}");
     // Feeds on the replaced notification instances were told to reconnect (1012),
     // never cut abnormally, and resumed.
     assert!(n("wsReconnects") > 0, "{s}");

@@ -595,6 +595,14 @@ fn plain(status: StatusCode, msg: &str) -> Response<ProxyBody> {
     r
 }
 
+/// Safe to send twice: idempotent by method, or made so by the client's
+/// `Idempotency-Key` (the backend answers a repeat with the first result, as the
+/// IETF draft and payment APIs define it). Mirroring still uses the method alone: a
+/// mirrored copy is not a retry and must never act.
+fn retry_safe(parts: &hyper::http::request::Parts) -> bool {
+    idempotent(&parts.method) || parts.headers.contains_key("idempotency-key")
+}
+
 fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -699,7 +707,7 @@ async fn route_request(
     let shield_from = |ti: usize| {
         route.shield
             && Some(ti) == route.canary
-            && idempotent(&parts.method)
+            && retry_safe(&parts)
             && stable.is_some_and(|s| s != ti)
     };
     'targets: for ti in order {
@@ -730,7 +738,7 @@ async fn route_request(
                     // either only within the retry budget.
                     last_error = format!("{addr}: {e}");
                     shared.outcome(target, health, true);
-                    if (e.is_connect() || idempotent(&parts.method)) && route.spend_retry() {
+                    if (e.is_connect() || retry_safe(&parts)) && route.spend_retry() {
                         target.metrics.retry();
                         continue;
                     }

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use baton_proxy::{Config, ProxyClient, RevisionRoute, RoutingTable, ServiceRoute};
@@ -730,4 +731,82 @@ async fn mirrored_requests_reach_the_canary_but_users_see_stable() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A backend that fails every request with 500 and counts what it was sent.
+async fn failing_backend(seen: Arc<std::sync::atomic::AtomicU64>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async move {
+                            let mut r = Response::new(Full::new(Bytes::from_static(b"broken")));
+                            *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn post(addr: SocketAddr, key: Option<&str>) -> (u16, String) {
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method("POST")
+        .uri("/orders")
+        .header("host", addr.to_string());
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    let req = req
+        .body(Full::new(Bytes::from_static(b"{\"qty\": 1}")))
+        .expect("request");
+    let resp = tx.send_request(req).await.expect("response");
+    let code = resp.status().as_u16();
+    let text = resp.into_body().collect().await.expect("body").to_bytes();
+    (code, String::from_utf8_lossy(&text).into_owned())
+}
+
+#[tokio::test]
+async fn a_post_with_an_idempotency_key_is_shielded_and_one_without_is_not() {
+    let p = proxy().await;
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (stable, canary) = (backend("stable").await, failing_backend(seen.clone()).await);
+    let listen = free();
+    let mut t = table(
+        1,
+        listen,
+        vec![("stable", 0, vec![stable]), ("canary", 100, vec![canary])],
+    );
+    t.services[0].stable = Some("stable".into());
+    t.services[0].canary = Some("canary".into());
+    t.services[0].shield_canary = true;
+    p.client.set_table(&t).await.expect("table");
+    // All weight on the canary, so every request meets it first.
+    assert_eq!(post(listen, Some("k-1")).await, (200, "stable".into()));
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the canary saw it once"
+    );
+    // Without a key a POST may not be sent twice: the canary's answer stands.
+    assert_eq!(post(listen, None).await, (500, "broken".into()));
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
 }

@@ -40,6 +40,10 @@ pub struct RolloutOutcome {
     pub outcome: String,
     pub seconds: f64,
     pub reason: String,
+    /// For a rollback: from the version first having traffic to the proxy confirming
+    /// it has none (polled every 20 ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exposed_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,7 +65,8 @@ pub struct ExchangeSummary {
     pub failed_by_rollouts: u64,
     pub ws_reconnects: u64,
     pub ws_close_codes: Value,
-    /// From trade v3's first bad answer to the proxy confirming it has 0 %.
+    /// From trade v3's first bad answer seen by a trader to the proxy confirming it
+    /// has 0 % (none when shielding kept every bad answer from the traders).
     pub trade_rollback_ms: Option<u64>,
     pub rollouts: Vec<RolloutOutcome>,
     /// The trader's own report, in full.
@@ -103,7 +108,7 @@ spec:
   run:
     command: ["{}", "--port", "{{port}}"]
     env: {}
-{COMMON}  traffic: {{ listen: "{}" }}
+{COMMON}  traffic: {{ listen: "{}", shieldCanary: true }}
   strategy:
     canary:
       steps:
@@ -152,7 +157,7 @@ spec:
   run:
     command: ["{}", "--port", "{{port}}"]
     env: {}
-{COMMON}  traffic: {{ listen: "{}" }}
+{COMMON}  traffic: {{ listen: "{}", shieldCanary: true }}
   strategy:
     canary:
       steps:
@@ -263,6 +268,8 @@ async fn roll(
     let started = Instant::now();
     apply(h, spec, &format!("{service} {to}")).await?;
     let to_owned = to.to_string();
+    // When the new version was first seen with traffic (status is polled every 20 ms).
+    let first_traffic = std::cell::Cell::new(None::<i64>);
     let v = if expect_promoted {
         wait_for(
             h,
@@ -286,6 +293,9 @@ async fn roll(
             Duration::from_secs(120),
             &format!("{service} {to} to be rolled back"),
             |v| {
+                if weight_of(v, &to_owned) > 0 && first_traffic.get().is_none() {
+                    first_traffic.set(Some(now_ms() as i64));
+                }
                 v["phase"] == "Degraded"
                     && weight_of(v, &to_owned) == 0
                     && v["routerAcked"].as_u64() >= v["routeVersion"].as_u64()
@@ -294,6 +304,7 @@ async fn roll(
         .await?
     };
     let at = now_ms() as i64;
+    let exposed_ms = first_traffic.get().map(|t| (at - t).max(0) as u64);
     let outcome = RolloutOutcome {
         service: service.into(),
         from: from.into(),
@@ -305,6 +316,7 @@ async fn roll(
         },
         seconds: started.elapsed().as_secs_f64(),
         reason: v["message"].as_str().unwrap_or("").to_string(),
+        exposed_ms,
     };
     say!(
         "  {service} {to} {} after {:.1}s{}",
@@ -577,7 +589,7 @@ pub fn render_summary(s: &ExchangeSummary) -> String {
     let rollback = s
         .trade_rollback_ms
         .map(|ms| format!("{:.2} s", ms as f64 / 1000.0))
-        .unwrap_or_else(|| "n/a (v3 gave no bad answer)".into());
+        .unwrap_or_else(|| "n/a (no trader saw a bad answer: the proxy shielded them)".into());
     let codes = s
         .ws_close_codes
         .as_object()
@@ -613,7 +625,11 @@ pub fn render_summary(s: &ExchangeSummary) -> String {
             r.outcome,
             r.seconds,
             if r.outcome == "rolled back" {
-                format!("  ({})", r.reason)
+                let exposed = r
+                    .exposed_ms
+                    .map(|ms| format!("had traffic for {:.2} s; ", ms as f64 / 1000.0))
+                    .unwrap_or_default();
+                format!("  ({exposed}{})", r.reason)
             } else {
                 String::new()
             }
