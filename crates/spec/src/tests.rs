@@ -30,6 +30,49 @@ fn shipped_examples_are_valid() {
 }
 
 #[test]
+fn shipped_exchange_rollouts_are_valid_and_say_what_their_comments_promise() {
+    let trade = parse(include_str!("../../../examples/exchange/baton/trade.yaml")).expect("trade");
+    let canary = trade[0]
+        .spec
+        .strategy
+        .canary
+        .as_ref()
+        .expect("trade is a canary");
+    let weights: Vec<u32> = canary
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            crate::Step::SetWeight(w) => Some(*w),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        weights,
+        vec![2, 4, 8, 16, 32, 64],
+        "2 %, doubling every step"
+    );
+    assert!(trade[0].spec.traffic.shield_canary);
+    let user = parse(include_str!("../../../examples/exchange/baton/user.yaml")).expect("user");
+    let bg = user[0]
+        .spec
+        .strategy
+        .blue_green
+        .as_ref()
+        .expect("user is blue-green");
+    assert_eq!(bg.retain_previous, Duration::from_secs(3600));
+    assert!(
+        bg.smoke
+            .iter()
+            .any(|s| s.method == "POST" && s.path == "/login")
+    );
+    let notification = parse(include_str!(
+        "../../../examples/exchange/baton/notification.yaml"
+    ))
+    .expect("notification");
+    assert_eq!(notification[0].metadata.name, "notification");
+}
+
+#[test]
 fn type_errors_name_the_field_path() {
     let bad = CANARY.replace("setWeight: 25", "setWeight: lots");
     assert_eq!(
