@@ -17,7 +17,10 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::board::{Board, Role};
+use crate::dashboard::Body;
 use crate::paths::Paths;
+use std::sync::Arc;
 
 /// Commands a person can give a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,15 +90,16 @@ pub struct ApiRequest {
 }
 
 /// Named API tokens: `.baton/token` is `admin`; `.baton/tokens` may add lines of
-/// `NAME TOKEN`, one identity each.
+/// `NAME TOKEN [ROLE]`, one identity each, ROLE being `viewer` (may read) or
+/// `operator` (may also act; the default).
 #[derive(Debug, Clone, Default)]
-pub struct Identities(pub Vec<(String, String)>);
+pub struct Identities(pub Vec<(String, String, Role)>);
 
 impl Identities {
     pub fn load(paths: &Paths) -> Identities {
         let mut ids = Vec::new();
         if let Ok(t) = std::fs::read_to_string(paths.token()) {
-            ids.push(("admin".to_string(), t.trim().to_string()));
+            ids.push(("admin".to_string(), t.trim().to_string(), Role::Admin));
         }
         if let Ok(text) = std::fs::read_to_string(paths.root.join("tokens")) {
             for line in text
@@ -103,21 +107,36 @@ impl Identities {
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
             {
-                if let Some((name, token)) = line.split_once(char::is_whitespace)
-                    && token.trim().len() >= 16
-                {
-                    ids.push((name.to_string(), token.trim().to_string()));
+                let mut words = line.split_whitespace();
+                let (Some(name), Some(token)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let role = match words.next() {
+                    None => Role::Operator,
+                    Some(r) => match Role::parse(r) {
+                        Some(Role::Admin) | None => {
+                            eprintln!(
+                                "warning: {}: identity {name:?} has role {r:?}; use viewer or operator — ignored",
+                                paths.root.join("tokens").display()
+                            );
+                            continue;
+                        }
+                        Some(role) => role,
+                    },
+                };
+                if token.len() >= 16 {
+                    ids.push((name.to_string(), token.to_string(), role));
                 }
             }
         }
         Identities(ids)
     }
 
-    fn who(&self, given: &str) -> Option<&str> {
+    pub fn who(&self, given: &str) -> Option<(&str, Role)> {
         self.0
             .iter()
-            .find(|(_, t)| token_matches(given.as_bytes(), t.as_bytes()))
-            .map(|(n, _)| n.as_str())
+            .find(|(_, t, _)| token_matches(given.as_bytes(), t.as_bytes()))
+            .map(|(n, _, r)| (n.as_str(), *r))
     }
 }
 
@@ -125,17 +144,24 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Reply {
     (status, json!({ "error": msg.into() }))
 }
 
-/// Serves the API until the task is dropped.
-pub async fn serve(listener: TcpListener, ids: Identities, tx: mpsc::Sender<ApiRequest>) {
-    let ids = std::sync::Arc::new(ids);
+/// Serves the API (and the dashboard under `/ui/`) until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    ids: Identities,
+    tx: mpsc::Sender<ApiRequest>,
+    board: Arc<Board>,
+) {
+    let ids = Arc::new(ids);
+    let addr = listener.local_addr().ok();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let ids = ids.clone();
-        let tx = tx.clone();
+        let (ids, tx, board) = (ids.clone(), tx.clone(), board.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(req, ids.clone(), tx.clone()));
+            let svc = hyper::service::service_fn(move |req| {
+                handle(req, ids.clone(), tx.clone(), board.clone(), addr)
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
@@ -143,10 +169,10 @@ pub async fn serve(listener: TcpListener, ids: Identities, tx: mpsc::Sender<ApiR
     }
 }
 
-fn respond((status, body): Reply) -> Response<Full<Bytes>> {
+fn respond((status, body): Reply) -> Response<Body> {
     let mut text = serde_json::to_vec_pretty(&body).unwrap_or_default();
     text.push(b'\n');
-    let mut r = Response::new(Full::new(Bytes::from(text)));
+    let mut r = Response::new(crate::dashboard::full(text));
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -156,7 +182,7 @@ fn respond((status, body): Reply) -> Response<Full<Bytes>> {
 }
 
 /// Compares without an early exit, so timing does not reveal the token.
-fn token_matches(given: &[u8], want: &[u8]) -> bool {
+pub(crate) fn token_matches(given: &[u8], want: &[u8]) -> bool {
     given.len() == want.len()
         && given
             .iter()
@@ -167,16 +193,22 @@ fn token_matches(given: &[u8], want: &[u8]) -> bool {
 
 async fn handle(
     req: Request<Incoming>,
-    ids: std::sync::Arc<Identities>,
+    ids: Arc<Identities>,
     tx: mpsc::Sender<ApiRequest>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+    board: Arc<Board>,
+    addr: Option<SocketAddr>,
+) -> Result<Response<Body>, Infallible> {
+    let p = req.uri().path();
+    if p == "/" || p == "/ui" || p.starts_with("/ui/") {
+        return Ok(crate::dashboard::handle(req, ids, board, tx).await);
+    }
     let who = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .and_then(|t| ids.who(t));
-    let Some(who) = who else {
+    let Some((who, role)) = who else {
         return Ok(respond(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong token: send 'Authorization: Bearer <token>' with the token from .baton/token",
@@ -200,6 +232,12 @@ async fn handle(
     };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    if method != Method::GET && !role.may_act() {
+        return Ok(respond(error(
+            StatusCode::FORBIDDEN,
+            format!("{who} is a viewer: it may read, not act"),
+        )));
+    }
     let query = req.uri().query().unwrap_or("").to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let call = match (&method, segs.as_slice()) {
@@ -262,6 +300,19 @@ async fn handle(
                     )));
                 }
             }
+        }
+        (&Method::POST, ["v1", "login-link"]) => {
+            let code = board.one_time_code(who, role, crate::now_ms());
+            return Ok(respond(match (code, addr) {
+                (Some(code), Some(addr)) => (
+                    StatusCode::OK,
+                    json!({ "url": crate::dashboard::login_link(addr, &code), "expiresInSeconds": 600 }),
+                ),
+                _ => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "cannot make a login link",
+                ),
+            }));
         }
         (&Method::POST, ["v1", "shutdown"]) => ApiCall::Shutdown {
             down: query.split('&').any(|kv| kv == "down=true"),

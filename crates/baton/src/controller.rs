@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -27,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiCall, ApiRequest, CommandKind, Identities, Reply, local_user};
+use crate::board::Board;
 use crate::notify::{Delivery, Notice, Notifier};
 use crate::paths::{Paths, new_token};
 use crate::{now_ms, view};
@@ -49,6 +51,8 @@ pub struct UpOptions {
 /// A running controller.
 pub struct Handle {
     pub api_addr: SocketAddr,
+    /// What the dashboard shows, and its logins (the demo makes a one-time link).
+    pub board: Arc<Board>,
     pub tx: mpsc::Sender<ApiRequest>,
     pub join: JoinHandle<Result<()>>,
 }
@@ -130,6 +134,10 @@ struct Controller {
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     measure_tx: mpsc::UnboundedSender<(String, Measurement)>,
     measure_rx: mpsc::UnboundedReceiver<(String, Measurement)>,
+    board: Arc<Board>,
+    /// When the dashboard next gets the status, and a traffic sample.
+    next_publish: u64,
+    next_sample: u64,
 }
 
 /// Starts a controller: adopts or starts the proxy, adopts recorded instances, applies
@@ -177,6 +185,9 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         deliveries,
         measure_tx,
         measure_rx,
+        board: Arc::new(Board::default()),
+        next_publish: 0,
+        next_sample: 0,
     };
     let me = format!("os:{}", local_user());
     c.record(
@@ -232,13 +243,19 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     let ids = Identities::load(&paths);
     std::fs::write(paths.api_addr(), api_addr.to_string())?;
     let (tx, rx) = mpsc::channel(64);
-    let server = tokio::spawn(api::serve(listener, ids, tx.clone()));
+    let board = c.board.clone();
+    let server = tokio::spawn(api::serve(listener, ids, tx.clone(), board.clone()));
     let join = tokio::spawn(async move {
         let r = c.run(rx).await;
         server.abort();
         r
     });
-    Ok(Handle { api_addr, tx, join })
+    Ok(Handle {
+        api_addr,
+        board,
+        tx,
+        join,
+    })
 }
 
 fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
@@ -365,6 +382,7 @@ impl Controller {
             spec_digest: digest,
             reason: message.to_string(),
         };
+        self.board.audit_written(rollout);
         if let Err(e) = self.audit.append(entry, now) {
             eprintln!("warning: cannot append to the audit trail: {e}");
         }
@@ -553,10 +571,30 @@ impl Controller {
         let events = self.platform.reconcile(&desired, &self.store, now)?;
         self.platform_events(events);
         self.sync_routes(now).await;
+        self.publish(now, stats).await;
         if let Some(c) = &mut self.proxy_child {
             let _ = c.try_wait();
         }
         Ok(())
+    }
+
+    /// Feeds the dashboard: status at most five times a second, traffic once a second.
+    async fn publish(&mut self, now: u64, stats: Option<StatsSnapshot>) {
+        if now >= self.next_publish {
+            self.next_publish = now + 200;
+            let list: Vec<_> = self.rollouts.keys().map(|n| self.view(n)).collect();
+            self.board.publish(serde_json::Value::Array(list));
+        }
+        if now >= self.next_sample {
+            self.next_sample = now + 1000;
+            let stats = match stats {
+                Some(s) => Some(s),
+                None => self.proxy.stats().await.ok(),
+            };
+            if let Some(s) = stats {
+                self.board.sample(now, s);
+            }
+        }
     }
 
     /// Logs a measurement's verdict and hands it to the engine's next step.

@@ -4,7 +4,9 @@
 //! API client; the binary is `src/main.rs`.
 
 pub mod api;
+pub mod board;
 pub mod controller;
+pub mod dashboard;
 pub mod demo;
 pub mod load;
 pub mod notify;

@@ -185,6 +185,14 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Print a one-time login link to the running controller's web dashboard (valid
+    /// for ten minutes, once). The dashboard shows every rollout live: steps, traffic
+    /// per revision, instances, gate results and charts, the audit trail, and buttons
+    /// to promote, abort, retry or undo.
+    Dashboard {
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Upgrade or restart the proxy without dropping a connection: a new proxy process
     /// (this executable) takes the listening sockets, table and counters over, and the
     /// old one drains and exits.
@@ -377,6 +385,10 @@ async fn run(cli: Cli) -> Result<()> {
                     .unwrap_or_default()
             );
             println!(
+                "  dashboard on http://{}/ui/ (log in with the token, or `baton dashboard` for a one-time link)",
+                h.api_addr
+            );
+            println!(
                 "  watch with `baton status --watch`; Ctrl-C stops the controller only, `baton down` stops everything"
             );
             let mut term =
@@ -405,6 +417,20 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Down => down(&paths).await,
         Cmd::RestartProxy => restart_proxy(&paths).await,
+        Cmd::Dashboard { output } => {
+            let client = ApiClient::from_paths(&paths)?;
+            let v = check(client.post("/v1/login-link", None).await?)?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
+            println!(
+                "{}\n  (works once, for {} minutes; afterwards log in with the token in {})",
+                v["url"].as_str().unwrap_or(""),
+                v["expiresInSeconds"].as_u64().unwrap_or(600) / 60,
+                paths.token().display()
+            );
+            Ok(())
+        }
         Cmd::Apply(spec) => {
             let text = read_spec(&spec.file)?;
             // Validate here too, so a bad spec is reported even with no controller.

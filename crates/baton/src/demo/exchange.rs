@@ -388,6 +388,15 @@ pub async fn run(opts: ExchangeDemoOptions) -> Result<ExchangeSummary> {
         h.api_addr,
         paths.token().display()
     );
+    if let Some(code) = h
+        .board
+        .one_time_code("admin", crate::board::Role::Admin, now_ms())
+    {
+        say!(
+            "  watch it in a browser: {}",
+            crate::dashboard::login_link(h.api_addr, &code)
+        );
+    }
     let result = story(&h, &mut n, &bin, &ports, &db, &opts).await;
 
     n.heading("cleaning up: stopping the proxy and every instance");

@@ -321,6 +321,15 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         h.api_addr,
         paths.token().display()
     );
+    if let Some(code) = h
+        .board
+        .one_time_code("admin", crate::board::Role::Admin, now_ms())
+    {
+        say!(
+            "  watch it in a browser: {}",
+            crate::dashboard::login_link(h.api_addr, &code)
+        );
+    }
     let result = story(
         &h,
         &mut n,
