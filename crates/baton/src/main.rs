@@ -742,12 +742,19 @@ async fn status(paths: &Paths, name: Option<String>, watch: bool, output: Output
             }
             return Ok(());
         }
-        if text != last {
-            if tty {
-                print!("\x1b[H\x1b[2J{text}");
-            } else {
-                println!("{text}");
-            }
+        if tty && output != Output::Json {
+            // Redrawn in place, with the time so a stuck controller shows.
+            let frame = format!(
+                "Every 0.5s: baton status {}   {} UTC\n\n{text}",
+                name.as_deref().unwrap_or(""),
+                view::clock(baton::now_ms()).get(..8).unwrap_or("")
+            );
+            print!("{}", view::redraw(&frame));
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        } else if text != last {
+            // Not a terminal: a new frame only when something changed.
+            println!("{text}");
             use std::io::Write;
             let _ = std::io::stdout().flush();
             last = text;

@@ -143,50 +143,66 @@ pub fn history(name: &str, status: &Status, events: &[Entry]) -> Value {
     json!({ "name": name, "revisions": revisions, "events": events })
 }
 
-/// The human form of one rollout's status.
+/// The human form of one rollout's status: name and phase, the steps with the current
+/// one marked, a weight bar per revision, and each gate's last result — what
+/// `baton status NAME --watch` redraws.
 pub fn render(v: &Value) -> String {
     let mut o = String::new();
+    let phase = v["phase"].as_str().unwrap_or("");
+    let icon = match phase {
+        "Healthy" => "✔",
+        "Progressing" => "◐",
+        "Paused" => "॥",
+        "Degraded" => "✖",
+        _ => "·",
+    };
+    let _ = writeln!(o, "Name:      {}", v["name"].as_str().unwrap_or(""));
     let _ = writeln!(
         o,
-        "{}  {}  {}",
-        v["name"].as_str().unwrap_or(""),
-        v["phase"].as_str().unwrap_or(""),
+        "Phase:     {icon} {phase} — {}",
         v["message"].as_str().unwrap_or("")
     );
-    let _ = write!(o, "  strategy: {}", v["strategy"].as_str().unwrap_or(""));
-    if let Some(step) = v["step"].as_object() {
-        let i = step["index"].as_u64().unwrap_or(0) as usize;
-        let total = step["total"].as_u64().unwrap_or(0) as usize;
-        let steps: Vec<&str> = step["steps"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        if i < total {
-            let _ = write!(
-                o,
-                ", step {}/{}: {}",
-                i + 1,
-                total,
-                steps.get(i).unwrap_or(&"")
-            );
-        } else {
-            let _ = write!(o, ", all {total} steps done");
-        }
-    }
-    let _ = writeln!(o, "   listen: {}", v["listen"].as_str().unwrap_or(""));
     let _ = writeln!(
         o,
-        "  {:<4} {:<12} {:<10} {:<9} {:<25} {:<6} INSTANCES",
+        "Strategy:  {}   listen: {}",
+        v["strategy"].as_str().unwrap_or(""),
+        v["listen"].as_str().unwrap_or("")
+    );
+    if let Some(step) = v["step"].as_object() {
+        let total = step["total"].as_u64().unwrap_or(0) as usize;
+        // Without a canary in flight every step is behind us.
+        let current = if v["canaryRevision"].is_null() {
+            total
+        } else {
+            step["index"].as_u64().unwrap_or(0) as usize
+        };
+        let _ = writeln!(o, "Steps:");
+        for (i, s) in step["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .enumerate()
+        {
+            let mark = match i.cmp(&current) {
+                std::cmp::Ordering::Less => "✔",
+                std::cmp::Ordering::Equal if v["aborted"] == true => "✖",
+                std::cmp::Ordering::Equal => "▶",
+                std::cmp::Ordering::Greater => " ",
+            };
+            let _ = writeln!(o, "  {mark} {:>2}. {s}", i + 1);
+        }
+    }
+    let _ = writeln!(o, "Revisions:");
+    let _ = writeln!(
+        o,
+        "  {:<4} {:<10} {:<11} {:<15} {:<26} {:<6} INSTANCES",
         "REV", "VERSION", "NAME", "ROLE", "WEIGHT", "READY"
     );
     for r in v["revisions"].as_array().into_iter().flatten() {
         let w = r["weight"].as_u64().unwrap_or(0);
-        let bar_len = (w as usize).div_ceil(5);
-        let bar = format!(
-            "{}{}",
-            "█".repeat(bar_len),
-            "░".repeat(20 - bar_len.min(20))
-        );
+        let filled = ((w as usize) * 20).div_ceil(100).min(20);
+        let bar = format!("{}{}", "█".repeat(filled), "░".repeat(20 - filled));
         let insts: Vec<String> = r["instances"]
             .as_array()
             .into_iter()
@@ -206,31 +222,46 @@ pub fn render(v: &Value) -> String {
         };
         let _ = writeln!(
             o,
-            "  #{:<3} {:<12} {:<10} {:<9} {} {:>3}% {:>3}/{:<2}  {}",
+            "  #{:<3} {:<10} {:<11} {:<15} {bar} {:>3}%  {:>2}/{:<3} {}",
             r["number"].as_u64().unwrap_or(0),
             r["appVersion"].as_str().unwrap_or("-"),
             r["name"].as_str().unwrap_or(""),
             role,
-            bar,
             w,
             r["readyReplicas"].as_u64().unwrap_or(0),
             r["desiredReplicas"].as_u64().unwrap_or(0),
             insts.join(", ")
         );
     }
-    for g in v["gates"].as_array().into_iter().flatten() {
-        let last = &g["last"];
-        let _ = writeln!(
-            o,
-            "  gate {:<10} pass {:>3}  fail {:>2}  last: {} {}",
-            g["name"].as_str().unwrap_or(""),
-            g["passes"].as_u64().unwrap_or(0),
-            g["failures"].as_u64().unwrap_or(0),
-            last["verdict"].as_str().unwrap_or("-"),
-            last["detail"].as_str().unwrap_or("")
-        );
+    let gates = v["gates"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !gates.is_empty() {
+        let _ = writeln!(o, "Gates:");
+        for g in gates {
+            let last = &g["last"];
+            let _ = writeln!(
+                o,
+                "  {:<14} pass {:>3}  fail {:>2}  last: {:<12} {}",
+                g["name"].as_str().unwrap_or(""),
+                g["passes"].as_u64().unwrap_or(0),
+                g["failures"].as_u64().unwrap_or(0),
+                last["verdict"].as_str().unwrap_or("-"),
+                last["detail"].as_str().unwrap_or("")
+            );
+        }
     }
     o
+}
+
+/// One `--watch` frame for a terminal: home the cursor, rewrite each line clearing
+/// what was there, clear below — no flicker, no scrolling.
+pub fn redraw(frame: &str) -> String {
+    let mut out = String::from("\x1b[?25l\x1b[H");
+    for line in frame.lines() {
+        out.push_str(line);
+        out.push_str("\x1b[K\n");
+    }
+    out.push_str("\x1b[J\x1b[?25h");
+    out
 }
 
 pub fn render_history(v: &Value) -> String {
