@@ -199,8 +199,8 @@ function gatesPanel(r) {
       : el('p', { class: 'muted', text: 'No gate has measured this revision yet.' }));
 }
 
-// A line chart of one value per revision over the last five minutes.
-function chart(r, id, title, value, format) {
+// A line chart per revision over the last minutes; `lines` are [label, value, dash].
+function chart(r, id, title, lines, format) {
   const W = 600, H = 170, L = 48, R = 8, T = 10, B = 22;
   const points = (state.series[r.name] || []);
   // The window grows with the data, from one minute up to five.
@@ -212,10 +212,10 @@ function chart(r, id, title, value, format) {
   let max = 0;
   for (const p of points) {
     if (p.at < from) continue;
-    const v = value(p);
     if (!byRev.has(p.revision)) byRev.set(p.revision, []);
-    byRev.get(p.revision).push([p.at, v]);
-    if (v !== null && v !== undefined && v > max) max = v;
+    const vs = lines.map(([, value]) => value(p));
+    byRev.get(p.revision).push([p.at, vs]);
+    for (const v of vs) if (v !== null && v !== undefined && v > max) max = v;
   }
   max = max > 0 ? max * 1.1 : 1;
   const s = svg('svg', { class: 'chart', id, viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', role: 'img', 'aria-label': title });
@@ -233,13 +233,18 @@ function chart(r, id, title, value, format) {
   for (const [rev, pts] of byRev) {
     const info = (r.revisions || []).find(x => x.name === rev);
     const color = COLORS[info ? info.role : 'previous'] || COLORS.previous;
-    let d = '', pen = false;
-    for (const [at, v] of pts) {
-      if (v === null || v === undefined) { pen = false; continue; }
-      d += `${pen ? 'L' : 'M'}${x(at).toFixed(1)},${y(v).toFixed(1)} `;
-      pen = true;
-    }
-    if (d) s.append(svg('path', { d, fill: 'none', stroke: color, 'stroke-width': 2, 'data-revision': rev }));
+    lines.forEach(([label, , dash], li) => {
+      let d = '', pen = false;
+      for (const [at, vs] of pts) {
+        const v = vs[li];
+        if (v === null || v === undefined) { pen = false; continue; }
+        d += `${pen ? 'L' : 'M'}${x(at).toFixed(1)},${y(v).toFixed(1)} `;
+        pen = true;
+      }
+      const attrs = { d, fill: 'none', stroke: color, 'stroke-width': 2, 'data-revision': rev, 'data-line': label };
+      if (dash) attrs['stroke-dasharray'] = '4 3';
+      if (d) s.append(svg('path', attrs));
+    });
     legend.append(el('span', {}, el('span', { class: 'swatch', style: `background:${color}` }), `${versionOf(r, rev)}  `));
   }
   return el('div', {}, el('h2', { text: title }), s, legend);
@@ -248,8 +253,10 @@ function chart(r, id, title, value, format) {
 function chartsPanel(r) {
   const ms = v => v === null || v === undefined ? null : v * 1000;
   return el('section', { class: 'panel' }, el('div', { class: 'grid' },
-    chart(r, 'chart-latency', 'p99 latency per revision (ms)', p => ms(p.p99), v => v.toFixed(v < 10 ? 1 : 0)),
-    chart(r, 'chart-errors', 'Error rate per revision (%)', p => p.errorRate === null || p.errorRate === undefined ? null : p.errorRate * 100, v => v.toFixed(1)),
+    chart(r, 'chart-latency', 'Latency per revision: p99 solid, p50 dashed (ms)',
+      [['p99', p => ms(p.p99), false], ['p50', p => ms(p.p50), true]], v => v.toFixed(v < 10 ? 1 : 0)),
+    chart(r, 'chart-errors', 'Error rate per revision (%)',
+      [['errors', p => p.errorRate === null || p.errorRate === undefined ? null : p.errorRate * 100, false]], v => v.toFixed(1)),
   ));
 }
 

@@ -293,6 +293,14 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
         .await
         .expect("chart");
     assert!(!latency_paths.is_empty(), "the latency chart has lines");
+    let mut kinds = BTreeSet::new();
+    for p in &latency_paths {
+        kinds.insert(p.attr("data-line").await.ok().flatten().unwrap_or_default());
+    }
+    assert!(
+        kinds.contains("p99") && kinds.contains("p50"),
+        "p50 and p99 drawn: {kinds:?}"
+    );
 
     // Forged actions change nothing.
     let cookies = c.get_all_cookies().await.expect("cookies");
