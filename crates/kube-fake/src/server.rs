@@ -1,0 +1,308 @@
+//! The HTTP face of the store: Kubernetes API paths, verbs and content types.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::select::Selector;
+use crate::store::{Key, Store, StoreError};
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A running fake API server on loopback.
+pub struct FakeApi {
+    pub addr: SocketAddr,
+    pub store: Store,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeApi {
+    pub async fn start() -> std::io::Result<FakeApi> {
+        let store = Store::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let s = store.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(handle(s, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(FakeApi { addr, store, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+fn reply(code: u16, v: &Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed_unsync());
+    *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+    reply(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "code": code}),
+    )
+}
+
+fn err(e: StoreError) -> Response<Body> {
+    status(e.code(), e.reason(), &e.to_string())
+}
+
+/// A request's target: `(key without name, name, subresource)`.
+struct Target {
+    base: Key,
+    name: Option<String>,
+    sub: Option<String>,
+    /// Listing across namespaces (`/apis/g/v/resource` for a namespaced resource).
+    all_namespaces: bool,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (gv, rest) = match parts.as_slice() {
+        ["api", v, rest @ ..] => ((*v).to_string(), rest),
+        ["apis", g, v, rest @ ..] => (format!("{g}/{v}"), rest),
+        _ => return None,
+    };
+    let (ns, rest): (Option<&str>, Vec<&str>) = match rest {
+        ["namespaces", ns, tail @ ..] if !tail.is_empty() => (Some(*ns), tail.to_vec()),
+        _ => (None, rest.to_vec()),
+    };
+    let (resource, name, sub) = match rest.as_slice() {
+        [r] => (*r, None, None),
+        [r, n] => (*r, Some(n.to_string()), None),
+        [r, n, s] => (*r, Some(n.to_string()), Some(s.to_string())),
+        _ => return None,
+    };
+    Some(Target {
+        base: Key::new(&gv, resource, ns, ""),
+        name,
+        sub,
+        all_namespaces: ns.is_none(),
+    })
+}
+
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+}
+
+async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
+    let Some(t) = parse_path(req.uri().path()) else {
+        return status(404, "NotFound", &format!("no such path {}", req.uri().path()));
+    };
+    let q = query(&req);
+    let method = req.method().clone();
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return status(400, "BadRequest", &e.to_string()),
+    };
+    let parse_body = || serde_json::from_slice::<Value>(&body).map_err(|e| status(400, "BadRequest", &format!("body is not JSON: {e}")));
+    let status_only = t.sub.as_deref() == Some("status");
+    match (method, t.name.clone()) {
+        (Method::GET, None) => {
+            let labels = match Selector::parse(param(&q, "labelSelector").unwrap_or("")) {
+                Ok(s) => s,
+                Err(e) => return status(400, "BadRequest", &e),
+            };
+            let fields = match Selector::parse(param(&q, "fieldSelector").unwrap_or("")) {
+                Ok(s) => s,
+                Err(e) => return status(400, "BadRequest", &e),
+            };
+            let ns = if t.all_namespaces { None } else { t.base.namespace.clone() };
+            if param(&q, "watch").is_some_and(|w| w == "true" || w == "1") {
+                return watch(store, t.base, ns, labels, fields, &q);
+            }
+            let (items, rv) = store.list(&t.base.gv, &t.base.resource, ns.as_deref());
+            let items: Vec<Value> = items.into_iter().filter(|o| labels.matches_labels(o) && fields.matches_fields(o)).collect();
+            let kind = store.kind_of(&t.base.gv, &t.base.resource).unwrap_or_default();
+            reply(200, &json!({"kind": format!("{kind}List"), "apiVersion": t.base.gv, "metadata": {"resourceVersion": rv.to_string()}, "items": items}))
+        }
+        (Method::GET, Some(name)) => match store.get(&Key { name, ..t.base }) {
+            Ok(v) => reply(200, &v),
+            Err(e) => err(e),
+        },
+        (Method::POST, None) => match parse_body() {
+            Ok(v) => match store.create(&t.base, v) {
+                Ok(v) => reply(201, &v),
+                Err(e) => err(e),
+            },
+            Err(r) => r,
+        },
+        (Method::PUT, Some(name)) => match parse_body() {
+            Ok(v) => match store.replace(&Key { name, ..t.base }, v, status_only) {
+                Ok(v) => reply(200, &v),
+                Err(e) => err(e),
+            },
+            Err(r) => r,
+        },
+        (Method::PATCH, Some(name)) => {
+            let patch = match parse_body() {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            let key = Key { name: name.clone(), ..t.base.clone() };
+            let apply = content_type.starts_with("application/apply-patch");
+            if apply && store.get(&key).is_err() {
+                // Server-side apply creates what does not exist.
+                let mut obj = patch;
+                obj["metadata"]["name"] = json!(name);
+                return match store.create(&t.base, obj) {
+                    Ok(v) => reply(201, &v),
+                    Err(e) => err(e),
+                };
+            }
+            let result = store.modify(&key, status_only, |obj| {
+                if content_type.starts_with("application/json-patch") {
+                    let p: json_patch::Patch = serde_json::from_value(patch.clone())
+                        .map_err(|e| StoreError::Invalid(format!("not a JSON patch: {e}")))?;
+                    json_patch::patch(obj, &p).map_err(|e| StoreError::Invalid(e.to_string()))
+                } else {
+                    // merge-patch, strategic-merge-patch and apply: a JSON merge patch here.
+                    json_patch::merge(obj, &patch);
+                    Ok(())
+                }
+            });
+            match result {
+                Ok(v) => reply(200, &v),
+                Err(e) => err(e),
+            }
+        }
+        (Method::DELETE, Some(name)) => match store.delete(&Key { name, ..t.base }) {
+            Ok(v) => reply(200, &v),
+            Err(e) => err(e),
+        },
+        (m, _) => status(405, "MethodNotAllowed", &format!("{m} is not supported here")),
+    }
+}
+
+fn watch(
+    store: Store,
+    base: Key,
+    ns: Option<String>,
+    labels: Selector,
+    fields: Selector,
+    q: &[(String, String)],
+) -> Response<Body> {
+    let from: Option<u64> = param(q, "resourceVersion").and_then(|v| v.parse().ok()).filter(|v| *v > 0);
+    let bookmarks = param(q, "allowWatchBookmarks") == Some("true");
+    let timeout = param(q, "timeoutSeconds").and_then(|v| v.parse::<u64>().ok()).unwrap_or(1800);
+    let (tx, rx) = mpsc::channel::<Bytes>(1024);
+    // Subscribe before reading history, so nothing falls between the two.
+    let mut live = store.subscribe();
+    let kind = store.kind_of(&base.gv, &base.resource).unwrap_or_default();
+    tokio::spawn(async move {
+        let wanted = |k: &Key, o: &Value| {
+            k.gv == base.gv
+                && k.resource == base.resource
+                && (ns.is_none() || k.namespace == ns)
+                && labels.matches_labels(o)
+                && fields.matches_fields(o)
+        };
+        let line = |kind: &str, o: &Value| Bytes::from(format!("{}\n", json!({"type": kind, "object": o})));
+        let mut last = match from {
+            Some(rv) => {
+                let Some(history) = store.since(rv) else {
+                    let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": format!("too old resource version: {rv}")});
+                    let _ = tx.send(line("ERROR", &gone)).await;
+                    return;
+                };
+                let mut last = rv;
+                for c in history {
+                    last = c.rv;
+                    if wanted(&c.key, &c.object) && tx.send(line(c.kind, &c.object)).await.is_err() {
+                        return;
+                    }
+                }
+                last
+            }
+            None => {
+                let (items, rv) = store.list(&base.gv, &base.resource, ns.as_deref());
+                for o in items.iter().filter(|o| labels.matches_labels(o) && fields.matches_fields(o)) {
+                    if tx.send(line("ADDED", o)).await.is_err() {
+                        return;
+                    }
+                }
+                rv
+            }
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = tick.tick(), if bookmarks => {
+                    let rv = store.resource_version().max(last);
+                    let b = json!({"kind": kind, "apiVersion": base.gv, "metadata": {"resourceVersion": rv.to_string()}});
+                    if tx.send(line("BOOKMARK", &b)).await.is_err() {
+                        return;
+                    }
+                }
+                c = live.recv() => match c {
+                    Ok(c) => {
+                        if c.rv <= last {
+                            continue;
+                        }
+                        last = c.rv;
+                        if wanted(&c.key, &c.object) && tx.send(line(c.kind, &c.object)).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Fell behind the live feed: end the watch; the client resumes from `last`.
+                    Err(_) => return,
+                },
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r
+}

@@ -1,0 +1,159 @@
+//! A small simulated cluster on the fake API's store: what the kubelet, the
+//! ReplicaSet and Deployment controllers and a Gateway controller would do, enough
+//! for an operator to watch its rollouts progress. Pods become ready after a delay;
+//! HTTPRoutes are accepted (status with the observed generation) after another.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::store::{Key, Store};
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub tick: Duration,
+    /// From a pod's creation to its readiness.
+    pub pod_ready_after: Duration,
+    /// From an HTTPRoute change to its `Accepted` condition for that generation.
+    pub route_accept_after: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            tick: Duration::from_millis(50),
+            pod_ready_after: Duration::from_millis(300),
+            route_accept_after: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Runs until the returned handle is aborted.
+pub fn start(store: Store, cfg: SimConfig) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut sim = Sim { store, cfg, born: HashMap::new(), routes: HashMap::new() };
+        loop {
+            sim.workloads("apps/v1", "replicasets", "ReplicaSet");
+            sim.workloads("apps/v1", "deployments", "Deployment");
+            sim.routes();
+            tokio::time::sleep(sim.cfg.tick).await;
+        }
+    })
+}
+
+struct Sim {
+    store: Store,
+    cfg: SimConfig,
+    /// Pod uid → when it was created (as seen here).
+    born: HashMap<String, Instant>,
+    /// Route key → (generation, when first seen).
+    routes: HashMap<Key, (i64, Instant)>,
+}
+
+fn ns_of(v: &Value) -> Option<String> {
+    v["metadata"]["namespace"].as_str().map(str::to_string)
+}
+
+fn owned_by(pod: &Value, uid: &str) -> bool {
+    pod["metadata"]["ownerReferences"].as_array().is_some_and(|r| r.iter().any(|o| o["uid"] == uid))
+}
+
+fn ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+impl Sim {
+    fn workloads(&mut self, gv: &str, resource: &str, kind: &str) {
+        let (owners, _) = self.store.list(gv, resource, None);
+        let (pods, _) = self.store.list("v1", "pods", None);
+        for owner in owners {
+            let (Some(uid), Some(name)) = (owner["metadata"]["uid"].as_str(), owner["metadata"]["name"].as_str()) else {
+                continue;
+            };
+            let ns = ns_of(&owner);
+            let want = owner["spec"]["replicas"].as_i64().unwrap_or(1).max(0) as usize;
+            let mut mine: Vec<&Value> = pods.iter().filter(|p| owned_by(p, uid) && ns_of(p) == ns).collect();
+            mine.sort_by_key(|p| p["metadata"]["creationTimestamp"].as_str().unwrap_or("").to_string());
+            while mine.len() > want {
+                if let Some(p) = mine.pop() {
+                    let key = Key::new("v1", "pods", ns.as_deref(), p["metadata"]["name"].as_str().unwrap_or(""));
+                    let _ = self.store.delete(&key);
+                }
+            }
+            for _ in mine.len()..want {
+                let pod = json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {
+                        "generateName": format!("{name}-"),
+                        "labels": owner["spec"]["template"]["metadata"]["labels"].clone(),
+                        "ownerReferences": [{"apiVersion": gv, "kind": kind, "name": name, "uid": uid, "controller": true}],
+                    },
+                    "spec": owner["spec"]["template"]["spec"].clone(),
+                    "status": {"phase": "Pending"},
+                });
+                let _ = self.store.create(&Key::new("v1", "pods", ns.as_deref(), ""), pod);
+            }
+            let mut n_ready = 0;
+            let mut n = 0;
+            for p in mine.iter().take(want) {
+                n += 1;
+                let puid = p["metadata"]["uid"].as_str().unwrap_or("").to_string();
+                let born = *self.born.entry(puid).or_insert_with(Instant::now);
+                if ready(p) {
+                    n_ready += 1;
+                } else if born.elapsed() >= self.cfg.pod_ready_after {
+                    let key = Key::new("v1", "pods", ns.as_deref(), p["metadata"]["name"].as_str().unwrap_or(""));
+                    let mut st = (*p).clone();
+                    st["status"] = json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
+                    if self.store.replace(&key, st, true).is_ok() {
+                        n_ready += 1;
+                    }
+                }
+            }
+            let status = json!({
+                "replicas": n, "readyReplicas": n_ready, "availableReplicas": n_ready,
+                "observedGeneration": owner["metadata"]["generation"].clone(),
+            });
+            if owner["status"] != status {
+                let mut o = owner.clone();
+                o["status"] = status;
+                let _ = self.store.replace(&Key::new(gv, resource, ns.as_deref(), name), o, true);
+            }
+        }
+    }
+
+    fn routes(&mut self) {
+        let (routes, _) = self.store.list("gateway.networking.k8s.io/v1", "httproutes", None);
+        for r in routes {
+            let name = r["metadata"]["name"].as_str().unwrap_or("").to_string();
+            let key = Key::new("gateway.networking.k8s.io/v1", "httproutes", ns_of(&r).as_deref(), &name);
+            let generation = r["metadata"]["generation"].as_i64().unwrap_or(1);
+            let accepted = r["status"]["parents"]
+                .as_array()
+                .and_then(|p| p.first())
+                .and_then(|p| p["conditions"].as_array())
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Accepted" && c["observedGeneration"] == generation));
+            if accepted {
+                continue;
+            }
+            let seen = self.routes.entry(key.clone()).or_insert((generation, Instant::now()));
+            if seen.0 != generation {
+                *seen = (generation, Instant::now());
+            }
+            if seen.1.elapsed() < self.cfg.route_accept_after {
+                continue;
+            }
+            let parent = r["spec"]["parentRefs"].as_array().and_then(|p| p.first()).cloned().unwrap_or(json!({}));
+            let mut o = r.clone();
+            o["status"] = json!({"parents": [{
+                "parentRef": parent,
+                "controllerName": "sim.baton.dev/gateway",
+                "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "observedGeneration": generation}],
+            }]});
+            let _ = self.store.replace(&key, o, true);
+        }
+    }
+}
