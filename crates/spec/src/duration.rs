@@ -71,3 +71,17 @@ impl<'de> Deserialize<'de> for Duration {
         d.deserialize_any(V)
     }
 }
+
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A duration such as 90s, 1m30s, 500ms or 1h, or a number of seconds.",
+            "x-kubernetes-int-or-string": true,
+            "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|min|h|d)?([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|min|h|d))*$"}]
+        })
+    }
+}

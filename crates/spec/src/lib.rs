@@ -21,6 +21,7 @@ pub const KIND: &str = "Rollout";
 
 /// One problem in a spec, named by its field path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct FieldError {
     /// Where the problem is, e.g. `spec.traffic.listen`. Prefixed with the document
     /// (`documents[1].`) when a file holds several.
@@ -40,6 +41,7 @@ impl std::fmt::Display for FieldError {
 pub struct SpecErrors(pub Vec<FieldError>);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rollout {
     pub api_version: String,
@@ -49,6 +51,7 @@ pub struct Rollout {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
     pub name: String,
@@ -57,6 +60,7 @@ pub struct Metadata {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RolloutSpec {
     /// Instances per revision.
@@ -93,6 +97,7 @@ fn default_progress_deadline() -> u64 {
 
 /// How to start one instance. Any change here makes a new revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RunSpec {
     /// Program and arguments; `{port}` is replaced by the instance's port (also in `env`
@@ -120,6 +125,7 @@ impl RunSpec {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Probes {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,6 +135,7 @@ pub struct Probes {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Probe {
     pub http_get: HttpGet,
@@ -155,12 +162,14 @@ fn default_failure_threshold() -> u32 {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpGet {
     pub path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Shutdown {
     /// Time between leaving routing and SIGTERM, so that no request is in flight towards
@@ -189,6 +198,7 @@ impl Default for Shutdown {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Traffic {
     /// Where the proxy listens for this rollout's users, e.g. `127.0.0.1:8080`.
@@ -219,6 +229,7 @@ pub struct Traffic {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Tls {
     /// PEM certificate chain, leaf first.
@@ -228,6 +239,7 @@ pub struct Tls {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Stickiness {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,6 +249,7 @@ pub struct Stickiness {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
     pub name: String,
@@ -244,6 +257,7 @@ pub struct HeaderMatch {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Strategy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -279,6 +293,7 @@ static DEFAULT_ROLLING: Rolling = Rolling {
 };
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Canary {
     #[serde(default)]
@@ -286,6 +301,7 @@ pub struct Canary {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum Step {
     /// Send this share (0-100) of traffic to the canary.
@@ -297,6 +313,7 @@ pub enum Step {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Pause {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -304,12 +321,14 @@ pub struct Pause {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AnalysisStep {
     pub gates: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BlueGreen {
     /// A second listener that routes only to the new revision, for smoke tests and humans.
@@ -336,6 +355,7 @@ fn default_retain() -> Duration {
 
 /// One HTTP check run against the preview revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SmokeTest {
     #[serde(default = "default_method")]
@@ -360,6 +380,7 @@ fn default_status() -> u16 {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rolling {
     /// Instances above `replicas` that may exist during the roll.
@@ -371,6 +392,7 @@ pub struct Rolling {
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Analysis {
     #[serde(default)]
@@ -380,6 +402,7 @@ pub struct Analysis {
 /// An SLO gate. Every gate is measured on the canary in the background while it has
 /// traffic; an `analysis` step also waits for the gates it names to pass.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Gate {
     pub name: String,
@@ -436,6 +459,7 @@ pub struct Gate {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BurnRate {
     /// The availability objective, e.g. `0.999`: the error budget is `1 - slo`.
@@ -448,6 +472,7 @@ pub struct BurnRate {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BurnWindow {
     pub long: Duration,
@@ -471,6 +496,7 @@ fn default_burn_windows() -> Vec<BurnWindow> {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Statistical {
     /// How sure a test must be before it calls the canary worse.
@@ -492,6 +518,7 @@ pub struct Statistical {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum Direction {
     #[default]
@@ -515,6 +542,7 @@ fn default_tolerance() -> f64 {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum OnFailure {
     Rollback,
@@ -525,6 +553,7 @@ pub enum OnFailure {
 /// `canary <= stable * (1 + maxIncreasePercent / 100)` or
 /// `canary <= stable + maxIncrease` (either allowance suffices when both are set).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Compare {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -546,6 +575,7 @@ fn default_min_requests() -> u64 {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum MetricSource {
     /// Measured by the built-in proxy per revision, with no scrape delay.
@@ -567,6 +597,7 @@ pub enum MetricSource {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PrometheusMetric {
     /// E.g. `http://127.0.0.1:9090`.
@@ -577,6 +608,7 @@ pub struct PrometheusMetric {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WebMetric {
     /// `{{service}}`, `{{revision}}`, `{{stable}}` are replaced as in Prometheus queries.
@@ -591,6 +623,7 @@ pub struct WebMetric {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CommandMetric {
     /// Program and arguments. It gets `BATON_SERVICE`, `BATON_REVISION`,
@@ -608,6 +641,7 @@ fn default_command_timeout() -> Duration {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BuiltinMetric {
     /// Share (0-1) of responses that were 5xx or failed to reach an instance.
@@ -629,6 +663,7 @@ impl BuiltinMetric {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rollback {
     /// Abort and return all traffic to stable when a gate fails or the progress deadline
@@ -646,6 +681,7 @@ impl Default for Rollback {
 /// A webhook told when a rollout starts, pauses, passes a step, is promoted, aborted
 /// or rolled back. A failed delivery is retried and never holds up the rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Notification {
     /// How logs and the audit trail name this webhook (they never show its URL's path
@@ -681,6 +717,7 @@ fn all_events() -> Vec<NotificationEvent> {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum NotificationFormat {
     /// `{"rollout", "event", "revision", "appVersion", "phase", "reason", "at"}`.
@@ -691,6 +728,7 @@ pub enum NotificationFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum NotificationEvent {
     Started,

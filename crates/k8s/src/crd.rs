@@ -1,0 +1,296 @@
+//! The `Rollout`, `GateTemplate` and `ClusterGateTemplate` resources (group
+//! `baton.dev`, version `v1alpha1`). Strategy steps, gates and smoke tests are the
+//! local spec's own types, so a gate means the same thing on one machine and in a
+//! cluster; what differs is the workload (a pod template instead of a command) and
+//! the traffic (Services, Gateway API or Istio instead of the built-in proxy).
+
+use std::collections::BTreeMap;
+
+use baton_spec::{Duration, Gate, Rollback, Rolling, SmokeTest, Step};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A progressive rollout of a pod template: canary, blue-green or rolling, gated by
+/// analysis, rolled back on failure.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "baton.dev",
+    version = "v1alpha1",
+    kind = "Rollout",
+    namespaced,
+    status = "RolloutStatus",
+    shortname = "brl",
+    category = "baton",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Stable", type_ = "string", json_path = ".status.stableVersion"),
+    printcolumn(name = "Canary", type_ = "string", json_path = ".status.canaryVersion"),
+    printcolumn(name = "Weight", type_ = "integer", json_path = ".status.canaryWeight"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("has(self.template) != has(self.workloadRef)").message("set exactly one of spec.template and spec.workloadRef"))]
+#[x_kube(validation = Rule::new("(has(self.strategy.canary) ? 1 : 0) + (has(self.strategy.blueGreen) ? 1 : 0) + (has(self.strategy.rolling) ? 1 : 0) <= 1").message("set at most one of strategy.canary, strategy.blueGreen and strategy.rolling"))]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Pods per revision.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: i32,
+    /// Selects the rollout's pods (all revisions); the template's labels must match it.
+    pub selector: LabelSelector,
+    /// The pods to roll out; a change here is a new revision. (Its schema is left to
+    /// the ReplicaSets that carry it, as Argo Rollouts does, to keep the CRD small
+    /// enough for client-side apply.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opaque")]
+    pub template: Option<PodTemplateSpec>,
+    /// Or: an existing Deployment whose template to roll out. Baton takes it over and
+    /// scales it to zero only once the Rollout's own pods are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_ref: Option<WorkloadRef>,
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub min_ready_seconds: i64,
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: i64,
+    /// Old ReplicaSets kept (scaled to zero) for `undo`.
+    #[serde(default = "default_history")]
+    #[schemars(range(min = 0, max = 100))]
+    pub revision_history_limit: i32,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub analysis: Analysis,
+    #[serde(default)]
+    pub rollback: Rollback,
+}
+
+fn one() -> i32 {
+    1
+}
+fn default_progress_deadline() -> i64 {
+    600
+}
+fn default_history() -> i32 {
+    3
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    #[serde(default = "apps_v1")]
+    pub api_version: String,
+    #[serde(default = "deployment")]
+    pub kind: String,
+    pub name: String,
+}
+
+fn apps_v1() -> String {
+    "apps/v1".into()
+}
+fn deployment() -> String {
+    "Deployment".into()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Strategy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blue_green: Option<BlueGreen>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling: Option<Rolling>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Canary {
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    /// A Service whose selector Baton pins to the stable revision's pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_service: Option<String>,
+    /// A Service whose selector Baton pins to the canary's pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_service: Option<String>,
+    /// Without it, a step's weight is the canary's share of pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_routing: Option<TrafficRouting>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficRouting {
+    /// Weights on an HTTPRoute's backendRefs to the stable and canary Services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_api: Option<GatewayApi>,
+    /// Weights on a VirtualService's routes to the stable and canary Services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istio: Option<Istio>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayApi {
+    pub http_route: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Istio {
+    pub virtual_service: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlueGreen {
+    /// The Service users reach: Baton points its selector at the active revision.
+    pub active_service: String,
+    /// A Service pointed at the new revision before the switch, for smoke tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_service: Option<String>,
+    #[serde(default = "yes")]
+    pub auto_promote: bool,
+    /// HTTP checks against the preview Service, run as a Job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub smoke: Vec<SmokeTest>,
+    #[serde(default = "default_retain")]
+    pub retain_previous: Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_retain() -> Duration {
+    Duration::from_secs(3600)
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Analysis {
+    #[serde(default)]
+    pub gates: Vec<Gate>,
+    /// Shared gates from GateTemplates (or ClusterGateTemplates).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<TemplateRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateRef {
+    pub name: String,
+    /// A ClusterGateTemplate rather than a GateTemplate in the Rollout's namespace.
+    #[serde(default)]
+    pub cluster_scope: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    #[serde(default)]
+    pub phase: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub observed_generation: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_version: Option<String>,
+    #[serde(default)]
+    pub canary_weight: i32,
+    /// Pods of every revision (for the scale subresource and HPAs).
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// The label selector of the pods, as a string (for the scale subresource).
+    #[serde(default)]
+    pub selector: String,
+    /// The route version the traffic router has been seen to serve.
+    #[serde(default)]
+    pub route_acked: u64,
+    /// The id of the last request (annotation `baton.dev/request`) acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_request: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The engine's own state, opaque to everyone else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opaque")]
+    pub engine: Option<serde_json::Value>,
+}
+
+fn opaque(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
+/// Gates shared by the Rollouts of one namespace.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "baton.dev",
+    version = "v1alpha1",
+    kind = "GateTemplate",
+    namespaced,
+    category = "baton"
+)]
+pub struct GateTemplateSpec {
+    pub gates: Vec<Gate>,
+}
+
+/// Gates shared by every namespace.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "baton.dev",
+    version = "v1alpha1",
+    kind = "ClusterGateTemplate",
+    category = "baton"
+)]
+pub struct ClusterGateTemplateSpec {
+    pub gates: Vec<Gate>,
+}
+
+/// The three CRDs as one multi-document YAML, as checked in under `deploy/crds/`.
+pub fn crds() -> BTreeMap<&'static str, String> {
+    let yaml = |v: serde_json::Value| {
+        format!(
+            "# Generated from crates/k8s/src/crd.rs by `baton crd --write deploy/crds`: do not edit.\n{}",
+            serde_saphyr::to_string(&v).unwrap_or_default()
+        )
+    };
+    let mut out = BTreeMap::new();
+    for (file, crd) in [
+        (
+            "rollouts.baton.dev.yaml",
+            serde_json::to_value(Rollout::crd()),
+        ),
+        (
+            "gatetemplates.baton.dev.yaml",
+            serde_json::to_value(GateTemplate::crd()),
+        ),
+        (
+            "clustergatetemplates.baton.dev.yaml",
+            serde_json::to_value(ClusterGateTemplate::crd()),
+        ),
+    ] {
+        out.insert(file, yaml(crd.unwrap_or_default()));
+    }
+    out
+}
