@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 /// A progressive rollout of a pod template: canary, blue-green or rolling, gated by
 /// analysis, rolled back on failure.
+// The lint mistakes the repeated `printcolumn(type_ = ...)` for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "baton.dev",
@@ -135,7 +137,11 @@ pub struct Canary {
 #[serde(rename_all = "camelCase")]
 pub struct TrafficRouting {
     /// Weights on an HTTPRoute's backendRefs to the stable and canary Services.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "gatewayAPI",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub gateway_api: Option<GatewayApi>,
     /// Weights on a VirtualService's routes to the stable and canary Services.
     #[serde(default, skip_serializing_if = "Option::is_none")]

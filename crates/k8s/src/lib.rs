@@ -2,4 +2,27 @@
 //! the same pure engine as `baton up`, with ReplicaSets for revisions and Services,
 //! Gateway API or Istio for traffic.
 
+pub mod controller;
 pub mod crd;
+pub mod engine_spec;
+pub mod leader;
+pub mod router;
+pub mod workload;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Spec(String),
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Milliseconds since the Unix epoch: read here, handed to the pure engine.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -67,7 +67,10 @@ impl Selector {
                 terms.push(Term::In(k.trim().into(), set(v)));
             } else if let Some(k) = t.strip_prefix('!') {
                 terms.push(Term::Absent(k.trim().into()));
-            } else if t.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
+            } else if t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+            {
                 terms.push(Term::Exists(t.into()));
             } else {
                 return Err(format!("cannot parse selector term {t:?}"));
@@ -120,6 +123,10 @@ mod tests {
         assert!(m("app in (web, api),!canary"));
         assert!(!m("tier notin (front)"));
         assert!(m(""));
-        assert!(Selector::parse("metadata.name=a").expect("parse").matches_fields(&o));
+        assert!(
+            Selector::parse("metadata.name=a")
+                .expect("parse")
+                .matches_fields(&o)
+        );
     }
 }

@@ -65,8 +65,12 @@ impl FakeApi {
 
 fn reply(code: u16, v: &Value) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed_unsync());
-    *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    *r.status_mut() =
+        hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -128,7 +132,11 @@ fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
 
 async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
     let Some(t) = parse_path(req.uri().path()) else {
-        return status(404, "NotFound", &format!("no such path {}", req.uri().path()));
+        return status(
+            404,
+            "NotFound",
+            &format!("no such path {}", req.uri().path()),
+        );
     };
     let q = query(&req);
     let method = req.method().clone();
@@ -142,7 +150,10 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
         Ok(b) => b.to_bytes(),
         Err(e) => return status(400, "BadRequest", &e.to_string()),
     };
-    let parse_body = || serde_json::from_slice::<Value>(&body).map_err(|e| status(400, "BadRequest", &format!("body is not JSON: {e}")));
+    let parse_body = || {
+        serde_json::from_slice::<Value>(&body)
+            .map_err(|e| Box::new(status(400, "BadRequest", &format!("body is not JSON: {e}"))))
+    };
     let status_only = t.sub.as_deref() == Some("status");
     match (method, t.name.clone()) {
         (Method::GET, None) => {
@@ -154,14 +165,26 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
                 Ok(s) => s,
                 Err(e) => return status(400, "BadRequest", &e),
             };
-            let ns = if t.all_namespaces { None } else { t.base.namespace.clone() };
+            let ns = if t.all_namespaces {
+                None
+            } else {
+                t.base.namespace.clone()
+            };
             if param(&q, "watch").is_some_and(|w| w == "true" || w == "1") {
                 return watch(store, t.base, ns, labels, fields, &q);
             }
             let (items, rv) = store.list(&t.base.gv, &t.base.resource, ns.as_deref());
-            let items: Vec<Value> = items.into_iter().filter(|o| labels.matches_labels(o) && fields.matches_fields(o)).collect();
-            let kind = store.kind_of(&t.base.gv, &t.base.resource).unwrap_or_default();
-            reply(200, &json!({"kind": format!("{kind}List"), "apiVersion": t.base.gv, "metadata": {"resourceVersion": rv.to_string()}, "items": items}))
+            let items: Vec<Value> = items
+                .into_iter()
+                .filter(|o| labels.matches_labels(o) && fields.matches_fields(o))
+                .collect();
+            let kind = store
+                .kind_of(&t.base.gv, &t.base.resource)
+                .unwrap_or_default();
+            reply(
+                200,
+                &json!({"kind": format!("{kind}List"), "apiVersion": t.base.gv, "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+            )
         }
         (Method::GET, Some(name)) => match store.get(&Key { name, ..t.base }) {
             Ok(v) => reply(200, &v),
@@ -172,21 +195,24 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
                 Ok(v) => reply(201, &v),
                 Err(e) => err(e),
             },
-            Err(r) => r,
+            Err(r) => *r,
         },
         (Method::PUT, Some(name)) => match parse_body() {
             Ok(v) => match store.replace(&Key { name, ..t.base }, v, status_only) {
                 Ok(v) => reply(200, &v),
                 Err(e) => err(e),
             },
-            Err(r) => r,
+            Err(r) => *r,
         },
         (Method::PATCH, Some(name)) => {
             let patch = match parse_body() {
                 Ok(v) => v,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
-            let key = Key { name: name.clone(), ..t.base.clone() };
+            let key = Key {
+                name: name.clone(),
+                ..t.base.clone()
+            };
             let apply = content_type.starts_with("application/apply-patch");
             if apply && store.get(&key).is_err() {
                 // Server-side apply creates what does not exist.
@@ -217,7 +243,11 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             Ok(v) => reply(200, &v),
             Err(e) => err(e),
         },
-        (m, _) => status(405, "MethodNotAllowed", &format!("{m} is not supported here")),
+        (m, _) => status(
+            405,
+            "MethodNotAllowed",
+            &format!("{m} is not supported here"),
+        ),
     }
 }
 
@@ -229,9 +259,13 @@ fn watch(
     fields: Selector,
     q: &[(String, String)],
 ) -> Response<Body> {
-    let from: Option<u64> = param(q, "resourceVersion").and_then(|v| v.parse().ok()).filter(|v| *v > 0);
+    let from: Option<u64> = param(q, "resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0);
     let bookmarks = param(q, "allowWatchBookmarks") == Some("true");
-    let timeout = param(q, "timeoutSeconds").and_then(|v| v.parse::<u64>().ok()).unwrap_or(1800);
+    let timeout = param(q, "timeoutSeconds")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1800);
     let (tx, rx) = mpsc::channel::<Bytes>(1024);
     // Subscribe before reading history, so nothing falls between the two.
     let mut live = store.subscribe();
@@ -244,7 +278,9 @@ fn watch(
                 && labels.matches_labels(o)
                 && fields.matches_fields(o)
         };
-        let line = |kind: &str, o: &Value| Bytes::from(format!("{}\n", json!({"type": kind, "object": o})));
+        let line = |kind: &str, o: &Value| {
+            Bytes::from(format!("{}\n", json!({"type": kind, "object": o})))
+        };
         let mut last = match from {
             Some(rv) => {
                 let Some(history) = store.since(rv) else {
@@ -255,7 +291,8 @@ fn watch(
                 let mut last = rv;
                 for c in history {
                     last = c.rv;
-                    if wanted(&c.key, &c.object) && tx.send(line(c.kind, &c.object)).await.is_err() {
+                    if wanted(&c.key, &c.object) && tx.send(line(c.kind, &c.object)).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -263,7 +300,10 @@ fn watch(
             }
             None => {
                 let (items, rv) = store.list(&base.gv, &base.resource, ns.as_deref());
-                for o in items.iter().filter(|o| labels.matches_labels(o) && fields.matches_fields(o)) {
+                for o in items
+                    .iter()
+                    .filter(|o| labels.matches_labels(o) && fields.matches_fields(o))
+                {
                     if tx.send(line("ADDED", o)).await.is_err() {
                         return;
                     }
@@ -300,9 +340,14 @@ fn watch(
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
-    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }

@@ -1,7 +1,8 @@
 //! A small simulated cluster on the fake API's store: what the kubelet, the
 //! ReplicaSet and Deployment controllers and a Gateway controller would do, enough
 //! for an operator to watch its rollouts progress. Pods become ready after a delay;
-//! HTTPRoutes are accepted (status with the observed generation) after another.
+//! HTTPRoutes are accepted (status with the observed generation) after another;
+//! Jobs complete.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -32,11 +33,17 @@ impl Default for SimConfig {
 /// Runs until the returned handle is aborted.
 pub fn start(store: Store, cfg: SimConfig) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut sim = Sim { store, cfg, born: HashMap::new(), routes: HashMap::new() };
+        let mut sim = Sim {
+            store,
+            cfg,
+            born: HashMap::new(),
+            routes: HashMap::new(),
+        };
         loop {
             sim.workloads("apps/v1", "replicasets", "ReplicaSet");
             sim.workloads("apps/v1", "deployments", "Deployment");
             sim.routes();
+            sim.jobs();
             tokio::time::sleep(sim.cfg.tick).await;
         }
     })
@@ -56,13 +63,16 @@ fn ns_of(v: &Value) -> Option<String> {
 }
 
 fn owned_by(pod: &Value, uid: &str) -> bool {
-    pod["metadata"]["ownerReferences"].as_array().is_some_and(|r| r.iter().any(|o| o["uid"] == uid))
+    pod["metadata"]["ownerReferences"]
+        .as_array()
+        .is_some_and(|r| r.iter().any(|o| o["uid"] == uid))
 }
 
 fn ready(pod: &Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    pod["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
 }
 
 impl Sim {
@@ -70,16 +80,32 @@ impl Sim {
         let (owners, _) = self.store.list(gv, resource, None);
         let (pods, _) = self.store.list("v1", "pods", None);
         for owner in owners {
-            let (Some(uid), Some(name)) = (owner["metadata"]["uid"].as_str(), owner["metadata"]["name"].as_str()) else {
+            let (Some(uid), Some(name)) = (
+                owner["metadata"]["uid"].as_str(),
+                owner["metadata"]["name"].as_str(),
+            ) else {
                 continue;
             };
             let ns = ns_of(&owner);
             let want = owner["spec"]["replicas"].as_i64().unwrap_or(1).max(0) as usize;
-            let mut mine: Vec<&Value> = pods.iter().filter(|p| owned_by(p, uid) && ns_of(p) == ns).collect();
-            mine.sort_by_key(|p| p["metadata"]["creationTimestamp"].as_str().unwrap_or("").to_string());
+            let mut mine: Vec<&Value> = pods
+                .iter()
+                .filter(|p| owned_by(p, uid) && ns_of(p) == ns)
+                .collect();
+            mine.sort_by_key(|p| {
+                p["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            });
             while mine.len() > want {
                 if let Some(p) = mine.pop() {
-                    let key = Key::new("v1", "pods", ns.as_deref(), p["metadata"]["name"].as_str().unwrap_or(""));
+                    let key = Key::new(
+                        "v1",
+                        "pods",
+                        ns.as_deref(),
+                        p["metadata"]["name"].as_str().unwrap_or(""),
+                    );
                     let _ = self.store.delete(&key);
                 }
             }
@@ -94,7 +120,9 @@ impl Sim {
                     "spec": owner["spec"]["template"]["spec"].clone(),
                     "status": {"phase": "Pending"},
                 });
-                let _ = self.store.create(&Key::new("v1", "pods", ns.as_deref(), ""), pod);
+                let _ = self
+                    .store
+                    .create(&Key::new("v1", "pods", ns.as_deref(), ""), pod);
             }
             let mut n_ready = 0;
             let mut n = 0;
@@ -105,7 +133,12 @@ impl Sim {
                 if ready(p) {
                     n_ready += 1;
                 } else if born.elapsed() >= self.cfg.pod_ready_after {
-                    let key = Key::new("v1", "pods", ns.as_deref(), p["metadata"]["name"].as_str().unwrap_or(""));
+                    let key = Key::new(
+                        "v1",
+                        "pods",
+                        ns.as_deref(),
+                        p["metadata"]["name"].as_str().unwrap_or(""),
+                    );
                     let mut st = (*p).clone();
                     st["status"] = json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
                     if self.store.replace(&key, st, true).is_ok() {
@@ -120,33 +153,84 @@ impl Sim {
             if owner["status"] != status {
                 let mut o = owner.clone();
                 o["status"] = status;
-                let _ = self.store.replace(&Key::new(gv, resource, ns.as_deref(), name), o, true);
+                let _ = self
+                    .store
+                    .replace(&Key::new(gv, resource, ns.as_deref(), name), o, true);
             }
         }
     }
 
+    /// Jobs succeed after a pod's start-up time (a Job annotated
+    /// `sim.baton.dev/outcome: fail` fails instead, for tests of the unhappy path).
+    fn jobs(&mut self) {
+        let (jobs, _) = self.store.list("batch/v1", "jobs", None);
+        for j in jobs {
+            if j["status"]["succeeded"].as_i64().unwrap_or(0) > 0
+                || j["status"]["failed"].as_i64().unwrap_or(0) > 0
+            {
+                continue;
+            }
+            let uid = j["metadata"]["uid"].as_str().unwrap_or("").to_string();
+            let born = *self.born.entry(uid).or_insert_with(Instant::now);
+            if born.elapsed() < self.cfg.pod_ready_after {
+                continue;
+            }
+            let fail = j["metadata"]["annotations"]["sim.baton.dev/outcome"] == "fail";
+            let mut o = j.clone();
+            o["status"] = if fail {
+                json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]})
+            } else {
+                json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+            };
+            let key = Key::new(
+                "batch/v1",
+                "jobs",
+                ns_of(&j).as_deref(),
+                j["metadata"]["name"].as_str().unwrap_or(""),
+            );
+            let _ = self.store.replace(&key, o, true);
+        }
+    }
+
     fn routes(&mut self) {
-        let (routes, _) = self.store.list("gateway.networking.k8s.io/v1", "httproutes", None);
+        let (routes, _) = self
+            .store
+            .list("gateway.networking.k8s.io/v1", "httproutes", None);
         for r in routes {
             let name = r["metadata"]["name"].as_str().unwrap_or("").to_string();
-            let key = Key::new("gateway.networking.k8s.io/v1", "httproutes", ns_of(&r).as_deref(), &name);
+            let key = Key::new(
+                "gateway.networking.k8s.io/v1",
+                "httproutes",
+                ns_of(&r).as_deref(),
+                &name,
+            );
             let generation = r["metadata"]["generation"].as_i64().unwrap_or(1);
             let accepted = r["status"]["parents"]
                 .as_array()
                 .and_then(|p| p.first())
                 .and_then(|p| p["conditions"].as_array())
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Accepted" && c["observedGeneration"] == generation));
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Accepted" && c["observedGeneration"] == generation)
+                });
             if accepted {
                 continue;
             }
-            let seen = self.routes.entry(key.clone()).or_insert((generation, Instant::now()));
+            let seen = self
+                .routes
+                .entry(key.clone())
+                .or_insert((generation, Instant::now()));
             if seen.0 != generation {
                 *seen = (generation, Instant::now());
             }
             if seen.1.elapsed() < self.cfg.route_accept_after {
                 continue;
             }
-            let parent = r["spec"]["parentRefs"].as_array().and_then(|p| p.first()).cloned().unwrap_or(json!({}));
+            let parent = r["spec"]["parentRefs"]
+                .as_array()
+                .and_then(|p| p.first())
+                .cloned()
+                .unwrap_or(json!({}));
             let mut o = r.clone();
             o["status"] = json!({"parents": [{
                 "parentRef": parent,

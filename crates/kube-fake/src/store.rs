@@ -43,7 +43,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0} already exists")]
     AlreadyExists(String),
-    #[error("the object has been modified; please apply your changes to the latest version and try again ({0})")]
+    #[error(
+        "the object has been modified; please apply your changes to the latest version and try again ({0})"
+    )]
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
@@ -130,7 +132,9 @@ fn spec_part(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
             m.iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind"))
+                .filter(|(k, _)| {
+                    !matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind")
+                })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         ),
@@ -139,7 +143,9 @@ fn spec_part(v: &Value) -> Value {
 }
 
 fn rv_of(v: &Value) -> Option<u64> {
-    v["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok())
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
 }
 
 fn ensure_meta(v: &mut Value) -> &mut Map<String, Value> {
@@ -168,11 +174,19 @@ impl Store {
     }
 
     pub fn kind_of(&self, gv: &str, resource: &str) -> Option<String> {
-        self.lock().kinds.get(&(gv.to_string(), resource.to_string())).cloned()
+        self.lock()
+            .kinds
+            .get(&(gv.to_string(), resource.to_string()))
+            .cloned()
     }
 
     fn record(&self, inner: &mut Inner, kind: &'static str, key: Key, object: Value) {
-        let change = Change { rv: inner.rv, kind, key, object };
+        let change = Change {
+            rv: inner.rv,
+            kind,
+            key,
+            object,
+        };
         inner.history.push_back(change.clone());
         while inner.history.len() > HISTORY {
             inner.history.pop_front();
@@ -194,7 +208,11 @@ impl Store {
         let items = inner
             .objects
             .iter()
-            .filter(|(k, _)| k.gv == gv && k.resource == resource && (namespace.is_none() || k.namespace.as_deref() == namespace))
+            .filter(|(k, _)| {
+                k.gv == gv
+                    && k.resource == resource
+                    && (namespace.is_none() || k.namespace.as_deref() == namespace)
+            })
             .map(|(_, v)| v.clone())
             .collect();
         (items, inner.rv)
@@ -209,23 +227,46 @@ impl Store {
         {
             return None;
         }
-        Some(inner.history.iter().filter(|c| c.rv > rv).cloned().collect())
+        Some(
+            inner
+                .history
+                .iter()
+                .filter(|c| c.rv > rv)
+                .cloned()
+                .collect(),
+        )
     }
 
     pub fn create(&self, key_base: &Key, mut obj: Value) -> Result<Value, StoreError> {
         let mut inner = self.lock();
         let meta = ensure_meta(&mut obj);
-        let mut name = meta.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        let mut name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         if name.is_empty() {
-            let prefix = meta.get("generateName").and_then(Value::as_str).unwrap_or("").to_string();
+            let prefix = meta
+                .get("generateName")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             if prefix.is_empty() {
-                return Err(StoreError::Invalid("metadata.name or metadata.generateName is required".into()));
+                return Err(StoreError::Invalid(
+                    "metadata.name or metadata.generateName is required".into(),
+                ));
             }
             name = format!("{prefix}{:05x}", (inner.uid * 2_654_435_761) % 0xfffff);
         }
-        let key = Key { name: name.clone(), ..key_base.clone() };
+        let key = Key {
+            name: name.clone(),
+            ..key_base.clone()
+        };
         if inner.objects.contains_key(&key) {
-            return Err(StoreError::AlreadyExists(format!("{} {name:?}", key.resource)));
+            return Err(StoreError::AlreadyExists(format!(
+                "{} {name:?}",
+                key.resource
+            )));
         }
         inner.rv += 1;
         inner.uid += 1;
@@ -235,12 +276,17 @@ impl Store {
         if let Some(ns) = &key.namespace {
             meta.insert("namespace".into(), json!(ns));
         }
-        meta.insert("uid".into(), json!(format!("00000000-0000-4000-8000-{uid:012x}")));
+        meta.insert(
+            "uid".into(),
+            json!(format!("00000000-0000-4000-8000-{uid:012x}")),
+        );
         meta.insert("resourceVersion".into(), json!(rv.to_string()));
         meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
         meta.insert("generation".into(), json!(1));
         if let Some(kind) = obj.get("kind").and_then(Value::as_str) {
-            inner.kinds.insert((key.gv.clone(), key.resource.clone()), kind.to_string());
+            inner
+                .kinds
+                .insert((key.gv.clone(), key.resource.clone()), kind.to_string());
         }
         inner.objects.insert(key.clone(), obj.clone());
         self.record(&mut inner, "ADDED", key, obj.clone());
@@ -249,15 +295,26 @@ impl Store {
 
     /// Replaces an object (`status_only`: only its status). A resourceVersion in the
     /// body must be the current one.
-    pub fn replace(&self, key: &Key, mut obj: Value, status_only: bool) -> Result<Value, StoreError> {
+    pub fn replace(
+        &self,
+        key: &Key,
+        mut obj: Value,
+        status_only: bool,
+    ) -> Result<Value, StoreError> {
         let mut inner = self.lock();
         let Some(old) = inner.objects.get(key).cloned() else {
-            return Err(StoreError::NotFound(format!("{} {:?}", key.resource, key.name)));
+            return Err(StoreError::NotFound(format!(
+                "{} {:?}",
+                key.resource, key.name
+            )));
         };
         if let Some(given) = rv_of(&obj)
             && Some(given) != rv_of(&old)
         {
-            return Err(StoreError::Conflict(format!("{} {:?}", key.resource, key.name)));
+            return Err(StoreError::Conflict(format!(
+                "{} {:?}",
+                key.resource, key.name
+            )));
         }
         let mut next = if status_only {
             let mut n = old.clone();
@@ -274,7 +331,14 @@ impl Store {
                 }
             }
             // Identity and bookkeeping stay the server's.
-            let keep = ["uid", "creationTimestamp", "generation", "deletionTimestamp", "name", "namespace"];
+            let keep = [
+                "uid",
+                "creationTimestamp",
+                "generation",
+                "deletionTimestamp",
+                "name",
+                "namespace",
+            ];
             let old_meta = old["metadata"].clone();
             let meta = ensure_meta(&mut obj);
             for k in keep {
@@ -300,7 +364,9 @@ impl Store {
         }
         ensure_meta(&mut next).insert("resourceVersion".into(), json!(rv.to_string()));
         let deleting = next["metadata"]["deletionTimestamp"].is_string();
-        let no_finalizers = next["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty);
+        let no_finalizers = next["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(Vec::is_empty);
         if deleting && no_finalizers {
             inner.objects.remove(key);
             self.record(&mut inner, "DELETED", key.clone(), next.clone());
@@ -326,7 +392,10 @@ impl Store {
         // A patch that names a resourceVersion must name the current one.
         let given = obj["metadata"]["resourceVersion"].clone();
         if given != rv && !given.is_null() {
-            return Err(StoreError::Conflict(format!("{} {:?}", key.resource, key.name)));
+            return Err(StoreError::Conflict(format!(
+                "{} {:?}",
+                key.resource, key.name
+            )));
         }
         ensure_meta(&mut obj).insert("resourceVersion".into(), rv);
         self.replace(key, obj, status_only)
@@ -337,12 +406,17 @@ impl Store {
     pub fn delete(&self, key: &Key) -> Result<Value, StoreError> {
         let mut inner = self.lock();
         let Some(mut obj) = inner.objects.get(key).cloned() else {
-            return Err(StoreError::NotFound(format!("{} {:?}", key.resource, key.name)));
+            return Err(StoreError::NotFound(format!(
+                "{} {:?}",
+                key.resource, key.name
+            )));
         };
         inner.rv += 1;
         let rv = inner.rv;
         ensure_meta(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
-        let has_finalizers = obj["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+        let has_finalizers = obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
         if has_finalizers {
             if obj["metadata"]["deletionTimestamp"].is_null() {
                 ensure_meta(&mut obj).insert("deletionTimestamp".into(), json!(now_rfc3339()));
@@ -390,7 +464,12 @@ mod tests {
     #[test]
     fn stale_updates_conflict_and_generation_follows_spec() {
         let s = Store::default();
-        let created = s.create(&key(""), json!({"kind": "ReplicaSet", "metadata": {"name": "a"}, "spec": {"replicas": 1}})).expect("create");
+        let created = s
+            .create(
+                &key(""),
+                json!({"kind": "ReplicaSet", "metadata": {"name": "a"}, "spec": {"replicas": 1}}),
+            )
+            .expect("create");
         assert_eq!(created["metadata"]["generation"], 1);
         let mut stale = created.clone();
         let mut fresh = created.clone();
@@ -398,23 +477,41 @@ mod tests {
         let updated = s.replace(&key("a"), fresh, false).expect("update");
         assert_eq!(updated["metadata"]["generation"], 2);
         stale["spec"]["replicas"] = json!(3);
-        assert!(matches!(s.replace(&key("a"), stale, false), Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.replace(&key("a"), stale, false),
+            Err(StoreError::Conflict(_))
+        ));
         let mut st = updated.clone();
         st["status"] = json!({"readyReplicas": 2});
         let after = s.replace(&key("a"), st, true).expect("status");
-        assert_eq!(after["metadata"]["generation"], 2, "status does not bump generation");
+        assert_eq!(
+            after["metadata"]["generation"], 2,
+            "status does not bump generation"
+        );
         let mut sneaky = after.clone();
         sneaky["status"] = json!({"readyReplicas": 9});
         let after = s.replace(&key("a"), sneaky, false).expect("main write");
-        assert_eq!(after["status"]["readyReplicas"], 2, "the main resource cannot write status");
+        assert_eq!(
+            after["status"]["readyReplicas"], 2,
+            "the main resource cannot write status"
+        );
     }
 
     #[test]
     fn finalizers_hold_deletion_and_owners_take_dependents_along() {
         let s = Store::default();
-        let owner = s.create(&key(""), json!({"metadata": {"name": "o", "finalizers": ["x"]}})).expect("owner");
+        let owner = s
+            .create(
+                &key(""),
+                json!({"metadata": {"name": "o", "finalizers": ["x"]}}),
+            )
+            .expect("owner");
         let uid = owner["metadata"]["uid"].clone();
-        s.create(&Key::new("v1", "pods", Some("default"), ""), json!({"metadata": {"name": "p", "ownerReferences": [{"uid": uid}]}})).expect("pod");
+        s.create(
+            &Key::new("v1", "pods", Some("default"), ""),
+            json!({"metadata": {"name": "p", "ownerReferences": [{"uid": uid}]}}),
+        )
+        .expect("pod");
         let marked = s.delete(&key("o")).expect("delete");
         assert!(marked["metadata"]["deletionTimestamp"].is_string());
         assert!(s.get(&key("o")).is_ok(), "held by its finalizer");
@@ -424,6 +521,10 @@ mod tests {
         })
         .expect("remove finalizer");
         assert!(s.get(&key("o")).is_err());
-        assert!(s.get(&Key::new("v1", "pods", Some("default"), "p")).is_err(), "garbage collected");
+        assert!(
+            s.get(&Key::new("v1", "pods", Some("default"), "p"))
+                .is_err(),
+            "garbage collected"
+        );
     }
 }

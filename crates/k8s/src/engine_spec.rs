@@ -1,0 +1,152 @@
+//! The bridge to the engine: a `Rollout` resource (with its pod template and its
+//! gates) becomes the engine's spec. A revision is a pod template: its identity is a
+//! hash of the template, carried in `run.env` so the engine's revision naming works
+//! unchanged; `APP_VERSION` is the template's version label or its first image's tag.
+
+use std::collections::BTreeMap;
+
+use baton_spec::{Gate, Metadata, RunSpec, Traffic};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use sha2::{Digest, Sha256};
+
+use crate::crd::Rollout;
+
+/// First 10 hex digits of the SHA-256 of the template's JSON.
+pub fn template_hash(t: &PodTemplateSpec) -> String {
+    let json = serde_json::to_vec(t).unwrap_or_default();
+    Sha256::digest(&json)
+        .iter()
+        .take(5)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What people call this version: `app.kubernetes.io/version`, else the first image's tag.
+pub fn version_of(t: &PodTemplateSpec) -> String {
+    if let Some(v) = t
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref())
+        .and_then(|l| l.get("app.kubernetes.io/version"))
+    {
+        return v.clone();
+    }
+    t.spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.image.as_deref())
+        .map(|image| {
+            let tail = image.rsplit('/').next().unwrap_or(image);
+            match tail.split_once('@') {
+                Some((_, digest)) => digest.chars().take(19).collect(),
+                None => tail
+                    .split_once(':')
+                    .map(|(_, t)| t.to_string())
+                    .unwrap_or_else(|| "latest".into()),
+            }
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn run_spec(t: &PodTemplateSpec) -> RunSpec {
+    RunSpec {
+        command: vec!["kubernetes:pod-template".into()],
+        env: BTreeMap::from([
+            ("APP_VERSION".to_string(), version_of(t)),
+            ("POD_TEMPLATE_HASH".to_string(), template_hash(t)),
+        ]),
+        working_dir: None,
+    }
+}
+
+/// The engine's view of a Rollout whose template is `template` and whose gates
+/// (its own and its templates') are `gates`.
+pub fn engine_spec(
+    ro: &Rollout,
+    template: &PodTemplateSpec,
+    gates: Vec<Gate>,
+) -> baton_spec::Rollout {
+    let s = &ro.spec;
+    let name = ro.metadata.name.clone().unwrap_or_default();
+    let strategy = baton_spec::Strategy {
+        canary: s.strategy.canary.as_ref().map(|c| baton_spec::Canary {
+            steps: c.steps.clone(),
+        }),
+        blue_green: s
+            .strategy
+            .blue_green
+            .as_ref()
+            .map(|b| baton_spec::BlueGreen {
+                preview_listen: b.preview_service.clone(),
+                auto_promote: b.auto_promote,
+                smoke: b.smoke.clone(),
+                retain_previous: b.retain_previous,
+            }),
+        rolling: s.strategy.rolling.clone(),
+    };
+    baton_spec::Rollout {
+        api_version: "baton.dev/v1alpha1".into(),
+        kind: "Rollout".into(),
+        metadata: Metadata {
+            name,
+            labels: BTreeMap::new(),
+        },
+        spec: baton_spec::RolloutSpec {
+            replicas: s.replicas.max(0) as u32,
+            run: run_spec(template),
+            probes: Default::default(),
+            shutdown: Default::default(),
+            min_ready_seconds: s.min_ready_seconds.max(0) as u64,
+            progress_deadline_seconds: s.progress_deadline_seconds.max(1) as u64,
+            traffic: Traffic {
+                listen: "kubernetes".into(),
+                stickiness: None,
+                canary_header: None,
+                shield_canary: false,
+                mirror_percent: 0,
+                tls: None,
+            },
+            strategy,
+            analysis: baton_spec::Analysis { gates },
+            rollback: s.rollback.clone(),
+            notifications: Vec::new(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+
+    fn template(image: &str) -> PodTemplateSpec {
+        PodTemplateSpec {
+            metadata: None,
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "app".into(),
+                    image: Some(image.into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_new_image_is_a_new_revision_named_by_its_tag() {
+        let a = run_spec(&template("ghcr.io/x/trade:v1"));
+        let b = run_spec(&template("ghcr.io/x/trade:v2"));
+        assert_ne!(a.revision_hash(), b.revision_hash());
+        assert_eq!(a.app_version(), Some("v1"));
+        assert_eq!(
+            run_spec(&template("trade@sha256:abcdef0123456789abcdef")).app_version(),
+            Some("sha256:abcdef012345")
+        );
+        assert_eq!(
+            a.revision_hash(),
+            run_spec(&template("ghcr.io/x/trade:v1")).revision_hash(),
+            "stable identity"
+        );
+    }
+}

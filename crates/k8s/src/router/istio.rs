@@ -1,0 +1,108 @@
+//! Istio: weights on a VirtualService's HTTP route destinations. Istio reports no
+//! status for them by default, so a weight counts as served once the object reads
+//! back with it.
+
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use serde_json::{Value, json};
+
+use super::{Plan, Router};
+use crate::Error;
+
+pub struct Istio {
+    pub virtual_service: String,
+}
+
+pub fn api_resource() -> ApiResource {
+    ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: "VirtualService".into(),
+        plural: "virtualservices".into(),
+    }
+}
+
+fn host_is(dest: &Value, service: &str) -> bool {
+    dest["destination"]["host"]
+        .as_str()
+        .is_some_and(|h| h == service || h.starts_with(&format!("{service}.")))
+}
+
+pub fn set_weights(spec: &mut Value, stable: &str, canary: &str, w: u32) -> bool {
+    let mut changed = false;
+    for http in spec["http"].as_array_mut().into_iter().flatten() {
+        let Some(routes) = http["route"].as_array_mut() else {
+            continue;
+        };
+        let Some(stable_dest) = routes.iter().find(|d| host_is(d, stable)).cloned() else {
+            continue;
+        };
+        if !routes.iter().any(|d| host_is(d, canary)) {
+            let mut c = stable_dest.clone();
+            c["destination"]["host"] = json!(canary);
+            routes.push(c);
+            changed = true;
+        }
+        for d in routes.iter_mut() {
+            let want = if host_is(d, stable) {
+                100 - w
+            } else if host_is(d, canary) {
+                w
+            } else {
+                continue;
+            };
+            if d["weight"].as_u64() != Some(u64::from(want)) {
+                d["weight"] = json!(want);
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+impl Router for Istio {
+    async fn apply(&self, client: &Client, plan: &Plan) -> Result<bool, Error> {
+        let (Some(stable), Some(canary)) = (&plan.stable_service, &plan.canary_service) else {
+            return Err(Error::Spec(
+                "istio routing needs strategy.canary.stableService and canaryService".into(),
+            ));
+        };
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &plan.namespace, &api_resource());
+        let mut vs = api.get(&self.virtual_service).await?;
+        let mut spec = vs.data["spec"].clone();
+        if set_weights(&mut spec, stable, canary, plan.canary_weight) {
+            vs.data["spec"] = spec;
+            api.replace(
+                &self.virtual_service,
+                &PostParams {
+                    field_manager: Some("baton".into()),
+                    ..Default::default()
+                },
+                &vs,
+            )
+            .await?;
+        }
+        let back = api.get(&self.virtual_service).await?;
+        let mut check = back.data["spec"].clone();
+        Ok(!set_weights(&mut check, stable, canary, plan.canary_weight))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_follow_the_hosts() {
+        let mut spec = json!({"http": [{"route": [{"destination": {"host": "web-stable.shop.svc.cluster.local"}}]}]});
+        assert!(set_weights(&mut spec, "web-stable", "web-canary", 30));
+        assert_eq!(spec["http"][0]["route"][0]["weight"], 70);
+        assert_eq!(
+            spec["http"][0]["route"][1]["destination"]["host"],
+            "web-canary"
+        );
+        assert_eq!(spec["http"][0]["route"][1]["weight"], 30);
+    }
+}

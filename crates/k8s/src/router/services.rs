@@ -1,0 +1,43 @@
+//! Service selectors: the stable and canary Services (and blue-green's active and
+//! preview Services) are pinned to one revision's pods by adding the
+//! `baton.dev/revision` label to their selector. Served once the Service reads back
+//! with that selector.
+
+use k8s_openapi::api::core::v1::Service;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use crate::Error;
+
+pub const REVISION_LABEL: &str = "baton.dev/revision";
+
+/// Points `service` at `revision`'s pods; answers whether it reads back so.
+pub async fn point(
+    client: &Client,
+    ns: &str,
+    service: &str,
+    revision: &str,
+) -> Result<bool, Error> {
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    let svc = api.get(service).await?;
+    let current = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .and_then(|s| s.get(REVISION_LABEL))
+        .cloned();
+    if current.as_deref() == Some(revision) {
+        return Ok(true);
+    }
+    let patch = json!({"spec": {"selector": {REVISION_LABEL: revision}}});
+    let back = api
+        .patch(service, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(back
+        .spec
+        .and_then(|s| s.selector)
+        .and_then(|s| s.get(REVISION_LABEL).cloned())
+        .as_deref()
+        == Some(revision))
+}

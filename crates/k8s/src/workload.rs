@@ -1,0 +1,174 @@
+//! Revisions as ReplicaSets: one per pod template, named `{rollout}-{revision}`,
+//! labelled with the rollout and the revision, owned by the Rollout so that deleting
+//! it collects them. Old ones are kept at zero replicas up to revisionHistoryLimit.
+
+use std::collections::BTreeMap;
+
+use baton_engine::RevisionObs;
+use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::Error;
+use crate::crd::Rollout;
+use crate::router::services::REVISION_LABEL;
+
+pub const ROLLOUT_LABEL: &str = "baton.dev/rollout";
+
+pub fn rs_name(rollout: &str, revision: &str) -> String {
+    format!("{rollout}-{revision}")
+}
+
+/// The ReplicaSets of a rollout, by revision.
+pub async fn observe(
+    api: &Api<ReplicaSet>,
+    rollout: &str,
+) -> Result<BTreeMap<String, ReplicaSet>, Error> {
+    let list = api
+        .list(&ListParams::default().labels(&format!("{ROLLOUT_LABEL}={rollout}")))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|rs| Some((rs.labels().get(REVISION_LABEL)?.clone(), rs)))
+        .collect())
+}
+
+pub fn obs_of(rs: &ReplicaSet) -> RevisionObs {
+    let st = rs.status.as_ref();
+    RevisionObs {
+        ready: st.and_then(|s| s.ready_replicas).unwrap_or(0).max(0) as u32,
+        available: st.and_then(|s| s.available_replicas).unwrap_or(0).max(0) as u32,
+    }
+}
+
+fn new_replicaset(
+    ro: &Rollout,
+    revision: &str,
+    template: &PodTemplateSpec,
+    replicas: u32,
+) -> ReplicaSet {
+    let name = ro.name_any();
+    let mut template = template.clone();
+    let meta = template.metadata.get_or_insert_with(Default::default);
+    let labels = meta.labels.get_or_insert_with(Default::default);
+    labels.insert(ROLLOUT_LABEL.into(), name.clone());
+    labels.insert(REVISION_LABEL.into(), revision.into());
+    let mut match_labels = ro.spec.selector.match_labels.clone().unwrap_or_default();
+    match_labels.insert(REVISION_LABEL.into(), revision.into());
+    ReplicaSet {
+        metadata: ObjectMeta {
+            name: Some(rs_name(&name, revision)),
+            namespace: ro.namespace(),
+            labels: Some(BTreeMap::from([
+                (ROLLOUT_LABEL.to_string(), name.clone()),
+                (REVISION_LABEL.to_string(), revision.to_string()),
+            ])),
+            owner_references: ro.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(ReplicaSetSpec {
+            replicas: Some(replicas as i32),
+            min_ready_seconds: Some(ro.spec.min_ready_seconds as i32),
+            selector: LabelSelector {
+                match_labels: Some(match_labels),
+                match_expressions: ro.spec.selector.match_expressions.clone(),
+            },
+            template: Some(template),
+        }),
+        status: None,
+    }
+}
+
+/// Makes the ReplicaSets match `desired` (revision → replicas): creates the current
+/// revision's when missing, scales the others, scales what is not desired to zero,
+/// and deletes zero-replica ones beyond the history limit, oldest first.
+pub async fn sync(
+    api: &Api<ReplicaSet>,
+    ro: &Rollout,
+    current: (&str, &PodTemplateSpec),
+    desired: &BTreeMap<String, u32>,
+    existing: &BTreeMap<String, ReplicaSet>,
+) -> Result<Vec<String>, Error> {
+    let mut done = Vec::new();
+    let name = ro.name_any();
+    for (rev, &n) in desired {
+        match existing.get(rev) {
+            None if rev == current.0 => {
+                api.create(
+                    &PostParams::default(),
+                    &new_replicaset(ro, rev, current.1, n),
+                )
+                .await?;
+                done.push(format!(
+                    "created ReplicaSet {} with {n} replicas",
+                    rs_name(&name, rev)
+                ));
+            }
+            None => done.push(format!(
+                "revision {rev} has no ReplicaSet any more; it cannot be scaled"
+            )),
+            Some(rs) => {
+                if rs.spec.as_ref().and_then(|s| s.replicas) != Some(n as i32) {
+                    scale(api, &rs_name(&name, rev), n).await?;
+                    done.push(format!("scaled ReplicaSet {} to {n}", rs_name(&name, rev)));
+                }
+            }
+        }
+    }
+    let mut idle: Vec<&ReplicaSet> = Vec::new();
+    for (rev, rs) in existing {
+        if desired.contains_key(rev) {
+            continue;
+        }
+        if rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0) > 0 {
+            scale(api, &rs_name(&name, rev), 0).await?;
+            done.push(format!("scaled ReplicaSet {} to 0", rs_name(&name, rev)));
+        }
+        idle.push(rs);
+    }
+    idle.sort_by_key(|rs| rs.metadata.creation_timestamp.clone().map(|t| t.0));
+    let keep = ro.spec.revision_history_limit.max(0) as usize;
+    for rs in idle.iter().take(idle.len().saturating_sub(keep)) {
+        api.delete(&rs.name_any(), &DeleteParams::background())
+            .await?;
+        done.push(format!(
+            "deleted old ReplicaSet {} (revisionHistoryLimit {keep})",
+            rs.name_any()
+        ));
+    }
+    Ok(done)
+}
+
+pub async fn scale(api: &Api<ReplicaSet>, name: &str, n: u32) -> Result<(), Error> {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": n}})),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The rollout's pods selector as the scale subresource reports it.
+pub fn selector_string(ro: &Rollout) -> String {
+    let mut parts: Vec<String> = ro
+        .spec
+        .selector
+        .match_labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    parts.sort();
+    parts.join(",")
+}
+
+/// Whether `ro` should own a ReplicaSet (for `kube-runtime`'s owner mapping).
+pub fn owner_uid(ro: &Rollout) -> Option<String> {
+    ro.meta().uid.clone()
+}

@@ -1,0 +1,491 @@
+//! Whole rollouts through the real controller loop (kube-runtime's Controller and
+//! watchers over the real kube client) against the in-memory API server, with the
+//! simulated cluster playing kubelet, ReplicaSet controller and Gateway.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use baton_k8s::controller::{self, Context, REQUEST_ANNOTATION};
+use baton_k8s::crd::Rollout;
+use baton_kube_fake::{FakeApi, Key, sim};
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+struct Cluster {
+    api: FakeApi,
+    client: Client,
+    _sim: tokio::task::JoinHandle<()>,
+}
+
+async fn cluster() -> Cluster {
+    let api = FakeApi::start().await.expect("fake api");
+    let sim = sim::start(api.store.clone(), sim::SimConfig::default());
+    let config = kube::Config::new(api.url().parse().expect("url"));
+    let client = Client::try_from(config).expect("client");
+    Cluster {
+        api,
+        client,
+        _sim: sim,
+    }
+}
+
+fn operator(c: &Cluster, id: &str) -> (Arc<Context>, tokio::task::JoinHandle<()>) {
+    let ctx = Context::new(c.client.clone(), id);
+    let task = tokio::spawn(controller::run(
+        ctx.clone(),
+        Some("default".into()),
+        std::future::pending(),
+    ));
+    (ctx, task)
+}
+
+/// A metric endpoint for `web` gates: answers `{"value": 0.001}`, or 0.5 once `bad`.
+async fn metric_server(bad: Arc<AtomicBool>) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let bad = bad.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |_req: hyper::Request<hyper::body::Incoming>| {
+                        let v = if bad.load(Ordering::SeqCst) {
+                            0.5
+                        } else {
+                            0.001
+                        };
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(
+                                    json!({"value": v}).to_string(),
+                                )),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}/metric?revision={{{{revision}}}}")
+}
+
+fn template(image: &str) -> Value {
+    json!({"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": image}]}})
+}
+
+async fn create<K>(api: &Api<K>, v: Value) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(v).expect("object");
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("create")
+}
+
+async fn wait_for<T>(limit: Duration, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn status(api: &Api<Rollout>, name: &str) -> Value {
+    serde_json::to_value(api.get(name).await.expect("rollout").status).expect("json")
+}
+
+async fn route_weights(c: &Cluster) -> (u64, u64) {
+    let route = c
+        .api
+        .store
+        .get(&Key::new(
+            "gateway.networking.k8s.io/v1",
+            "httproutes",
+            Some("default"),
+            "web",
+        ))
+        .expect("route");
+    let refs = route["spec"]["rules"][0]["backendRefs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let w = |n: &str| {
+        refs.iter()
+            .find(|r| r["name"] == n)
+            .and_then(|r| r["weight"].as_u64())
+            .unwrap_or(0)
+    };
+    (w("web-stable"), w("web-canary"))
+}
+
+async fn gateway_fixture(c: &Cluster) {
+    let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
+    for name in ["web-stable", "web-canary"] {
+        create(&services, json!({"metadata": {"name": name}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})).await;
+    }
+    let routes: Api<DynamicObject> = Api::namespaced_with(
+        c.client.clone(),
+        "default",
+        &baton_k8s::router::gateway::api_resource(),
+    );
+    let route: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "web"},
+        "spec": {"parentRefs": [{"name": "gw"}], "rules": [{"backendRefs": [{"name": "web-stable", "port": 80}]}]},
+    }))
+    .expect("route");
+    routes
+        .create(&PostParams::default(), &route)
+        .await
+        .expect("create route");
+}
+
+fn canary_rollout(metric_url: &str, steps: Value) -> Value {
+    json!({
+        "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": template("registry.example/web:v1"),
+            "strategy": {"canary": {
+                "stableService": "web-stable", "canaryService": "web-canary",
+                "trafficRouting": {"gatewayAPI": {"httpRoute": "web"}},
+                "steps": steps,
+            }},
+            "analysis": {"gates": [{
+                "name": "errors",
+                "metric": {"web": {"url": metric_url, "jsonPath": "value"}},
+                "successCondition": "result < 0.01",
+                "interval": "200ms",
+            }]},
+        },
+    })
+}
+
+async fn set_image(api: &Api<Rollout>, image: &str) {
+    let patch = json!({"spec": {"template": template(image)}});
+    api.patch("web", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .expect("patch template");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_through_gateway_api_weights_to_full_promotion() {
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let url = metric_server(Arc::new(AtomicBool::new(false))).await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let steps = json!([{"setWeight": 20}, {"analysis": {"gates": ["errors"]}}, {"setWeight": 50}, {"pause": {"duration": "300ms"}}, {"setWeight": 80}]);
+    create(&rollouts, canary_rollout(&url, steps)).await;
+    let (_ctx, _op) = operator(&c, "test-0");
+    wait_for(Duration::from_secs(20), "v1 healthy", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Healthy" && s["stableVersion"] == "v1").then_some(())
+    })
+    .await;
+
+    set_image(&rollouts, "registry.example/web:v2").await;
+    // Watch the route: the canary's share only ever grows through the steps, and the
+    // route never gives the canary a share before its pods are ready.
+    let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    let mut seen = Vec::new();
+    wait_for(Duration::from_secs(30), "v2 promoted", async || {
+        let (_, canary) = route_weights(&c).await;
+        if seen.last() != Some(&canary) {
+            seen.push(canary);
+        }
+        let s = status(&rollouts, "web").await;
+        if canary > 0 && canary < 100 {
+            let rev = s["canaryRevision"].as_str().unwrap_or("");
+            if let Ok(rs) = rs_api.get(&format!("web-{rev}")).await {
+                let ready = rs.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+                assert!(ready > 0, "the canary had {canary}% with no ready pod");
+            }
+        }
+        (s["phase"] == "Healthy" && s["stableVersion"] == "v2").then_some(())
+    })
+    .await;
+    let shares: Vec<u64> = seen.iter().copied().filter(|w| *w > 0).collect();
+    assert_eq!(
+        shares,
+        vec![20, 50, 80, 100],
+        "the route went through each step, then all to the canary before promotion: {seen:?}"
+    );
+    assert_eq!(
+        route_weights(&c).await,
+        (100, 0),
+        "all traffic on the stable Service after promotion"
+    );
+    let s = status(&rollouts, "web").await;
+    let stable_rev = s["stableRevision"].as_str().expect("stable").to_string();
+    let svc: Api<Service> = Api::namespaced(c.client.clone(), "default");
+    let sel = svc
+        .get("web-stable")
+        .await
+        .expect("svc")
+        .spec
+        .and_then(|s| s.selector)
+        .unwrap_or_default();
+    assert_eq!(
+        sel.get("baton.dev/revision"),
+        Some(&stable_rev),
+        "the stable Service points at v2's pods"
+    );
+    let rss = rs_api.list(&Default::default()).await.expect("rs").items;
+    let scaled: Vec<(String, i32)> = rss
+        .iter()
+        .map(|r| {
+            (
+                r.name_any(),
+                r.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+            )
+        })
+        .collect();
+    assert!(
+        scaled
+            .iter()
+            .any(|(n, r)| n == &format!("web-{stable_rev}") && *r == 3),
+        "{scaled:?}"
+    );
+    assert!(
+        scaled
+            .iter()
+            .all(|(n, r)| n == &format!("web-{stable_rev}") || *r == 0),
+        "v1 scaled away: {scaled:?}"
+    );
+    let conditions = s["conditions"].as_array().cloned().unwrap_or_default();
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c["type"] == "Available" && c["status"] == "True"),
+        "{conditions:?}"
+    );
+    let (events, _) = c
+        .api
+        .store
+        .list("events.k8s.io/v1", "events", Some("default"));
+    assert!(
+        events.iter().any(|e| e["reason"] == "Promoted"),
+        "an Event for the promotion: {events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_analysis_rolls_back_and_an_operator_restart_resumes_at_the_same_step() {
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let bad = Arc::new(AtomicBool::new(false));
+    let url = metric_server(bad.clone()).await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let steps = json!([{"setWeight": 20}, {"pause": {}}, {"analysis": {"gates": ["errors"]}}, {"setWeight": 60}]);
+    create(&rollouts, canary_rollout(&url, steps)).await;
+    let (ctx, op) = operator(&c, "test-a");
+    wait_for(Duration::from_secs(20), "v1 healthy", async || {
+        (status(&rollouts, "web").await["phase"] == "Healthy").then_some(())
+    })
+    .await;
+
+    // Paused at 20 % until promoted; the operator dies there.
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_for(Duration::from_secs(20), "paused at 20 %", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Paused" && route_weights(&c).await.1 == 20).then_some(())
+    })
+    .await;
+    op.abort();
+    drop(ctx);
+    let (_ctx, _op) = operator(&c, "test-b");
+    // A new operator (no state of its own) resumes at the same step: still paused at 20 %.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = status(&rollouts, "web").await;
+    assert_eq!(s["phase"], "Paused", "{s}");
+    assert_eq!(route_weights(&c).await.1, 20);
+    assert_eq!(s["engine"]["stepIndex"], 1);
+
+    // Promote past the pause (as `baton promote` does); the analysis then fails.
+    bad.store(true, Ordering::SeqCst);
+    let req = json!({"metadata": {"annotations": {REQUEST_ANNOTATION: json!({"id": "r1", "command": "promote", "by": "test"}).to_string()}}});
+    rollouts
+        .patch("web", &PatchParams::default(), &Patch::Merge(req))
+        .await
+        .expect("request");
+    wait_for(Duration::from_secs(20), "rolled back", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Degraded" && route_weights(&c).await == (100, 0)).then_some(())
+    })
+    .await;
+    let s = status(&rollouts, "web").await;
+    assert_eq!(s["stableVersion"], "v1");
+    assert!(
+        s["message"].as_str().unwrap_or("").contains("errors"),
+        "{s}"
+    );
+    let canary = s["canaryRevision"].as_str().unwrap_or("").to_string();
+    let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    wait_for(
+        Duration::from_secs(10),
+        "the canary scaled to zero",
+        async || {
+            let rs = rs_api.get(&format!("web-{canary}")).await.ok()?;
+            (rs.spec.and_then(|s| s.replicas) == Some(0)).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blue_green_switches_service_selectors_after_its_smoke_job() {
+    let c = cluster().await;
+    let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
+    for name in ["web", "web-preview"] {
+        create(&services, json!({"metadata": {"name": name}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})).await;
+    }
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    create(
+        &rollouts,
+        json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                "template": template("registry.example/web:v1"),
+                "strategy": {"blueGreen": {"activeService": "web", "previewService": "web-preview", "smoke": [{"path": "/readyz"}], "retainPrevious": "1h"}},
+            },
+        }),
+    )
+    .await;
+    let (_ctx, _op) = operator(&c, "bg");
+    let selector = async |svc: &str| -> Option<String> {
+        services
+            .get(svc)
+            .await
+            .ok()?
+            .spec?
+            .selector?
+            .get("baton.dev/revision")
+            .cloned()
+    };
+    wait_for(Duration::from_secs(20), "v1 active", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Healthy" && selector("web").await.is_some()).then_some(())
+    })
+    .await;
+    let v1 = selector("web").await.expect("v1 selector");
+    set_image(&rollouts, "registry.example/web:v2").await;
+    let v2 = wait_for(Duration::from_secs(30), "v2 active", async || {
+        let s = status(&rollouts, "web").await;
+        let active = selector("web").await?;
+        (s["phase"] == "Healthy" && s["stableVersion"] == "v2" && active != v1).then_some(active)
+    })
+    .await;
+    assert_eq!(selector("web-preview").await.as_deref(), Some(v2.as_str()));
+    let (jobs, _) = c.api.store.list("batch/v1", "jobs", Some("default"));
+    assert_eq!(jobs.len(), 1, "one smoke Job for v2");
+    assert!(
+        jobs[0]["spec"]["template"]["spec"]["containers"][0]["command"][2]
+            .as_str()
+            .unwrap_or("")
+            .contains("web-preview.default.svc/readyz")
+    );
+    // The previous stack is retained for a switch back.
+    let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    let old = rs_api.get(&format!("web-{v1}")).await.expect("old rs");
+    assert_eq!(
+        old.spec.and_then(|s| s.replicas),
+        Some(2),
+        "retainPrevious keeps the old stack"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_is_taken_over_without_a_moment_of_zero_ready_pods() {
+    let c = cluster().await;
+    let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    create(
+        &deployments,
+        json!({"metadata": {"name": "api"}, "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}, "template": template("registry.example/api:v7")}}),
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(10),
+        "the Deployment ready",
+        async || {
+            let d = deployments.get("api").await.ok()?;
+            (d.status?.ready_replicas? == 2).then_some(())
+        },
+    )
+    .await;
+    // Count ready pods continuously from here on.
+    let store = c.api.store.clone();
+    let watching = Arc::new(AtomicBool::new(true));
+    let w = watching.clone();
+    let min_ready = tokio::spawn(async move {
+        let mut min = usize::MAX;
+        while w.load(Ordering::SeqCst) {
+            let (pods, _) = store.list("v1", "pods", Some("default"));
+            let ready = pods
+                .iter()
+                .filter(|p| {
+                    p["status"]["conditions"].as_array().is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+                })
+                .count();
+            min = min.min(ready);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        min
+    });
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    create(
+        &rollouts,
+        json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "api"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}, "workloadRef": {"name": "api"}, "strategy": {"canary": {"steps": []}}},
+        }),
+    )
+    .await;
+    let (_ctx, _op) = operator(&c, "takeover");
+    wait_for(
+        Duration::from_secs(20),
+        "the Deployment scaled to zero",
+        async || {
+            let d = deployments.get("api").await.ok()?;
+            let s = status(&rollouts, "api").await;
+            (d.spec?.replicas == Some(0) && s["phase"] == "Healthy" && s["stableVersion"] == "v7")
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    watching.store(false, Ordering::SeqCst);
+    let min = min_ready.await.expect("watcher");
+    assert!(min >= 2, "ready pods fell to {min} during the takeover");
+    let d = deployments.get("api").await.expect("deployment");
+    assert_eq!(
+        d.annotations()
+            .get("baton.dev/taken-over-by")
+            .map(String::as_str),
+        Some("api")
+    );
+}
