@@ -489,3 +489,82 @@ async fn a_deployment_is_taken_over_without_a_moment_of_zero_ready_pods() {
         Some("api")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_operator_replicas_only_the_leader_acts_and_the_other_takes_over() {
+    use baton_k8s::leader::{LeaseConfig, run_leading};
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let url = metric_server(Arc::new(AtomicBool::new(false))).await;
+    let leaders: Arc<std::sync::Mutex<Vec<(String, Arc<Context>)>>> = Arc::default();
+    let start = |id: &str| {
+        let mut cfg = LeaseConfig::new("default", id);
+        cfg.duration = Duration::from_secs(1);
+        cfg.renew_every = Duration::from_millis(200);
+        let (leaders, who) = (leaders.clone(), id.to_string());
+        tokio::spawn(run_leading(
+            c.client.clone(),
+            cfg,
+            Some("default".into()),
+            move |ctx| leaders.lock().expect("lock").push((who.clone(), ctx)),
+            std::future::pending(),
+        ))
+    };
+    let a = start("replica-a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = start("replica-b");
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    create(&rollouts, canary_rollout(&url, json!([{"setWeight": 50}]))).await;
+    wait_for(Duration::from_secs(20), "v1 healthy", async || {
+        (status(&rollouts, "web").await["phase"] == "Healthy").then_some(())
+    })
+    .await;
+    {
+        let l = leaders.lock().expect("lock");
+        assert_eq!(l.len(), 1, "exactly one replica leads");
+        assert_eq!(l[0].0, "replica-a");
+    }
+    let lease = c
+        .api
+        .store
+        .get(&Key::new(
+            "coordination.k8s.io/v1",
+            "leases",
+            Some("default"),
+            "baton-operator",
+        ))
+        .expect("lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
+
+    // The leader dies without releasing its lease; the other takes over when it expires.
+    a.abort();
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_for(
+        Duration::from_secs(30),
+        "v2 promoted by the new leader",
+        async || {
+            let s = status(&rollouts, "web").await;
+            (s["phase"] == "Healthy" && s["stableVersion"] == "v2").then_some(())
+        },
+    )
+    .await;
+    let l = leaders.lock().expect("lock");
+    assert_eq!(
+        l.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>(),
+        vec!["replica-a", "replica-b"]
+    );
+    drop(l);
+    let lease = c
+        .api
+        .store
+        .get(&Key::new(
+            "coordination.k8s.io/v1",
+            "leases",
+            Some("default"),
+            "baton-operator",
+        ))
+        .expect("lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    b.abort();
+}
