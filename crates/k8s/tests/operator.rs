@@ -490,13 +490,16 @@ async fn a_deployment_is_taken_over_without_a_moment_of_zero_ready_pods() {
     );
 }
 
+/// Which replica got a controller context, in order.
+type Leaders = Vec<(String, Arc<Context>)>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_two_operator_replicas_only_the_leader_acts_and_the_other_takes_over() {
     use baton_k8s::leader::{LeaseConfig, run_leading};
     let c = cluster().await;
     gateway_fixture(&c).await;
     let url = metric_server(Arc::new(AtomicBool::new(false))).await;
-    let leaders: Arc<std::sync::Mutex<Vec<(String, Arc<Context>)>>> = Arc::default();
+    let leaders: Arc<std::sync::Mutex<Leaders>> = Arc::default();
     let start = |id: &str| {
         let mut cfg = LeaseConfig::new("default", id);
         cfg.duration = Duration::from_secs(1);
