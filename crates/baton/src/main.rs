@@ -10,6 +10,8 @@ use baton::api::{ApiCall, ApiClient};
 use baton::controller::{self, UpOptions};
 use baton::paths::Paths;
 use baton::{demo, view};
+
+mod cluster;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
@@ -29,6 +31,13 @@ struct Cli {
     /// State directory: SQLite state, API token and address, proxy socket, logs.
     #[arg(long, global = true, env = "BATON_DIR", default_value = ".baton")]
     dir: PathBuf,
+    /// Work against a Kubernetes cluster (kubeconfig from KUBECONFIG or ~/.kube/config)
+    /// in this namespace: `status`, `promote`, `abort`, `retry`, `undo` and `history`
+    /// then talk to the operator's Rollouts. Run as `kubectl baton` (the binary named
+    /// `kubectl-baton`), the cluster is the default and the namespace the context's.
+    /// For `baton operator`: watch only this namespace.
+    #[arg(short = 'n', long, global = true, env = "BATON_NAMESPACE")]
+    namespace: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -193,6 +202,31 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Run the Kubernetes operator: reconciles `Rollout` resources (baton.dev/v1alpha1)
+    /// with ReplicaSets, Services, Gateway API or Istio routes, with leader election on
+    /// a Lease so that several replicas can run. Uses the kubeconfig or the pod's
+    /// service account; `--namespace` limits it to one namespace.
+    Operator {
+        /// Namespace of the leader-election Lease (default: $POD_NAMESPACE, else the
+        /// kubeconfig context's).
+        #[arg(long, value_name = "NS")]
+        leader_election_namespace: Option<String>,
+        /// This replica's name in the Lease (default: $POD_NAME, else the host name).
+        #[arg(long)]
+        identity: Option<String>,
+        /// `/healthz` and `/readyz`.
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+        health_listen: SocketAddr,
+        /// Prometheus `/metrics` of the controller itself.
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9090")]
+        metrics_listen: SocketAddr,
+    },
+    /// Print the CustomResourceDefinitions (Rollout, GateTemplate,
+    /// ClusterGateTemplate), or write them to a directory (as under deploy/crds/).
+    Crd {
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
     /// Upgrade or restart the proxy without dropping a connection: a new proxy process
     /// (this executable) takes the listening sockets, table and counters over, and the
     /// old one drains and exits.
@@ -292,9 +326,76 @@ fn check((code, v): (u16, Value)) -> Result<Value> {
     Err(anyhow!("{msg}"))
 }
 
+/// The kubectl plugin is this binary under the name `kubectl-baton`.
+fn as_kubectl_plugin() -> bool {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().starts_with("kubectl-baton"))
+        })
+        .unwrap_or(false)
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let paths = Paths::new(&cli.dir);
+    let on_cluster = cli.namespace.is_some() || as_kubectl_plugin();
+    let ns = cli.namespace.clone();
+    if on_cluster {
+        let json = |o: &Output| *o == Output::Json;
+        match &cli.command {
+            Cmd::Status {
+                name: Some(n),
+                output,
+                watch: false,
+            } => return cluster::command(ns.as_deref(), "status", n, json(output)).await,
+            Cmd::Status { .. } => bail!(
+                "on a cluster, name the Rollout: `baton -n NS status NAME` (no --watch yet: use `kubectl get brl -w`)"
+            ),
+            Cmd::Promote { name, full } => {
+                return cluster::command(
+                    ns.as_deref(),
+                    if *full { "promote-full" } else { "promote" },
+                    name,
+                    false,
+                )
+                .await;
+            }
+            Cmd::Abort { name } => {
+                return cluster::command(ns.as_deref(), "abort", name, false).await;
+            }
+            Cmd::Retry { name } => {
+                return cluster::command(ns.as_deref(), "retry", name, false).await;
+            }
+            Cmd::Undo { name } => {
+                return cluster::command(ns.as_deref(), "undo", name, false).await;
+            }
+            Cmd::History {
+                name,
+                diff: None,
+                output,
+            } => return cluster::command(ns.as_deref(), "history", name, json(output)).await,
+            _ => {}
+        }
+    }
     match cli.command {
+        Cmd::Operator {
+            leader_election_namespace,
+            identity,
+            health_listen,
+            metrics_listen,
+        } => {
+            cluster::operator(cluster::OperatorOptions {
+                namespace: ns,
+                lease_namespace: leader_election_namespace,
+                identity,
+                health_listen,
+                metrics_listen,
+            })
+            .await
+        }
+        Cmd::Crd { write } => cluster::write_crds(write.as_deref()),
         Cmd::Proxy {
             control_socket,
             metrics_listen,
@@ -323,6 +424,37 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Validate { spec, output } => {
             let text = read_spec(&spec.file)?;
+            let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap_or_default();
+            if !docs.is_empty() && docs.iter().all(baton_k8s::cli::is_cluster_form) {
+                return match baton_k8s::cli::parse_cluster(&docs) {
+                    Ok(list) => {
+                        let names: Vec<String> = list
+                            .iter()
+                            .map(|r| r.metadata.name.clone().unwrap_or_default())
+                            .collect();
+                        if output == Output::Json {
+                            print_json(
+                                &serde_json::json!({ "valid": true, "rollouts": names, "target": "kubernetes" }),
+                            )
+                        } else {
+                            for n in names {
+                                println!(
+                                    "{}: rollout {n} is valid (for the Kubernetes operator)",
+                                    spec.file.display()
+                                );
+                            }
+                            Ok(())
+                        }
+                    }
+                    Err(e) => {
+                        if output == Output::Json {
+                            print_json(&serde_json::json!({ "valid": false, "errors": e.0 }))?;
+                            std::process::exit(1);
+                        }
+                        Err(anyhow!("{}: {e}", spec.file.display()))
+                    }
+                };
+            }
             match baton_spec::parse(&text) {
                 Ok(rollouts) => {
                     if output == Output::Json {

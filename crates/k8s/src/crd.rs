@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 )]
 #[x_kube(validation = Rule::new("has(self.template) != has(self.workloadRef)").message("set exactly one of spec.template and spec.workloadRef"))]
 #[x_kube(validation = Rule::new("(has(self.strategy.canary) ? 1 : 0) + (has(self.strategy.blueGreen) ? 1 : 0) + (has(self.strategy.rolling) ? 1 : 0) <= 1").message("set at most one of strategy.canary, strategy.blueGreen and strategy.rolling"))]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RolloutSpec {
     /// Pods per revision.
     #[serde(default = "one")]
@@ -90,7 +90,7 @@ fn default_history() -> i32 {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadRef {
     #[serde(default = "apps_v1")]
     pub api_version: String,
@@ -107,7 +107,7 @@ fn deployment() -> String {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Strategy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<Canary>,
@@ -118,7 +118,7 @@ pub struct Strategy {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Canary {
     #[serde(default)]
     pub steps: Vec<Step>,
@@ -134,7 +134,7 @@ pub struct Canary {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficRouting {
     /// Weights on an HTTPRoute's backendRefs to the stable and canary Services.
     #[serde(
@@ -149,19 +149,19 @@ pub struct TrafficRouting {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayApi {
     pub http_route: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Istio {
     pub virtual_service: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BlueGreen {
     /// The Service users reach: Baton points its selector at the active revision.
     pub active_service: String,
@@ -185,7 +185,7 @@ fn default_retain() -> Duration {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Analysis {
     #[serde(default)]
     pub gates: Vec<Gate>,
@@ -195,7 +195,7 @@ pub struct Analysis {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TemplateRef {
     pub name: String,
     /// A ClusterGateTemplate rather than a GateTemplate in the Rollout's namespace.

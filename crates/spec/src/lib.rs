@@ -6,7 +6,7 @@
 //! pass collects *every* remaining problem instead of stopping at the first.
 
 mod duration;
-mod validate;
+pub mod validate;
 
 use std::collections::BTreeMap;
 

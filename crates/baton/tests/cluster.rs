@@ -1,0 +1,241 @@
+//! `baton` against a cluster, end to end: the real `baton operator` process (leader
+//! election, health and metrics) on the in-memory API server, driven by the real CLI
+//! (`baton -n NS status|promote|history|undo|abort`) and by the same binary as the
+//! kubectl plugin; and `baton validate` on Rollouts written for a cluster.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_kube_fake::{FakeApi, sim};
+use serde_json::{Value, json};
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn baton(kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(common::baton_bin())
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .expect("baton runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn post(api: &FakeApi, path: &str, body: Value) {
+    let store = api.store.clone();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (gv, ns, resource) = match parts.as_slice() {
+        ["api", v, "namespaces", ns, r] => (v.to_string(), *ns, *r),
+        ["apis", g, v, "namespaces", ns, r] => (format!("{g}/{v}"), *ns, *r),
+        _ => panic!("unexpected path {path}"),
+    };
+    store
+        .create(
+            &baton_kube_fake::Key::new(&gv, resource, Some(ns), ""),
+            body,
+        )
+        .expect("create");
+}
+
+fn status_json(kc: &std::path::Path) -> Value {
+    let (ok, out, _) = baton(kc, &["-n", "default", "status", "web", "-o", "json"]);
+    if !ok {
+        return Value::Null;
+    }
+    serde_json::from_str(&out).unwrap_or(Value::Null)
+}
+
+fn wait(kc: &std::path::Path, limit: Duration, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let v = status_json(kc);
+        if f(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn template(image: &str) -> Value {
+    json!({"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": image}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
+    let api = FakeApi::start().await.expect("fake api");
+    let _sim = sim::start(api.store.clone(), sim::SimConfig::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: u, namespace: default}}}}]\ncurrent-context: fake\n",
+            api.url()
+        ),
+    )
+    .expect("kubeconfig");
+    let (health, metrics) = (common::free_addr(), common::free_addr());
+    let _op = Operator(
+        Command::new(common::baton_bin())
+            .args([
+                "operator",
+                "--namespace",
+                "default",
+                "--leader-election-namespace",
+                "default",
+                "--identity",
+                "op-1",
+            ])
+            .args([
+                "--health-listen",
+                &health.to_string(),
+                "--metrics-listen",
+                &metrics.to_string(),
+            ])
+            .env("KUBECONFIG", &kc)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("baton operator starts"),
+    );
+    post(&api, "/api/v1/namespaces/default/services", json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": {"selector": {"app": "web"}}})).await;
+    post(
+        &api,
+        "/apis/baton.dev/v1alpha1/namespaces/default/rollouts",
+        json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "web"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}, "template": template("web:v1"),
+                     "strategy": {"canary": {"stableService": "web", "steps": [{"setWeight": 50}, {"pause": {}}]}}},
+        }),
+    )
+    .await;
+    wait(&kc, Duration::from_secs(30), "v1 healthy", |v| {
+        v["phase"] == "Healthy" && v["stableVersion"] == "v1"
+    });
+
+    // A new template pauses at 50 % (replica ratio: 1 of 2 pods) until promoted.
+    let key = baton_kube_fake::Key::new("baton.dev/v1alpha1", "rollouts", Some("default"), "web");
+    api.store
+        .modify(&key, false, |o| {
+            o["spec"]["template"] = template("web:v2");
+            Ok(())
+        })
+        .expect("new template");
+    wait(&kc, Duration::from_secs(30), "paused at 50 %", |v| {
+        v["phase"] == "Paused" && v["canaryWeight"] == 50
+    });
+    let (_, text, _) = baton(&kc, &["-n", "default", "status", "web"]);
+    assert!(text.contains("▶  2. pause until promoted"), "{text}");
+    let (ok, out, err) = baton(&kc, &["-n", "default", "promote", "web"]);
+    assert!(ok, "promote: {out}{err}");
+    assert!(out.contains("the operator acted on it"), "{out}");
+    wait(&kc, Duration::from_secs(30), "v2 stable", |v| {
+        v["phase"] == "Healthy" && v["stableVersion"] == "v2"
+    });
+    let (ok, out, _) = baton(&kc, &["-n", "default", "history", "web", "-o", "json"]);
+    assert!(ok);
+    let h: Value = serde_json::from_str(&out).expect("history json");
+    assert_eq!(h["revisions"].as_array().map(Vec::len), Some(2), "{h}");
+    assert!(
+        h["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["reason"] == "Request")),
+        "the promote request is an Event: {h}"
+    );
+
+    // Undo puts v1's template back; abort then keeps v2.
+    let (ok, out, err) = baton(&kc, &["-n", "default", "undo", "web"]);
+    assert!(ok, "undo: {out}{err}");
+    wait(&kc, Duration::from_secs(30), "v1 rolling out again", |v| {
+        v["canaryVersion"] == "v1" && v["phase"] == "Paused"
+    });
+    // The same binary as the kubectl plugin: the cluster by default.
+    let plugin = dir.path().join("kubectl-baton");
+    std::os::unix::fs::symlink(common::baton_bin(), &plugin).expect("symlink");
+    let out = Command::new(&plugin)
+        .args(["abort", "web"])
+        .env("KUBECONFIG", &kc)
+        .output()
+        .expect("plugin runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(&kc, Duration::from_secs(30), "aborted back to v2", |v| {
+        v["phase"] == "Degraded" && v["stableVersion"] == "v2"
+    });
+
+    // A wrong name is a clear error, and changes nothing.
+    let (ok, _, err) = baton(&kc, &["-n", "default", "promote", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("nope"), "{err}");
+
+    let get = |addr: std::net::SocketAddr, path: &str| -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    };
+    assert!(get(health, "/healthz").starts_with("HTTP/1.1 200"));
+    let m = get(metrics, "/metrics");
+    assert!(m.contains("baton_operator_leader 1"), "{m}");
+    assert!(m.contains("baton_operator_reconciles_total"), "{m}");
+}
+
+#[test]
+fn validate_checks_rollouts_written_for_a_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/overlays/exchange-trade/rollout.yaml");
+    let out = Command::new(common::baton_bin())
+        .args(["validate", "-f"])
+        .arg(&good)
+        .output()
+        .expect("validate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("for the Kubernetes operator"));
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: baton.dev/v1alpha1\nkind: Rollout\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  workloadRef: {name: web}\n  strategy:\n    canary:\n      trafficRouting: {gatewayApi: {httpRoute: web}}\n      steps: [{setWeight: 500}]\n",
+    )
+    .expect("write");
+    let out = Command::new(common::baton_bin())
+        .args(["validate", "-f"])
+        .arg(&bad)
+        .output()
+        .expect("validate");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("spec.strategy.canary.trafficRouting") && err.contains("gatewayApi"),
+        "{err}"
+    );
+}

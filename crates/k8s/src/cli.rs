@@ -1,0 +1,293 @@
+//! What the `baton` command does against a cluster: read a Rollout's status, ask the
+//! operator to promote, abort or retry (through an annotation it acts on once, then
+//! records in the status), undo (put the previous stable template back), show the
+//! history; and validate Rollouts written for a cluster.
+
+use std::time::{Duration, Instant};
+
+use baton_spec::{FieldError, SpecErrors};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::Error;
+use crate::controller::REQUEST_ANNOTATION;
+use crate::crd::Rollout;
+use crate::engine_spec::engine_spec;
+use crate::router::services::REVISION_LABEL;
+use crate::workload::{ROLLOUT_LABEL, rs_name};
+
+/// Whether a YAML document is a Rollout written for a cluster (a pod template or a
+/// workload reference) rather than for `baton up`.
+pub fn is_cluster_form(doc: &Value) -> bool {
+    doc["spec"].get("template").is_some() || doc["spec"].get("workloadRef").is_some()
+}
+
+/// Parses and checks cluster Rollouts: field types and names, then the same
+/// semantic checks as local specs for what they share (steps, gates, analysis).
+pub fn parse_cluster(docs: &[Value]) -> Result<Vec<Rollout>, SpecErrors> {
+    let many = docs.len() > 1;
+    let prefix = |i: usize, f: &str| {
+        if many {
+            format!("documents[{i}].{f}")
+        } else {
+            f.to_string()
+        }
+    };
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (i, doc) in docs.iter().enumerate() {
+        match serde_path_to_error::deserialize::<_, Rollout>(doc.clone()) {
+            Ok(ro) => {
+                if ro.metadata.name.as_deref().is_none_or(str::is_empty) {
+                    errors.push(FieldError {
+                        field: prefix(i, "metadata.name"),
+                        reason: "required".into(),
+                    });
+                }
+                match (&ro.spec.template, &ro.spec.workload_ref) {
+                    (Some(_), Some(_)) | (None, None) => errors.push(FieldError {
+                        field: prefix(i, "spec.template"),
+                        reason: "set exactly one of spec.template and spec.workloadRef".into(),
+                    }),
+                    _ => {}
+                }
+                let template = ro.spec.template.clone().unwrap_or_default();
+                let espec = engine_spec(&ro, &template, ro.spec.analysis.gates.clone());
+                for e in baton_spec::validate::validate(&espec) {
+                    // The engine's spec has fields a cluster Rollout does not (a command,
+                    // a listener): only what both share is reported.
+                    let shared = !(e.field.starts_with("spec.run")
+                        || e.field.starts_with("spec.traffic")
+                        || e.field.starts_with("spec.probes")
+                        || e.field.contains("previewListen")
+                        || (e.field.contains("gates")
+                            && e.reason.starts_with("no gate named")
+                            && !ro.spec.analysis.templates.is_empty()));
+                    if shared {
+                        errors.push(FieldError {
+                            field: prefix(i, &e.field),
+                            reason: e.reason,
+                        });
+                    }
+                }
+                out.push(ro);
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                errors.push(FieldError {
+                    field: prefix(i, if path == "." { "(document)" } else { &path }),
+                    reason: e.into_inner().to_string(),
+                });
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(SpecErrors(errors))
+    }
+}
+
+/// The status as `baton status` shows it, for a cluster Rollout.
+pub async fn status(client: &Client, ns: &str, name: &str) -> Result<Value, Error> {
+    let ro = Api::<Rollout>::namespaced(client.clone(), ns)
+        .get(name)
+        .await?;
+    let st = ro.status.clone().unwrap_or_default();
+    let engine = st.engine.clone().unwrap_or(Value::Null);
+    let rss = Api::<ReplicaSet>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("{ROLLOUT_LABEL}={name}")))
+        .await?;
+    let revisions: Vec<Value> = engine["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            let rev = r["name"].as_str()?;
+            let rs = rss.items.iter().find(|x| x.labels().get(REVISION_LABEL).map(String::as_str) == Some(rev))?;
+            let s = rs.status.clone().unwrap_or_default();
+            let role = if st.stable_revision.as_deref() == Some(rev) { "stable" } else if st.canary_revision.as_deref() == Some(rev) { "canary" } else { "previous" };
+            Some(json!({
+                "name": rev, "number": r["number"], "appVersion": r["run"]["env"]["APP_VERSION"], "role": role,
+                "weight": engine["weights"][rev].as_u64().unwrap_or(0),
+                "replicas": rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+                "readyReplicas": s.ready_replicas.unwrap_or(0),
+                "replicaSet": rs.name_any(),
+            }))
+        })
+        .collect();
+    let steps: Vec<String> = ro
+        .spec
+        .strategy
+        .canary
+        .as_ref()
+        .map(|c| c.steps.iter().map(baton_engine::describe).collect())
+        .unwrap_or_default();
+    Ok(json!({
+        "name": name, "namespace": ns, "phase": st.phase, "message": st.message,
+        "stableRevision": st.stable_revision, "canaryRevision": st.canary_revision,
+        "stableVersion": st.stable_version, "canaryVersion": st.canary_version, "canaryWeight": st.canary_weight,
+        "step": if steps.is_empty() { Value::Null } else { json!({"index": engine["stepIndex"], "total": steps.len(), "steps": steps}) },
+        "revisions": revisions, "conditions": st.conditions, "observedGeneration": st.observed_generation,
+        "generation": ro.metadata.generation,
+    }))
+}
+
+pub fn render_status(v: &Value) -> String {
+    let mut o = format!(
+        "Name:      {} (namespace {})\nPhase:     {} — {}\n",
+        v["name"].as_str().unwrap_or(""),
+        v["namespace"].as_str().unwrap_or(""),
+        v["phase"].as_str().unwrap_or(""),
+        v["message"].as_str().unwrap_or("")
+    );
+    if let Some(step) = v["step"].as_object() {
+        let current = if v["canaryRevision"].is_null() {
+            usize::MAX
+        } else {
+            step["index"].as_u64().unwrap_or(0) as usize
+        };
+        o.push_str("Steps:\n");
+        for (i, s) in step["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .enumerate()
+        {
+            let mark = if current == usize::MAX || i < current {
+                "✔"
+            } else if i == current {
+                "▶"
+            } else {
+                " "
+            };
+            o.push_str(&format!("  {mark} {:>2}. {s}\n", i + 1));
+        }
+    }
+    o.push_str("Revisions:\n");
+    for r in v["revisions"].as_array().into_iter().flatten() {
+        let w = r["weight"].as_u64().unwrap_or(0) as usize;
+        let filled = (w * 20).div_ceil(100).min(20);
+        o.push_str(&format!(
+            "  #{:<3} {:<12} {:<9} {}{} {:>3}%  {}/{} ready  {}\n",
+            r["number"].as_u64().unwrap_or(0),
+            r["appVersion"].as_str().unwrap_or("-"),
+            r["role"].as_str().unwrap_or(""),
+            "█".repeat(filled),
+            "░".repeat(20 - filled),
+            w,
+            r["readyReplicas"],
+            r["replicas"],
+            r["replicaSet"].as_str().unwrap_or("")
+        ));
+    }
+    o
+}
+
+/// Asks the operator for `command` (promote, promote-full, abort, retry) and waits
+/// until it has acted on it; returns what the status says then.
+pub async fn request(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    command: &str,
+    by: &str,
+    wait: Duration,
+) -> Result<String, Error> {
+    let api: Api<Rollout> = Api::namespaced(client.clone(), ns);
+    api.get(name).await?;
+    let id = format!("{}-{}", crate::now_ms(), std::process::id());
+    let req = json!({"id": id, "command": command, "by": by}).to_string();
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {REQUEST_ANNOTATION: req}}})),
+    )
+    .await?;
+    let deadline = Instant::now() + wait;
+    loop {
+        let ro = api.get(name).await?;
+        let st = ro.status.unwrap_or_default();
+        if st.last_request.as_deref() == Some(id.as_str()) {
+            return Ok(format!(
+                "{command}: the operator acted on it; now {}: {}",
+                st.phase, st.message
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Spec(format!(
+                "the operator did not act on the {command} request within {wait:?}: is `baton operator` running and leading?"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Puts the previous stable revision's pod template back into the Rollout (its
+/// ReplicaSet still holds it), which the operator then rolls out like any change.
+pub async fn undo(client: &Client, ns: &str, name: &str) -> Result<String, Error> {
+    let api: Api<Rollout> = Api::namespaced(client.clone(), ns);
+    let ro = api.get(name).await?;
+    if ro.spec.workload_ref.is_some() {
+        return Err(Error::Spec(format!(
+            "{name} takes its template from a Deployment (workloadRef): undo by changing that Deployment's template back"
+        )));
+    }
+    let engine = ro.status.and_then(|s| s.engine).unwrap_or(Value::Null);
+    let history: Vec<String> = engine["stableHistory"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    let current = engine["stable"].as_str().unwrap_or("");
+    let Some(previous) = history.iter().rev().find(|r| r.as_str() != current) else {
+        return Err(Error::Spec(format!(
+            "{name} has no previous stable revision to go back to"
+        )));
+    };
+    let rs = Api::<ReplicaSet>::namespaced(client.clone(), ns)
+        .get_opt(&rs_name(name, previous))
+        .await?
+        .ok_or_else(|| {
+            Error::Spec(format!(
+                "the ReplicaSet of revision {previous} is gone (revisionHistoryLimit): cannot undo"
+            ))
+        })?;
+    let mut template = rs.spec.and_then(|s| s.template).unwrap_or_default();
+    if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+        labels.remove(ROLLOUT_LABEL);
+        labels.remove(REVISION_LABEL);
+    }
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"template": template}})),
+    )
+    .await?;
+    Ok(format!(
+        "{name}: the template of revision {previous} is back; the operator rolls it out"
+    ))
+}
+
+/// Revisions with their outcome, and the Rollout's Events.
+pub async fn history(client: &Client, ns: &str, name: &str) -> Result<Value, Error> {
+    let ro = Api::<Rollout>::namespaced(client.clone(), ns)
+        .get(name)
+        .await?;
+    let engine = ro.status.and_then(|s| s.engine).unwrap_or(Value::Null);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let mut list: Vec<Value> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| json!({"reason": e.reason, "note": e.note, "type": e.type_, "at": e.event_time.map(|t| t.0.to_string())}))
+        .collect();
+    list.sort_by_key(|e| e["at"].as_str().unwrap_or("").to_string());
+    Ok(json!({"name": name, "revisions": engine["revisions"], "events": list}))
+}
