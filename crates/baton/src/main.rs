@@ -221,6 +221,15 @@ enum Cmd {
         #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9090")]
         metrics_listen: SocketAddr,
     },
+    /// Convert Argo Rollouts `Rollout`s (with the AnalysisTemplates in the same input)
+    /// and Flagger `Canary`s into Baton Rollouts for the operator: YAML on stdout,
+    /// and on stderr every field or step that could not be carried over.
+    Convert {
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Print the CustomResourceDefinitions (Rollout, GateTemplate,
     /// ClusterGateTemplate), or write them to a directory (as under deploy/crds/).
     Crd {
@@ -396,6 +405,27 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Cmd::Crd { write } => cluster::write_crds(write.as_deref()),
+        Cmd::Convert { spec, output } => {
+            let text = read_spec(&spec.file)?;
+            let out = baton_k8s::convert::convert(&text)
+                .map_err(|e| anyhow!("{}: {e}", spec.file.display()))?;
+            for c in &out {
+                for n in &c.notes {
+                    eprintln!("baton convert: {}: not carried over: {n}", c.name);
+                }
+            }
+            if output == Output::Json {
+                let list: Vec<&Value> = out.iter().map(|c| &c.rollout).collect();
+                return print_json(&serde_json::json!(list));
+            }
+            for c in &out {
+                print!(
+                    "---\n{}",
+                    serde_saphyr::to_string(&c.rollout).context("cannot write YAML")?
+                );
+            }
+            Ok(())
+        }
         Cmd::Proxy {
             control_socket,
             metrics_listen,

@@ -239,3 +239,55 @@ fn validate_checks_rollouts_written_for_a_cluster() {
         "{err}"
     );
 }
+
+#[test]
+fn convert_turns_a_flagger_canary_into_a_rollout_that_validates() {
+    let fixture = [
+        "../../../shared/fixtures/flagger/istio-canary.yaml",
+        "/work/shared/fixtures/flagger/istio-canary.yaml",
+    ]
+    .iter()
+    .map(|p| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p))
+    .find(|p| p.exists())
+    .expect("the shared Flagger fixtures");
+    let out = Command::new(common::baton_bin())
+        .args(["convert", "-f"])
+        .arg(&fixture)
+        .output()
+        .expect("convert");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let notes = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        notes.contains("podinfo: not carried over: webhook load-test"),
+        "{notes}"
+    );
+    let mut validate = Command::new(common::baton_bin())
+        .args(["validate", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("validate");
+    use std::io::Write;
+    validate
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&out.stdout)
+        .expect("write");
+    let v = validate.wait_with_output().expect("validate output");
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&v.stdout)
+            .contains("rollout podinfo is valid (for the Kubernetes operator)")
+    );
+}

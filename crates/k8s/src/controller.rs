@@ -306,6 +306,28 @@ async fn reconcile_inner(ro: &Rollout, ctx: &Arc<Context>) -> Result<Action, Err
         }
         (None, None) => return Err(Error::Spec("set spec.template or spec.workloadRef".into())),
     };
+    // Without a selector of its own, a takeover uses the Deployment's.
+    let with_selector;
+    let ro = match &takeover {
+        Some(d)
+            if ro
+                .spec
+                .selector
+                .match_labels
+                .as_ref()
+                .is_none_or(|m| m.is_empty()) =>
+        {
+            let mut r = ro.clone();
+            r.spec.selector = d
+                .spec
+                .as_ref()
+                .map(|s| s.selector.clone())
+                .unwrap_or_default();
+            with_selector = r;
+            &with_selector
+        }
+        _ => ro,
+    };
     let spec = engine_spec(ro, &template, gates(ctx, ro, &ns).await?);
     let current_rev = run_spec(&template).revision_hash();
 

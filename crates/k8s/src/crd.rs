@@ -50,6 +50,8 @@ pub struct RolloutSpec {
     #[schemars(range(min = 0, max = 10000))]
     pub replicas: i32,
     /// Selects the rollout's pods (all revisions); the template's labels must match it.
+    /// With `workloadRef` it may be left out: the Deployment's is used.
+    #[serde(default)]
     pub selector: LabelSelector,
     /// The pods to roll out; a change here is a new revision. (Its schema is left to
     /// the ReplicaSets that carry it, as Argo Rollouts does, to keep the CRD small

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod controller;
+pub mod convert;
 pub mod crd;
 pub mod engine_spec;
 pub mod leader;

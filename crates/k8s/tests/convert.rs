@@ -1,0 +1,200 @@
+//! `baton convert` on the real Argo Rollouts and Flagger examples (read from the
+//! shared fixtures, not copied here) and on manifests written in their format: each
+//! converts into a Rollout that validates, or names what it could not carry over.
+
+use std::path::PathBuf;
+
+use baton_k8s::cli::parse_cluster;
+use baton_k8s::convert::convert;
+
+fn fixtures() -> PathBuf {
+    let near = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures");
+    for p in [near, PathBuf::from("/work/shared/fixtures")] {
+        if p.is_dir() {
+            return p;
+        }
+    }
+    panic!("the shared fixtures (argo-rollouts/, flagger/) are not at ../shared/fixtures");
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(fixtures().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+#[test]
+fn every_example_rollout_and_canary_converts_into_a_valid_rollout() {
+    let mut seen = 0;
+    for dir in ["argo-rollouts", "flagger"] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(fixtures().join(dir))
+            .expect("fixtures dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).expect("read");
+            let Ok(out) = convert(&text) else {
+                // Files with only templates or Services.
+                assert!(
+                    !text.contains("kind: Rollout") && !text.contains("kind: Canary"),
+                    "{}",
+                    f.display()
+                );
+                continue;
+            };
+            for c in out {
+                seen += 1;
+                if let Err(e) = parse_cluster(std::slice::from_ref(&c.rollout)) {
+                    panic!(
+                        "{} ({}) converts into an invalid Rollout: {e}\n{}\nnotes: {:?}",
+                        f.display(),
+                        c.name,
+                        serde_json::to_string_pretty(&c.rollout).unwrap_or_default(),
+                        c.notes
+                    );
+                }
+            }
+        }
+    }
+    assert!(seen >= 10, "only {seen} resources converted");
+}
+
+#[test]
+fn what_does_not_carry_over_is_named() {
+    let notes = |rel: &str| -> Vec<String> {
+        convert(&read(rel))
+            .expect("convert")
+            .into_iter()
+            .flat_map(|c| c.notes)
+            .collect()
+    };
+    let has = |notes: &[String], text: &str| notes.iter().any(|n| n.contains(text));
+    let n = notes("argo-rollouts/rollout-baseline-vs-canary.yaml");
+    assert!(has(&n, "(experiment) has no Baton equivalent"), "{n:?}");
+    let n = notes("argo-rollouts/istio-istio-subset-split.yaml");
+    assert!(has(&n, "destinationRule"), "{n:?}");
+    let n = notes("flagger/istio-abtest.yaml");
+    assert!(has(&n, "A/B testing"), "{n:?}");
+    let n = notes("flagger/istio-canary.yaml");
+    assert!(has(&n, "webhook load-test"), "{n:?}");
+    // Templates in the same input are used; a Job provider is named, not dropped silently.
+    let text = format!(
+        "{}\n---\n{}\n---\n{}",
+        read("argo-rollouts/rollout-analysis-step.yaml"),
+        read("argo-rollouts/analysis-templates.yaml"),
+        read("argo-rollouts/cluster-analysis-templates.yaml")
+    );
+    let c = convert(&text).expect("convert");
+    let n: Vec<String> = c.iter().flat_map(|c| c.notes.clone()).collect();
+    assert!(has(&n, "the job provider has no Baton equivalent"), "{n:?}");
+    assert!(
+        !has(&n, "is not in the input"),
+        "templates in the input are found: {n:?}"
+    );
+}
+
+#[test]
+fn steps_services_and_routing_carry_over() {
+    let c = convert(&read("flagger/istio-canary.yaml"))
+        .expect("convert")
+        .remove(0);
+    let spec = &c.rollout["spec"];
+    assert_eq!(spec["workloadRef"]["name"], "podinfo");
+    let weights: Vec<u64> = spec["strategy"]["canary"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["setWeight"].as_u64())
+        .collect();
+    assert_eq!(weights, vec![5, 10, 15, 20, 25, 30, 35, 40, 45, 50]);
+    assert_eq!(
+        spec["strategy"]["canary"]["trafficRouting"]["istio"]["virtualService"],
+        "podinfo"
+    );
+    assert_eq!(
+        spec["analysis"]["gates"][0]["successCondition"],
+        "result >= 99"
+    );
+    assert_eq!(
+        spec["analysis"]["gates"][1]["successCondition"],
+        "result <= 500"
+    );
+    assert_eq!(
+        spec["analysis"]["gates"][0]["failureLimit"], 9,
+        "threshold 10: the tenth failure rolls back"
+    );
+
+    let c = convert(&read("argo-rollouts/rollout-bluegreen.yaml"))
+        .expect("convert")
+        .remove(0);
+    let bg = &c.rollout["spec"]["strategy"]["blueGreen"];
+    assert_eq!(bg["autoPromote"], false);
+    assert!(
+        bg["activeService"].is_string() && bg["previewService"].is_string(),
+        "{bg}"
+    );
+}
+
+#[test]
+fn an_argo_prometheus_template_with_arguments_becomes_a_gate() {
+    let text = r#"
+apiVersion: argoproj.io/v1alpha1
+kind: AnalysisTemplate
+metadata: {name: success-rate}
+spec:
+  args: [{name: service-name}]
+  metrics:
+  - name: success-rate
+    interval: 30s
+    count: 3
+    failureLimit: 1
+    successCondition: result[0] >= 0.95
+    provider:
+      prometheus:
+        address: http://prometheus.monitoring:9090
+        query: sum(rate(http_requests_total{service="{{args.service-name}}",code!~"5.."}[1m])) / sum(rate(http_requests_total{service="{{args.service-name}}"}[1m]))
+---
+apiVersion: argoproj.io/v1alpha1
+kind: Rollout
+metadata: {name: trade, namespace: exchange}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: trade}}
+  template: {metadata: {labels: {app: trade}}, spec: {containers: [{name: trade, image: "trade:v2"}]}}
+  strategy:
+    canary:
+      canaryService: trade-canary
+      stableService: trade-stable
+      trafficRouting:
+        plugins:
+          argoproj-labs/gatewayAPI: {httpRoute: trade, namespace: exchange}
+      steps:
+      - setWeight: 10
+      - pause: {duration: 1m}
+      - analysis:
+          templates: [{templateName: success-rate}]
+          args: [{name: service-name, value: trade-canary}]
+      - pause: {}
+"#;
+    let c = convert(text).expect("convert").remove(0);
+    assert!(c.notes.is_empty(), "{:?}", c.notes);
+    let spec = &c.rollout["spec"];
+    let gate = &spec["analysis"]["gates"][0];
+    assert_eq!(gate["successCondition"], "result >= 0.95");
+    assert!(
+        gate["metric"]["prometheus"]["query"]
+            .as_str()
+            .expect("query")
+            .contains("service=\"trade-canary\"")
+    );
+    assert_eq!(gate["count"], 3);
+    assert_eq!(
+        spec["strategy"]["canary"]["trafficRouting"]["gatewayAPI"]["httpRoute"],
+        "trade"
+    );
+    assert_eq!(
+        spec["strategy"]["canary"]["steps"][3],
+        serde_json::json!({"pause": {}})
+    );
+    parse_cluster(std::slice::from_ref(&c.rollout)).expect("valid");
+}
