@@ -98,11 +98,12 @@ pub async fn sync(
     for (rev, &n) in desired {
         match existing.get(rev) {
             None if rev == current.0 => {
-                api.create(
-                    &PostParams::default(),
-                    &new_replicaset(ro, rev, current.1, n),
-                )
-                .await?;
+                let pp = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                };
+                api.create(&pp, &new_replicaset(ro, rev, current.1, n))
+                    .await?;
                 done.push(format!(
                     "created ReplicaSet {} with {n} replicas",
                     rs_name(&name, rev)
@@ -143,11 +144,17 @@ pub async fn sync(
     Ok(done)
 }
 
+/// The operator's name in `managedFields`.
+pub const FIELD_MANAGER: &str = "baton-operator";
+
+/// Server-side apply of the one field the operator owns on a ReplicaSet it scales, so
+/// that another manager's fields are left alone and a conflict is visible.
 pub async fn scale(api: &Api<ReplicaSet>, name: &str, n: u32) -> Result<(), Error> {
+    let patch = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": name}, "spec": {"replicas": n}});
     api.patch(
         name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"replicas": n}})),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
     )
     .await?;
     Ok(())

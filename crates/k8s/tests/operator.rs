@@ -571,3 +571,84 @@ async fn of_two_operator_replicas_only_the_leader_acts_and_the_other_takes_over(
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     b.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn someone_elses_change_is_undone_shared_gates_come_from_templates_and_deletion_cleans_up() {
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let url = metric_server(Arc::new(AtomicBool::new(false))).await;
+    // The gate lives in a GateTemplate, not in the Rollout.
+    let templates: Api<baton_k8s::crd::GateTemplate> = Api::namespaced(c.client.clone(), "default");
+    create(
+        &templates,
+        json!({"apiVersion": "baton.dev/v1alpha1", "kind": "GateTemplate", "metadata": {"name": "slos"},
+               "spec": {"gates": [{"name": "shared-errors", "metric": {"web": {"url": url, "jsonPath": "value"}}, "successCondition": "result < 0.01", "interval": "200ms"}]}}),
+    )
+    .await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let mut ro = canary_rollout(
+        &url,
+        json!([{"setWeight": 30}, {"analysis": {"gates": ["shared-errors"]}}, {"pause": {}}]),
+    );
+    ro["spec"]["analysis"] = json!({"gates": [], "templates": [{"name": "slos"}]});
+    create(&rollouts, ro).await;
+    let (_ctx, _op) = operator(&c, "misc");
+    let stable_rev = wait_for(Duration::from_secs(20), "v1 healthy", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Healthy").then(|| s["stableRevision"].as_str().map(str::to_string))?
+    })
+    .await;
+
+    // Someone scales the stable ReplicaSet to zero behind the operator's back.
+    let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    rs_api
+        .patch(
+            &format!("web-{stable_rev}"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 0}})),
+        )
+        .await
+        .expect("scale down");
+    wait_for(
+        Duration::from_secs(10),
+        "the operator to restore the stable replicas",
+        async || {
+            let rs = rs_api.get(&format!("web-{stable_rev}")).await.ok()?;
+            (rs.spec?.replicas == Some(3)).then_some(())
+        },
+    )
+    .await;
+
+    // The shared gate passes the canary's analysis step; then it waits at the pause.
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_for(
+        Duration::from_secs(20),
+        "past the shared gate, paused",
+        async || {
+            let s = status(&rollouts, "web").await;
+            (s["phase"] == "Paused"
+                && s["engine"]["gates"]["shared-errors"]["passes"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(route_weights(&c).await, (70, 30));
+
+    // Deleting the Rollout mid-canary puts users back on stable before it goes, and
+    // its ReplicaSets go with it.
+    rollouts
+        .delete("web", &Default::default())
+        .await
+        .expect("delete");
+    wait_for(Duration::from_secs(20), "the Rollout gone", async || {
+        rollouts.get_opt("web").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let (_, canary) = route_weights(&c).await;
+    assert_eq!(canary, 0, "the finalizer reset the route");
+    let (left, _) = c.api.store.list("apps/v1", "replicasets", Some("default"));
+    assert!(left.is_empty(), "owned ReplicaSets are collected: {left:?}");
+}
