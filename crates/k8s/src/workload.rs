@@ -102,8 +102,15 @@ pub async fn sync(
                     field_manager: Some(FIELD_MANAGER.into()),
                     ..Default::default()
                 };
-                api.create(&pp, &new_replicaset(ro, rev, current.1, n))
-                    .await?;
+                // The cache may lag our own create by a moment: existing is fine.
+                match api
+                    .create(&pp, &new_replicaset(ro, rev, current.1, n))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                    Err(e) => return Err(e.into()),
+                }
                 done.push(format!(
                     "created ReplicaSet {} with {n} replicas",
                     rs_name(&name, rev)

@@ -173,11 +173,9 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             if param(&q, "watch").is_some_and(|w| w == "true" || w == "1") {
                 return watch(store, t.base, ns, labels, fields, &q);
             }
-            let (items, rv) = store.list(&t.base.gv, &t.base.resource, ns.as_deref());
-            let items: Vec<Value> = items
-                .into_iter()
-                .filter(|o| labels.matches_labels(o) && fields.matches_fields(o))
-                .collect();
+            let (items, rv) = store.list_where(&t.base.gv, &t.base.resource, ns.as_deref(), |o| {
+                labels.matches_labels(o) && fields.matches_fields(o)
+            });
             let kind = store
                 .kind_of(&t.base.gv, &t.base.resource)
                 .unwrap_or_default();

@@ -62,12 +62,6 @@ fn ns_of(v: &Value) -> Option<String> {
     v["metadata"]["namespace"].as_str().map(str::to_string)
 }
 
-fn owned_by(pod: &Value, uid: &str) -> bool {
-    pod["metadata"]["ownerReferences"]
-        .as_array()
-        .is_some_and(|r| r.iter().any(|o| o["uid"] == uid))
-}
-
 fn ready(pod: &Value) -> bool {
     pod["status"]["conditions"].as_array().is_some_and(|c| {
         c.iter()
@@ -79,6 +73,19 @@ impl Sim {
     fn workloads(&mut self, gv: &str, resource: &str, kind: &str) {
         let (owners, _) = self.store.list(gv, resource, None);
         let (pods, _) = self.store.list("v1", "pods", None);
+        // Pods by owner uid, once per pass (a scan per owner would be quadratic).
+        let mut by_owner: HashMap<&str, Vec<&Value>> = HashMap::new();
+        for p in &pods {
+            for o in p["metadata"]["ownerReferences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if let Some(uid) = o["uid"].as_str() {
+                    by_owner.entry(uid).or_default().push(p);
+                }
+            }
+        }
         for owner in owners {
             let (Some(uid), Some(name)) = (
                 owner["metadata"]["uid"].as_str(),
@@ -88,10 +95,7 @@ impl Sim {
             };
             let ns = ns_of(&owner);
             let want = owner["spec"]["replicas"].as_i64().unwrap_or(1).max(0) as usize;
-            let mut mine: Vec<&Value> = pods
-                .iter()
-                .filter(|p| owned_by(p, uid) && ns_of(p) == ns)
-                .collect();
+            let mut mine: Vec<&Value> = by_owner.get(uid).cloned().unwrap_or_default();
             mine.sort_by_key(|p| {
                 p["metadata"]["creationTimestamp"]
                     .as_str()

@@ -204,15 +204,35 @@ impl Store {
 
     /// Objects of a resource, in one namespace or all; with the list's resourceVersion.
     pub fn list(&self, gv: &str, resource: &str, namespace: Option<&str>) -> (Vec<Value>, u64) {
+        self.list_where(gv, resource, namespace, |_| true)
+    }
+
+    /// Like `list`, filtering before copying (a selector over thousands of objects
+    /// must not clone them all).
+    pub fn list_where(
+        &self,
+        gv: &str,
+        resource: &str,
+        namespace: Option<&str>,
+        keep: impl Fn(&Value) -> bool,
+    ) -> (Vec<Value>, u64) {
         let inner = self.lock();
+        // Keys sort by group/version, resource, namespace, name: a list is one range.
+        let start = Key {
+            gv: gv.into(),
+            resource: resource.into(),
+            namespace: namespace.map(str::to_string),
+            name: String::new(),
+        };
         let items = inner
             .objects
-            .iter()
-            .filter(|(k, _)| {
+            .range(start..)
+            .take_while(|(k, _)| {
                 k.gv == gv
                     && k.resource == resource
                     && (namespace.is_none() || k.namespace.as_deref() == namespace)
             })
+            .filter(|(_, v)| keep(v))
             .map(|(_, v)| v.clone())
             .collect();
         (items, inner.rv)
