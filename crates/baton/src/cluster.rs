@@ -212,3 +212,114 @@ pub async fn command(namespace: Option<&str>, cmd: &str, name: &str, json: bool)
     }
     Ok(())
 }
+
+/// `baton -n NS dashboard`: the web dashboard for a cluster's Rollouts, served
+/// locally. The page is the same as `baton up`'s; its data comes from the API server
+/// (one list a second for all browsers), and its actions become the same requests
+/// `baton promote` makes. Prints a one-time login link.
+pub async fn dashboard(namespace: Option<&str>, listen: SocketAddr) -> Result<()> {
+    use baton::api::{ApiCall, ApiRequest, CommandKind, Identities, error};
+    use baton::board::{Board, Role};
+    let (client, ns) = client(namespace).await?;
+    let token = baton::paths::new_token()?;
+    let ids = Identities(vec![("admin".into(), token, Role::Admin)]);
+    let board = Arc::new(Board::default());
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ApiRequest>(64);
+    tokio::spawn(baton::api::serve(listener, ids, tx, board.clone()));
+    let code = board
+        .one_time_code("admin", Role::Admin, baton::now_ms())
+        .context("cannot make a login link")?;
+    println!(
+        "dashboard for namespace {ns}: {}\n  (the link works once; Ctrl-C stops the dashboard, not the operator)",
+        baton::dashboard::login_link(addr, &code)
+    );
+    let publisher = {
+        let (client, ns, board) = (client.clone(), ns.clone(), board.clone());
+        tokio::spawn(async move {
+            loop {
+                match baton_k8s::cli::dashboard_list(&client, &ns).await {
+                    Ok(list) => board.publish(serde_json::Value::Array(list)),
+                    Err(e) => tracing::warn!(error = %e, "cannot list Rollouts"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    loop {
+        let req = tokio::select! {
+            r = rx.recv() => match r { Some(r) => r, None => break },
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let (client, ns) = (client.clone(), ns.clone());
+        tokio::spawn(async move {
+            let answer = match req.call {
+                ApiCall::List => match baton_k8s::cli::dashboard_list(&client, &ns).await {
+                    Ok(list) => (StatusCode::OK, serde_json::json!({ "rollouts": list })),
+                    Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+                },
+                ApiCall::Get(name) => match baton_k8s::cli::dashboard_list(&client, &ns).await {
+                    Ok(list) => match list.into_iter().find(|r| r["name"] == name.as_str()) {
+                        Some(v) => (StatusCode::OK, v),
+                        None => error(
+                            StatusCode::NOT_FOUND,
+                            format!("no Rollout {name:?} in {ns}"),
+                        ),
+                    },
+                    Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+                },
+                ApiCall::History(name) => {
+                    match baton_k8s::cli::history(&client, &ns, &name).await {
+                        Ok(h) => {
+                            // The page's audit table: time, actor, action, reason.
+                            let events: Vec<serde_json::Value> = h["events"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|e| {
+                                let at = e["at"].as_str().and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok()).map(|t| t.as_millisecond()).unwrap_or(0);
+                                serde_json::json!({"at": at, "actor": "baton-operator", "action": e["reason"], "reason": e["note"]})
+                            })
+                            .collect();
+                            (
+                                StatusCode::OK,
+                                serde_json::json!({"name": name, "revisions": h["revisions"], "events": events}),
+                            )
+                        }
+                        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+                    }
+                }
+                ApiCall::Command { name, kind } => {
+                    let result = match kind {
+                        CommandKind::Undo => baton_k8s::cli::undo(&client, &ns, &name).await,
+                        k => {
+                            baton_k8s::cli::request(
+                                &client,
+                                &ns,
+                                &name,
+                                k.path(),
+                                &req.actor,
+                                Duration::from_secs(30),
+                            )
+                            .await
+                        }
+                    };
+                    match result {
+                        Ok(msg) => (StatusCode::OK, serde_json::json!({ "result": msg })),
+                        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+                    }
+                }
+                _ => error(
+                    StatusCode::BAD_REQUEST,
+                    "not available for a cluster: use kubectl or GitOps to change Rollouts",
+                ),
+            };
+            let _ = req.reply.send(answer);
+        });
+    }
+    publisher.abort();
+    Ok(())
+}

@@ -198,9 +198,15 @@ enum Cmd {
     /// for ten minutes, once). The dashboard shows every rollout live: steps, traffic
     /// per revision, instances, gate results and charts, the audit trail, and buttons
     /// to promote, abort, retry or undo.
+    ///
+    /// With `--namespace` (or as `kubectl baton dashboard`): serve the dashboard for
+    /// that namespace's Rollouts on a cluster, on `--listen`, and print its login link.
     Dashboard {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
+        /// Where to serve the dashboard for a cluster.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
     },
     /// Run the Kubernetes operator: reconciles `Rollout` resources (baton.dev/v1alpha1)
     /// with ReplicaSets, Services, Gateway API or Istio routes, with leader election on
@@ -385,6 +391,9 @@ async fn run(cli: Cli) -> Result<()> {
                 diff: None,
                 output,
             } => return cluster::command(ns.as_deref(), "history", name, json(output)).await,
+            Cmd::Dashboard { listen, .. } => {
+                return cluster::dashboard(ns.as_deref(), *listen).await;
+            }
             _ => {}
         }
     }
@@ -579,7 +588,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Down => down(&paths).await,
         Cmd::RestartProxy => restart_proxy(&paths).await,
-        Cmd::Dashboard { output } => {
+        Cmd::Dashboard { output, .. } => {
             let client = ApiClient::from_paths(&paths)?;
             let v = check(client.post("/v1/login-link", None).await?)?;
             if output == Output::Json {

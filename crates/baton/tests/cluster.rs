@@ -72,6 +72,37 @@ fn wait(kc: &std::path::Path, limit: Duration, what: &str, f: impl Fn(&Value) ->
     }
 }
 
+/// One HTTP/1.1 request: (status, head, body).
+fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head.to_string(), rest.to_string())
+}
+
 fn template(image: &str) -> Value {
     json!({"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": image}]}})
 }
@@ -181,6 +212,95 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
     wait(&kc, Duration::from_secs(30), "aborted back to v2", |v| {
         v["phase"] == "Degraded" && v["stableVersion"] == "v2"
     });
+
+    // The web dashboard for the cluster: log in with the printed one-time link, read
+    // the Rollouts, act on one (the operator does it).
+    let dash_addr = common::free_addr();
+    let mut dash = Operator(
+        Command::new(common::baton_bin())
+            .args([
+                "-n",
+                "default",
+                "dashboard",
+                "--listen",
+                &dash_addr.to_string(),
+            ])
+            .env("KUBECONFIG", &kc)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("baton dashboard starts"),
+    );
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let out = dash.0.stdout.take().expect("stdout");
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("login link");
+    }
+    let link = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a login link")
+        .to_string();
+    let path = link
+        .trim_start_matches(&format!("http://{dash_addr}"))
+        .to_string();
+    let (code, headers, _) = http(dash_addr, "GET", &path, &[], "");
+    assert_eq!(code, 303, "{headers}");
+    let cookie = headers
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .and_then(|c| c.split(';').next())
+        .expect("session cookie")
+        .to_string();
+    let (code, _, body) = http(
+        dash_addr,
+        "GET",
+        "/ui/api/rollouts",
+        &[("cookie", &cookie)],
+        "",
+    );
+    assert_eq!(code, 200, "{body}");
+    let list: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(list["rollouts"][0]["name"], "web", "{list}");
+    assert_eq!(list["rollouts"][0]["phase"], "Degraded", "{list}");
+    let (_, _, session) = http(
+        dash_addr,
+        "GET",
+        "/ui/api/session",
+        &[("cookie", &cookie)],
+        "",
+    );
+    let csrf = serde_json::from_str::<Value>(&session).expect("session")["csrf"]
+        .as_str()
+        .expect("csrf")
+        .to_string();
+    let (code, _, _) = http(
+        dash_addr,
+        "POST",
+        "/ui/api/rollouts/web/retry",
+        &[("cookie", &cookie)],
+        "",
+    );
+    assert_eq!(code, 403, "no CSRF token, no action");
+    let (code, _, body) = http(
+        dash_addr,
+        "POST",
+        "/ui/api/rollouts/web/retry",
+        &[("cookie", &cookie), ("x-csrf-token", &csrf)],
+        "",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("the operator acted on it"), "{body}");
+    wait(&kc, Duration::from_secs(30), "v1 retried", |v| {
+        v["canaryVersion"] == "v1" && v["phase"] != "Degraded"
+    });
+    drop(dash);
 
     // A wrong name is a clear error, and changes nothing.
     let (ok, _, err) = baton(&kc, &["-n", "default", "promote", "nope"]);

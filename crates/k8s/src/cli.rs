@@ -291,3 +291,91 @@ pub async fn history(client: &Client, ns: &str, name: &str) -> Result<Value, Err
     list.sort_by_key(|e| e["at"].as_str().unwrap_or("").to_string());
     Ok(json!({"name": name, "revisions": engine["revisions"], "events": list}))
 }
+
+/// A Rollout in the shape the web dashboard draws (the same fields as `baton up`'s
+/// status), from the resource and its ReplicaSets.
+pub fn dashboard_view(ro: &Rollout, rss: &[ReplicaSet]) -> Value {
+    let name = ro.name_any();
+    let st = ro.status.clone().unwrap_or_default();
+    let engine = st.engine.clone().unwrap_or(Value::Null);
+    let strategy = if ro.spec.strategy.canary.is_some() {
+        "canary"
+    } else if ro.spec.strategy.blue_green.is_some() {
+        "blueGreen"
+    } else {
+        "rolling"
+    };
+    let revisions: Vec<Value> = engine["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            let rev = r["name"].as_str()?;
+            let rs = rss.iter().find(|x| x.labels().get(REVISION_LABEL).map(String::as_str) == Some(rev));
+            let desired = engine["desired"][rev].as_u64().unwrap_or(0);
+            if rs.is_none() && desired == 0 {
+                return None;
+            }
+            let role = if st.stable_revision.as_deref() == Some(rev) {
+                "stable"
+            } else if st.canary_revision.as_deref() == Some(rev) {
+                if engine["aborted"] == true { "aborted" } else { "canary" }
+            } else {
+                "previous"
+            };
+            let ready = rs.and_then(|r| r.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0);
+            Some(json!({
+                "name": rev, "number": r["number"], "appVersion": r["run"]["env"]["APP_VERSION"], "role": role,
+                "weight": engine["weights"][rev].as_u64().unwrap_or(0),
+                "preview": engine["preview"].as_str() == Some(rev),
+                "desiredReplicas": desired, "readyReplicas": ready, "availableReplicas": ready,
+                "instances": [],
+            }))
+        })
+        .collect();
+    let gates: Vec<Value> = engine["gates"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(n, g)| json!({"name": n, "passes": g["passes"], "failures": g["failures"], "inconclusive": g["inconclusive"], "last": g["last"]}))
+        .collect();
+    let steps: Vec<String> = ro
+        .spec
+        .strategy
+        .canary
+        .as_ref()
+        .map(|c| c.steps.iter().map(baton_engine::describe).collect())
+        .unwrap_or_default();
+    json!({
+        "name": name, "phase": st.phase, "message": st.message, "strategy": strategy,
+        "stableRevision": st.stable_revision, "canaryRevision": st.canary_revision,
+        "aborted": engine["aborted"] == true,
+        "step": if steps.is_empty() { Value::Null } else { json!({"index": engine["stepIndex"].as_u64().unwrap_or(0).min(steps.len() as u64), "total": steps.len(), "steps": steps}) },
+        "listen": format!("namespace {}", ro.namespace().unwrap_or_default()),
+        "revisions": revisions, "gates": gates,
+        "routeVersion": engine["routeVersion"], "routerAcked": st.route_acked,
+    })
+}
+
+/// Every Rollout of a namespace, as the dashboard draws them.
+pub async fn dashboard_list(client: &Client, ns: &str) -> Result<Vec<Value>, Error> {
+    let rollouts = Api::<Rollout>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let rss = Api::<ReplicaSet>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(ROLLOUT_LABEL))
+        .await?
+        .items;
+    Ok(rollouts
+        .iter()
+        .map(|ro| {
+            let mine: Vec<ReplicaSet> = rss
+                .iter()
+                .filter(|r| r.labels().get(ROLLOUT_LABEL) == Some(&ro.name_any()))
+                .cloned()
+                .collect();
+            dashboard_view(ro, &mine)
+        })
+        .collect())
+}
