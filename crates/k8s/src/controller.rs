@@ -241,6 +241,7 @@ async fn reconcile_inner(ro: &Rollout, ctx: &Arc<Context>) -> Result<Action, Err
                 stable_service: c.stable_service.clone(),
                 canary_service: c.canary_service.clone(),
                 canary_weight: 0,
+                header: None,
             };
             if let Some(tr) = &c.traffic_routing {
                 let r = match (&tr.gateway_api, &tr.istio) {
@@ -551,6 +552,11 @@ async fn reconcile_inner(ro: &Rollout, ctx: &Arc<Context>) -> Result<Action, Err
             stable_service: c.stable_service.clone(),
             canary_service: c.canary_service.clone(),
             canary_weight: st.canary.as_ref().map(|c| st.weight(c)).unwrap_or(0),
+            header: c
+                .canary_header
+                .as_ref()
+                .filter(|_| st.canary.is_some() && !st.aborted)
+                .map(|h| (h.name.clone(), h.value.clone())),
         };
         served &= match c.traffic_routing.as_ref() {
             Some(tr) => match (&tr.gateway_api, &tr.istio) {

@@ -133,6 +133,10 @@ pub struct Canary {
     /// Without it, a step's weight is the canary's share of pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_routing: Option<TrafficRouting>,
+    /// Requests with this header (exact value) go to the canary at any weight while a
+    /// canary is in flight (Gateway API and Istio routers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_header: Option<baton_spec::HeaderMatch>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]

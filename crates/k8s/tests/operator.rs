@@ -124,7 +124,17 @@ async fn route_weights(c: &Cluster) -> (u64, u64) {
             "web",
         ))
         .expect("route");
-    let refs = route["spec"]["rules"][0]["backendRefs"]
+    // The weighted rule (the canary-header rule, when there, names only the canary).
+    let rules = route["spec"]["rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let weighted = rules
+        .iter()
+        .find(|r| r["name"] != "baton-canary-header")
+        .cloned()
+        .unwrap_or_default();
+    let refs = weighted["backendRefs"]
         .as_array()
         .cloned()
         .unwrap_or_default();
@@ -196,7 +206,10 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
     let url = metric_server(Arc::new(AtomicBool::new(false))).await;
     let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
     let steps = json!([{"setWeight": 20}, {"analysis": {"gates": ["errors"]}}, {"setWeight": 50}, {"pause": {"duration": "300ms"}}, {"setWeight": 80}]);
-    create(&rollouts, canary_rollout(&url, steps)).await;
+    let mut ro = canary_rollout(&url, steps);
+    ro["spec"]["strategy"]["canary"]["canaryHeader"] =
+        json!({"name": "X-Canary", "value": "always"});
+    create(&rollouts, ro).await;
     let (_ctx, _op) = operator(&c, "test-0");
     wait_for(Duration::from_secs(20), "v1 healthy", async || {
         let s = status(&rollouts, "web").await;
@@ -209,8 +222,24 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
     // route never gives the canary a share before its pods are ready.
     let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
     let mut seen = Vec::new();
+    let mut saw_header = false;
     wait_for(Duration::from_secs(30), "v2 promoted", async || {
         let (_, canary) = route_weights(&c).await;
+        let route = c
+            .api
+            .store
+            .get(&Key::new(
+                "gateway.networking.k8s.io/v1",
+                "httproutes",
+                Some("default"),
+                "web",
+            ))
+            .expect("route");
+        if route["spec"]["rules"][0]["name"] == "baton-canary-header"
+            && route["spec"]["rules"][0]["matches"][0]["headers"][0]["name"] == "X-Canary"
+        {
+            saw_header = true;
+        }
         if seen.last() != Some(&canary) {
             seen.push(canary);
         }
@@ -225,6 +254,27 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
         (s["phase"] == "Healthy" && s["stableVersion"] == "v2").then_some(())
     })
     .await;
+    let header_rule = |c: &Cluster| {
+        let route = c
+            .api
+            .store
+            .get(&Key::new(
+                "gateway.networking.k8s.io/v1",
+                "httproutes",
+                Some("default"),
+                "web",
+            ))
+            .expect("route");
+        route["spec"]["rules"][0]["name"] == "baton-canary-header"
+    };
+    assert!(
+        saw_header,
+        "testers could reach the canary by header during the rollout"
+    );
+    assert!(
+        !header_rule(&c),
+        "the header rule is gone once the canary is promoted"
+    );
     let shares: Vec<u64> = seen.iter().copied().filter(|w| *w > 0).collect();
     assert_eq!(
         shares,

@@ -57,6 +57,54 @@ pub fn set_weights(spec: &mut Value, stable: &str, canary: &str, w: u32) -> bool
     changed
 }
 
+/// Adds (or updates, or with None removes) the first rule, named for Baton, that sends
+/// requests carrying the header to the canary. Returns whether anything changed.
+pub fn set_header_rule(
+    spec: &mut Value,
+    stable: &str,
+    canary: &str,
+    header: Option<&(String, String)>,
+) -> bool {
+    let Some(rules) = spec["rules"].as_array_mut() else {
+        return false;
+    };
+    let existing = rules.iter().position(|r| r["name"] == super::HEADER_RULE);
+    let Some((name, value)) = header else {
+        return match existing {
+            Some(i) => {
+                rules.remove(i);
+                true
+            }
+            None => false,
+        };
+    };
+    let port = rules
+        .iter()
+        .flat_map(|r| r["backendRefs"].as_array().into_iter().flatten())
+        .find(|b| b["name"] == stable)
+        .and_then(|b| b.get("port").cloned());
+    let mut backend = json!({"name": canary, "weight": 1});
+    if let Some(p) = port {
+        backend["port"] = p;
+    }
+    let rule = json!({
+        "name": super::HEADER_RULE,
+        "matches": [{"headers": [{"type": "Exact", "name": name, "value": value}]}],
+        "backendRefs": [backend],
+    });
+    match existing {
+        Some(i) if rules[i] == rule => false,
+        Some(i) => {
+            rules[i] = rule;
+            true
+        }
+        None => {
+            rules.insert(0, rule);
+            true
+        }
+    }
+}
+
 pub fn accepted(route: &Value) -> bool {
     let generation = route["metadata"]["generation"].as_i64().unwrap_or(0);
     let parents = route["status"]["parents"]
@@ -86,7 +134,8 @@ impl Router for Gateway {
             Api::namespaced_with(client.clone(), &plan.namespace, &api_resource());
         let mut route = api.get(&self.route).await?;
         let mut spec = route.data["spec"].clone();
-        if set_weights(&mut spec, stable, canary, plan.canary_weight) {
+        let header_changed = set_header_rule(&mut spec, stable, canary, plan.header.as_ref());
+        if set_weights(&mut spec, stable, canary, plan.canary_weight) | header_changed {
             route.data["spec"] = spec;
             // A replace carries our resourceVersion: a concurrent writer makes this 409
             // and the next reconcile starts from what they wrote.
@@ -127,6 +176,38 @@ mod tests {
             !set_weights(&mut spec, "web-stable", "web-canary", 20),
             "no change the second time"
         );
+    }
+
+    #[test]
+    fn the_header_rule_comes_first_and_goes_when_asked() {
+        let mut spec = json!({"rules": [{"backendRefs": [{"name": "web-stable", "port": 80}]}]});
+        let h = ("X-Canary".to_string(), "always".to_string());
+        assert!(set_header_rule(
+            &mut spec,
+            "web-stable",
+            "web-canary",
+            Some(&h)
+        ));
+        assert_eq!(spec["rules"][0]["name"], "baton-canary-header");
+        assert_eq!(
+            spec["rules"][0]["matches"][0]["headers"][0]["value"],
+            "always"
+        );
+        assert_eq!(
+            spec["rules"][0]["backendRefs"][0],
+            json!({"name": "web-canary", "port": 80, "weight": 1})
+        );
+        assert!(
+            !set_header_rule(&mut spec, "web-stable", "web-canary", Some(&h)),
+            "idempotent"
+        );
+        set_weights(&mut spec, "web-stable", "web-canary", 20);
+        assert_eq!(
+            spec["rules"][0]["backendRefs"][0]["weight"], 1,
+            "weights leave the header rule alone"
+        );
+        assert!(set_header_rule(&mut spec, "web-stable", "web-canary", None));
+        assert_eq!(spec["rules"].as_array().map(Vec::len), Some(1));
     }
 
     #[test]

@@ -61,6 +61,40 @@ pub fn set_weights(spec: &mut Value, stable: &str, canary: &str, w: u32) -> bool
     changed
 }
 
+/// The first HTTP route, named for Baton, sending requests with the header to the
+/// canary host (None removes it).
+pub fn set_header_route(spec: &mut Value, canary: &str, header: Option<&(String, String)>) -> bool {
+    let Some(http) = spec["http"].as_array_mut() else {
+        return false;
+    };
+    let existing = http.iter().position(|r| r["name"] == super::HEADER_RULE);
+    let Some((name, value)) = header else {
+        return match existing {
+            Some(i) => {
+                http.remove(i);
+                true
+            }
+            None => false,
+        };
+    };
+    let route = json!({
+        "name": super::HEADER_RULE,
+        "match": [{"headers": {name.to_ascii_lowercase(): {"exact": value}}}],
+        "route": [{"destination": {"host": canary}, "weight": 100}],
+    });
+    match existing {
+        Some(i) if http[i] == route => false,
+        Some(i) => {
+            http[i] = route;
+            true
+        }
+        None => {
+            http.insert(0, route);
+            true
+        }
+    }
+}
+
 impl Router for Istio {
     async fn apply(&self, client: &Client, plan: &Plan) -> Result<bool, Error> {
         let (Some(stable), Some(canary)) = (&plan.stable_service, &plan.canary_service) else {
@@ -72,7 +106,8 @@ impl Router for Istio {
             Api::namespaced_with(client.clone(), &plan.namespace, &api_resource());
         let mut vs = api.get(&self.virtual_service).await?;
         let mut spec = vs.data["spec"].clone();
-        if set_weights(&mut spec, stable, canary, plan.canary_weight) {
+        let header_changed = set_header_route(&mut spec, canary, plan.header.as_ref());
+        if set_weights(&mut spec, stable, canary, plan.canary_weight) | header_changed {
             vs.data["spec"] = spec;
             api.replace(
                 &self.virtual_service,
@@ -86,7 +121,8 @@ impl Router for Istio {
         }
         let back = api.get(&self.virtual_service).await?;
         let mut check = back.data["spec"].clone();
-        Ok(!set_weights(&mut check, stable, canary, plan.canary_weight))
+        let header_pending = set_header_route(&mut check, canary, plan.header.as_ref());
+        Ok(!set_weights(&mut check, stable, canary, plan.canary_weight) && !header_pending)
     }
 }
 

@@ -20,7 +20,13 @@ pub struct Plan {
     pub canary_service: Option<String>,
     /// The canary's share, 0-100; the stable Service gets the rest.
     pub canary_weight: u32,
+    /// `(name, value)`: requests with this header go to the canary, while one is in
+    /// flight (None removes the route).
+    pub header: Option<(String, String)>,
 }
+
+/// The name Baton gives the route rule it adds for the canary header.
+pub const HEADER_RULE: &str = "baton-canary-header";
 
 pub trait Router {
     /// Sets the weights if they differ; answers whether the router is seen serving them.
