@@ -77,7 +77,7 @@ async fn main() {
     let _sim = sim::start(
         api.store.clone(),
         sim::SimConfig {
-            tick: Duration::from_millis(200),
+            tick: Duration::from_secs(1),
             ..Default::default()
         },
     );
@@ -138,7 +138,7 @@ async fn main() {
                 Instant::now() < deadline,
                 "only {done} of {n} reached {version}"
             );
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(Duration::from_secs(2));
         }
     };
     let first = tokio::task::block_in_place(|| wait("v1", &mut peak_rss));

@@ -394,8 +394,8 @@ async fn reconcile_inner(ro: &Rollout, ctx: &Arc<Context>) -> Result<Action, Err
             }
         }
     }
-    let mut measurements = ctx.take_measurements(&key);
-    let smoke = take_smoke(&client, &ns, &name, &prev, &mut measurements).await?;
+    let measurements = ctx.take_measurements(&key);
+    let smoke = take_smoke(&client, &ns, &name, &prev).await?;
     let obs = Observations {
         revisions,
         router_acked: prev_status.route_acked,
@@ -785,7 +785,6 @@ async fn take_smoke(
     ns: &str,
     rollout: &str,
     prev: &Status,
-    _m: &mut Vec<Measurement>,
 ) -> Result<Option<(String, bool, String)>, Error> {
     let Some(rev) = prev.canary.clone() else {
         return Ok(None);

@@ -181,8 +181,3 @@ pub fn selector_string(ro: &Rollout) -> String {
     parts.sort();
     parts.join(",")
 }
-
-/// Whether `ro` should own a ReplicaSet (for `kube-runtime`'s owner mapping).
-pub fn owner_uid(ro: &Rollout) -> Option<String> {
-    ro.meta().uid.clone()
-}

@@ -29,12 +29,14 @@ impl Key {
     }
 }
 
+/// One write, as watches see it. The object is shared: history, the live feed and
+/// every watcher hold the same copy.
 #[derive(Debug, Clone)]
 pub struct Change {
     pub rv: u64,
     pub kind: &'static str,
     pub key: Key,
-    pub object: Value,
+    pub object: Arc<Value>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -70,7 +72,7 @@ impl StoreError {
 }
 
 /// How many changes a watch can resume across before it gets 410 Gone.
-const HISTORY: usize = 100_000;
+const HISTORY: usize = 50_000;
 
 struct Inner {
     rv: u64,
@@ -185,7 +187,7 @@ impl Store {
             rv: inner.rv,
             kind,
             key,
-            object,
+            object: Arc::new(object),
         };
         inner.history.push_back(change.clone());
         while inner.history.len() > HISTORY {
