@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::{Narrator, free_addr, show_audit, version_of, wait_for, weight_of};
 use crate::api::ApiCall;
-use crate::controller::{self, Handle, UpOptions};
+use crate::controller::Handle;
 use crate::now_ms;
 use crate::paths::Paths;
 
@@ -373,30 +373,7 @@ pub async fn run(opts: ExchangeDemoOptions) -> Result<ExchangeSummary> {
     specs.extend(baton_spec::parse(&notification_spec(
         &bin, &ports, &db, "v1", "",
     ))?);
-    let h = controller::start(UpOptions {
-        paths: paths.clone(),
-        specs,
-        api_listen: "127.0.0.1:0".parse()?,
-        metrics_listen: None,
-        tick: Duration::from_millis(50),
-        echo: false,
-        audit_head: None,
-    })
-    .await?;
-    say!(
-        "  control API on {} (token in {})",
-        h.api_addr,
-        paths.token().display()
-    );
-    if let Some(code) = h
-        .board
-        .one_time_code("admin", crate::board::Role::Admin, now_ms())
-    {
-        say!(
-            "  watch it in a browser: {}",
-            crate::dashboard::login_link(h.api_addr, &code)
-        );
-    }
+    let h = super::start_controller(&paths, specs, None).await?;
     let result = story(&h, &mut n, &bin, &ports, &db, &opts).await;
 
     n.heading("cleaning up: stopping the proxy and every instance");

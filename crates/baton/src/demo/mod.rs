@@ -306,30 +306,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
 
     n.heading("1. start v1 (2 instances behind the built-in proxy)");
     let v1 = baton_spec::parse(&spec(&hello, listen, "v1", "", prometheus.as_deref()))?;
-    let h = controller::start(UpOptions {
-        paths: paths.clone(),
-        specs: v1,
-        api_listen: "127.0.0.1:0".parse()?,
-        metrics_listen: Some(metrics),
-        tick: Duration::from_millis(50),
-        echo: false,
-        audit_head: None,
-    })
-    .await?;
-    say!(
-        "  control API on {} (token in {})",
-        h.api_addr,
-        paths.token().display()
-    );
-    if let Some(code) = h
-        .board
-        .one_time_code("admin", crate::board::Role::Admin, now_ms())
-    {
-        say!(
-            "  watch it in a browser: {}",
-            crate::dashboard::login_link(h.api_addr, &code)
-        );
-    }
+    let h = start_controller(&paths, v1, Some(metrics)).await?;
     let result = story(
         &h,
         &mut n,
@@ -350,6 +327,39 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         show_audit(&paths)?;
     }
     result
+}
+
+/// Starts the demo's controller and says where its API and dashboard are.
+async fn start_controller(
+    paths: &Paths,
+    specs: Vec<baton_spec::Rollout>,
+    metrics_listen: Option<SocketAddr>,
+) -> Result<Handle> {
+    let h = controller::start(UpOptions {
+        paths: paths.clone(),
+        specs,
+        api_listen: "127.0.0.1:0".parse()?,
+        metrics_listen,
+        tick: Duration::from_millis(50),
+        echo: false,
+        audit_head: None,
+    })
+    .await?;
+    say!(
+        "  control API on {} (token in {})",
+        h.api_addr,
+        paths.token().display()
+    );
+    if let Some(code) = h
+        .board
+        .one_time_code("admin", crate::board::Role::Admin, now_ms())
+    {
+        say!(
+            "  watch it in a browser: {}",
+            crate::dashboard::login_link(h.api_addr, &code)
+        );
+    }
+    Ok(h)
 }
 
 /// The demo's audit trail (routine instance and gate-pass entries left out) and the
