@@ -113,9 +113,9 @@ async fn status(api: &Api<Rollout>, name: &str) -> Value {
     serde_json::to_value(api.get(name).await.expect("rollout").status).expect("json")
 }
 
-async fn route_weights(c: &Cluster) -> (u64, u64) {
-    let route = c
-        .api
+/// The `web` HTTPRoute as the fake API stores it.
+fn route(c: &Cluster) -> Value {
+    c.api
         .store
         .get(&Key::new(
             "gateway.networking.k8s.io/v1",
@@ -123,7 +123,11 @@ async fn route_weights(c: &Cluster) -> (u64, u64) {
             Some("default"),
             "web",
         ))
-        .expect("route");
+        .expect("route")
+}
+
+async fn route_weights(c: &Cluster) -> (u64, u64) {
+    let route = route(c);
     // The weighted rule (the canary-header rule, when there, names only the canary).
     let rules = route["spec"]["rules"]
         .as_array()
@@ -225,16 +229,7 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
     let mut saw_header = false;
     wait_for(Duration::from_secs(30), "v2 promoted", async || {
         let (_, canary) = route_weights(&c).await;
-        let route = c
-            .api
-            .store
-            .get(&Key::new(
-                "gateway.networking.k8s.io/v1",
-                "httproutes",
-                Some("default"),
-                "web",
-            ))
-            .expect("route");
+        let route = route(&c);
         if route["spec"]["rules"][0]["name"] == "baton-canary-header"
             && route["spec"]["rules"][0]["matches"][0]["headers"][0]["name"] == "X-Canary"
         {
@@ -255,16 +250,7 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
     })
     .await;
     let header_rule = |c: &Cluster| {
-        let route = c
-            .api
-            .store
-            .get(&Key::new(
-                "gateway.networking.k8s.io/v1",
-                "httproutes",
-                Some("default"),
-                "web",
-            ))
-            .expect("route");
+        let route = route(c);
         route["spec"]["rules"][0]["name"] == "baton-canary-header"
     };
     assert!(
