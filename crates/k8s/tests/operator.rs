@@ -114,7 +114,7 @@ async fn status(api: &Api<Rollout>, name: &str) -> Value {
 }
 
 /// The `web` HTTPRoute as the fake API stores it.
-fn route(c: &Cluster) -> Value {
+fn route(c: &Cluster) -> std::sync::Arc<Value> {
     c.api
         .store
         .get(&Key::new(

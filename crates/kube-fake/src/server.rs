@@ -64,7 +64,11 @@ impl FakeApi {
 }
 
 fn reply(code: u16, v: &Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed_unsync());
+    reply_bytes(code, v.to_string())
+}
+
+fn reply_bytes(code: u16, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *r.status_mut() =
         hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut().insert(
@@ -179,10 +183,19 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             let kind = store
                 .kind_of(&t.base.gv, &t.base.resource)
                 .unwrap_or_default();
-            reply(
-                200,
-                &json!({"kind": format!("{kind}List"), "apiVersion": t.base.gv, "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
-            )
+            // Written out by hand: the items are shared, and `json!` would copy them.
+            let head = json!({"kind": format!("{kind}List"), "apiVersion": t.base.gv, "metadata": {"resourceVersion": rv.to_string()}});
+            let mut out = head.to_string();
+            out.pop();
+            out.push_str(",\"items\":[");
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&item.to_string());
+            }
+            out.push_str("]}");
+            reply_bytes(200, out)
         }
         (Method::GET, Some(name)) => match store.get(&Key { name, ..t.base }) {
             Ok(v) => reply(200, &v),
@@ -277,7 +290,7 @@ fn watch(
                 && fields.matches_fields(o)
         };
         let line = |kind: &str, o: &Value| {
-            Bytes::from(format!("{}\n", json!({"type": kind, "object": o})))
+            Bytes::from(format!("{{\"type\":\"{kind}\",\"object\":{o}}}\n"))
         };
         let mut last = match from {
             Some(rv) => {
@@ -315,8 +328,9 @@ fn watch(
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return,
                 _ = tick.tick(), if bookmarks => {
-                    let rv = store.resource_version().max(last);
-                    let b = json!({"kind": kind, "apiVersion": base.gv, "metadata": {"resourceVersion": rv.to_string()}});
+                    // Only as far as this watch has read: changes still queued for it
+                    // would be skipped by a client resuming from a later version.
+                    let b = json!({"kind": kind, "apiVersion": base.gv, "metadata": {"resourceVersion": last.to_string()}});
                     if tx.send(line("BOOKMARK", &b)).await.is_err() {
                         return;
                     }

@@ -143,9 +143,9 @@ impl Sim {
                         ns.as_deref(),
                         p["metadata"]["name"].as_str().unwrap_or(""),
                     );
-                    let mut st = (*p).clone();
-                    st["status"] = json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
-                    if self.store.replace(&key, st, true).is_ok() {
+                    let body = json!({"metadata": {"resourceVersion": p["metadata"]["resourceVersion"].clone()},
+                        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
+                    if self.store.replace(&key, body, true).is_ok() {
                         n_ready += 1;
                     }
                 }
@@ -155,11 +155,7 @@ impl Sim {
                 "observedGeneration": owner["metadata"]["generation"].clone(),
             });
             if owner["status"] != status {
-                let mut o = owner.clone();
-                o["status"] = status;
-                let _ = self
-                    .store
-                    .replace(&Key::new(gv, resource, ns.as_deref(), name), o, true);
+                self.set_status(&Key::new(gv, resource, ns.as_deref(), name), &owner, status);
             }
         }
     }
@@ -180,8 +176,7 @@ impl Sim {
                 continue;
             }
             let fail = j["metadata"]["annotations"]["sim.baton.dev/outcome"] == "fail";
-            let mut o = j.clone();
-            o["status"] = if fail {
+            let status = if fail {
                 json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]})
             } else {
                 json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
@@ -192,8 +187,15 @@ impl Sim {
                 ns_of(&j).as_deref(),
                 j["metadata"]["name"].as_str().unwrap_or(""),
             );
-            let _ = self.store.replace(&key, o, true);
+            self.set_status(&key, &j, status);
         }
+    }
+
+    /// A status write for the version read: only the status and resourceVersion are
+    /// sent (the store keeps the rest), so nothing is copied.
+    fn set_status(&self, key: &Key, read: &Value, status: Value) {
+        let body = json!({"metadata": {"resourceVersion": read["metadata"]["resourceVersion"].clone()}, "status": status});
+        let _ = self.store.replace(key, body, true);
     }
 
     fn routes(&mut self) {
@@ -235,13 +237,12 @@ impl Sim {
                 .and_then(|p| p.first())
                 .cloned()
                 .unwrap_or(json!({}));
-            let mut o = r.clone();
-            o["status"] = json!({"parents": [{
+            let status = json!({"parents": [{
                 "parentRef": parent,
                 "controllerName": "sim.baton.dev/gateway",
                 "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "observedGeneration": generation}],
             }]});
-            let _ = self.store.replace(&key, o, true);
+            self.set_status(&key, &r, status);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! namespace and name, one resourceVersion counter, and a history of changes for
 //! watches to resume from.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value, json};
@@ -77,7 +77,11 @@ const HISTORY: usize = 50_000;
 struct Inner {
     rv: u64,
     uid: u64,
-    objects: BTreeMap<Key, Value>,
+    /// Shared with lists, history and watchers: a read never copies an object.
+    objects: BTreeMap<Key, Arc<Value>>,
+    /// Owner uid → its dependents (by ownerReference), so garbage collection does not
+    /// scan every object on every delete.
+    dependents: HashMap<String, BTreeSet<Key>>,
     history: VecDeque<Change>,
     /// resource → kind, learned from stored objects (for bookmarks and lists).
     kinds: BTreeMap<(String, String), String>,
@@ -97,6 +101,7 @@ impl Default for Store {
                 rv: 1,
                 uid: 0,
                 objects: BTreeMap::new(),
+                dependents: HashMap::new(),
                 history: VecDeque::new(),
                 kinds: BTreeMap::new(),
             })),
@@ -129,18 +134,57 @@ fn now_rfc3339() -> String {
     )
 }
 
-/// Everything but metadata and status: a change here bumps `generation`.
-fn spec_part(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .filter(|(k, _)| {
-                    !matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind")
-                })
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        ),
-        other => other.clone(),
+/// Whether everything but metadata and status is equal: a change there bumps
+/// `generation`. Compared in place (copying both sides was most of a write's cost).
+fn same_spec(a: &Value, b: &Value) -> bool {
+    let spec = |k: &str| !matches!(k, "metadata" | "status" | "apiVersion" | "kind");
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            x.iter().filter(|(k, _)| spec(k)).all(|(k, v)| y.get(k) == Some(v))
+                && y.keys().filter(|k| spec(k)).all(|k| x.contains_key(k))
+        }
+        _ => a == b,
+    }
+}
+
+/// The uids an object names in its ownerReferences.
+fn owner_uids(v: &Value) -> impl Iterator<Item = &str> {
+    v["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uid"].as_str())
+}
+
+impl Inner {
+    /// Stores an object, keeping the dependents index in step with its ownerReferences.
+    fn put(&mut self, key: &Key, obj: Arc<Value>) {
+        if let Some(old) = self.objects.insert(key.clone(), obj.clone()) {
+            self.unindex(key, &old);
+        }
+        for uid in owner_uids(&obj) {
+            self.dependents
+                .entry(uid.to_string())
+                .or_default()
+                .insert(key.clone());
+        }
+    }
+
+    fn remove(&mut self, key: &Key) {
+        if let Some(old) = self.objects.remove(key) {
+            self.unindex(key, &old);
+        }
+    }
+
+    fn unindex(&mut self, key: &Key, old: &Value) {
+        for uid in owner_uids(old) {
+            if let Some(set) = self.dependents.get_mut(uid) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.dependents.remove(uid);
+                }
+            }
+        }
     }
 }
 
@@ -182,12 +226,12 @@ impl Store {
             .cloned()
     }
 
-    fn record(&self, inner: &mut Inner, kind: &'static str, key: Key, object: Value) {
+    fn record(&self, inner: &mut Inner, kind: &'static str, key: Key, object: Arc<Value>) {
         let change = Change {
             rv: inner.rv,
             kind,
             key,
-            object: Arc::new(object),
+            object,
         };
         inner.history.push_back(change.clone());
         while inner.history.len() > HISTORY {
@@ -196,7 +240,7 @@ impl Store {
         let _ = self.changes.send(change);
     }
 
-    pub fn get(&self, key: &Key) -> Result<Value, StoreError> {
+    pub fn get(&self, key: &Key) -> Result<Arc<Value>, StoreError> {
         self.lock()
             .objects
             .get(key)
@@ -205,19 +249,23 @@ impl Store {
     }
 
     /// Objects of a resource, in one namespace or all; with the list's resourceVersion.
-    pub fn list(&self, gv: &str, resource: &str, namespace: Option<&str>) -> (Vec<Value>, u64) {
+    pub fn list(
+        &self,
+        gv: &str,
+        resource: &str,
+        namespace: Option<&str>,
+    ) -> (Vec<Arc<Value>>, u64) {
         self.list_where(gv, resource, namespace, |_| true)
     }
 
-    /// Like `list`, filtering before copying (a selector over thousands of objects
-    /// must not clone them all).
+    /// Like `list`, filtering under the lock (a selector over thousands of objects).
     pub fn list_where(
         &self,
         gv: &str,
         resource: &str,
         namespace: Option<&str>,
         keep: impl Fn(&Value) -> bool,
-    ) -> (Vec<Value>, u64) {
+    ) -> (Vec<Arc<Value>>, u64) {
         let inner = self.lock();
         // Keys sort by group/version, resource, namespace, name: a list is one range.
         let start = Key {
@@ -259,7 +307,7 @@ impl Store {
         )
     }
 
-    pub fn create(&self, key_base: &Key, mut obj: Value) -> Result<Value, StoreError> {
+    pub fn create(&self, key_base: &Key, mut obj: Value) -> Result<Arc<Value>, StoreError> {
         let mut inner = self.lock();
         let meta = ensure_meta(&mut obj);
         let mut name = meta
@@ -310,7 +358,8 @@ impl Store {
                 .kinds
                 .insert((key.gv.clone(), key.resource.clone()), kind.to_string());
         }
-        inner.objects.insert(key.clone(), obj.clone());
+        let obj = Arc::new(obj);
+        inner.put(&key, obj.clone());
         self.record(&mut inner, "ADDED", key, obj.clone());
         Ok(obj)
     }
@@ -322,7 +371,7 @@ impl Store {
         key: &Key,
         mut obj: Value,
         status_only: bool,
-    ) -> Result<Value, StoreError> {
+    ) -> Result<Arc<Value>, StoreError> {
         let mut inner = self.lock();
         let Some(old) = inner.objects.get(key).cloned() else {
             return Err(StoreError::NotFound(format!(
@@ -339,7 +388,7 @@ impl Store {
             )));
         }
         let mut next = if status_only {
-            let mut n = old.clone();
+            let mut n = (*old).clone();
             n["status"] = obj.get("status").cloned().unwrap_or(Value::Null);
             n
         } else {
@@ -375,12 +424,12 @@ impl Store {
             }
             obj
         };
-        if next == old {
+        if next == *old {
             return Ok(old);
         }
         inner.rv += 1;
         let rv = inner.rv;
-        if spec_part(&next) != spec_part(&old) {
+        if !same_spec(&next, &old) {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
             ensure_meta(&mut next).insert("generation".into(), json!(g));
         }
@@ -389,14 +438,15 @@ impl Store {
         let no_finalizers = next["metadata"]["finalizers"]
             .as_array()
             .is_none_or(Vec::is_empty);
+        let next = Arc::new(next);
         if deleting && no_finalizers {
-            inner.objects.remove(key);
+            inner.remove(key);
             self.record(&mut inner, "DELETED", key.clone(), next.clone());
             drop(inner);
             self.collect_garbage(&next);
             return Ok(next);
         }
-        inner.objects.insert(key.clone(), next.clone());
+        inner.put(key, next.clone());
         self.record(&mut inner, "MODIFIED", key.clone(), next.clone());
         Ok(next)
     }
@@ -407,8 +457,8 @@ impl Store {
         key: &Key,
         status_only: bool,
         f: impl FnOnce(&mut Value) -> Result<(), StoreError>,
-    ) -> Result<Value, StoreError> {
-        let mut obj = self.get(key)?;
+    ) -> Result<Arc<Value>, StoreError> {
+        let mut obj = (*self.get(key)?).clone();
         let rv = obj["metadata"]["resourceVersion"].clone();
         f(&mut obj)?;
         // A patch that names a resourceVersion must name the current one.
@@ -425,9 +475,9 @@ impl Store {
 
     /// Deletes, or marks for deletion while finalizers remain; dependents (by
     /// ownerReference) are collected after their owner goes.
-    pub fn delete(&self, key: &Key) -> Result<Value, StoreError> {
+    pub fn delete(&self, key: &Key) -> Result<Arc<Value>, StoreError> {
         let mut inner = self.lock();
-        let Some(mut obj) = inner.objects.get(key).cloned() else {
+        let Some(mut obj) = inner.objects.get(key).map(|o| (**o).clone()) else {
             return Err(StoreError::NotFound(format!(
                 "{} {:?}",
                 key.resource, key.name
@@ -443,11 +493,13 @@ impl Store {
             if obj["metadata"]["deletionTimestamp"].is_null() {
                 ensure_meta(&mut obj).insert("deletionTimestamp".into(), json!(now_rfc3339()));
             }
-            inner.objects.insert(key.clone(), obj.clone());
+            let obj = Arc::new(obj);
+            inner.put(key, obj.clone());
             self.record(&mut inner, "MODIFIED", key.clone(), obj.clone());
             return Ok(obj);
         }
-        inner.objects.remove(key);
+        let obj = Arc::new(obj);
+        inner.remove(key);
         self.record(&mut inner, "DELETED", key.clone(), obj.clone());
         drop(inner);
         self.collect_garbage(&obj);
@@ -460,15 +512,10 @@ impl Store {
         };
         let dependents: Vec<Key> = self
             .lock()
-            .objects
-            .iter()
-            .filter(|(_, v)| {
-                v["metadata"]["ownerReferences"]
-                    .as_array()
-                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+            .dependents
+            .get(uid)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
         for k in dependents {
             let _ = self.delete(&k);
         }
@@ -493,8 +540,8 @@ mod tests {
             )
             .expect("create");
         assert_eq!(created["metadata"]["generation"], 1);
-        let mut stale = created.clone();
-        let mut fresh = created.clone();
+        let mut stale = (*created).clone();
+        let mut fresh = (*created).clone();
         fresh["spec"]["replicas"] = json!(2);
         let updated = s.replace(&key("a"), fresh, false).expect("update");
         assert_eq!(updated["metadata"]["generation"], 2);
@@ -503,14 +550,14 @@ mod tests {
             s.replace(&key("a"), stale, false),
             Err(StoreError::Conflict(_))
         ));
-        let mut st = updated.clone();
+        let mut st = (*updated).clone();
         st["status"] = json!({"readyReplicas": 2});
         let after = s.replace(&key("a"), st, true).expect("status");
         assert_eq!(
             after["metadata"]["generation"], 2,
             "status does not bump generation"
         );
-        let mut sneaky = after.clone();
+        let mut sneaky = (*after).clone();
         sneaky["status"] = json!({"readyReplicas": 9});
         let after = s.replace(&key("a"), sneaky, false).expect("main write");
         assert_eq!(
@@ -548,5 +595,27 @@ mod tests {
                 .is_err(),
             "garbage collected"
         );
+    }
+
+    #[test]
+    fn collection_follows_owner_references_as_they_change() {
+        let s = Store::default();
+        let pod = |name: &str| Key::new("v1", "pods", Some("default"), name);
+        let a = s.create(&key(""), json!({"metadata": {"name": "a"}})).expect("a");
+        let b = s.create(&key(""), json!({"metadata": {"name": "b"}})).expect("b");
+        s.create(
+            &pod(""),
+            json!({"metadata": {"name": "p", "ownerReferences": [{"uid": a["metadata"]["uid"]}]}}),
+        )
+        .expect("pod");
+        s.modify(&pod("p"), false, |p| {
+            p["metadata"]["ownerReferences"] = json!([{"uid": b["metadata"]["uid"]}]);
+            Ok(())
+        })
+        .expect("adopted by b");
+        s.delete(&key("a")).expect("delete a");
+        assert!(s.get(&pod("p")).is_ok(), "no longer a's dependent");
+        s.delete(&key("b")).expect("delete b");
+        assert!(s.get(&pod("p")).is_err(), "collected with its new owner");
     }
 }
