@@ -470,28 +470,7 @@ async fn a_deployment_is_taken_over_without_a_moment_of_zero_ready_pods() {
         },
     )
     .await;
-    // Count ready pods continuously from here on.
-    let store = c.api.store.clone();
-    let watching = Arc::new(AtomicBool::new(true));
-    let w = watching.clone();
-    let min_ready = tokio::spawn(async move {
-        let mut min = usize::MAX;
-        while w.load(Ordering::SeqCst) {
-            let (pods, _) = store.list("v1", "pods", Some("default"));
-            let ready = pods
-                .iter()
-                .filter(|p| {
-                    p["status"]["conditions"].as_array().is_some_and(|c| {
-                        c.iter()
-                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                    })
-                })
-                .count();
-            min = min.min(ready);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        min
-    });
+    let (watching, min_ready) = min_ready_pods(&c);
     let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
     create(
         &rollouts,
@@ -523,6 +502,221 @@ async fn a_deployment_is_taken_over_without_a_moment_of_zero_ready_pods() {
             .get("baton.dev/taken-over-by")
             .map(String::as_str),
         Some("api")
+    );
+}
+
+/// Counts ready pods every 10 ms until the flag is cleared; answers the fewest seen.
+fn min_ready_pods(c: &Cluster) -> (Arc<AtomicBool>, tokio::task::JoinHandle<usize>) {
+    let store = c.api.store.clone();
+    let watching = Arc::new(AtomicBool::new(true));
+    let w = watching.clone();
+    let task = tokio::spawn(async move {
+        let mut min = usize::MAX;
+        while w.load(Ordering::SeqCst) {
+            let (pods, _) = store.list("v1", "pods", Some("default"));
+            let ready = pods
+                .iter()
+                .filter(|p| {
+                    p["status"]["conditions"].as_array().is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+                })
+                .count();
+            min = min.min(ready);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        min
+    });
+    (watching, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_singleton_surges_through_its_canary_and_an_hpa_scale_is_followed() {
+    let c = cluster().await;
+    // A signer-like singleton behind a PodDisruptionBudget that allows no disruption.
+    let pdbs: Api<DynamicObject> = Api::namespaced_with(
+        c.client.clone(),
+        "default",
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "policy",
+            "v1",
+            "PodDisruptionBudget",
+        )),
+    );
+    let pdb: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "signer"},
+        "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "web"}}},
+    }))
+    .expect("pdb");
+    pdbs.create(&PostParams::default(), &pdb)
+        .await
+        .expect("create pdb");
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    create(
+        &rollouts,
+        json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "web"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                     "template": template("registry.example/web:v1"),
+                     "strategy": {"canary": {"steps": [{"setWeight": 50}, {"pause": {"duration": "200ms"}}]}}},
+        }),
+    )
+    .await;
+    let (_ctx, _op) = operator(&c, "singleton");
+    wait_for(Duration::from_secs(20), "v1 healthy", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Healthy" && s["readyReplicas"] == 1).then_some(())
+    })
+    .await;
+    let (watching, min_ready) = min_ready_pods(&c);
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_for(Duration::from_secs(30), "v2 promoted", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Healthy" && s["stableVersion"] == "v2" && s["replicas"] == 1).then_some(())
+    })
+    .await;
+    watching.store(false, Ordering::SeqCst);
+    let min = min_ready.await.expect("watcher");
+    assert!(
+        min >= 1,
+        "the singleton had {min} ready pods during its canary: it must surge, never dip"
+    );
+
+    // An HPA scales through the scale subresource; the operator follows and leaves
+    // spec.replicas alone.
+    let scale = rollouts.get_scale("web").await.expect("scale");
+    let selector = scale.status.and_then(|s| s.selector).unwrap_or_default();
+    assert!(
+        selector.contains("app=web"),
+        "the scale subresource names the pods: {selector:?}"
+    );
+    rollouts
+        .patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .expect("hpa scales");
+    let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    wait_for(Duration::from_secs(20), "three ready pods", async || {
+        let s = status(&rollouts, "web").await;
+        (s["readyReplicas"] == 3).then_some(())
+    })
+    .await;
+    let s = status(&rollouts, "web").await;
+    let stable = s["stableRevision"].as_str().expect("stable").to_string();
+    let rs = rs_api
+        .get(&format!("web-{stable}"))
+        .await
+        .expect("stable rs");
+    assert_eq!(rs.spec.and_then(|s| s.replicas), Some(3));
+    let scale = rollouts.get_scale("web").await.expect("scale");
+    assert_eq!(
+        scale.spec.and_then(|s| s.replicas),
+        Some(3),
+        "the operator did not write its own replica count back"
+    );
+    assert_eq!(scale.status.map(|s| s.replicas), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_through_istio_virtual_service_weights_to_full_promotion() {
+    let c = cluster().await;
+    let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
+    for name in ["web-stable", "web-canary"] {
+        create(&services, json!({"metadata": {"name": name}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})).await;
+    }
+    let vss: Api<DynamicObject> = Api::namespaced_with(
+        c.client.clone(),
+        "default",
+        &baton_k8s::router::istio::api_resource(),
+    );
+    let vs: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "web"},
+        "spec": {"hosts": ["web.example"], "http": [{"route": [{"destination": {"host": "web-stable"}}]}]},
+    }))
+    .expect("virtual service");
+    vss.create(&PostParams::default(), &vs)
+        .await
+        .expect("create virtual service");
+    let url = metric_server(Arc::new(AtomicBool::new(false))).await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let mut ro = canary_rollout(
+        &url,
+        json!([{"setWeight": 30}, {"analysis": {"gates": ["errors"]}}, {"setWeight": 60}]),
+    );
+    ro["spec"]["strategy"]["canary"]["trafficRouting"] =
+        json!({"istio": {"virtualService": "web"}});
+    ro["spec"]["strategy"]["canary"]["canaryHeader"] =
+        json!({"name": "X-Canary", "value": "always"});
+    create(&rollouts, ro).await;
+    let (_ctx, _op) = operator(&c, "istio");
+    wait_for(Duration::from_secs(20), "v1 healthy", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Healthy" && s["stableVersion"] == "v1").then_some(())
+    })
+    .await;
+    let vs_now = || {
+        c.api
+            .store
+            .get(&Key::new(
+                "networking.istio.io/v1",
+                "virtualservices",
+                Some("default"),
+                "web",
+            ))
+            .expect("virtual service")
+    };
+    // The weighted route's canary share (the header route, when there, comes first).
+    let canary_share = |vs: &Value| {
+        vs["spec"]["http"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["name"] != "baton-canary-header")
+            .flat_map(|r| r["route"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["destination"]["host"] == "web-canary")
+            .and_then(|d| d["weight"].as_u64())
+            .unwrap_or(0)
+    };
+    // Without a route status to wait for, steps can pass faster than a poll: read
+    // every write to the VirtualService from the store's own feed instead.
+    let mut feed = c.api.store.subscribe();
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_for(Duration::from_secs(30), "v2 promoted", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Healthy" && s["stableVersion"] == "v2").then_some(())
+    })
+    .await;
+    let mut seen: Vec<u64> = Vec::new();
+    let mut saw_header = false;
+    while let Ok(change) = feed.try_recv() {
+        if change.key.resource != "virtualservices" {
+            continue;
+        }
+        let vs = &change.object;
+        let share = canary_share(vs);
+        if seen.last() != Some(&share) {
+            seen.push(share);
+        }
+        saw_header |= vs["spec"]["http"][0]["name"] == "baton-canary-header"
+            && vs["spec"]["http"][0]["match"][0]["headers"]["x-canary"]["exact"] == "always";
+    }
+    let shares: Vec<u64> = seen.iter().copied().filter(|w| *w > 0).collect();
+    assert_eq!(
+        shares,
+        vec![30, 60, 100],
+        "the VirtualService went through each step, then all to the canary: {seen:?}"
+    );
+    let vs = vs_now();
+    assert_eq!(canary_share(&vs), 0, "no share left on the canary host");
+    assert!(saw_header, "testers could reach the canary by header");
+    assert_ne!(
+        vs["spec"]["http"][0]["name"], "baton-canary-header",
+        "the header route is gone after promotion"
     );
 }
 

@@ -5,7 +5,7 @@
 //! scoped), resourceVersions, 409 on stale updates, list and watch (newline-delimited
 //! events, bookmarks, resuming from a resourceVersion, 410 when it is too old), label
 //! and field selectors, merge / strategic-merge (as merge) / JSON patches and
-//! server-side apply (as a merge that may create), the status subresource, finalizers
+//! server-side apply (as a merge that may create), the status and scale subresources, finalizers
 //! and ownerReference garbage collection. `sim` plays the cluster's part: ReplicaSets
 //! and Deployments get pods that become ready, routes get accepted, Jobs complete.
 //!

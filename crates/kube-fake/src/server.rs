@@ -159,6 +159,12 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             .map_err(|e| Box::new(status(400, "BadRequest", &format!("body is not JSON: {e}"))))
     };
     let status_only = t.sub.as_deref() == Some("status");
+    if t.sub.as_deref() == Some("scale")
+        && let Some(name) = t.name.clone()
+    {
+        let key = Key { name, ..t.base };
+        return scale(&store, &key, &method, &content_type, &body);
+    }
     match (method, t.name.clone()) {
         (Method::GET, None) => {
             let labels = match Selector::parse(param(&q, "labelSelector").unwrap_or("")) {
@@ -259,6 +265,67 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             "MethodNotAllowed",
             &format!("{m} is not supported here"),
         ),
+    }
+}
+
+/// The scale subresource (`autoscaling/v1` Scale), as an HPA uses it: replicas at
+/// `.spec.replicas` and `.status.replicas`, the selector at `.status.selector`.
+fn scale(
+    store: &Store,
+    key: &Key,
+    method: &Method,
+    content_type: &str,
+    body: &[u8],
+) -> Response<Body> {
+    let view = |o: &Value| {
+        json!({
+            "apiVersion": "autoscaling/v1", "kind": "Scale",
+            "metadata": {"name": o["metadata"]["name"], "namespace": o["metadata"]["namespace"],
+                         "resourceVersion": o["metadata"]["resourceVersion"]},
+            "spec": {"replicas": o["spec"]["replicas"].as_i64().unwrap_or(1)},
+            "status": {"replicas": o["status"]["replicas"].as_i64().unwrap_or(0),
+                       "selector": o["status"]["selector"]},
+        })
+    };
+    if *method == Method::GET {
+        return match store.get(key) {
+            Ok(o) => reply(200, &view(&o)),
+            Err(e) => err(e),
+        };
+    }
+    if !matches!(*method, Method::PUT | Method::PATCH) {
+        return status(405, "MethodNotAllowed", &format!("{method} on a scale"));
+    }
+    let given: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return status(400, "BadRequest", &format!("body is not JSON: {e}")),
+    };
+    let json_patch = content_type.starts_with("application/json-patch");
+    let put = *method == Method::PUT;
+    let result = store.modify(key, false, |o| {
+        let mut s = view(o);
+        if put {
+            s = given.clone();
+        } else if json_patch {
+            let p: json_patch::Patch = serde_json::from_value(given.clone())
+                .map_err(|e| StoreError::Invalid(format!("not a JSON patch: {e}")))?;
+            json_patch::patch(&mut s, &p).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        } else {
+            json_patch::merge(&mut s, &given);
+        }
+        let Some(n) = s["spec"]["replicas"].as_i64().filter(|n| *n >= 0) else {
+            return Err(StoreError::Invalid(
+                "spec.replicas: a whole number of at least 0 is required".into(),
+            ));
+        };
+        o["spec"]["replicas"] = json!(n);
+        // A resourceVersion in the Scale must be the object's current one.
+        o["metadata"]["resourceVersion"] = s["metadata"]["resourceVersion"].clone();
+        Ok(())
+    });
+    match result {
+        Ok(o) => reply(200, &view(&o)),
+        Err(e) => err(e),
     }
 }
 

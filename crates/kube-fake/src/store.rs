@@ -140,7 +140,9 @@ fn same_spec(a: &Value, b: &Value) -> bool {
     let spec = |k: &str| !matches!(k, "metadata" | "status" | "apiVersion" | "kind");
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
-            x.iter().filter(|(k, _)| spec(k)).all(|(k, v)| y.get(k) == Some(v))
+            x.iter()
+                .filter(|(k, _)| spec(k))
+                .all(|(k, v)| y.get(k) == Some(v))
                 && y.keys().filter(|k| spec(k)).all(|k| x.contains_key(k))
         }
         _ => a == b,
@@ -601,8 +603,12 @@ mod tests {
     fn collection_follows_owner_references_as_they_change() {
         let s = Store::default();
         let pod = |name: &str| Key::new("v1", "pods", Some("default"), name);
-        let a = s.create(&key(""), json!({"metadata": {"name": "a"}})).expect("a");
-        let b = s.create(&key(""), json!({"metadata": {"name": "b"}})).expect("b");
+        let a = s
+            .create(&key(""), json!({"metadata": {"name": "a"}}))
+            .expect("a");
+        let b = s
+            .create(&key(""), json!({"metadata": {"name": "b"}}))
+            .expect("b");
         s.create(
             &pod(""),
             json!({"metadata": {"name": "p", "ownerReferences": [{"uid": a["metadata"]["uid"]}]}}),
