@@ -3,6 +3,8 @@
 # (and straight to the backend), one after the other in one run; prints requests/s and
 # p50/p99 for each and Baton's ratio to each peer, as a Markdown table.
 # Usage: bench/proxy.sh [SECONDS] [CONNECTIONS]
+#   TARGETS="baton haproxy"   only these (default: direct baton haproxy nginx envoy)
+#   BATON_PREV=path/to/baton  also measure an earlier build of ours, as baton-prev
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -16,7 +18,9 @@ work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done; rm -rf "$work"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-backend=$(port); p_baton=$(port); p_haproxy=$(port); p_nginx=$(port); p_envoy=$(port)
+backend=$(port); p_baton=$(port); p_haproxy=$(port); p_nginx=$(port); p_envoy=$(port); p_prev=$(port)
+targets=${TARGETS:-direct baton haproxy nginx envoy}
+[ -n "${BATON_PREV:-}" ] && targets="$targets baton-prev"
 
 # The backend: nginx answering a fixed 2-byte body, 1 worker (the same for all).
 cat >"$work/backend.conf" <<CONF
@@ -28,9 +32,10 @@ CONF
 nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
 
 # Baton's proxy, driven over its control socket as `baton up` does.
-./target/release/baton proxy --control-socket "$work/proxy.sock" >"$work/baton.log" 2>&1 & pids+=($!)
-for _ in $(seq 100); do [ -S "$work/proxy.sock" ] && break; sleep 0.05; done
-python3 - "$work/proxy.sock" "$p_baton" "$backend" <<'PY'
+start_baton() { # binary socket port
+"$1" proxy --control-socket "$2" >"$2.log" 2>&1 & pids+=($!)
+for _ in $(seq 100); do [ -S "$2" ] && break; sleep 0.05; done
+python3 - "$2" "$3" "$backend" <<'PY'
 import json, socket, sys
 sock, listen, backend = sys.argv[1], sys.argv[2], sys.argv[3]
 table = {"op": "setTable", "table": {"version": 1, "services": [{"name": "bench", "listen": f"127.0.0.1:{listen}",
@@ -39,6 +44,12 @@ s = socket.socket(socket.AF_UNIX); s.connect(sock); s.sendall((json.dumps(table)
 answer = s.makefile().readline()
 assert '"ack"' in answer, answer
 PY
+}
+start_baton ./target/release/baton "$work/proxy.sock" "$p_baton"
+if [ -n "${BATON_PREV:-}" ]; then
+  cp "$BATON_PREV" "$work/baton-prev"
+  start_baton "$work/baton-prev" "$work/prev.sock" "$p_prev"
+fi
 
 # HAProxy: 2 threads, keep-alive to the backend.
 cat >"$work/haproxy.cfg" <<CONF
@@ -114,15 +125,15 @@ p50 = ms(re.search(r"\n\s+50%\s+(\S+)", t).group(1)); p99 = ms(re.search(r"\n\s+
 print(f"{rps:.0f} {p50:.3f} {p99:.3f}")' <"$work/$1.wrk" || { echo "wrk against $1 failed:" >&2; cat "$work/$1.wrk" >&2; exit 1; }
 }
 declare -A R
-for name in direct baton haproxy nginx envoy; do
-  case $name in direct) p=$backend;; baton) p=$p_baton;; haproxy) p=$p_haproxy;; nginx) p=$p_nginx;; envoy) p=$p_envoy;; esac
+for name in $targets; do
+  case $name in direct) p=$backend;; baton) p=$p_baton;; haproxy) p=$p_haproxy;; nginx) p=$p_nginx;; envoy) p=$p_envoy;; baton-prev) p=$p_prev;; esac
   run "$name" "$p" >/dev/null  # warm-up: connections, pools
   R[$name]=$(run "$name" "$p")
 done
 read -r b_rps b_p50 b_p99 <<<"${R[baton]}"
 echo "| target | requests/s | p50 (ms) | p99 (ms) | Baton's throughput ratio | Baton's p99 ratio |"
 echo "| --- | --- | --- | --- | --- | --- |"
-for name in direct baton haproxy nginx envoy; do
+for name in $targets; do
   read -r rps p50 p99 <<<"${R[$name]}"
   ratio=$(python3 -c "print(f'{$b_rps/$rps:.2f}x')")
   pratio=$(python3 -c "print(f'{$b_p99/$p99:.2f}x')")
