@@ -11,6 +11,7 @@
 pub mod control;
 pub mod handover;
 pub mod metrics;
+mod pool;
 pub mod table;
 pub mod websocket;
 
@@ -29,8 +30,6 @@ use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -282,24 +281,6 @@ fn start_workers(
             })?;
     }
     Ok((handles, stops))
-}
-
-thread_local! {
-    /// Each data-plane thread keeps its own pool of backend connections.
-    static CLIENT: Client<HttpConnector, Full<Bytes>> = {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .retry_canceled_requests(true)
-            .build(connector)
-    };
-}
-
-fn client() -> Client<HttpConnector, Full<Bytes>> {
-    CLIENT.with(Client::clone)
 }
 
 async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
@@ -594,7 +575,8 @@ async fn serve_connection<I>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(MAX_HEADER_BYTES);
+        .max_buf_size(MAX_HEADER_BYTES)
+        .writev(false);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -731,11 +713,20 @@ async fn route_request(
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         parts.headers.insert("x-forwarded-for", v);
     }
-    let path = parts
+    // Instances get the origin form; an HTTP/2 client's authority becomes the Host.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    let uri = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+        .cloned()
+        .map_or_else(|| hyper::Uri::from_static("/"), hyper::Uri::from);
 
     // The chosen revision's instances first, then the other revisions'.
     let mut order: Vec<usize> = vec![first];
@@ -765,14 +756,14 @@ async fn route_request(
                 break 'targets;
             }
             attempts += 1;
-            match forward(&shared, &parts, &body, &path, addr).await {
+            match forward(&shared, &parts, &body, &uri, addr).await {
                 Ok(resp) => {
                     target
                         .metrics
                         .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
                     shared.outcome(target, health, sick(resp.status()));
                     if let Some(c) = route.mirror(ti).filter(|_| idempotent(&parts.method)) {
-                        mirror(&shared, &route, c, &parts, &body, &path);
+                        mirror(&shared, &route, c, &parts, &body, &uri);
                     }
                     if resp.status().is_server_error() && shield_from(ti) {
                         shielded = Some(resp);
@@ -798,7 +789,7 @@ async fn route_request(
     if let (Some(canary_answer), Some(s)) = (shielded, stable) {
         let target = &route.targets[s];
         for (addr, _) in target.backends_from_next(&shared.outliers).take(2) {
-            if let Ok(resp) = forward(&shared, &parts, &body, &path, addr).await {
+            if let Ok(resp) = forward(&shared, &parts, &body, &uri, addr).await {
                 target
                     .metrics
                     .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
@@ -823,14 +814,14 @@ fn mirror(
     canary: usize,
     parts: &hyper::http::request::Parts,
     body: &Bytes,
-    path: &str,
+    uri: &hyper::Uri,
 ) {
-    let (shared, route, parts, body, path) = (
+    let (shared, route, parts, body, uri) = (
         shared.clone(),
         route.clone(),
         parts.clone(),
         body.clone(),
-        path.to_string(),
+        uri.clone(),
     );
     tokio::spawn(async move {
         let target = &route.targets[canary];
@@ -838,7 +829,7 @@ fn mirror(
             return;
         };
         let start = Instant::now();
-        let status = match forward(&shared, &parts, &body, &path, addr).await {
+        let status = match forward(&shared, &parts, &body, &uri, addr).await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 let _ = resp.into_body().collect().await;
@@ -998,7 +989,7 @@ async fn upgrade(
 #[derive(Debug, thiserror::Error)]
 enum AttemptError {
     #[error("{0}")]
-    Client(#[from] hyper_util::client::legacy::Error),
+    Send(#[from] pool::SendError),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
 }
@@ -1006,7 +997,7 @@ enum AttemptError {
 impl AttemptError {
     /// The request never left: it can go to another instance whatever its method.
     fn is_connect(&self) -> bool {
-        matches!(self, AttemptError::Client(e) if e.is_connect())
+        matches!(self, AttemptError::Send(e) if e.is_connect())
     }
 }
 
@@ -1015,17 +1006,20 @@ async fn forward(
     shared: &Shared,
     parts: &hyper::http::request::Parts,
     body: &Bytes,
-    path: &str,
+    uri: &hyper::Uri,
     addr: SocketAddr,
 ) -> Result<Response<ProxyBody>, AttemptError> {
     let mut out = Request::new(Full::new(body.clone()));
     *out.method_mut() = parts.method.clone();
     *out.headers_mut() = parts.headers.clone();
     *out.version_mut() = hyper::Version::HTTP_11;
-    if let Ok(uri) = format!("http://{addr}{path}").parse() {
-        *out.uri_mut() = uri;
+    *out.uri_mut() = uri.clone();
+    if !out.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&addr.to_string())
+    {
+        out.headers_mut().insert(header::HOST, v);
     }
-    let resp = tokio::time::timeout(shared.request_timeout, client().request(out))
+    let resp = tokio::time::timeout(shared.request_timeout, pool::send(addr, out))
         .await
         .map_err(|_| AttemptError::Timeout(shared.request_timeout))??;
     let (mut rp, rb) = resp.into_parts();
