@@ -569,7 +569,11 @@ async fn serve_connection<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move |req| handle(shared.clone(), addr, peer, req));
+    // Formatted once per connection, not per request.
+    let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).ok();
+    let svc = hyper::service::service_fn(move |req| {
+        handle(shared.clone(), addr, peer, peer_ip.clone(), req)
+    });
     let mut builder = AutoBuilder::new(TokioExecutor::new());
     builder
         .http1()
@@ -644,10 +648,11 @@ async fn handle(
     shared: Arc<Shared>,
     listen: SocketAddr,
     peer: SocketAddr,
+    peer_ip: Option<HeaderValue>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let h2 = req.version() == hyper::Version::HTTP_2;
-    let mut resp = route_request(&shared, listen, peer, req).await?;
+    let mut resp = route_request(shared.clone(), listen, peer, peer_ip, req).await?;
     if shared.stopping.load(Ordering::Relaxed) && !h2 {
         // Draining: the client closes this connection after this answer.
         resp.headers_mut()
@@ -657,12 +662,12 @@ async fn handle(
 }
 
 async fn route_request(
-    shared: &Arc<Shared>,
+    shared: Arc<Shared>,
     listen: SocketAddr,
     peer: SocketAddr,
+    peer_ip: Option<HeaderValue>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let shared = shared.clone();
     let start = Instant::now();
     let route = shared.table.load().routes.get(&listen).cloned();
     let Some(route) = route else {
@@ -707,10 +712,10 @@ async fn route_request(
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
     {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())).ok(),
+        None => peer_ip,
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Some(v) = forwarded {
         parts.headers.insert("x-forwarded-for", v);
     }
     // Instances get the origin form; an HTTP/2 client's authority becomes the Host.
