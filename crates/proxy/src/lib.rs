@@ -13,6 +13,7 @@ pub mod handover;
 pub mod metrics;
 mod pool;
 pub mod table;
+mod timer;
 pub mod websocket;
 
 use std::collections::HashMap;
@@ -30,7 +31,7 @@ use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -577,13 +578,13 @@ async fn serve_connection<I>(
     let mut builder = AutoBuilder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .timer(timer::CoarseTimer)
         .header_read_timeout(Duration::from_secs(30))
         .max_buf_size(MAX_HEADER_BYTES)
         .writev(false);
     builder
         .http2()
-        .timer(TokioTimer::new())
+        .timer(timer::CoarseTimer)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .keep_alive_interval(Duration::from_secs(20));
     let conn = builder.serve_connection_with_upgrades(io, svc);
