@@ -570,11 +570,13 @@ async fn serve_connection<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    // Formatted once per connection, not per request.
-    let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).ok();
-    let svc = hyper::service::service_fn(move |req| {
-        handle(shared.clone(), addr, peer, peer_ip.clone(), req)
+    let conn = Arc::new(Conn {
+        shared,
+        listen: addr,
+        peer,
+        peer_ip: HeaderValue::from_str(&peer.ip().to_string()).ok(),
     });
+    let svc = hyper::service::service_fn(move |req| handle(conn.clone(), req));
     let mut builder = AutoBuilder::new(TokioExecutor::new());
     builder
         .http1()
@@ -591,6 +593,8 @@ async fn serve_connection<I>(
     let _ = watcher.watch(conn.into_owned()).await;
 }
 
+const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
+
 const HOP_BY_HOP: [header::HeaderName; 7] = [
     header::CONNECTION,
     header::HeaderName::from_static("keep-alive"),
@@ -602,6 +606,11 @@ const HOP_BY_HOP: [header::HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over their few names is cheaper than seven
+    // hashed removals.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if let Some(list) = h
         .get(header::CONNECTION)
         .and_then(|v| v.to_str().ok())
@@ -645,15 +654,23 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-async fn handle(
+/// What every request on one client connection shares. Cloned per request instead of
+/// the process-wide state: its count lives on this connection's thread alone.
+struct Conn {
     shared: Arc<Shared>,
     listen: SocketAddr,
     peer: SocketAddr,
+    /// Formatted once per connection, not per request.
     peer_ip: Option<HeaderValue>,
+}
+
+async fn handle(
+    conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let h2 = req.version() == hyper::Version::HTTP_2;
-    let mut resp = route_request(shared.clone(), listen, peer, peer_ip, req).await?;
+    let shared = &conn.shared;
+    let mut resp = route_request(shared, conn.listen, conn.peer, conn.peer_ip.clone(), req).await?;
     if shared.stopping.load(Ordering::Relaxed) && !h2 {
         // Draining: the client closes this connection after this answer.
         resp.headers_mut()
@@ -663,7 +680,7 @@ async fn handle(
 }
 
 async fn route_request(
-    shared: Arc<Shared>,
+    shared: &Arc<Shared>,
     listen: SocketAddr,
     peer: SocketAddr,
     peer_ip: Option<HeaderValue>,
@@ -678,14 +695,22 @@ async fn route_request(
         ));
     };
     if is_upgrade(req.headers()) {
-        return Ok(upgrade(shared, route, req, peer).await);
+        return Ok(upgrade(shared.clone(), route, req, peer).await);
     }
     let (mut parts, body) = req.into_parts();
     let Some(first) = route.pick(&parts.headers) else {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "no ready instance"));
     };
-    let body = match Limited::new(body, shared.max_body).collect().await {
-        Ok(b) => b.to_bytes(),
+    let collected = if hyper::body::Body::is_end_stream(&body) {
+        Ok(Bytes::new())
+    } else {
+        Limited::new(body, shared.max_body)
+            .collect()
+            .await
+            .map(http_body_util::Collected::to_bytes)
+    };
+    let body = match collected {
+        Ok(b) => b,
         Err(e) => {
             let too_big = e
                 .downcast_ref::<http_body_util::LengthLimitError>()
@@ -710,14 +735,14 @@ async fn route_request(
     strip_hop_by_hop(&mut parts.headers);
     let forwarded = match parts
         .headers
-        .get("x-forwarded-for")
+        .get(&X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
     {
         Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())).ok(),
         None => peer_ip,
     };
     if let Some(v) = forwarded {
-        parts.headers.insert("x-forwarded-for", v);
+        parts.headers.insert(X_FORWARDED_FOR, v);
     }
     // Instances get the origin form; an HTTP/2 client's authority becomes the Host.
     if !parts.headers.contains_key(header::HOST)
@@ -762,14 +787,14 @@ async fn route_request(
                 break 'targets;
             }
             attempts += 1;
-            match forward(&shared, &parts, &body, &uri, addr).await {
+            match forward(shared, &parts, &body, &uri, addr).await {
                 Ok(resp) => {
                     target
                         .metrics
                         .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
                     shared.outcome(target, health, sick(resp.status()));
                     if let Some(c) = route.mirror(ti).filter(|_| idempotent(&parts.method)) {
-                        mirror(&shared, &route, c, &parts, &body, &uri);
+                        mirror(shared, &route, c, &parts, &body, &uri);
                     }
                     if resp.status().is_server_error() && shield_from(ti) {
                         shielded = Some(resp);
@@ -795,7 +820,7 @@ async fn route_request(
     if let (Some(canary_answer), Some(s)) = (shielded, stable) {
         let target = &route.targets[s];
         for (addr, _) in target.backends_from_next(&shared.outliers).take(2) {
-            if let Ok(resp) = forward(&shared, &parts, &body, &uri, addr).await {
+            if let Ok(resp) = forward(shared, &parts, &body, &uri, addr).await {
                 target
                     .metrics
                     .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
@@ -937,7 +962,7 @@ async fn upgrade(
     }));
     let mut headers = req.headers().clone();
     if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-        headers.append("x-forwarded-for", v);
+        headers.append(X_FORWARDED_FOR, v);
     }
     let path = req
         .uri()

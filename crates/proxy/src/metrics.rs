@@ -15,8 +15,25 @@ pub const BUCKETS: [f64; 24] = [
     0.8, 0.9, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,
 ];
 
+/// Counter sets per revision, one used by each data-plane thread (by a thread's
+/// index modulo this), so that threads never write to the same cache line: shared
+/// counters bounced between the cores on every request.
+const SHARDS: usize = 8;
+
+static NEXT_SHARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+thread_local! {
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+}
+
 #[derive(Default)]
 pub struct RevisionMetrics {
+    shards: [Shard; SHARDS],
+}
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard {
     /// Responses by status class: 1xx..5xx.
     classes: [AtomicU64; 5],
     /// Requests that reached no instance at all (answered 502 by the proxy).
@@ -33,42 +50,50 @@ pub struct RevisionMetrics {
 }
 
 impl RevisionMetrics {
+    fn mine(&self) -> &Shard {
+        &self.shards[SHARD.with(|i| *i)]
+    }
     pub fn observe(&self, status: u16, seconds: f64) {
+        let me = self.mine();
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
-        self.classes[class].fetch_add(1, Ordering::Relaxed);
+        me.classes[class].fetch_add(1, Ordering::Relaxed);
         let i = BUCKETS
             .iter()
             .position(|b| seconds <= *b)
             .unwrap_or(BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
+        me.buckets[i].fetch_add(1, Ordering::Relaxed);
+        me.sum_micros
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
     pub fn upstream_error(&self) {
-        self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        self.mine().upstream_errors.fetch_add(1, Ordering::Relaxed);
     }
     pub fn retry(&self) {
-        self.retries.fetch_add(1, Ordering::Relaxed);
+        self.mine().retries.fetch_add(1, Ordering::Relaxed);
     }
     pub fn ejection(&self) {
-        self.ejections.fetch_add(1, Ordering::Relaxed);
+        self.mine().ejections.fetch_add(1, Ordering::Relaxed);
     }
     pub fn mirrored(&self) {
-        self.mirrored.fetch_add(1, Ordering::Relaxed);
+        self.mine().mirrored.fetch_add(1, Ordering::Relaxed);
     }
     pub fn snapshot(&self) -> RevisionStats {
-        RevisionStats {
-            classes: std::array::from_fn(|i| self.classes[i].load(Ordering::Relaxed)),
-            upstream_errors: self.upstream_errors.load(Ordering::Relaxed),
-            retries: self.retries.load(Ordering::Relaxed),
-            ejections: self.ejections.load(Ordering::Relaxed),
-            mirrored: self.mirrored.load(Ordering::Relaxed),
-            buckets: self
-                .buckets
+        let sum = |f: &dyn Fn(&Shard) -> &AtomicU64| -> u64 {
+            self.shards
                 .iter()
-                .map(|b| b.load(Ordering::Relaxed))
+                .map(|s| f(s).load(Ordering::Relaxed))
+                .sum()
+        };
+        RevisionStats {
+            classes: std::array::from_fn(|i| sum(&|s| &s.classes[i])),
+            upstream_errors: sum(&|s| &s.upstream_errors),
+            retries: sum(&|s| &s.retries),
+            ejections: sum(&|s| &s.ejections),
+            mirrored: sum(&|s| &s.mirrored),
+            buckets: (0..=BUCKETS.len())
+                .map(|i| sum(&|s| &s.buckets[i]))
                 .collect(),
-            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            sum_seconds: sum(&|s| &s.sum_micros) as f64 / 1e6,
         }
     }
 }
@@ -166,7 +191,9 @@ impl Metrics {
     pub fn seed(&self, from: &StatsSnapshot) {
         for (svc, revs) in from {
             for (rev, s) in revs {
-                let m = self.revision(svc, rev);
+                let r = self.revision(svc, rev);
+                // Carried over whole into one shard; snapshots sum the shards.
+                let m = &r.shards[0];
                 for (i, n) in s.classes.iter().enumerate() {
                     m.classes[i].store(*n, Ordering::Relaxed);
                 }

@@ -144,14 +144,20 @@ impl Outliers {
         if n >= self.after && !self.ejected(h) {
             h.ejected_until_ms
                 .store(self.now_ms() + self.eject_ms, Ordering::Relaxed);
-            h.consecutive.store(0, Ordering::Relaxed);
+            // Read first: a store on every success would pull the line from other cores.
+            if h.consecutive.load(Ordering::Relaxed) != 0 {
+                h.consecutive.store(0, Ordering::Relaxed);
+            }
             return true;
         }
         false
     }
 
     pub fn succeeded(&self, h: &BackendHealth) {
-        h.consecutive.store(0, Ordering::Relaxed);
+        // Read first: a store on every success would pull the line from other cores.
+        if h.consecutive.load(Ordering::Relaxed) != 0 {
+            h.consecutive.store(0, Ordering::Relaxed);
+        }
     }
 }
 
@@ -172,8 +178,13 @@ impl Target {
         &'a self,
         outliers: &'a Outliers,
     ) -> impl Iterator<Item = (SocketAddr, &'a BackendHealth)> + 'a {
-        let n = self.next.fetch_add(1, Ordering::Relaxed) as usize;
         let len = self.backends.len();
+        // One instance: no rotation, and no shared counter to bump.
+        let n = if len > 1 {
+            self.next.fetch_add(1, Ordering::Relaxed) as usize
+        } else {
+            0
+        };
         let all_out = self.health.iter().all(|h| outliers.ejected(h));
         (0..len)
             .map(move |k| (n + k) % len)
