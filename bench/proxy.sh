@@ -5,6 +5,9 @@
 # Usage: bench/proxy.sh [SECONDS] [CONNECTIONS]
 #   TARGETS="baton haproxy"   only these (default: direct baton haproxy nginx envoy)
 #   BATON_PREV=path/to/baton  also measure an earlier build of ours, as baton-prev
+#   ROUNDS=3                  runs per target, interleaved; the table shows medians
+# CPU per request is the proxy's own processes' user+system time over the run,
+# divided by the requests served (from /proc; what the proxy costs the machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -31,9 +34,10 @@ http { access_log off; keepalive_requests 1000000;
 CONF
 nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
 
+declare -A PID  # target -> process whose CPU time (with its children's) is counted
 # Baton's proxy, driven over its control socket as `baton up` does.
 start_baton() { # binary socket port
-"$1" proxy --control-socket "$2" >"$2.log" 2>&1 & pids+=($!)
+"$1" proxy --control-socket "$2" >"$2.log" 2>&1 & pids+=($!); PID[$4]=$!
 for _ in $(seq 100); do [ -S "$2" ] && break; sleep 0.05; done
 python3 - "$2" "$3" "$backend" <<'PY'
 import json, socket, sys
@@ -45,10 +49,10 @@ answer = s.makefile().readline()
 assert '"ack"' in answer, answer
 PY
 }
-start_baton ./target/release/baton "$work/proxy.sock" "$p_baton"
+start_baton ./target/release/baton "$work/proxy.sock" "$p_baton" baton
 if [ -n "${BATON_PREV:-}" ]; then
   cp "$BATON_PREV" "$work/baton-prev"
-  start_baton "$work/baton-prev" "$work/prev.sock" "$p_prev"
+  start_baton "$work/baton-prev" "$work/prev.sock" "$p_prev" baton-prev
 fi
 
 # HAProxy: 2 threads, keep-alive to the backend.
@@ -69,7 +73,7 @@ backend b
   http-reuse always
   server s1 127.0.0.1:$backend
 CONF
-haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!)
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!); PID[haproxy]=$!
 
 # nginx as a proxy: 2 workers, keep-alive upstream.
 cat >"$work/proxy.conf" <<CONF
@@ -80,7 +84,7 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$p_nginx;
     location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
-nginx -c "$work/proxy.conf" -p "$work" & pids+=($!)
+nginx -c "$work/proxy.conf" -p "$work" & pids+=($!); PID[nginx]=$!
 
 # Envoy: 2 worker threads, the same backend as a static cluster.
 cat >"$work/envoy.yaml" <<CONF
@@ -108,12 +112,19 @@ static_resources:
       cluster_name: backend
       endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $backend } } } }] }]
 CONF
-envoy -c "$work/envoy.yaml" --concurrency 2 --log-level error >"$work/envoy.log" 2>&1 & pids+=($!)
+envoy -c "$work/envoy.yaml" --concurrency 2 --log-level error >"$work/envoy.log" 2>&1 & pids+=($!); PID[envoy]=$!
 for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $p_envoy), 0.2)" 2>/dev/null && break; sleep 0.1; done
 sleep 1
 
-run() { # name port -> "rps p50 p99"
+ticks() { # pid -> clock ticks of user+system time of it, its threads and its children
+  local all; all="$1 $(pgrep -P "$1" | tr '\n' ' ')"
+  for p in $all; do cat /proc/"$p"/task/*/stat 2>/dev/null; done | awk '{t += $14 + $15} END {print t + 0}'
+}
+run() { # name port -> "rps p50 p99 cpu_us_per_request"
+  local t0=0 t1=0
+  [ -n "${PID[$1]:-}" ] && t0=$(ticks "${PID[$1]}")
   wrk -t2 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:$2/" >"$work/$1.wrk" 2>&1 || true
+  [ -n "${PID[$1]:-}" ] && t1=$(ticks "${PID[$1]}")
   python3 -c '
 import re, sys
 t = sys.stdin.read()
@@ -121,22 +132,39 @@ def ms(v):
     n, u = re.match(r"([\d.]+)(\w+)", v).groups(); n = float(n)
     return n * {"us": 0.001, "ms": 1, "s": 1000}[u]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+n = int(re.search(r"(\d+) requests in", t).group(1))
 p50 = ms(re.search(r"\n\s+50%\s+(\S+)", t).group(1)); p99 = ms(re.search(r"\n\s+99%\s+(\S+)", t).group(1))
-print(f"{rps:.0f} {p50:.3f} {p99:.3f}")' <"$work/$1.wrk" || { echo "wrk against $1 failed:" >&2; cat "$work/$1.wrk" >&2; exit 1; }
+ticks = int(sys.argv[2]) - int(sys.argv[1]); hz = int(sys.argv[3])
+cpu = f"{ticks / hz * 1e6 / n:.2f}" if ticks > 0 else "-"
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {cpu}")' "$t0" "$t1" "$(getconf CLK_TCK)" <"$work/$1.wrk" || { echo "wrk against $1 failed:" >&2; cat "$work/$1.wrk" >&2; exit 1; }
 }
+port_of() {
+  case $1 in direct) echo $backend;; baton) echo $p_baton;; haproxy) echo $p_haproxy;; nginx) echo $p_nginx;; envoy) echo $p_envoy;; baton-prev) echo $p_prev;; esac
+}
+rounds=${ROUNDS:-1}
+for name in $targets; do run "$name" "$(port_of $name)" >/dev/null; done  # warm-up: connections, pools
+for r in $(seq "$rounds"); do
+  for name in $targets; do
+    run "$name" "$(port_of $name)" >>"$work/$name.runs"
+  done
+done
 declare -A R
 for name in $targets; do
-  case $name in direct) p=$backend;; baton) p=$p_baton;; haproxy) p=$p_haproxy;; nginx) p=$p_nginx;; envoy) p=$p_envoy;; baton-prev) p=$p_prev;; esac
-  run "$name" "$p" >/dev/null  # warm-up: connections, pools
-  R[$name]=$(run "$name" "$p")
+  R[$name]=$(python3 -c '
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+med = lambda i: statistics.median(float(r[i]) for r in rows)
+cpu = [float(r[3]) for r in rows if r[3] != "-"]
+print(f"{med(0):.0f} {med(1):.3f} {med(2):.3f} " + (f"{statistics.median(cpu):.2f}" if cpu else "-"))' "$work/$name.runs")
 done
-read -r b_rps b_p50 b_p99 <<<"${R[baton]}"
-echo "| target | requests/s | p50 (ms) | p99 (ms) | Baton's throughput ratio | Baton's p99 ratio |"
-echo "| --- | --- | --- | --- | --- | --- |"
+read -r b_rps b_p50 b_p99 b_cpu <<<"${R[baton]}"
+echo "| target | requests/s | p50 (ms) | p99 (ms) | CPU µs per request | Baton's throughput ratio | Baton's p99 ratio | Baton's CPU ratio |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for name in $targets; do
-  read -r rps p50 p99 <<<"${R[$name]}"
+  read -r rps p50 p99 cpu <<<"${R[$name]}"
   ratio=$(python3 -c "print(f'{$b_rps/$rps:.2f}x')")
   pratio=$(python3 -c "print(f'{$b_p99/$p99:.2f}x')")
-  [ $name = baton ] && { ratio="—"; pratio="—"; }
-  echo "| $name | $rps | $p50 | $p99 | $ratio | $pratio |"
+  cratio=$(python3 -c "print(f'{$b_cpu/$cpu:.2f}x' if '$cpu' != '-' else '—')")
+  [ $name = baton ] && { ratio="—"; pratio="—"; cratio="—"; }
+  echo "| $name | $rps | $p50 | $p99 | $cpu | $ratio | $pratio | $cratio |"
 done

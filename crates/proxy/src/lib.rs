@@ -620,8 +620,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(name.trim());
         }
     }
+    // Only those present (usually `Connection` alone).
     for name in &HOP_BY_HOP {
-        h.remove(name);
+        if h.contains_key(name) {
+            h.remove(name);
+        }
     }
 }
 
