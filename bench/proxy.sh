@@ -164,7 +164,7 @@ for name in $targets; do
   read -r rps p50 p99 cpu <<<"${R[$name]}"
   ratio=$(python3 -c "print(f'{$b_rps/$rps:.2f}x')")
   pratio=$(python3 -c "print(f'{$b_p99/$p99:.2f}x')")
-  cratio=$(python3 -c "print(f'{$b_cpu/$cpu:.2f}x' if '$cpu' != '-' else '—')")
+  cratio=$(python3 -c "c = '$cpu'; print(f'{$b_cpu / float(c):.2f}x' if c != '-' else '—')")
   [ $name = baton ] && { ratio="—"; pratio="—"; cratio="—"; }
   echo "| $name | $rps | $p50 | $p99 | $cpu | $ratio | $pratio | $cratio |"
 done
