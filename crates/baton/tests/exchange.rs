@@ -47,10 +47,27 @@ fn exchange_rollouts_lose_and_double_nothing() {
         .expect("run baton demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    if !out.status.success() {
+        // The work dir goes with the test: keep what explains a failure.
+        let tail = |name: &str| {
+            let text = std::fs::read_to_string(dir.path().join("demo/.baton").join(name))
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        let audit = Command::new(common::baton_bin())
+            .args(["audit", "--dir"])
+            .arg(dir.path().join("demo/.baton"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let audit: Vec<&str> = audit.lines().collect();
+        panic!(
+            "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nproxy.log (tail):\n{}\naudit (tail):\n{}",
+            tail("proxy.log"),
+            audit[audit.len().saturating_sub(30)..].join("\n")
+        );
+    }
     let s: serde_json::Value = serde_json::from_str(&stdout).expect("summary json");
     let n = |k: &str| {
         s[k].as_u64()
