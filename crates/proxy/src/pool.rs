@@ -26,8 +26,18 @@ type Sender = SendRequest<Full<Bytes>>;
 const MAX_IDLE_PER_ADDR: usize = 512;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Every this many check-ins, closed connections are dropped from every list and
+/// empty lists with them: instances that left routing are never checked out again.
+const SWEEP_EVERY: u32 = 4096;
+
+#[derive(Default)]
+struct Pool {
+    idle: HashMap<SocketAddr, Vec<Sender>>,
+    checkins: u32,
+}
+
 thread_local! {
-    static POOL: RefCell<HashMap<SocketAddr, Vec<Sender>>> = RefCell::new(HashMap::new());
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +62,7 @@ impl SendError {
 fn checkout(addr: SocketAddr) -> Option<Sender> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let list = pool.get_mut(&addr)?;
+        let list = pool.idle.get_mut(&addr)?;
         let mut i = list.len();
         while i > 0 {
             i -= 1;
@@ -72,10 +82,21 @@ fn checkin(addr: SocketAddr, sender: Sender) {
     }
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let list = pool.entry(addr).or_default();
+        pool.checkins = pool.checkins.wrapping_add(1);
+        if pool.checkins % SWEEP_EVERY == 0 {
+            sweep(&mut pool);
+        }
+        let list = pool.idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
             list.push(sender);
         }
+    });
+}
+
+fn sweep(pool: &mut Pool) {
+    pool.idle.retain(|_, list| {
+        list.retain(|s| !s.is_closed());
+        !list.is_empty()
     });
 }
 
@@ -196,6 +217,50 @@ mod tests {
             conns.load(Ordering::SeqCst),
             2,
             "sequential requests reuse the pooled connections"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn connections_the_instance_closed_are_swept_with_their_address() {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Answers one request, then closes the connection when told to.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (close, closing) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut chunk).await.expect("read");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .expect("write");
+            let _ = closing.await;
+        });
+        let r = send(addr, get()).await.expect("answer");
+        r.into_body().collect().await.expect("body");
+        let listed = || POOL.with(|p| p.borrow().idle.get(&addr).map_or(0, Vec::len));
+        assert_eq!(listed(), 1, "kept for the next request");
+        close.send(()).expect("close");
+        let closed = || POOL.with(|p| p.borrow().idle[&addr].iter().all(|s| s.is_closed()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !closed() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        POOL.with(|p| sweep(&mut p.borrow_mut()));
+        assert!(
+            POOL.with(|p| !p.borrow().idle.contains_key(&addr)),
+            "the address went with its last connection"
         );
     }
 
