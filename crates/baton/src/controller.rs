@@ -288,6 +288,8 @@ fn claim_directory(paths: &Paths) -> Result<()> {
     let me = std::process::id();
     let start = baton_local::process::start_time(me).unwrap_or(0);
     std::fs::write(paths.controller_pid(), format!("{me}:{start}"))?;
+    // A dead controller's address would send clients to nobody until ours is written.
+    let _ = std::fs::remove_file(paths.api_addr());
     Ok(())
 }
 
