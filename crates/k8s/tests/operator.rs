@@ -151,11 +151,16 @@ async fn route_weights(c: &Cluster) -> (u64, u64) {
     (w("web-stable"), w("web-canary"))
 }
 
-async fn gateway_fixture(c: &Cluster) {
+/// The stable and canary Services a canary's router points at.
+async fn canary_services(c: &Cluster) {
     let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
     for name in ["web-stable", "web-canary"] {
         create(&services, json!({"metadata": {"name": name}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})).await;
     }
+}
+
+async fn gateway_fixture(c: &Cluster) {
+    canary_services(c).await;
     let routes: Api<DynamicObject> = Api::namespaced_with(
         c.client.clone(),
         "default",
@@ -624,10 +629,7 @@ async fn a_singleton_surges_through_its_canary_and_an_hpa_scale_is_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_through_istio_virtual_service_weights_to_full_promotion() {
     let c = cluster().await;
-    let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
-    for name in ["web-stable", "web-canary"] {
-        create(&services, json!({"metadata": {"name": name}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})).await;
-    }
+    canary_services(&c).await;
     let vss: Api<DynamicObject> = Api::namespaced_with(
         c.client.clone(),
         "default",
