@@ -241,15 +241,7 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
                 };
             }
             let result = store.modify(&key, status_only, |obj| {
-                if content_type.starts_with("application/json-patch") {
-                    let p: json_patch::Patch = serde_json::from_value(patch.clone())
-                        .map_err(|e| StoreError::Invalid(format!("not a JSON patch: {e}")))?;
-                    json_patch::patch(obj, &p).map_err(|e| StoreError::Invalid(e.to_string()))
-                } else {
-                    // merge-patch, strategic-merge-patch and apply: a JSON merge patch here.
-                    json_patch::merge(obj, &patch);
-                    Ok(())
-                }
+                apply_patch(obj, &content_type, &patch)
             });
             match result {
                 Ok(v) => reply(200, &v),
@@ -265,6 +257,18 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             "MethodNotAllowed",
             &format!("{m} is not supported here"),
         ),
+    }
+}
+
+/// A JSON patch, or for merge-patch, strategic-merge-patch and apply a JSON merge patch.
+fn apply_patch(target: &mut Value, content_type: &str, patch: &Value) -> Result<(), StoreError> {
+    if content_type.starts_with("application/json-patch") {
+        let p: json_patch::Patch = serde_json::from_value(patch.clone())
+            .map_err(|e| StoreError::Invalid(format!("not a JSON patch: {e}")))?;
+        json_patch::patch(target, &p).map_err(|e| StoreError::Invalid(e.to_string()))
+    } else {
+        json_patch::merge(target, patch);
+        Ok(())
     }
 }
 
@@ -300,18 +304,13 @@ fn scale(
         Ok(v) => v,
         Err(e) => return status(400, "BadRequest", &format!("body is not JSON: {e}")),
     };
-    let json_patch = content_type.starts_with("application/json-patch");
     let put = *method == Method::PUT;
     let result = store.modify(key, false, |o| {
         let mut s = view(o);
         if put {
             s = given.clone();
-        } else if json_patch {
-            let p: json_patch::Patch = serde_json::from_value(given.clone())
-                .map_err(|e| StoreError::Invalid(format!("not a JSON patch: {e}")))?;
-            json_patch::patch(&mut s, &p).map_err(|e| StoreError::Invalid(e.to_string()))?;
         } else {
-            json_patch::merge(&mut s, &given);
+            apply_patch(&mut s, content_type, &given)?;
         }
         let Some(n) = s["spec"]["replicas"].as_i64().filter(|n| *n >= 0) else {
             return Err(StoreError::Invalid(
