@@ -454,25 +454,34 @@ impl Store {
     }
 
     /// Applies a change function to the current object and replaces it (for patches).
+    /// A write that lands between the read and the replace makes it start over with
+    /// the newer object, as the API server does for a patch that names no
+    /// resourceVersion; one that names an older version than the current gets 409.
     pub fn modify(
         &self,
         key: &Key,
         status_only: bool,
-        f: impl FnOnce(&mut Value) -> Result<(), StoreError>,
+        mut f: impl FnMut(&mut Value) -> Result<(), StoreError>,
     ) -> Result<Arc<Value>, StoreError> {
-        let mut obj = (*self.get(key)?).clone();
-        let rv = obj["metadata"]["resourceVersion"].clone();
-        f(&mut obj)?;
-        // A patch that names a resourceVersion must name the current one.
-        let given = obj["metadata"]["resourceVersion"].clone();
-        if given != rv && !given.is_null() {
-            return Err(StoreError::Conflict(format!(
-                "{} {:?}",
-                key.resource, key.name
-            )));
+        let mut attempts = 0;
+        loop {
+            let mut obj = (*self.get(key)?).clone();
+            let rv = obj["metadata"]["resourceVersion"].clone();
+            f(&mut obj)?;
+            // A patch that names a resourceVersion must name the current one.
+            let given = obj["metadata"]["resourceVersion"].clone();
+            if given != rv && !given.is_null() {
+                return Err(StoreError::Conflict(format!(
+                    "{} {:?}",
+                    key.resource, key.name
+                )));
+            }
+            ensure_meta(&mut obj).insert("resourceVersion".into(), rv);
+            match self.replace(key, obj, status_only) {
+                Err(StoreError::Conflict(_)) if attempts < 100 => attempts += 1,
+                other => return other,
+            }
         }
-        ensure_meta(&mut obj).insert("resourceVersion".into(), rv);
-        self.replace(key, obj, status_only)
     }
 
     /// Deletes, or marks for deletion while finalizers remain; dependents (by
