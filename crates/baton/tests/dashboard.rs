@@ -273,8 +273,11 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
         serde_json::json!("yes"),
         "the page was never reloaded"
     );
-    let weights = text_of(&c, "#weights").await.unwrap_or_default();
-    assert!(weights.contains("80 %"), "{weights}");
+    eventually(Duration::from_secs(15), "the weights at 80 %", async || {
+        let weights = text_of(&c, "#weights").await?;
+        weights.contains("80 %").then_some(())
+    })
+    .await;
     // The bars are drawn to scale: the canary's fills 80 % of its track.
     let share = c
         .execute(
