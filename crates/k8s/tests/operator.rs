@@ -201,6 +201,19 @@ fn canary_rollout(metric_url: &str, steps: Value) -> Value {
     })
 }
 
+/// Waits until `web` is Healthy with `version` stable.
+async fn wait_healthy(api: &Api<Rollout>, version: &str) {
+    wait_for(
+        Duration::from_secs(20),
+        &format!("{version} healthy"),
+        async || {
+            let s = status(api, "web").await;
+            (s["phase"] == "Healthy" && s["stableVersion"] == version).then_some(())
+        },
+    )
+    .await;
+}
+
 async fn set_image(api: &Api<Rollout>, image: &str) {
     let patch = json!({"spec": {"template": template(image)}});
     api.patch("web", &PatchParams::default(), &Patch::Merge(patch))
@@ -220,11 +233,7 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
         json!({"name": "X-Canary", "value": "always"});
     create(&rollouts, ro).await;
     let (_ctx, _op) = operator(&c, "test-0");
-    wait_for(Duration::from_secs(20), "v1 healthy", async || {
-        let s = status(&rollouts, "web").await;
-        (s["phase"] == "Healthy" && s["stableVersion"] == "v1").then_some(())
-    })
-    .await;
+    wait_healthy(&rollouts, "v1").await;
 
     set_image(&rollouts, "registry.example/web:v2").await;
     // Watch the route: the canary's share only ever grows through the steps, and the
@@ -653,11 +662,7 @@ async fn a_canary_through_istio_virtual_service_weights_to_full_promotion() {
         json!({"name": "X-Canary", "value": "always"});
     create(&rollouts, ro).await;
     let (_ctx, _op) = operator(&c, "istio");
-    wait_for(Duration::from_secs(20), "v1 healthy", async || {
-        let s = status(&rollouts, "web").await;
-        (s["phase"] == "Healthy" && s["stableVersion"] == "v1").then_some(())
-    })
-    .await;
+    wait_healthy(&rollouts, "v1").await;
     let vs_now = || {
         c.api
             .store
