@@ -9,6 +9,7 @@
 //! so that a request whose connection failed can be sent again to another instance.
 
 pub mod control;
+mod h1;
 pub mod handover;
 pub mod metrics;
 mod pool;
@@ -49,7 +50,7 @@ pub use table::{RevisionRoute, RoutingTable, ServiceRoute, routed};
 use metrics::Metrics;
 use table::Compiled;
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+type ProxyBody = BoxBody<Bytes, h1::BoxError>;
 
 /// At most this many instances are tried for one request.
 const MAX_ATTEMPTS: usize = 4;
@@ -756,11 +757,6 @@ async fn route_request(
     {
         parts.headers.insert(header::HOST, v);
     }
-    let uri = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .map_or_else(|| hyper::Uri::from_static("/"), hyper::Uri::from);
 
     // The chosen revision's instances first, then the other revisions'.
     let mut order: Vec<usize> = vec![first];
@@ -790,14 +786,14 @@ async fn route_request(
                 break 'targets;
             }
             attempts += 1;
-            match forward(shared, &parts, &body, &uri, addr).await {
+            match forward(shared, &parts, &body, addr).await {
                 Ok(resp) => {
                     target
                         .metrics
                         .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
                     shared.outcome(target, health, sick(resp.status()));
                     if let Some(c) = route.mirror(ti).filter(|_| idempotent(&parts.method)) {
-                        mirror(shared, &route, c, &parts, &body, &uri);
+                        mirror(shared, &route, c, &parts, &body);
                     }
                     if resp.status().is_server_error() && shield_from(ti) {
                         shielded = Some(resp);
@@ -823,7 +819,7 @@ async fn route_request(
     if let (Some(canary_answer), Some(s)) = (shielded, stable) {
         let target = &route.targets[s];
         for (addr, _) in target.backends_from_next(&shared.outliers).take(2) {
-            if let Ok(resp) = forward(shared, &parts, &body, &uri, addr).await {
+            if let Ok(resp) = forward(shared, &parts, &body, addr).await {
                 target
                     .metrics
                     .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
@@ -848,22 +844,15 @@ fn mirror(
     canary: usize,
     parts: &hyper::http::request::Parts,
     body: &Bytes,
-    uri: &hyper::Uri,
 ) {
-    let (shared, route, parts, body, uri) = (
-        shared.clone(),
-        route.clone(),
-        parts.clone(),
-        body.clone(),
-        uri.clone(),
-    );
+    let (shared, route, parts, body) = (shared.clone(), route.clone(), parts.clone(), body.clone());
     tokio::spawn(async move {
         let target = &route.targets[canary];
         let Some((addr, _)) = target.backends_from_next(&shared.outliers).next() else {
             return;
         };
         let start = Instant::now();
-        let status = match forward(&shared, &parts, &body, &uri, addr).await {
+        let status = match forward(&shared, &parts, &body, addr).await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 let _ = resp.into_body().collect().await;
@@ -1002,7 +991,7 @@ async fn upgrade(
             if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 let (mut rp, rb) = resp.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
-                return Response::from_parts(rp, rb.boxed());
+                return Response::from_parts(rp, rb.map_err(Into::into).boxed());
             }
             let server_side = hyper::upgrade::on(&mut resp);
             let client_side = hyper::upgrade::on(&mut req);
@@ -1040,20 +1029,23 @@ async fn forward(
     shared: &Shared,
     parts: &hyper::http::request::Parts,
     body: &Bytes,
-    uri: &hyper::Uri,
     addr: SocketAddr,
 ) -> Result<Response<ProxyBody>, AttemptError> {
-    let mut out = Request::new(Full::new(body.clone()));
-    *out.method_mut() = parts.method.clone();
-    *out.headers_mut() = parts.headers.clone();
-    *out.version_mut() = hyper::Version::HTTP_11;
-    *out.uri_mut() = uri.clone();
-    if !out.headers().contains_key(header::HOST)
-        && let Ok(v) = HeaderValue::from_str(&addr.to_string())
-    {
-        out.headers_mut().insert(header::HOST, v);
-    }
-    let resp = tokio::time::timeout(shared.request_timeout, pool::send(addr, out))
+    // Instances get the origin form.
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let host_added;
+    let headers = if parts.headers.contains_key(header::HOST) {
+        &parts.headers
+    } else {
+        let mut h = parts.headers.clone();
+        if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
+            h.insert(header::HOST, v);
+        }
+        host_added = h;
+        &host_added
+    };
+    let send = pool::send(addr, &parts.method, path, headers, body, retry_safe(parts));
+    let resp = tokio::time::timeout(shared.request_timeout, send)
         .await
         .map_err(|_| AttemptError::Timeout(shared.request_timeout))??;
     let (mut rp, rb) = resp.into_parts();

@@ -1,11 +1,8 @@
 //! Keep-alive HTTP/1.1 connections to instances, one pool per data-plane thread.
 //!
-//! hyper-util's pooled client keys its pool by a parsed absolute URI behind a lock and
-//! spawns a task per request to put the connection back once the response body has
-//! been read. Here only the owning thread touches its pool (a list per address), a
-//! connection goes back as soon as the response head is in, and a checkout takes the
-//! newest one that reports itself ready again (its previous body fully read) — no lock,
-//! no task, no URI parsing per request.
+//! Only the owning thread touches its pool (a list per address), a connection goes
+//! back as soon as its answer has been read (usually together with the head), and a
+//! checkout takes the newest one — no lock, no task, no URI parsing per request.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -13,13 +10,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper::header::HeaderMap;
+use hyper::{Method, Response};
 
-type Sender = SendRequest<Full<Bytes>>;
+use crate::h1::{self, Conn, H1Error, UpBody};
 
 /// Connections kept per instance and thread; more are opened under load and closed
 /// after their request.
@@ -32,7 +26,7 @@ const SWEEP_EVERY: u32 = 4096;
 
 #[derive(Default)]
 struct Pool {
-    idle: HashMap<SocketAddr, Vec<Sender>>,
+    idle: HashMap<SocketAddr, Vec<Conn>>,
     checkins: u32,
 }
 
@@ -46,40 +40,34 @@ pub enum SendError {
     Connect(std::io::Error),
     #[error("no connection within {0:?}")]
     ConnectTimeout(Duration),
-    #[error("handshake failed: {0}")]
-    Handshake(hyper::Error),
+    #[error("cannot send the request: {0}")]
+    Write(std::io::Error),
     #[error("{0}")]
-    Http(hyper::Error),
+    Answer(H1Error),
 }
 
 impl SendError {
     /// The request never left: it can go to another instance whatever its method.
     pub fn is_connect(&self) -> bool {
-        !matches!(self, SendError::Http(_))
+        matches!(self, SendError::Connect(_) | SendError::ConnectTimeout(_))
     }
 }
 
-fn checkout(addr: SocketAddr) -> Option<Sender> {
+/// The newest idle connection that is still open; closed ones found on the way go.
+fn checkout(addr: SocketAddr) -> Option<Conn> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let list = pool.idle.get_mut(&addr)?;
-        let mut i = list.len();
-        while i > 0 {
-            i -= 1;
-            if list[i].is_closed() {
-                list.swap_remove(i);
-            } else if list[i].is_ready() {
-                return Some(list.swap_remove(i));
+        while let Some(conn) = list.pop() {
+            if conn.idle_and_open() {
+                return Some(conn);
             }
         }
         None
     })
 }
 
-fn checkin(addr: SocketAddr, sender: Sender) {
-    if sender.is_closed() {
-        return;
-    }
+fn checkin(addr: SocketAddr, conn: Conn) {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         pool.checkins = pool.checkins.wrapping_add(1);
@@ -88,63 +76,71 @@ fn checkin(addr: SocketAddr, sender: Sender) {
         }
         let list = pool.idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
-            list.push(sender);
+            list.push(conn);
         }
     });
 }
 
 fn sweep(pool: &mut Pool) {
     pool.idle.retain(|_, list| {
-        list.retain(|s| !s.is_closed());
+        list.retain(Conn::idle_and_open);
         !list.is_empty()
     });
 }
 
-async fn connect(addr: SocketAddr) -> Result<Sender, SendError> {
+async fn connect(addr: SocketAddr) -> Result<Conn, SendError> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| SendError::ConnectTimeout(CONNECT_TIMEOUT))?
         .map_err(SendError::Connect)?;
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
-        .writev(false)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(SendError::Handshake)?;
-    // Ends when the instance closes the connection or the last sender is dropped.
-    tokio::spawn(conn);
-    Ok(sender)
+    Ok(Conn::new(stream))
 }
 
-/// Sends a request (origin-form URI) to an instance over a pooled connection, or a
-/// new one.
+/// Sends a request (origin-form `path`, hop-by-hop headers already removed) to an
+/// instance over a pooled connection, or a new one. A pooled connection the instance
+/// closed meanwhile costs nothing: the request goes out again on another one — always
+/// when it could not be written, and when `resend_ok` (safe to send twice) also when
+/// the connection closed before any answer came.
 pub async fn send(
     addr: SocketAddr,
-    mut req: Request<Full<Bytes>>,
-) -> Result<Response<Incoming>, SendError> {
-    while let Some(mut sender) = checkout(addr) {
-        match sender.try_send_request(req).await {
-            Ok(resp) => {
-                checkin(addr, sender);
-                return Ok(resp);
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    resend_ok: bool,
+) -> Result<Response<UpBody>, SendError> {
+    loop {
+        let (mut conn, reused) = match checkout(addr) {
+            Some(c) => (c, true),
+            None => (connect(addr).await?, false),
+        };
+        if let Err(e) = h1::write_request(&mut conn, method, path, headers, body).await {
+            if reused {
+                continue;
             }
-            // The instance closed this connection before the request went out: it
-            // goes out on another one.
-            Err(mut e) => match e.take_message() {
-                Some(unsent) => req = unsent,
-                None => return Err(SendError::Http(e.into_error())),
-            },
+            return Err(SendError::Write(e));
         }
+        let head = match h1::read_head(&mut conn, method).await {
+            Ok(head) => head,
+            Err(H1Error::ClosedEarly) if reused && resend_ok => continue,
+            Err(e) => return Err(SendError::Answer(e)),
+        };
+        let body = UpBody::new(&head, conn, addr, checkin);
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        return Ok(resp);
     }
-    let mut sender = connect(addr).await?;
-    let resp = sender.send_request(req).await.map_err(SendError::Http)?;
-    checkin(addr, sender);
-    Ok(resp)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::Request;
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -187,12 +183,10 @@ mod tests {
         (addr, conns)
     }
 
-    fn get() -> Request<Full<Bytes>> {
-        Request::builder()
-            .uri("/")
-            .header("host", "x")
-            .body(Full::new(Bytes::new()))
-            .expect("request")
+    async fn get(addr: SocketAddr) -> Result<Response<UpBody>, SendError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", hyper::header::HeaderValue::from_static("x"));
+        send(addr, &Method::GET, "/", &headers, &Bytes::new(), true).await
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -200,9 +194,9 @@ mod tests {
         use http_body_util::BodyExt;
         let (go, release) = tokio::sync::watch::channel(false);
         let (addr, conns) = instance(release).await;
-        let first = send(addr, get()).await.expect("first");
+        let first = get(addr).await.expect("first");
         // Its body is not in yet: the connection is busy, a second request needs another.
-        let second = send(addr, get()).await.expect("second");
+        let second = get(addr).await.expect("second");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
         go.send(true).expect("release");
         for r in [first, second] {
@@ -210,7 +204,7 @@ mod tests {
             assert_eq!(&body[..], b"ok");
         }
         for _ in 0..20 {
-            let r = send(addr, get()).await.expect("again");
+            let r = get(addr).await.expect("again");
             r.into_body().collect().await.expect("body");
         }
         assert_eq!(
@@ -243,12 +237,12 @@ mod tests {
                 .expect("write");
             let _ = closing.await;
         });
-        let r = send(addr, get()).await.expect("answer");
+        let r = get(addr).await.expect("answer");
         r.into_body().collect().await.expect("body");
         let listed = || POOL.with(|p| p.borrow().idle.get(&addr).map_or(0, Vec::len));
         assert_eq!(listed(), 1, "kept for the next request");
         close.send(()).expect("close");
-        let closed = || POOL.with(|p| p.borrow().idle[&addr].iter().all(|s| s.is_closed()));
+        let closed = || POOL.with(|p| p.borrow().idle[&addr].iter().all(|c| !c.idle_and_open()));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !closed() {
             assert!(
@@ -265,11 +259,50 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_the_instance_closed_unannounced_costs_no_request() {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Answers one request per connection, then closes it without saying so.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                });
+            }
+        });
+        for i in 0..5 {
+            let r = get(addr)
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            let body = r.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 5, "one connection per answer");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn a_refused_connection_is_a_connect_error() {
         let free = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("port");
-        let err = send(free, get()).await.expect_err("nothing listens");
+        let err = get(free).await.expect_err("nothing listens");
         assert!(err.is_connect(), "{err}");
     }
 }
