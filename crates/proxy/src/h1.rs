@@ -239,6 +239,12 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Err
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
+    if encoded && length.is_some() {
+        // Both: the length is wrong by definition (RFC 9112 §6.3) and must not reach
+        // the client; the connection is not trusted with another request.
+        headers.remove(header::CONTENT_LENGTH);
+        close = true;
+    }
     let framing = if bodiless {
         Framing::Length(0)
     } else if encoded {
@@ -595,6 +601,72 @@ mod tests {
             .expect("answer");
         assert_eq!((status, body.len()), (StatusCode::OK, 0));
         assert!(back.is_some());
+    }
+
+    /// The bytes a request goes out as.
+    async fn written(method: Method, headers: HeaderMap, body: &'static [u8]) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let mut conn = open(addr).await;
+        let (mut s, _) = l.accept().await.expect("accept");
+        write_request(
+            &mut conn,
+            &method,
+            "/a?b=c",
+            &headers,
+            &Bytes::from_static(body),
+        )
+        .await
+        .expect("write");
+        drop(conn);
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn requests_go_out_with_their_own_length() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("svc"));
+        // A client's own length (say, of a chunked body now buffered) is replaced.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.append("x-many", HeaderValue::from_static("1"));
+        headers.append("x-many", HeaderValue::from_static("2"));
+        assert_eq!(
+            written(Method::POST, headers.clone(), b"hello").await,
+            "POST /a?b=c HTTP/1.1\r\nhost: svc\r\nx-many: 1\r\nx-many: 2\r\ncontent-length: 5\r\n\r\nhello"
+        );
+        assert_eq!(
+            written(Method::POST, headers.clone(), b"").await,
+            "POST /a?b=c HTTP/1.1\r\nhost: svc\r\nx-many: 1\r\nx-many: 2\r\ncontent-length: 0\r\n\r\n"
+        );
+        assert_eq!(
+            written(Method::GET, headers, b"").await,
+            "GET /a?b=c HTTP/1.1\r\nhost: svc\r\nx-many: 1\r\nx-many: 2\r\n\r\n"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_transfer_coding_wins_over_a_length_which_is_dropped() {
+        let (addr, _) = instance(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            false,
+        )
+        .await;
+        let mut conn = open(addr).await;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("x"));
+        write_request(&mut conn, &Method::GET, "/", &headers, &Bytes::new())
+            .await
+            .expect("write");
+        let head = read_head(&mut conn, &Method::GET).await.expect("head");
+        assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
+        assert!(!head.keep_alive, "not trusted with another request");
+        let body = UpBody::new(&head, conn, addr, |_, _| panic!("not reused"));
+        let bytes = body.collect().await.expect("body").to_bytes();
+        assert_eq!(&bytes[..], b"ok");
     }
 
     #[tokio::test(flavor = "current_thread")]
