@@ -490,7 +490,7 @@ impl Body for UpBody {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use std::sync::Arc;
@@ -500,7 +500,10 @@ mod tests {
     /// An instance that answers every request with `answer`, one byte per write (so
     /// the parser sees it in many pieces), closing the connection after each answer
     /// when `close` is set. Counts connections.
-    async fn instance(answer: &'static [u8], close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    pub(crate) async fn instance(
+        answer: &'static [u8],
+        close: bool,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -261,32 +261,9 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_connection_the_instance_closed_unannounced_costs_no_request() {
         use http_body_util::BodyExt;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // Answers one request per connection, then closes it without saying so.
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let conns = Arc::new(AtomicUsize::new(0));
-        let counted = conns.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                });
-            }
-        });
+        let (addr, conns) =
+            h1::tests::instance(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
         for i in 0..5 {
             let r = get(addr)
                 .await
