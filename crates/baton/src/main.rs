@@ -267,7 +267,23 @@ enum Cmd {
         /// proxy running on --control-socket, which then drains and exits.
         #[arg(long)]
         takeover: bool,
+        /// Data-plane threads (0: one per usable CPU). Set it in the environment of
+        /// `baton up` to size the proxy it starts.
+        #[arg(long, env = "BATON_PROXY_WORKERS", default_value_t = 0)]
+        workers: usize,
+        /// `auto` binds data-plane thread i to the i-th CPU this process may use (as
+        /// nginx's `worker_cpu_affinity auto`): steadier tail latency where the proxy
+        /// has CPUs to itself; `off` lets the kernel place them. Set it in the
+        /// environment of `baton up` for the proxy it starts.
+        #[arg(long, env = "BATON_PROXY_CPU_AFFINITY", value_enum, default_value_t = CpuAffinityArg::Off)]
+        cpu_affinity: CpuAffinityArg,
     },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CpuAffinityArg {
+    Off,
+    Auto,
 }
 
 fn main() {
@@ -446,6 +462,8 @@ async fn run(cli: Cli) -> Result<()> {
             max_body_bytes,
             request_timeout,
             takeover,
+            workers,
+            cpu_affinity,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -461,7 +479,11 @@ async fn run(cli: Cli) -> Result<()> {
                 drain_timeout: Duration::from_secs(30),
                 request_timeout: Duration::from_secs(request_timeout),
                 takeover,
-                workers: 0,
+                workers,
+                cpu_affinity: match cpu_affinity {
+                    CpuAffinityArg::Off => baton_proxy::CpuAffinity::Off,
+                    CpuAffinityArg::Auto => baton_proxy::CpuAffinity::Auto,
+                },
             })
             .await?;
             Ok(())

@@ -8,6 +8,7 @@
 //! keep-alive connection to the instance. Request bodies are buffered (up to a limit)
 //! so that a request whose connection failed can be sent again to another instance.
 
+mod affinity;
 pub mod control;
 mod h1;
 pub mod handover;
@@ -41,6 +42,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+pub use affinity::{AffinityError, CpuAffinity};
 pub use control::{
     ControlError, ProxyClient, Request as ControlRequest, Response as ControlResponse,
 };
@@ -73,6 +75,8 @@ pub struct Config {
     pub takeover: bool,
     /// Data-plane threads; 0 means one per CPU.
     pub workers: usize,
+    /// Whether each data-plane thread is bound to a CPU of its own.
+    pub cpu_affinity: CpuAffinity,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +95,8 @@ pub enum ProxyError {
     Takeover(std::io::Error),
     #[error("cannot start the data-plane threads: {0}")]
     Workers(std::io::Error),
+    #[error(transparent)]
+    Affinity(#[from] AffinityError),
 }
 
 struct Shared {
@@ -131,7 +137,8 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    let (workers, stop_workers) = start_workers(n).map_err(ProxyError::Workers)?;
+    let cpus = affinity::plan(config.cpu_affinity, n.max(1))?;
+    let (workers, stop_workers) = start_workers(&cpus).map_err(ProxyError::Workers)?;
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(Compiled::default()),
         apply_lock: tokio::sync::Mutex::new(()),
@@ -257,17 +264,17 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Starts `n` threads, each running a single-threaded runtime until the returned
-/// senders are dropped.
+/// Starts a thread per entry of `cpus` (bound to that CPU when given), each running a
+/// single-threaded runtime until the returned senders are dropped.
 fn start_workers(
-    n: usize,
+    cpus: &[Option<usize>],
 ) -> std::io::Result<(
     Vec<tokio::runtime::Handle>,
     Vec<tokio::sync::oneshot::Sender<()>>,
 )> {
     let mut handles = Vec::new();
     let mut stops = Vec::new();
-    for i in 0..n.max(1) {
+    for (i, &cpu) in cpus.iter().enumerate() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -277,6 +284,12 @@ fn start_workers(
         std::thread::Builder::new()
             .name(format!("baton-proxy-{i}"))
             .spawn(move || {
+                if let Some(cpu) = cpu {
+                    match affinity::bind_current_thread(cpu) {
+                        Ok(()) => info!(thread = i, cpu, "data-plane thread bound"),
+                        Err(e) => warn!(thread = i, cpu, error = %e, "cannot bind the data-plane thread; it runs unbound"),
+                    }
+                }
                 rt.block_on(async {
                     let _ = rx.await;
                 });

@@ -61,6 +61,7 @@ async fn proxy() -> Proxy {
         request_timeout: Duration::from_secs(10),
         takeover: false,
         workers: 2,
+        cpu_affinity: Default::default(),
     }));
     let client = ProxyClient::new(&sock);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -559,6 +560,7 @@ async fn a_hot_restart_under_load_loses_nothing() {
         request_timeout: Duration::from_secs(10),
         takeover: true,
         workers: 2,
+        cpu_affinity: Default::default(),
     }));
     // The old one drains and exits by itself.
     tokio::time::timeout(Duration::from_secs(15), old.task)
