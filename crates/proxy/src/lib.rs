@@ -10,6 +10,7 @@
 
 mod affinity;
 pub mod control;
+mod fairness;
 mod h1;
 pub mod handover;
 pub mod metrics;
@@ -274,9 +275,13 @@ fn start_workers(
 )> {
     let mut handles = Vec::new();
     let mut stops = Vec::new();
+    let placements = fairness::placements(cpus.len());
     for (i, &cpu) in cpus.iter().enumerate() {
+        let placements = placements.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(fairness::before_park)
+            .on_thread_unpark(fairness::after_unpark)
             .build()?;
         handles.push(rt.handle().clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -284,6 +289,7 @@ fn start_workers(
         std::thread::Builder::new()
             .name(format!("baton-proxy-{i}"))
             .spawn(move || {
+                fairness::register(i, placements);
                 if let Some(cpu) = cpu {
                     match affinity::bind_current_thread(cpu) {
                         Ok(()) => info!(thread = i, cpu, "data-plane thread bound"),
@@ -704,6 +710,7 @@ async fn route_request(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
+    fairness::maybe_yield(start);
     let route = shared.table.load().routes.get(&listen).cloned();
     let Some(route) = route else {
         return Ok(plain(
