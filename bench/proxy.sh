@@ -6,6 +6,9 @@
 #   TARGETS="baton haproxy"   only these (default: direct baton haproxy nginx envoy)
 #   BATON_PREV=path/to/baton  also measure an earlier build of ours, as baton-prev
 #   ROUNDS=3                  runs per target, interleaved; the table shows medians
+#   AFFINITY=auto             bind each proxy thread to a CPU of its own, in every proxy
+#                             that can: Baton --cpu-affinity auto, HAProxy cpu-map,
+#                             nginx worker_cpu_affinity auto (Envoy has no such setting)
 # CPU per request is the proxy's own processes' user+system time over the run,
 # divided by the requests served (from /proc; what the proxy costs the machine).
 set -euo pipefail
@@ -23,6 +26,8 @@ trap 'for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done; rm -rf "$work
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 backend=$(port); p_baton=$(port); p_haproxy=$(port); p_nginx=$(port); p_envoy=$(port); p_prev=$(port)
 targets=${TARGETS:-direct baton haproxy nginx envoy}
+affinity=${AFFINITY:-off}
+case $affinity in off|auto) ;; *) echo "AFFINITY must be off or auto, not '$affinity'" >&2; exit 1;; esac
 [ -n "${BATON_PREV:-}" ] && targets="$targets baton-prev"
 
 # The backend: nginx answering a fixed 2-byte body, 1 worker (the same for all).
@@ -37,7 +42,12 @@ nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
 declare -A PID  # target -> process whose CPU time (with its children's) is counted
 # Baton's proxy, driven over its control socket as `baton up` does.
 start_baton() { # binary socket port
-"$1" proxy --control-socket "$2" >"$2.log" 2>&1 & pids+=($!); PID[$4]=$!
+local bind=()
+if [ "$affinity" = auto ]; then
+  if "$1" proxy --help | grep -q -- --cpu-affinity; then bind=(--cpu-affinity auto)
+  else echo "note: $4 has no --cpu-affinity; it runs unbound" >&2; fi
+fi
+"$1" proxy --control-socket "$2" "${bind[@]}" >"$2.log" 2>&1 & pids+=($!); PID[$4]=$!
 for _ in $(seq 100); do [ -S "$2" ] && break; sleep 0.05; done
 python3 - "$2" "$3" "$backend" <<'PY'
 import json, socket, sys
@@ -59,6 +69,7 @@ fi
 cat >"$work/haproxy.cfg" <<CONF
 global
   nbthread 2
+$([ "$affinity" = auto ] && echo "  cpu-map auto:1/1-2 0-1")
   maxconn 4000
 defaults
   mode http
@@ -78,6 +89,7 @@ haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!); PID[h
 # nginx as a proxy: 2 workers, keep-alive upstream.
 cat >"$work/proxy.conf" <<CONF
 worker_processes 2; daemon off; pid $work/proxy.pid; error_log $work/proxy.err;
+$([ "$affinity" = auto ] && echo "worker_cpu_affinity auto;")
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   upstream b { server 127.0.0.1:$backend; keepalive 128; }
