@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The same backend and the same load through Baton's proxy, HAProxy, nginx and Envoy
 # (and straight to the backend), one after the other in one run; prints requests/s and
-# p50/p99 for each and Baton's ratio to each peer, as a Markdown table.
+# p50/p99 for each and Baton's ratio to each peer, as a Markdown table. The backend is
+# always spoken to in HTTP/1.1 with keep-alive; the clients speak HTTP/1.1 (wrk) or h2c
+# (h2load, PROTO=h2).
 # Usage: bench/proxy.sh [SECONDS] [CONNECTIONS]
 #   TARGETS="baton haproxy"   only these (default: direct baton haproxy nginx envoy)
 #   BATON_PREV=path/to/baton  also measure an earlier build of ours, as baton-prev
-#   ROUNDS=3                  runs per target, interleaved; the table shows medians
+#   ROUNDS=3                  runs per target, interleaved and rotated; the table shows medians
+#   PROTO=h2                  clients speak HTTP/2 (h2c, prior knowledge) through h2load:
+#                             CONNECTIONS/STREAMS connections, STREAMS=8 streams each
+#                             (no `direct`: the backend speaks HTTP/1.1 only)
 #   AFFINITY=auto             bind each proxy thread to a CPU of its own, in every proxy
 #                             that can: Baton --cpu-affinity auto, HAProxy cpu-map,
 #                             nginx worker_cpu_affinity auto (Envoy has no such setting)
@@ -25,7 +30,15 @@ pids=()
 trap 'for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done; rm -rf "$work"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 backend=$(port); p_baton=$(port); p_haproxy=$(port); p_nginx=$(port); p_envoy=$(port); p_prev=$(port)
-targets=${TARGETS:-direct baton haproxy nginx envoy}
+proto=${PROTO:-h1}
+case $proto in h1|h2) ;; *) echo "PROTO must be h1 or h2, not '$proto'" >&2; exit 1;; esac
+streams=${STREAMS:-8}
+if [ "$proto" = h2 ]; then
+  command -v h2load >/dev/null || { echo "needs h2load: apt-get install nghttp2-client" >&2; exit 1; }
+  targets=${TARGETS:-baton haproxy nginx envoy}
+else
+  targets=${TARGETS:-direct baton haproxy nginx envoy}
+fi
 affinity=${AFFINITY:-off}
 case $affinity in off|auto) ;; *) echo "AFFINITY must be off or auto, not '$affinity'" >&2; exit 1;; esac
 [ -n "${BATON_PREV:-}" ] && targets="$targets baton-prev"
@@ -78,7 +91,7 @@ defaults
   timeout server 30s
   option http-keep-alive
 frontend f
-  bind 127.0.0.1:$p_haproxy
+  bind 127.0.0.1:$p_haproxy$([ "$proto" = h2 ] && echo " proto h2")
   default_backend b
 backend b
   http-reuse always
@@ -93,7 +106,7 @@ $([ "$affinity" = auto ] && echo "worker_cpu_affinity auto;")
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   upstream b { server 127.0.0.1:$backend; keepalive 128; }
-  server { listen 127.0.0.1:$p_nginx;
+  server { listen 127.0.0.1:$p_nginx$([ "$proto" = h2 ] && echo " http2");
     location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
 nginx -c "$work/proxy.conf" -p "$work" & pids+=($!); PID[nginx]=$!
@@ -135,7 +148,21 @@ ticks() { # pid -> clock ticks of user+system time of it, its threads and its ch
 run() { # name port -> "rps p50 p99 cpu_us_per_request"
   local t0=0 t1=0
   [ -n "${PID[$1]:-}" ] && t0=$(ticks "${PID[$1]}")
-  wrk -t2 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:$2/" >"$work/$1.wrk" 2>&1 || true
+  if [ "$proto" = h2 ]; then
+    rm -f "$work/$1.log"
+    h2load -t2 -c$((conns / streams)) -m"$streams" -D"$secs" --log-file="$work/$1.log" \
+      "http://127.0.0.1:$2/" >"$work/$1.h2load" 2>&1 || true
+    # The same summary lines as wrk's, so one parser serves both.
+    python3 - "$work/$1.log" "$secs" >"$work/$1.wrk" <<'PY' || true
+import sys
+ok = sorted(int(f[2]) for f in (l.split("\t") for l in open(sys.argv[1])) if f[1] == "200")
+pct = lambda q: ok[min(len(ok) - 1, int(len(ok) * q))] / 1000
+print(f"{len(ok)} requests in {sys.argv[2]}s\nRequests/sec: {len(ok) / float(sys.argv[2]):.2f}")
+print(f"\n  50% {pct(0.50):.3f}ms\n  99% {pct(0.99):.3f}ms")
+PY
+  else
+    wrk -t2 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:$2/" >"$work/$1.wrk" 2>&1 || true
+  fi
   [ -n "${PID[$1]:-}" ] && t1=$(ticks "${PID[$1]}")
   python3 -c '
 import re, sys
@@ -155,8 +182,12 @@ port_of() {
 }
 rounds=${ROUNDS:-1}
 for name in $targets; do run "$name" "$(port_of $name)" >/dev/null; done  # warm-up: connections, pools
+# Each round starts one target further on, so that no target always runs in the same
+# place (measured: whatever ran right after `direct` lost ~6 % of its throughput).
+read -ra order <<<"$targets"
 for r in $(seq "$rounds"); do
-  for name in $targets; do
+  for i in $(seq 0 $((${#order[@]} - 1))); do
+    name=${order[$(( (i + r - 1) % ${#order[@]} ))]}
     run "$name" "$(port_of $name)" >>"$work/$name.runs"
   done
 done
@@ -170,6 +201,8 @@ cpu = [float(r[3]) for r in rows if r[3] != "-"]
 print(f"{med(0):.0f} {med(1):.3f} {med(2):.3f} " + (f"{statistics.median(cpu):.2f}" if cpu else "-"))' "$work/$name.runs")
 done
 read -r b_rps b_p50 b_p99 b_cpu <<<"${R[baton]}"
+echo "Clients: $([ "$proto" = h2 ] && echo "h2load, h2c, $((conns / streams)) connections × $streams streams" || echo "wrk, HTTP/1.1, $conns connections"); proxy threads bound to CPUs: $affinity."
+echo
 echo "| target | requests/s | p50 (ms) | p99 (ms) | CPU µs per request | Baton's throughput ratio | Baton's p99 ratio | Baton's CPU ratio |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for name in $targets; do
