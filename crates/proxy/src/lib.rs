@@ -278,8 +278,10 @@ fn start_workers(
     let placements = fairness::placements(cpus.len());
     for (i, &cpu) in cpus.iter().enumerate() {
         let placements = placements.clone();
+        // No signal driver: signals are the main runtime's business.
         let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_io()
+            .enable_time()
             .on_thread_park(fairness::before_park)
             .on_thread_unpark(fairness::after_unpark)
             .build()?;
