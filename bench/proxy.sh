@@ -11,6 +11,7 @@
 #   PROTO=h2                  clients speak HTTP/2 (h2c, prior knowledge) through h2load:
 #                             CONNECTIONS/STREAMS connections, STREAMS=8 streams each
 #                             (no `direct`: the backend speaks HTTP/1.1 only)
+#   WRITE=1                   also put the table into BENCHMARKS.md (newest first)
 #   AFFINITY=auto             bind each proxy thread to a CPU of its own, in every proxy
 #                             that can: Baton --cpu-affinity auto, HAProxy cpu-map,
 #                             nginx worker_cpu_affinity auto (Envoy has no such setting)
@@ -201,6 +202,7 @@ cpu = [float(r[3]) for r in rows if r[3] != "-"]
 print(f"{med(0):.0f} {med(1):.3f} {med(2):.3f} " + (f"{statistics.median(cpu):.2f}" if cpu else "-"))' "$work/$name.runs")
 done
 read -r b_rps b_p50 b_p99 b_cpu <<<"${R[baton]}"
+{
 echo "Clients: $([ "$proto" = h2 ] && echo "h2load, h2c, $((conns / streams)) connections × $streams streams" || echo "wrk, HTTP/1.1, $conns connections"); proxy threads bound to CPUs: $affinity."
 echo
 echo "| target | requests/s | p50 (ms) | p99 (ms) | CPU µs per request | Baton's throughput ratio | Baton's p99 ratio | Baton's CPU ratio |"
@@ -213,3 +215,19 @@ for name in $targets; do
   [ $name = baton ] && { ratio="—"; pratio="—"; cratio="—"; }
   echo "| $name | $rps | $p50 | $p99 | $cpu | $ratio | $pratio | $cratio |"
 done
+} | tee "$work/table.md"
+# WRITE=1: the table goes into BENCHMARKS.md too, newest first, under the marker line.
+if [ "${WRITE:-}" = 1 ]; then
+  python3 - "$work/table.md" "ROUNDS=$rounds PROTO=$proto AFFINITY=$affinity bench/proxy.sh $secs $conns" \
+    "$(git describe --always --dirty 2>/dev/null || echo unknown)" <<'PY'
+import datetime, sys
+marker = "<!-- bench/proxy.sh WRITE=1 puts new results here -->"
+doc = open("BENCHMARKS.md").read()
+if marker not in doc:
+    sys.exit(f"BENCHMARKS.md has no line {marker!r}: the table was not written")
+when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+block = f"{marker}\n\nResults of {when}, commit {sys.argv[3]} (`{sys.argv[2]}`):\n\n{open(sys.argv[1]).read().strip()}\n"
+open("BENCHMARKS.md", "w").write(doc.replace(marker, block, 1))
+print("written to BENCHMARKS.md", file=sys.stderr)
+PY
+fi
