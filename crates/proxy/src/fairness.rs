@@ -5,9 +5,9 @@
 //! blocks, so they take turns a scheduler tick at a time (4 ms at HZ 250) and every
 //! request of the waiting one waits that long: p99 4.4 ms where HAProxy's was 2.0.
 //! So each thread notes the CPU it serves a request on (`sched_getcpu`: a read of the
-//! rseq area or the vDSO, no system call), and one that has run for [`SLICE`] since it last slept
-//! and finds another data-plane thread on its CPU calls `sched_yield`: the other gets
-//! the CPU within a millisecond. Measured with `wrk` (BENCHMARKS.md). Yielding also
+//! rseq area or the vDSO, no system call), and one that has run for [`SLICE`] since it
+//! last slept and finds another data-plane thread on its CPU calls `sched_yield`: the
+//! other gets the CPU within a millisecond. Measured with `wrk` (BENCHMARKS.md). Yielding also
 //! when alone on the CPU gave the same p99 but cost 2–3 % of throughput (the load and
 //! the instances then got the CPU too early).
 //!
