@@ -979,12 +979,26 @@ async fn restart_proxy(paths: &Paths) -> Result<()> {
         .open(paths.proxy_log())
         .with_context(|| format!("cannot open {}", paths.proxy_log().display()))?;
     let exe = std::env::current_exe().context("cannot find the baton executable")?;
-    std::process::Command::new(exe)
-        .arg("proxy")
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("proxy")
         .arg("--control-socket")
         .arg(paths.proxy_socket())
-        .arg("--takeover")
-        .stdin(std::process::Stdio::null())
+        .arg("--takeover");
+    // The new process runs as the old one did; a setting in this command's environment
+    // wins (an upgrade is a moment to change it). A proxy too old to tell: defaults.
+    if let Ok(Some(s)) = proxy.settings().await {
+        if std::env::var_os("BATON_PROXY_WORKERS").is_none() {
+            cmd.arg("--workers").arg(s.workers.to_string());
+        }
+        if std::env::var_os("BATON_PROXY_CPU_AFFINITY").is_none() {
+            cmd.arg("--cpu-affinity").arg(s.cpu_affinity.as_str());
+        }
+        cmd.arg("--max-body-bytes")
+            .arg(s.max_body_bytes.to_string())
+            .arg("--request-timeout")
+            .arg(s.request_timeout_secs.to_string());
+    }
+    cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0)

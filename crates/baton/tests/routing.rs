@@ -170,11 +170,21 @@ async fn websockets_move_to_the_new_revision_with_a_clean_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_the_proxy_under_load_fails_no_request() {
     let mut env = Env::new();
+    // Settings given to `baton up` only: the restarted proxy must keep them.
+    env.up_env = vec![
+        ("BATON_PROXY_WORKERS".into(), "1".into()),
+        ("BATON_PROXY_CPU_AFFINITY".into(), "auto".into()),
+    ];
     let listen = free_addr();
     let v1 = env.write("v1.yaml", &spec(listen, "v1", ""));
     let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
     let proxy = baton_proxy::ProxyClient::new(env.paths.proxy_socket());
     let (old_pid, _) = proxy.ping().await.expect("proxy");
+    let settings = proxy.settings().await.expect("proxy").expect("settings");
+    assert_eq!(
+        (settings.workers, settings.cpu_affinity),
+        (1, baton_proxy::CpuAffinity::Auto)
+    );
     let load = Load::start(listen, 8, 800);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = env.run(&["restart-proxy"]);
@@ -182,6 +192,11 @@ async fn restarting_the_proxy_under_load_fails_no_request() {
     assert!(stdout(&out).contains("proxy restarted"), "{}", stdout(&out));
     let (new_pid, _) = proxy.ping().await.expect("proxy");
     assert_ne!(new_pid, old_pid);
+    assert_eq!(
+        proxy.settings().await.expect("proxy"),
+        Some(settings),
+        "the new proxy runs as the old one did"
+    );
     // The old process drains and goes.
     wait_until(Duration::from_secs(15), "the old proxy to exit", || {
         !std::path::Path::new(&format!("/proc/{old_pid}")).exists()

@@ -10,8 +10,20 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
+use crate::affinity::CpuAffinity;
 use crate::metrics::StatsSnapshot;
 use crate::table::RoutingTable;
+
+/// What a proxy process was started with: a hot restart starts the new one alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    /// As configured: 0 is one per usable CPU.
+    pub workers: usize,
+    pub cpu_affinity: CpuAffinity,
+    pub max_body_bytes: usize,
+    pub request_timeout_secs: u64,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "camelCase")]
@@ -37,6 +49,9 @@ pub enum Response {
     Pong {
         pid: u32,
         version: u64,
+        /// Absent from proxies older than this field.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        settings: Option<Settings>,
     },
     Ack {
         version: u64,
@@ -129,7 +144,15 @@ impl ProxyClient {
 
     pub async fn ping(&self) -> Result<(u32, u64), ControlError> {
         match self.call(&Request::Ping).await? {
-            Response::Pong { pid, version } => Ok((pid, version)),
+            Response::Pong { pid, version, .. } => Ok((pid, version)),
+            other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The running proxy's settings (`None` from a proxy too old to tell).
+    pub async fn settings(&self) -> Result<Option<Settings>, ControlError> {
+        match self.call(&Request::Ping).await? {
+            Response::Pong { settings, .. } => Ok(settings),
             other => Err(ControlError::Protocol(format!("{other:?}"))),
         }
     }

@@ -45,7 +45,7 @@ use tracing::{info, warn};
 
 pub use affinity::{AffinityError, CpuAffinity};
 pub use control::{
-    ControlError, ProxyClient, Request as ControlRequest, Response as ControlResponse,
+    ControlError, ProxyClient, Request as ControlRequest, Response as ControlResponse, Settings,
 };
 pub use metrics::{BUCKETS, RevisionStats, StatsSnapshot};
 pub use table::{RevisionRoute, RoutingTable, ServiceRoute, routed};
@@ -124,6 +124,7 @@ struct Shared {
     stopping: AtomicBool,
     max_body: usize,
     request_timeout: Duration,
+    settings: Settings,
     sessions: websocket::Sessions,
     outliers: table::Outliers,
 }
@@ -154,6 +155,12 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         stopping: AtomicBool::new(false),
         max_body: config.max_body_bytes,
         request_timeout: config.request_timeout,
+        settings: Settings {
+            workers: config.workers,
+            cpu_affinity: config.cpu_affinity,
+            max_body_bytes: config.max_body_bytes,
+            request_timeout_secs: config.request_timeout.as_secs(),
+        },
         sessions: websocket::Sessions::default(),
         outliers: table::Outliers::default(),
     });
@@ -378,6 +385,7 @@ async fn control_request(shared: &Arc<Shared>, req: ControlRequest) -> ControlRe
         ControlRequest::Ping => ControlResponse::Pong {
             pid: std::process::id(),
             version: shared.table.load().version,
+            settings: Some(shared.settings),
         },
         ControlRequest::GetTable => ControlResponse::Table {
             table: shared.table.load().source.clone(),
