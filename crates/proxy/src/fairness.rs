@@ -84,17 +84,29 @@ pub fn register(me: usize, all: Arc<[OnCpu]>) {
     PLACEMENT.with(|p| *p.borrow_mut() = Some((me, all)));
 }
 
-/// Notes this thread's CPU; whether another data-plane thread was last seen there.
-fn note_cpu() -> bool {
+/// Notes the CPU this thread runs on and returns it. Written only when it changed, so
+/// the other threads' copies of the slot stay valid.
+fn note_cpu() -> i32 {
     // SAFETY: sched_getcpu takes no arguments and only reads the calling thread's CPU.
     let cpu = unsafe { libc::sched_getcpu() };
-    PLACEMENT.with(|p| match &*p.borrow() {
-        Some((me, all)) if cpu >= 0 => {
-            all[*me].0.store(cpu, Ordering::Relaxed);
-            all.iter()
-                .enumerate()
-                .any(|(i, o)| i != *me && o.0.load(Ordering::Relaxed) == cpu)
+    PLACEMENT.with(|p| {
+        if let Some((me, all)) = &*p.borrow() {
+            let slot = &all[*me].0;
+            if slot.load(Ordering::Relaxed) != cpu {
+                slot.store(cpu, Ordering::Relaxed);
+            }
         }
+    });
+    cpu
+}
+
+/// Whether another data-plane thread was last seen on `cpu`.
+fn shared_with_another(cpu: i32) -> bool {
+    PLACEMENT.with(|p| match &*p.borrow() {
+        Some((me, all)) if cpu >= 0 => all
+            .iter()
+            .enumerate()
+            .any(|(i, o)| i != *me && o.0.load(Ordering::Relaxed) == cpu),
         _ => false,
     })
 }
@@ -120,9 +132,11 @@ pub fn after_unpark() {
 
 /// Called as a request starts (`now` is its start time, already read).
 pub fn maybe_yield(now: Instant) {
-    let shared_cpu = note_cpu();
+    let cpu = note_cpu();
+    // The other threads' slots are read only once a slice is up (once a millisecond at
+    // most), not per request.
     if with(|s| s.should_yield(now)) {
-        if shared_cpu {
+        if shared_with_another(cpu) {
             let _ = nix::sched::sched_yield();
             with(|s| s.yielded(Instant::now()));
         } else {
@@ -166,12 +180,20 @@ mod tests {
                     // Bound, so that the CPU it notes is known.
                     crate::affinity::bind_current_thread(cpu).expect("bind");
                     register(0, all.clone());
-                    assert!(!note_cpu(), "the other thread has not served anything yet");
-                    assert_eq!(all[0].0.load(Ordering::Relaxed), cpu as i32);
-                    all[1].0.store(cpu as i32, Ordering::Relaxed);
-                    assert!(note_cpu(), "the other thread was last seen here");
-                    all[1].0.store(cpu as i32 + 1, Ordering::Relaxed);
-                    assert!(!note_cpu(), "the other thread is elsewhere");
+                    let here = note_cpu();
+                    assert_eq!(here, cpu as i32);
+                    assert_eq!(all[0].0.load(Ordering::Relaxed), here, "noted");
+                    assert!(
+                        !shared_with_another(here),
+                        "the other thread has not served anything yet"
+                    );
+                    all[1].0.store(here, Ordering::Relaxed);
+                    assert!(
+                        shared_with_another(here),
+                        "the other thread was last seen here"
+                    );
+                    all[1].0.store(here + 1, Ordering::Relaxed);
+                    assert!(!shared_with_another(here), "the other thread is elsewhere");
                 })
                 .join()
                 .expect("thread");
