@@ -497,13 +497,13 @@ pub(crate) mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncReadExt;
 
-    /// An instance that answers every request with `answer`, one byte per write (so
-    /// the parser sees it in many pieces), closing the connection after each answer
-    /// when `close` is set. Counts connections.
-    pub(crate) async fn instance(
-        answer: &'static [u8],
-        close: bool,
-    ) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A test instance on loopback: `serve` runs for each connection, in a task of its
+    /// own. Returns the address and the count of connections accepted so far.
+    pub(crate) async fn counting_instance<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -511,33 +511,46 @@ pub(crate) mod tests {
         let conns = Arc::new(AtomicUsize::new(0));
         let counted = conns.clone();
         tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
+            while let Ok((s, _)) = l.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
-                let _ = s.set_nodelay(true);
-                tokio::spawn(async move {
-                    let mut got = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    loop {
-                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                            got.drain(..end + 4);
-                            for b in answer {
-                                if s.write_all(&[*b]).await.is_err() {
-                                    return;
-                                }
-                            }
-                            if close {
-                                return;
-                            }
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                });
+                tokio::spawn(serve(s));
             }
         });
         (addr, conns)
+    }
+
+    /// An instance that answers every request with `answer`, one byte per write (so
+    /// the parser sees it in many pieces), closing the connection after each answer
+    /// when `close` is set. Counts connections.
+    pub(crate) async fn instance(
+        answer: &'static [u8],
+        close: bool,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
+        counting_instance(move |mut s| async move {
+            let _ = s.set_nodelay(true);
+            {
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        for b in answer {
+                            if s.write_all(&[*b]).await.is_err() {
+                                return;
+                            }
+                        }
+                        if close {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            }
+        })
+        .await
     }
 
     /// One request on `conn`; the answer's status, body and whether the connection

@@ -149,38 +149,29 @@ mod tests {
     async fn instance(
         release: tokio::sync::watch::Receiver<bool>,
     ) -> (SocketAddr, Arc<AtomicUsize>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let conns = Arc::new(AtomicUsize::new(0));
-        let c = conns.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                c.fetch_add(1, Ordering::SeqCst);
-                let release = release.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
-                        let mut release = release.clone();
-                        let body = futures_util::stream::once(async move {
-                            let _ = release.wait_for(|go| *go).await;
-                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
-                                Bytes::from_static(b"ok"),
-                            ))
-                        });
-                        async move {
-                            Ok::<_, std::convert::Infallible>(Response::new(
-                                http_body_util::StreamBody::new(body),
-                            ))
-                        }
+        h1::tests::counting_instance(move |s| {
+            let release = release.clone();
+            async move {
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let mut release = release.clone();
+                    let body = futures_util::stream::once(async move {
+                        let _ = release.wait_for(|go| *go).await;
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                            Bytes::from_static(b"ok"),
+                        ))
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+                    async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(
+                            http_body_util::StreamBody::new(body),
+                        ))
+                    }
                 });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
             }
-        });
-        (addr, conns)
+        })
+        .await
     }
 
     async fn get(addr: SocketAddr) -> Result<Response<UpBody>, SendError> {
