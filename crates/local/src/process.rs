@@ -30,10 +30,32 @@ pub enum SpawnError {
     Port(std::io::Error),
 }
 
-/// A free loopback port, found by binding port 0 and letting it go.
+/// Ports handed out lately, not handed out again: between `free_port` and the instance
+/// binding it the port is free, and the kernel once gave the same one to two instances
+/// started a millisecond apart (one of them failed with "address in use").
+const RECENT_PORTS: usize = 64;
+static RECENT: std::sync::Mutex<std::collections::VecDeque<u16>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
+/// A free loopback port, found by binding port 0 and letting it go, and not one of the
+/// last [`RECENT_PORTS`] this process handed out.
 pub fn free_port() -> Result<u16, SpawnError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(SpawnError::Port)?;
-    l.local_addr().map(|a| a.port()).map_err(SpawnError::Port)
+    let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+    // Rejected listeners stay bound until a port is chosen, so the kernel offers
+    // another one each time.
+    let mut held = Vec::new();
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(SpawnError::Port)?;
+        let port = l.local_addr().map_err(SpawnError::Port)?.port();
+        if !recent.contains(&port) || held.len() >= RECENT_PORTS {
+            if recent.len() >= RECENT_PORTS {
+                recent.pop_front();
+            }
+            recent.push_back(port);
+            return Ok(port);
+        }
+        held.push(l);
+    }
 }
 
 /// Starts one instance of `run` on `port`, its output appended to `log`.
@@ -95,6 +117,21 @@ pub fn signal(pid: u32, sig: Signal) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_is_not_handed_out_twice_in_a_row() {
+        // Without the memory of recent ports, a thousand draws from the kernel's
+        // ephemeral range repeat one of the previous 64 several times over.
+        let ports: Vec<u16> = (0..1000)
+            .map(|_| free_port().expect("a free port"))
+            .collect();
+        for (i, w) in ports.windows(RECENT_PORTS).enumerate() {
+            let mut sorted = w.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), w.len(), "a port repeats within draws {i}..");
+        }
+    }
 
     #[test]
     fn spawned_processes_are_tracked_by_start_time() {

@@ -307,7 +307,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
     n.heading("1. start v1 (2 instances behind the built-in proxy)");
     let v1 = baton_spec::parse(&spec(&hello, listen, "v1", "", prometheus.as_deref()))?;
     let h = start_controller(&paths, v1, Some(metrics)).await?;
-    let result = story(
+    let result = until_stopped(story(
         &h,
         &mut n,
         &hello,
@@ -315,7 +315,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         opts.rate,
         opts.concurrency,
         prometheus.as_deref(),
-    )
+    ))
     .await;
 
     n.heading("cleaning up: stopping the proxy and every instance");
@@ -327,6 +327,19 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         show_audit(&paths)?;
     }
     result
+}
+
+/// Runs the demo's story until it ends or the demo is stopped (Ctrl-C, SIGTERM): a
+/// stopped demo still cleans up, since its proxy and instances outlive the controller
+/// by design and would otherwise be left running.
+async fn until_stopped<T>(story: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
+    tokio::select! {
+        r = story => r,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted (Ctrl-C)"),
+        _ = term.recv() => bail!("stopped (SIGTERM)"),
+    }
 }
 
 /// Starts the demo's controller and says where its API and dashboard are.
