@@ -9,12 +9,14 @@ mod common;
 
 use std::process::Command;
 
-/// The exchange's binaries, built beside `baton` (a no-op when up to date).
+/// The exchange's binaries, built beside `baton` (a no-op when up to date). Built as
+/// part of the workspace, as `scripts/test` builds them: `-p exchange` unifies
+/// features differently, so it rebuilt a dozen crates and the binaries on every run.
 fn exchange_bins() -> std::path::PathBuf {
     let dir = common::baton_bin().parent().expect("bin dir").to_path_buf();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "exchange", "--bins"]);
+    cmd.args(["build", "-q", "--workspace", "--bins"]);
     if dir.components().any(|c| c.as_os_str() == "release") {
         cmd.arg("--release");
     }

@@ -16,7 +16,9 @@ pub fn baton_bin() -> PathBuf {
 }
 
 /// The `hello` example, built beside `baton`. Built once per test process, so a
-/// changed example is never tested stale (cargo makes this a no-op when up to date).
+/// changed example is never tested stale (cargo makes this a no-op when up to date);
+/// with the workspace, as `scripts/test` builds it, since `-p hello` unifies features
+/// differently and rebuilt it every time.
 pub fn hello_bin() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
@@ -24,7 +26,7 @@ pub fn hello_bin() -> PathBuf {
             let path = baton_bin().with_file_name("hello");
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-q", "-p", "hello"]);
+            cmd.args(["build", "-q", "--workspace", "--bins"]);
             if baton_bin().components().any(|c| c.as_os_str() == "release") {
                 cmd.arg("--release");
             }
