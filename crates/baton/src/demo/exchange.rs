@@ -101,8 +101,8 @@ const COMMON: &str = r#"  probes:
 /// statistical judge rather than a fixed allowance: over one-second windows of ~120
 /// canary requests a p99 is the second-slowest request, and on a busy machine a
 /// healthy canary's p99 came out anywhere from 0.6× to 2.2× stable's (twelve windows
-/// over eight runs; a CI run rolled a healthy v2 back on two in a row). The judge fails only a shift or a tail that is worse
-/// at 99 % confidence, by more than 10 %.
+/// over eight runs; a CI run rolled a healthy v2 back on two such windows in a row).
+/// The judge fails only a shift or a tail worse at 99 % confidence, by over 10 %.
 fn trade_spec(bin: &Path, p: &Ports, db: &Path, version: &str, extra: &str) -> String {
     format!(
         r#"apiVersion: baton.dev/v1alpha1

@@ -125,9 +125,11 @@ spec:
     )
 }
 
+/// A free loopback address, from the same memory of handed-out ports as the
+/// instances' (the demo's listeners and its instances share one controller process).
 fn free_addr() -> Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("no free loopback port")?;
-    Ok(l.local_addr()?)
+    let port = baton_local::process::free_port()?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 fn find_hello(given: Option<PathBuf>) -> Result<PathBuf> {
