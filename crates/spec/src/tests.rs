@@ -52,6 +52,20 @@ fn shipped_exchange_rollouts_are_valid_and_say_what_their_comments_promise() {
         "2 %, doubling every step"
     );
     assert!(trade[0].spec.traffic.shield_canary);
+    let latency = trade[0]
+        .spec
+        .analysis
+        .gates
+        .iter()
+        .find(|g| g.name == "p99-vs-stable")
+        .expect("a latency gate");
+    let st = latency.statistical.as_ref().expect("judged statistically");
+    assert_eq!(
+        (st.confidence, st.tolerance),
+        (0.99, 0.1),
+        "99 %, over 10 %"
+    );
+    assert!(latency.compare.is_none());
     let user = parse(include_str!("../../../examples/exchange/baton/user.yaml")).expect("user");
     let bg = user[0]
         .spec
