@@ -98,8 +98,13 @@ where
 async fn wait_for<T>(limit: Duration, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(v) = f().await {
-            return v;
+        // A call that never answers fails here, naming what it waited for, rather than
+        // at the runner's kill with nothing said (one run hung 240 s, unexplained).
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left + Duration::from_secs(5), f()).await {
+            Ok(Some(v)) => return v,
+            Ok(None) => {}
+            Err(_) => panic!("a call hung past {limit:?} while waiting for {what}"),
         }
         assert!(
             Instant::now() < deadline,
