@@ -108,11 +108,16 @@ fn action_of(reason: &str, message: &str) -> &'static str {
         "Undo" => "undo",
         "Phase" => "phase",
         "Notification" => "notify",
-        "Resumed" | "ControllerStarted" | "ControllerStopped" | "RoutingRefused" => "config",
+        "Resumed" | "ControllerStarted" | "ControllerStopped" | "RoutingRefused"
+        | "ProxyReplaced" => "config",
         "Down" => "down",
         _ => "instance",
     }
 }
+
+/// How often the proxy is asked whether it lives when there is nothing to push: a
+/// crashed proxy costs at most this long, plus a start, of refused connections.
+const PROXY_CHECK_MS: u64 = 1000;
 
 struct Controller {
     paths: Paths,
@@ -127,6 +132,8 @@ struct Controller {
     last_services: Option<Vec<ServiceRoute>>,
     last_routed: HashSet<SocketAddr>,
     push_retry_at: u64,
+    /// When the proxy was last asked whether it is alive, on a tick with nothing to push.
+    proxy_checked_at: u64,
     smoke_tx: mpsc::UnboundedSender<(String, String, bool, String)>,
     smoke_rx: mpsc::UnboundedReceiver<(String, String, bool, String)>,
     audit: AuditLog,
@@ -178,6 +185,7 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         last_services: None,
         last_routed: routed,
         push_retry_at: 0,
+        proxy_checked_at: 0,
         smoke_tx,
         smoke_rx,
         audit,
@@ -747,6 +755,16 @@ impl Controller {
                 }
             }
             self.platform.routes_confirmed(&self.last_routed);
+            // Nothing to push, so nothing else would notice a proxy that died: while
+            // traffic is steady (a Healthy rollout, a long pause) it must be checked.
+            if now >= self.proxy_checked_at + PROXY_CHECK_MS {
+                self.proxy_checked_at = now;
+                // Only a socket nobody accepts on is a dead proxy: a slow answer is
+                // a busy one, and a second proxy would fight it for the ports.
+                if let Err(e @ ControlError::Connect { .. }) = self.proxy.ping().await {
+                    self.replace_proxy(now, e).await;
+                }
+            }
             return;
         }
         if now < self.push_retry_at {
@@ -780,20 +798,34 @@ impl Controller {
                     );
                 }
             }
-            Err(e) => {
-                self.push_retry_at = now + 500;
-                eprintln!("warning: {e}; starting a new proxy");
-                match ensure_proxy(&self.paths, &self.proxy, self.opts.metrics_listen).await {
-                    Ok((child, v, _)) => {
-                        if child.is_some() {
-                            self.proxy_child = child;
-                        }
-                        self.table_version = self.table_version.max(v);
-                        self.last_services = None;
+            Err(e) => self.replace_proxy(now, e).await,
+        }
+    }
+
+    /// The proxy did not answer: start a new one (or adopt one that came up meanwhile)
+    /// and push it the whole table on the next tick.
+    async fn replace_proxy(&mut self, now: u64, e: ControlError) {
+        self.push_retry_at = now + 500;
+        eprintln!("warning: {e}; starting a new proxy");
+        match ensure_proxy(&self.paths, &self.proxy, self.opts.metrics_listen).await {
+            Ok((child, v, _)) => {
+                if let Some(child) = child {
+                    // Reap the one that died, if it was ours.
+                    if let Some(mut old) = self.proxy_child.replace(child) {
+                        let _ = old.try_wait();
                     }
-                    Err(e) => eprintln!("warning: {e:#}"),
+                    for name in self.rollouts.keys() {
+                        self.say(
+                            name,
+                            "ProxyReplaced",
+                            &format!("the proxy did not answer ({e}); started a new one"),
+                        );
+                    }
                 }
+                self.table_version = self.table_version.max(v);
+                self.last_services = None;
             }
+            Err(e) => eprintln!("warning: {e:#}"),
         }
     }
 

@@ -168,6 +168,52 @@ async fn websockets_move_to_the_new_revision_with_a_clean_close() {
 
 /// `baton restart-proxy` under load: a new proxy process, not one failed request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_dies_while_nothing_changes_is_replaced() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let v1 = env.write("v1.yaml", &spec(listen, "v1", ""));
+    env.start_healthy(&["-f", path_str(&v1)], "hello").await;
+    assert_eq!(http_get(listen, "/").await.trim(), "hello from v1");
+    let proxy = baton_proxy::ProxyClient::new(env.paths.proxy_socket());
+    let (old_pid, _) = proxy.ping().await.expect("proxy");
+    // A crash: no draining, no handover, the rollout Healthy with nothing to push.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the proxy");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let new_pid = loop {
+        match proxy.ping().await {
+            Ok((pid, _)) if pid != old_pid => break pid,
+            _ => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new proxy within 10 s:\n{}",
+            env.up_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(new_pid, old_pid);
+    // It was given the routing table: the service answers again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new proxy does not listen on {listen}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http_get(listen, "/").await.trim(), "hello from v1");
+    let audit = stdout(&env.run(&["audit"]));
+    assert!(audit.contains("started a new one"), "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_the_proxy_under_load_fails_no_request() {
     let mut env = Env::new();
     // Settings given to `baton up` only: the restarted proxy must keep them.
