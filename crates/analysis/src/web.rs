@@ -57,6 +57,80 @@ pub fn pick(v: &serde_json::Value, path: &str) -> Result<Sample, ProviderError> 
 mod tests {
     use super::*;
 
+    /// An https server on loopback with a fresh self-signed certificate for
+    /// `localhost`, answering `{"value": 0.25}`; its port and the certificate's PEM.
+    async fn https_server() -> (u16, String) {
+        use tokio_rustls::rustls;
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+        let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
+            .expect("key");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(r#"{"value": 0.25}"#)),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        (port, cert.cert.pem())
+    }
+
+    #[tokio::test]
+    async fn https_metrics_are_read_and_their_certificates_checked() {
+        let (trusted, pem) = https_server().await;
+        let (untrusted, _) = https_server().await;
+        let dir = std::env::temp_dir().join(format!("baton-web-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, pem).expect("write ca");
+        // SAFETY: set before any other thread of this test process reads the
+        // environment (a current-thread runtime; nextest runs one test per process).
+        unsafe { std::env::set_var("SSL_CERT_FILE", &ca) };
+        let vars = Vars {
+            service: "web".into(),
+            revision: "r1".into(),
+            stable: None,
+            address: None,
+        };
+        let metric = |port: u16| WebMetric {
+            url: format!("https://localhost:{port}/metric"),
+            json_path: Some("value".into()),
+            headers: Default::default(),
+            timeout: baton_spec::Duration::from_secs(5),
+        };
+        let m = metric(trusted);
+        assert_eq!(Web(&m).sample(&vars).await, Ok(Sample::Value(0.25)));
+        let m = metric(untrusted);
+        let e = Web(&m)
+            .sample(&vars)
+            .await
+            .expect_err("a certificate no CA signed");
+        assert!(e.to_string().contains("certificate"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn paths_reach_numbers() {
         let v = serde_json::json!({"data": {"items": [{"value": 0.5}, {"value": "7"}], "ok": true, "none": null}});
