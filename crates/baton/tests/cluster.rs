@@ -358,6 +358,28 @@ fn validate_checks_rollouts_written_for_a_cluster() {
         err.contains("spec.strategy.canary.trafficRouting") && err.contains("gatewayApi"),
         "{err}"
     );
+    // Gates only `baton up` can measure are refused, not failed at every measurement.
+    let local_only = dir.path().join("local-only.yaml");
+    std::fs::write(
+        &local_only,
+        "apiVersion: baton.dev/v1alpha1\nkind: Rollout\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  workloadRef: {name: web}\n  strategy:\n    canary:\n      trafficRouting: {gatewayAPI: {httpRoute: web}}\n      steps: [{setWeight: 50}, {analysis: {gates: [errors, api]}}]\n  analysis:\n    gates:\n      - {name: errors, metric: {builtin: error_rate}, successCondition: 'result < 0.01'}\n      - {name: api, metric: {smoke: [{path: /readyz}]}}\n",
+    )
+    .expect("write");
+    let out = Command::new(common::baton_bin())
+        .args(["validate", "-f"])
+        .arg(&local_only)
+        .output()
+        .expect("validate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("spec.analysis.gates[0].metric") && err.contains("does not run on a cluster"),
+        "{err}"
+    );
+    assert!(
+        err.contains("spec.analysis.gates[1].metric") && err.contains("smoke"),
+        "{err}"
+    );
 }
 
 #[test]

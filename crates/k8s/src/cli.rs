@@ -53,6 +53,25 @@ pub fn parse_cluster(docs: &[Value]) -> Result<Vec<Rollout>, SpecErrors> {
                     }),
                     _ => {}
                 }
+                // What only `baton up` can measure would fail every measurement here.
+                for (g, gate) in ro.spec.analysis.gates.iter().enumerate() {
+                    let why = match &gate.metric {
+                        baton_spec::MetricSource::Builtin(_)
+                        | baton_spec::MetricSource::Scorecard(_) => Some(
+                            "builtin metrics and scorecards come from Baton's own proxy, which does not run on a cluster: use a prometheus, web or command metric",
+                        ),
+                        baton_spec::MetricSource::Smoke(_) => Some(
+                            "a smoke metric tests one instance by address, which a cluster gate does not have: use blueGreen smoke tests (run as a Job) or a web metric",
+                        ),
+                        _ => None,
+                    };
+                    if let Some(why) = why {
+                        errors.push(FieldError {
+                            field: prefix(i, &format!("spec.analysis.gates[{g}].metric")),
+                            reason: why.into(),
+                        });
+                    }
+                }
                 let template = ro.spec.template.clone().unwrap_or_default();
                 let espec = engine_spec(&ro, &template, ro.spec.analysis.gates.clone());
                 for e in baton_spec::validate::validate(&espec) {
