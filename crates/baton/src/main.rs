@@ -1009,9 +1009,11 @@ async fn restart_proxy(paths: &Paths) -> Result<()> {
         if let Ok((pid, v)) = proxy.ping().await
             && pid != old_pid
         {
-            println!(
+            let said = format!(
                 "proxy restarted: pid {old_pid} → {pid}, routing table {v} (was {version}); the old process drains and exits"
             );
+            audit_local(paths, "config", &said)?;
+            println!("{said}");
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
@@ -1049,9 +1051,31 @@ async fn down(paths: &Paths) -> Result<()> {
     let (mut platform, _) =
         baton_local::Platform::adopt(paths.logs(), &store, &Default::default())?;
     let n = platform.stop_all(&store, Duration::from_secs(10)).await?;
-    println!(
+    let said = format!(
         "stopped {}{n} instance(s) (no controller was running)",
         if proxy_stopped { "the proxy and " } else { "" }
     );
+    audit_local(paths, "down", &said)?;
+    println!("{said}");
+    Ok(())
+}
+
+/// Records, in the same hash-chained trail, what a command did without the
+/// controller (which records everything that goes through it).
+fn audit_local(paths: &Paths, action: &str, reason: &str) -> Result<()> {
+    let log = baton_audit::AuditLog::open(&paths.db(), Some(paths.root.join("audit.head")))
+        .context("cannot open the audit trail")?;
+    log.append(
+        baton_audit::NewEntry {
+            actor: format!("os:{}", baton::api::local_user()),
+            action: action.into(),
+            rollout: String::new(),
+            revision: None,
+            spec_digest: None,
+            reason: reason.into(),
+        },
+        baton::now_ms(),
+    )
+    .context("cannot record in the audit trail")?;
     Ok(())
 }

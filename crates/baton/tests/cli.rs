@@ -125,3 +125,39 @@ async fn a_bad_apply_changes_nothing() {
     let list = client.get("/v1/rollouts").await.expect("list").1;
     assert_eq!(list["rollouts"].as_array().map(Vec::len), Some(1));
 }
+
+/// `baton down` with no controller running stops the proxy and the instances itself,
+/// and says so in the audit trail, as the controller would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_without_a_controller_stops_everything_and_is_audited() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let spec = env.write(
+        "v1.yaml",
+        &canary_spec(listen, "v1", "", "        - setWeight: 10"),
+    );
+    let client = env.start_healthy(&["-f", path_str(&spec)], "hello").await;
+    let pids =
+        pids(&wait_status(&client, "hello", Duration::from_secs(5), "status", |_| true).await);
+    assert!(!pids.is_empty());
+    let mut up = env.up.take().expect("controller");
+    up.kill().expect("kill");
+    up.wait().expect("reap");
+    assert_eq!(http_get(listen, "/").await.trim(), "hello from v1");
+
+    let out = env.run(&["down"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("no controller was running"),
+        "{}",
+        stdout(&out)
+    );
+    wait_until(Duration::from_secs(15), "the instances to stop", || {
+        pids.iter()
+            .all(|p| std::fs::read(format!("/proc/{p}/cmdline")).map_or(true, |c| c.is_empty()))
+    });
+    let audit = stdout(&env.run(&["audit"]));
+    assert!(audit.contains("(no controller was running)"), "{audit}");
+    let verify = env.run(&["audit", "verify"]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+}

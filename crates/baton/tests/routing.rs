@@ -236,6 +236,8 @@ async fn restarting_the_proxy_under_load_fails_no_request() {
     let out = env.run(&["restart-proxy"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("proxy restarted"), "{}", stdout(&out));
+    let audit = stdout(&env.run(&["audit"]));
+    assert!(audit.contains("proxy restarted: pid"), "{audit}");
     let (new_pid, _) = proxy.ping().await.expect("proxy");
     assert_ne!(new_pid, old_pid);
     assert_eq!(
