@@ -71,6 +71,7 @@ pub fn engine_spec(
     let strategy = baton_spec::Strategy {
         canary: s.strategy.canary.as_ref().map(|c| baton_spec::Canary {
             steps: c.steps.clone(),
+            progressive: None,
         }),
         blue_green: s
             .strategy

@@ -298,6 +298,55 @@ static DEFAULT_ROLLING: Rolling = Rolling {
 pub struct Canary {
     #[serde(default)]
     pub steps: Vec<Step>,
+    /// Shorthand for `steps`: expanded into them when the spec is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progressive: Option<Progressive>,
+}
+
+/// Weights from `start`, multiplied by `factor` at each step while below 100, each
+/// held `every` and then judged by `gates`: `progressive: { start: 2, factor: 2,
+/// every: 90s }` is 2, 4, 8, 16, 32, 64 %, then full promotion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Progressive {
+    /// The first weight, 1-99.
+    pub start: u32,
+    /// What each weight is multiplied by (above 1; rounded, and always at least +1).
+    pub factor: f64,
+    /// How long each weight is held before its analysis.
+    pub every: Duration,
+    /// Gates judged after each hold; all of `spec.analysis.gates` when left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<String>,
+}
+
+impl Canary {
+    /// Replaces `progressive` by the steps it stands for (`all_gates` when it names
+    /// none). Only for a validated spec: a factor above 1 is what makes it end.
+    pub fn expand(&mut self, all_gates: &[String]) {
+        let Some(p) = self.progressive.take() else {
+            return;
+        };
+        let gates = if p.gates.is_empty() {
+            all_gates.to_vec()
+        } else {
+            p.gates
+        };
+        let mut w = p.start;
+        while w < 100 {
+            self.steps.push(Step::SetWeight(w));
+            self.steps.push(Step::Pause(Pause {
+                duration: Some(p.every),
+            }));
+            if !gates.is_empty() {
+                self.steps.push(Step::Analysis(AnalysisStep {
+                    gates: gates.clone(),
+                }));
+            }
+            w = ((f64::from(w) * p.factor).round() as u32).max(w + 1);
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -781,8 +830,21 @@ pub fn parse(text: &str) -> Result<Vec<Rollout>, SpecErrors> {
     let mut rollouts = Vec::new();
     for (i, doc) in docs.into_iter().enumerate() {
         match serde_path_to_error::deserialize::<_, Rollout>(doc) {
-            Ok(r) => {
-                for e in validate(&r) {
+            Ok(mut r) => {
+                let found = validate(&r);
+                if found.is_empty() {
+                    let gates: Vec<String> = r
+                        .spec
+                        .analysis
+                        .gates
+                        .iter()
+                        .map(|g| g.name.clone())
+                        .collect();
+                    if let Some(c) = r.spec.strategy.canary.as_mut() {
+                        c.expand(&gates);
+                    }
+                }
+                for e in found {
                     errors.push(FieldError {
                         field: prefix(i, &e.field),
                         reason: e.reason,

@@ -210,3 +210,79 @@ fn notifications_are_checked() {
         ]
     );
 }
+
+/// The canary example with its steps replaced by `canary` (YAML at the canary's
+/// indentation).
+fn with_canary(canary: &str) -> String {
+    let start = CANARY.find("      steps:").expect("steps");
+    let end = CANARY.find("  analysis:").expect("analysis");
+    format!("{}{canary}\n{}", &CANARY[..start], &CANARY[end..])
+}
+
+fn weights(steps: &[Step]) -> Vec<u32> {
+    steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::SetWeight(w) => Some(*w),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_progressive_shorthand_expands_into_steps() {
+    let r = parse(&with_canary(
+        "      progressive: { start: 2, factor: 2, every: 90s }",
+    ))
+    .expect("valid");
+    let c = r[0].spec.strategy.canary.as_ref().expect("canary");
+    assert_eq!(c.progressive, None, "expanded, not kept beside the steps");
+    assert_eq!(weights(&c.steps), vec![2, 4, 8, 16, 32, 64]);
+    // Each weight: held, then judged by every gate when none are named.
+    assert_eq!(
+        c.steps[..3],
+        [
+            Step::SetWeight(2),
+            Step::Pause(Pause {
+                duration: Some(Duration::from_secs(90))
+            }),
+            Step::Analysis(AnalysisStep {
+                gates: vec!["errors".into(), "p99".into()]
+            }),
+        ]
+    );
+    assert_eq!(c.steps.len(), 18);
+
+    let r = parse(&with_canary(
+        "      progressive: { start: 10, factor: 1.5, every: 5s, gates: [errors] }",
+    ))
+    .expect("valid");
+    let c = r[0].spec.strategy.canary.as_ref().expect("canary");
+    assert_eq!(weights(&c.steps), vec![10, 15, 23, 35, 53, 80]);
+    assert!(c.steps.contains(&Step::Analysis(AnalysisStep {
+        gates: vec!["errors".into()]
+    })));
+    // A factor that rounds back to the same weight still moves on.
+    let r = parse(&with_canary(
+        "      progressive: { start: 97, factor: 1.001, every: 1s }",
+    ))
+    .expect("valid");
+    let c = r[0].spec.strategy.canary.as_ref().expect("canary");
+    assert_eq!(weights(&c.steps), vec![97, 98, 99]);
+}
+
+#[test]
+fn a_bad_progressive_shorthand_names_each_field() {
+    let f = fields(&with_canary(
+        "      steps: [{ setWeight: 10 }]\n      progressive: { start: 0, factor: 1, every: 0s, gates: [nope] }",
+    ));
+    for field in [
+        "spec.strategy.canary.progressive",
+        "spec.strategy.canary.progressive.start",
+        "spec.strategy.canary.progressive.factor",
+        "spec.strategy.canary.progressive.every",
+        "spec.strategy.canary.progressive.gates[0]",
+    ] {
+        assert!(f.iter().any(|x| x == field), "{field} missing from {f:?}");
+    }
+}

@@ -148,6 +148,35 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
     }
     let gate_names: BTreeSet<&str> = s.analysis.gates.iter().map(|g| g.name.as_str()).collect();
     if let Some(c) = &st.canary {
+        if let Some(p) = &c.progressive {
+            let f = "spec.strategy.canary.progressive";
+            if !c.steps.is_empty() {
+                err(f, "set steps or progressive, not both".into());
+            }
+            if !(1..=99).contains(&p.start) {
+                err(
+                    &format!("{f}.start"),
+                    format!("must be 1-99, got {}", p.start),
+                );
+            }
+            if !(p.factor.is_finite() && p.factor > 1.0) {
+                err(
+                    &format!("{f}.factor"),
+                    format!("must be a number above 1, got {}", p.factor),
+                );
+            }
+            if p.every.0.is_zero() {
+                err(&format!("{f}.every"), "must be positive".into());
+            }
+            for (j, g) in p.gates.iter().enumerate() {
+                if !gate_names.contains(g.as_str()) {
+                    err(
+                        &format!("{f}.gates[{j}]"),
+                        format!("no gate named {g:?} in spec.analysis.gates"),
+                    );
+                }
+            }
+        }
         for (i, step) in c.steps.iter().enumerate() {
             let f = format!("spec.strategy.canary.steps[{i}]");
             match step {
