@@ -412,6 +412,9 @@ async fn run(cli: Cli) -> Result<()> {
                 diff: None,
                 output,
             } => return cluster::command(ns.as_deref(), "history", name, json(output)).await,
+            Cmd::History { diff: Some(_), .. } => bail!(
+                "on a cluster, history has no --diff yet: compare the ReplicaSets' pod templates (`kubectl get rs -o yaml`)"
+            ),
             Cmd::Dashboard { listen, .. } => {
                 return cluster::dashboard(ns.as_deref(), *listen).await;
             }
