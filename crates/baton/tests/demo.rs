@@ -8,12 +8,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{path_str, pids, wait_until};
-
-fn alive(pid: u64) -> bool {
-    // A zombie has no cmdline left; only a running process counts.
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
-}
+use common::{alive, path_str, pids, wait_until};
 
 #[test]
 fn a_demo_stopped_midway_stops_its_proxy_and_instances() {

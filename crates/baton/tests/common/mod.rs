@@ -285,6 +285,11 @@ pub fn pids(v: &Value) -> Vec<u64> {
     p
 }
 
+/// Whether `pid` runs: a zombie (exited, not yet reaped) has no command line left.
+pub fn alive(pid: u64) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
