@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{alive, path_str, pids, wait_until};
 
-#[test]
-fn a_demo_stopped_midway_stops_its_proxy_and_instances() {
+#[tokio::test]
+async fn a_demo_stopped_midway_stops_its_proxy_and_instances() {
     let hello = common::hello_bin();
     let dir = tempfile::tempdir().expect("tempdir");
     let work = dir.path().join("demo");
@@ -62,17 +62,9 @@ fn a_demo_stopped_midway_stops_its_proxy_and_instances() {
             _ => false,
         },
     );
-    let proxy: Vec<u64> = std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let c = String::from_utf8_lossy(&c);
-                c.contains("proxy") && c.contains(path_str(&state))
-            })
-        })
-        .collect();
-    assert_eq!(proxy.len(), 1, "the demo's proxy process: {proxy:?}");
+    let proxy = baton_proxy::ProxyClient::new(baton::paths::Paths::new(&state).proxy_socket());
+    let (proxy_pid, _) = proxy.ping().await.expect("the demo's proxy answers");
+    let proxy = vec![u64::from(proxy_pid)];
     assert!(instances.iter().chain(&proxy).all(|p| alive(*p)));
 
     nix::sys::signal::kill(
