@@ -22,37 +22,8 @@ use crate::dashboard::Body;
 use crate::paths::Paths;
 use std::sync::Arc;
 
-/// Commands a person can give a rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommandKind {
-    Promote,
-    PromoteFull,
-    Abort,
-    Retry,
-    Undo,
-}
-
-impl CommandKind {
-    pub fn from_path(s: &str) -> Option<Self> {
-        Some(match s {
-            "promote" => CommandKind::Promote,
-            "promote-full" => CommandKind::PromoteFull,
-            "abort" => CommandKind::Abort,
-            "retry" => CommandKind::Retry,
-            "undo" => CommandKind::Undo,
-            _ => return None,
-        })
-    }
-    pub fn path(self) -> &'static str {
-        match self {
-            CommandKind::Promote => "promote",
-            CommandKind::PromoteFull => "promote-full",
-            CommandKind::Abort => "abort",
-            CommandKind::Retry => "retry",
-            CommandKind::Undo => "undo",
-        }
-    }
-}
+/// Commands a person can give a rollout: the one vocabulary, shared with the cluster.
+pub use baton_driver::Command as CommandKind;
 
 #[derive(Debug)]
 pub enum ApiCall {
@@ -267,7 +238,7 @@ async fn handle(
                 }
             }
         }
-        (&Method::POST, ["v1", "rollouts", name, action]) => match CommandKind::from_path(action) {
+        (&Method::POST, ["v1", "rollouts", name, action]) => match CommandKind::parse(action) {
             Some(kind) => ApiCall::Command {
                 name: (*name).to_string(),
                 kind,

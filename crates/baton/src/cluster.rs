@@ -300,7 +300,7 @@ pub async fn dashboard(namespace: Option<&str>, listen: SocketAddr) -> Result<()
                                 &client,
                                 &ns,
                                 &name,
-                                k.path(),
+                                k.as_str(),
                                 &req.actor,
                                 Duration::from_secs(30),
                             )

@@ -13,23 +13,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use baton_analysis::{Measurer, run_smoke};
+use baton_analysis::run_smoke;
 use baton_audit::{AuditLog, NewEntry};
-use baton_engine::{Action, Command, Measurement, Observations, Status, step, undo_target};
-use baton_local::{Desired, Platform, PlatformEvent, RevisionWant, Store};
+use baton_driver::{
+    Command, Counters, DataPlane, Delivery, Driver, Event, Notifier, Port, Publish, Record,
+    Request, SaveError, Smoke, StatusStore, Target, Traffic, Workloads,
+};
+use baton_engine::{Millis, RevisionObs, Status, undo_target};
+use baton_local::{Desired, Platform, PlatformEvent, RevisionWant, Store, StoreError};
 use baton_proxy::{
     ControlError, ProxyClient, RevisionRoute, RoutingTable, ServiceRoute, StatsSnapshot,
 };
-use baton_spec::{NotificationEvent, Rollout, StrategyRef};
+use baton_spec::{Rollout, StrategyRef};
 use hyper::StatusCode;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::api::{self, ApiCall, ApiRequest, CommandKind, Identities, Reply, local_user};
+use crate::api::{self, ApiCall, ApiRequest, Identities, Reply, local_user};
 use crate::board::Board;
-use crate::notify::{Delivery, Notice, Notifier};
 use crate::paths::{Paths, new_token};
 use crate::{now_ms, view};
 
@@ -79,34 +82,31 @@ struct RolloutState {
     spec: Rollout,
     /// SHA-256 of the spec's JSON, recorded with every audit entry.
     digest: String,
-    status: Status,
-    /// The engine's route version that the router has confirmed.
-    acked: u64,
-    measurements: Vec<Measurement>,
-    smoke: Option<(String, bool, String)>,
+    record: Record,
     commands: Vec<(Command, String, oneshot::Sender<Reply>)>,
+}
+
+impl RolloutState {
+    fn new(spec: Rollout, record: Record) -> RolloutState {
+        RolloutState {
+            digest: spec_digest(&spec),
+            spec,
+            record,
+            commands: Vec::new(),
+        }
+    }
 }
 
 fn spec_digest(spec: &Rollout) -> String {
     baton_audit::digest(&serde_json::to_vec(spec).unwrap_or_default())
 }
 
-/// The audit action a controller event stands for.
-fn action_of(reason: &str, message: &str) -> &'static str {
+/// The audit action of the controller's own entries (the driver's events carry theirs).
+fn action_of(reason: &str) -> &'static str {
     match reason {
         "Applied" => "apply",
-        "NewRevision" | "Superseded" | "Abandoned" => "revision",
-        "StepCompleted" => "step",
         "TrafficShifted" => "traffic",
-        "GatePassed" | "GateFailed" | "GateError" => "gate",
-        "SmokeStarted" | "SmokePassed" => "smoke",
-        "Promote" | "PromoteFull" | "Promoted" | "Switch" => "promote",
-        "Aborted" if message.contains("aborted by user") => "abort",
-        "Aborted" | "FailedPaused" => "rollback",
-        "Abort" => "abort",
-        "Retry" => "retry",
         "Undo" => "undo",
-        "Phase" => "phase",
         "Notification" => "notify",
         "Resumed" | "ControllerStarted" | "ControllerStopped" | "RoutingRefused"
         | "ProxyReplaced" => "config",
@@ -119,29 +119,38 @@ fn action_of(reason: &str, message: &str) -> &'static str {
 /// crashed proxy costs at most this long, plus a start, of refused connections.
 const PROXY_CHECK_MS: u64 = 1000;
 
-struct Controller {
-    paths: Paths,
-    opts: UpOptions,
+/// This machine, as the driver sees it: processes, the proxy, SQLite, the terminal.
+struct Local {
     store: Store,
     platform: Platform,
     proxy: ProxyClient,
+    audit: AuditLog,
+    board: Arc<Board>,
+    echo: bool,
+    /// The route version the proxy confirmed, per rollout.
+    acked: BTreeMap<String, u64>,
+    /// The proxy's counters, read at most once a tick.
+    stats: Option<StatsSnapshot>,
+    smoke_tx: mpsc::UnboundedSender<(String, String, bool, String)>,
+    /// Finished smoke runs, per rollout.
+    smoke_done: BTreeMap<String, (String, bool, String)>,
+}
+
+struct Controller {
+    paths: Paths,
+    opts: UpOptions,
+    world: Local,
+    driver: Driver,
     proxy_child: Option<Child>,
     rollouts: BTreeMap<String, RolloutState>,
-    measurer: Measurer,
     table_version: u64,
     last_services: Option<Vec<ServiceRoute>>,
     last_routed: HashSet<SocketAddr>,
     push_retry_at: u64,
     /// When the proxy was last asked whether it is alive, on a tick with nothing to push.
     proxy_checked_at: u64,
-    smoke_tx: mpsc::UnboundedSender<(String, String, bool, String)>,
     smoke_rx: mpsc::UnboundedReceiver<(String, String, bool, String)>,
-    audit: AuditLog,
-    notifier: Notifier,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
-    measure_tx: mpsc::UnboundedSender<(String, Measurement)>,
-    measure_rx: mpsc::UnboundedReceiver<(String, Measurement)>,
-    board: Arc<Board>,
     /// When the dashboard next gets the status, and a traffic sample.
     next_publish: u64,
     next_sample: u64,
@@ -171,29 +180,31 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         .unwrap_or_else(|| paths.root.join("audit.head"));
     let audit = AuditLog::open(&paths.db(), Some(head)).context("cannot open the audit trail")?;
     let (delivery_tx, deliveries) = mpsc::unbounded_channel();
-    let (measure_tx, measure_rx) = mpsc::unbounded_channel();
     let mut c = Controller {
         paths: paths.clone(),
         opts: opts.clone(),
-        store,
-        platform,
-        proxy,
+        world: Local {
+            store,
+            platform,
+            proxy,
+            audit,
+            board: Arc::new(Board::default()),
+            echo: opts.echo,
+            acked: BTreeMap::new(),
+            stats: None,
+            smoke_tx,
+            smoke_done: BTreeMap::new(),
+        },
+        driver: Driver::new(Some(Arc::new(Notifier::new(delivery_tx)))),
         proxy_child,
         rollouts: BTreeMap::new(),
-        measurer: Measurer::default(),
         table_version: stored_version.max(proxy_version),
         last_services: None,
         last_routed: routed,
         push_retry_at: 0,
         proxy_checked_at: 0,
-        smoke_tx,
         smoke_rx,
-        audit,
-        notifier: Notifier::new(delivery_tx),
         deliveries,
-        measure_tx,
-        measure_rx,
-        board: Arc::new(Board::default()),
         next_publish: 0,
         next_sample: 0,
     };
@@ -210,24 +221,24 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
                 .map_or("off".to_string(), |m| m.to_string())
         ),
     );
-    for (name, spec, status) in c.store.rollouts::<Rollout, Status>()? {
+    // A status that cannot be read stops the start (naming the rollout), rather than
+    // starting that rollout over.
+    let stored = c
+        .world
+        .store
+        .rollouts::<Rollout, Record>()
+        .context("cannot resume the stored rollouts")?;
+    for (name, spec, record) in stored {
         c.say(
             &name,
             "Resumed",
-            &format!("resuming: {} ({})", status.phase.as_str(), status.message),
+            &format!(
+                "resuming: {} ({})",
+                record.status.phase.as_str(),
+                record.status.message
+            ),
         );
-        c.rollouts.insert(
-            name,
-            RolloutState {
-                digest: spec_digest(&spec),
-                spec,
-                status,
-                acked: 0,
-                measurements: Vec::new(),
-                smoke: None,
-                commands: Vec::new(),
-            },
-        );
+        c.rollouts.insert(name, RolloutState::new(spec, record));
     }
     c.platform_events(adopted);
     if !opts.specs.is_empty() {
@@ -251,7 +262,7 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     let ids = Identities::load(&paths);
     std::fs::write(paths.api_addr(), api_addr.to_string())?;
     let (tx, rx) = mpsc::channel(64);
-    let board = c.board.clone();
+    let board = c.world.board.clone();
     let server = tokio::spawn(api::serve(listener, ids, tx.clone(), board.clone()));
     let join = tokio::spawn(async move {
         let r = c.run(rx).await;
@@ -376,33 +387,21 @@ impl Controller {
 
     /// Appends to the audit trail and, unless it is routine, prints it.
     fn record(&self, actor: &str, rollout: &str, reason: &str, message: &str) {
-        let now = now_ms();
         let (revision, digest) = match self.rollouts.get(rollout) {
-            Some(r) => (
-                r.status.canary.clone().or_else(|| r.status.stable.clone()),
-                Some(r.digest.clone()),
-            ),
+            Some(r) => (r.record.current_revision(), Some(r.digest.clone())),
             None => (None, None),
         };
         let entry = NewEntry {
             actor: actor.to_string(),
-            action: action_of(reason, message).to_string(),
+            action: action_of(reason).to_string(),
             rollout: rollout.to_string(),
             revision,
             spec_digest: digest,
             reason: message.to_string(),
         };
-        self.board.audit_written(rollout);
-        if let Err(e) = self.audit.append(entry, now) {
-            eprintln!("warning: cannot append to the audit trail: {e}");
-        }
-        if self.opts.echo && reason != "GatePassed" {
-            let who = if actor == "baton" {
-                String::new()
-            } else {
-                format!(" [{actor}]")
-            };
-            println!("{} {rollout:<12} {message}{who}", view::clock(now));
+        self.world.append(entry);
+        if self.opts.echo {
+            echo(now_ms(), rollout, actor, message);
         }
     }
 
@@ -436,151 +435,70 @@ impl Controller {
     }
 
     async fn tick(&mut self) -> Result<()> {
-        while let Ok((rollout, m)) = self.measure_rx.try_recv() {
-            self.take_measurement(&rollout, m);
-        }
         while let Ok(d) = self.deliveries.try_recv() {
             self.say(&d.rollout, "Notification", &d.message);
         }
         while let Ok((rollout, rev, passed, detail)) = self.smoke_rx.try_recv() {
-            if let Some(r) = self.rollouts.get_mut(&rollout) {
-                r.smoke = Some((rev, passed, detail));
-            }
+            self.world.smoke_done.insert(rollout, (rev, passed, detail));
         }
         let now = now_ms();
-        let mut stats: Option<StatsSnapshot> = None;
+        self.world.stats = None;
         let names: Vec<String> = self.rollouts.keys().cloned().collect();
         for name in names {
             let Some(r) = self.rollouts.get_mut(&name) else {
                 continue;
             };
             let commands = std::mem::take(&mut r.commands);
-            let obs = Observations {
-                revisions: self
-                    .platform
-                    .observe(&name, r.spec.spec.min_ready_seconds * 1000, now),
-                router_acked: r.acked,
-                measurements: std::mem::take(&mut r.measurements),
-                smoke: r.smoke.take(),
-                commands: commands.iter().map(|(c, _, _)| *c).collect(),
+            let (requests, replies): (Vec<Request>, Vec<_>) = commands
+                .into_iter()
+                .map(|(command, actor, reply)| (Request { command, actor }, reply))
+                .unzip();
+            let t = Target {
+                key: &name,
+                name: &name,
+                spec: &r.spec,
+                digest: &r.digest,
             };
-            let out = step(&r.spec, &r.status, &obs, now);
-            if out.status != r.status {
-                // Persist before acting, so a crash never acts on an unrecorded decision.
-                self.store.save_rollout(&name, &r.spec, &out.status, now)?;
-            }
-            let was_paused = r.status.phase == baton_engine::Phase::Paused;
-            r.status = out.status;
-            let spec = r.spec.clone();
-            let paused = (!was_paused && r.status.phase == baton_engine::Phase::Paused)
-                .then(|| r.status.message.clone());
-            for ((cmd, actor, reply), result) in commands.into_iter().zip(out.command_results) {
-                let reason = match cmd {
-                    Command::Promote => "Promote",
-                    Command::PromoteFull => "PromoteFull",
-                    Command::Abort => "Abort",
-                    Command::Retry => "Retry",
-                };
-                let answer = match result {
-                    Ok(msg) => {
-                        self.record(&actor, &name, reason, &format!("{}: {msg}", cmd.as_str()));
-                        (StatusCode::OK, json!({ "result": msg }))
+            match self
+                .driver
+                .cycle(&mut self.world, &t, &r.record, requests, now)
+                .await
+            {
+                Ok(out) => {
+                    r.record = out.record;
+                    for ((_, answer), reply) in out.answers.into_iter().zip(replies) {
+                        let _ = reply.send(match answer {
+                            Ok(msg) => (StatusCode::OK, json!({ "result": msg })),
+                            Err(msg) => api::error(StatusCode::CONFLICT, msg),
+                        });
                     }
-                    Err(msg) => api::error(StatusCode::CONFLICT, msg),
-                };
-                let _ = reply.send(answer);
-            }
-            if let Some(why) = paused {
-                self.notify(&name, NotificationEvent::Paused, &why);
-            }
-            for action in out.actions {
-                match action {
-                    Action::Event { reason, message } => {
-                        let event = match reason.as_str() {
-                            "NewRevision" if message.starts_with("rolling out") => {
-                                Some(NotificationEvent::Started)
-                            }
-                            "StepCompleted" => Some(NotificationEvent::StepPassed),
-                            "Promoted" => Some(NotificationEvent::Promoted),
-                            "Aborted" if message.contains("aborted by user") => {
-                                Some(NotificationEvent::Aborted)
-                            }
-                            "Aborted" => Some(NotificationEvent::RolledBack),
-                            _ => None,
-                        };
-                        self.say(&name, &reason, &message);
-                        if let Some(e) = event {
-                            self.notify(&name, e, &message);
-                        }
+                }
+                Err(e) => {
+                    // Nothing was acted on; the next tick tries again from the same state.
+                    eprintln!("warning: rollout {name}: {e}");
+                    for reply in replies {
+                        let _ = reply.send(api::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not done: {e}"),
+                        ));
                     }
-                    Action::Measure {
-                        gate,
-                        revision,
-                        epoch,
-                    } => {
-                        let Some(g) = spec.spec.analysis.gates.iter().find(|g| g.name == gate)
-                        else {
-                            continue;
-                        };
-                        let stable = self
-                            .rollouts
-                            .get(&name)
-                            .and_then(|r| r.status.stable.clone());
-                        if !matches!(
-                            g.metric,
-                            baton_spec::MetricSource::Builtin(_)
-                                | baton_spec::MetricSource::Scorecard(_)
-                        ) {
-                            // External providers do I/O that may take seconds: off the loop.
-                            let vars = baton_analysis::Vars {
-                                service: name.clone(),
-                                revision: revision.clone(),
-                                stable,
-                                address: self.platform.backends(&name, &revision).first().copied(),
-                            };
-                            let (g, tx) = (g.clone(), self.measure_tx.clone());
-                            let rollout = name.clone();
-                            tokio::spawn(async move {
-                                let m = baton_analysis::measure(&g, &vars, now_ms()).await;
-                                let _ = tx.send((rollout, m));
-                            });
-                            continue;
-                        }
-                        if stats.is_none() {
-                            stats = self.proxy.stats().await.ok();
-                        }
-                        let Some(snap) = &stats else { continue };
-                        let of = |rev: &str| {
-                            snap.get(&name)
-                                .and_then(|m| m.get(rev))
-                                .cloned()
-                                .unwrap_or_default()
-                        };
-                        let current = of(&revision);
-                        let stable_now = stable.as_deref().map(of);
-                        let m = self.measurer.measure(
-                            &name,
-                            g,
-                            &revision,
-                            epoch,
-                            &current,
-                            stable_now.as_ref(),
-                            now,
-                        );
-                        self.take_measurement(&name, m);
-                    }
-                    Action::RunSmoke { revision } => self.start_smoke(&name, &spec, &revision),
                 }
             }
         }
+        // The platform and the router act for every rollout at once: one reconcile of
+        // the instances and one table for the proxy, from the statuses just persisted.
         let desired: Desired = self
             .rollouts
             .iter()
-            .map(|(n, r)| (n.clone(), wants_for(&r.spec, &r.status)))
+            .map(|(n, r)| (n.clone(), wants_for(&r.spec, &r.record.status)))
             .collect();
-        let events = self.platform.reconcile(&desired, &self.store, now)?;
+        let events = self
+            .world
+            .platform
+            .reconcile(&desired, &self.world.store, now)?;
         self.platform_events(events);
         self.sync_routes(now).await;
+        let stats = self.world.stats.take();
         self.publish(now, stats).await;
         if let Some(c) = &mut self.proxy_child {
             let _ = c.try_wait();
@@ -593,83 +511,18 @@ impl Controller {
         if now >= self.next_publish {
             self.next_publish = now + 200;
             let list: Vec<_> = self.rollouts.keys().map(|n| self.view(n)).collect();
-            self.board.publish(serde_json::Value::Array(list));
+            self.world.board.publish(serde_json::Value::Array(list));
         }
         if now >= self.next_sample {
             self.next_sample = now + 1000;
             let stats = match stats {
                 Some(s) => Some(s),
-                None => self.proxy.stats().await.ok(),
+                None => self.world.proxy.stats().await.ok(),
             };
             if let Some(s) = stats {
-                self.board.sample(now, s);
+                self.world.board.sample(now, s);
             }
         }
-    }
-
-    /// Logs a measurement's verdict and hands it to the engine's next step.
-    fn take_measurement(&mut self, name: &str, m: Measurement) {
-        let what = format!("gate {}: {}", m.gate, m.detail);
-        match m.verdict {
-            baton_engine::Verdict::Fail => self.say(name, "GateFailed", &what),
-            baton_engine::Verdict::Pass => self.say(name, "GatePassed", &what),
-            baton_engine::Verdict::Error => self.say(name, "GateError", &what),
-            baton_engine::Verdict::Inconclusive => {}
-        }
-        if let Some(r) = self.rollouts.get_mut(name) {
-            r.measurements.push(m);
-        }
-    }
-
-    /// Tells the rollout's webhooks; delivery happens in the background.
-    fn notify(&self, name: &str, event: NotificationEvent, reason: &str) {
-        let Some(r) = self.rollouts.get(name) else {
-            return;
-        };
-        if r.spec.spec.notifications.is_empty() {
-            return;
-        }
-        let revision = r.status.canary.clone().or_else(|| r.status.stable.clone());
-        let app_version = revision
-            .as_deref()
-            .and_then(|rev| r.status.revision(rev))
-            .and_then(|rev| rev.run.app_version().map(str::to_string));
-        let notice = Notice {
-            rollout: name.to_string(),
-            event: event.as_str(),
-            revision,
-            app_version,
-            phase: r.status.phase.as_str().to_string(),
-            reason: reason.to_string(),
-            at: now_ms(),
-        };
-        self.notifier
-            .notify(&r.spec.spec.notifications, event, notice);
-    }
-
-    fn start_smoke(&self, name: &str, spec: &Rollout, revision: &str) {
-        let StrategyRef::BlueGreen(bg) = spec.spec.strategy.kind() else {
-            return;
-        };
-        let target = bg
-            .preview_listen
-            .as_ref()
-            .and_then(|p| p.parse::<SocketAddr>().ok())
-            .or_else(|| self.platform.backends(name, revision).first().copied());
-        let tests = bg.smoke.clone();
-        let tx = self.smoke_tx.clone();
-        let (name, revision) = (name.to_string(), revision.to_string());
-        tokio::spawn(async move {
-            let result = match target {
-                Some(addr) => run_smoke(addr, &tests, Duration::from_secs(5)).await,
-                None => Err("no ready instance to test".into()),
-            };
-            let (passed, detail) = match result {
-                Ok(d) => (true, d),
-                Err(e) => (false, e),
-            };
-            let _ = tx.send((name, revision, passed, detail));
-        });
     }
 
     fn services(&self) -> (Vec<ServiceRoute>, BTreeMap<String, u64>) {
@@ -678,33 +531,42 @@ impl Controller {
             .rollouts
             .iter()
             .map(|(name, r)| {
-                versions.insert(name.clone(), r.status.route_version);
+                versions.insert(name.clone(), r.record.status.route_version);
                 let bg = match r.spec.spec.strategy.kind() {
                     StrategyRef::BlueGreen(bg) => bg.preview_listen.clone(),
                     _ => None,
                 };
                 let mut revisions: Vec<RevisionRoute> = r
+                    .record
                     .status
                     .weights
                     .iter()
                     .map(|(rev, w)| RevisionRoute {
                         name: rev.clone(),
                         weight: *w,
-                        backends: self.platform.backends(name, rev),
+                        backends: self.world.platform.backends(name, rev),
                     })
                     .collect();
                 // The preview, and a live canary still at 0 %, are listed with no
                 // weight: the preview listener and the canary header reach them,
                 // weighted traffic and retries never do.
-                let live_canary = r.status.canary.clone().filter(|_| !r.status.aborted);
-                for extra in [&r.status.preview, &live_canary].into_iter().flatten() {
-                    if !r.status.weights.contains_key(extra)
+                let live_canary = r
+                    .record
+                    .status
+                    .canary
+                    .clone()
+                    .filter(|_| !r.record.status.aborted);
+                for extra in [&r.record.status.preview, &live_canary]
+                    .into_iter()
+                    .flatten()
+                {
+                    if !r.record.status.weights.contains_key(extra)
                         && !revisions.iter().any(|x| &x.name == extra)
                     {
                         revisions.push(RevisionRoute {
                             name: extra.clone(),
                             weight: 0,
-                            backends: self.platform.backends(name, extra),
+                            backends: self.world.platform.backends(name, extra),
                         });
                     }
                 }
@@ -713,8 +575,8 @@ impl Controller {
                     name: name.clone(),
                     listen: traffic.listen.clone(),
                     preview_listen: bg,
-                    preview: r.status.preview.clone(),
-                    stable: r.status.stable.clone(),
+                    preview: r.record.status.preview.clone(),
+                    stable: r.record.status.stable.clone(),
                     canary: live_canary,
                     sticky_header: traffic.stickiness.as_ref().and_then(|s| s.header.clone()),
                     sticky_cookie: traffic.stickiness.as_ref().and_then(|s| s.cookie.clone()),
@@ -750,18 +612,16 @@ impl Controller {
         let (services, versions) = self.services();
         if self.last_services.as_ref() == Some(&services) {
             for (name, v) in versions {
-                if let Some(r) = self.rollouts.get_mut(&name) {
-                    r.acked = v;
-                }
+                self.world.acked.insert(name, v);
             }
-            self.platform.routes_confirmed(&self.last_routed);
+            self.world.platform.routes_confirmed(&self.last_routed);
             // Nothing to push, so nothing else would notice a proxy that died: while
             // traffic is steady (a Healthy rollout, a long pause) it must be checked.
             if now >= self.proxy_checked_at + PROXY_CHECK_MS {
                 self.proxy_checked_at = now;
                 // Only a socket nobody accepts on is a dead proxy: a slow answer is
                 // a busy one, and a second proxy would fight it for the ports.
-                if let Err(e @ ControlError::Connect { .. }) = self.proxy.ping().await {
+                if let Err(e @ ControlError::Connect { .. }) = self.world.proxy.ping().await {
                     self.replace_proxy(now, e).await;
                 }
             }
@@ -774,19 +634,17 @@ impl Controller {
             version: self.table_version + 1,
             services: services.clone(),
         };
-        match self.proxy.set_table(&table).await {
+        match self.world.proxy.set_table(&table).await {
             Ok(v) => {
                 self.table_version = v;
-                let _ = self.store.set_meta("route_version", &v.to_string());
+                let _ = self.world.store.set_meta("route_version", &v.to_string());
                 self.last_routed = baton_proxy::routed(&services);
                 self.announce_traffic(&services, v);
                 self.last_services = Some(services);
                 for (name, v) in versions {
-                    if let Some(r) = self.rollouts.get_mut(&name) {
-                        r.acked = v;
-                    }
+                    self.world.acked.insert(name, v);
                 }
-                self.platform.routes_confirmed(&self.last_routed);
+                self.world.platform.routes_confirmed(&self.last_routed);
             }
             Err(ControlError::Refused { error, .. }) => {
                 self.push_retry_at = now + 2000;
@@ -807,7 +665,7 @@ impl Controller {
     async fn replace_proxy(&mut self, now: u64, e: ControlError) {
         self.push_retry_at = now + 500;
         eprintln!("warning: {e}; starting a new proxy");
-        match ensure_proxy(&self.paths, &self.proxy, self.opts.metrics_listen).await {
+        match ensure_proxy(&self.paths, &self.world.proxy, self.opts.metrics_listen).await {
             Ok((child, v, _)) => {
                 if let Some(child) = child {
                     // Reap the one that died, if it was ours.
@@ -857,10 +715,10 @@ impl Controller {
             let mut parts: Vec<String> = now
                 .0
                 .iter()
-                .map(|(rev, w)| format!("{} {w} %", r.status.label(rev)))
+                .map(|(rev, w)| format!("{} {w} %", r.record.status.label(rev)))
                 .collect();
             if let Some(p) = &now.1 {
-                parts.push(format!("preview {}", r.status.label(p)));
+                parts.push(format!("preview {}", r.record.status.label(p)));
             }
             self.say(
                 &svc.name,
@@ -892,8 +750,11 @@ impl Controller {
                         limit: Some(500),
                         ..Default::default()
                     };
-                    let events = self.audit.list(&filter).unwrap_or_default();
-                    (StatusCode::OK, view::history(&name, &r.status, &events))
+                    let events = self.world.audit.list(&filter).unwrap_or_default();
+                    (
+                        StatusCode::OK,
+                        view::history(&name, &r.record.status, &events),
+                    )
                 }
                 None => self.unknown(&name),
             },
@@ -910,18 +771,12 @@ impl Controller {
                     let _ = reply.send(self.unknown(&name));
                     return None;
                 };
-                let cmd = match kind {
-                    CommandKind::Promote => Command::Promote,
-                    CommandKind::PromoteFull => Command::PromoteFull,
-                    CommandKind::Abort => Command::Abort,
-                    CommandKind::Retry => Command::Retry,
-                    CommandKind::Undo => {
-                        let _ = reply.send(self.undo(&name, &actor));
-                        return None;
-                    }
-                };
+                if kind == Command::Undo {
+                    let _ = reply.send(self.undo(&name, &actor));
+                    return None;
+                }
                 // Answered once the engine has acted on it, in the next step.
-                r.commands.push((cmd, actor, reply));
+                r.commands.push((kind, actor, reply));
                 return None;
             }
             ApiCall::Shutdown { down } => {
@@ -948,7 +803,13 @@ impl Controller {
 
     fn view(&self, name: &str) -> serde_json::Value {
         match self.rollouts.get(name) {
-            Some(r) => view::rollout(name, &r.spec, &r.status, r.acked, &self.platform),
+            Some(r) => view::rollout(
+                name,
+                &r.spec,
+                &r.record.status,
+                self.world.acked.get(name).copied().unwrap_or(0),
+                &self.world.platform,
+            ),
             None => json!(null),
         }
     }
@@ -980,19 +841,20 @@ impl Controller {
         let mut unchanged = Vec::new();
         for spec in specs {
             let name = spec.metadata.name.clone();
-            let status = match self.rollouts.get(&name) {
+            let record = match self.rollouts.get(&name) {
                 Some(r) if r.spec == spec => {
                     unchanged.push(name);
                     continue;
                 }
-                Some(r) => r.status.clone(),
-                None => Status::default(),
+                Some(r) => r.record.clone(),
+                None => Record::default(),
             };
             let revision = spec.spec.run.revision_hash();
             let saved = self
+                .world
                 .store
-                .save_rollout(&name, &spec, &status, now)
-                .and_then(|()| self.store.save_revision_spec(&name, &revision, &spec));
+                .save_rollout(&name, &spec, &record, now)
+                .and_then(|()| self.world.store.save_revision_spec(&name, &revision, &spec));
             if let Err(e) = saved {
                 return api::error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -1007,18 +869,8 @@ impl Controller {
                     r.digest = digest;
                 }
                 None => {
-                    self.rollouts.insert(
-                        name.clone(),
-                        RolloutState {
-                            digest,
-                            spec,
-                            status,
-                            acked: 0,
-                            measurements: Vec::new(),
-                            smoke: None,
-                            commands: Vec::new(),
-                        },
-                    );
+                    self.rollouts
+                        .insert(name.clone(), RolloutState::new(spec, record));
                 }
             }
             self.record(
@@ -1042,7 +894,7 @@ impl Controller {
         let Some(r) = self.rollouts.get(name) else {
             return self.unknown(name);
         };
-        let Some(target) = undo_target(&r.status) else {
+        let Some(target) = undo_target(&r.record.status) else {
             return api::error(
                 StatusCode::CONFLICT,
                 format!("{name} has no previous stable revision to go back to"),
@@ -1075,13 +927,17 @@ impl Controller {
         };
         let mut texts = Vec::new();
         for n in [from, to] {
-            let Some(rev) = r.status.revisions.iter().find(|x| x.number == n) else {
+            let Some(rev) = r.record.status.revisions.iter().find(|x| x.number == n) else {
                 return api::error(
                     StatusCode::NOT_FOUND,
                     format!("{name} has no revision #{n}"),
                 );
             };
-            let spec: Option<Rollout> = self.store.revision_spec(name, &rev.name).unwrap_or(None);
+            let spec: Option<Rollout> = self
+                .world
+                .store
+                .revision_spec(name, &rev.name)
+                .unwrap_or(None);
             let Some(spec) = spec else {
                 return api::error(
                     StatusCode::NOT_FOUND,
@@ -1103,7 +959,7 @@ impl Controller {
     async fn shutdown(mut self, down: bool, reply: oneshot::Sender<Reply>) -> Result<()> {
         let answer = if down {
             // Proxy first: it stops accepting and drains; then the instances.
-            let _ = self.proxy.shutdown().await;
+            let _ = self.world.proxy.shutdown().await;
             if let Some(c) = &mut self.proxy_child {
                 let _ = tokio::time::timeout(Duration::from_secs(15), async {
                     while matches!(c.try_wait(), Ok(None)) {
@@ -1113,8 +969,9 @@ impl Controller {
                 .await;
             }
             let n = self
+                .world
                 .platform
-                .stop_all(&self.store, Duration::from_secs(10))
+                .stop_all(&self.world.store, Duration::from_secs(10))
                 .await?;
             for name in self.rollouts.keys() {
                 self.say(name, "Down", "proxy and instances stopped");
@@ -1137,4 +994,146 @@ fn listen_addrs(spec: &Rollout) -> Vec<String> {
         v.push(p.clone());
     }
     v
+}
+
+/// Prints an event as it happens (`baton up` in a terminal).
+fn echo(now: u64, rollout: &str, actor: &str, message: &str) {
+    let who = if actor == "baton" {
+        String::new()
+    } else {
+        format!(" [{actor}]")
+    };
+    println!("{} {rollout:<12} {message}{who}", view::clock(now));
+}
+
+impl Local {
+    /// Appends to the audit trail; Baton's own failure to write it is reported, never
+    /// blamed on the rollout.
+    fn append(&self, entry: NewEntry) {
+        self.board.audit_written(&entry.rollout);
+        if let Err(e) = self.audit.append(entry, now_ms()) {
+            eprintln!("warning: cannot append to the audit trail: {e}");
+        }
+    }
+}
+
+impl Port for Local {
+    type Error = StoreError;
+}
+
+impl Workloads for Local {
+    async fn observe(
+        &mut self,
+        t: &Target<'_>,
+        _: &Status,
+        now: Millis,
+    ) -> Result<BTreeMap<String, RevisionObs>, StoreError> {
+        let min_ready = t.spec.spec.min_ready_seconds * 1000;
+        Ok(self.platform.observe(t.key, min_ready, now))
+    }
+
+    /// Instances are reconciled for every rollout at once, after every cycle of the
+    /// tick, from the persisted statuses (see `Controller::tick`).
+    async fn apply(&mut self, _: &Target<'_>, _: &Status) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl Traffic for Local {
+    fn confirmed(&mut self, t: &Target<'_>) -> u64 {
+        self.acked.get(t.key).copied().unwrap_or(0)
+    }
+
+    /// One table for every service is pushed after the tick's cycles; the proxy's
+    /// acknowledgement comes back through `confirmed`.
+    async fn route(&mut self, _: &Target<'_>, _: &Status) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+}
+
+impl StatusStore for Local {
+    async fn save(
+        &mut self,
+        t: &Target<'_>,
+        record: &Record,
+        changed: bool,
+        audit: &[Event],
+    ) -> Result<(), SaveError<StoreError>> {
+        if changed {
+            self.store
+                .save_rollout(t.key, t.spec, record, now_ms())
+                .map_err(SaveError::Other)?;
+        }
+        for e in audit {
+            self.append(NewEntry {
+                actor: e.actor.clone(),
+                action: e.kind.audit_action().to_string(),
+                rollout: t.key.to_string(),
+                revision: e.revision.clone(),
+                spec_digest: Some(t.digest.to_string()),
+                reason: e.message.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Smoke for Local {
+    async fn start(&mut self, t: &Target<'_>, revision: &str) -> Result<(), StoreError> {
+        let StrategyRef::BlueGreen(bg) = t.spec.spec.strategy.kind() else {
+            return Ok(());
+        };
+        let target = bg
+            .preview_listen
+            .as_ref()
+            .and_then(|p| p.parse::<SocketAddr>().ok())
+            .or_else(|| self.platform.backends(t.key, revision).first().copied());
+        let tests = bg.smoke.clone();
+        let tx = self.smoke_tx.clone();
+        let (name, revision) = (t.key.to_string(), revision.to_string());
+        tokio::spawn(async move {
+            let result = match target {
+                Some(addr) => run_smoke(addr, &tests, Duration::from_secs(5)).await,
+                None => Err("no ready instance to test".into()),
+            };
+            let (passed, detail) = match result {
+                Ok(d) => (true, d),
+                Err(e) => (false, e),
+            };
+            let _ = tx.send((name, revision, passed, detail));
+        });
+        Ok(())
+    }
+
+    async fn take(
+        &mut self,
+        t: &Target<'_>,
+        _: &Status,
+    ) -> Result<Option<(String, bool, String)>, StoreError> {
+        Ok(self.smoke_done.remove(t.key))
+    }
+}
+
+impl DataPlane for Local {
+    async fn counters(&mut self, t: &Target<'_>) -> Counters {
+        if self.stats.is_none() {
+            self.stats = self.proxy.stats().await.ok();
+        }
+        match &self.stats {
+            Some(s) => Counters::Read(s.get(t.key).cloned().unwrap_or_default()),
+            None => Counters::Unreadable,
+        }
+    }
+
+    fn address(&self, t: &Target<'_>, revision: &str) -> Option<SocketAddr> {
+        self.platform.backends(t.key, revision).first().copied()
+    }
+}
+
+impl Publish for Local {
+    async fn emit(&mut self, t: &Target<'_>, e: &Event) {
+        if self.echo && !e.kind.is_routine() {
+            echo(e.at, t.key, &e.actor, &e.message);
+        }
+    }
 }

@@ -288,7 +288,7 @@ pub async fn handle(
                     format!("{} is a viewer: it may watch, not act", session.who),
                 ));
             }
-            let Some(kind) = CommandKind::from_path(action) else {
+            let Some(kind) = CommandKind::parse(action) else {
                 return json_reply(crate::api::error(
                     StatusCode::NOT_FOUND,
                     format!(

@@ -9,7 +9,6 @@ pub mod controller;
 pub mod dashboard;
 pub mod demo;
 pub mod load;
-pub mod notify;
 pub mod paths;
 pub mod view;
 

@@ -251,7 +251,74 @@ pub enum Action {
     /// Run the blue-green smoke tests against the preview revision.
     RunSmoke { revision: String },
     /// Something worth telling people and the history.
-    Event { reason: String, message: String },
+    Event(Event),
+}
+
+/// Why a new revision was stopped: what receivers tell apart (a user's abort is not a
+/// rollback; a Kubernetes Warning is not raised for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Cause {
+    User,
+    Gate,
+    Smoke,
+    Deadline,
+}
+
+/// What happened, typed: audit actions, Kubernetes Event reasons and notifications are
+/// derived from this, never from the message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind", content = "cause")]
+pub enum EventKind {
+    /// The rollout's very first revision, started with nothing to replace.
+    FirstRevision,
+    /// A new revision is being rolled out beside stable.
+    NewRevision,
+    Superseded,
+    /// The spec went back to stable while a new revision was in flight.
+    Abandoned,
+    StepCompleted,
+    Promoted,
+    /// A user's promote past the current step.
+    Promote,
+    PromoteFull,
+    Retry,
+    SmokeStarted,
+    SmokePassed,
+    /// Blue-green: all traffic switches to the new stack.
+    Switch,
+    Phase,
+    Aborted(Cause),
+    /// A failure with `rollback.onFailure: false`: paused for a human.
+    FailedPaused(Cause),
+}
+
+impl EventKind {
+    /// The event's reason in the `CamelCase` form logs and Kubernetes use.
+    pub fn reason(self) -> &'static str {
+        match self {
+            EventKind::FirstRevision | EventKind::NewRevision => "NewRevision",
+            EventKind::Superseded => "Superseded",
+            EventKind::Abandoned => "Abandoned",
+            EventKind::StepCompleted => "StepCompleted",
+            EventKind::Promoted => "Promoted",
+            EventKind::Promote => "Promote",
+            EventKind::PromoteFull => "PromoteFull",
+            EventKind::Retry => "Retry",
+            EventKind::SmokeStarted => "SmokeStarted",
+            EventKind::SmokePassed => "SmokePassed",
+            EventKind::Switch => "Switch",
+            EventKind::Phase => "Phase",
+            EventKind::Aborted(_) => "Aborted",
+            EventKind::FailedPaused(_) => "FailedPaused",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    pub message: String,
 }
 
 /// The answer to one command: `Ok(what happened)` or `Err(why it does not apply)`.

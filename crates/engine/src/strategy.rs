@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use baton_spec::{BlueGreen, Rolling, Rollout, Step, StrategyRef};
 
 use crate::{
-    Action, Command, CommandResult, GateStatus, Millis, Observations, Output, Phase, Revision,
-    SmokeState, Status, Verdict,
+    Action, Cause, Command, CommandResult, Event, EventKind, GateStatus, Millis, Observations,
+    Output, Phase, Revision, SmokeState, Status, Verdict,
 };
 
 /// A smoke run with no answer after this long is asked for again (the controller may
@@ -22,11 +22,8 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn event(&mut self, reason: &str, message: String) {
-        self.actions.push(Action::Event {
-            reason: reason.into(),
-            message,
-        });
+    fn event(&mut self, kind: EventKind, message: String) {
+        self.actions.push(Action::Event(Event { kind, message }));
     }
 
     fn acked(&self) -> bool {
@@ -53,7 +50,7 @@ impl Ctx<'_> {
         self.s.last_canary_available = 0;
     }
 
-    fn abort(&mut self, reason: String) {
+    fn abort(&mut self, cause: Cause, reason: String) {
         let Some(c) = self.s.canary.clone() else {
             return;
         };
@@ -72,25 +69,25 @@ impl Ctx<'_> {
         }
         let label = self.s.label(&c);
         self.event(
-            "Aborted",
+            EventKind::Aborted(cause),
             format!("{label} aborted: {reason}; all traffic back to stable"),
         );
     }
 
     /// A failure that the spec says rolls back, or pauses for a human.
-    fn fail(&mut self, reason: String) {
+    fn fail(&mut self, cause: Cause, reason: String) {
         if self.spec.spec.rollback.on_failure {
-            self.abort(reason);
+            self.abort(cause, reason);
         } else {
-            self.pause_on_failure(reason);
+            self.pause_on_failure(cause, reason);
         }
     }
 
-    fn pause_on_failure(&mut self, reason: String) {
+    fn pause_on_failure(&mut self, cause: Cause, reason: String) {
         if !self.s.failed_paused {
             self.s.failed_paused = true;
             self.s.message = format!("{reason} (paused; promote to go on, abort to roll back)");
-            self.event("FailedPaused", self.s.message.clone());
+            self.event(EventKind::FailedPaused(cause), self.s.message.clone());
         }
     }
 
@@ -118,7 +115,7 @@ impl Ctx<'_> {
                 steps.len()
             ),
         };
-        self.event("StepCompleted", msg);
+        self.event(EventKind::StepCompleted, msg);
     }
 
     /// The canary reached 100 % and the router confirmed it: it becomes stable.
@@ -143,7 +140,7 @@ impl Ctx<'_> {
         self.s.preview = None;
         let label = self.s.label(&c);
         self.event(
-            "Promoted",
+            EventKind::Promoted,
             format!("{label} is now stable with 100 % of traffic"),
         );
     }
@@ -214,7 +211,7 @@ fn select_target(cx: &mut Ctx) {
             cx.s.last_progress_at = cx.now;
             cx.s.message = format!("starting {label}");
             cx.event(
-                "NewRevision",
+                EventKind::FirstRevision,
                 format!("first revision {label}: starting it"),
             );
         }
@@ -225,18 +222,18 @@ fn select_target(cx: &mut Ctx) {
                 cx.s.aborted = false;
                 cx.s.failed_paused = false;
                 cx.s.message = format!("spec is back on stable {label}; {cl} abandoned");
-                cx.event("Abandoned", cx.s.message.clone());
+                cx.event(EventKind::Abandoned, cx.s.message.clone());
             }
         }
         (Some(_), canary) if canary.as_deref() != Some(hash.as_str()) => {
             if let Some(c) = canary.clone() {
                 let cl = cx.s.label(&c);
-                cx.event("Superseded", format!("{cl} superseded by {label}"));
+                cx.event(EventKind::Superseded, format!("{cl} superseded by {label}"));
             }
             cx.s.canary = Some(hash.clone());
             cx.restart_steps();
             cx.s.message = format!("rolling out {label}");
-            cx.event("NewRevision", format!("rolling out {label}"));
+            cx.event(EventKind::NewRevision, format!("rolling out {label}"));
         }
         _ => {}
     }
@@ -257,14 +254,17 @@ fn command(cx: &mut Ctx, c: Command) -> CommandResult {
     match c {
         Command::Abort if cx.s.aborted => Err(format!("{label} is already aborted")),
         Command::Abort => {
-            cx.abort("aborted by user".into());
+            cx.abort(Cause::User, "aborted by user".into());
             Ok(format!("{label} aborted; traffic returns to stable"))
         }
         Command::Retry if !cx.s.aborted => Err(format!("{label} is not aborted; nothing to retry")),
         Command::Retry => {
             cx.restart_steps();
             cx.s.message = format!("retrying {label}");
-            cx.event("Retry", format!("retrying {label} from the first step"));
+            cx.event(
+                EventKind::Retry,
+                format!("retrying {label} from the first step"),
+            );
             Ok(format!("retrying {label} from the first step"))
         }
         Command::Promote | Command::PromoteFull if cx.s.aborted => Err(format!(
@@ -288,7 +288,7 @@ fn command(cx: &mut Ctx, c: Command) -> CommandResult {
             }
             cx.s.promote_once = true;
             cx.event(
-                "Promote",
+                EventKind::Promote,
                 format!("{label}: promoted past the current step by user"),
             );
             Ok(format!("{label}: going past the current step"))
@@ -297,7 +297,7 @@ fn command(cx: &mut Ctx, c: Command) -> CommandResult {
             cx.s.failed_paused = false;
             cx.s.promote_full = true;
             cx.event(
-                "PromoteFull",
+                EventKind::PromoteFull,
                 format!("{label}: full promotion requested by user"),
             );
             Ok(format!(
@@ -391,8 +391,8 @@ fn record_measurements(cx: &mut Ctx) {
         }
     }
     match failed {
-        Some((reason, true)) => cx.pause_on_failure(reason),
-        Some((reason, false)) => cx.abort(reason),
+        Some((reason, true)) => cx.pause_on_failure(Cause::Gate, reason),
+        Some((reason, false)) => cx.abort(Cause::Gate, reason),
         None => {}
     }
 }
@@ -408,12 +408,12 @@ fn record_smoke(cx: &mut Ctx) {
         cx.s.smoke = SmokeState::Passed;
         cx.s.last_progress_at = cx.now;
         cx.event(
-            "SmokePassed",
+            EventKind::SmokePassed,
             format!("smoke tests passed on {}", cx.s.label(rev)),
         );
     } else {
         cx.s.smoke = SmokeState::Failed;
-        cx.fail(format!("smoke tests failed: {detail}"));
+        cx.fail(Cause::Smoke, format!("smoke tests failed: {detail}"));
     }
 }
 
@@ -512,7 +512,7 @@ fn blue_green(cx: &mut Ctx, bg: &BlueGreen) {
                     revision: c.clone(),
                 });
                 cx.event(
-                    "SmokeStarted",
+                    EventKind::SmokeStarted,
                     format!("running smoke tests on {}", cx.s.label(&c)),
                 );
             }
@@ -526,7 +526,7 @@ fn blue_green(cx: &mut Ctx, bg: &BlueGreen) {
         cx.s.promote_once = false;
         cx.s.promote_full = true;
         cx.event(
-            "Switch",
+            EventKind::Switch,
             format!("switching all traffic to {}", cx.s.label(&c)),
         );
     }
@@ -780,12 +780,15 @@ fn progress_deadline(cx: &mut Ctx) {
     }
     let deadline = cx.spec.spec.progress_deadline_seconds * 1000;
     if cx.now >= cx.s.last_progress_at + deadline {
-        cx.fail(format!(
+        cx.fail(
+            Cause::Deadline,
+            format!(
             "progress deadline exceeded: no progress for {}s (available instances of {}: {avail}/{})",
             cx.spec.spec.progress_deadline_seconds,
             cx.s.label(&c),
             cx.replicas()
-        ));
+        ),
+        );
     }
 }
 
@@ -857,7 +860,7 @@ fn compute_phase(cx: &mut Ctx) {
     };
     if phase != cx.s.phase {
         cx.event(
-            "Phase",
+            EventKind::Phase,
             format!("{} → {}: {message}", cx.s.phase.as_str(), phase.as_str()),
         );
     }

@@ -121,7 +121,7 @@ fn failed_gate_rolls_back_to_stable() {
     assert!(
         out.actions
             .iter()
-            .any(|a| matches!(a, Action::Event { reason, .. } if reason == "Aborted"))
+            .any(|a| matches!(a, Action::Event(e) if e.kind.reason() == "Aborted"))
     );
     let v2 = w.name_of("v2");
     assert!(

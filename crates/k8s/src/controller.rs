@@ -613,7 +613,8 @@ async fn reconcile_inner(ro: &Rollout, ctx: &Arc<Context>) -> Result<Action, Err
     // Act: measurements, smoke tests, events.
     for action in out.actions {
         match action {
-            EngineAction::Event { reason, message } => {
+            EngineAction::Event(baton_engine::Event { kind, message }) => {
+                let reason = kind.reason().to_string();
                 let kind = if matches!(
                     reason.as_str(),
                     "Aborted" | "GateFailed" | "ProgressDeadline"

@@ -26,6 +26,9 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Notice {
+    /// The event's stable id: a receiver drops a notice whose id it has seen (a
+    /// restart may deliver one again).
+    pub id: String,
     pub rollout: String,
     pub event: &'static str,
     pub revision: Option<String>,
@@ -195,6 +198,38 @@ impl Notifier {
         tokio::time::timeout(ATTEMPT_TIMEOUT, fut)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")))
+    }
+}
+
+impl crate::Notify for Notifier {
+    fn notify(&self, t: &crate::Target<'_>, e: &crate::Event) {
+        let Some(event) = e.notify else { return };
+        if t.spec.spec.notifications.is_empty() {
+            return;
+        }
+        let notice = Notice {
+            id: e.id.clone(),
+            rollout: t.name.to_string(),
+            event: event.as_str(),
+            revision: e.revision.clone(),
+            app_version: e.app_version.clone(),
+            phase: e.phase.clone(),
+            reason: notice_reason(e),
+            at: e.at,
+        };
+        Notifier::notify(self, &t.spec.spec.notifications, event, notice);
+    }
+}
+
+/// A pause is told in the status' words, not as the phase change that carries it.
+fn notice_reason(e: &crate::Event) -> String {
+    match e.notify {
+        Some(NotificationEvent::Paused) => e
+            .message
+            .split_once(": ")
+            .map(|(_, why)| why.to_string())
+            .unwrap_or_else(|| e.message.clone()),
+        _ => e.message.clone(),
     }
 }
 

@@ -1,0 +1,474 @@
+//! The cycle's rules, with in-memory fakes of every trait: no process, no socket, no
+//! API server.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use baton_driver::{
+    Command, Counters, DataPlane, Driver, Event, Kind, Notify, Port, Publish, Record, Request,
+    SaveError, Smoke, StatusStore, Target, Traffic, Workloads,
+};
+use baton_engine::{EventKind, Millis, Phase, RevisionObs, Status};
+
+const SPEC: &str = r#"
+apiVersion: baton.dev/v1alpha1
+kind: Rollout
+metadata: { name: web }
+spec:
+  replicas: 2
+  run: { command: ["svc", "{port}"], env: { APP_VERSION: v1 } }
+  traffic: { listen: "127.0.0.1:9000" }
+  strategy:
+    canary:
+      steps:
+        - setWeight: 20
+        - pause: {}
+        - setWeight: 60
+"#;
+
+fn spec(version: &str) -> baton_spec::Rollout {
+    let mut s = baton_spec::parse(SPEC).expect("valid").remove(0);
+    s.spec
+        .run
+        .env
+        .insert("APP_VERSION".into(), version.to_string());
+    s
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    Save {
+        changed: bool,
+        desired: BTreeMap<String, u32>,
+    },
+    Apply(BTreeMap<String, u32>),
+    Route(BTreeMap<String, u32>),
+    Emit(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("fake failure")]
+struct Failure;
+
+/// A platform whose instances are ready as soon as they are desired, and whose router
+/// confirms only when told to.
+#[derive(Default)]
+struct Fake {
+    ops: Vec<Op>,
+    instances: BTreeMap<String, u32>,
+    /// The router confirms each table as it gets it.
+    router_confirms: bool,
+    confirmed: u64,
+    /// Tables the router was asked to serve, not confirmed yet.
+    asked: u64,
+    stored: Option<Record>,
+    audit: Vec<Event>,
+    conflict_next_save: bool,
+    emitted: Vec<Event>,
+}
+
+impl Port for Fake {
+    type Error = Failure;
+}
+
+impl Workloads for Fake {
+    async fn observe(
+        &mut self,
+        _: &Target<'_>,
+        _: &Status,
+        _: Millis,
+    ) -> Result<BTreeMap<String, RevisionObs>, Failure> {
+        Ok(self
+            .instances
+            .iter()
+            .map(|(r, n)| {
+                (
+                    r.clone(),
+                    RevisionObs {
+                        ready: *n,
+                        available: *n,
+                    },
+                )
+            })
+            .collect())
+    }
+    async fn apply(&mut self, _: &Target<'_>, s: &Status) -> Result<(), Failure> {
+        self.ops.push(Op::Apply(s.desired.clone()));
+        self.instances = s.desired.clone();
+        Ok(())
+    }
+}
+
+impl Traffic for Fake {
+    fn confirmed(&mut self, _: &Target<'_>) -> u64 {
+        self.confirmed
+    }
+    async fn route(&mut self, _: &Target<'_>, s: &Status) -> Result<bool, Failure> {
+        self.ops.push(Op::Route(s.weights.clone()));
+        self.asked = s.route_version;
+        if self.router_confirms {
+            self.confirmed = s.route_version;
+        }
+        Ok(self.router_confirms)
+    }
+}
+
+impl StatusStore for Fake {
+    async fn save(
+        &mut self,
+        _: &Target<'_>,
+        r: &Record,
+        changed: bool,
+        audit: &[Event],
+    ) -> Result<(), SaveError<Failure>> {
+        if std::mem::take(&mut self.conflict_next_save) {
+            return Err(SaveError::Conflict);
+        }
+        self.ops.push(Op::Save {
+            changed,
+            desired: r.status.desired.clone(),
+        });
+        self.stored = Some(r.clone());
+        self.audit.extend(audit.iter().cloned());
+        Ok(())
+    }
+}
+
+impl Smoke for Fake {
+    async fn start(&mut self, _: &Target<'_>, _: &str) -> Result<(), Failure> {
+        Ok(())
+    }
+    async fn take(
+        &mut self,
+        _: &Target<'_>,
+        _: &Status,
+    ) -> Result<Option<(String, bool, String)>, Failure> {
+        Ok(None)
+    }
+}
+
+impl DataPlane for Fake {
+    async fn counters(&mut self, _: &Target<'_>) -> Counters {
+        Counters::Unsupported("no data plane here".into())
+    }
+    fn address(&self, _: &Target<'_>, _: &str) -> Option<SocketAddr> {
+        None
+    }
+}
+
+impl Publish for Fake {
+    async fn emit(&mut self, _: &Target<'_>, e: &Event) {
+        self.ops.push(Op::Emit(e.id.clone()));
+        self.emitted.push(e.clone());
+    }
+}
+
+#[derive(Default)]
+struct Webhooks(Mutex<Vec<Event>>);
+
+impl Notify for Webhooks {
+    fn notify(&self, _: &Target<'_>, e: &Event) {
+        self.0.lock().unwrap().push(e.clone());
+    }
+}
+
+struct Run {
+    driver: Driver,
+    hooks: Arc<Webhooks>,
+    fake: Fake,
+    spec: baton_spec::Rollout,
+    record: Record,
+    now: Millis,
+}
+
+impl Run {
+    fn new() -> Run {
+        let hooks = Arc::new(Webhooks::default());
+        Run {
+            driver: Driver::new(Some(hooks.clone())),
+            hooks,
+            fake: Fake {
+                router_confirms: true,
+                ..Fake::default()
+            },
+            spec: spec("v1"),
+            record: Record::default(),
+            now: 1_000_000,
+        }
+    }
+
+    async fn cycle(&mut self, requests: Vec<Request>) -> Vec<Result<String, String>> {
+        self.now += 1000;
+        let digest = String::new();
+        let t = Target {
+            key: "web",
+            name: "web",
+            spec: &self.spec,
+            digest: &digest,
+        };
+        let out = self
+            .driver
+            .cycle(&mut self.fake, &t, &self.record, requests, self.now)
+            .await
+            .expect("cycle");
+        self.record = out.record;
+        out.answers.into_iter().map(|(_, a)| a).collect()
+    }
+
+    async fn cycles(&mut self, n: usize) {
+        for _ in 0..n {
+            self.cycle(Vec::new()).await;
+        }
+    }
+
+    fn weight(&self, version: &str) -> u32 {
+        let s = &self.record.status;
+        s.revisions
+            .iter()
+            .find(|r| r.run.app_version() == Some(version))
+            .map_or(0, |r| s.weight(&r.name))
+    }
+}
+
+fn ask(command: Command) -> Vec<Request> {
+    vec![Request {
+        command,
+        actor: "os:alice".into(),
+    }]
+}
+
+#[tokio::test]
+async fn the_status_is_persisted_before_anything_is_acted_on() {
+    let mut run = Run::new();
+    run.cycles(3).await;
+    assert_eq!(run.record.status.phase, Phase::Healthy);
+    // Every apply and route carries a desired state that a save wrote before it.
+    let mut saved: Option<BTreeMap<String, u32>> = None;
+    for op in &run.fake.ops {
+        match op {
+            Op::Save { desired, .. } => saved = Some(desired.clone()),
+            Op::Apply(d) => assert_eq!(Some(d), saved.as_ref(), "acted before persisting: {op:?}"),
+            _ => {}
+        }
+    }
+    assert!(
+        run.fake
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::Apply(d) if !d.is_empty()))
+    );
+}
+
+#[tokio::test]
+async fn nothing_is_scaled_down_before_the_router_confirms() {
+    let mut run = Run::new();
+    run.cycles(3).await;
+    run.spec = spec("v2");
+    run.cycles(3).await;
+    assert_eq!(run.weight("v2"), 20);
+    // From here the router takes tables but confirms none.
+    run.fake.router_confirms = false;
+    run.cycle(ask(Command::PromoteFull)).await;
+    run.cycles(10).await;
+    assert_eq!(run.record.status.phase, Phase::Progressing);
+    let v1 = run.record.status.stable.clone().unwrap();
+    for op in &run.fake.ops {
+        if let Op::Apply(d) = op {
+            assert_eq!(
+                d.get(&v1),
+                Some(&2),
+                "stable scaled down unconfirmed: {d:?}"
+            );
+        }
+    }
+    assert!(run.fake.asked > run.fake.confirmed, "the router was asked");
+    // Once it confirms, the new revision is promoted and only then stable goes.
+    run.fake.router_confirms = true;
+    run.cycles(6).await;
+    assert_eq!(run.weight("v2"), 100);
+    assert_eq!(run.record.status.phase, Phase::Healthy);
+    let last = run.fake.ops.iter().rev().find_map(|o| match o {
+        Op::Apply(d) => Some(d.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        last.unwrap().get(&v1),
+        None,
+        "old stable scaled away at the end"
+    );
+}
+
+#[tokio::test]
+async fn every_event_is_audited_once_and_emitted_and_notified_with_its_id() {
+    let mut run = Run::new();
+    run.cycles(3).await;
+    run.spec = spec("v2");
+    run.cycles(3).await;
+    let answers = run.cycle(ask(Command::Abort)).await;
+    assert!(answers[0].is_ok(), "{answers:?}");
+    run.cycles(3).await;
+
+    let ids: Vec<&str> = run.fake.audit.iter().map(|e| e.id.as_str()).collect();
+    let unique: HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), unique.len(), "audited twice: {ids:?}");
+    let emitted: HashSet<&str> = run.fake.emitted.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(unique, emitted, "every audited event is emitted");
+    // Typed, not text: the user's abort is an abort, by the user, told to webhooks.
+    let abort = run
+        .fake
+        .audit
+        .iter()
+        .find(|e| e.kind == Kind::Engine(EventKind::Aborted(baton_engine::Cause::User)))
+        .expect("abort event");
+    assert_eq!(abort.kind.audit_action(), "abort");
+    assert!(
+        run.fake
+            .audit
+            .iter()
+            .any(|e| e.kind == Kind::Command(Command::Abort) && e.actor == "os:alice")
+    );
+    let hooks = run.hooks.0.lock().unwrap();
+    assert!(hooks.iter().any(|e| e.id == abort.id));
+    assert!(
+        hooks
+            .iter()
+            .any(|e| e.kind == Kind::Engine(EventKind::NewRevision))
+    );
+    assert!(run.record.outbox.is_empty());
+    assert_eq!(run.fake.stored.as_ref(), Some(&run.record));
+}
+
+#[tokio::test]
+async fn events_written_but_not_told_before_a_crash_are_told_again_with_the_same_id() {
+    let mut run = Run::new();
+    run.cycles(3).await;
+    run.spec = spec("v2");
+    // The cycle that starts v2 persists its events; the process dies before telling
+    // them: what a restart finds is the first save's record, outbox and all.
+    run.fake.conflict_next_save = false;
+    run.cycle(Vec::new()).await;
+    let first_save = run
+        .fake
+        .ops
+        .iter()
+        .rposition(|o| matches!(o, Op::Save { changed: true, .. }))
+        .unwrap();
+    assert!(first_save > 0);
+    let told: Vec<Event> = run
+        .fake
+        .emitted
+        .iter()
+        .filter(|e| e.kind == Kind::Engine(EventKind::NewRevision))
+        .cloned()
+        .collect();
+    assert_eq!(told.len(), 1);
+    let mut crashed = run.record.clone();
+    crashed.outbox = told.clone();
+    let audited_before = run.fake.audit.len();
+
+    // A new controller (or a new leader) starts from that record.
+    let hooks = Arc::new(Webhooks::default());
+    let mut again = Run::new();
+    again.driver = Driver::new(Some(hooks.clone()));
+    again.spec = run.spec.clone();
+    again.record = crashed;
+    again.fake.instances = run.fake.instances.clone();
+    again.fake.confirmed = run.fake.confirmed;
+    again.now = run.now;
+    again.cycle(Vec::new()).await;
+    let again_ids: Vec<&str> = again.fake.emitted.iter().map(|e| e.id.as_str()).collect();
+    assert!(again_ids.contains(&told[0].id.as_str()), "{again_ids:?}");
+    assert!(hooks.0.lock().unwrap().iter().any(|e| e.id == told[0].id));
+    assert!(
+        !again.fake.audit.iter().any(|e| e.id == told[0].id),
+        "an event already audited is not audited again"
+    );
+    assert!(again.record.outbox.is_empty());
+    assert!(audited_before > 0);
+}
+
+#[tokio::test]
+async fn a_conflicting_write_acts_on_nothing() {
+    let mut run = Run::new();
+    run.cycles(3).await;
+    run.spec = spec("v2");
+    run.fake.conflict_next_save = true;
+    let ops_before = run.fake.ops.len();
+    let digest = String::new();
+    let t = Target {
+        key: "web",
+        name: "web",
+        spec: &run.spec,
+        digest: &digest,
+    };
+    let r = run
+        .driver
+        .cycle(&mut run.fake, &t, &run.record, Vec::new(), run.now + 1000)
+        .await;
+    assert!(
+        matches!(r, Err(baton_driver::CycleError::Conflict)),
+        "{r:?}"
+    );
+    assert_eq!(
+        run.fake.ops.len(),
+        ops_before,
+        "nothing applied, routed or told"
+    );
+}
+
+#[tokio::test]
+async fn commands_are_answered_and_undo_is_left_to_the_caller() {
+    let mut run = Run::new();
+    run.cycles(3).await;
+    let answers = run.cycle(ask(Command::Retry)).await;
+    assert_eq!(answers.len(), 1);
+    assert!(
+        answers[0]
+            .as_ref()
+            .unwrap_err()
+            .contains("nothing to retry")
+    );
+    let answers = run.cycle(ask(Command::Undo)).await;
+    assert!(answers.is_empty(), "undo is not the engine's");
+    run.spec = spec("v2");
+    run.cycles(3).await;
+    assert_eq!(run.record.status.phase, Phase::Paused);
+    let answers = run.cycle(ask(Command::Promote)).await;
+    assert!(answers[0].is_ok());
+    assert!(
+        run.hooks
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.notify == Some(baton_spec::NotificationEvent::Paused)),
+        "entering the pause is notified"
+    );
+}
+
+#[tokio::test]
+async fn builtin_gates_error_where_the_platform_has_no_counters() {
+    let yaml = SPEC.replace(
+        "        - setWeight: 60\n",
+        "        - setWeight: 60\n  analysis:\n    gates:\n      - name: errors\n        metric: { builtin: error_rate }\n        successCondition: \"result < 0.01\"\n        interval: 1s\n",
+    );
+    let mut run = Run::new();
+    run.spec = baton_spec::parse(&yaml).expect("valid").remove(0);
+    run.cycles(3).await;
+    let mut v2 = run.spec.clone();
+    v2.spec.run.env.insert("APP_VERSION".into(), "v2".into());
+    run.spec = v2;
+    run.cycles(5).await;
+    let gate = run
+        .fake
+        .audit
+        .iter()
+        .find(|e| e.kind == Kind::Gate(baton_engine::Verdict::Error))
+        .expect("a gate error");
+    assert!(
+        gate.message.contains("no data plane here"),
+        "{}",
+        gate.message
+    );
+}
