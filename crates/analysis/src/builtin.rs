@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use baton_engine::{Measurement, Millis, Verdict};
-use baton_proxy::RevisionStats;
+use baton_proxy_api::RevisionStats;
 use baton_spec::{BuiltinMetric, BurnRate, Compare, Gate, MetricSource};
 
 use crate::threshold::judge;
@@ -313,7 +313,7 @@ mod tests {
 
     fn stats(ok: u64, errors: u64) -> RevisionStats {
         let mut s = RevisionStats {
-            buckets: vec![0; baton_proxy::BUCKETS.len() + 1],
+            buckets: vec![0; baton_proxy_api::BUCKETS.len() + 1],
             ..RevisionStats::default()
         };
         s.classes[1] = ok;
@@ -418,7 +418,7 @@ mod compare_tests {
 
     fn stats(ok: u64, errors: u64, bucket: usize) -> RevisionStats {
         let mut s = RevisionStats {
-            buckets: vec![0; baton_proxy::BUCKETS.len() + 1],
+            buckets: vec![0; baton_proxy_api::BUCKETS.len() + 1],
             ..RevisionStats::default()
         };
         s.classes[1] = ok;

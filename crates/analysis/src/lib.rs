@@ -10,6 +10,7 @@ pub mod builtin;
 pub mod command;
 pub mod prometheus;
 pub mod provider;
+pub mod registry;
 pub mod smoke;
 pub mod statistical;
 pub mod stats;
@@ -17,6 +18,7 @@ pub mod threshold;
 pub mod web;
 
 pub use builtin::Measurer;
-pub use provider::{MetricProvider, ProviderError, Sample, Vars, judge_sample, measure};
+pub use provider::{MetricProvider, ProviderError, Sample, Vars};
+pub use registry::{judge_sample, measure};
 pub use smoke::run_smoke;
 pub use threshold::judge;

@@ -1,13 +1,9 @@
-//! The metric-provider interface and the registry that picks one by the gate's
-//! `metric` field. One file per provider beside this one.
+//! The metric-provider interface and what providers share. One file per provider
+//! beside this one; `registry.rs` picks one by the gate's `metric` field, so that
+//! providers depend on this file and not the other way round.
 
 use std::future::Future;
 use std::net::SocketAddr;
-
-use baton_engine::{Measurement, Millis, Verdict};
-use baton_spec::{Gate, MetricSource};
-
-use crate::threshold::judge;
 
 /// What a query may refer to.
 #[derive(Debug, Clone, Default)]
@@ -61,72 +57,9 @@ pub enum ProviderError {
 }
 
 /// One kind of measurement. Implementations do I/O and nothing else; judging is
-/// done once, by [`measure`], for all of them.
+/// done once, by [`crate::measure`], for all of them.
 pub trait MetricProvider {
     fn sample(&self, vars: &Vars) -> impl Future<Output = Result<Sample, ProviderError>> + Send;
-}
-
-/// Takes one measurement of an external (non-builtin) gate and judges it.
-pub async fn measure(gate: &Gate, vars: &Vars, now: Millis) -> Measurement {
-    let result = match &gate.metric {
-        MetricSource::Prometheus(p) => crate::prometheus::Prometheus(p).sample(vars).await,
-        MetricSource::Web(w) => crate::web::Web(w).sample(vars).await,
-        MetricSource::Command(c) => crate::command::Command(c).sample(vars).await,
-        MetricSource::Smoke(tests) => crate::smoke::Smoke(tests).sample(vars).await,
-        MetricSource::Builtin(_) | MetricSource::Scorecard(_) => Err(ProviderError::Invalid(
-            "builtin metrics are measured from the proxy's counters".into(),
-        )),
-    };
-    judge_sample(gate, &vars.revision, now, result)
-}
-
-/// Turns a provider's answer into a verdict with the gate's conditions.
-pub fn judge_sample(
-    gate: &Gate,
-    revision: &str,
-    now: Millis,
-    result: Result<Sample, ProviderError>,
-) -> Measurement {
-    let (verdict, value, detail) = match result {
-        Ok(Sample::Value(v)) if v.is_nan() => (
-            Verdict::Inconclusive,
-            None,
-            "the result is NaN (no data)".to_string(),
-        ),
-        Ok(Sample::Value(v)) => {
-            let (verdict, detail) =
-                if gate.success_condition.is_none() && gate.failure_condition.is_none() {
-                    // Commands: the exit status is the verdict.
-                    if v == 0.0 {
-                        (Verdict::Pass, "exit status 0".to_string())
-                    } else {
-                        (Verdict::Fail, format!("exit status {v}"))
-                    }
-                } else {
-                    judge(gate, v)
-                };
-            (verdict, Some(v), detail)
-        }
-        Ok(Sample::NoData(why)) => (Verdict::Inconclusive, None, why),
-        Ok(Sample::Check { passed, detail }) => {
-            let v = if passed { 0.0 } else { 1.0 };
-            (
-                if passed { Verdict::Pass } else { Verdict::Fail },
-                Some(v),
-                detail,
-            )
-        }
-        Err(e) => (Verdict::Error, None, e.to_string()),
-    };
-    Measurement {
-        gate: gate.name.clone(),
-        revision: revision.to_string(),
-        verdict,
-        value,
-        requests: 0,
-        at: now,
-        detail,
-    }
 }
 
 /// GETs `url` (http or https) with a timeout; the body if the status is 2xx.

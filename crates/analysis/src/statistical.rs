@@ -9,7 +9,7 @@
 //!   normal approximation and no mean (a zero mean cannot break it).
 
 use baton_engine::Verdict;
-use baton_proxy::{BUCKETS, RevisionStats};
+use baton_proxy_api::{BUCKETS, RevisionStats};
 use baton_spec::{BuiltinMetric, Direction, Statistical};
 
 use crate::stats::{bootstrap_quantile_diff, fisher_greater, mann_whitney, quantile};

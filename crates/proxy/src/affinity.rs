@@ -11,27 +11,7 @@
 use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
 
-/// Where the data-plane threads may run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CpuAffinity {
-    /// Wherever the kernel puts them.
-    #[default]
-    Off,
-    /// Thread `i` on the `i`-th CPU this process may use (its affinity mask, so a
-    /// `taskset` or cgroup cpuset around the proxy is honoured).
-    Auto,
-}
-
-impl CpuAffinity {
-    /// As `--cpu-affinity` takes it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CpuAffinity::Off => "off",
-            CpuAffinity::Auto => "auto",
-        }
-    }
-}
+pub use baton_proxy_api::CpuAffinity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AffinityError {

@@ -1,19 +1,13 @@
 //! Per-revision request counters and latency histograms: lock-free on the hot path,
-//! read by the controller as snapshots and by Prometheus as text.
+//! read by the controller as snapshots and by Prometheus as text. The snapshots'
+//! types are wire types, in `baton-proxy-api`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
-/// Upper bounds (seconds). Denser around the 100 ms - 1 s range where latency SLOs sit,
-/// so a p99 threshold of 0.8 s can be judged from the buckets.
-pub const BUCKETS: [f64; 24] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7,
-    0.8, 0.9, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,
-];
+pub use baton_proxy_api::metrics::{BUCKETS, RevisionStats, StatsSnapshot};
 
 /// Counter sets per revision, one used by each data-plane thread (by a thread's
 /// index modulo this), so that threads never write to the same cache line: shared
@@ -97,76 +91,6 @@ impl RevisionMetrics {
         }
     }
 }
-
-/// Counters of one revision at one moment; subtract two to get a window.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RevisionStats {
-    pub classes: [u64; 5],
-    pub upstream_errors: u64,
-    pub retries: u64,
-    #[serde(default)]
-    pub ejections: u64,
-    #[serde(default)]
-    pub mirrored: u64,
-    pub buckets: Vec<u64>,
-    pub sum_seconds: f64,
-}
-
-impl RevisionStats {
-    pub fn requests(&self) -> u64 {
-        self.classes.iter().sum()
-    }
-    /// 5xx answers (including the proxy's own 502s) over all answers.
-    pub fn error_rate(&self) -> Option<f64> {
-        let n = self.requests();
-        (n > 0).then(|| self.classes[4] as f64 / n as f64)
-    }
-    /// The window between `earlier` and `self`.
-    pub fn since(&self, earlier: &RevisionStats) -> RevisionStats {
-        RevisionStats {
-            classes: std::array::from_fn(|i| self.classes[i].saturating_sub(earlier.classes[i])),
-            upstream_errors: self.upstream_errors.saturating_sub(earlier.upstream_errors),
-            retries: self.retries.saturating_sub(earlier.retries),
-            ejections: self.ejections.saturating_sub(earlier.ejections),
-            mirrored: self.mirrored.saturating_sub(earlier.mirrored),
-            buckets: self
-                .buckets
-                .iter()
-                .enumerate()
-                .map(|(i, b)| b.saturating_sub(earlier.buckets.get(i).copied().unwrap_or(0)))
-                .collect(),
-            sum_seconds: (self.sum_seconds - earlier.sum_seconds).max(0.0),
-        }
-    }
-    /// The q-quantile by linear interpolation inside the bucket, as Prometheus'
-    /// `histogram_quantile` computes it, so both agree on what "p99" means.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        let total: u64 = self.buckets.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = q * total as f64;
-        let mut seen = 0u64;
-        for (i, count) in self.buckets.iter().enumerate() {
-            let before = seen;
-            seen += count;
-            if (seen as f64) >= rank && *count > 0 {
-                let Some(upper) = BUCKETS.get(i) else {
-                    // In +Inf: the highest finite bound, as Prometheus answers.
-                    return Some(BUCKETS[BUCKETS.len() - 1]);
-                };
-                let lower = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
-                let frac = (rank - before as f64) / *count as f64;
-                return Some(lower + (upper - lower) * frac.clamp(0.0, 1.0));
-            }
-        }
-        Some(BUCKETS[BUCKETS.len() - 1])
-    }
-}
-
-/// All services' revisions: `service -> revision -> stats`.
-pub type StatsSnapshot = BTreeMap<String, BTreeMap<String, RevisionStats>>;
 
 /// A per-revision counter family: name, help text, and how to read it.
 type Counter = (&'static str, &'static str, fn(&RevisionStats) -> u64);
