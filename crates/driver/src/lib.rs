@@ -24,7 +24,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use baton_engine::{Millis, RevisionObs, Status};
-use baton_proxy::RevisionStats;
+use baton_proxy_api::RevisionStats;
 
 pub use command::Command;
 pub use cycle::{Answer, CycleError, Driver, Outcome, Request};
