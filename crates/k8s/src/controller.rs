@@ -4,18 +4,25 @@
 //! measurements, smoke Jobs, Events). A weight counts only once the router is seen
 //! serving it; nothing is scaled down before.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_engine::{Action as EngineAction, Command, Measurement, Observations, Phase, Status};
+use std::net::SocketAddr;
+
+use baton_driver::{
+    Command, Counters, CycleError, DataPlane, Driver, Event, Port, Publish, Record, Request,
+    SaveError, Smoke, StatusStore, Target, Traffic, Workloads,
+};
+use baton_engine::{Millis, Phase, RevisionObs, Status};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Deserialize;
@@ -36,8 +43,8 @@ pub const TAKEN_OVER_ANNOTATION: &str = "baton.dev/taken-over-by";
 pub struct Context {
     pub client: Client,
     pub reporter: Reporter,
-    /// Finished measurements and smoke results waiting for their rollout's next step.
-    measurements: Mutex<HashMap<String, Vec<Measurement>>>,
+    /// The cycle, once for both platforms; it keeps measurement windows and results.
+    driver: Driver,
     pub metrics: Metrics,
     /// The rollouts' ReplicaSets as a watch keeps them: reconciles read here instead of
     /// listing from the API server each time (what makes ten thousand rollouts cheap).
@@ -106,46 +113,20 @@ impl Context {
                 controller: "baton-operator".into(),
                 instance: Some(instance.into()),
             },
-            measurements: Mutex::new(HashMap::new()),
+            driver: Driver::new(None),
             metrics: Metrics::default(),
             replicasets: Mutex::new(None),
         })
     }
-
-    fn take_measurements(&self, key: &str) -> Vec<Measurement> {
-        self.measurements
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key)
-            .unwrap_or_default()
-    }
-
-    fn push_measurement(&self, key: &str, m: Measurement) {
-        self.measurements
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.to_string())
-            .or_default()
-            .push(m);
-    }
 }
 
+/// The request annotation's value: `command` is the shared vocabulary's wire name.
 #[derive(Deserialize)]
-struct Request {
+struct AnnotatedRequest {
     id: String,
     command: String,
     #[serde(default)]
     by: String,
-}
-
-fn command_of(s: &str) -> Option<Command> {
-    match s {
-        "promote" => Some(Command::Promote),
-        "promote-full" => Some(Command::PromoteFull),
-        "abort" => Some(Command::Abort),
-        "retry" => Some(Command::Retry),
-        _ => None,
-    }
 }
 
 fn condition(
@@ -174,7 +155,7 @@ fn condition(
 
 async fn publish(ctx: &Context, ro: &Rollout, type_: EventType, reason: &str, note: &str) {
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    let event = Event {
+    let event = KubeEvent {
         type_,
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
@@ -220,479 +201,73 @@ pub async fn reconcile(ro: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Er
     r
 }
 
+/// One reconcile: named steps, with the cycle itself in the driver.
 async fn reconcile_inner(ro: &Rollout, ctx: &Arc<Context>) -> Result<Action, Error> {
-    let client = ctx.client.clone();
+    if ro.meta().deletion_timestamp.is_some() {
+        return cleanup(ro, ctx).await;
+    }
+    let latest_rv = ensure_finalizer(ro, ctx).await?;
+    let source = match Source::resolve(ro, ctx).await {
+        Ok(s) => s,
+        Err(Error::Spec(reason)) => return invalid_spec(ro, ctx, &reason, latest_rv).await,
+        Err(e) => return Err(e),
+    };
+    let ro = &source.rollout;
     let ns = ro.namespace().unwrap_or_else(|| "default".into());
     let name = ro.name_any();
     let key = format!("{ns}/{name}");
-    let rollouts: Api<Rollout> = Api::namespaced(client.clone(), &ns);
     let prev_status: RolloutStatus = ro.status.clone().unwrap_or_default();
-    let prev: Status = prev_status
-        .engine
-        .clone()
-        .and_then(|v| serde_json::from_value(v).ok())
-        .unwrap_or_default();
-
-    if ro.meta().deletion_timestamp.is_some() {
-        // Leave users on stable before the Rollout goes.
-        if let Some(c) = &ro.spec.strategy.canary {
-            let plan = Plan {
-                namespace: ns.clone(),
-                stable_service: c.stable_service.clone(),
-                canary_service: c.canary_service.clone(),
-                canary_weight: 0,
-                header: None,
-            };
-            if let Some(tr) = &c.traffic_routing {
-                let r = match (&tr.gateway_api, &tr.istio) {
-                    (Some(g), _) => Gateway {
-                        route: g.http_route.clone(),
-                    }
-                    .apply(&client, &plan)
-                    .await
-                    .map(|_| ()),
-                    (None, Some(i)) => Istio {
-                        virtual_service: i.virtual_service.clone(),
-                    }
-                    .apply(&client, &plan)
-                    .await
-                    .map(|_| ()),
-                    _ => Ok(()),
-                };
-                if let Err(e) = r {
-                    tracing::warn!(rollout = %key, error = %e, "cannot reset the route; removing the finalizer anyway");
-                }
-            }
-        }
-        let finalizers: Vec<String> = ro
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect();
-        rollouts
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
-            )
-            .await?;
-        return Ok(Action::await_change());
-    }
-    let mut latest_rv = ro.resource_version();
-    if !ro.finalizers().iter().any(|f| f == FINALIZER) {
-        let mut finalizers = ro.finalizers().to_vec();
-        finalizers.push(FINALIZER.into());
-        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": ro.resource_version()}});
-        let patched = rollouts
-            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-            .await?;
-        latest_rv = patched.resource_version();
-    }
-
-    // The template: the Rollout's own, or the Deployment it takes over.
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let (template, takeover) = match (&ro.spec.template, &ro.spec.workload_ref) {
-        (Some(t), _) => (t.clone(), None),
-        (None, Some(w)) => {
-            if w.kind != "Deployment" {
-                return Err(Error::Spec(format!(
-                    "workloadRef.kind {:?}: only Deployment can be taken over",
-                    w.kind
-                )));
-            }
-            let d = deployments.get(&w.name).await?;
-            let t = d
-                .spec
-                .as_ref()
-                .map(|s| s.template.clone())
-                .unwrap_or_default();
-            (t, Some(d))
-        }
-        (None, None) => return Err(Error::Spec("set spec.template or spec.workloadRef".into())),
+    let prev = match prev_status.engine.clone() {
+        Some(v) => Record::decode(&key, v)?,
+        None => Record::default(),
     };
-    // Without a selector of its own, a takeover uses the Deployment's.
-    let with_selector;
-    let ro = match &takeover {
-        Some(d)
-            if ro
-                .spec
-                .selector
-                .match_labels
-                .as_ref()
-                .is_none_or(|m| m.is_empty()) =>
-        {
-            let mut r = ro.clone();
-            r.spec.selector = d
-                .spec
-                .as_ref()
-                .map(|s| s.selector.clone())
-                .unwrap_or_default();
-            with_selector = r;
-            &with_selector
-        }
-        _ => ro,
+    let (requests, request_id) = take_request(ro, &prev_status);
+    let digest = String::new();
+    let t = Target {
+        key: &key,
+        name: &name,
+        spec: &source.spec,
+        digest: &digest,
     };
-    let spec = engine_spec(ro, &template, gates(ctx, ro, &ns).await?);
-    let current_rev = run_spec(&template).revision_hash();
-
-    // Observe.
-    let rs_api: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
-    let cache = ctx
-        .replicasets
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let existing = match cache {
-        // Every revision the engine knows, and the current one: lookups by name.
-        Some(store) => prev
-            .revisions
-            .iter()
-            .map(|r| r.name.clone())
-            .chain(std::iter::once(run_spec(&template).revision_hash()))
-            .filter_map(|rev| {
-                let key = kube::runtime::reflector::ObjectRef::new(&workload::rs_name(&name, &rev))
-                    .within(&ns);
-                store.get(&key).map(|rs| (rev, (*rs).clone()))
-            })
-            .collect(),
-        None => workload::observe(&rs_api, &name).await?,
+    let existing = observe_replicasets(ctx, &ns, &name, &prev.status, &source.current_rev).await?;
+    let mut cluster = Cluster {
+        ctx: ctx.clone(),
+        ro,
+        ns: ns.clone(),
+        name: name.clone(),
+        rs_api: Api::namespaced(ctx.client.clone(), &ns),
+        existing,
+        source: &source,
+        status: prev_status.clone(),
+        latest_rv,
+        request_id,
+        obs: BTreeMap::new(),
     };
-    let canary_routing = ro.spec.strategy.canary.as_ref();
-    let replica_ratio = canary_routing.is_some_and(|c| c.traffic_routing.is_none());
-    let mut revisions: BTreeMap<String, baton_engine::RevisionObs> = existing
-        .iter()
-        .map(|(rev, rs)| (rev.clone(), workload::obs_of(rs)))
-        .collect();
-    if replica_ratio && let Some(c) = &prev.canary {
-        // Without a router the canary runs only its share of pods: for the engine it is
-        // "fully available" once that share is.
-        let target = replicas::canary_replicas(spec.spec.replicas, prev.canary_weight);
-        if let Some(o) = revisions.get_mut(c)
-            && o.available >= target
-            && prev.weights.get(c).copied().unwrap_or(0) < 100
-        {
-            o.available = spec.spec.replicas;
-            o.ready = o.ready.max(spec.spec.replicas);
-        }
-    }
-    let mut commands = Vec::new();
-    let mut request_id = prev_status.last_request.clone();
-    let mut requester = String::new();
-    if let Some(raw) = ro.annotations().get(REQUEST_ANNOTATION) {
-        match serde_json::from_str::<Request>(raw) {
-            Ok(req) if Some(&req.id) != prev_status.last_request.as_ref() => {
-                if let Some(c) = command_of(&req.command) {
-                    commands.push(c);
-                    requester = req.by.clone();
-                }
-                request_id = Some(req.id);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(rollout = %key, error = %e, "ignoring a malformed {REQUEST_ANNOTATION}")
-            }
-        }
-    }
-    let measurements = ctx.take_measurements(&key);
-    let smoke = take_smoke(&client, &ns, &name, &prev).await?;
-    let obs = Observations {
-        revisions,
-        router_acked: prev_status.route_acked,
-        measurements,
-        smoke,
-        commands,
+    let out = match ctx
+        .driver
+        .cycle(&mut cluster, &t, &prev, requests, now_ms())
+        .await
+    {
+        Ok(out) => out,
+        Err(CycleError::Conflict) => return Ok(Action::requeue(Duration::from_millis(100))),
+        Err(CycleError::Platform(e)) => return Err(e),
     };
-    let now = now_ms();
-    let out = baton_engine::step(&spec, &prev, &obs, now);
-    let st = out.status;
-
-    // Persist before acting.
-    let generation = ro.meta().generation.unwrap_or(0);
-    let version = |rev: &Option<String>| {
-        rev.as_ref()
-            .and_then(|r| st.revision(r))
-            .and_then(|r| r.run.app_version().map(str::to_string))
-    };
-    let total: i32 = existing
-        .values()
-        .map(|rs| rs.status.as_ref().map_or(0, |s| s.replicas))
-        .sum();
-    let ready: i32 = existing
-        .values()
-        .map(|rs| {
-            rs.status
-                .as_ref()
-                .and_then(|s| s.ready_replicas)
-                .unwrap_or(0)
-        })
-        .sum();
-    let stable_available = st
-        .stable
-        .as_ref()
-        .map(|s| obs.rev(s).available)
-        .unwrap_or(0)
-        >= spec.spec.replicas;
-    let conditions = vec![
-        condition(
-            "Progressing",
-            matches!(st.phase, Phase::Progressing | Phase::Paused),
-            st.phase.as_str(),
-            &st.message,
-            generation,
-            &prev_status.conditions,
-        ),
-        condition(
-            "Available",
-            stable_available,
-            if stable_available {
-                "StableAvailable"
-            } else {
-                "StableNotAvailable"
-            },
-            "",
-            generation,
-            &prev_status.conditions,
-        ),
-        condition(
-            "Paused",
-            st.phase == Phase::Paused,
-            "Paused",
-            if st.phase == Phase::Paused {
-                &st.message
-            } else {
-                ""
-            },
-            generation,
-            &prev_status.conditions,
-        ),
-        condition(
-            "Degraded",
-            st.phase == Phase::Degraded,
-            "Degraded",
-            if st.phase == Phase::Degraded {
-                &st.message
-            } else {
-                ""
-            },
-            generation,
-            &prev_status.conditions,
-        ),
-    ];
-    let mut status = RolloutStatus {
-        phase: st.phase.as_str().into(),
-        message: st.message.clone(),
-        observed_generation: generation,
-        stable_revision: st.stable.clone(),
-        canary_revision: st.canary.clone(),
-        stable_version: version(&st.stable),
-        canary_version: version(&st.canary),
-        canary_weight: st.canary.as_ref().map(|c| st.weight(c)).unwrap_or(0) as i32,
-        replicas: total,
-        ready_replicas: ready,
-        selector: workload::selector_string(ro),
-        route_acked: prev_status.route_acked,
-        last_request: request_id,
-        conditions,
-        engine: Some(serde_json::to_value(&st)?),
-    };
-    if status != prev_status {
-        // A whole replace, not a merge patch: the engine's maps must lose keys too. It
-        // carries the resourceVersion we read, so a concurrent change makes it 409 and
-        // the next reconcile starts from what is there.
-        let mut whole = ro.clone();
-        whole.metadata.resource_version = latest_rv;
-        whole.metadata.managed_fields = None;
-        whole.status = Some(status.clone());
-        rollouts
-            .replace_status(&name, &PostParams::default(), &whole)
-            .await?;
-    }
-    for result in &out.command_results {
-        let (kind, note) = match result {
-            Ok(m) => (EventType::Normal, format!("{m} (requested by {requester})")),
+    for (req, answer) in &out.answers {
+        let (kind, note) = match answer {
+            Ok(m) => (
+                EventType::Normal,
+                format!("{m} (requested by {})", req.actor),
+            ),
             Err(m) => (EventType::Warning, format!("request refused: {m}")),
         };
         publish(ctx, ro, kind, "Request", &note).await;
     }
-
-    // Act: workload.
-    let mut desired = st.desired.clone();
-    if replica_ratio
-        && let Some(c) = &st.canary
-        && st.weight(c) < 100
-        && !st.aborted
-        && let Some(n) = desired.get_mut(c)
-        && *n > 0
-    {
-        *n = replicas::canary_replicas(spec.spec.replicas, st.canary_weight.max(st.weight(c)));
-    }
-    for what in workload::sync(&rs_api, ro, (&current_rev, &template), &desired, &existing).await? {
-        tracing::info!(rollout = %key, "{what}");
-    }
-
-    // Act: traffic.
-    let mut served = true;
-    let stable = st.stable.clone();
-    if let Some(c) = canary_routing {
-        if let (Some(svc), Some(s)) = (&c.stable_service, &stable) {
-            served &= services::point(&client, &ns, svc, s).await?;
-        }
-        if let (Some(svc), Some(target)) = (
-            &c.canary_service,
-            st.canary
-                .clone()
-                .filter(|c| obs.rev(c).ready > 0)
-                .or(stable.clone()),
-        ) {
-            served &= services::point(&client, &ns, svc, &target).await?;
-        }
-        let plan = Plan {
-            namespace: ns.clone(),
-            stable_service: c.stable_service.clone(),
-            canary_service: c.canary_service.clone(),
-            canary_weight: st.canary.as_ref().map(|c| st.weight(c)).unwrap_or(0),
-            header: c
-                .canary_header
-                .as_ref()
-                .filter(|_| st.canary.is_some() && !st.aborted)
-                .map(|h| (h.name.clone(), h.value.clone())),
-        };
-        served &= match c.traffic_routing.as_ref() {
-            Some(tr) => match (&tr.gateway_api, &tr.istio) {
-                (Some(g), _) => {
-                    Gateway {
-                        route: g.http_route.clone(),
-                    }
-                    .apply(&client, &plan)
-                    .await?
-                }
-                (None, Some(i)) => {
-                    Istio {
-                        virtual_service: i.virtual_service.clone(),
-                    }
-                    .apply(&client, &plan)
-                    .await?
-                }
-                _ => true,
-            },
-            // Replica ratio: the share is served once its pods are.
-            None => match &st.canary {
-                Some(cr) if plan.canary_weight > 0 && plan.canary_weight < 100 => {
-                    let rs = existing.get(cr).cloned();
-                    let ready = rs.as_ref().map(|r| workload::obs_of(r).ready).unwrap_or(0);
-                    ready >= replicas::canary_replicas(spec.spec.replicas, plan.canary_weight)
-                }
-                _ => true,
-            },
-        };
-    } else if let Some(bg) = &ro.spec.strategy.blue_green {
-        let active = st
-            .weights
-            .iter()
-            .max_by_key(|(_, w)| **w)
-            .map(|(r, _)| r.clone());
-        if let Some(a) = &active {
-            served &= services::point(&client, &ns, &bg.active_service, a).await?;
-        }
-        if let (Some(svc), Some(p)) = (&bg.preview_service, st.preview.clone().or(active)) {
-            served &= services::point(&client, &ns, svc, &p).await?;
-        }
-    }
-    if served && st.route_version > prev_status.route_acked {
-        status.route_acked = st.route_version;
-        rollouts
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": {"routeAcked": st.route_version}})),
-            )
-            .await?;
-    }
-
-    // Act: measurements, smoke tests, events.
-    for action in out.actions {
-        match action {
-            EngineAction::Event(baton_engine::Event { kind, message }) => {
-                let reason = kind.reason().to_string();
-                let kind = if matches!(
-                    reason.as_str(),
-                    "Aborted" | "GateFailed" | "ProgressDeadline"
-                ) {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                };
-                publish(ctx, ro, kind, &reason, &message).await;
-            }
-            EngineAction::Measure { gate, revision, .. } => {
-                let Some(g) = spec
-                    .spec
-                    .analysis
-                    .gates
-                    .iter()
-                    .find(|g| g.name == gate)
-                    .cloned()
-                else {
-                    continue;
-                };
-                if matches!(
-                    g.metric,
-                    baton_spec::MetricSource::Builtin(_) | baton_spec::MetricSource::Scorecard(_)
-                ) {
-                    let m = Measurement {
-                        gate: g.name.clone(),
-                        revision,
-                        verdict: baton_engine::Verdict::Error,
-                        value: None,
-                        requests: 0,
-                        at: now,
-                        detail: "builtin metrics come from Baton's own proxy, which a cluster does not have: use a prometheus or web metric".into(),
-                    };
-                    ctx.push_measurement(&key, m);
-                    continue;
-                }
-                let vars = baton_analysis::Vars {
-                    service: name.clone(),
-                    revision,
-                    stable: st.stable.clone(),
-                    address: None,
-                };
-                let key = key.clone();
-                let ctx_measure = MeasureSink(Arc::downgrade(ctx));
-                tokio::spawn(async move {
-                    let m = baton_analysis::measure(&g, &vars, now_ms()).await;
-                    ctx_measure.push(&key, m);
-                });
-            }
-            EngineAction::RunSmoke { revision } => start_smoke(&client, ro, &ns, &revision).await?,
-        }
-    }
-
-    // A taken-over Deployment goes to zero once the Rollout's stable pods are available.
-    if let Some(d) = &takeover
-        && stable_available
-        && d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1) > 0
-    {
-        let patch = json!({"metadata": {"annotations": {TAKEN_OVER_ANNOTATION: name}}, "spec": {"replicas": 0}});
-        deployments
-            .patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch))
-            .await?;
-        publish(
-            ctx,
-            ro,
-            EventType::Normal,
-            "TakenOver",
-            &format!(
-                "Deployment {} scaled to 0: the Rollout's pods serve now",
-                d.name_any()
-            ),
-        )
-        .await;
-    }
-
-    let busy =
-        matches!(st.phase, Phase::Progressing | Phase::Paused) || !served || takeover.is_some();
+    let st = &out.record.status;
+    let stable_available = cluster.stable_available(st);
+    finish_takeover(ctx, ro, &source, stable_available).await?;
+    let busy = matches!(st.phase, Phase::Progressing | Phase::Paused)
+        || !out.served
+        || source.takeover.is_some();
     Ok(Action::requeue(if busy {
         Duration::from_millis(500)
     } else {
@@ -700,15 +275,620 @@ async fn reconcile_inner(ro: &Rollout, ctx: &Arc<Context>) -> Result<Action, Err
     }))
 }
 
-/// Measurements finish on their own task; a weak handle keeps them from holding the
-/// context alive after the controller stops.
-struct MeasureSink(std::sync::Weak<Context>);
-
-impl MeasureSink {
-    fn push(&self, key: &str, m: Measurement) {
-        if let Some(ctx) = self.0.upgrade() {
-            ctx.push_measurement(key, m);
+/// Leaves users on stable, then lets the Rollout go.
+async fn cleanup(ro: &Rollout, ctx: &Context) -> Result<Action, Error> {
+    let ns = ro.namespace().unwrap_or_else(|| "default".into());
+    let name = ro.name_any();
+    if let Some(c) = &ro.spec.strategy.canary {
+        let plan = Plan {
+            namespace: ns.clone(),
+            stable_service: c.stable_service.clone(),
+            canary_service: c.canary_service.clone(),
+            canary_weight: 0,
+            header: None,
+        };
+        if let Err(e) = Routes::of(c).apply(&ctx.client, &plan).await {
+            tracing::warn!(rollout = %format!("{ns}/{name}"), error = %e, "cannot reset the route; removing the finalizer anyway");
         }
+    }
+    let finalizers: Vec<String> = ro
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    Api::<Rollout>::namespaced(ctx.client.clone(), &ns)
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
+        )
+        .await?;
+    Ok(Action::await_change())
+}
+
+/// Adds the cleanup finalizer; answers the resourceVersion the next write must carry.
+async fn ensure_finalizer(ro: &Rollout, ctx: &Context) -> Result<Option<String>, Error> {
+    if ro.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(ro.resource_version());
+    }
+    let ns = ro.namespace().unwrap_or_else(|| "default".into());
+    let mut finalizers = ro.finalizers().to_vec();
+    finalizers.push(FINALIZER.into());
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": ro.resource_version()}});
+    let patched = Api::<Rollout>::namespaced(ctx.client.clone(), &ns)
+        .patch(
+            &ro.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await?;
+    Ok(patched.resource_version())
+}
+
+/// A Rollout the engine cannot run: say so in its status, once, and wait for a change
+/// (retrying every second would only say it again).
+async fn invalid_spec(
+    ro: &Rollout,
+    ctx: &Context,
+    reason: &str,
+    latest_rv: Option<String>,
+) -> Result<Action, Error> {
+    let prev = ro.status.clone().unwrap_or_default();
+    let generation = ro.meta().generation.unwrap_or(0);
+    let mut status = prev.clone();
+    status.observed_generation = generation;
+    status.message = format!("invalid spec: {reason}");
+    status.conditions.retain(|c| c.type_ != "InvalidSpec");
+    status.conditions.push(condition(
+        "InvalidSpec",
+        true,
+        "InvalidSpec",
+        reason,
+        generation,
+        &prev.conditions,
+    ));
+    if status != prev {
+        let mut whole = ro.clone();
+        whole.metadata.resource_version = latest_rv;
+        whole.metadata.managed_fields = None;
+        whole.status = Some(status);
+        let ns = ro.namespace().unwrap_or_else(|| "default".into());
+        Api::<Rollout>::namespaced(ctx.client.clone(), &ns)
+            .replace_status(&ro.name_any(), &PostParams::default(), &whole)
+            .await?;
+        publish(ctx, ro, EventType::Warning, "InvalidSpec", reason).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// What a Rollout runs: its template (or the Deployment's it takes over), as the
+/// engine's platform-neutral spec.
+struct Source {
+    /// The Rollout, with the taken-over Deployment's selector when it has none.
+    rollout: Rollout,
+    template: PodTemplateSpec,
+    takeover: Option<Deployment>,
+    spec: baton_spec::Rollout,
+    current_rev: String,
+}
+
+impl Source {
+    async fn resolve(ro: &Rollout, ctx: &Context) -> Result<Source, Error> {
+        let ns = ro.namespace().unwrap_or_else(|| "default".into());
+        let (template, takeover) = match (&ro.spec.template, &ro.spec.workload_ref) {
+            (Some(t), _) => (t.clone(), None),
+            (None, Some(w)) => {
+                if w.kind != "Deployment" {
+                    return Err(Error::Spec(format!(
+                        "spec.workloadRef.kind {:?}: only Deployment can be taken over",
+                        w.kind
+                    )));
+                }
+                let d = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                    .get(&w.name)
+                    .await?;
+                let t = d
+                    .spec
+                    .as_ref()
+                    .map(|s| s.template.clone())
+                    .unwrap_or_default();
+                (t, Some(d))
+            }
+            (None, None) => {
+                return Err(Error::Spec(
+                    "spec.template or spec.workloadRef: set one".into(),
+                ));
+            }
+        };
+        let mut rollout = ro.clone();
+        if let Some(d) = &takeover
+            && ro
+                .spec
+                .selector
+                .match_labels
+                .as_ref()
+                .is_none_or(|m| m.is_empty())
+        {
+            // Without a selector of its own, a takeover uses the Deployment's.
+            rollout.spec.selector = d
+                .spec
+                .as_ref()
+                .map(|s| s.selector.clone())
+                .unwrap_or_default();
+        }
+        let spec = engine_spec(&rollout, &template, gates(ctx, &rollout, &ns).await?);
+        let current_rev = run_spec(&template).revision_hash();
+        Ok(Source {
+            rollout,
+            template,
+            takeover,
+            spec,
+            current_rev,
+        })
+    }
+}
+
+/// A person's request from the annotation, once per id.
+fn take_request(ro: &Rollout, prev: &RolloutStatus) -> (Vec<Request>, Option<String>) {
+    let mut id = prev.last_request.clone();
+    let Some(raw) = ro.annotations().get(REQUEST_ANNOTATION) else {
+        return (Vec::new(), id);
+    };
+    match serde_json::from_str::<AnnotatedRequest>(raw) {
+        Ok(req) if Some(&req.id) != prev.last_request.as_ref() => {
+            id = Some(req.id);
+            match Command::parse(&req.command).filter(|c| c.engine().is_some()) {
+                Some(command) => (
+                    vec![Request {
+                        command,
+                        actor: req.by,
+                    }],
+                    id,
+                ),
+                None => {
+                    tracing::warn!(rollout = %ro.name_any(), command = %req.command, "ignoring an unknown command in {REQUEST_ANNOTATION}");
+                    (Vec::new(), id)
+                }
+            }
+        }
+        Ok(_) => (Vec::new(), id),
+        Err(e) => {
+            tracing::warn!(rollout = %ro.name_any(), error = %e, "ignoring a malformed {REQUEST_ANNOTATION}");
+            (Vec::new(), id)
+        }
+    }
+}
+
+/// The Rollout's ReplicaSets, from the watch cache when there is one.
+async fn observe_replicasets(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    prev: &Status,
+    current_rev: &str,
+) -> Result<BTreeMap<String, ReplicaSet>, Error> {
+    let cache = ctx
+        .replicasets
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    Ok(match cache {
+        // Every revision the engine knows, and the current one: lookups by name.
+        Some(store) => prev
+            .revisions
+            .iter()
+            .map(|r| r.name.clone())
+            .chain(std::iter::once(current_rev.to_string()))
+            .filter_map(|rev| {
+                let key = kube::runtime::reflector::ObjectRef::new(&workload::rs_name(name, &rev))
+                    .within(ns);
+                store.get(&key).map(|rs| (rev, (*rs).clone()))
+            })
+            .collect(),
+        None => workload::observe(&Api::namespaced(ctx.client.clone(), ns), name).await?,
+    })
+}
+
+/// A taken-over Deployment goes to zero once the Rollout's stable pods are available.
+async fn finish_takeover(
+    ctx: &Context,
+    ro: &Rollout,
+    source: &Source,
+    stable_available: bool,
+) -> Result<(), Error> {
+    let Some(d) = &source.takeover else {
+        return Ok(());
+    };
+    if !stable_available || d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1) == 0 {
+        return Ok(());
+    }
+    let ns = ro.namespace().unwrap_or_else(|| "default".into());
+    let patch = json!({"metadata": {"annotations": {TAKEN_OVER_ANNOTATION: ro.name_any()}}, "spec": {"replicas": 0}});
+    Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+        .patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    publish(
+        ctx,
+        ro,
+        EventType::Normal,
+        "TakenOver",
+        &format!(
+            "Deployment {} scaled to 0: the Rollout's pods serve now",
+            d.name_any()
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+/// The router a canary's weights go to, picked once from its spec.
+enum Routes {
+    Gateway(Gateway),
+    Istio(Istio),
+    /// Services only, or no router: the share of pods is the share of traffic.
+    None,
+}
+
+impl Routes {
+    fn of(c: &crate::crd::Canary) -> Routes {
+        match c.traffic_routing.as_ref() {
+            Some(tr) => match (&tr.gateway_api, &tr.istio) {
+                (Some(g), _) => Routes::Gateway(Gateway {
+                    route: g.http_route.clone(),
+                }),
+                (None, Some(i)) => Routes::Istio(Istio {
+                    virtual_service: i.virtual_service.clone(),
+                }),
+                _ => Routes::None,
+            },
+            None => Routes::None,
+        }
+    }
+
+    async fn apply(&self, client: &Client, plan: &Plan) -> Result<bool, Error> {
+        match self {
+            Routes::Gateway(g) => g.apply(client, plan).await,
+            Routes::Istio(i) => i.apply(client, plan).await,
+            Routes::None => Ok(true),
+        }
+    }
+}
+
+/// The cluster, as the driver sees it for one Rollout.
+struct Cluster<'a> {
+    ctx: Arc<Context>,
+    ro: &'a Rollout,
+    ns: String,
+    name: String,
+    rs_api: Api<ReplicaSet>,
+    existing: BTreeMap<String, ReplicaSet>,
+    source: &'a Source,
+    /// The status as last written (or read).
+    status: RolloutStatus,
+    latest_rv: Option<String>,
+    request_id: Option<String>,
+    /// What `observe` saw, for the conditions.
+    obs: BTreeMap<String, RevisionObs>,
+}
+
+impl Cluster<'_> {
+    /// Without a router the canary runs only its share of pods.
+    fn replica_ratio(&self) -> bool {
+        self.ro
+            .spec
+            .strategy
+            .canary
+            .as_ref()
+            .is_some_and(|c| c.traffic_routing.is_none())
+    }
+
+    fn stable_available(&self, st: &Status) -> bool {
+        st.stable
+            .as_ref()
+            .and_then(|s| self.obs.get(s))
+            .map_or(0, |o| o.available)
+            >= self.source.spec.spec.replicas
+    }
+
+    fn status_of(&self, record: &Record) -> Result<RolloutStatus, Error> {
+        let st = &record.status;
+        let prev = &self.status;
+        let generation = self.ro.meta().generation.unwrap_or(0);
+        let version = |rev: &Option<String>| {
+            rev.as_ref()
+                .and_then(|r| st.revision(r))
+                .and_then(|r| r.run.app_version().map(str::to_string))
+        };
+        let total: i32 = self
+            .existing
+            .values()
+            .map(|rs| rs.status.as_ref().map_or(0, |s| s.replicas))
+            .sum();
+        let ready: i32 = self
+            .existing
+            .values()
+            .map(|rs| {
+                rs.status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0)
+            })
+            .sum();
+        let stable_available = self.stable_available(st);
+        let when = |on: bool| if on { st.message.as_str() } else { "" };
+        let conditions = vec![
+            condition(
+                "Progressing",
+                matches!(st.phase, Phase::Progressing | Phase::Paused),
+                st.phase.as_str(),
+                &st.message,
+                generation,
+                &prev.conditions,
+            ),
+            condition(
+                "Available",
+                stable_available,
+                if stable_available {
+                    "StableAvailable"
+                } else {
+                    "StableNotAvailable"
+                },
+                "",
+                generation,
+                &prev.conditions,
+            ),
+            condition(
+                "Paused",
+                st.phase == Phase::Paused,
+                "Paused",
+                when(st.phase == Phase::Paused),
+                generation,
+                &prev.conditions,
+            ),
+            condition(
+                "Degraded",
+                st.phase == Phase::Degraded,
+                "Degraded",
+                when(st.phase == Phase::Degraded),
+                generation,
+                &prev.conditions,
+            ),
+        ];
+        Ok(RolloutStatus {
+            phase: st.phase.as_str().into(),
+            message: st.message.clone(),
+            observed_generation: generation,
+            stable_revision: st.stable.clone(),
+            canary_revision: st.canary.clone(),
+            stable_version: version(&st.stable),
+            canary_version: version(&st.canary),
+            canary_weight: st.canary.as_ref().map(|c| st.weight(c)).unwrap_or(0) as i32,
+            replicas: total,
+            ready_replicas: ready,
+            selector: workload::selector_string(self.ro),
+            route_acked: prev.route_acked,
+            last_request: self.request_id.clone(),
+            conditions,
+            engine: Some(serde_json::to_value(record)?),
+        })
+    }
+}
+
+impl Port for Cluster<'_> {
+    type Error = Error;
+}
+
+impl Workloads for Cluster<'_> {
+    async fn observe(
+        &mut self,
+        t: &Target<'_>,
+        prev: &Status,
+        _: Millis,
+    ) -> Result<BTreeMap<String, RevisionObs>, Error> {
+        let mut revisions: BTreeMap<String, RevisionObs> = self
+            .existing
+            .iter()
+            .map(|(rev, rs)| (rev.clone(), workload::obs_of(rs)))
+            .collect();
+        if self.replica_ratio()
+            && let Some(c) = &prev.canary
+        {
+            // Without a router the canary runs only its share of pods: for the engine
+            // it is "fully available" once that share is.
+            let replicas = t.spec.spec.replicas;
+            let target = replicas::canary_replicas(replicas, prev.canary_weight);
+            if let Some(o) = revisions.get_mut(c)
+                && o.available >= target
+                && prev.weights.get(c).copied().unwrap_or(0) < 100
+            {
+                o.available = replicas;
+                o.ready = o.ready.max(replicas);
+            }
+        }
+        self.obs = self
+            .existing
+            .iter()
+            .map(|(rev, rs)| (rev.clone(), workload::obs_of(rs)))
+            .collect();
+        Ok(revisions)
+    }
+
+    async fn apply(&mut self, t: &Target<'_>, st: &Status) -> Result<(), Error> {
+        let mut desired = st.desired.clone();
+        if self.replica_ratio()
+            && let Some(c) = &st.canary
+            && st.weight(c) < 100
+            && !st.aborted
+            && let Some(n) = desired.get_mut(c)
+            && *n > 0
+        {
+            *n =
+                replicas::canary_replicas(t.spec.spec.replicas, st.canary_weight.max(st.weight(c)));
+        }
+        let src = self.source;
+        for what in workload::sync(
+            &self.rs_api,
+            self.ro,
+            (&src.current_rev, &src.template),
+            &desired,
+            &self.existing,
+        )
+        .await?
+        {
+            tracing::info!(rollout = %t.key, "{what}");
+        }
+        Ok(())
+    }
+}
+
+impl Traffic for Cluster<'_> {
+    fn confirmed(&mut self, _: &Target<'_>) -> u64 {
+        self.status.route_acked
+    }
+
+    async fn route(&mut self, t: &Target<'_>, st: &Status) -> Result<bool, Error> {
+        let client = self.ctx.client.clone();
+        let ns = self.ns.clone();
+        let mut served = true;
+        let stable = st.stable.clone();
+        if let Some(c) = &self.ro.spec.strategy.canary {
+            if let (Some(svc), Some(s)) = (&c.stable_service, &stable) {
+                served &= services::point(&client, &ns, svc, s).await?;
+            }
+            let canary_ready = st
+                .canary
+                .clone()
+                .filter(|c| self.obs.get(c).is_some_and(|o| o.ready > 0));
+            if let (Some(svc), Some(target)) = (&c.canary_service, canary_ready.or(stable.clone()))
+            {
+                served &= services::point(&client, &ns, svc, &target).await?;
+            }
+            let plan = Plan {
+                namespace: ns.clone(),
+                stable_service: c.stable_service.clone(),
+                canary_service: c.canary_service.clone(),
+                canary_weight: st.canary.as_ref().map(|c| st.weight(c)).unwrap_or(0),
+                header: c
+                    .canary_header
+                    .as_ref()
+                    .filter(|_| st.canary.is_some() && !st.aborted)
+                    .map(|h| (h.name.clone(), h.value.clone())),
+            };
+            served &= match Routes::of(c) {
+                Routes::None => match &st.canary {
+                    // Replica ratio: the share is served once its pods are.
+                    Some(cr) if plan.canary_weight > 0 && plan.canary_weight < 100 => {
+                        let ready = self
+                            .existing
+                            .get(cr)
+                            .map(|r| workload::obs_of(r).ready)
+                            .unwrap_or(0);
+                        ready >= replicas::canary_replicas(t.spec.spec.replicas, plan.canary_weight)
+                    }
+                    _ => true,
+                },
+                routes => routes.apply(&client, &plan).await?,
+            };
+        } else if let Some(bg) = &self.ro.spec.strategy.blue_green {
+            let active = st
+                .weights
+                .iter()
+                .max_by_key(|(_, w)| **w)
+                .map(|(r, _)| r.clone());
+            if let Some(a) = &active {
+                served &= services::point(&client, &ns, &bg.active_service, a).await?;
+            }
+            if let (Some(svc), Some(p)) = (&bg.preview_service, st.preview.clone().or(active)) {
+                served &= services::point(&client, &ns, svc, &p).await?;
+            }
+        }
+        if served && st.route_version > self.status.route_acked {
+            let patched = Api::<Rollout>::namespaced(client, &ns)
+                .patch_status(
+                    &self.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {"routeAcked": st.route_version}})),
+                )
+                .await?;
+            self.status.route_acked = st.route_version;
+            self.latest_rv = patched.resource_version();
+        }
+        Ok(served)
+    }
+}
+
+impl StatusStore for Cluster<'_> {
+    /// A whole replace, not a merge patch: the engine's maps must lose keys too. It
+    /// carries the resourceVersion last read or written, so a concurrent change makes
+    /// it 409 and the next reconcile starts from what is there. Kubernetes has no
+    /// audit trail of Baton's: the events are its Events (see `Publish`).
+    async fn save(
+        &mut self,
+        _: &Target<'_>,
+        record: &Record,
+        _: bool,
+        _: &[Event],
+    ) -> Result<(), SaveError<Error>> {
+        let status = self.status_of(record).map_err(SaveError::Other)?;
+        if status == self.status {
+            return Ok(());
+        }
+        let mut whole = self.ro.clone();
+        whole.metadata.resource_version = self.latest_rv.clone();
+        whole.metadata.managed_fields = None;
+        whole.status = Some(status.clone());
+        let api = Api::<Rollout>::namespaced(self.ctx.client.clone(), &self.ns);
+        match api
+            .replace_status(&self.name, &PostParams::default(), &whole)
+            .await
+        {
+            Ok(written) => {
+                self.latest_rv = written.resource_version();
+                self.status = status;
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(SaveError::Conflict),
+            Err(e) => Err(SaveError::Other(e.into())),
+        }
+    }
+}
+
+impl Smoke for Cluster<'_> {
+    async fn start(&mut self, _: &Target<'_>, revision: &str) -> Result<(), Error> {
+        start_smoke(&self.ctx.client, self.ro, &self.ns, revision).await
+    }
+
+    async fn take(
+        &mut self,
+        _: &Target<'_>,
+        prev: &Status,
+    ) -> Result<Option<(String, bool, String)>, Error> {
+        take_smoke(&self.ctx.client, &self.ns, &self.name, prev).await
+    }
+}
+
+impl DataPlane for Cluster<'_> {
+    async fn counters(&mut self, _: &Target<'_>) -> Counters {
+        Counters::Unsupported(
+            "builtin metrics come from Baton's own proxy, which a cluster does not have: use a prometheus or web metric".into(),
+        )
+    }
+
+    fn address(&self, _: &Target<'_>, _: &str) -> Option<SocketAddr> {
+        None
+    }
+}
+
+impl Publish for Cluster<'_> {
+    async fn emit(&mut self, _: &Target<'_>, e: &Event) {
+        let kind = if e.kind.is_warning() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(&self.ctx, self.ro, kind, e.kind.reason(), &e.message).await;
     }
 }
 

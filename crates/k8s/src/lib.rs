@@ -19,6 +19,8 @@ pub enum Error {
     Spec(String),
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Record(#[from] baton_driver::RecordError),
 }
 
 /// Milliseconds since the Unix epoch: read here, handed to the pure engine.
