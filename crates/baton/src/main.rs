@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 /// malloc and free were 5–6 % of its CPU under load.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use baton::api::{ApiCall, ApiClient};
+use baton::api::{ApiCall, ApiClient, CommandKind};
 use baton::controller::{self, UpOptions};
 use baton::paths::Paths;
 use baton::{demo, view};
@@ -378,48 +378,8 @@ async fn run(cli: Cli) -> Result<()> {
     let paths = Paths::new(&cli.dir);
     let on_cluster = cli.namespace.is_some() || as_kubectl_plugin();
     let ns = cli.namespace.clone();
-    if on_cluster {
-        let json = |o: &Output| *o == Output::Json;
-        match &cli.command {
-            Cmd::Status {
-                name: Some(n),
-                output,
-                watch: false,
-            } => return cluster::command(ns.as_deref(), "status", n, json(output)).await,
-            Cmd::Status { .. } => bail!(
-                "on a cluster, name the Rollout: `baton -n NS status NAME` (no --watch yet: use `kubectl get brl -w`)"
-            ),
-            Cmd::Promote { name, full } => {
-                return cluster::command(
-                    ns.as_deref(),
-                    if *full { "promote-full" } else { "promote" },
-                    name,
-                    false,
-                )
-                .await;
-            }
-            Cmd::Abort { name } => {
-                return cluster::command(ns.as_deref(), "abort", name, false).await;
-            }
-            Cmd::Retry { name } => {
-                return cluster::command(ns.as_deref(), "retry", name, false).await;
-            }
-            Cmd::Undo { name } => {
-                return cluster::command(ns.as_deref(), "undo", name, false).await;
-            }
-            Cmd::History {
-                name,
-                diff: None,
-                output,
-            } => return cluster::command(ns.as_deref(), "history", name, json(output)).await,
-            Cmd::History { diff: Some(_), .. } => bail!(
-                "on a cluster, history has no --diff yet: compare the ReplicaSets' pod templates (`kubectl get rs -o yaml`)"
-            ),
-            Cmd::Dashboard { listen, .. } => {
-                return cluster::dashboard(ns.as_deref(), *listen).await;
-            }
-            _ => {}
-        }
+    if on_cluster && let Some(r) = on_a_cluster(&cli.command, ns.as_deref()).await {
+        return r;
     }
     match cli.command {
         Cmd::Operator {
@@ -438,27 +398,7 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Cmd::Crd { write } => cluster::write_crds(write.as_deref()),
-        Cmd::Convert { spec, output } => {
-            let text = read_spec(&spec.file)?;
-            let out = baton_k8s::convert::convert(&text)
-                .map_err(|e| anyhow!("{}: {e}", spec.file.display()))?;
-            for c in &out {
-                for n in &c.notes {
-                    eprintln!("baton convert: {}: not carried over: {n}", c.name);
-                }
-            }
-            if output == Output::Json {
-                let list: Vec<&Value> = out.iter().map(|c| &c.rollout).collect();
-                return print_json(&serde_json::json!(list));
-            }
-            for c in &out {
-                print!(
-                    "---\n{}",
-                    serde_saphyr::to_string(&c.rollout).context("cannot write YAML")?
-                );
-            }
-            Ok(())
-        }
+        Cmd::Convert { spec, output } => convert(spec, output),
         Cmd::Proxy {
             control_socket,
             metrics_listen,
@@ -491,131 +431,13 @@ async fn run(cli: Cli) -> Result<()> {
             .await?;
             Ok(())
         }
-        Cmd::Validate { spec, output } => {
-            let text = read_spec(&spec.file)?;
-            let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap_or_default();
-            if !docs.is_empty() && docs.iter().all(baton_k8s::cli::is_cluster_form) {
-                return match baton_k8s::cli::parse_cluster(&docs) {
-                    Ok(list) => {
-                        let names: Vec<String> = list
-                            .iter()
-                            .map(|r| r.metadata.name.clone().unwrap_or_default())
-                            .collect();
-                        if output == Output::Json {
-                            print_json(
-                                &serde_json::json!({ "valid": true, "rollouts": names, "target": "kubernetes" }),
-                            )
-                        } else {
-                            for n in names {
-                                println!(
-                                    "{}: rollout {n} is valid (for the Kubernetes operator)",
-                                    spec.file.display()
-                                );
-                            }
-                            Ok(())
-                        }
-                    }
-                    Err(e) => {
-                        if output == Output::Json {
-                            print_json(&serde_json::json!({ "valid": false, "errors": e.0 }))?;
-                            std::process::exit(1);
-                        }
-                        Err(anyhow!("{}: {e}", spec.file.display()))
-                    }
-                };
-            }
-            match baton_spec::parse(&text) {
-                Ok(rollouts) => {
-                    if output == Output::Json {
-                        print_json(
-                            &serde_json::json!({ "valid": true, "rollouts": rollouts.iter().map(|r| &r.metadata.name).collect::<Vec<_>>() }),
-                        )?;
-                    } else {
-                        for r in &rollouts {
-                            println!(
-                                "{}: rollout {} is valid (revision {})",
-                                spec.file.display(),
-                                r.metadata.name,
-                                r.spec.run.revision_hash()
-                            );
-                        }
-                    }
-                    Ok(())
-                }
-                Err(e) => {
-                    if output == Output::Json {
-                        print_json(&serde_json::json!({ "valid": false, "errors": e.0 }))?;
-                        std::process::exit(1);
-                    }
-                    Err(anyhow!("{}: {e}", spec.file.display()))
-                }
-            }
-        }
+        Cmd::Validate { spec, output } => validate(spec, output),
         Cmd::Up {
             file,
             api_listen,
             metrics_listen,
             audit_head,
-        } => {
-            let specs = match &file {
-                Some(f) => parse_spec(f)?,
-                None => Vec::new(),
-            };
-            if specs.is_empty() && !paths.exists() {
-                bail!(
-                    "nothing to run: give a spec with -f (no state in {} to resume)",
-                    paths.root.display()
-                );
-            }
-            let h = controller::start(UpOptions {
-                paths: paths.clone(),
-                specs,
-                api_listen,
-                metrics_listen,
-                tick: Duration::from_millis(100),
-                echo: true,
-                audit_head,
-            })
-            .await?;
-            println!(
-                "baton up: control API on http://{} (token in {}){}",
-                h.api_addr,
-                paths.token().display(),
-                metrics_listen
-                    .map(|m| format!(", metrics on http://{m}/metrics"))
-                    .unwrap_or_default()
-            );
-            println!(
-                "  dashboard on http://{}/ui/ (log in with the token, or `baton dashboard` for a one-time link)",
-                h.api_addr
-            );
-            println!(
-                "  watch with `baton status --watch`; Ctrl-C stops the controller only, `baton down` stops everything"
-            );
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            let tx = h.tx.clone();
-            let mut join = h.join;
-            tokio::select! {
-                r = &mut join => return r?,
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            let (reply, rx) = tokio::sync::oneshot::channel();
-            let _ = tx
-                .send(baton::api::ApiRequest {
-                    call: ApiCall::Shutdown { down: false },
-                    actor: format!("os:{}", baton::api::local_user()),
-                    reply,
-                })
-                .await;
-            let _ = rx.await;
-            let _ = join.await;
-            println!(
-                "controller stopped; the proxy and instances keep serving (`baton down` stops them)"
-            );
-            Ok(())
-        }
+        } => up(&paths, file, api_listen, metrics_listen, audit_head).await,
         Cmd::Down => down(&paths).await,
         Cmd::RestartProxy => restart_proxy(&paths).await,
         Cmd::Dashboard { output, .. } => {
@@ -652,11 +474,16 @@ async fn run(cli: Cli) -> Result<()> {
             output,
         } => status(&paths, name, watch, output).await,
         Cmd::Promote { name, full } => {
-            command(&paths, &name, if full { "promote-full" } else { "promote" }).await
+            let c = if full {
+                CommandKind::PromoteFull
+            } else {
+                CommandKind::Promote
+            };
+            command(&paths, &name, c.as_str()).await
         }
-        Cmd::Abort { name } => command(&paths, &name, "abort").await,
-        Cmd::Retry { name } => command(&paths, &name, "retry").await,
-        Cmd::Undo { name } => command(&paths, &name, "undo").await,
+        Cmd::Abort { name } => command(&paths, &name, CommandKind::Abort.as_str()).await,
+        Cmd::Retry { name } => command(&paths, &name, CommandKind::Retry.as_str()).await,
+        Cmd::Undo { name } => command(&paths, &name, CommandKind::Undo.as_str()).await,
         Cmd::History {
             name,
             diff: Some(d),
@@ -1081,4 +908,189 @@ fn audit_local(paths: &Paths, action: &str, reason: &str) -> Result<()> {
     )
     .context("cannot record in the audit trail")?;
     Ok(())
+}
+
+fn convert(spec: SpecArgs, output: Output) -> Result<()> {
+    let text = read_spec(&spec.file)?;
+    let out =
+        baton_k8s::convert::convert(&text).map_err(|e| anyhow!("{}: {e}", spec.file.display()))?;
+    for c in &out {
+        for n in &c.notes {
+            eprintln!("baton convert: {}: not carried over: {n}", c.name);
+        }
+    }
+    if output == Output::Json {
+        let list: Vec<&Value> = out.iter().map(|c| &c.rollout).collect();
+        return print_json(&serde_json::json!(list));
+    }
+    for c in &out {
+        print!(
+            "---\n{}",
+            serde_saphyr::to_string(&c.rollout).context("cannot write YAML")?
+        );
+    }
+    Ok(())
+}
+
+fn validate(spec: SpecArgs, output: Output) -> Result<()> {
+    let text = read_spec(&spec.file)?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap_or_default();
+    if !docs.is_empty() && docs.iter().all(baton_k8s::cli::is_cluster_form) {
+        return match baton_k8s::cli::parse_cluster(&docs) {
+            Ok(list) => {
+                let names: Vec<String> = list
+                    .iter()
+                    .map(|r| r.metadata.name.clone().unwrap_or_default())
+                    .collect();
+                if output == Output::Json {
+                    print_json(
+                        &serde_json::json!({ "valid": true, "rollouts": names, "target": "kubernetes" }),
+                    )
+                } else {
+                    for n in names {
+                        println!(
+                            "{}: rollout {n} is valid (for the Kubernetes operator)",
+                            spec.file.display()
+                        );
+                    }
+                    Ok(())
+                }
+            }
+            Err(e) => {
+                if output == Output::Json {
+                    print_json(&serde_json::json!({ "valid": false, "errors": e.0 }))?;
+                    std::process::exit(1);
+                }
+                Err(anyhow!("{}: {e}", spec.file.display()))
+            }
+        };
+    }
+    match baton_spec::parse(&text) {
+        Ok(rollouts) => {
+            if output == Output::Json {
+                print_json(
+                    &serde_json::json!({ "valid": true, "rollouts": rollouts.iter().map(|r| &r.metadata.name).collect::<Vec<_>>() }),
+                )?;
+            } else {
+                for r in &rollouts {
+                    println!(
+                        "{}: rollout {} is valid (revision {})",
+                        spec.file.display(),
+                        r.metadata.name,
+                        r.spec.run.revision_hash()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if output == Output::Json {
+                print_json(&serde_json::json!({ "valid": false, "errors": e.0 }))?;
+                std::process::exit(1);
+            }
+            Err(anyhow!("{}: {e}", spec.file.display()))
+        }
+    }
+}
+
+async fn up(
+    paths: &Paths,
+    file: Option<PathBuf>,
+    api_listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+    audit_head: Option<PathBuf>,
+) -> Result<()> {
+    let specs = match &file {
+        Some(f) => parse_spec(f)?,
+        None => Vec::new(),
+    };
+    if specs.is_empty() && !paths.exists() {
+        bail!(
+            "nothing to run: give a spec with -f (no state in {} to resume)",
+            paths.root.display()
+        );
+    }
+    let h = controller::start(UpOptions {
+        paths: paths.clone(),
+        specs,
+        api_listen,
+        metrics_listen,
+        tick: Duration::from_millis(100),
+        echo: true,
+        audit_head,
+    })
+    .await?;
+    println!(
+        "baton up: control API on http://{} (token in {}){}",
+        h.api_addr,
+        paths.token().display(),
+        metrics_listen
+            .map(|m| format!(", metrics on http://{m}/metrics"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  dashboard on http://{}/ui/ (log in with the token, or `baton dashboard` for a one-time link)",
+        h.api_addr
+    );
+    println!(
+        "  watch with `baton status --watch`; Ctrl-C stops the controller only, `baton down` stops everything"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let tx = h.tx.clone();
+    let mut join = h.join;
+    tokio::select! {
+        r = &mut join => return r?,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let _ = tx
+        .send(baton::api::ApiRequest {
+            call: ApiCall::Shutdown { down: false },
+            actor: format!("os:{}", baton::api::local_user()),
+            reply,
+        })
+        .await;
+    let _ = rx.await;
+    let _ = join.await;
+    println!("controller stopped; the proxy and instances keep serving (`baton down` stops them)");
+    Ok(())
+}
+
+/// Commands that act on a Rollout in the cluster (`-n`, or run as `kubectl baton`);
+/// `None` for those that work the same on both.
+async fn on_a_cluster(cmd: &Cmd, ns: Option<&str>) -> Option<Result<()>> {
+    let json = |o: &Output| *o == Output::Json;
+    let act = |c: CommandKind| c.as_str();
+    Some(match cmd {
+        Cmd::Status {
+            name: Some(n),
+            output,
+            watch: false,
+        } => cluster::command(ns, "status", n, json(output)).await,
+        Cmd::Status { .. } => Err(anyhow!(
+            "on a cluster, name the Rollout: `baton -n NS status NAME` (no --watch yet: use `kubectl get brl -w`)"
+        )),
+        Cmd::Promote { name, full } => {
+            let c = if *full {
+                CommandKind::PromoteFull
+            } else {
+                CommandKind::Promote
+            };
+            cluster::command(ns, act(c), name, false).await
+        }
+        Cmd::Abort { name } => cluster::command(ns, act(CommandKind::Abort), name, false).await,
+        Cmd::Retry { name } => cluster::command(ns, act(CommandKind::Retry), name, false).await,
+        Cmd::Undo { name } => cluster::command(ns, act(CommandKind::Undo), name, false).await,
+        Cmd::History {
+            name,
+            diff: None,
+            output,
+        } => cluster::command(ns, "history", name, json(output)).await,
+        Cmd::History { diff: Some(_), .. } => Err(anyhow!(
+            "on a cluster, history has no --diff yet: compare the ReplicaSets' pod templates (`kubectl get rs -o yaml`)"
+        )),
+        Cmd::Dashboard { listen, .. } => cluster::dashboard(ns, *listen).await,
+        _ => return None,
+    })
 }

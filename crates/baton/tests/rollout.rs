@@ -205,6 +205,28 @@ async fn controller_crash_mid_canary_loses_nothing() {
         "the canary kept its share"
     );
 
+    // What the release before the driver wrote: the engine's status alone, with no
+    // outbox and no event count. The new controller reads it and goes on.
+    {
+        let db = rusqlite::Connection::open(env.paths.db()).expect("state db");
+        let stored: String = db
+            .query_row(
+                "SELECT status FROM rollouts WHERE name = 'hello'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("stored status");
+        let mut old: serde_json::Value = serde_json::from_str(&stored).expect("json");
+        let o = old.as_object_mut().expect("object");
+        assert!(o.remove("events").is_some(), "the driver counts events");
+        o.remove("outbox");
+        assert_eq!(o["stepIndex"], 1);
+        db.execute(
+            "UPDATE rollouts SET status = ?1 WHERE name = 'hello'",
+            [old.to_string()],
+        )
+        .expect("write the old format");
+    }
     env.start_up(&[]);
     let client = env.client();
     let after = wait_status(

@@ -472,3 +472,36 @@ async fn builtin_gates_error_where_the_platform_has_no_counters() {
         gate.message
     );
 }
+
+#[tokio::test]
+async fn a_status_written_before_the_driver_reads_as_a_record_and_goes_on() {
+    let mut run = Run::new();
+    run.cycles(3).await;
+    run.spec = spec("v2");
+    run.cycles(3).await;
+    assert_eq!(run.record.status.phase, Phase::Paused);
+    // The release before the driver stored the engine's status alone.
+    let old = serde_json::to_value(&run.record.status).unwrap();
+    assert!(old.get("events").is_none() && old.get("outbox").is_none());
+    let record = Record::decode("web", old).expect("reads");
+    assert_eq!(record.status, run.record.status);
+    assert!(record.outbox.is_empty());
+    let step = record.status.step_index;
+    run.record = record;
+    run.cycles(2).await;
+    assert_eq!(run.record.status.step_index, step, "the same step");
+    assert_eq!(run.weight("v2"), 20);
+    run.cycle(ask(Command::Promote)).await;
+    run.cycles(3).await;
+    assert_eq!(run.weight("v2"), 60, "and on from there");
+}
+
+#[test]
+fn a_status_that_cannot_be_read_is_an_error_naming_the_rollout() {
+    let e = Record::decode("shop/web", serde_json::json!({"phase": 3})).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("shop/web") && text.contains("cannot be read"),
+        "{text}"
+    );
+}

@@ -366,6 +366,36 @@ async fn a_failed_analysis_rolls_back_and_an_operator_restart_resumes_at_the_sam
     .await;
     op.abort();
     drop(ctx);
+    // What the release before the driver wrote: the engine's status alone, with no
+    // outbox and no event count.
+    let mut ro = rollouts.get("web").await.expect("rollout");
+    let st = ro.status.as_mut().expect("status");
+    let engine = st
+        .engine
+        .as_mut()
+        .and_then(|e| e.as_object_mut())
+        .expect("engine");
+    assert!(
+        engine.remove("events").is_some(),
+        "the driver counts events"
+    );
+    engine.remove("outbox");
+    ro.metadata.managed_fields = None;
+    rollouts
+        .replace_status("web", &PostParams::default(), &ro)
+        .await
+        .expect("write the old format");
+    let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    let uids = |list: Vec<ReplicaSet>| {
+        let mut v: Vec<(String, String)> = list
+            .into_iter()
+            .map(|rs| (rs.name_any(), rs.uid().unwrap_or_default()))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = uids(rs_api.list(&Default::default()).await.expect("list").items);
+    assert_eq!(before.len(), 2, "{before:?}");
     let (_ctx, _op) = operator(&c, "test-b");
     // A new operator (no state of its own) resumes at the same step: still paused at 20 %.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -373,6 +403,8 @@ async fn a_failed_analysis_rolls_back_and_an_operator_restart_resumes_at_the_sam
     assert_eq!(s["phase"], "Paused", "{s}");
     assert_eq!(route_weights(&c).await.1, 20);
     assert_eq!(s["engine"]["stepIndex"], 1);
+    let after = uids(rs_api.list(&Default::default()).await.expect("list").items);
+    assert_eq!(after, before, "the same ReplicaSets, none recreated");
 
     // Promote past the pause (as `baton promote` does); the analysis then fails.
     bad.store(true, Ordering::SeqCst);
@@ -895,4 +927,61 @@ async fn someone_elses_change_is_undone_shared_gates_come_from_templates_and_del
     assert_eq!(canary, 0, "the finalizer reset the route");
     let (left, _) = c.api.store.list("apps/v1", "replicasets", Some("default"));
     assert!(left.is_empty(), "owned ReplicaSets are collected: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_that_cannot_be_read_is_left_alone_not_started_over() {
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let url = metric_server(Arc::new(AtomicBool::new(false))).await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let steps = json!([{"setWeight": 20}, {"pause": {}}]);
+    create(&rollouts, canary_rollout(&url, steps)).await;
+    let (ctx, op) = operator(&c, "test-a");
+    wait_healthy(&rollouts, "v1").await;
+    op.abort();
+    drop(ctx);
+    // A status this release cannot read (a field of the wrong type).
+    let mut ro = rollouts.get("web").await.expect("rollout");
+    let st = ro.status.as_mut().expect("status");
+    let engine = st
+        .engine
+        .as_mut()
+        .and_then(|e| e.as_object_mut())
+        .expect("engine");
+    engine.insert("stepIndex".into(), json!("three"));
+    ro.metadata.managed_fields = None;
+    rollouts
+        .replace_status("web", &PostParams::default(), &ro)
+        .await
+        .expect("write");
+    let (_ctx, _op) = operator(&c, "test-b");
+    set_image(&rollouts, "registry.example/web:v2").await;
+    // Reconciles fail (and say why in the operator's log and metrics) rather than begin
+    // the rollout anew from an empty status.
+    wait_for(Duration::from_secs(10), "failed reconciles", async || {
+        (_ctx
+            .metrics
+            .render()
+            .contains("baton_operator_reconcile_errors_total")
+            && !_ctx
+                .metrics
+                .render()
+                .contains("baton_operator_reconcile_errors_total 0\n"))
+        .then_some(())
+    })
+    .await;
+    let s = status(&rollouts, "web").await;
+    assert_eq!(s["engine"]["stepIndex"], "three", "left as it was: {s}");
+    assert_eq!(s["stableVersion"], "v1");
+    let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    let names: Vec<String> = rs_api
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .map(|r| r.name_any())
+        .collect();
+    assert_eq!(names.len(), 1, "no new revision started: {names:?}");
 }
