@@ -492,8 +492,10 @@ async fn a_status_written_before_the_driver_reads_as_a_record_and_goes_on() {
     assert_eq!(run.record.status.step_index, step, "the same step");
     assert_eq!(run.weight("v2"), 20);
     run.cycle(ask(Command::Promote)).await;
-    run.cycles(3).await;
-    assert_eq!(run.weight("v2"), 60, "and on from there");
+    run.cycles(6).await;
+    assert!(run.record.status.step_index > step, "and on from there");
+    assert_eq!(run.weight("v2"), 100);
+    assert_eq!(run.record.status.phase, Phase::Healthy);
 }
 
 #[test]
