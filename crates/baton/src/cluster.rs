@@ -170,7 +170,7 @@ pub async fn command(namespace: Option<&str>, cmd: &str, name: &str, json: bool)
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                print!("{}", baton_k8s::cli::render_status(&v));
+                print!("{}", crate::view::render(&v));
             }
         }
         "history" => {

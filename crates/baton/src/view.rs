@@ -4,9 +4,10 @@
 use std::fmt::Write;
 
 use baton_audit::Entry;
+use baton_driver::view::Seen;
 use baton_engine::Status;
 use baton_local::Platform;
-use baton_spec::{Rollout, StrategyRef};
+use baton_spec::Rollout;
 use serde_json::{Value, json};
 
 /// `HH:MM:SS.mmm` (UTC) of a millisecond timestamp.
@@ -21,6 +22,8 @@ pub fn clock(ms: u64) -> String {
     )
 }
 
+/// One rollout as `status` shows it: the driver's typed view, with what this machine's
+/// processes say of each revision.
 pub fn rollout(
     name: &str,
     spec: &Rollout,
@@ -31,80 +34,30 @@ pub fn rollout(
     let now = crate::now_ms();
     let obs = platform.observe(name, spec.spec.min_ready_seconds * 1000, now);
     let instances = platform.instances(name);
-    let (strategy, steps): (&str, Vec<String>) = match spec.spec.strategy.kind() {
-        StrategyRef::Canary(c) => (
-            "canary",
-            c.steps.iter().map(baton_engine::describe).collect(),
-        ),
-        StrategyRef::BlueGreen(_) => ("blueGreen", vec![]),
-        StrategyRef::Rolling(_) => ("rolling", vec![]),
-    };
-    let mut revisions: Vec<Value> = status
-        .revisions
-        .iter()
-        .filter(|r| {
-            Some(&r.name) == status.stable.as_ref()
-                || Some(&r.name) == status.canary.as_ref()
-                || status.desired.contains_key(&r.name)
-                || instances.iter().any(|i| i.revision == r.name)
-        })
-        .map(|r| {
-            let role = if Some(&r.name) == status.stable.as_ref() {
-                "stable"
-            } else if Some(&r.name) == status.canary.as_ref() {
-                if status.aborted { "aborted" } else { "canary" }
-            } else {
-                "previous"
-            };
-            let o = obs.get(&r.name).copied().unwrap_or_default();
-            json!({
-                "name": r.name,
-                "number": r.number,
-                "appVersion": r.run.app_version(),
-                "role": role,
-                "weight": status.weight(&r.name),
-                "preview": status.preview.as_ref() == Some(&r.name),
-                "desiredReplicas": status.desired.get(&r.name).copied().unwrap_or(0),
-                "readyReplicas": o.ready,
-                "availableReplicas": o.available,
-                "restarts": platform.restarts(name, &r.name),
-                "instances": instances.iter().filter(|i| i.revision == r.name).collect::<Vec<_>>(),
+    let v = baton_driver::view::rollout(
+        name,
+        spec,
+        status,
+        acked,
+        spec.spec.traffic.listen.clone(),
+        |rev| {
+            let mine: Vec<Value> = instances
+                .iter()
+                .filter(|i| i.revision == rev)
+                .filter_map(|i| serde_json::to_value(i).ok())
+                .collect();
+            let o = obs.get(rev).copied().unwrap_or_default();
+            let any = !mine.is_empty() || obs.contains_key(rev);
+            any.then(|| Seen {
+                ready: o.ready,
+                available: o.available,
+                restarts: platform.restarts(name, rev),
+                instances: mine,
+                ..Seen::default()
             })
-        })
-        .collect();
-    revisions.sort_by_key(|r| r["number"].as_u64());
-    let gates: Vec<Value> = status
-        .gates
-        .iter()
-        .map(|(n, g)| {
-            json!({
-                "name": n,
-                "passes": g.passes,
-                "failures": g.failures,
-                "inconclusive": g.inconclusive,
-                "last": g.last,
-            })
-        })
-        .collect();
-    json!({
-        "name": name,
-        "phase": status.phase.as_str(),
-        "message": status.message,
-        "strategy": strategy,
-        "stableRevision": status.stable,
-        "canaryRevision": status.canary,
-        "aborted": status.aborted,
-        "step": if steps.is_empty() { Value::Null } else { json!({
-            "index": status.step_index.min(steps.len()),
-            "total": steps.len(),
-            "steps": steps,
-        })},
-        "routeVersion": status.route_version,
-        "routerAcked": acked,
-        "listen": spec.spec.traffic.listen,
-        "revisions": revisions,
-        "gates": gates,
-    })
+        },
+    );
+    serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
 pub fn history(name: &str, status: &Status, events: &[Entry]) -> Value {
@@ -156,7 +109,14 @@ pub fn render(v: &Value) -> String {
         "Degraded" => "✖",
         _ => "·",
     };
-    let _ = writeln!(o, "Name:      {}", v["name"].as_str().unwrap_or(""));
+    let _ = match v["namespace"].as_str() {
+        Some(ns) => writeln!(
+            o,
+            "Name:      {} (namespace {ns})",
+            v["name"].as_str().unwrap_or("")
+        ),
+        None => writeln!(o, "Name:      {}", v["name"].as_str().unwrap_or("")),
+    };
     let _ = writeln!(
         o,
         "Phase:     {icon} {phase} — {}",

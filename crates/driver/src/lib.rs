@@ -17,6 +17,7 @@ mod cycle;
 pub mod event;
 mod gauges;
 mod record;
+pub mod view;
 pub mod webhook;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,7 @@ pub use cycle::{Answer, CycleError, Driver, Outcome, Request};
 pub use event::{Event, Kind};
 pub use gauges::Gauges;
 pub use record::{Record, RecordError};
+pub use view::RolloutView;
 pub use webhook::{Delivery, Notice, Notifier};
 
 /// The rollout a cycle is about: its platform-neutral engine spec and identity.

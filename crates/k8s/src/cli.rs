@@ -11,6 +11,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
+use baton_driver::view::Seen;
+use baton_driver::{Record, RolloutView};
+
 use crate::Error;
 use crate::controller::REQUEST_ANNOTATION;
 use crate::crd::Rollout;
@@ -109,101 +112,66 @@ pub fn parse_cluster(docs: &[Value]) -> Result<Vec<Rollout>, SpecErrors> {
     }
 }
 
-/// The status as `baton status` shows it, for a cluster Rollout.
+/// The status as `baton status` shows it, for a cluster Rollout: the same typed view
+/// as on one machine, with each revision's ReplicaSet.
 pub async fn status(client: &Client, ns: &str, name: &str) -> Result<Value, Error> {
     let ro = Api::<Rollout>::namespaced(client.clone(), ns)
         .get(name)
         .await?;
-    let st = ro.status.clone().unwrap_or_default();
-    let engine = st.engine.clone().unwrap_or(Value::Null);
     let rss = Api::<ReplicaSet>::namespaced(client.clone(), ns)
         .list(&ListParams::default().labels(&format!("{ROLLOUT_LABEL}={name}")))
         .await?;
-    let revisions: Vec<Value> = engine["revisions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| {
-            let rev = r["name"].as_str()?;
-            let rs = rss.items.iter().find(|x| x.labels().get(REVISION_LABEL).map(String::as_str) == Some(rev))?;
-            let s = rs.status.clone().unwrap_or_default();
-            let role = if st.stable_revision.as_deref() == Some(rev) { "stable" } else if st.canary_revision.as_deref() == Some(rev) { "canary" } else { "previous" };
-            Some(json!({
-                "name": rev, "number": r["number"], "appVersion": r["run"]["env"]["APP_VERSION"], "role": role,
-                "weight": engine["weights"][rev].as_u64().unwrap_or(0),
-                "replicas": rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
-                "readyReplicas": s.ready_replicas.unwrap_or(0),
-                "replicaSet": rs.name_any(),
-            }))
-        })
-        .collect();
-    let steps: Vec<String> = ro
-        .spec
-        .strategy
-        .canary
-        .as_ref()
-        .map(|c| c.steps.iter().map(baton_engine::describe).collect())
-        .unwrap_or_default();
-    Ok(json!({
-        "name": name, "namespace": ns, "phase": st.phase, "message": st.message,
-        "stableRevision": st.stable_revision, "canaryRevision": st.canary_revision,
-        "stableVersion": st.stable_version, "canaryVersion": st.canary_version, "canaryWeight": st.canary_weight,
-        "step": if steps.is_empty() { Value::Null } else { json!({"index": engine["stepIndex"], "total": steps.len(), "steps": steps}) },
-        "revisions": revisions, "conditions": st.conditions, "observedGeneration": st.observed_generation,
-        "generation": ro.metadata.generation,
-    }))
+    Ok(serde_json::to_value(view(&ro, &rss.items)?)?)
 }
 
-pub fn render_status(v: &Value) -> String {
-    let mut o = format!(
-        "Name:      {} (namespace {})\nPhase:     {} — {}\n",
-        v["name"].as_str().unwrap_or(""),
-        v["namespace"].as_str().unwrap_or(""),
-        v["phase"].as_str().unwrap_or(""),
-        v["message"].as_str().unwrap_or("")
+/// A Rollout's view from the resource and its ReplicaSets.
+pub fn view(ro: &Rollout, rss: &[ReplicaSet]) -> Result<RolloutView, Error> {
+    let name = ro.name_any();
+    let key = format!("{}/{name}", ro.namespace().unwrap_or_default());
+    let st = ro.status.clone().unwrap_or_default();
+    let record = match st.engine.clone() {
+        Some(v) => Record::decode(&key, v)?,
+        None => Record::default(),
+    };
+    let template = ro.spec.template.clone().unwrap_or_default();
+    let spec = engine_spec(ro, &template, ro.spec.analysis.gates.clone());
+    let listen = format!("namespace {}", ro.namespace().unwrap_or_default());
+    let mut v = baton_driver::view::rollout(
+        &name,
+        &spec,
+        &record.status,
+        st.route_acked,
+        listen,
+        |rev| {
+            let rs = rss
+                .iter()
+                .find(|x| x.labels().get(REVISION_LABEL).map(String::as_str) == Some(rev))?;
+            let s = rs.status.clone().unwrap_or_default();
+            let ready = s.ready_replicas.unwrap_or(0).max(0) as u32;
+            Some(Seen {
+                ready,
+                available: s.available_replicas.unwrap_or(0).max(0) as u32,
+                replica_set: Some(rs.name_any()),
+                replicas: Some(
+                    rs.spec
+                        .as_ref()
+                        .and_then(|s| s.replicas)
+                        .unwrap_or(0)
+                        .max(0) as u32,
+                ),
+                ..Seen::default()
+            })
+        },
     );
-    if let Some(step) = v["step"].as_object() {
-        let current = if v["canaryRevision"].is_null() {
-            usize::MAX
-        } else {
-            step["index"].as_u64().unwrap_or(0) as usize
-        };
-        o.push_str("Steps:\n");
-        for (i, s) in step["steps"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .enumerate()
-        {
-            let mark = if current == usize::MAX || i < current {
-                "✔"
-            } else if i == current {
-                "▶"
-            } else {
-                " "
-            };
-            o.push_str(&format!("  {mark} {:>2}. {s}\n", i + 1));
-        }
-    }
-    o.push_str("Revisions:\n");
-    for r in v["revisions"].as_array().into_iter().flatten() {
-        let w = r["weight"].as_u64().unwrap_or(0) as usize;
-        let filled = (w * 20).div_ceil(100).min(20);
-        o.push_str(&format!(
-            "  #{:<3} {:<12} {:<9} {}{} {:>3}%  {}/{} ready  {}\n",
-            r["number"].as_u64().unwrap_or(0),
-            r["appVersion"].as_str().unwrap_or("-"),
-            r["role"].as_str().unwrap_or(""),
-            "█".repeat(filled),
-            "░".repeat(20 - filled),
-            w,
-            r["readyReplicas"],
-            r["replicas"],
-            r["replicaSet"].as_str().unwrap_or("")
-        ));
-    }
-    o
+    v.namespace = ro.namespace();
+    v.conditions = st
+        .conditions
+        .iter()
+        .filter_map(|c| serde_json::to_value(c).ok())
+        .collect();
+    v.observed_generation = Some(st.observed_generation);
+    v.generation = ro.metadata.generation;
+    Ok(v)
 }
 
 /// Asks the operator for `command` (promote, promote-full, abort, retry) and waits
@@ -311,71 +279,6 @@ pub async fn history(client: &Client, ns: &str, name: &str) -> Result<Value, Err
     Ok(json!({"name": name, "revisions": engine["revisions"], "events": list}))
 }
 
-/// A Rollout in the shape the web dashboard draws (the same fields as `baton up`'s
-/// status), from the resource and its ReplicaSets.
-pub fn dashboard_view(ro: &Rollout, rss: &[ReplicaSet]) -> Value {
-    let name = ro.name_any();
-    let st = ro.status.clone().unwrap_or_default();
-    let engine = st.engine.clone().unwrap_or(Value::Null);
-    let strategy = if ro.spec.strategy.canary.is_some() {
-        "canary"
-    } else if ro.spec.strategy.blue_green.is_some() {
-        "blueGreen"
-    } else {
-        "rolling"
-    };
-    let revisions: Vec<Value> = engine["revisions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| {
-            let rev = r["name"].as_str()?;
-            let rs = rss.iter().find(|x| x.labels().get(REVISION_LABEL).map(String::as_str) == Some(rev));
-            let desired = engine["desired"][rev].as_u64().unwrap_or(0);
-            if rs.is_none() && desired == 0 {
-                return None;
-            }
-            let role = if st.stable_revision.as_deref() == Some(rev) {
-                "stable"
-            } else if st.canary_revision.as_deref() == Some(rev) {
-                if engine["aborted"] == true { "aborted" } else { "canary" }
-            } else {
-                "previous"
-            };
-            let ready = rs.and_then(|r| r.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0);
-            Some(json!({
-                "name": rev, "number": r["number"], "appVersion": r["run"]["env"]["APP_VERSION"], "role": role,
-                "weight": engine["weights"][rev].as_u64().unwrap_or(0),
-                "preview": engine["preview"].as_str() == Some(rev),
-                "desiredReplicas": desired, "readyReplicas": ready, "availableReplicas": ready,
-                "instances": [],
-            }))
-        })
-        .collect();
-    let gates: Vec<Value> = engine["gates"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(n, g)| json!({"name": n, "passes": g["passes"], "failures": g["failures"], "inconclusive": g["inconclusive"], "last": g["last"]}))
-        .collect();
-    let steps: Vec<String> = ro
-        .spec
-        .strategy
-        .canary
-        .as_ref()
-        .map(|c| c.steps.iter().map(baton_engine::describe).collect())
-        .unwrap_or_default();
-    json!({
-        "name": name, "phase": st.phase, "message": st.message, "strategy": strategy,
-        "stableRevision": st.stable_revision, "canaryRevision": st.canary_revision,
-        "aborted": engine["aborted"] == true,
-        "step": if steps.is_empty() { Value::Null } else { json!({"index": engine["stepIndex"].as_u64().unwrap_or(0).min(steps.len() as u64), "total": steps.len(), "steps": steps}) },
-        "listen": format!("namespace {}", ro.namespace().unwrap_or_default()),
-        "revisions": revisions, "gates": gates,
-        "routeVersion": engine["routeVersion"], "routerAcked": st.route_acked,
-    })
-}
-
 /// Every Rollout of a namespace, as the dashboard draws them.
 pub async fn dashboard_list(client: &Client, ns: &str) -> Result<Vec<Value>, Error> {
     let rollouts = Api::<Rollout>::namespaced(client.clone(), ns)
@@ -386,7 +289,7 @@ pub async fn dashboard_list(client: &Client, ns: &str) -> Result<Vec<Value>, Err
         .list(&ListParams::default().labels(ROLLOUT_LABEL))
         .await?
         .items;
-    Ok(rollouts
+    rollouts
         .iter()
         .map(|ro| {
             let mine: Vec<ReplicaSet> = rss
@@ -394,7 +297,7 @@ pub async fn dashboard_list(client: &Client, ns: &str) -> Result<Vec<Value>, Err
                 .filter(|r| r.labels().get(ROLLOUT_LABEL) == Some(&ro.name_any()))
                 .cloned()
                 .collect();
-            dashboard_view(ro, &mine)
+            view(ro, &mine).and_then(|v| Ok(serde_json::to_value(v)?))
         })
-        .collect())
+        .collect()
 }

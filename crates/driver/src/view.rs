@@ -1,0 +1,188 @@
+//! One typed view of a rollout, behind `status` on both platforms and the dashboard:
+//! each platform supplies what it sees of a revision's instances, the rest comes from
+//! the status. Its JSON field names are what `--output json` has always printed.
+
+use baton_engine::{Measurement, Status};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutView {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub phase: String,
+    pub message: String,
+    /// `canary`, `blueGreen` or `rolling`.
+    pub strategy: String,
+    pub stable_revision: Option<String>,
+    pub canary_revision: Option<String>,
+    pub stable_version: Option<String>,
+    pub canary_version: Option<String>,
+    /// The canary's weight as the status desires it (`revisions[].weight` likewise);
+    /// `routerAcked` against `routeVersion` says whether the router confirmed it.
+    pub canary_weight: u32,
+    pub aborted: bool,
+    pub step: Option<StepView>,
+    pub route_version: u64,
+    pub router_acked: u64,
+    /// Where traffic enters: a listen address, or the namespace on a cluster.
+    pub listen: String,
+    pub revisions: Vec<RevisionView>,
+    pub gates: Vec<GateView>,
+    /// Kubernetes conditions, on a cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepView {
+    pub index: usize,
+    pub total: usize,
+    pub steps: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionView {
+    pub name: String,
+    pub number: u64,
+    pub app_version: Option<String>,
+    /// `stable`, `canary`, `aborted` or `previous`.
+    pub role: String,
+    pub weight: u32,
+    pub preview: bool,
+    pub desired_replicas: u32,
+    pub ready_replicas: u32,
+    pub available_replicas: u32,
+    pub restarts: u32,
+    /// One machine: each instance (address, pid, state).
+    pub instances: Vec<serde_json::Value>,
+    /// A cluster: the revision's ReplicaSet and its replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_set: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateView {
+    pub name: String,
+    pub passes: u32,
+    pub failures: u32,
+    pub inconclusive: u32,
+    pub last: Option<Measurement>,
+}
+
+/// What a platform sees of one revision's instances.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    pub ready: u32,
+    pub available: u32,
+    pub restarts: u32,
+    pub instances: Vec<serde_json::Value>,
+    pub replica_set: Option<String>,
+    pub replicas: Option<u32>,
+}
+
+/// The view of a rollout from its status; `seen` answers for a revision the platform
+/// has instances (or a ReplicaSet) of, `None` for one it has nothing of.
+pub fn rollout(
+    name: &str,
+    spec: &baton_spec::Rollout,
+    status: &Status,
+    router_acked: u64,
+    listen: String,
+    seen: impl Fn(&str) -> Option<Seen>,
+) -> RolloutView {
+    let (strategy, steps): (&str, Vec<String>) = match spec.spec.strategy.kind() {
+        baton_spec::StrategyRef::Canary(c) => (
+            "canary",
+            c.steps.iter().map(baton_engine::describe).collect(),
+        ),
+        baton_spec::StrategyRef::BlueGreen(_) => ("blueGreen", vec![]),
+        baton_spec::StrategyRef::Rolling(_) => ("rolling", vec![]),
+    };
+    let version = |rev: &Option<String>| {
+        rev.as_ref()
+            .and_then(|r| status.revision(r))
+            .and_then(|r| r.run.app_version().map(str::to_string))
+    };
+    let mut revisions: Vec<RevisionView> = status
+        .revisions
+        .iter()
+        .filter_map(|r| {
+            let s = seen(&r.name);
+            let wanted = Some(&r.name) == status.stable.as_ref()
+                || Some(&r.name) == status.canary.as_ref()
+                || status.desired.contains_key(&r.name);
+            if !wanted && s.is_none() {
+                return None;
+            }
+            let s = s.unwrap_or_default();
+            let role = if Some(&r.name) == status.stable.as_ref() {
+                "stable"
+            } else if Some(&r.name) == status.canary.as_ref() {
+                if status.aborted { "aborted" } else { "canary" }
+            } else {
+                "previous"
+            };
+            Some(RevisionView {
+                name: r.name.clone(),
+                number: r.number,
+                app_version: r.run.app_version().map(str::to_string),
+                role: role.into(),
+                weight: status.weight(&r.name),
+                preview: status.preview.as_ref() == Some(&r.name),
+                desired_replicas: status.desired.get(&r.name).copied().unwrap_or(0),
+                ready_replicas: s.ready,
+                available_replicas: s.available,
+                restarts: s.restarts,
+                instances: s.instances,
+                replica_set: s.replica_set,
+                replicas: s.replicas,
+            })
+        })
+        .collect();
+    revisions.sort_by_key(|r| r.number);
+    RolloutView {
+        name: name.to_string(),
+        namespace: None,
+        phase: status.phase.as_str().into(),
+        message: status.message.clone(),
+        strategy: strategy.into(),
+        stable_revision: status.stable.clone(),
+        canary_revision: status.canary.clone(),
+        stable_version: version(&status.stable),
+        canary_version: version(&status.canary),
+        canary_weight: status.canary.as_ref().map_or(0, |c| status.weight(c)),
+        aborted: status.aborted,
+        step: (!steps.is_empty()).then(|| StepView {
+            index: status.step_index.min(steps.len()),
+            total: steps.len(),
+            steps,
+        }),
+        route_version: status.route_version,
+        router_acked,
+        listen,
+        revisions,
+        gates: status
+            .gates
+            .iter()
+            .map(|(n, g)| GateView {
+                name: n.clone(),
+                passes: g.passes,
+                failures: g.failures,
+                inconclusive: g.inconclusive,
+                last: g.last.clone(),
+            })
+            .collect(),
+        conditions: Vec::new(),
+        observed_generation: None,
+        generation: None,
+    }
+}
