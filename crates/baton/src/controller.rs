@@ -7,8 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use baton_driver::{
     Request, SaveError, Smoke, StatusStore, Target, Traffic, Workloads,
 };
 use baton_engine::{Millis, RevisionObs, Status, undo_target};
+use baton_local::supervise::{spawn_proxy, wait_for};
 use baton_local::{Desired, Platform, PlatformEvent, RevisionWant, Store, StoreError};
 use baton_proxy::{
     ControlError, ProxyClient, RevisionRoute, RoutingTable, ServiceRoute, StatsSnapshot,
@@ -323,39 +323,16 @@ async fn ensure_proxy(
         let table = proxy.table().await?;
         return Ok((None, version, baton_proxy::routed(&table.services)));
     }
-    let exe =
-        std::env::current_exe().context("cannot find the baton executable to start the proxy")?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(paths.proxy_log())
-        .with_context(|| format!("cannot open {}", paths.proxy_log().display()))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("proxy")
-        .arg("--control-socket")
-        .arg(paths.proxy_socket());
-    if let Some(m) = metrics {
-        cmd.arg("--metrics-listen").arg(m.to_string());
-    }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("cannot start the proxy process")?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if proxy.ping().await.is_ok() {
-            return Ok((Some(child), 0, HashSet::new()));
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "the proxy did not come up within 10 s; see {}",
-                paths.proxy_log().display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let args: Vec<String> = metrics
+        .map(|m| vec!["--metrics-listen".to_string(), m.to_string()])
+        .unwrap_or_default();
+    let child = spawn_proxy(&paths.proxy_socket(), &paths.proxy_log(), &args)?;
+    match wait_for(proxy, Duration::from_secs(10), |r| r.ok()).await {
+        Some(_) => Ok((Some(child), 0, HashSet::new())),
+        None => bail!(
+            "the proxy did not come up within 10 s; see {}",
+            paths.proxy_log().display()
+        ),
     }
 }
 

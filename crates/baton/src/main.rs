@@ -795,7 +795,6 @@ async fn status(paths: &Paths, name: Option<String>, watch: bool, output: Output
 }
 
 async fn restart_proxy(paths: &Paths) -> Result<()> {
-    use std::os::unix::process::CommandExt;
     let proxy = baton_proxy::ProxyClient::new(paths.proxy_socket());
     let (old_pid, version) = proxy.ping().await.with_context(|| {
         format!(
@@ -803,57 +802,41 @@ async fn restart_proxy(paths: &Paths) -> Result<()> {
             paths.proxy_socket().display()
         )
     })?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(paths.proxy_log())
-        .with_context(|| format!("cannot open {}", paths.proxy_log().display()))?;
-    let exe = std::env::current_exe().context("cannot find the baton executable")?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("proxy")
-        .arg("--control-socket")
-        .arg(paths.proxy_socket())
-        .arg("--takeover");
+    let mut args = vec!["--takeover".to_string()];
     // The new process runs as the old one did; a setting in this command's environment
     // wins (an upgrade is a moment to change it). A proxy too old to tell: defaults.
     if let Ok(Some(s)) = proxy.settings().await {
         if std::env::var_os("BATON_PROXY_WORKERS").is_none() {
-            cmd.arg("--workers").arg(s.workers.to_string());
+            args.extend(["--workers".to_string(), s.workers.to_string()]);
         }
         if std::env::var_os("BATON_PROXY_CPU_AFFINITY").is_none() {
-            cmd.arg("--cpu-affinity").arg(s.cpu_affinity.as_str());
+            args.extend(["--cpu-affinity".into(), s.cpu_affinity.as_str().into()]);
         }
-        cmd.arg("--max-body-bytes")
-            .arg(s.max_body_bytes.to_string())
-            .arg("--request-timeout")
-            .arg(s.request_timeout_secs.to_string());
+        args.extend([
+            "--max-body-bytes".to_string(),
+            s.max_body_bytes.to_string(),
+            "--request-timeout".to_string(),
+            s.request_timeout_secs.to_string(),
+        ]);
     }
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
+    baton_local::supervise::spawn_proxy(&paths.proxy_socket(), &paths.proxy_log(), &args)
         .context("cannot start the new proxy")?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Ok((pid, v)) = proxy.ping().await
-            && pid != old_pid
-        {
-            let said = format!(
-                "proxy restarted: pid {old_pid} → {pid}, routing table {v} (was {version}); the old process drains and exits"
-            );
-            audit_local(paths, "config", &said)?;
-            println!("{said}");
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "the new proxy did not take over within 15 s; see {}",
-                paths.proxy_log().display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let taken = baton_local::supervise::wait_for(&proxy, Duration::from_secs(15), |r| {
+        r.ok().filter(|(pid, _)| *pid != old_pid)
+    })
+    .await;
+    let Some((pid, v)) = taken else {
+        bail!(
+            "the new proxy did not take over within 15 s; see {}",
+            paths.proxy_log().display()
+        );
+    };
+    let said = format!(
+        "proxy restarted: pid {old_pid} → {pid}, routing table {v} (was {version}); the old process drains and exits"
+    );
+    audit_local(paths, "config", &said)?;
+    println!("{said}");
+    Ok(())
 }
 
 /// Stops everything: through the controller when it runs, directly otherwise.

@@ -5,6 +5,7 @@ pub mod platform;
 pub mod probe;
 pub mod process;
 pub mod store;
+pub mod supervise;
 
 pub use platform::{Desired, InstancePhase, InstanceView, Platform, PlatformEvent, RevisionWant};
 pub use store::{InstanceRecord, Store, StoreError};
