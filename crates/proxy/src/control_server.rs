@@ -1,0 +1,204 @@
+//! The control socket's server side: tables, stats, hand-over to a new process.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::server::accept_loop;
+use crate::table::{Compiled, RoutingTable};
+use crate::{ControlRequest, ControlResponse, Shared, handover, table};
+
+pub(crate) async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match serde_json::from_str::<ControlRequest>(&line) {
+                    Ok(ControlRequest::Handover) => {
+                        use std::os::fd::AsRawFd;
+                        match hand_over(&shared, w.as_ref().as_raw_fd()) {
+                            Ok(r) => r,
+                            Err(e) => ControlResponse::Error {
+                                error: format!("cannot hand over: {e}"),
+                            },
+                        }
+                    }
+                    Ok(ControlRequest::HandoverDone) => {
+                        shared.handed_over.store(true, Ordering::SeqCst);
+                        shared.stop.notify_one();
+                        info!("a new proxy process took over: draining");
+                        break;
+                    }
+                    Ok(req) => control_request(&shared, req).await,
+                    Err(e) => ControlResponse::Error {
+                        error: format!("bad request: {e}"),
+                    },
+                };
+                let mut out = serde_json::to_string(&resp)
+                    .unwrap_or_else(|e| format!("{{\"reply\":\"error\",\"error\":\"{e}\"}}"));
+                out.push('\n');
+                if w.write_all(out.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Sends our listening sockets to the process on the other end of `socket`, then
+/// (the caller writes it) the table and counters that go with them.
+pub(crate) fn hand_over(shared: &Shared, socket: RawFd) -> std::io::Result<ControlResponse> {
+    let listeners: Vec<(SocketAddr, RawFd)> = shared
+        .listeners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(a, (_, l))| (*a, l.as_raw_fd()))
+        .collect();
+    let metrics = *shared
+        .metrics_socket
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let mut fds: Vec<RawFd> = listeners.iter().map(|l| l.1).collect();
+    fds.extend(metrics.map(|m| m.1));
+    handover::send_fds(socket, &fds)?;
+    Ok(ControlResponse::Handover {
+        listeners: listeners.iter().map(|l| l.0).collect(),
+        metrics: metrics.map(|m| m.0),
+        table: shared.table.load().source.clone(),
+        stats: shared.metrics.snapshot(),
+    })
+}
+
+pub(crate) async fn control_request(shared: &Arc<Shared>, req: ControlRequest) -> ControlResponse {
+    match req {
+        ControlRequest::Ping => ControlResponse::Pong {
+            pid: std::process::id(),
+            version: shared.table.load().version,
+            settings: Some(shared.settings),
+        },
+        ControlRequest::GetTable => ControlResponse::Table {
+            table: shared.table.load().source.clone(),
+        },
+        ControlRequest::Stats => ControlResponse::Stats {
+            stats: shared.metrics.snapshot(),
+        },
+        ControlRequest::SetTable { table } => {
+            let version = table.version;
+            match apply_table(shared, table).await {
+                Ok(()) => ControlResponse::Ack { version },
+                Err(error) => ControlResponse::Refused { version, error },
+            }
+        }
+        ControlRequest::Shutdown => {
+            shared.stop.notify_one();
+            ControlResponse::ShuttingDown
+        }
+        ControlRequest::Handover | ControlRequest::HandoverDone => ControlResponse::Error {
+            error: "handover is answered on its own connection".into(),
+        },
+    }
+}
+
+/// Binds any new listener first, then swaps the table in one atomic store: a request
+/// sees either the old table or the new one, never a mix. Refused tables change nothing.
+pub(crate) async fn apply_table(shared: &Arc<Shared>, table: RoutingTable) -> Result<(), String> {
+    apply_table_with(shared, table, HashMap::new()).await
+}
+
+/// As [`apply_table`], taking listening sockets from `inherited` (hot restart) before
+/// binding new ones.
+pub(crate) async fn apply_table_with(
+    shared: &Arc<Shared>,
+    table: RoutingTable,
+    mut inherited: HashMap<SocketAddr, std::net::TcpListener>,
+) -> Result<(), String> {
+    let _guard = shared.apply_lock.lock().await;
+    let current = shared.table.load();
+    if table.version < current.version {
+        return Err(format!(
+            "version {} is older than the table in force ({})",
+            table.version, current.version
+        ));
+    }
+    let compiled = Compiled::build(&table, &shared.metrics, &shared.outliers)?;
+    let wanted: Vec<SocketAddr> = compiled.routes.keys().copied().collect();
+    let missing: Vec<SocketAddr> = {
+        let l = shared.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        wanted
+            .iter()
+            .filter(|a| !l.contains_key(a))
+            .copied()
+            .collect()
+    };
+    let mut bound = Vec::new();
+    for addr in missing {
+        let l = match inherited.remove(&addr) {
+            Some(std_listener) => TcpListener::from_std(std_listener),
+            None => TcpListener::bind(addr).await,
+        };
+        match l {
+            Ok(l) => bound.push((addr, l)),
+            Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
+        }
+    }
+    shared.table.store(Arc::new(compiled));
+    // Tunnels to instances that left routing start their drain clock.
+    let drain: HashMap<String, Duration> = table
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                Duration::from_millis(s.drain_ms.unwrap_or(30_000)),
+            )
+        })
+        .collect();
+    shared
+        .sessions
+        .drain_unrouted(&table::routed(&table.services), |svc| {
+            drain.get(svc).copied().unwrap_or(Duration::from_secs(30))
+        });
+    let mut listeners = shared.listeners.lock().unwrap_or_else(|p| p.into_inner());
+    for (addr, l) in bound {
+        info!(%addr, "listening");
+        // Every data-plane thread accepts on the same socket.
+        let std_listener = l.into_std().map_err(|e| format!("{addr}: {e}"))?;
+        let mut loops = Vec::new();
+        for (me, w) in shared.workers.iter().enumerate() {
+            let mine = std_listener
+                .try_clone()
+                .map_err(|e| format!("{addr}: {e}"))?;
+            let shared = shared.clone();
+            loops.push(w.spawn(async move {
+                match TcpListener::from_std(mine) {
+                    Ok(l) => accept_loop(shared, addr, l, me).await,
+                    Err(e) => warn!(%addr, error = %e, "cannot accept on this thread"),
+                }
+            }));
+        }
+        listeners.insert(addr, (loops, std_listener));
+    }
+    listeners.retain(|addr, (hs, _)| {
+        let keep = wanted.contains(addr);
+        if !keep {
+            info!(%addr, "no longer routed: closing listener");
+            hs.iter().for_each(JoinHandle::abort);
+        }
+        keep
+    });
+    Ok(())
+}

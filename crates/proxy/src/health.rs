@@ -1,0 +1,91 @@
+//! Active checks of routed instances, and the Prometheus endpoint.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::pipeline::plain;
+use crate::{Shared, table};
+
+/// Between the platform's probes, a TCP connect to every routed instance twice a
+/// second: one that stopped listening (it crashed) leaves rotation at once instead of
+/// after five failed requests, and an ejected one that answers comes back.
+pub(crate) async fn active_checks(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let routed = table::routed(&shared.table.load().source.services);
+        let checks = shared
+            .outliers
+            .all()
+            .into_iter()
+            .filter(|(a, _)| routed.contains(a))
+            .map(|(addr, h)| {
+                let shared = shared.clone();
+                async move {
+                    let up = tokio::time::timeout(
+                        Duration::from_millis(300),
+                        tokio::net::TcpStream::connect(addr),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                    if up {
+                        shared.outliers.reachable(&h);
+                    } else if shared.outliers.unreachable(&h) {
+                        warn!(%addr, "instance unreachable: out of rotation until it answers");
+                    }
+                }
+            });
+        futures_util::future::join_all(checks).await;
+    }
+}
+
+pub(crate) async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let s = s.clone();
+                async move {
+                    if req.uri().path() != "/metrics" {
+                        return Ok::<_, Infallible>(plain(StatusCode::NOT_FOUND, "try /metrics"));
+                    }
+                    let active = s
+                        .graceful
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map_or(0, |g| g.count() as u64);
+                    let body =
+                        s.metrics
+                            .render(s.table.load().version, active, s.sessions.count() as u64);
+                    let mut r = plain(StatusCode::OK, "");
+                    *r.body_mut() = Full::new(Bytes::from(body))
+                        .map_err(|never| match never {})
+                        .boxed();
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    Ok(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,356 @@
+//! The request pipeline: prepare the request, plan the instances to try, attempt each,
+//! shield stable from a canary's failure, mirror, respond.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tracing::warn;
+
+use crate::upgrade::{is_upgrade, upgrade};
+use crate::{MAX_ATTEMPTS, ProxyBody, Shared, fairness, pool, table};
+
+pub(crate) const X_FORWARDED_FOR: header::HeaderName =
+    header::HeaderName::from_static("x-forwarded-for");
+
+pub(crate) const HOP_BY_HOP: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over their few names is cheaper than seven
+    // hashed removals.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
+    if let Some(list) = h
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    {
+        for name in list.split(',') {
+            h.remove(name.trim());
+        }
+    }
+    // Only those present (usually `Connection` alone).
+    for name in &HOP_BY_HOP {
+        if h.contains_key(name) {
+            h.remove(name);
+        }
+    }
+}
+
+pub(crate) fn plain(status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Safe to send twice: idempotent by method, or made so by the client's
+/// `Idempotency-Key` (the backend answers a repeat with the first result, as the
+/// IETF draft and payment APIs define it). Mirroring still uses the method alone: a
+/// mirrored copy is not a retry and must never act.
+pub(crate) fn retry_safe(parts: &hyper::http::request::Parts) -> bool {
+    idempotent(&parts.method) || parts.headers.contains_key("idempotency-key")
+}
+
+pub(crate) fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+pub(crate) fn empty() -> ProxyBody {
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// One request: prepare it, plan the instances to try, attempt them, respond.
+pub(crate) async fn route_request(
+    shared: &Arc<Shared>,
+    listen: SocketAddr,
+    peer: SocketAddr,
+    peer_ip: Option<HeaderValue>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    fairness::maybe_yield(start);
+    let route = shared.table.load().routes.get(&listen).cloned();
+    let Some(route) = route else {
+        return Ok(plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no route for this listener",
+        ));
+    };
+    if is_upgrade(req.headers()) {
+        return Ok(upgrade(shared.clone(), route, req, peer).await);
+    }
+    let (mut parts, body) = req.into_parts();
+    let Some(first) = route.pick(&parts.headers) else {
+        return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "no ready instance"));
+    };
+    let body = match read_body(shared, body).await {
+        Ok(b) => b,
+        Err((code, msg)) => {
+            route.targets[first]
+                .metrics
+                .observe(code.as_u16(), start.elapsed().as_secs_f64());
+            return Ok(plain(code, &msg));
+        }
+    };
+    prepare(&mut parts, peer, peer_ip);
+    Ok(attempt(shared, &route, first, &parts, &body, start).await)
+}
+
+/// The whole body, up to the limit, so that the request can be sent again.
+async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, (StatusCode, String)> {
+    if hyper::body::Body::is_end_stream(&body) {
+        return Ok(Bytes::new());
+    }
+    match Limited::new(body, shared.max_body).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {} bytes", shared.max_body),
+            ))
+        }
+        Err(e) => Err((
+            StatusCode::BAD_REQUEST,
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+/// Hop-by-hop headers out, the client's address in `X-Forwarded-For`, a `Host`.
+fn prepare(
+    parts: &mut hyper::http::request::Parts,
+    peer: SocketAddr,
+    peer_ip: Option<HeaderValue>,
+) {
+    strip_hop_by_hop(&mut parts.headers);
+    let forwarded = match parts
+        .headers
+        .get(&X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())).ok(),
+        None => peer_ip,
+    };
+    if let Some(v) = forwarded {
+        parts.headers.insert(X_FORWARDED_FOR, v);
+    }
+    // Instances get the origin form; an HTTP/2 client's authority becomes the Host.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+}
+
+/// Plans the instances (the chosen revision's first, then the other revisions'),
+/// attempts them within the retry budget, shields stable's users from a canary's 5xx,
+/// and answers 502 when none could.
+async fn attempt(
+    shared: &Arc<Shared>,
+    route: &Arc<table::Route>,
+    first: usize,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    start: Instant,
+) -> Response<ProxyBody> {
+    let mut order: Vec<usize> = vec![first];
+    order.extend((0..route.targets.len()).filter(|i| {
+        let t = &route.targets[*i];
+        *i != first && t.weight > 0 && !t.backends.is_empty()
+    }));
+    route.earn_retry();
+    let mut attempts = 0;
+    let mut last_error = String::new();
+    // Shielding: a canary's 5xx to an idempotent request is counted against the canary,
+    // then the request goes to stable; kept in case stable cannot answer either.
+    let mut shielded: Option<Response<ProxyBody>> = None;
+    let stable = route
+        .stable
+        .filter(|s| !route.targets[*s].backends.is_empty());
+    let shield_from = |ti: usize| {
+        route.shield
+            && Some(ti) == route.canary
+            && retry_safe(parts)
+            && stable.is_some_and(|s| s != ti)
+    };
+    'targets: for ti in order {
+        let target = &route.targets[ti];
+        for (addr, health) in target.backends_from_next(&shared.outliers) {
+            if attempts == MAX_ATTEMPTS {
+                break 'targets;
+            }
+            attempts += 1;
+            match forward(shared, parts, body, addr).await {
+                Ok(resp) => {
+                    target
+                        .metrics
+                        .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                    shared.outcome(target, health, sick(resp.status()));
+                    if let Some(c) = route.mirror(ti).filter(|_| idempotent(&parts.method)) {
+                        mirror(shared, route, c, parts, body);
+                    }
+                    if resp.status().is_server_error() && shield_from(ti) {
+                        shielded = Some(resp);
+                        break 'targets;
+                    }
+                    return resp;
+                }
+                Err(e) => {
+                    // A connection that failed before the request went out can always
+                    // be retried; one that failed later only for idempotent methods;
+                    // either only within the retry budget.
+                    last_error = format!("{addr}: {e}");
+                    shared.outcome(target, health, true);
+                    if (e.is_connect() || retry_safe(parts)) && route.spend_retry() {
+                        target.metrics.retry();
+                        continue;
+                    }
+                    break 'targets;
+                }
+            }
+        }
+    }
+    if let (Some(canary_answer), Some(s)) = (shielded, stable) {
+        let target = &route.targets[s];
+        for (addr, _) in target.backends_from_next(&shared.outliers).take(2) {
+            if let Ok(resp) = forward(shared, parts, body, addr).await {
+                target
+                    .metrics
+                    .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                route.targets[first].metrics.retry();
+                return resp;
+            }
+        }
+        return canary_answer;
+    }
+    let t = &route.targets[first];
+    t.metrics.upstream_error();
+    t.metrics.observe(502, start.elapsed().as_secs_f64());
+    warn!(service = %route.service, revision = %t.name, error = %last_error, "no instance answered");
+    plain(StatusCode::BAD_GATEWAY, "no instance could answer")
+}
+
+/// Sends a copy of a request to the canary in the background; its answer only feeds
+/// the canary's metrics.
+pub(crate) fn mirror(
+    shared: &Arc<Shared>,
+    route: &Arc<table::Route>,
+    canary: usize,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+) {
+    let (shared, route, parts, body) = (shared.clone(), route.clone(), parts.clone(), body.clone());
+    tokio::spawn(async move {
+        let target = &route.targets[canary];
+        let Some((addr, _)) = target.backends_from_next(&shared.outliers).next() else {
+            return;
+        };
+        let start = Instant::now();
+        let status = match forward(&shared, &parts, &body, addr).await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let _ = resp.into_body().collect().await;
+                status
+            }
+            Err(_) => 502,
+        };
+        target
+            .metrics
+            .observe(status, start.elapsed().as_secs_f64());
+        target.metrics.mirrored();
+    });
+}
+
+/// Answers that say the instance itself is unwell (as opposed to the request).
+pub(crate) fn sick(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
+}
+
+impl Shared {
+    fn outcome(&self, target: &table::Target, health: &table::BackendHealth, failed: bool) {
+        if !failed {
+            self.outliers.succeeded(health);
+        } else if self.outliers.failed(health) {
+            target.metrics.ejection();
+            warn!(revision = %target.name, "instance ejected after consecutive failures");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AttemptError {
+    #[error("{0}")]
+    Send(#[from] pool::SendError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl AttemptError {
+    /// The request never left: it can go to another instance whatever its method.
+    fn is_connect(&self) -> bool {
+        matches!(self, AttemptError::Send(e) if e.is_connect())
+    }
+}
+
+/// One attempt at one instance, with hop-by-hop headers stripped from the answer.
+pub(crate) async fn forward(
+    shared: &Shared,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    addr: SocketAddr,
+) -> Result<Response<ProxyBody>, AttemptError> {
+    // Instances get the origin form.
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let host_added;
+    let headers = if parts.headers.contains_key(header::HOST) {
+        &parts.headers
+    } else {
+        let mut h = parts.headers.clone();
+        if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
+            h.insert(header::HOST, v);
+        }
+        host_added = h;
+        &host_added
+    };
+    let send = pool::send(addr, &parts.method, path, headers, body, retry_safe(parts));
+    let resp = tokio::time::timeout(shared.request_timeout, send)
+        .await
+        .map_err(|_| AttemptError::Timeout(shared.request_timeout))??;
+    let (mut rp, rb) = resp.into_parts();
+    strip_hop_by_hop(&mut rp.headers);
+    Ok(Response::from_parts(rp, rb.boxed()))
+}
