@@ -11,29 +11,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{ApiCall, ApiRequest, CommandKind, Identities, Reply};
 use crate::board::{Board, Session};
+use crate::calls::{ApiCall, ApiRequest, Body, CommandKind, Identities, Reply, full};
 use crate::now_ms;
-
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 const INDEX: &str = include_str!("../assets/index.html");
 const LOGIN: &str = include_str!("../assets/login.html");
 const APP_JS: &str = include_str!("../assets/app.js");
 const APP_CSS: &str = include_str!("../assets/app.css");
 const COOKIE: &str = "baton_session";
-
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed_unsync()
-}
 
 fn with_headers(mut r: Response<Body>, content_type: &'static str) -> Response<Body> {
     let h = r.headers_mut();
@@ -133,14 +126,14 @@ fn query_param(req: &Request<Incoming>, key: &str) -> Option<String> {
 async fn ask(tx: &mpsc::Sender<ApiRequest>, call: ApiCall, actor: String) -> Reply {
     let (reply, rx) = oneshot::channel();
     if tx.send(ApiRequest { call, actor, reply }).await.is_err() {
-        return crate::api::error(
+        return crate::calls::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the controller is stopping",
         );
     }
     match tokio::time::timeout(Duration::from_secs(60), rx).await {
         Ok(Ok(r)) => r,
-        _ => crate::api::error(
+        _ => crate::calls::error(
             StatusCode::GATEWAY_TIMEOUT,
             "the controller did not answer in time",
         ),
@@ -224,7 +217,7 @@ pub async fn handle(
     let session = cookie_of(&req).and_then(|id| board.session(&id, now).map(|s| (id, s)));
     let Some((sid, session)) = session else {
         if path.starts_with("/ui/api/") || path == "/ui/events" {
-            return json_reply(crate::api::error(
+            return json_reply(crate::calls::error(
                 StatusCode::UNAUTHORIZED,
                 "log in first: /ui/login",
             ));
@@ -256,7 +249,7 @@ pub async fn handle(
         (&Method::GET, ["events"]) => events(board),
         (&Method::POST, ["logout"]) => {
             if !csrf_ok(&req, &session) {
-                return json_reply(crate::api::error(
+                return json_reply(crate::calls::error(
                     StatusCode::FORBIDDEN,
                     "missing or wrong X-CSRF-Token",
                 ));
@@ -271,25 +264,25 @@ pub async fn handle(
         }
         (&Method::POST, ["api", "rollouts", name, action]) => {
             if !same_origin(&req) {
-                return json_reply(crate::api::error(
+                return json_reply(crate::calls::error(
                     StatusCode::FORBIDDEN,
                     "cross-origin request refused",
                 ));
             }
             if !csrf_ok(&req, &session) {
-                return json_reply(crate::api::error(
+                return json_reply(crate::calls::error(
                     StatusCode::FORBIDDEN,
                     "missing or wrong X-CSRF-Token",
                 ));
             }
             if !session.role.may_act() {
-                return json_reply(crate::api::error(
+                return json_reply(crate::calls::error(
                     StatusCode::FORBIDDEN,
                     format!("{} is a viewer: it may watch, not act", session.who),
                 ));
             }
             let Some(kind) = CommandKind::parse(action) else {
-                return json_reply(crate::api::error(
+                return json_reply(crate::calls::error(
                     StatusCode::NOT_FOUND,
                     format!(
                         "no action {action:?}: use promote, promote-full, abort, retry or undo"
@@ -308,7 +301,7 @@ pub async fn handle(
                 .await,
             )
         }
-        _ => json_reply(crate::api::error(
+        _ => json_reply(crate::calls::error(
             StatusCode::NOT_FOUND,
             format!("no such page: {method} {path}"),
         )),
@@ -319,7 +312,7 @@ fn csrf_ok(req: &Request<Incoming>, s: &Session) -> bool {
     req.headers()
         .get("x-csrf-token")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| crate::api::token_matches(t.as_bytes(), s.csrf.as_bytes()))
+        .is_some_and(|t| crate::calls::token_matches(t.as_bytes(), s.csrf.as_bytes()))
 }
 
 /// Server-sent events: `status` whenever a rollout changes (at most five times a

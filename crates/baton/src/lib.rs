@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod board;
+pub mod calls;
 pub mod controller;
 pub mod dashboard;
 pub mod demo;
