@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::pipeline::plain;
+use crate::http::plain;
 use crate::{Shared, table};
 
 /// Between the platform's probes, a TCP connect to every routed instance twice a

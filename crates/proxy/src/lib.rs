@@ -15,6 +15,7 @@ mod fairness;
 mod h1;
 pub mod handover;
 mod health;
+mod http;
 pub mod metrics;
 mod pipeline;
 mod pool;

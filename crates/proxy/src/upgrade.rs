@@ -11,7 +11,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use crate::pipeline::{X_FORWARDED_FOR, empty, plain, strip_hop_by_hop};
+use crate::http::{X_FORWARDED_FOR, empty, plain, strip_hop_by_hop};
 use crate::{ProxyBody, Shared, table, websocket};
 
 pub(crate) fn is_upgrade(h: &HeaderMap) -> bool {
