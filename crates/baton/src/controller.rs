@@ -5,25 +5,19 @@
 //! the routing table to the proxy when it changed. The proxy and the instances are
 //! separate processes that outlive the controller; a new controller adopts them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use baton_analysis::run_smoke;
 use baton_audit::{AuditLog, NewEntry};
-use baton_driver::{
-    Command, Counters, DataPlane, Delivery, Driver, Event, Notifier, Port, Publish, Record,
-    Request, SaveError, Smoke, StatusStore, Target, Traffic, Workloads,
-};
-use baton_engine::{Millis, RevisionObs, Status, undo_target};
-use baton_local::supervise::{spawn_proxy, wait_for};
-use baton_local::{Desired, Platform, PlatformEvent, RevisionWant, Store, StoreError};
-use baton_proxy::{
-    ControlError, ProxyClient, RevisionRoute, RoutingTable, ServiceRoute, StatsSnapshot,
-};
+use baton_driver::{Command, Delivery, Driver, Notifier, Record, Request, Target};
+use baton_engine::{Status, undo_target};
+use baton_local::machine::{Machine, echo};
+use baton_local::router::{Note, ProxyRouter, service_route};
+use baton_local::{Desired, Platform, PlatformEvent, RevisionWant, Store};
+use baton_proxy::{ServiceRoute, StatsSnapshot};
 use baton_spec::{Rollout, StrategyRef};
 use hyper::StatusCode;
 use serde_json::json;
@@ -115,40 +109,14 @@ fn action_of(reason: &str) -> &'static str {
     }
 }
 
-/// How often the proxy is asked whether it lives when there is nothing to push: a
-/// crashed proxy costs at most this long, plus a start, of refused connections.
-const PROXY_CHECK_MS: u64 = 1000;
-
-/// This machine, as the driver sees it: processes, the proxy, SQLite, the terminal.
-struct Local {
-    store: Store,
-    platform: Platform,
-    proxy: ProxyClient,
-    audit: AuditLog,
-    board: Arc<Board>,
-    echo: bool,
-    /// The route version the proxy confirmed, per rollout.
-    acked: BTreeMap<String, u64>,
-    /// The proxy's counters, read at most once a tick.
-    stats: Option<StatsSnapshot>,
-    smoke_tx: mpsc::UnboundedSender<(String, String, bool, String)>,
-    /// Finished smoke runs, per rollout.
-    smoke_done: BTreeMap<String, (String, bool, String)>,
-}
-
 struct Controller {
     paths: Paths,
     opts: UpOptions,
-    world: Local,
+    world: Machine,
     driver: Driver,
-    proxy_child: Option<Child>,
+    router: ProxyRouter,
+    board: Arc<Board>,
     rollouts: BTreeMap<String, RolloutState>,
-    table_version: u64,
-    last_services: Option<Vec<ServiceRoute>>,
-    last_routed: HashSet<SocketAddr>,
-    push_retry_at: u64,
-    /// When the proxy was last asked whether it is alive, on a tick with nothing to push.
-    proxy_checked_at: u64,
     smoke_rx: mpsc::UnboundedReceiver<(String, String, bool, String)>,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     /// When the dashboard next gets the status, and a traffic sample.
@@ -165,14 +133,19 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     claim_directory(&paths)?;
     let store = Store::open(&paths.db())
         .with_context(|| format!("cannot open {}", paths.db().display()))?;
-    let proxy = ProxyClient::new(paths.proxy_socket());
-    let (proxy_child, proxy_version, routed) =
-        ensure_proxy(&paths, &proxy, opts.metrics_listen).await?;
     let stored_version: u64 = store
         .meta("route_version")?
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let (platform, adopted) = Platform::adopt(paths.logs(), &store, &routed)?;
+    let router = ProxyRouter::start(
+        paths.proxy_socket(),
+        paths.proxy_log(),
+        opts.metrics_listen,
+        stored_version,
+    )
+    .await?;
+    let (platform, adopted) = Platform::adopt(paths.logs(), &store, router.routed())?;
+    let board = Arc::new(Board::default());
     let (smoke_tx, smoke_rx) = mpsc::unbounded_channel();
     let head = opts
         .audit_head
@@ -183,12 +156,15 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     let mut c = Controller {
         paths: paths.clone(),
         opts: opts.clone(),
-        world: Local {
+        world: Machine {
             store,
             platform,
-            proxy,
+            proxy: router.client().clone(),
             audit,
-            board: Arc::new(Board::default()),
+            on_audit: {
+                let board = board.clone();
+                Arc::new(move |rollout: &str| board.audit_written(rollout))
+            },
             echo: opts.echo,
             acked: BTreeMap::new(),
             stats: None,
@@ -196,13 +172,9 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
             smoke_done: BTreeMap::new(),
         },
         driver: Driver::new(Some(Arc::new(Notifier::new(delivery_tx)))),
-        proxy_child,
+        router,
+        board,
         rollouts: BTreeMap::new(),
-        table_version: stored_version.max(proxy_version),
-        last_services: None,
-        last_routed: routed,
-        push_retry_at: 0,
-        proxy_checked_at: 0,
         smoke_rx,
         deliveries,
         next_publish: 0,
@@ -262,7 +234,7 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     let ids = Identities::load(&paths);
     std::fs::write(paths.api_addr(), api_addr.to_string())?;
     let (tx, rx) = mpsc::channel(64);
-    let board = c.world.board.clone();
+    let board = c.board.clone();
     let server = tokio::spawn(api::serve(listener, ids, tx.clone(), board.clone()));
     let join = tokio::spawn(async move {
         let r = c.run(rx).await;
@@ -310,30 +282,6 @@ fn claim_directory(paths: &Paths) -> Result<()> {
     // A dead controller's address would send clients to nobody until ours is written.
     let _ = std::fs::remove_file(paths.api_addr());
     Ok(())
-}
-
-/// Finds the running proxy, or starts one as a detached process. Returns its child
-/// handle (when started here), its table version and the addresses it routes to.
-async fn ensure_proxy(
-    paths: &Paths,
-    proxy: &ProxyClient,
-    metrics: Option<SocketAddr>,
-) -> Result<(Option<Child>, u64, HashSet<SocketAddr>)> {
-    if let Ok((_, version)) = proxy.ping().await {
-        let table = proxy.table().await?;
-        return Ok((None, version, baton_proxy::routed(&table.services)));
-    }
-    let args: Vec<String> = metrics
-        .map(|m| vec!["--metrics-listen".to_string(), m.to_string()])
-        .unwrap_or_default();
-    let child = spawn_proxy(&paths.proxy_socket(), &paths.proxy_log(), &args)?;
-    match wait_for(proxy, Duration::from_secs(10), |r| r.ok()).await {
-        Some(_) => Ok((Some(child), 0, HashSet::new())),
-        None => bail!(
-            "the proxy did not come up within 10 s; see {}",
-            paths.proxy_log().display()
-        ),
-    }
 }
 
 fn wants_for(spec: &Rollout, status: &Status) -> BTreeMap<String, RevisionWant> {
@@ -477,9 +425,7 @@ impl Controller {
         self.sync_routes(now).await;
         let stats = self.world.stats.take();
         self.publish(now, stats).await;
-        if let Some(c) = &mut self.proxy_child {
-            let _ = c.try_wait();
-        }
+        self.router.reap();
         Ok(())
     }
 
@@ -488,7 +434,7 @@ impl Controller {
         if now >= self.next_publish {
             self.next_publish = now + 200;
             let list: Vec<_> = self.rollouts.keys().map(|n| self.view(n)).collect();
-            self.world.board.publish(serde_json::Value::Array(list));
+            self.board.publish(serde_json::Value::Array(list));
         }
         if now >= self.next_sample {
             self.next_sample = now + 1000;
@@ -497,134 +443,68 @@ impl Controller {
                 None => self.world.proxy.stats().await.ok(),
             };
             if let Some(s) = stats {
-                self.world.board.sample(now, s);
+                self.board.sample(now, s);
             }
         }
     }
 
-    fn services(&self) -> (Vec<ServiceRoute>, BTreeMap<String, u64>) {
+    /// Pushes one table for every rollout when it changed; once the proxy confirms
+    /// it, the engine may move on and instances that left routing may stop.
+    async fn sync_routes(&mut self, now: u64) {
         let mut versions = BTreeMap::new();
-        let services = self
+        let services: Vec<ServiceRoute> = self
             .rollouts
             .iter()
             .map(|(name, r)| {
                 versions.insert(name.clone(), r.record.status.route_version);
-                let bg = match r.spec.spec.strategy.kind() {
-                    StrategyRef::BlueGreen(bg) => bg.preview_listen.clone(),
-                    _ => None,
-                };
-                let mut revisions: Vec<RevisionRoute> = r
-                    .record
-                    .status
-                    .weights
-                    .iter()
-                    .map(|(rev, w)| RevisionRoute {
-                        name: rev.clone(),
-                        weight: *w,
-                        backends: self.world.platform.backends(name, rev),
-                    })
-                    .collect();
-                // The preview, and a live canary still at 0 %, are listed with no
-                // weight: the preview listener and the canary header reach them,
-                // weighted traffic and retries never do.
-                let live_canary = r
-                    .record
-                    .status
-                    .canary
-                    .clone()
-                    .filter(|_| !r.record.status.aborted);
-                for extra in [&r.record.status.preview, &live_canary]
-                    .into_iter()
-                    .flatten()
-                {
-                    if !r.record.status.weights.contains_key(extra)
-                        && !revisions.iter().any(|x| &x.name == extra)
-                    {
-                        revisions.push(RevisionRoute {
-                            name: extra.clone(),
-                            weight: 0,
-                            backends: self.world.platform.backends(name, extra),
-                        });
-                    }
-                }
-                let traffic = &r.spec.spec.traffic;
-                ServiceRoute {
-                    name: name.clone(),
-                    listen: traffic.listen.clone(),
-                    preview_listen: bg,
-                    preview: r.record.status.preview.clone(),
-                    stable: r.record.status.stable.clone(),
-                    canary: live_canary,
-                    sticky_header: traffic.stickiness.as_ref().and_then(|s| s.header.clone()),
-                    sticky_cookie: traffic.stickiness.as_ref().and_then(|s| s.cookie.clone()),
-                    canary_header: traffic
-                        .canary_header
-                        .as_ref()
-                        .map(|h| (h.name.clone(), h.value.clone())),
-                    shield_canary: traffic.shield_canary,
-                    // Just before the instance would be killed: it may close with 1012
-                    // itself when it gets SIGTERM, after preStop.
-                    tls: traffic
-                        .tls
-                        .as_ref()
-                        .map(|t| (t.cert_file.clone(), t.key_file.clone())),
-                    mirror_percent: traffic.mirror_percent,
-                    drain_ms: Some(
-                        ((r.spec.spec.shutdown.pre_stop_seconds
-                            + r.spec.spec.shutdown.drain_timeout_seconds)
-                            * 1000.0
-                            - 500.0)
-                            .max(0.0) as u64,
-                    ),
-                    revisions,
-                }
+                service_route(name, &r.spec, &r.record.status, |rev| {
+                    self.world.platform.backends(name, rev)
+                })
             })
             .collect();
-        (services, versions)
+        let synced = self.router.sync(services, now).await;
+        if synced.confirmed {
+            self.world.acked.extend(versions);
+            self.world.platform.routes_confirmed(self.router.routed());
+        }
+        if let Some(v) = synced.version {
+            let _ = self.world.store.set_meta("route_version", &v.to_string());
+        }
+        for note in synced.notes {
+            self.note(note);
+        }
     }
 
-    /// Pushes the routing table when it changed; on the proxy's acknowledgement, the
-    /// engine may move on and instances that left routing may stop.
-    async fn sync_routes(&mut self, now: u64) {
-        let (services, versions) = self.services();
-        if self.last_services.as_ref() == Some(&services) {
-            for (name, v) in versions {
-                self.world.acked.insert(name, v);
-            }
-            self.world.platform.routes_confirmed(&self.last_routed);
-            // Nothing to push, so nothing else would notice a proxy that died: while
-            // traffic is steady (a Healthy rollout, a long pause) it must be checked.
-            if now >= self.proxy_checked_at + PROXY_CHECK_MS {
-                self.proxy_checked_at = now;
-                // Only a socket nobody accepts on is a dead proxy: a slow answer is
-                // a busy one, and a second proxy would fight it for the ports.
-                if let Err(e @ ControlError::Connect { .. }) = self.world.proxy.ping().await {
-                    self.replace_proxy(now, e).await;
+    /// Records what the router saw.
+    fn note(&self, note: Note) {
+        match note {
+            Note::Shifted {
+                service,
+                split,
+                preview,
+                table,
+            } => {
+                let Some(r) = self.rollouts.get(&service) else {
+                    return;
+                };
+                let label = |rev: &str| r.record.status.label(rev);
+                let mut parts: Vec<String> = split
+                    .iter()
+                    .map(|(rev, w)| format!("{} {w} %", label(rev)))
+                    .collect();
+                if let Some(p) = &preview {
+                    parts.push(format!("preview {}", label(p)));
                 }
+                self.say(
+                    &service,
+                    "TrafficShifted",
+                    &format!(
+                        "traffic now {} (confirmed by the proxy, table {table})",
+                        parts.join(", ")
+                    ),
+                );
             }
-            return;
-        }
-        if now < self.push_retry_at {
-            return;
-        }
-        let table = RoutingTable {
-            version: self.table_version + 1,
-            services: services.clone(),
-        };
-        match self.world.proxy.set_table(&table).await {
-            Ok(v) => {
-                self.table_version = v;
-                let _ = self.world.store.set_meta("route_version", &v.to_string());
-                self.last_routed = baton_proxy::routed(&services);
-                self.announce_traffic(&services, v);
-                self.last_services = Some(services);
-                for (name, v) in versions {
-                    self.world.acked.insert(name, v);
-                }
-                self.world.platform.routes_confirmed(&self.last_routed);
-            }
-            Err(ControlError::Refused { error, .. }) => {
-                self.push_retry_at = now + 2000;
+            Note::Refused(error) => {
                 for name in self.rollouts.keys() {
                     self.say(
                         name,
@@ -633,78 +513,15 @@ impl Controller {
                     );
                 }
             }
-            Err(e) => self.replace_proxy(now, e).await,
-        }
-    }
-
-    /// The proxy did not answer: start a new one (or adopt one that came up meanwhile)
-    /// and push it the whole table on the next tick.
-    async fn replace_proxy(&mut self, now: u64, e: ControlError) {
-        self.push_retry_at = now + 500;
-        eprintln!("warning: {e}; starting a new proxy");
-        match ensure_proxy(&self.paths, &self.world.proxy, self.opts.metrics_listen).await {
-            Ok((child, v, _)) => {
-                if let Some(child) = child {
-                    // Reap the one that died, if it was ours.
-                    if let Some(mut old) = self.proxy_child.replace(child) {
-                        let _ = old.try_wait();
-                    }
-                    for name in self.rollouts.keys() {
-                        self.say(
-                            name,
-                            "ProxyReplaced",
-                            &format!("the proxy did not answer ({e}); started a new one"),
-                        );
-                    }
+            Note::Replaced(why) => {
+                for name in self.rollouts.keys() {
+                    self.say(
+                        name,
+                        "ProxyReplaced",
+                        &format!("the proxy did not answer ({why}); started a new one"),
+                    );
                 }
-                self.table_version = self.table_version.max(v);
-                self.last_services = None;
             }
-            Err(e) => eprintln!("warning: {e:#}"),
-        }
-    }
-
-    /// Tells of each rollout whose split changed in a table the proxy just confirmed.
-    fn announce_traffic(&self, services: &[ServiceRoute], version: u64) {
-        let split = |s: &ServiceRoute| {
-            let mut w: Vec<(String, u32)> = s
-                .revisions
-                .iter()
-                .filter(|r| r.weight > 0)
-                .map(|r| (r.name.clone(), r.weight))
-                .collect();
-            w.sort();
-            (w, s.preview.clone())
-        };
-        for svc in services {
-            let before = self
-                .last_services
-                .as_ref()
-                .and_then(|l| l.iter().find(|o| o.name == svc.name))
-                .map(split);
-            let now = split(svc);
-            if before.as_ref() == Some(&now) {
-                continue;
-            }
-            let Some(r) = self.rollouts.get(&svc.name) else {
-                continue;
-            };
-            let mut parts: Vec<String> = now
-                .0
-                .iter()
-                .map(|(rev, w)| format!("{} {w} %", r.record.status.label(rev)))
-                .collect();
-            if let Some(p) = &now.1 {
-                parts.push(format!("preview {}", r.record.status.label(p)));
-            }
-            self.say(
-                &svc.name,
-                "TrafficShifted",
-                &format!(
-                    "traffic now {} (confirmed by the proxy, table {version})",
-                    parts.join(", ")
-                ),
-            );
         }
     }
 
@@ -936,15 +753,7 @@ impl Controller {
     async fn shutdown(mut self, down: bool, reply: oneshot::Sender<Reply>) -> Result<()> {
         let answer = if down {
             // Proxy first: it stops accepting and drains; then the instances.
-            let _ = self.world.proxy.shutdown().await;
-            if let Some(c) = &mut self.proxy_child {
-                let _ = tokio::time::timeout(Duration::from_secs(15), async {
-                    while matches!(c.try_wait(), Ok(None)) {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                })
-                .await;
-            }
+            self.router.stop().await;
             let n = self
                 .world
                 .platform
@@ -971,146 +780,4 @@ fn listen_addrs(spec: &Rollout) -> Vec<String> {
         v.push(p.clone());
     }
     v
-}
-
-/// Prints an event as it happens (`baton up` in a terminal).
-fn echo(now: u64, rollout: &str, actor: &str, message: &str) {
-    let who = if actor == "baton" {
-        String::new()
-    } else {
-        format!(" [{actor}]")
-    };
-    println!("{} {rollout:<12} {message}{who}", view::clock(now));
-}
-
-impl Local {
-    /// Appends to the audit trail; Baton's own failure to write it is reported, never
-    /// blamed on the rollout.
-    fn append(&self, entry: NewEntry) {
-        self.board.audit_written(&entry.rollout);
-        if let Err(e) = self.audit.append(entry, now_ms()) {
-            eprintln!("warning: cannot append to the audit trail: {e}");
-        }
-    }
-}
-
-impl Port for Local {
-    type Error = StoreError;
-}
-
-impl Workloads for Local {
-    async fn observe(
-        &mut self,
-        t: &Target<'_>,
-        _: &Status,
-        now: Millis,
-    ) -> Result<BTreeMap<String, RevisionObs>, StoreError> {
-        let min_ready = t.spec.spec.min_ready_seconds * 1000;
-        Ok(self.platform.observe(t.key, min_ready, now))
-    }
-
-    /// Instances are reconciled for every rollout at once, after every cycle of the
-    /// tick, from the persisted statuses (see `Controller::tick`).
-    async fn apply(&mut self, _: &Target<'_>, _: &Status) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
-impl Traffic for Local {
-    fn confirmed(&mut self, t: &Target<'_>) -> u64 {
-        self.acked.get(t.key).copied().unwrap_or(0)
-    }
-
-    /// One table for every service is pushed after the tick's cycles; the proxy's
-    /// acknowledgement comes back through `confirmed`.
-    async fn route(&mut self, _: &Target<'_>, _: &Status) -> Result<bool, StoreError> {
-        Ok(false)
-    }
-}
-
-impl StatusStore for Local {
-    async fn save(
-        &mut self,
-        t: &Target<'_>,
-        record: &Record,
-        changed: bool,
-        audit: &[Event],
-    ) -> Result<(), SaveError<StoreError>> {
-        if changed {
-            self.store
-                .save_rollout(t.key, t.spec, record, now_ms())
-                .map_err(SaveError::Other)?;
-        }
-        for e in audit {
-            self.append(NewEntry {
-                actor: e.actor.clone(),
-                action: e.kind.audit_action().to_string(),
-                rollout: t.key.to_string(),
-                revision: e.revision.clone(),
-                spec_digest: Some(t.digest.to_string()),
-                reason: e.message.clone(),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Smoke for Local {
-    async fn start(&mut self, t: &Target<'_>, revision: &str) -> Result<(), StoreError> {
-        let StrategyRef::BlueGreen(bg) = t.spec.spec.strategy.kind() else {
-            return Ok(());
-        };
-        let target = bg
-            .preview_listen
-            .as_ref()
-            .and_then(|p| p.parse::<SocketAddr>().ok())
-            .or_else(|| self.platform.backends(t.key, revision).first().copied());
-        let tests = bg.smoke.clone();
-        let tx = self.smoke_tx.clone();
-        let (name, revision) = (t.key.to_string(), revision.to_string());
-        tokio::spawn(async move {
-            let result = match target {
-                Some(addr) => run_smoke(addr, &tests, Duration::from_secs(5)).await,
-                None => Err("no ready instance to test".into()),
-            };
-            let (passed, detail) = match result {
-                Ok(d) => (true, d),
-                Err(e) => (false, e),
-            };
-            let _ = tx.send((name, revision, passed, detail));
-        });
-        Ok(())
-    }
-
-    async fn take(
-        &mut self,
-        t: &Target<'_>,
-        _: &Status,
-    ) -> Result<Option<(String, bool, String)>, StoreError> {
-        Ok(self.smoke_done.remove(t.key))
-    }
-}
-
-impl DataPlane for Local {
-    async fn counters(&mut self, t: &Target<'_>) -> Counters {
-        if self.stats.is_none() {
-            self.stats = self.proxy.stats().await.ok();
-        }
-        match &self.stats {
-            Some(s) => Counters::Read(s.get(t.key).cloned().unwrap_or_default()),
-            None => Counters::Unreadable,
-        }
-    }
-
-    fn address(&self, t: &Target<'_>, revision: &str) -> Option<SocketAddr> {
-        self.platform.backends(t.key, revision).first().copied()
-    }
-}
-
-impl Publish for Local {
-    async fn emit(&mut self, t: &Target<'_>, e: &Event) {
-        if self.echo && !e.kind.is_routine() {
-            echo(e.at, t.key, &e.actor, &e.message);
-        }
-    }
 }

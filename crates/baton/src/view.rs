@@ -10,17 +10,7 @@ use baton_local::Platform;
 use baton_spec::Rollout;
 use serde_json::{Value, json};
 
-/// `HH:MM:SS.mmm` (UTC) of a millisecond timestamp.
-pub fn clock(ms: u64) -> String {
-    let s = ms / 1000;
-    format!(
-        "{:02}:{:02}:{:02}.{:03}",
-        (s / 3600) % 24,
-        (s / 60) % 60,
-        s % 60,
-        ms % 1000
-    )
-}
+pub use baton_local::machine::clock;
 
 /// One rollout as `status` shows it: the driver's typed view, with what this machine's
 /// processes say of each revision.

@@ -1,9 +1,11 @@
 //! The local platform: instances as processes on this machine, probed over loopback,
 //! stopped gracefully, recorded in SQLite so a restarted controller adopts them.
 
+pub mod machine;
 pub mod platform;
 pub mod probe;
 pub mod process;
+pub mod router;
 pub mod store;
 pub mod supervise;
 
