@@ -37,14 +37,14 @@ pub fn rollout(
                 .filter_map(|i| serde_json::to_value(i).ok())
                 .collect();
             let o = obs.get(rev).copied().unwrap_or_default();
-            let any = !mine.is_empty() || obs.contains_key(rev);
-            any.then(|| Seen {
+            Seen {
+                present: !mine.is_empty(),
                 ready: o.ready,
                 available: o.available,
                 restarts: platform.restarts(name, rev),
                 instances: mine,
                 ..Seen::default()
-            })
+            }
         },
     );
     serde_json::to_value(v).unwrap_or(Value::Null)

@@ -81,6 +81,9 @@ pub struct GateView {
 /// What a platform sees of one revision's instances.
 #[derive(Debug, Clone, Default)]
 pub struct Seen {
+    /// The platform has instances (or a ReplicaSet) of it: shown even when the status
+    /// no longer wants it.
+    pub present: bool,
     pub ready: u32,
     pub available: u32,
     pub restarts: u32,
@@ -89,15 +92,14 @@ pub struct Seen {
     pub replicas: Option<u32>,
 }
 
-/// The view of a rollout from its status; `seen` answers for a revision the platform
-/// has instances (or a ReplicaSet) of, `None` for one it has nothing of.
+/// The view of a rollout from its status and what the platform sees of each revision.
 pub fn rollout(
     name: &str,
     spec: &baton_spec::Rollout,
     status: &Status,
     router_acked: u64,
     listen: String,
-    seen: impl Fn(&str) -> Option<Seen>,
+    seen: impl Fn(&str) -> Seen,
 ) -> RolloutView {
     let (strategy, steps): (&str, Vec<String>) = match spec.spec.strategy.kind() {
         baton_spec::StrategyRef::Canary(c) => (
@@ -120,10 +122,9 @@ pub fn rollout(
             let wanted = Some(&r.name) == status.stable.as_ref()
                 || Some(&r.name) == status.canary.as_ref()
                 || status.desired.contains_key(&r.name);
-            if !wanted && s.is_none() {
+            if !wanted && !s.present {
                 return None;
             }
-            let s = s.unwrap_or_default();
             let role = if Some(&r.name) == status.stable.as_ref() {
                 "stable"
             } else if Some(&r.name) == status.canary.as_ref() {

@@ -143,13 +143,16 @@ pub fn view(ro: &Rollout, rss: &[ReplicaSet]) -> Result<RolloutView, Error> {
         st.route_acked,
         listen,
         |rev| {
-            let rs = rss
+            let Some(rs) = rss
                 .iter()
-                .find(|x| x.labels().get(REVISION_LABEL).map(String::as_str) == Some(rev))?;
+                .find(|x| x.labels().get(REVISION_LABEL).map(String::as_str) == Some(rev))
+            else {
+                return Seen::default();
+            };
             let s = rs.status.clone().unwrap_or_default();
-            let ready = s.ready_replicas.unwrap_or(0).max(0) as u32;
-            Some(Seen {
-                ready,
+            Seen {
+                present: true,
+                ready: s.ready_replicas.unwrap_or(0).max(0) as u32,
                 available: s.available_replicas.unwrap_or(0).max(0) as u32,
                 replica_set: Some(rs.name_any()),
                 replicas: Some(
@@ -160,7 +163,7 @@ pub fn view(ro: &Rollout, rss: &[ReplicaSet]) -> Result<RolloutView, Error> {
                         .max(0) as u32,
                 ),
                 ..Seen::default()
-            })
+            }
         },
     );
     v.namespace = ro.namespace();
