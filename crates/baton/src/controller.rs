@@ -4,6 +4,7 @@
 //! before anything is acted on), let the platform start and stop instances, and push
 //! the routing table to the proxy when it changed. The proxy and the instances are
 //! separate processes that outlive the controller; a new controller adopts them.
+#![warn(clippy::too_many_lines)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

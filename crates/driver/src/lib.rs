@@ -11,6 +11,7 @@
 //!   confirmation to the engine and nothing else);
 //! - every event is audited once, and emitted and notified at least once with a stable
 //!   id, also across a restart (the outbox is written with the status).
+#![warn(clippy::too_many_lines)]
 
 mod command;
 mod cycle;

@@ -3,6 +3,7 @@
 //! decision in the Rollout's status, then act (ReplicaSets, Services, routes,
 //! measurements, smoke Jobs, Events). A weight counts only once the router is seen
 //! serving it; nothing is scaled down before.
+#![warn(clippy::too_many_lines)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

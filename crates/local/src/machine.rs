@@ -3,6 +3,7 @@
 //! proxy's counters, smoke tests run from here, events are printed to the terminal.
 //! Instances and the routing table are acted on for every rollout at once after each
 //! tick's cycles (the controller does it, from the persisted statuses).
+#![warn(clippy::too_many_lines)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,6 +1,7 @@
 //! The built-in proxy as this machine's traffic router: one routing table built from
 //! every rollout's status, pushed when it changed and confirmed by the proxy; the proxy
 //! process found or started, watched while nothing changes, and replaced when it dies.
+#![warn(clippy::too_many_lines)]
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

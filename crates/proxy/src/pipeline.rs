@@ -1,5 +1,6 @@
 //! The request pipeline: prepare the request, plan the instances to try, attempt each,
 //! shield stable from a canary's failure, mirror, respond.
+#![warn(clippy::too_many_lines)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
 //! Accepting connections and serving them (HTTP/1.1 and HTTP/2) on the data-plane
 //! threads.
+#![warn(clippy::too_many_lines)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
