@@ -17,7 +17,7 @@ use baton_driver::{Record, RolloutView};
 use crate::Error;
 use crate::controller::REQUEST_ANNOTATION;
 use crate::crd::Rollout;
-use crate::engine_spec::engine_spec;
+use crate::engine_spec::{cluster_errors, engine_spec};
 use crate::router::services::REVISION_LABEL;
 use crate::workload::{ROLLOUT_LABEL, rs_name};
 
@@ -77,22 +77,11 @@ pub fn parse_cluster(docs: &[Value]) -> Result<Vec<Rollout>, SpecErrors> {
                 }
                 let template = ro.spec.template.clone().unwrap_or_default();
                 let espec = engine_spec(&ro, &template, ro.spec.analysis.gates.clone());
-                for e in baton_spec::validate::validate(&espec) {
-                    // The engine's spec has fields a cluster Rollout does not (a command,
-                    // a listener): only what both share is reported.
-                    let shared = !(e.field.starts_with("spec.run")
-                        || e.field.starts_with("spec.traffic")
-                        || e.field.starts_with("spec.probes")
-                        || e.field.contains("previewListen")
-                        || (e.field.contains("gates")
-                            && e.reason.starts_with("no gate named")
-                            && !ro.spec.analysis.templates.is_empty()));
-                    if shared {
-                        errors.push(FieldError {
-                            field: prefix(i, &e.field),
-                            reason: e.reason,
-                        });
-                    }
+                for e in cluster_errors(&ro, &espec) {
+                    errors.push(FieldError {
+                        field: prefix(i, &e.field),
+                        reason: e.reason,
+                    });
                 }
                 out.push(ro);
             }

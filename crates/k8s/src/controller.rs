@@ -12,8 +12,8 @@ use std::time::Duration;
 use std::net::SocketAddr;
 
 use baton_driver::{
-    Command, Counters, CycleError, DataPlane, Driver, Event, Port, Publish, Record, Request,
-    SaveError, Smoke, StatusStore, Target, Traffic, Workloads,
+    Command, Counters, CycleError, DataPlane, Delivery, Driver, Event, Notifier, Port, Publish,
+    Record, Request, SaveError, Smoke, StatusStore, Target, Traffic, Workloads,
 };
 use baton_engine::{Millis, Phase, RevisionObs, Status};
 use futures_util::StreamExt;
@@ -30,7 +30,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::crd::{ClusterGateTemplate, GateTemplate, Rollout, RolloutStatus};
-use crate::engine_spec::{engine_spec, run_spec};
+use crate::engine_spec::{cluster_errors, engine_spec, run_spec, runnable};
 use crate::router::{Plan, Router, gateway::Gateway, istio::Istio, replicas, services};
 use crate::{Error, now_ms, workload};
 
@@ -107,14 +107,26 @@ impl Metrics {
 }
 
 impl Context {
+    /// Must be called within a tokio runtime: webhook deliveries report on a task.
     pub fn new(client: Client, instance: &str) -> Arc<Context> {
+        let (reports, mut delivered) = tokio::sync::mpsc::unbounded_channel::<Delivery>();
+        tokio::spawn(async move {
+            // A delivery that needed retries or failed is worth the operator's log.
+            while let Some(d) = delivered.recv().await {
+                if d.ok {
+                    tracing::info!(rollout = %d.rollout, "{}", d.message);
+                } else {
+                    tracing::warn!(rollout = %d.rollout, "{}", d.message);
+                }
+            }
+        });
         Arc::new(Context {
             client,
             reporter: Reporter {
                 controller: "baton-operator".into(),
                 instance: Some(instance.into()),
             },
-            driver: Driver::new(None),
+            driver: Driver::new(Some(Arc::new(Notifier::new(reports)))),
             metrics: Metrics::default(),
             replicasets: Mutex::new(None),
         })
@@ -420,6 +432,15 @@ impl Source {
                 .unwrap_or_default();
         }
         let spec = engine_spec(&rollout, &template, gates(ctx, &rollout, &ns).await?);
+        let errors = cluster_errors(&rollout, &spec);
+        if !errors.is_empty() {
+            let said: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.reason))
+                .collect();
+            return Err(Error::Spec(said.join("; ")));
+        }
+        let spec = runnable(spec);
         let current_rev = run_spec(&template).revision_hash();
         Ok(Source {
             rollout,

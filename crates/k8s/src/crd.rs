@@ -79,6 +79,11 @@ pub struct RolloutSpec {
     pub analysis: Analysis,
     #[serde(default)]
     pub rollback: Rollback,
+    /// Webhooks told of the rollout's events, as on one machine; `${NAME}` in a URL or
+    /// header comes from the operator's environment (fill it from a Secret in the
+    /// operator's Deployment, never inline).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<baton_spec::Notification>,
 }
 
 fn one() -> i32 {
@@ -124,6 +129,10 @@ pub struct Strategy {
 pub struct Canary {
     #[serde(default)]
     pub steps: Vec<Step>,
+    /// Shorthand for `steps`, as on one machine: `{ start: 2, factor: 2, every: 90s }`
+    /// is 2, 4, 8, 16, 32, 64 %, each held 90 s and then judged by the gates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progressive: Option<baton_spec::Progressive>,
     /// A Service whose selector Baton pins to the stable revision's pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable_service: Option<String>,

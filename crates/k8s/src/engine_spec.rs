@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use baton_spec::{Gate, Metadata, RunSpec, Traffic};
+use baton_spec::{FieldError, Gate, Metadata, RunSpec, Traffic};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use sha2::{Digest, Sha256};
 
@@ -71,7 +71,7 @@ pub fn engine_spec(
     let strategy = baton_spec::Strategy {
         canary: s.strategy.canary.as_ref().map(|c| baton_spec::Canary {
             steps: c.steps.clone(),
-            progressive: None,
+            progressive: c.progressive.clone(),
         }),
         blue_green: s
             .strategy
@@ -110,9 +110,41 @@ pub fn engine_spec(
             strategy,
             analysis: baton_spec::Analysis { gates },
             rollback: s.rollback.clone(),
-            notifications: Vec::new(),
+            notifications: s.notifications.clone(),
         },
     }
+}
+
+/// What the local spec's checks find wrong in a cluster Rollout's engine spec, leaving
+/// out what only the local spec has (a command, listeners, probes).
+pub fn cluster_errors(ro: &Rollout, espec: &baton_spec::Rollout) -> Vec<FieldError> {
+    baton_spec::validate::validate(espec)
+        .into_iter()
+        .filter(|e| {
+            !(e.field.starts_with("spec.run")
+                || e.field.starts_with("spec.traffic")
+                || e.field.starts_with("spec.probes")
+                || e.field.contains("previewListen")
+                || (e.field.contains("gates")
+                    && e.reason.starts_with("no gate named")
+                    && !ro.spec.analysis.templates.is_empty()))
+        })
+        .collect()
+}
+
+/// The engine's spec of a checked Rollout, with `progressive` expanded into steps.
+pub fn runnable(mut espec: baton_spec::Rollout) -> baton_spec::Rollout {
+    let gates: Vec<String> = espec
+        .spec
+        .analysis
+        .gates
+        .iter()
+        .map(|g| g.name.clone())
+        .collect();
+    if let Some(c) = espec.spec.strategy.canary.as_mut() {
+        c.expand(&gates);
+    }
+    espec
 }
 
 #[cfg(test)]

@@ -985,3 +985,159 @@ async fn a_status_that_cannot_be_read_is_left_alone_not_started_over() {
         .collect();
     assert_eq!(names.len(), 1, "no new revision started: {names:?}");
 }
+
+/// A webhook receiver on loopback: every JSON body it was sent.
+async fn webhook_receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let sink = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let sink = sink.clone();
+                        async move {
+                            use http_body_util::BodyExt;
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                            if let Ok(v) =
+                                serde_json::from_slice::<Value>(&body.unwrap_or_default())
+                            {
+                                sink.lock().unwrap().push(v);
+                            }
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::new()),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/hook"), got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progressive_canary_runs_its_steps_and_tells_its_webhook() {
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let url = metric_server(Arc::new(AtomicBool::new(false))).await;
+    let (hook, got) = webhook_receiver().await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let mut ro = canary_rollout(&url, json!([]));
+    let canary = ro["spec"]["strategy"]["canary"]
+        .as_object_mut()
+        .expect("canary");
+    canary.remove("steps");
+    canary.insert(
+        "progressive".into(),
+        json!({"start": 25, "factor": 2, "every": "200ms"}),
+    );
+    ro["spec"]["notifications"] = json!([{"name": "hook", "url": hook}]);
+    create(&rollouts, ro).await;
+    let (_ctx, _op) = operator(&c, "test-0");
+    wait_healthy(&rollouts, "v1").await;
+    set_image(&rollouts, "registry.example/web:v2").await;
+    let mut weights = Vec::new();
+    wait_for(Duration::from_secs(30), "v2 promoted", async || {
+        let w = route_weights(&c).await.1;
+        if weights.last() != Some(&w) {
+            weights.push(w);
+        }
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Healthy" && s["stableVersion"] == "v2").then_some(())
+    })
+    .await;
+    // The shorthand became 25 % then 50 %, each held and judged, then promotion.
+    assert!(
+        weights.contains(&25) && weights.contains(&50),
+        "{weights:?}"
+    );
+    let got = wait_for(
+        Duration::from_secs(10),
+        "the promotion's webhook",
+        async || {
+            let got = got.lock().unwrap().clone();
+            got.iter().any(|n| n["event"] == "promoted").then_some(got)
+        },
+    )
+    .await;
+    let events: Vec<&str> = got.iter().filter_map(|n| n["event"].as_str()).collect();
+    assert!(events.contains(&"started"), "{events:?}");
+    assert!(
+        events.iter().filter(|e| **e == "stepPassed").count() >= 4,
+        "each held and judged step is told: {events:?}"
+    );
+    let ids: std::collections::HashSet<&str> =
+        got.iter().filter_map(|n| n["id"].as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        got.len(),
+        "each notice has an id of its own: {got:?}"
+    );
+    assert!(got.iter().all(|n| n["rollout"] == "web"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_rollout_gets_a_condition_naming_the_field_and_runs_nothing() {
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let url = metric_server(Arc::new(AtomicBool::new(false))).await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let mut ro = canary_rollout(&url, json!([]));
+    let canary = ro["spec"]["strategy"]["canary"]
+        .as_object_mut()
+        .expect("canary");
+    canary.remove("steps");
+    // A factor of 1 would never reach 100 %.
+    canary.insert(
+        "progressive".into(),
+        json!({"start": 10, "factor": 1, "every": "1s"}),
+    );
+    create(&rollouts, ro).await;
+    let (_ctx, _op) = operator(&c, "test-0");
+    let s = wait_for(
+        Duration::from_secs(10),
+        "the InvalidSpec condition",
+        async || {
+            let s = status(&rollouts, "web").await;
+            s["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "InvalidSpec"))
+                .then_some(s)
+        },
+    )
+    .await;
+    let cond = s["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "InvalidSpec"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("spec.strategy.canary.progressive.factor"),
+        "{cond}"
+    );
+    let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    assert!(
+        rs_api
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty(),
+        "nothing started"
+    );
+}
