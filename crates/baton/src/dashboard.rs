@@ -285,7 +285,7 @@ pub async fn handle(
                 return json_reply(crate::calls::error(
                     StatusCode::NOT_FOUND,
                     format!(
-                        "no action {action:?}: use promote, promote-full, abort, retry or undo"
+                        "no action {action:?}: use promote, promote-full, abort, retry, pause, resume or undo"
                     ),
                 ));
             };

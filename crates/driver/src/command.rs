@@ -15,16 +15,22 @@ pub enum Command {
     Abort,
     /// After an abort: start the steps again from the first.
     Retry,
+    /// Hold the current step until `resume`; the progress deadline stops counting.
+    Pause,
+    /// Go on where `pause` held.
+    Resume,
     /// Put the previous stable revision's spec back.
     Undo,
 }
 
 impl Command {
-    pub const ALL: [Command; 5] = [
+    pub const ALL: [Command; 7] = [
         Command::Promote,
         Command::PromoteFull,
         Command::Abort,
         Command::Retry,
+        Command::Pause,
+        Command::Resume,
         Command::Undo,
     ];
 
@@ -35,6 +41,8 @@ impl Command {
             Command::PromoteFull => "promote-full",
             Command::Abort => "abort",
             Command::Retry => "retry",
+            Command::Pause => "pause",
+            Command::Resume => "resume",
             Command::Undo => "undo",
         }
     }
@@ -50,6 +58,8 @@ impl Command {
             Command::PromoteFull => baton_engine::Command::PromoteFull,
             Command::Abort => baton_engine::Command::Abort,
             Command::Retry => baton_engine::Command::Retry,
+            Command::Pause => baton_engine::Command::Pause,
+            Command::Resume => baton_engine::Command::Resume,
             Command::Undo => return None,
         })
     }
@@ -61,6 +71,8 @@ impl Command {
             Command::PromoteFull => "PromoteFull",
             Command::Abort => "Abort",
             Command::Retry => "Retry",
+            Command::Pause => "Pause",
+            Command::Resume => "Resume",
             Command::Undo => "Undo",
         }
     }

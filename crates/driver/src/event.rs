@@ -72,12 +72,16 @@ impl Kind {
                 EventKind::Aborted(Cause::User) => "abort",
                 EventKind::Aborted(_) | EventKind::FailedPaused(_) => "rollback",
                 EventKind::Retry => "retry",
+                EventKind::Hold => "pause",
+                EventKind::Resume => "resume",
                 EventKind::Phase => "phase",
             },
             Kind::Gate(_) => "gate",
             Kind::Command(Command::Promote | Command::PromoteFull) => "promote",
             Kind::Command(Command::Abort) => "abort",
             Kind::Command(Command::Retry) => "retry",
+            Kind::Command(Command::Pause) => "pause",
+            Kind::Command(Command::Resume) => "resume",
             Kind::Command(Command::Undo) => "undo",
         }
     }

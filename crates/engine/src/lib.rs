@@ -170,6 +170,10 @@ pub struct Status {
     pub last_canary_available: u32,
     /// Previous blue-green stacks kept running until this time.
     pub retain_until: BTreeMap<String, Millis>,
+    /// Held by a person (`pause`) since this time: no step advances and the progress
+    /// deadline does not count until `resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_since: Option<Millis>,
 }
 
 impl Status {
@@ -209,6 +213,10 @@ pub enum Command {
     Abort,
     /// After an abort: start the steps again from the first.
     Retry,
+    /// Hold the current step (traffic stays as it is) until `resume`.
+    Pause,
+    /// Go on from where `pause` held, with what was left of a timed pause.
+    Resume,
 }
 
 impl Command {
@@ -218,6 +226,8 @@ impl Command {
             Command::PromoteFull => "promote --full",
             Command::Abort => "abort",
             Command::Retry => "retry",
+            Command::Pause => "pause",
+            Command::Resume => "resume",
         }
     }
 }
@@ -287,6 +297,10 @@ pub enum EventKind {
     SmokePassed,
     /// Blue-green: all traffic switches to the new stack.
     Switch,
+    /// A person held the rollout at its step.
+    Hold,
+    /// A person let a held rollout go on.
+    Resume,
     Phase,
     Aborted(Cause),
     /// A failure with `rollback.onFailure: false`: paused for a human.
@@ -308,6 +322,8 @@ impl EventKind {
             EventKind::SmokeStarted => "SmokeStarted",
             EventKind::SmokePassed => "SmokePassed",
             EventKind::Switch => "Switch",
+            EventKind::Hold => "Pause",
+            EventKind::Resume => "Resume",
             EventKind::Phase => "Phase",
             EventKind::Aborted(_) => "Aborted",
             EventKind::FailedPaused(_) => "FailedPaused",

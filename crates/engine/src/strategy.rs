@@ -43,6 +43,7 @@ impl Ctx<'_> {
         self.s.failed_paused = false;
         self.s.promote_full = false;
         self.s.promote_once = false;
+        self.s.held_since = None;
         self.s.smoke = SmokeState::NotRun;
         self.s.gates.clear();
         self.s.analysis_epoch += 1;
@@ -59,6 +60,7 @@ impl Ctx<'_> {
         }
         self.s.aborted = true;
         self.s.failed_paused = false;
+        self.s.held_since = None;
         self.s.canary_weight = 0;
         self.s.promote_full = false;
         self.s.message = reason.clone();
@@ -161,7 +163,8 @@ pub fn step(spec: &Rollout, prev: &Status, obs: &Observations, now: Millis) -> O
     progress_deadline(&mut cx);
 
     let strategy = spec.spec.strategy.kind();
-    if cx.s.canary.is_some() {
+    // Held by a person: gates are still measured (and may still abort), no step moves.
+    if cx.s.canary.is_some() && cx.s.held_since.is_none() {
         match strategy {
             StrategyRef::Canary(c) => canary(&mut cx, &c.steps),
             StrategyRef::BlueGreen(bg) => blue_green(&mut cx, bg),
@@ -292,6 +295,37 @@ fn command(cx: &mut Ctx, c: Command) -> CommandResult {
                 format!("{label}: promoted past the current step by user"),
             );
             Ok(format!("{label}: going past the current step"))
+        }
+        Command::Pause if cx.s.aborted => Err(format!("{label} is aborted: nothing to hold")),
+        Command::Pause if cx.s.held_since.is_some() => Err(format!("{label} is already paused")),
+        Command::Pause if matches!(cx.spec.spec.strategy.kind(), StrategyRef::Rolling(_)) => {
+            Err(format!(
+                "{label} is a rolling update, which cannot be held half-way; abort returns it to stable"
+            ))
+        }
+        Command::Pause => {
+            cx.s.held_since = Some(cx.now);
+            let at = cx.s.step_index + 1;
+            cx.event(
+                EventKind::Hold,
+                format!("{label}: paused at step {at} by user"),
+            );
+            Ok(format!(
+                "{label}: paused at step {at}; traffic stays as it is until resume"
+            ))
+        }
+        Command::Resume => {
+            let Some(since) = cx.s.held_since.take() else {
+                return Err(format!("{label} is not paused; nothing to resume"));
+            };
+            // What was left of a timed pause is still left; the deadline starts afresh.
+            cx.s.step_started_at += cx.now.saturating_sub(since);
+            cx.s.last_progress_at = cx.now;
+            cx.event(EventKind::Resume, format!("{label}: resumed by user"));
+            Ok(format!(
+                "{label}: going on from step {}",
+                cx.s.step_index + 1
+            ))
         }
         Command::PromoteFull => {
             cx.s.failed_paused = false;
@@ -769,7 +803,12 @@ fn progress_deadline(cx: &mut Ctx) {
         StrategyRef::Canary(cs) => matches!(cs.steps.get(cx.s.step_index), Some(Step::Pause(_))),
         _ => false,
     };
-    if cx.s.aborted || cx.s.failed_paused || pausing || waiting_for_human(cx) {
+    if cx.s.aborted
+        || cx.s.failed_paused
+        || cx.s.held_since.is_some()
+        || pausing
+        || waiting_for_human(cx)
+    {
         cx.s.last_progress_at = cx.now;
         return;
     }
@@ -818,6 +857,14 @@ fn compute_phase(cx: &mut Ctx) {
     let (phase, message) = match &cx.s.canary {
         Some(_) if cx.s.aborted => (Phase::Degraded, cx.s.message.clone()),
         Some(_) if cx.s.failed_paused => (Phase::Paused, cx.s.message.clone()),
+        Some(c) if cx.s.held_since.is_some() => (
+            Phase::Paused,
+            format!(
+                "{} paused by user at step {}; resume to go on",
+                cx.s.label(c),
+                cx.s.step_index + 1
+            ),
+        ),
         Some(c) if waiting_for_human(cx) => (
             Phase::Paused,
             format!(

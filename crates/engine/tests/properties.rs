@@ -43,7 +43,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0usize..4, prop_oneof![Just(Verdict::Pass), Just(Verdict::Fail), Just(Verdict::Inconclusive), Just(Verdict::Error)])
             .prop_map(|(rev, verdict)| Op::Measure { rev, verdict }),
         1 => (0usize..4, any::<bool>()).prop_map(|(rev, passed)| Op::Smoke { rev, passed }),
-        1 => prop_oneof![Just(Command::Promote), Just(Command::PromoteFull), Just(Command::Abort), Just(Command::Retry)].prop_map(Op::Cmd),
+        1 => prop_oneof![Just(Command::Promote), Just(Command::PromoteFull), Just(Command::Abort), Just(Command::Retry), Just(Command::Pause), Just(Command::Resume)].prop_map(Op::Cmd),
         1 => (1u8..4).prop_map(Op::Apply),
     ]
 }

@@ -433,3 +433,57 @@ fn initial_delay_postpones_the_first_measurement() {
         "first measurement after {first:?} s"
     );
 }
+
+#[test]
+fn pause_holds_the_step_and_the_deadline_and_resume_goes_on_with_what_was_left() {
+    let mut w = started(CANARY);
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.tick();
+    w.tick();
+    assert_eq!(w.weight("v2"), 10);
+    assert_eq!(w.status.step_index, 1, "in the 10 s pause");
+    w.advance(4_000);
+    w.command(Command::Pause).expect("pause");
+    assert!(w.command(Command::Pause).is_err(), "already paused");
+    assert_eq!(w.status.phase, Phase::Paused);
+    // Far past the pause's 10 s and the 60 s progress deadline: held, not failed.
+    w.advance(120_000);
+    w.advance(1_000);
+    assert_eq!(w.status.phase, Phase::Paused, "{}", w.status.message);
+    assert_eq!(w.status.step_index, 1);
+    assert_eq!(w.weight("v2"), 10, "traffic stays as it is");
+    w.command(Command::Resume).expect("resume");
+    assert!(w.command(Command::Resume).is_err(), "nothing to resume");
+    // About 6 s of the pause were left.
+    w.advance(4_000);
+    assert_eq!(w.status.step_index, 1, "the pause is not over yet");
+    w.advance(3_000);
+    assert_eq!(w.status.step_index, 2, "then the analysis step");
+    assert_eq!(w.status.phase, Phase::Progressing);
+}
+
+#[test]
+fn a_held_canary_is_still_judged_and_a_failure_still_rolls_it_back() {
+    let mut w = started(CANARY);
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.tick();
+    w.command(Command::Pause).expect("pause");
+    assert!(w.run_until(Verdict::Fail, |w| w.status.aborted));
+    assert_eq!(w.status.phase, Phase::Degraded);
+    assert_eq!(w.weight("v2"), 0);
+    assert!(
+        w.command(Command::Resume).is_err(),
+        "the abort ended the hold"
+    );
+}
+
+#[test]
+fn a_rolling_update_cannot_be_held_half_way() {
+    let mut w = started(ROLLING);
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    let e = w.command(Command::Pause).expect_err("refused");
+    assert!(e.contains("rolling"), "{e}");
+}
