@@ -1,0 +1,101 @@
+//! `baton history`: a rollout's revisions and events, locally or on a cluster, and
+//! (locally) the spec diff between two revisions.
+
+use anyhow::{Result, anyhow, bail};
+use baton::api::ApiClient;
+use baton::paths::Paths;
+use baton::view;
+use clap::Args;
+use serde_json::Value;
+
+use super::target::kube_client;
+use super::{Output, Target, check, print_json};
+
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    name: String,
+    /// Show what changed between the specs of two revisions, by number:
+    /// `--diff 2 3`.
+    #[arg(long, num_args = 2, value_names = ["FROM", "TO"])]
+    diff: Option<Vec<u64>>,
+    #[arg(short, long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+pub async fn run(target: &Target, args: HistoryArgs) -> Result<()> {
+    match (target, &args.diff) {
+        (Target::Local(paths), Some(d)) => diff(paths, &args.name, d).await,
+        (Target::Local(paths), None) => local(paths, &args.name, args.output).await,
+        (Target::Cluster { namespace }, None) => {
+            cluster(namespace.as_deref(), &args.name, args.output).await
+        }
+        (Target::Cluster { .. }, Some(_)) => Err(anyhow!(
+            "on a cluster, history has no --diff yet: compare the ReplicaSets' pod templates (`kubectl get rs -o yaml`)"
+        )),
+    }
+}
+
+async fn local(paths: &Paths, name: &str, output: Output) -> Result<()> {
+    let client = ApiClient::from_paths(paths)?;
+    let v = check(client.get(&format!("/v1/rollouts/{name}/history")).await?)?;
+    if output == Output::Json {
+        return print_json(&v);
+    }
+    print!("{}", view::render_history(&v));
+    Ok(())
+}
+
+async fn diff(paths: &Paths, name: &str, d: &[u64]) -> Result<()> {
+    // clap takes exactly two values.
+    let &[from, to] = d else {
+        bail!("--diff takes two revision numbers");
+    };
+    let client = ApiClient::from_paths(paths)?;
+    let v = check(
+        client
+            .get(&format!("/v1/rollouts/{name}/diff?from={from}&to={to}"))
+            .await?,
+    )?;
+    let text = v["diff"].as_str().unwrap_or("");
+    if text.is_empty() {
+        println!("#{from} and #{to} have the same spec");
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+async fn cluster(namespace: Option<&str>, name: &str, output: Output) -> Result<()> {
+    let (client, ns) = kube_client(namespace).await?;
+    let v = baton_k8s::cli::history(&client, &ns, name).await?;
+    if output == Output::Json {
+        return print_json(&v);
+    }
+    print_cluster(&v);
+    Ok(())
+}
+
+/// One line per ReplicaSet revision (its version and, if aborted, why), then the
+/// Rollout's events.
+fn print_cluster(v: &Value) {
+    for r in v["revisions"].as_array().into_iter().flatten() {
+        println!(
+            "#{:<3} {:<14} {}{}",
+            r["number"].as_u64().unwrap_or(0),
+            r["run"]["env"]["APP_VERSION"].as_str().unwrap_or("-"),
+            r["name"].as_str().unwrap_or(""),
+            r["abortReason"]
+                .as_str()
+                .map(|a| format!("  aborted: {a}"))
+                .unwrap_or_default()
+        );
+    }
+    for e in v["events"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {:<12} {}",
+            e["at"].as_str().unwrap_or(""),
+            e["reason"].as_str().unwrap_or(""),
+            e["note"].as_str().unwrap_or("")
+        );
+    }
+}

@@ -1,0 +1,91 @@
+//! `baton up`: the controller in the foreground.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use baton::api::{ApiCall, ApiRequest};
+use baton::controller::{self, UpOptions};
+use baton::paths::Paths;
+use clap::Args;
+
+use super::parse_spec;
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Rollouts to apply at start; without it, the stored ones resume.
+    #[arg(short = 'f', long = "filename", value_name = "SPEC")]
+    file: Option<PathBuf>,
+    /// Address of the control API (the CLI finds it in the state directory).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    api_listen: SocketAddr,
+    /// Serve Prometheus metrics of the proxy (per-revision requests and latency)
+    /// at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Mirror the audit trail's head to this file after every entry (keep it
+    /// outside the state directory to detect truncation of the database).
+    #[arg(long, value_name = "FILE")]
+    audit_head: Option<PathBuf>,
+}
+
+/// Runs until the controller ends, Ctrl-C or SIGTERM; a signal stops only the
+/// controller, so the proxy and instances keep serving.
+pub async fn run(paths: &Paths, args: UpArgs) -> Result<()> {
+    let specs = match &args.file {
+        Some(f) => parse_spec(f)?,
+        None => Vec::new(),
+    };
+    if specs.is_empty() && !paths.exists() {
+        bail!(
+            "nothing to run: give a spec with -f (no state in {} to resume)",
+            paths.root.display()
+        );
+    }
+    let h = controller::start(UpOptions {
+        paths: paths.clone(),
+        specs,
+        api_listen: args.api_listen,
+        metrics_listen: args.metrics_listen,
+        tick: Duration::from_millis(100),
+        echo: true,
+        audit_head: args.audit_head,
+    })
+    .await?;
+    println!(
+        "baton up: control API on http://{} (token in {}){}",
+        h.api_addr,
+        paths.token().display(),
+        args.metrics_listen
+            .map(|m| format!(", metrics on http://{m}/metrics"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  dashboard on http://{}/ui/ (log in with the token, or `baton dashboard` for a one-time link)",
+        h.api_addr
+    );
+    println!(
+        "  watch with `baton status --watch`; Ctrl-C stops the controller only, `baton down` stops everything"
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let tx = h.tx.clone();
+    let mut join = h.join;
+    tokio::select! {
+        r = &mut join => return r?,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let _ = tx
+        .send(ApiRequest {
+            call: ApiCall::Shutdown { down: false },
+            actor: format!("os:{}", baton::api::local_user()),
+            reply,
+        })
+        .await;
+    let _ = rx.await;
+    let _ = join.await;
+    println!("controller stopped; the proxy and instances keep serving (`baton down` stops them)");
+    Ok(())
+}
