@@ -75,6 +75,11 @@ enum Cmd {
     Abort { name: String },
     /// After an abort: roll the same revision out again from the first step.
     Retry { name: String },
+    /// Hold a canary or blue-green rollout at its step: traffic stays, no step advances,
+    /// a timed pause and the progress deadline stop counting; gates still judge.
+    Pause { name: String },
+    /// Go on where `pause` held, with what was left of a timed pause.
+    Resume { name: String },
     /// Roll back to the previous stable revision (through the strategy).
     Undo { name: String },
     /// Revisions of a rollout with when, outcome and duration, and its events.
@@ -158,6 +163,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Promote { name, full } => act::run(&target, &name, act::promote(full)).await,
         Cmd::Abort { name } => act::run(&target, &name, CommandKind::Abort).await,
         Cmd::Retry { name } => act::run(&target, &name, CommandKind::Retry).await,
+        Cmd::Pause { name } => act::run(&target, &name, CommandKind::Pause).await,
+        Cmd::Resume { name } => act::run(&target, &name, CommandKind::Resume).await,
         Cmd::Undo { name } => act::run(&target, &name, CommandKind::Undo).await,
     }
 }

@@ -263,3 +263,55 @@ async fn controller_crash_mid_canary_loses_nothing() {
     );
     assert_eq!(r.failed, 0, "{:?}", r.failures);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_canary_holds_its_step_past_a_timed_pause_until_resumed() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let steps = "        - setWeight: 20
+        - pause: { duration: 2s }
+        - setWeight: 60";
+    let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", steps));
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
+    let v2 = env.write("v2.yaml", &canary_spec(listen, "v2", "", steps));
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v2 at 20 %",
+        |v| weight(v, "v2") == 20 && acked(v),
+    )
+    .await;
+    let out = env.run(&["pause", "hello"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("paused at step"), "{}", stdout(&out));
+    let again = env.run(&["pause", "hello"]);
+    assert!(!again.status.success(), "pausing twice is refused");
+    assert!(
+        stderr(&again).contains("already paused"),
+        "{}",
+        stderr(&again)
+    );
+    // Twice the timed pause: held, at the same weight.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, v) = client.get("/v1/rollouts/hello").await.expect("status");
+    assert_eq!(v["phase"], "Paused", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("paused by user"),
+        "{v}"
+    );
+    assert_eq!(weight(&v, "v2"), 20, "{v}");
+    let out = env.run(&["resume", "hello"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_stable(&client, "hello", "v2", Duration::from_secs(30)).await;
+    let audit = env.run(&["audit", "--rollout", "hello", "--output", "json"]);
+    let text = stdout(&audit);
+    assert!(
+        text.contains("\"pause\"") && text.contains("\"resume\""),
+        "pause and resume are audited: {text}"
+    );
+}

@@ -1141,3 +1141,41 @@ async fn an_invalid_rollout_gets_a_condition_naming_the_field_and_runs_nothing()
         "nothing started"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_reach_the_operator_through_the_shared_vocabulary() {
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let url = metric_server(Arc::new(AtomicBool::new(false))).await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let steps = json!([{"setWeight": 20}, {"pause": {"duration": "500ms"}}, {"setWeight": 60}]);
+    create(&rollouts, canary_rollout(&url, steps)).await;
+    let (_ctx, _op) = operator(&c, "test-0");
+    wait_healthy(&rollouts, "v1").await;
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_for(Duration::from_secs(20), "20 % served", async || {
+        (route_weights(&c).await.1 == 20).then_some(())
+    })
+    .await;
+    let ask = async |id: &str, command: &str| {
+        let req = json!({"metadata": {"annotations": {REQUEST_ANNOTATION: json!({"id": id, "command": command, "by": "test"}).to_string()}}});
+        rollouts
+            .patch("web", &PatchParams::default(), &Patch::Merge(req))
+            .await
+            .expect("request");
+    };
+    ask("p1", "pause").await;
+    let held = wait_for(Duration::from_secs(10), "held", async || {
+        let s = status(&rollouts, "web").await;
+        (s["lastRequest"] == "p1" && s["phase"] == "Paused").then_some(s)
+    })
+    .await;
+    // Well past the 500 ms pause: still held at 20 %, at the same step.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = status(&rollouts, "web").await;
+    assert_eq!(s["phase"], "Paused", "{s}");
+    assert_eq!(s["engine"]["stepIndex"], held["engine"]["stepIndex"], "{s}");
+    assert_eq!(route_weights(&c).await.1, 20);
+    ask("r1", "resume").await;
+    wait_healthy(&rollouts, "v2").await;
+}

@@ -1,4 +1,4 @@
-//! `baton promote`, `abort`, `retry` and `undo`: one word of the shared command
+//! `baton promote`, `abort`, `retry`, `pause`, `resume` and `undo`: one word of the shared command
 //! vocabulary, sent to the controller or to the cluster's operator.
 
 use std::time::Duration;
