@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use cmd::{
     SpecArgs, Target, act, apply, audit, convert, dashboard, demo, down, history, operator, proxy,
-    status, up, validate,
+    status, up, validate, wait,
 };
 
 mod cmd;
@@ -64,6 +64,9 @@ enum Cmd {
     Validate(validate::ValidateArgs),
     /// Show rollouts: phase, step, weight per revision, instances, gates.
     Status(status::StatusArgs),
+    /// Wait for a rollout's verdict: exit 0 once it is `--for` (healthy by default), 1
+    /// when it settles on another (degraded while waiting for healthy), 2 on timeout.
+    Wait(wait::WaitArgs),
     /// Move past the current pause or analysis step (or blue-green preview).
     Promote {
         name: String,
@@ -158,6 +161,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Operator(args) => operator::operator(cli.namespace, args).await,
         Cmd::Crd(args) => operator::crd(args),
         Cmd::Status(args) => status::run(&target, args).await,
+        Cmd::Wait(args) => wait::run(&target, args).await,
         Cmd::History(args) => history::run(&target, args).await,
         Cmd::Dashboard(args) => dashboard::run(&target, args).await,
         Cmd::Promote { name, full } => act::run(&target, &name, act::promote(full)).await,

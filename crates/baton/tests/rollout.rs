@@ -265,7 +265,7 @@ async fn controller_crash_mid_canary_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_canary_holds_its_step_past_a_timed_pause_until_resumed() {
+async fn a_paused_canary_holds_its_step_past_a_timed_pause_until_resumed_and_wait_tells() {
     let mut env = Env::new();
     let listen = free_addr();
     let steps = "        - setWeight: 20
@@ -305,9 +305,17 @@ async fn a_paused_canary_holds_its_step_past_a_timed_pause_until_resumed() {
         "{v}"
     );
     assert_eq!(weight(&v, "v2"), 20, "{v}");
+    // `wait` says where it stands with its exit status: held, so not healthy in time.
+    let waited = env.run(&["wait", "hello", "--timeout", "1s"]);
+    assert_eq!(waited.status.code(), Some(2), "{}", stderr(&waited));
     let out = env.run(&["resume", "hello"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    wait_stable(&client, "hello", "v2", Duration::from_secs(30)).await;
+    let waited = env.run(&["wait", "hello", "--for", "healthy", "--timeout", "60s"]);
+    assert!(waited.status.success(), "{}", stderr(&waited));
+    let v = wait_stable(&client, "hello", "v2", Duration::from_secs(5)).await;
+    assert_eq!(v["specRevision"], v["stableRevision"], "{v}");
+    let waited = env.run(&["wait", "hello", "--for", "degraded", "--timeout", "30s"]);
+    assert_eq!(waited.status.code(), Some(1), "healthy is another verdict");
     let audit = env.run(&["audit", "--rollout", "hello", "--output", "json"]);
     let text = stdout(&audit);
     assert!(

@@ -17,6 +17,8 @@ pub struct RolloutView {
     pub strategy: String,
     pub stable_revision: Option<String>,
     pub canary_revision: Option<String>,
+    /// The revision the spec asks for now: Healthy with it stable is a finished rollout.
+    pub spec_revision: String,
     pub stable_version: Option<String>,
     pub canary_version: Option<String>,
     /// The canary's weight as the status desires it (`revisions[].weight` likewise);
@@ -158,6 +160,7 @@ pub fn rollout(
         strategy: strategy.into(),
         stable_revision: status.stable.clone(),
         canary_revision: status.canary.clone(),
+        spec_revision: spec.spec.run.revision_hash(),
         stable_version: version(&status.stable),
         canary_version: version(&status.canary),
         canary_weight: status.canary.as_ref().map_or(0, |c| status.weight(c)),

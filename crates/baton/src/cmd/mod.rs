@@ -16,6 +16,7 @@ pub mod status;
 pub mod target;
 pub mod up;
 pub mod validate;
+pub mod wait;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
