@@ -159,6 +159,15 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
     wait(&kc, Duration::from_secs(30), "v1 healthy", |v| {
         v["phase"] == "Healthy" && v["stableVersion"] == "v1"
     });
+    // Without a name: every Rollout of the namespace, in the same view.
+    let (ok, out, err) = baton(&kc, &["-n", "default", "status", "-o", "json"]);
+    assert!(ok, "{err}");
+    let all: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(all["rollouts"][0]["name"], "web", "{all}");
+    assert_eq!(all["rollouts"][0]["stableVersion"], "v1", "{all}");
+    // `wait` gives the verdict as its exit status on a cluster too.
+    let (ok, out, err) = baton(&kc, &["-n", "default", "wait", "web", "--timeout", "30s"]);
+    assert!(ok, "wait: {out}{err}");
 
     // A new template pauses at 50 % (replica ratio: 1 of 2 pods) until promoted.
     let key = baton_kube_fake::Key::new("baton.dev/v1alpha1", "rollouts", Some("default"), "web");

@@ -418,12 +418,17 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
         (text_of(&c, "#rollout-name").await? == "api").then_some(())
     })
     .await;
-    c.find(Locator::Css("#act-abort"))
-        .await
-        .expect("abort button")
-        .click()
-        .await
-        .expect("click");
+    // The page redraws as the status changes: a button found just before a redraw is
+    // stale by the click, so find and click again until one click lands.
+    eventually(Duration::from_secs(5), "a click on abort", async || {
+        c.find(Locator::Css("#act-abort"))
+            .await
+            .ok()?
+            .click()
+            .await
+            .ok()
+    })
+    .await;
     let dialog_text = eventually(Duration::from_secs(5), "the confirmation", async || {
         let t = text_of(&c, "#confirm-title").await?;
         (!t.is_empty()).then_some(t)

@@ -28,27 +28,19 @@ pub struct StatusArgs {
 pub async fn run(target: &Target, args: StatusArgs) -> Result<()> {
     match target {
         Target::Local(paths) => local(paths, args).await,
-        Target::Cluster { namespace } => match args {
-            StatusArgs {
-                name: Some(name),
-                watch: false,
-                output,
-            } => cluster(namespace.as_deref(), &name, output).await,
-            _ => Err(anyhow!(
-                "on a cluster, name the Rollout: `baton -n NS status NAME` (no --watch yet: use `kubectl get brl -w`)"
-            )),
-        },
+        Target::Cluster { namespace } => {
+            let (client, ns) = kube_client(namespace.as_deref()).await?;
+            let name = args.name.clone();
+            show(&args, async || match &name {
+                Some(n) => Ok(baton_k8s::cli::status(&client, &ns, n).await?),
+                None => {
+                    let list = baton_k8s::cli::dashboard_list(&client, &ns).await?;
+                    Ok(serde_json::json!({ "rollouts": list }))
+                }
+            })
+            .await
+        }
     }
-}
-
-async fn cluster(namespace: Option<&str>, name: &str, output: Output) -> Result<()> {
-    let (client, ns) = kube_client(namespace).await?;
-    let v = baton_k8s::cli::status(&client, &ns, name).await?;
-    if output == Output::Json {
-        return print_json(&v);
-    }
-    print!("{}", view::render(&v));
-    Ok(())
 }
 
 /// Without a running controller (and not watching), the last recorded state.
@@ -63,11 +55,17 @@ async fn local(paths: &Paths, args: StatusArgs) -> Result<()> {
         Some(n) => format!("/v1/rollouts/{n}"),
         None => "/v1/rollouts".into(),
     };
+    show(&args, async || check(client.get(&path).await?)).await
+}
+
+/// Prints the status once, or with `--watch` redraws it every half second until
+/// Ctrl-C (plain frames, only when something changed, when not on a terminal).
+async fn show(args: &StatusArgs, mut fetch: impl AsyncFnMut() -> Result<Value>) -> Result<()> {
     let json = args.output == Output::Json;
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
     loop {
-        let v = check(client.get(&path).await?)?;
+        let v = fetch().await?;
         let text = if json {
             serde_json::to_string_pretty(&v)?
         } else {
