@@ -30,7 +30,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::crd::{ClusterGateTemplate, GateTemplate, Rollout, RolloutStatus};
-use crate::engine_spec::{cluster_errors, engine_spec, run_spec, runnable};
+use crate::engine_spec::{cluster_errors, engine_spec, run_spec};
 use crate::router::{Plan, Router, gateway::Gateway, istio::Istio, replicas, services};
 use crate::{Error, now_ms, workload};
 
@@ -440,7 +440,8 @@ impl Source {
                 .collect();
             return Err(Error::Spec(said.join("; ")));
         }
-        let spec = runnable(spec);
+        let mut spec = spec;
+        spec.expand_shorthands();
         let current_rev = run_spec(&template).revision_hash();
         Ok(Source {
             rollout,

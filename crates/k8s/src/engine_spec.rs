@@ -132,21 +132,6 @@ pub fn cluster_errors(ro: &Rollout, espec: &baton_spec::Rollout) -> Vec<FieldErr
         .collect()
 }
 
-/// The engine's spec of a checked Rollout, with `progressive` expanded into steps.
-pub fn runnable(mut espec: baton_spec::Rollout) -> baton_spec::Rollout {
-    let gates: Vec<String> = espec
-        .spec
-        .analysis
-        .gates
-        .iter()
-        .map(|g| g.name.clone())
-        .collect();
-    if let Some(c) = espec.spec.strategy.canary.as_mut() {
-        c.expand(&gates);
-    }
-    espec
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

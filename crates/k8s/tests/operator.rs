@@ -43,8 +43,12 @@ fn operator(c: &Cluster, id: &str) -> (Arc<Context>, tokio::task::JoinHandle<()>
     (ctx, task)
 }
 
-/// A metric endpoint for `web` gates: answers `{"value": 0.001}`, or 0.5 once `bad`.
-async fn metric_server(bad: Arc<AtomicBool>) -> String {
+/// A loopback HTTP/1.1 server: every request's body goes to `answer`, whose text is
+/// the answer.
+async fn loopback<F>(answer: F) -> std::net::SocketAddr
+where
+    F: Fn(bytes::Bytes) -> String + Clone + Send + Sync + 'static,
+{
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -54,20 +58,21 @@ async fn metric_server(bad: Arc<AtomicBool>) -> String {
             let Ok((s, _)) = l.accept().await else {
                 continue;
             };
-            let bad = bad.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
-                    move |_req: hyper::Request<hyper::body::Incoming>| {
-                        let v = if bad.load(Ordering::SeqCst) {
-                            0.5
-                        } else {
-                            0.001
-                        };
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let answer = answer.clone();
                         async move {
+                            use http_body_util::BodyExt;
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
                             Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from(
-                                    json!({"value": v}).to_string(),
-                                )),
+                                http_body_util::Full::new(bytes::Bytes::from(answer(body))),
                             ))
                         }
                     },
@@ -78,6 +83,20 @@ async fn metric_server(bad: Arc<AtomicBool>) -> String {
             });
         }
     });
+    addr
+}
+
+/// A metric endpoint for `web` gates: answers `{"value": 0.001}`, or 0.5 once `bad`.
+async fn metric_server(bad: Arc<AtomicBool>) -> String {
+    let addr = loopback(move |_| {
+        let v = if bad.load(Ordering::SeqCst) {
+            0.5
+        } else {
+            0.001
+        };
+        json!({"value": v}).to_string()
+    })
+    .await;
     format!("http://{addr}/metric?revision={{{{revision}}}}")
 }
 
@@ -989,41 +1008,14 @@ async fn a_status_that_cannot_be_read_is_left_alone_not_started_over() {
 /// A webhook receiver on loopback: every JSON body it was sent.
 async fn webhook_receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
     let got = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
     let sink = got.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            let sink = sink.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let sink = sink.clone();
-                        async move {
-                            use http_body_util::BodyExt;
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                            if let Ok(v) =
-                                serde_json::from_slice::<Value>(&body.unwrap_or_default())
-                            {
-                                sink.lock().unwrap().push(v);
-                            }
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::new()),
-                            ))
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-            });
+    let addr = loopback(move |body| {
+        if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+            sink.lock().unwrap().push(v);
         }
-    });
+        String::new()
+    })
+    .await;
     (format!("http://{addr}/hook"), got)
 }
 

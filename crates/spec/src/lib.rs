@@ -321,6 +321,24 @@ pub struct Progressive {
     pub gates: Vec<String>,
 }
 
+impl Rollout {
+    /// Replaces the canary's `progressive` by the steps it stands for, judged by every
+    /// gate when it names none. Only for a validated spec (on one machine as it is read;
+    /// on a cluster once the operator has checked it).
+    pub fn expand_shorthands(&mut self) {
+        let gates: Vec<String> = self
+            .spec
+            .analysis
+            .gates
+            .iter()
+            .map(|g| g.name.clone())
+            .collect();
+        if let Some(c) = self.spec.strategy.canary.as_mut() {
+            c.expand(&gates);
+        }
+    }
+}
+
 impl Canary {
     /// Replaces `progressive` by the steps it stands for (`all_gates` when it names
     /// none). Only for a validated spec: a factor above 1 is what makes it end.
@@ -833,16 +851,7 @@ pub fn parse(text: &str) -> Result<Vec<Rollout>, SpecErrors> {
             Ok(mut r) => {
                 let found = validate(&r);
                 if found.is_empty() {
-                    let gates: Vec<String> = r
-                        .spec
-                        .analysis
-                        .gates
-                        .iter()
-                        .map(|g| g.name.clone())
-                        .collect();
-                    if let Some(c) = r.spec.strategy.canary.as_mut() {
-                        c.expand(&gates);
-                    }
+                    r.expand_shorthands();
                 }
                 for e in found {
                     errors.push(FieldError {
