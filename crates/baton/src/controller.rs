@@ -741,10 +741,7 @@ impl Controller {
             };
             texts.push(serde_saphyr::to_string(&spec).unwrap_or_default());
         }
-        let diff = similar::TextDiff::from_lines(&texts[0], &texts[1])
-            .unified_diff()
-            .header(&format!("{name} #{from}"), &format!("{name} #{to}"))
-            .to_string();
+        let diff = view::spec_diff(name, (from, &texts[0]), (to, &texts[1]));
         (
             StatusCode::OK,
             json!({ "from": from, "to": to, "diff": diff }),

@@ -255,3 +255,12 @@ pub fn render_history(v: &Value) -> String {
     }
     o
 }
+
+/// A unified diff of the specs (as YAML) of two revisions, by number: what
+/// `history --diff A B` prints on both platforms.
+pub fn spec_diff(name: &str, (from, a): (u64, &str), (to, b): (u64, &str)) -> String {
+    similar::TextDiff::from_lines(a, b)
+        .unified_diff()
+        .header(&format!("{name} #{from}"), &format!("{name} #{to}"))
+        .to_string()
+}

@@ -192,6 +192,17 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
     assert!(ok);
     let h: Value = serde_json::from_str(&out).expect("history json");
     assert_eq!(h["revisions"].as_array().map(Vec::len), Some(2), "{h}");
+    // What changed between the two revisions: their pod templates.
+    let (ok, out, err) = baton(
+        &kc,
+        &["-n", "default", "history", "web", "--diff", "1", "2"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("-") && out.contains("web:v1") && out.contains("+") && out.contains("web:v2"),
+        "{out}"
+    );
+    assert!(out.contains("web #1") && out.contains("web #2"), "{out}");
     assert!(
         h["events"]
             .as_array()

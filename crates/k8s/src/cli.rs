@@ -252,6 +252,43 @@ pub async fn undo(client: &Client, ns: &str, name: &str) -> Result<String, Error
     ))
 }
 
+/// The pod templates (as YAML) of two revisions, by number, from their ReplicaSets:
+/// what `history --diff` compares on a cluster.
+pub async fn revision_templates(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    numbers: [u64; 2],
+) -> Result<[String; 2], Error> {
+    let ro = Api::<Rollout>::namespaced(client.clone(), ns)
+        .get(name)
+        .await?;
+    let engine = ro.status.and_then(|s| s.engine).unwrap_or(Value::Null);
+    let rss = Api::<ReplicaSet>::namespaced(client.clone(), ns);
+    let mut out = [String::new(), String::new()];
+    for (slot, n) in out.iter_mut().zip(numbers) {
+        let rev = engine["revisions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["number"].as_u64() == Some(n))
+            .and_then(|r| r["name"].as_str())
+            .ok_or_else(|| Error::Spec(format!("{name} has no revision #{n}")))?;
+        let rs = rss.get_opt(&rs_name(name, rev)).await?.ok_or_else(|| {
+            Error::Spec(format!(
+                "the ReplicaSet of {name} #{n} is gone (revisionHistoryLimit): nothing to compare"
+            ))
+        })?;
+        let mut template = rs.spec.and_then(|s| s.template).unwrap_or_default();
+        if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+            labels.remove(ROLLOUT_LABEL);
+            labels.remove(REVISION_LABEL);
+        }
+        *slot = serde_saphyr::to_string(&template).map_err(|e| Error::Spec(e.to_string()))?;
+    }
+    Ok(out)
+}
+
 /// Revisions with their outcome, and the Rollout's Events.
 pub async fn history(client: &Client, ns: &str, name: &str) -> Result<Value, Error> {
     let ro = Api::<Rollout>::namespaced(client.clone(), ns)

@@ -1,7 +1,8 @@
 //! `baton history`: a rollout's revisions and events, locally or on a cluster, and
-//! (locally) the spec diff between two revisions.
+//! the diff between two revisions (their specs locally, their pod templates on a
+//! cluster).
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use baton::api::ApiClient;
 use baton::paths::Paths;
 use baton::view;
@@ -29,9 +30,9 @@ pub async fn run(target: &Target, args: HistoryArgs) -> Result<()> {
         (Target::Cluster { namespace }, None) => {
             cluster(namespace.as_deref(), &args.name, args.output).await
         }
-        (Target::Cluster { .. }, Some(_)) => Err(anyhow!(
-            "on a cluster, history has no --diff yet: compare the ReplicaSets' pod templates (`kubectl get rs -o yaml`)"
-        )),
+        (Target::Cluster { namespace }, Some(d)) => {
+            cluster_diff(namespace.as_deref(), &args.name, d).await
+        }
     }
 }
 
@@ -59,6 +60,22 @@ async fn diff(paths: &Paths, name: &str, d: &[u64]) -> Result<()> {
     let text = v["diff"].as_str().unwrap_or("");
     if text.is_empty() {
         println!("#{from} and #{to} have the same spec");
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+/// On a cluster a revision is a pod template: its ReplicaSet keeps it.
+async fn cluster_diff(namespace: Option<&str>, name: &str, d: &[u64]) -> Result<()> {
+    let &[from, to] = d else {
+        bail!("--diff takes two revision numbers");
+    };
+    let (client, ns) = kube_client(namespace).await?;
+    let [a, b] = baton_k8s::cli::revision_templates(&client, &ns, name, [from, to]).await?;
+    let text = view::spec_diff(name, (from, &a), (to, &b));
+    if text.is_empty() {
+        println!("#{from} and #{to} have the same pod template");
     } else {
         print!("{text}");
     }
