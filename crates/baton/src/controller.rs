@@ -400,8 +400,15 @@ impl Controller {
                     }
                 }
                 Err(e) => {
-                    // Nothing was acted on; the next tick tries again from the same state.
+                    // Baton's own failure (the state file): the next tick goes on from
+                    // what was persisted, which a failure after the first write has
+                    // moved on; the engine's decisions are never taken twice.
                     eprintln!("warning: rollout {name}: {e}");
+                    if let Ok(stored) = self.world.store.rollouts::<Rollout, Record>()
+                        && let Some((_, _, record)) = stored.into_iter().find(|(n, _, _)| *n == name)
+                    {
+                        r.record = record;
+                    }
                     for reply in replies {
                         let _ = reply.send(api::error(
                             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,5 +1,6 @@
 //! The `baton` command line: the clap command tree and the dispatch to `cmd/`, one
 //! module per command.
+#![warn(clippy::too_many_lines)]
 
 use std::path::PathBuf;
 
