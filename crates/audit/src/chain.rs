@@ -78,6 +78,13 @@ impl Entry {
         digest(&serde_json::to_vec(&h).unwrap_or_default())
     }
 
+    /// The entry that follows `prev` (the first one when there is none).
+    pub fn after(prev: Option<&Entry>, n: NewEntry, at: u64) -> Entry {
+        let (seq, prev_hash) =
+            prev.map_or((1, GENESIS.to_string()), |p| (p.seq + 1, p.hash.clone()));
+        Entry::seal(n, seq, at, prev_hash)
+    }
+
     pub(crate) fn seal(n: NewEntry, seq: u64, at: u64, prev_hash: String) -> Entry {
         let mut e = Entry {
             seq,

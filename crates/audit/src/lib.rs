@@ -10,7 +10,9 @@
 //! a CLI, in different processes) are serialised by SQLite and never fork the chain.
 
 mod chain;
+#[cfg(feature = "sqlite")]
 mod store;
 
-pub use chain::{Entry, NewEntry, Problem, digest, verify_entries};
+pub use chain::{Entry, GENESIS, NewEntry, Problem, digest, verify_entries};
+#[cfg(feature = "sqlite")]
 pub use store::{AuditError, AuditLog, Filter, Head};

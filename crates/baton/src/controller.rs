@@ -405,7 +405,8 @@ impl Controller {
                     // moved on; the engine's decisions are never taken twice.
                     eprintln!("warning: rollout {name}: {e}");
                     if let Ok(stored) = self.world.store.rollouts::<Rollout, Record>()
-                        && let Some((_, _, record)) = stored.into_iter().find(|(n, _, _)| *n == name)
+                        && let Some((_, _, record)) =
+                            stored.into_iter().find(|(n, _, _)| *n == name)
                     {
                         r.record = record;
                     }

@@ -157,7 +157,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Apply(spec) => apply::run(&paths, spec).await,
         Cmd::Validate(args) => validate::run(args),
         Cmd::Convert(args) => convert::run(args),
-        Cmd::Audit(args) => audit::run(&paths, args),
+        Cmd::Audit(args) => audit::run(&target, args).await,
         Cmd::Demo(args) => demo::run(args).await,
         Cmd::Operator(args) => operator::operator(cli.namespace, args).await,
         Cmd::Crd(args) => operator::crd(args),

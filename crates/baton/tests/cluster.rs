@@ -203,6 +203,22 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
         "{out}"
     );
     assert!(out.contains("web #1") && out.contains("web #2"), "{out}");
+    // The operator's audit trail, read and verified as on one machine.
+    let (ok, out, err) = baton(
+        &kc,
+        &["-n", "default", "audit", "--rollout", "web", "-o", "json"],
+    );
+    assert!(ok, "{err}");
+    let entries: Value = serde_json::from_str(&out).expect("audit json");
+    let entries = entries.as_array().cloned().unwrap_or_default();
+    assert!(
+        entries.iter().any(|e| e["action"] == "promote"
+            && e["actor"].as_str().is_some_and(|a| a.starts_with("claim:"))),
+        "the promote request, its actor a claim: {entries:?}"
+    );
+    let (ok, out, err) = baton(&kc, &["-n", "default", "audit", "verify"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("intact"), "{out}");
     assert!(
         h["events"]
             .as_array()

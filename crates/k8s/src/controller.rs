@@ -32,7 +32,7 @@ use serde_json::json;
 use crate::crd::{ClusterGateTemplate, GateTemplate, Rollout, RolloutStatus};
 use crate::engine_spec::{cluster_errors, engine_spec, run_spec};
 use crate::router::{Plan, Router, gateway::Gateway, istio::Istio, replicas, services};
-use crate::{Error, now_ms, workload};
+use crate::{Error, audit, now_ms, workload};
 
 pub const FINALIZER: &str = "baton.dev/cleanup";
 /// A person's request: `{"id": "...", "command": "promote|promote-full|abort|retry", "by": "..."}`.
@@ -235,7 +235,8 @@ async fn reconcile_inner(ro: &Rollout, ctx: &Arc<Context>) -> Result<Action, Err
         None => Record::default(),
     };
     let (requests, request_id) = take_request(ro, &prev_status);
-    let digest = String::new();
+    // What the audit trail records as the spec in force: the Rollout's own spec.
+    let digest = baton_audit::digest(&serde_json::to_vec(&ro.spec)?);
     let t = Target {
         key: &key,
         name: &name,
@@ -466,7 +467,9 @@ fn take_request(ro: &Rollout, prev: &RolloutStatus) -> (Vec<Request>, Option<Str
                 Some(command) => (
                     vec![Request {
                         command,
-                        actor: req.by,
+                        // Anyone who may patch the Rollout can write any name here: a
+                        // claim, and recorded as one.
+                        actor: format!("claim:{}", req.by),
                     }],
                     id,
                 ),
@@ -904,14 +907,28 @@ impl DataPlane for Cluster<'_> {
     }
 }
 
+/// An event becomes a Kubernetes Event and an entry of the Rollout's audit trail
+/// (`audit.rs`), once the status that produced it is written.
 impl Publish for Cluster<'_> {
-    async fn emit(&mut self, _: &Target<'_>, e: &Event) {
+    async fn emit(&mut self, t: &Target<'_>, e: &Event) {
         let kind = if e.kind.is_warning() {
             EventType::Warning
         } else {
             EventType::Normal
         };
         publish(&self.ctx, self.ro, kind, e.kind.reason(), &e.message).await;
+        let entry = baton_audit::NewEntry {
+            actor: e.actor.clone(),
+            action: e.kind.audit_action().to_string(),
+            rollout: self.name.clone(),
+            revision: e.revision.clone(),
+            spec_digest: Some(t.digest.to_string()),
+            reason: e.message.clone(),
+        };
+        if let Err(err) = audit::append(&self.ctx.client, &self.ns, &self.name, entry, e.at).await {
+            // Told again from the outbox while it stays unwritten; never fails a cycle.
+            tracing::warn!(rollout = %t.key, error = %err, "cannot append to the audit trail");
+        }
     }
 }
 

@@ -1085,6 +1085,54 @@ async fn a_progressive_canary_runs_its_steps_and_tells_its_webhook() {
         }
     }
     assert!(got.iter().all(|n| n["rollout"] == "web"));
+
+    // The same events, kept in the Rollout's audit trail: chained, each once.
+    let trail = wait_for(
+        Duration::from_secs(10),
+        "the promotion audited",
+        async || {
+            let trails = baton_k8s::audit::trails(&c.client, "default", Some("web"))
+                .await
+                .ok()?;
+            let (_, entries) = trails.into_iter().next()?;
+            entries
+                .iter()
+                .any(|e| e.action == "promote")
+                .then_some(entries)
+        },
+    )
+    .await;
+    assert_eq!(baton_audit::verify_entries(&trail), None, "{trail:?}");
+    assert!(trail.iter().any(|e| e.action == "step"), "{trail:?}");
+    let reasons: Vec<(&str, u64)> = trail.iter().map(|e| (e.reason.as_str(), e.at)).collect();
+    let unique: std::collections::HashSet<&(&str, u64)> = reasons.iter().collect();
+    assert_eq!(
+        unique.len(),
+        reasons.len(),
+        "audited once each: {reasons:?}"
+    );
+    // An edit of an entry is named.
+    let key = Key::new("v1", "configmaps", Some("default"), "baton-audit-web");
+    c.api
+        .store
+        .modify(&key, false, |o| {
+            let text = o["data"]["entries"].as_str().unwrap_or("").replacen(
+                "rolling out",
+                "rolling back",
+                1,
+            );
+            o["data"]["entries"] = json!(text);
+            Ok(())
+        })
+        .expect("tamper");
+    let trails = baton_k8s::audit::trails(&c.client, "default", Some("web"))
+        .await
+        .expect("trails");
+    let problem = baton_audit::verify_entries(&trails[0].1);
+    assert!(
+        matches!(problem, Some(baton_audit::Problem::Altered { .. })),
+        "{problem:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

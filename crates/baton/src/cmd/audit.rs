@@ -1,5 +1,6 @@
 //! `baton audit`: the hash-chained trail, listed or verified, read straight from the
-//! state directory so that it works without a controller.
+//! state directory so that it works without a controller; with `-n NS`, the trails
+//! the operator keeps in the namespace (one ConfigMap per Rollout).
 
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
@@ -8,7 +9,8 @@ use anyhow::{Result, anyhow, bail};
 use baton::paths::Paths;
 use clap::{Args, Subcommand};
 
-use super::{Output, print_json};
+use super::target::kube_client;
+use super::{Output, Target, print_json};
 
 #[derive(Args, Debug)]
 pub struct AuditArgs {
@@ -41,11 +43,69 @@ enum AuditCmd {
     },
 }
 
-pub fn run(paths: &Paths, args: AuditArgs) -> Result<()> {
-    match args.verify {
-        Some(AuditCmd::Verify { head, output }) => verify(paths, head, output),
-        None => list(paths, args),
+pub async fn run(target: &Target, mut args: AuditArgs) -> Result<()> {
+    match (target, args.verify.take()) {
+        (Target::Local(paths), Some(AuditCmd::Verify { head, output })) => {
+            verify(paths, head, output)
+        }
+        (Target::Local(paths), None) => list(paths, args),
+        (Target::Cluster { namespace }, verify) => {
+            let (client, ns) = kube_client(namespace.as_deref()).await?;
+            let trails = baton_k8s::audit::trails(&client, &ns, args.rollout.as_deref()).await?;
+            match verify {
+                Some(AuditCmd::Verify { head: Some(_), .. }) => {
+                    bail!("--head is for the trail on one machine")
+                }
+                Some(AuditCmd::Verify { output, .. }) => verify_trails(&ns, &trails, output),
+                None => {
+                    let since = args.since.as_deref().map(parse_since).transpose()?;
+                    let mut all: Vec<baton_audit::Entry> =
+                        trails.into_iter().flat_map(|(_, e)| e).collect();
+                    all.retain(|e| since.is_none_or(|s| e.at >= s));
+                    all.sort_by_key(|e| e.at);
+                    if let Some(n) = args.limit {
+                        all.drain(..all.len().saturating_sub(n));
+                    }
+                    show(&all, args.output)
+                }
+            }
+        }
     }
+}
+
+/// Each Rollout's chain checked on its own; the first broken one is named.
+fn verify_trails(
+    ns: &str,
+    trails: &[(String, Vec<baton_audit::Entry>)],
+    output: Output,
+) -> Result<()> {
+    let problems: Vec<(String, baton_audit::Problem)> = trails
+        .iter()
+        .filter_map(|(r, e)| baton_audit::verify_entries(e).map(|p| (r.clone(), p)))
+        .collect();
+    let n: usize = trails.iter().map(|(_, e)| e.len()).sum();
+    if output == Output::Json {
+        print_json(&serde_json::json!({
+            "intact": problems.is_empty(),
+            "entries": n,
+            "trails": trails.len(),
+            "problems": problems.iter().map(|(r, p)| serde_json::json!({
+                "rollout": r, "detail": p, "message": p.to_string(),
+            })).collect::<Vec<_>>(),
+        }))?;
+        if !problems.is_empty() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    if let Some((r, p)) = problems.first() {
+        bail!("audit trail of {r} (ConfigMap baton-audit-{r} in {ns}) broken: {p}");
+    }
+    println!(
+        "audit trails intact: {n} entries in {} trail(s) in {ns} (the newest entries' removal cannot be checked: there is no head outside the trail)",
+        trails.len()
+    );
+    Ok(())
 }
 
 fn open(paths: &Paths) -> Result<baton_audit::AuditLog> {
@@ -73,14 +133,18 @@ fn list(paths: &Paths, args: AuditArgs) -> Result<()> {
         since,
         limit: args.limit,
     })?;
-    if args.output == Output::Json {
-        return print_json(&serde_json::to_value(&entries)?);
+    show(&entries, args.output)
+}
+
+fn show(entries: &[baton_audit::Entry], output: Output) -> Result<()> {
+    if output == Output::Json {
+        return print_json(&serde_json::to_value(entries)?);
     }
     println!(
         "{:>5}  {:<23}  {:<18} {:<9} {:<10} {:<10} REASON",
         "SEQ", "TIME (UTC)", "ACTOR", "ACTION", "ROLLOUT", "REVISION"
     );
-    for e in &entries {
+    for e in entries {
         println!(
             "{:>5}  {:<23}  {:<18} {:<9} {:<10} {:<10} {}",
             e.seq,
