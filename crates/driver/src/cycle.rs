@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use baton_engine::{Action, CommandResult, EventKind, Millis, Observations, Phase, Verdict};
+use baton_engine::{
+    Action, CommandResult, EventKind, Measurement, Millis, Observations, Phase, Verdict,
+};
 use baton_spec::NotificationEvent;
 
 use crate::event::{Event, Kind};
@@ -77,16 +79,25 @@ impl Driver {
             .filter(|r| r.command.engine().is_some())
             .collect();
         let measurements = self.gauges.take(t.key);
+        // Until a step that used them is persisted, finished measurements stay owed to
+        // the next cycle: a failed cycle must not lose a verdict.
+        let keep = |ms: Vec<Measurement>| ms.into_iter().for_each(|m| self.gauges.push(t.key, m));
+        let seen = async {
+            let revisions = p.observe(t, &prev.status, now).await?;
+            let smoke = p.take(t, &prev.status).await?;
+            Ok((revisions, smoke))
+        };
+        let (revisions, smoke) = match seen.await {
+            Ok(v) => v,
+            Err(e) => {
+                keep(measurements);
+                return Err(CycleError::Platform(e));
+            }
+        };
         let obs = Observations {
-            revisions: p
-                .observe(t, &prev.status, now)
-                .await
-                .map_err(CycleError::Platform)?,
+            revisions,
             router_acked: p.confirmed(t),
-            smoke: p
-                .take(t, &prev.status)
-                .await
-                .map_err(CycleError::Platform)?,
+            smoke,
             commands: requests.iter().filter_map(|r| r.command.engine()).collect(),
             measurements,
         };
@@ -152,7 +163,10 @@ impl Driver {
 
         // Persist, with the events this step produced, before acting on any of it.
         let changed = record != *prev;
-        p.save(t, &record, changed, &fresh).await?;
+        if let Err(e) = p.save(t, &record, changed, &fresh).await {
+            keep(obs.measurements);
+            return Err(e.into());
+        }
 
         // Tell: everything in the outbox, then forget it (once that is written too).
         if !record.outbox.is_empty() {

@@ -507,3 +507,58 @@ fn a_status_that_cannot_be_read_is_an_error_naming_the_rollout() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_failed_cycle_keeps_the_measurements_it_took_for_the_next_one() {
+    let yaml = SPEC.replace(
+        "        - setWeight: 60\n",
+        "        - setWeight: 60\n  analysis:\n    gates:\n      - name: errors\n        metric: { builtin: error_rate }\n        successCondition: \"result < 0.01\"\n        interval: 1s\n",
+    );
+    let mut run = Run::new();
+    run.spec = baton_spec::parse(&yaml).expect("valid").remove(0);
+    run.cycles(3).await;
+    let mut v2 = run.spec.clone();
+    v2.spec.run.env.insert("APP_VERSION".into(), "v2".into());
+    run.spec = v2;
+    // Until the canary has traffic and a measurement is waiting.
+    for _ in 0..10 {
+        run.cycle(Vec::new()).await;
+        let waiting = run.driver.gauges.take("web");
+        let any = !waiting.is_empty();
+        for m in waiting {
+            run.driver.gauges.push("web", m);
+        }
+        if any {
+            break;
+        }
+    }
+    let waiting = run.driver.gauges.take("web");
+    assert!(
+        !waiting.is_empty(),
+        "a measurement waits for the next cycle"
+    );
+    for m in waiting.clone() {
+        run.driver.gauges.push("web", m);
+    }
+    run.fake.conflict_next_save = true;
+    let digest = String::new();
+    let t = Target {
+        key: "web",
+        name: "web",
+        spec: &run.spec,
+        digest: &digest,
+    };
+    let r = run
+        .driver
+        .cycle(&mut run.fake, &t, &run.record, Vec::new(), run.now + 1000)
+        .await;
+    assert!(
+        matches!(r, Err(baton_driver::CycleError::Conflict)),
+        "{r:?}"
+    );
+    assert_eq!(
+        run.driver.gauges.take("web"),
+        waiting,
+        "still owed to the next cycle"
+    );
+}
