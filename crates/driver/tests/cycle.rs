@@ -27,6 +27,15 @@ spec:
         - setWeight: 60
 "#;
 
+/// The spec with a builtin gate measured every second.
+fn gated() -> baton_spec::Rollout {
+    let yaml = SPEC.replace(
+        "        - setWeight: 60\n",
+        "        - setWeight: 60\n  analysis:\n    gates:\n      - name: errors\n        metric: { builtin: error_rate }\n        successCondition: \"result < 0.01\"\n        interval: 1s\n",
+    );
+    baton_spec::parse(&yaml).expect("valid").remove(0)
+}
+
 fn spec(version: &str) -> baton_spec::Rollout {
     let mut s = baton_spec::parse(SPEC).expect("valid").remove(0);
     s.spec
@@ -216,6 +225,29 @@ impl Run {
         out.answers.into_iter().map(|(_, a)| a).collect()
     }
 
+    /// One cycle whose first write meets someone else's.
+    async fn conflicting_cycle(
+        &mut self,
+    ) -> Result<baton_driver::Outcome, baton_driver::CycleError<Failure>> {
+        self.fake.conflict_next_save = true;
+        let digest = String::new();
+        let t = Target {
+            key: "web",
+            name: "web",
+            spec: &self.spec,
+            digest: &digest,
+        };
+        self.driver
+            .cycle(
+                &mut self.fake,
+                &t,
+                &self.record,
+                Vec::new(),
+                self.now + 1000,
+            )
+            .await
+    }
+
     async fn cycles(&mut self, n: usize) {
         for _ in 0..n {
             self.cycle(Vec::new()).await;
@@ -393,19 +425,8 @@ async fn a_conflicting_write_acts_on_nothing() {
     let mut run = Run::new();
     run.cycles(3).await;
     run.spec = spec("v2");
-    run.fake.conflict_next_save = true;
     let ops_before = run.fake.ops.len();
-    let digest = String::new();
-    let t = Target {
-        key: "web",
-        name: "web",
-        spec: &run.spec,
-        digest: &digest,
-    };
-    let r = run
-        .driver
-        .cycle(&mut run.fake, &t, &run.record, Vec::new(), run.now + 1000)
-        .await;
+    let r = run.conflicting_cycle().await;
     assert!(
         matches!(r, Err(baton_driver::CycleError::Conflict)),
         "{r:?}"
@@ -449,12 +470,8 @@ async fn commands_are_answered_and_undo_is_left_to_the_caller() {
 
 #[tokio::test]
 async fn builtin_gates_error_where_the_platform_has_no_counters() {
-    let yaml = SPEC.replace(
-        "        - setWeight: 60\n",
-        "        - setWeight: 60\n  analysis:\n    gates:\n      - name: errors\n        metric: { builtin: error_rate }\n        successCondition: \"result < 0.01\"\n        interval: 1s\n",
-    );
     let mut run = Run::new();
-    run.spec = baton_spec::parse(&yaml).expect("valid").remove(0);
+    run.spec = gated();
     run.cycles(3).await;
     let mut v2 = run.spec.clone();
     v2.spec.run.env.insert("APP_VERSION".into(), "v2".into());
@@ -510,12 +527,8 @@ fn a_status_that_cannot_be_read_is_an_error_naming_the_rollout() {
 
 #[tokio::test]
 async fn a_failed_cycle_keeps_the_measurements_it_took_for_the_next_one() {
-    let yaml = SPEC.replace(
-        "        - setWeight: 60\n",
-        "        - setWeight: 60\n  analysis:\n    gates:\n      - name: errors\n        metric: { builtin: error_rate }\n        successCondition: \"result < 0.01\"\n        interval: 1s\n",
-    );
     let mut run = Run::new();
-    run.spec = baton_spec::parse(&yaml).expect("valid").remove(0);
+    run.spec = gated();
     run.cycles(3).await;
     let mut v2 = run.spec.clone();
     v2.spec.run.env.insert("APP_VERSION".into(), "v2".into());
@@ -540,18 +553,7 @@ async fn a_failed_cycle_keeps_the_measurements_it_took_for_the_next_one() {
     for m in waiting.clone() {
         run.driver.gauges.push("web", m);
     }
-    run.fake.conflict_next_save = true;
-    let digest = String::new();
-    let t = Target {
-        key: "web",
-        name: "web",
-        spec: &run.spec,
-        digest: &digest,
-    };
-    let r = run
-        .driver
-        .cycle(&mut run.fake, &t, &run.record, Vec::new(), run.now + 1000)
-        .await;
+    let r = run.conflicting_cycle().await;
     assert!(
         matches!(r, Err(baton_driver::CycleError::Conflict)),
         "{r:?}"
