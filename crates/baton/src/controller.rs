@@ -19,7 +19,7 @@ use baton_local::machine::{Machine, echo};
 use baton_local::router::{Note, ProxyRouter, service_route};
 use baton_local::{Desired, Platform, PlatformEvent, RevisionWant, Store};
 use baton_proxy::{ServiceRoute, StatsSnapshot};
-use baton_spec::{Rollout, StrategyRef};
+use baton_spec::Rollout;
 use hyper::StatusCode;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -104,7 +104,7 @@ fn action_of(reason: &str) -> &'static str {
         "Undo" => "undo",
         "Notification" => "notify",
         "Resumed" | "ControllerStarted" | "ControllerStopped" | "RoutingRefused"
-        | "ProxyReplaced" => "config",
+        | "RoutingRecovered" | "ProxyReplaced" => "config",
         "Down" => "down",
         _ => "instance",
     }
@@ -473,6 +473,9 @@ impl Controller {
             .collect();
         let synced = self.router.sync(services, now).await;
         if synced.confirmed {
+            // A service the proxy refused is not confirmed: its rollout waits (and
+            // keeps the instances the proxy still sends traffic to).
+            versions.retain(|name, _| !synced.refused.contains_key(name));
             self.world.acked.extend(versions);
             self.world.platform.routes_confirmed(self.router.routed());
         }
@@ -513,7 +516,20 @@ impl Controller {
                     ),
                 );
             }
-            Note::Refused(error) => {
+            Note::Refused { service, error } => self.say(
+                &service,
+                "RoutingRefused",
+                &format!(
+                    "the proxy cannot serve this rollout's new route ({error}); it keeps \
+                     serving the route it had, and the rollout waits until it can"
+                ),
+            ),
+            Note::Recovered { service } => self.say(
+                &service,
+                "RoutingRecovered",
+                "the proxy serves this rollout's route as asked again",
+            ),
+            Note::RefusedAll(error) => {
                 for name in self.rollouts.keys() {
                     self.say(
                         name,
@@ -610,7 +626,11 @@ impl Controller {
                 name,
                 &r.spec,
                 &r.record.status,
-                self.world.acked.get(name).copied().unwrap_or(0),
+                view::Routing {
+                    acked: self.world.acked.get(name).copied().unwrap_or(0),
+                    served: self.router.served(name),
+                    refusal: self.router.refusal(name).map(str::to_string),
+                },
                 &self.world.platform,
             ),
             None => json!(null),
@@ -625,13 +645,13 @@ impl Controller {
                 if *name == s.metadata.name {
                     continue;
                 }
-                let theirs = listen_addrs(&r.spec);
-                for a in listen_addrs(s) {
-                    if theirs.contains(&a) {
+                let theirs = baton_spec::addr::listeners(&r.spec);
+                for a in baton_spec::addr::listeners(s) {
+                    if let Some(b) = theirs.iter().find(|b| baton_spec::addr::clash(&a, b)) {
                         return api::error(
                             StatusCode::BAD_REQUEST,
                             format!(
-                                "spec.traffic.listen: {a} of rollout {} is already used by rollout {name}",
+                                "spec.traffic.listen: {a} of rollout {} clashes with {b} of rollout {name}",
                                 s.metadata.name
                             ),
                         );
@@ -776,14 +796,4 @@ impl Controller {
         let _ = reply.send((StatusCode::OK, answer));
         Ok(())
     }
-}
-
-fn listen_addrs(spec: &Rollout) -> Vec<String> {
-    let mut v = vec![spec.spec.traffic.listen.clone()];
-    if let StrategyRef::BlueGreen(bg) = spec.spec.strategy.kind()
-        && let Some(p) = &bg.preview_listen
-    {
-        v.push(p.clone());
-    }
-    v
 }

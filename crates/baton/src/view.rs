@@ -12,13 +12,15 @@ use serde_json::{Value, json};
 
 pub use baton_local::machine::clock;
 
+pub use baton_driver::view::Routing;
+
 /// One rollout as `status` shows it: the driver's typed view, with what this machine's
 /// processes say of each revision.
 pub fn rollout(
     name: &str,
     spec: &Rollout,
     status: &Status,
-    acked: u64,
+    routing: Routing,
     platform: &Platform,
 ) -> Value {
     let now = crate::now_ms();
@@ -28,7 +30,7 @@ pub fn rollout(
         name,
         spec,
         status,
-        acked,
+        routing,
         spec.spec.traffic.listen.clone(),
         |rev| {
             let mine: Vec<Value> = instances
@@ -118,6 +120,9 @@ pub fn render(v: &Value) -> String {
         v["strategy"].as_str().unwrap_or(""),
         v["listen"].as_str().unwrap_or("")
     );
+    if let Some(e) = v["routingError"].as_str() {
+        let _ = writeln!(o, "Routing:   ✖ not served as asked: {e}");
+    }
     if let Some(step) = v["step"].as_object() {
         let total = step["total"].as_u64().unwrap_or(0) as usize;
         // Without a canary in flight every step is behind us.
@@ -151,7 +156,11 @@ pub fn render(v: &Value) -> String {
     );
     for r in v["revisions"].as_array().into_iter().flatten() {
         let w = r["weight"].as_u64().unwrap_or(0);
-        let filled = ((w as usize) * 20).div_ceil(100).min(20);
+        // The bar is what the router confirmed serving; the desired weight is shown
+        // beside it only while the two differ.
+        let served = r["servedWeight"].as_u64();
+        let shown = served.unwrap_or(w);
+        let filled = ((shown as usize) * 20).div_ceil(100).min(20);
         let bar = format!("{}{}", "█".repeat(filled), "░".repeat(20 - filled));
         let insts: Vec<String> = r["instances"]
             .as_array()
@@ -170,14 +179,19 @@ pub fn render(v: &Value) -> String {
         } else {
             r["role"].as_str().unwrap_or("").to_string()
         };
+        let pending = match served {
+            Some(s) if s == w => String::new(),
+            Some(_) => format!(" (desired {w}%, not served)"),
+            None => " (desired, unconfirmed)".to_string(),
+        };
         let _ = writeln!(
             o,
-            "  #{:<3} {:<10} {:<11} {:<15} {bar} {:>3}%  {:>2}/{:<3} {}",
+            "  #{:<3} {:<10} {:<11} {:<15} {bar} {:>3}%  {:>2}/{:<3} {}{pending}",
             r["number"].as_u64().unwrap_or(0),
             r["appVersion"].as_str().unwrap_or("-"),
             r["name"].as_str().unwrap_or(""),
             role,
-            w,
+            shown,
             r["readyReplicas"].as_u64().unwrap_or(0),
             r["desiredReplicas"].as_u64().unwrap_or(0),
             insts.join(", ")

@@ -91,15 +91,27 @@ async fn a_bad_apply_changes_nothing() {
     let (code, body) = client.post("/v1/apply", Some(text)).await.expect("api");
     assert_eq!(code, 400);
     assert_eq!(body["errors"][0]["field"], "spec.traffic.listen");
-    // A second rollout on the same listener is refused.
-    let clash = env.write("clash.yaml", &spec.replace("name: hello", "name: other"));
-    let out = env.run(&["apply", "-f", path_str(&clash)]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("already used by rollout hello"),
-        "{}",
-        stderr(&out)
-    );
+    // A second rollout on the same listener is refused, however the address is written.
+    let port = listen.port();
+    for same in [
+        listen.to_string(),
+        format!("0.0.0.0:{port}"),
+        format!("127.0.0.1:0{port}"),
+    ] {
+        let clash = env.write(
+            "clash.yaml",
+            &spec
+                .replace("name: hello", "name: other")
+                .replace(&listen.to_string(), &same),
+        );
+        let out = env.run(&["apply", "-f", path_str(&clash)]);
+        assert!(!out.status.success(), "{same} was accepted");
+        assert!(
+            stderr(&out).contains("of rollout hello"),
+            "{same}: {}",
+            stderr(&out)
+        );
+    }
     // Commands on unknown rollouts or with nothing to act on.
     let out = env.run(&["promote", "nosuch"]);
     assert!(

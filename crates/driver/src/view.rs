@@ -2,6 +2,8 @@
 //! each platform supplies what it sees of a revision's instances, the rest comes from
 //! the status. Its JSON field names are what `--output json` has always printed.
 
+use std::collections::BTreeMap;
+
 use baton_engine::{Measurement, Status};
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +32,10 @@ pub struct RolloutView {
     pub router_acked: u64,
     /// Where traffic enters: a listen address, or the namespace on a cluster.
     pub listen: String,
+    /// Why the router does not serve this rollout's route as asked (it keeps the
+    /// route it had): `revisions[].servedWeight` is what it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_error: Option<String>,
     pub revisions: Vec<RevisionView>,
     pub gates: Vec<GateView>,
     /// Kubernetes conditions, on a cluster.
@@ -56,7 +62,12 @@ pub struct RevisionView {
     pub app_version: Option<String>,
     /// `stable`, `canary`, `aborted` or `previous`.
     pub role: String,
+    /// The weight the status desires.
     pub weight: u32,
+    /// The weight the router confirmed serving; `null` while that is not known (a
+    /// change not yet confirmed on a router that does not report its table).
+    #[serde(default)]
+    pub served_weight: Option<u32>,
     pub preview: bool,
     pub desired_replicas: u32,
     pub ready_replicas: u32,
@@ -94,15 +105,33 @@ pub struct Seen {
     pub replicas: Option<u32>,
 }
 
+/// What the platform knows of the router's side of a rollout.
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// The highest route version the router confirmed serving.
+    pub acked: u64,
+    /// The weight per revision the router serves, when the platform can read it back
+    /// (the built-in proxy's table); otherwise the desired weights count as served
+    /// once `acked` reaches the status' route version.
+    pub served: Option<BTreeMap<String, u32>>,
+    /// Why the router does not serve the route asked for.
+    pub refusal: Option<String>,
+}
+
 /// The view of a rollout from its status and what the platform sees of each revision.
 pub fn rollout(
     name: &str,
     spec: &baton_spec::Rollout,
     status: &Status,
-    router_acked: u64,
+    routing: Routing,
     listen: String,
     seen: impl Fn(&str) -> Seen,
 ) -> RolloutView {
+    let router_acked = routing.acked;
+    let served = |rev: &str| match &routing.served {
+        Some(m) => Some(m.get(rev).copied().unwrap_or(0)),
+        None => (router_acked >= status.route_version).then(|| status.weight(rev)),
+    };
     let (strategy, steps): (&str, Vec<String>) = match spec.spec.strategy.kind() {
         baton_spec::StrategyRef::Canary(c) => (
             "canary",
@@ -123,7 +152,8 @@ pub fn rollout(
             let s = seen(&r.name);
             let wanted = Some(&r.name) == status.stable.as_ref()
                 || Some(&r.name) == status.canary.as_ref()
-                || status.desired.contains_key(&r.name);
+                || status.desired.contains_key(&r.name)
+                || served(&r.name).is_some_and(|w| w > 0);
             if !wanted && !s.present {
                 return None;
             }
@@ -140,6 +170,7 @@ pub fn rollout(
                 app_version: r.run.app_version().map(str::to_string),
                 role: role.into(),
                 weight: status.weight(&r.name),
+                served_weight: served(&r.name),
                 preview: status.preview.as_ref() == Some(&r.name),
                 desired_replicas: status.desired.get(&r.name).copied().unwrap_or(0),
                 ready_replicas: s.ready,
@@ -173,6 +204,7 @@ pub fn rollout(
         route_version: status.route_version,
         router_acked,
         listen,
+        routing_error: routing.refusal,
         revisions,
         gates: status
             .gates

@@ -258,7 +258,9 @@ fn command(cx: &mut Ctx, c: Command) -> CommandResult {
         Command::Abort if cx.s.aborted => Err(format!("{label} is already aborted")),
         Command::Abort => {
             cx.abort(Cause::User, "aborted by user".into());
-            Ok(format!("{label} aborted; traffic returns to stable"))
+            Ok(format!(
+                "{label} aborted; traffic is to return to stable (status shows what the router serves)"
+            ))
         }
         Command::Retry if !cx.s.aborted => Err(format!("{label} is not aborted; nothing to retry")),
         Command::Retry => {

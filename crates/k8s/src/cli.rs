@@ -129,7 +129,10 @@ pub fn view(ro: &Rollout, rss: &[ReplicaSet]) -> Result<RolloutView, Error> {
         &name,
         &spec,
         &record.status,
-        st.route_acked,
+        baton_driver::view::Routing {
+            acked: st.route_acked,
+            ..Default::default()
+        },
         listen,
         |rev| {
             let Some(rs) = rss

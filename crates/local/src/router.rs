@@ -3,7 +3,7 @@
 //! process found or started, watched while nothing changes, and replaced when it dies.
 #![warn(clippy::too_many_lines)]
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Child;
@@ -104,16 +104,23 @@ pub enum Note {
         preview: Option<String>,
         table: u64,
     },
-    /// The proxy refused the table (a listener it cannot bind, a missing certificate).
-    Refused(String),
+    /// The proxy cannot serve this service's new route (a listener it cannot bind, a
+    /// missing certificate): it keeps the route it had. Told once per distinct error.
+    Refused { service: String, error: String },
+    /// The proxy refused the whole table (one older than the table it serves).
+    RefusedAll(String),
+    /// A service the proxy had refused is served as asked again.
+    Recovered { service: String },
     /// The proxy did not answer and a new one was started.
     Replaced(String),
 }
 
 #[derive(Debug, Default)]
 pub struct Synced {
-    /// The proxy serves exactly the table given.
+    /// The proxy serves the table given, but for the services in `refused`.
     pub confirmed: bool,
+    /// Services the proxy does not serve as asked, with its reason.
+    pub refused: BTreeMap<String, String>,
     /// A new table version, to be remembered across restarts.
     pub version: Option<u64>,
     pub notes: Vec<Note>,
@@ -128,6 +135,13 @@ pub struct ProxyRouter {
     child: Option<Child>,
     version: u64,
     last: Option<Vec<ServiceRoute>>,
+    /// What the proxy confirmed serving, per service (`None` until it is known).
+    served: Option<BTreeMap<String, ServiceRoute>>,
+    /// Services of `last` the proxy refused, with its reason; retried every 2 s.
+    refused: BTreeMap<String, String>,
+    refused_retry_at: Millis,
+    /// The last whole-table refusal, told once.
+    refused_all: Option<String>,
     routed: HashSet<SocketAddr>,
     retry_at: Millis,
     checked_at: Millis,
@@ -151,19 +165,46 @@ impl ProxyRouter {
             child: None,
             version: stored_version,
             last: None,
+            served: None,
+            refused: BTreeMap::new(),
+            refused_retry_at: 0,
+            refused_all: None,
             routed: HashSet::new(),
             retry_at: 0,
             checked_at: 0,
         };
-        let (child, version, routed) = r.ensure().await?;
+        let (child, version, served) = r.ensure().await?;
         r.child = child;
         r.version = r.version.max(version);
-        r.routed = routed;
+        r.routed = baton_proxy_api::routed(&served);
+        r.served = Some(by_name(served));
         Ok(r)
     }
 
     pub fn client(&self) -> &ProxyClient {
         &self.proxy
+    }
+
+    /// The weight per revision the proxy confirmed serving for `service` (an empty map:
+    /// the proxy routes nothing of it), or `None` while that is not known.
+    pub fn served(&self, service: &str) -> Option<BTreeMap<String, u32>> {
+        let served = self.served.as_ref()?;
+        Some(
+            served
+                .get(service)
+                .map(|s| {
+                    s.revisions
+                        .iter()
+                        .map(|r| (r.name.clone(), r.weight))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Why the proxy does not serve `service` as asked, if it does not.
+    pub fn refusal(&self, service: &str) -> Option<&str> {
+        self.refused.get(service).map(String::as_str)
     }
 
     /// The instances the confirmed table routes to.
@@ -172,11 +213,11 @@ impl ProxyRouter {
     }
 
     /// Finds the running proxy, or starts one: its child (when started here), its
-    /// table version and the addresses it routes to.
-    async fn ensure(&self) -> Result<(Option<Child>, u64, HashSet<SocketAddr>), RouterError> {
+    /// table version and the services it serves.
+    async fn ensure(&self) -> Result<(Option<Child>, u64, Vec<ServiceRoute>), RouterError> {
         if let Ok((_, version)) = self.proxy.ping().await {
             let table = self.proxy.table().await?;
-            return Ok((None, version, baton_proxy_api::routed(&table.services)));
+            return Ok((None, version, table.services));
         }
         let args: Vec<String> = self
             .metrics
@@ -184,16 +225,19 @@ impl ProxyRouter {
             .unwrap_or_default();
         let child = spawn_proxy(&self.socket, &self.log, &args)?;
         match wait_for(&self.proxy, Duration::from_secs(10), |r| r.ok()).await {
-            Some(_) => Ok((Some(child), 0, HashSet::new())),
+            Some(_) => Ok((Some(child), 0, Vec::new())),
             None => Err(RouterError::NotUp(self.log.display().to_string())),
         }
     }
 
-    /// Pushes `services` when they changed; otherwise checks the proxy lives.
+    /// Pushes `services` when they changed (and every 2 s while the proxy refuses
+    /// some of them); otherwise checks the proxy lives.
     pub async fn sync(&mut self, services: Vec<ServiceRoute>, now: Millis) -> Synced {
         let mut out = Synced::default();
-        if self.last.as_ref() == Some(&services) {
+        let same = self.last.as_ref() == Some(&services);
+        if same && (self.refused.is_empty() || now < self.refused_retry_at) {
             out.confirmed = true;
+            out.refused = self.refused.clone();
             // Nothing to push, so nothing else would notice a proxy that died: while
             // traffic is steady (a Healthy rollout, a long pause) it must be checked.
             if now >= self.checked_at + PROXY_CHECK_MS {
@@ -213,18 +257,61 @@ impl ProxyRouter {
             version: self.version + 1,
             services: services.clone(),
         };
-        match self.proxy.set_table(&table).await {
-            Ok(v) => {
+        match self.proxy.apply_table(&table).await {
+            Ok(applied) => {
+                let v = applied.version;
                 self.version = v;
+                self.refused_all = None;
                 out.version = Some(v);
                 out.confirmed = true;
-                self.routed = baton_proxy_api::routed(&services);
-                out.notes = self.shifts(&services, v);
+                let refused: BTreeMap<String, String> = applied
+                    .refused
+                    .into_iter()
+                    .map(|r| (r.service, r.error))
+                    .collect();
+                // What the proxy serves: the table given, but for a refused service
+                // whatever it kept (asked of the proxy, which alone knows).
+                let serving = match refused.is_empty() {
+                    true => services.clone(),
+                    false => match self.proxy.table().await {
+                        Ok(t) => t.services,
+                        Err(_) => services
+                            .iter()
+                            .filter(|s| !refused.contains_key(&s.name))
+                            .cloned()
+                            .collect(),
+                    },
+                };
+                out.notes = self.shifts(&serving, v);
+                for (service, error) in &refused {
+                    if self.refused.get(service) != Some(error) {
+                        out.notes.push(Note::Refused {
+                            service: service.clone(),
+                            error: error.clone(),
+                        });
+                    }
+                }
+                for service in self.refused.keys() {
+                    if !refused.contains_key(service) && services.iter().any(|s| &s.name == service)
+                    {
+                        out.notes.push(Note::Recovered {
+                            service: service.clone(),
+                        });
+                    }
+                }
+                self.routed = baton_proxy_api::routed(&serving);
+                self.served = Some(by_name(serving));
+                self.refused_retry_at = now + 2000;
+                self.refused = refused;
+                out.refused = self.refused.clone();
                 self.last = Some(services);
             }
             Err(ControlError::Refused { error, .. }) => {
                 self.retry_at = now + 2000;
-                out.notes.push(Note::Refused(error));
+                if self.refused_all.as_ref() != Some(&error) {
+                    self.refused_all = Some(error.clone());
+                    out.notes.push(Note::RefusedAll(error));
+                }
             }
             Err(e) => self.replace(now, e, &mut out).await,
         }
@@ -237,7 +324,7 @@ impl ProxyRouter {
         self.retry_at = now + 500;
         eprintln!("warning: {e}; starting a new proxy");
         match self.ensure().await {
-            Ok((child, v, _)) => {
+            Ok((child, v, serving)) => {
                 if let Some(child) = child {
                     // Reap the one that died, if it was ours.
                     if let Some(mut old) = self.child.replace(child) {
@@ -246,13 +333,15 @@ impl ProxyRouter {
                     out.notes.push(Note::Replaced(e.to_string()));
                 }
                 self.version = self.version.max(v);
+                self.routed = baton_proxy_api::routed(&serving);
+                self.served = Some(by_name(serving));
                 self.last = None;
             }
             Err(e) => eprintln!("warning: {e}"),
         }
     }
 
-    /// The services whose split changed from the last confirmed table.
+    /// The services whose split changed from what the proxy served before.
     fn shifts(&self, services: &[ServiceRoute], table: u64) -> Vec<Note> {
         let split = |s: &ServiceRoute| {
             let mut w: Vec<(String, u32)> = s
@@ -268,9 +357,9 @@ impl ProxyRouter {
             .iter()
             .filter_map(|svc| {
                 let before = self
-                    .last
+                    .served
                     .as_ref()
-                    .and_then(|l| l.iter().find(|o| o.name == svc.name))
+                    .and_then(|l| l.get(&svc.name))
                     .map(split);
                 let (split, preview) = split(svc);
                 (before.as_ref() != Some(&(split.clone(), preview.clone()))).then(|| {
@@ -304,4 +393,8 @@ impl ProxyRouter {
             .await;
         }
     }
+}
+
+fn by_name(services: Vec<ServiceRoute>) -> BTreeMap<String, ServiceRoute> {
+    services.into_iter().map(|s| (s.name.clone(), s)).collect()
 }

@@ -76,6 +76,12 @@ pub enum Response {
     },
     Ack {
         version: u64,
+        /// Services the proxy could not serve as asked (a listener it cannot bind, a
+        /// certificate it cannot load): each keeps the route it had, or none. Every
+        /// other service serves the new table. Absent from proxies older than this
+        /// field, which refused whole tables.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        refused: Vec<ServiceRefusal>,
     },
     Refused {
         version: u64,
@@ -98,6 +104,20 @@ pub enum Response {
     Error {
         error: String,
     },
+}
+
+/// One service of a table the proxy could not serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRefusal {
+    pub service: String,
+    pub error: String,
+}
+
+/// A table the proxy answered for: the version in force and the services it refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub version: u64,
+    pub refused: Vec<ServiceRefusal>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,15 +198,28 @@ impl ProxyClient {
         }
     }
 
-    /// Sends a table and returns the version the proxy confirmed.
+    /// Sends a table and returns the version the proxy confirmed, or the first
+    /// service it refused (use [`ProxyClient::apply_table`] to learn of each).
     pub async fn set_table(&self, table: &RoutingTable) -> Result<u64, ControlError> {
+        let applied = self.apply_table(table).await?;
+        match applied.refused.into_iter().next() {
+            None => Ok(applied.version),
+            Some(r) => Err(ControlError::Refused {
+                version: applied.version,
+                error: r.error,
+            }),
+        }
+    }
+
+    /// Sends a table: each service is served as asked or refused on its own.
+    pub async fn apply_table(&self, table: &RoutingTable) -> Result<Applied, ControlError> {
         match self
             .call(&Request::SetTable {
                 table: table.clone(),
             })
             .await?
         {
-            Response::Ack { version } => Ok(version),
+            Response::Ack { version, refused } => Ok(Applied { version, refused }),
             Response::Refused { version, error } => Err(ControlError::Refused { version, error }),
             other => Err(ControlError::Protocol(format!("{other:?}"))),
         }

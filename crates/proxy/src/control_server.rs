@@ -15,6 +15,8 @@ use tracing::{info, warn};
 use crate::server::accept_loop;
 use crate::table::{Compiled, RoutingTable};
 use crate::{ControlRequest, ControlResponse, Shared, handover, table};
+use baton_proxy_api::ServiceRoute;
+use baton_proxy_api::control::ServiceRefusal;
 
 pub(crate) async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
     loop {
@@ -99,7 +101,7 @@ pub(crate) async fn control_request(shared: &Arc<Shared>, req: ControlRequest) -
         ControlRequest::SetTable { table } => {
             let version = table.version;
             match apply_table(shared, table).await {
-                Ok(()) => ControlResponse::Ack { version },
+                Ok(refused) => ControlResponse::Ack { version, refused },
                 Err(error) => ControlResponse::Refused { version, error },
             }
         }
@@ -114,9 +116,24 @@ pub(crate) async fn control_request(shared: &Arc<Shared>, req: ControlRequest) -
 }
 
 /// Binds any new listener first, then swaps the table in one atomic store: a request
-/// sees either the old table or the new one, never a mix. Refused tables change nothing.
-pub(crate) async fn apply_table(shared: &Arc<Shared>, table: RoutingTable) -> Result<(), String> {
+/// sees either its service's old route or its new one, never a mix. Each service is
+/// admitted on its own: one that cannot be served (a listener that cannot be bound, a
+/// certificate that does not load, an address another service holds) keeps the route
+/// it had, or none, and is answered as refused, while every other service moves on.
+pub(crate) async fn apply_table(
+    shared: &Arc<Shared>,
+    table: RoutingTable,
+) -> Result<Vec<ServiceRefusal>, String> {
     apply_table_with(shared, table, HashMap::new()).await
+}
+
+/// A service's addresses, main listener first; `None` when one does not parse.
+fn addresses(svc: &ServiceRoute) -> Option<Vec<SocketAddr>> {
+    let mut v = vec![svc.listen.parse().ok()?];
+    if let Some(p) = &svc.preview_listen {
+        v.push(p.parse().ok()?);
+    }
+    Some(v)
 }
 
 /// As [`apply_table`], taking listening sockets from `inherited` (hot restart) before
@@ -125,7 +142,7 @@ pub(crate) async fn apply_table_with(
     shared: &Arc<Shared>,
     table: RoutingTable,
     mut inherited: HashMap<SocketAddr, std::net::TcpListener>,
-) -> Result<(), String> {
+) -> Result<Vec<ServiceRefusal>, String> {
     let _guard = shared.apply_lock.lock().await;
     let current = shared.table.load();
     if table.version < current.version {
@@ -134,27 +151,69 @@ pub(crate) async fn apply_table_with(
             table.version, current.version
         ));
     }
-    let compiled = Compiled::build(&table, &shared.metrics, &shared.outliers)?;
-    let wanted: Vec<SocketAddr> = compiled.routes.keys().copied().collect();
-    let missing: Vec<SocketAddr> = {
+    let listening: Vec<SocketAddr> = {
         let l = shared.listeners.lock().unwrap_or_else(|p| p.into_inner());
-        wanted
-            .iter()
-            .filter(|a| !l.contains_key(a))
-            .copied()
-            .collect()
+        l.keys().copied().collect()
     };
-    let mut bound = Vec::new();
-    for addr in missing {
-        let l = match inherited.remove(&addr) {
-            Some(std_listener) => TcpListener::from_std(std_listener),
-            None => TcpListener::bind(addr).await,
+    let mut taken: HashMap<SocketAddr, String> = HashMap::new();
+    let mut accepted: Vec<ServiceRoute> = Vec::new();
+    let mut refused: Vec<ServiceRefusal> = Vec::new();
+    let mut bound: Vec<(SocketAddr, TcpListener)> = Vec::new();
+    for svc in &table.services {
+        let one = RoutingTable {
+            version: table.version,
+            services: vec![svc.clone()],
         };
-        match l {
-            Ok(l) => bound.push((addr, l)),
-            Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
+        let admitted = match Compiled::build(&one, &shared.metrics, &shared.outliers) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let addrs = addresses(svc).unwrap_or_default();
+                match addrs.iter().find_map(|a| taken.get(a).map(|o| (a, o))) {
+                    Some((a, other)) => Err(format!("address {a} is also service {other}'s")),
+                    None => bind_missing(&addrs, &listening, &bound, &mut inherited)
+                        .await
+                        .map(|mut new| {
+                            bound.append(&mut new);
+                            addrs
+                        }),
+                }
+            }
+        };
+        match admitted {
+            Ok(addrs) => {
+                for a in addrs {
+                    taken.insert(a, svc.name.clone());
+                }
+                accepted.push(svc.clone());
+            }
+            Err(error) => {
+                warn!(service = %svc.name, %error, "cannot serve this service's new route");
+                refused.push(ServiceRefusal {
+                    service: svc.name.clone(),
+                    error,
+                })
+            }
         }
     }
+    // A refused service keeps the route it had, if its addresses are still its own.
+    for r in &refused {
+        let old = current.source.services.iter().find(|o| o.name == r.service);
+        if let Some(old) = old
+            && let Some(addrs) = addresses(old)
+            && addrs.iter().all(|a| !taken.contains_key(a))
+        {
+            for a in addrs {
+                taken.insert(a, old.name.clone());
+            }
+            accepted.push(old.clone());
+        }
+    }
+    let table = RoutingTable {
+        version: table.version,
+        services: accepted,
+    };
+    let compiled = Compiled::build(&table, &shared.metrics, &shared.outliers)?;
+    let wanted: Vec<SocketAddr> = compiled.routes.keys().copied().collect();
     shared.table.store(Arc::new(compiled));
     // Tunnels to instances that left routing start their drain clock.
     let drain: HashMap<String, Duration> = table
@@ -200,5 +259,30 @@ pub(crate) async fn apply_table_with(
         }
         keep
     });
-    Ok(())
+    Ok(refused)
+}
+
+/// Binds the addresses nobody listens on yet (taking inherited sockets first); binds
+/// nothing when one fails.
+async fn bind_missing(
+    addrs: &[SocketAddr],
+    listening: &[SocketAddr],
+    bound: &[(SocketAddr, TcpListener)],
+    inherited: &mut HashMap<SocketAddr, std::net::TcpListener>,
+) -> Result<Vec<(SocketAddr, TcpListener)>, String> {
+    let mut new = Vec::new();
+    for &addr in addrs {
+        if listening.contains(&addr) || bound.iter().any(|(a, _)| *a == addr) {
+            continue;
+        }
+        let l = match inherited.remove(&addr) {
+            Some(std_listener) => TcpListener::from_std(std_listener),
+            None => TcpListener::bind(addr).await,
+        };
+        match l {
+            Ok(l) => new.push((addr, l)),
+            Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
+        }
+    }
+    Ok(new)
 }

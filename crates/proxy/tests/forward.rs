@@ -245,12 +245,75 @@ async fn bad_tables_are_refused_and_change_nothing() {
         .await
         .expect_err("refused");
     assert!(err.to_string().contains("cannot listen"), "{err}");
+    let served = p.client.table().await.expect("table");
     assert_eq!(
-        p.client.ping().await.expect("ping").1,
-        5,
-        "still on the last good table"
+        served.services[0].listen,
+        listen.to_string(),
+        "the refused service keeps the route it had"
     );
     assert_eq!(send(listen, b"").await, (200, "a".into()));
+}
+
+/// One service whose listener cannot be bound must not hold back the others: they
+/// move to their new routes, it keeps its old one, and the answer names it.
+#[tokio::test]
+async fn a_service_that_cannot_listen_fails_alone() {
+    let p = proxy().await;
+    let (a, b) = (backend("a").await, backend("b").await);
+    let (one, two) = (free(), free());
+    let both = |version, w_one: Vec<(&str, u32, Vec<SocketAddr>)>, two_at: SocketAddr| {
+        let mut t = table(version, one, w_one);
+        let mut second = table(version, two_at, vec![("a", 100, vec![a])]).services;
+        second[0].name = "other".into();
+        t.services.append(&mut second);
+        t
+    };
+    p.client
+        .set_table(&both(1, vec![("a", 100, vec![a])], two))
+        .await
+        .expect("ack");
+    assert_eq!(send(one, b"").await, (200, "a".into()));
+    assert_eq!(send(two, b"").await, (200, "a".into()));
+    // "other" moves to an address someone else holds; "svc" shifts to b.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = squatter.local_addr().expect("addr");
+    let applied = p
+        .client
+        .apply_table(&both(2, vec![("b", 100, vec![b])], taken))
+        .await
+        .expect("answered");
+    assert_eq!(applied.version, 2);
+    assert_eq!(applied.refused.len(), 1, "{applied:?}");
+    assert_eq!(applied.refused[0].service, "other");
+    assert!(
+        applied.refused[0].error.contains("cannot listen"),
+        "{applied:?}"
+    );
+    assert_eq!(send(one, b"").await, (200, "b".into()), "svc moved on");
+    assert_eq!(
+        send(two, b"").await,
+        (200, "a".into()),
+        "other kept its route"
+    );
+    let served = p.client.table().await.expect("table");
+    let other = served.services.iter().find(|s| s.name == "other");
+    assert_eq!(other.map(|s| s.listen.clone()), Some(two.to_string()));
+    // The same address written twice in one table: the second service is refused.
+    let applied = p
+        .client
+        .apply_table(&both(3, vec![("b", 100, vec![b])], one))
+        .await
+        .expect("answered");
+    assert_eq!(applied.refused.len(), 1, "{applied:?}");
+    assert!(
+        applied.refused[0].error.contains("also service svc"),
+        "{applied:?}"
+    );
+    assert_eq!(
+        send(two, b"").await,
+        (200, "a".into()),
+        "other kept its route"
+    );
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! carries the field path (`spec.strategy.canary.steps[2].setWeight`), then a semantic
 //! pass collects *every* remaining problem instead of stopping at the first.
 
+pub mod addr;
 mod duration;
 pub mod validate;
 

@@ -525,7 +525,7 @@ pub(crate) fn across(rollouts: &[Rollout], errors: &mut Vec<FieldError>, many: b
         return;
     }
     let mut names: HashMap<&str, usize> = HashMap::new();
-    let mut listens: HashMap<String, usize> = HashMap::new();
+    let mut listens: Vec<(String, usize)> = Vec::new();
     for (i, r) in rollouts.iter().enumerate() {
         if let Some(first) = names.insert(&r.metadata.name, i) {
             errors.push(FieldError {
@@ -536,19 +536,18 @@ pub(crate) fn across(rollouts: &[Rollout], errors: &mut Vec<FieldError>, many: b
                 ),
             });
         }
-        let mut addrs = vec![r.spec.traffic.listen.clone()];
-        if let Some(bg) = &r.spec.strategy.blue_green
-            && let Some(p) = &bg.preview_listen
-        {
-            addrs.push(p.clone());
-        }
-        for a in addrs {
-            if let Some(first) = listens.insert(a.clone(), i) {
+        for a in crate::addr::listeners(r) {
+            let first = listens
+                .iter()
+                .find(|(b, j)| *j != i && crate::addr::clash(&a, b))
+                .map(|(b, j)| (b.clone(), *j));
+            if let Some((b, first)) = first {
                 errors.push(FieldError {
                     field: format!("documents[{i}].spec.traffic.listen"),
-                    reason: format!("{a} is already used by documents[{first}]"),
+                    reason: format!("{a} clashes with {b} of documents[{first}]"),
                 });
             }
+            listens.push((a, i));
         }
     }
 }

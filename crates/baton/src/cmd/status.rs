@@ -125,9 +125,10 @@ async fn offline(paths: &Paths, args: StatusArgs) -> Result<()> {
 async fn offline_view(paths: &Paths, name: Option<&str>) -> Result<Value> {
     let store = baton_local::Store::open(&paths.db())?;
     let proxy = baton_proxy::ProxyClient::new(paths.proxy_socket());
-    let routed = match proxy.table().await {
-        Ok(t) => baton_proxy::routed(&t.services),
-        Err(_) => Default::default(),
+    let table = proxy.table().await.ok();
+    let routed = match &table {
+        Some(t) => baton_proxy::routed(&t.services),
+        None => Default::default(),
     };
     let platform = baton_local::Platform::inspect(&store, &routed)?;
     let mut list = Vec::new();
@@ -135,7 +136,25 @@ async fn offline_view(paths: &Paths, name: Option<&str>) -> Result<Value> {
         if name.is_some_and(|want| want != n) {
             continue;
         }
-        let mut v = view::rollout(&n, &spec, &status, 0, &platform);
+        // What the proxy serves, read from its table: the one thing known for sure
+        // while no controller runs.
+        let served = table.as_ref().map(|t| {
+            t.services
+                .iter()
+                .find(|s| s.name == n)
+                .map(|s| {
+                    s.revisions
+                        .iter()
+                        .map(|r| (r.name.clone(), r.weight))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        let routing = view::Routing {
+            served,
+            ..Default::default()
+        };
+        let mut v = view::rollout(&n, &spec, &status, routing, &platform);
         v["controller"] = "down".into();
         list.push(v);
     }
