@@ -211,6 +211,11 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
                 record.status.message
             ),
         );
+        if c.router.serves(&name, &record.status) {
+            c.world
+                .acked
+                .insert(name.clone(), record.status.route_version);
+        }
         c.rollouts.insert(name, RolloutState::new(spec, record));
     }
     c.platform_events(adopted);

@@ -126,3 +126,71 @@ async fn an_unbindable_listener_fails_only_its_own_rollout() {
     .await;
     assert_eq!(http_get(taken, "/").await.trim(), "hello from v1");
 }
+
+/// A restarted controller knows the route the proxy already serves: an aborted canary,
+/// stopped long ago, is not started again (and stopped) on every restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_start_an_aborted_revision_again() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", PAUSED));
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
+    let v2 = env.write("v2.yaml", &canary_spec(listen, "v2", "", PAUSED));
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v2 at 20 %",
+        |v| weight(v, "v2") == 20 && acked(v),
+    )
+    .await;
+    assert!(env.run(&["abort", "hello"]).status.success());
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "the aborted canary's instances gone",
+        |v| acked(v) && revision(v, "v2").is_none_or(|r| r["instances"] == serde_json::json!([])),
+    )
+    .await;
+    let started = |env: &Env| {
+        audit_reasons(env, "hello")
+            .iter()
+            .filter(|r| r.starts_with("started instance") && r.contains("of revision"))
+            .count()
+    };
+    let before = started(&env);
+
+    let mut up = env.up.take().expect("controller");
+    up.kill().expect("kill");
+    up.wait().expect("reaped");
+    let proxy = ProxyClient::new(env.paths.proxy_socket());
+    let (_, table) = proxy
+        .ping()
+        .await
+        .expect("the proxy outlives the controller");
+    env.start_up(&[]);
+    // The new controller's first tick reconciles instances, then pushes its table.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while proxy.ping().await.expect("ping").1 <= table {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no table from the new controller"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v = wait_status(
+        &env.client(),
+        "hello",
+        Duration::from_secs(10),
+        "status",
+        |v| v["phase"] == "Degraded",
+    )
+    .await;
+    assert_eq!(
+        started(&env),
+        before,
+        "an instance was started after the restart: {v:#}"
+    );
+}

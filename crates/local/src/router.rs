@@ -202,6 +202,28 @@ impl ProxyRouter {
         )
     }
 
+    /// Whether the proxy already serves `status`'s split and preview for `service`: a
+    /// restarted controller then knows the route version confirmed (not knowing it, the
+    /// engine would keep, and start again, revisions that left routing long ago).
+    pub fn serves(&self, service: &str, status: &Status) -> bool {
+        let Some(svc) = self.served.as_ref().and_then(|s| s.get(service)) else {
+            return false;
+        };
+        let served: BTreeMap<&str, u32> = svc
+            .revisions
+            .iter()
+            .filter(|r| r.weight > 0)
+            .map(|r| (r.name.as_str(), r.weight))
+            .collect();
+        let wanted: BTreeMap<&str, u32> = status
+            .weights
+            .iter()
+            .filter(|(_, w)| **w > 0)
+            .map(|(r, w)| (r.as_str(), *w))
+            .collect();
+        served == wanted && svc.preview == status.preview
+    }
+
     /// Why the proxy does not serve `service` as asked, if it does not.
     pub fn refusal(&self, service: &str) -> Option<&str> {
         self.refused.get(service).map(String::as_str)
