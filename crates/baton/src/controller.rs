@@ -665,30 +665,34 @@ impl Controller {
             }
         }
         let now = now_ms();
-        let mut changed = Vec::new();
         let mut unchanged = Vec::new();
+        let mut changed: Vec<(Rollout, Record, String)> = Vec::new();
         for spec in specs {
-            let name = spec.metadata.name.clone();
-            let record = match self.rollouts.get(&name) {
+            let record = match self.rollouts.get(&spec.metadata.name) {
                 Some(r) if r.spec == spec => {
-                    unchanged.push(name);
+                    unchanged.push(spec.metadata.name.clone());
                     continue;
                 }
                 Some(r) => r.record.clone(),
                 None => Record::default(),
             };
             let revision = spec.spec.run.revision_hash();
-            let saved = self
-                .world
-                .store
-                .save_rollout(&name, &spec, &record, now)
-                .and_then(|()| self.world.store.save_revision_spec(&name, &revision, &spec));
-            if let Err(e) = saved {
-                return api::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot record {name}: {e}"),
-                );
-            }
+            changed.push((spec, record, revision));
+        }
+        // One transaction for the whole file: every rollout changes, or none does.
+        let rows: Vec<(&str, &Rollout, &Record, &str)> = changed
+            .iter()
+            .map(|(s, r, rev)| (s.metadata.name.as_str(), s, r, rev.as_str()))
+            .collect();
+        if let Err(e) = self.world.store.save_applied(&rows, now) {
+            return api::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot record the apply, nothing changed: {e}"),
+            );
+        }
+        let mut names = Vec::new();
+        for (spec, record, revision) in changed {
+            let name = spec.metadata.name.clone();
             let version = spec.spec.run.app_version().unwrap_or("").to_string();
             let digest = spec_digest(&spec);
             match self.rollouts.get_mut(&name) {
@@ -707,11 +711,11 @@ impl Controller {
                 "Applied",
                 &format!("spec applied (revision {revision} {version})"),
             );
-            changed.push(name);
+            names.push(name);
         }
         (
             StatusCode::OK,
-            json!({ "applied": changed, "unchanged": unchanged }),
+            json!({ "applied": names, "unchanged": unchanged }),
         )
     }
 

@@ -99,6 +99,41 @@ impl Store {
         Ok(())
     }
 
+    /// Records every rollout of one `apply` in one transaction: all of them change, or
+    /// (a full disk, a kill midway) none does. Each is `(name, spec, status, revision)`;
+    /// the revision's spec is kept for `history --diff`.
+    pub fn save_applied<S: Serialize, T: Serialize>(
+        &self,
+        rollouts: &[(&str, &S, &T, &str)],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (name, spec, status, revision) in rollouts {
+            let spec_text = serde_json::to_string(spec).map_err(|source| StoreError::Decode {
+                what: format!("spec of {name}"),
+                source,
+            })?;
+            let status_text =
+                serde_json::to_string(status).map_err(|source| StoreError::Decode {
+                    what: format!("status of {name}"),
+                    source,
+                })?;
+            tx.execute(
+                "INSERT INTO rollouts (name, spec, status, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET spec = ?2, status = ?3, updated_at = ?4",
+                params![name, spec_text, status_text, now as i64],
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO revision_specs (rollout, revision, spec)
+                 VALUES (?1, ?2, ?3)",
+                params![name, revision, spec_text],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn rollouts<S: DeserializeOwned, T: DeserializeOwned>(
         &self,
     ) -> Result<Vec<(String, S, T)>, StoreError> {
@@ -228,6 +263,34 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that fails midway (here a trigger standing in for a full disk) leaves
+    /// every rollout of the apply as it was.
+    #[test]
+    fn an_apply_is_recorded_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("state.db")).expect("open");
+        s.save_applied(&[("a", &"a-1", &1u32, "r1"), ("b", &"b-1", &1u32, "r1")], 1)
+            .expect("first apply");
+        s.conn()
+            .execute_batch(
+                "CREATE TRIGGER full BEFORE UPDATE ON rollouts WHEN NEW.name = 'b'
+                 BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+            )
+            .expect("trigger");
+        let err = s
+            .save_applied(&[("a", &"a-2", &2u32, "r2"), ("b", &"b-2", &2u32, "r2")], 2)
+            .expect_err("the second rollout cannot be written");
+        assert!(err.to_string().contains("full"), "{err}");
+        let r: Vec<(String, String, u32)> = s.rollouts().expect("rollouts");
+        assert_eq!(
+            r,
+            vec![("a".into(), "a-1".into(), 1), ("b".into(), "b-1".into(), 1)],
+            "a changed although b could not"
+        );
+        let kept: Option<String> = s.revision_spec("a", "r2").expect("read");
+        assert_eq!(kept, None);
+    }
 
     #[test]
     fn state_survives_reopening() {
