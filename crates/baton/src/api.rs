@@ -24,6 +24,16 @@ use std::sync::Arc;
 
 pub use crate::calls::{ApiCall, ApiRequest, CommandKind, Identities, Reply, error};
 
+/// At most this many connections to the API at once: the controller's file
+/// descriptors are for its instances, probes and the proxy, and a flood of idle
+/// connections must never starve them. Over the cap a connection is closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// The largest spec `apply` takes.
+pub const MAX_SPEC_BYTES: usize = 1 << 20;
+/// A client has this long to send its request head (and then its body): one that
+/// connects and says nothing is cut off.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the API (and the dashboard under `/ui/`) until the task is dropped.
 pub async fn serve(
     listener: TcpListener,
@@ -33,19 +43,55 @@ pub async fn serve(
 ) {
     let ids = Arc::new(ids);
     let addr = listener.local_addr().ok();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors (or memory): wait for some to free instead
+                // of spinning on a listener that stays readable.
+                eprintln!("warning: control API cannot accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
             continue;
         };
         let (ids, tx, board) = (ids.clone(), tx.clone(), board.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req| {
                 handle(req, ids.clone(), tx.clone(), board.clone(), addr)
             });
+            // One request per connection: an idle keep-alive connection would hold a
+            // slot for nothing (every client here makes one call, or holds one stream).
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(READ_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+/// Reads a request body of at most `limit` bytes within [`READ_TIMEOUT`]; a declared
+/// `Content-Length` over the limit is refused before a byte is read.
+pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, String> {
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(format!("the body is over the {limit}-byte limit"));
+    }
+    match tokio::time::timeout(READ_TIMEOUT, Limited::new(req.into_body(), limit).collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) => Err(format!("unreadable or over the {limit}-byte limit: {e}")),
+        Err(_) => Err(format!("the body did not arrive within {READ_TIMEOUT:?}")),
     }
 }
 
@@ -152,12 +198,12 @@ async fn handle(
             }
         },
         (&Method::POST, ["v1", "apply"]) => {
-            let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
-                Ok(b) => b.to_bytes(),
+            let body = match read_body(req, MAX_SPEC_BYTES).await {
+                Ok(b) => b,
                 Err(e) => {
                     return Ok(respond(error(
                         StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("spec unreadable or over 1 MiB: {e}"),
+                        format!("spec refused (at most 1 MiB): {e}"),
                     )));
                 }
             };

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -194,8 +194,8 @@ pub async fn handle(
             };
         }
         (&Method::POST, "/ui/login") => {
-            let body = match Limited::new(req.into_body(), 4096).collect().await {
-                Ok(b) => b.to_bytes(),
+            let body = match crate::api::read_body(req, 4096).await {
+                Ok(b) => b,
                 Err(_) => {
                     return login_page(StatusCode::PAYLOAD_TOO_LARGE, "The form was too large.");
                 }

@@ -194,3 +194,88 @@ async fn a_restart_does_not_start_an_aborted_revision_again() {
         "an instance was started after the restart: {v:#}"
     );
 }
+
+/// Idle connections to the control API cannot starve the controller: with 1,100 of
+/// them against a 400-descriptor limit, its probes keep working, no healthy instance is
+/// killed and the canary is promoted; each idle connection is cut within the read
+/// timeout, and a spec over 1 MiB is refused with the limit named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_api_connections_cannot_starve_the_controller() {
+    let mut env = Env::new();
+    env.up_nofile = Some(400);
+    let listen = free_addr();
+    let steps = "        - setWeight: 20
+        - pause: { duration: 4s }
+        - setWeight: 50
+        - pause: { duration: 4s }";
+    let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", steps));
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
+    let load = baton::load::Load::start(listen, 4, 200);
+    let v2 = env.write("v2.yaml", &canary_spec(listen, "v2", "", steps));
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+
+    let api: std::net::SocketAddr = std::fs::read_to_string(env.paths.api_addr())
+        .expect("api address")
+        .trim()
+        .parse()
+        .expect("address");
+    let mut idle = Vec::new();
+    for _ in 0..1100 {
+        if let Ok(s) = tokio::net::TcpStream::connect(api).await {
+            idle.push(s);
+        }
+    }
+    assert!(idle.len() >= 1000, "connected {}", idle.len());
+    // Every idle connection is closed by the controller: over the cap at once, the
+    // others when the read timeout (10 s) passes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    for mut s in idle {
+        use tokio::io::AsyncReadExt;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut b = [0u8; 1];
+        let closed = tokio::time::timeout(left, s.read(&mut b)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle connection was still open after the read timeout"
+        );
+    }
+    let v = wait_stable(&client, "hello", "v2", Duration::from_secs(60)).await;
+    let restarts: u64 = v["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["restarts"].as_u64())
+        .sum();
+    assert_eq!(restarts, 0, "an instance was killed: {v:#}");
+    let r = load.stop().await;
+    assert_eq!(r.failed, 0, "{:?}", r.failures);
+    let log = env.up_log();
+    assert!(!log.contains("failed its probe"), "{log}");
+
+    // A spec over the limit is refused by the CLI, naming the limit, not "Broken pipe".
+    let big = format!(
+        "{}\n#{}\n",
+        std::fs::read_to_string(&v2).expect("spec"),
+        "x".repeat(2 << 20)
+    );
+    let big = env.write("big.yaml", &big);
+    let out = env.run(&["apply", "-f", path_str(&big)]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("at most 1 MiB"), "{}", stderr(&out));
+    // And by the API, from the declared length, before any byte of the body.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let token = std::fs::read_to_string(env.paths.token()).expect("token");
+    let mut s = tokio::net::TcpStream::connect(api).await.expect("connect");
+    let head = format!(
+        "POST /v1/apply HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-length: 52428800\r\n\r\n",
+        token.trim()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut head = vec![0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+        .await
+        .expect("an answer before the body")
+        .expect("read");
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert_eq!(head, "HTTP/1.1 413");
+}

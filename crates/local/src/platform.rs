@@ -688,6 +688,19 @@ async fn graceful_stop(pid: u32, start: u64, s: Shutdown) {
     }
 }
 
+/// A probe's result as the instance's verdict; `None` when the failure was Baton's own
+/// (it is reported, and the probe is simply tried again).
+fn judged(id: u64, result: Result<(), probe::Failure>) -> Option<Result<(), String>> {
+    match result {
+        Ok(()) => Some(Ok(())),
+        Err(probe::Failure::Instance(e)) => Some(Err(e)),
+        Err(own @ probe::Failure::Own(_)) => {
+            eprintln!("warning: probe of instance {id} not judged: {own}");
+            None
+        }
+    }
+}
+
 fn start_probes(
     id: u64,
     addr: SocketAddr,
@@ -711,6 +724,10 @@ fn start_probes(
                     .await
                     .map(|_| ()),
                 None => probe::tcp(addr, timeout).await,
+            };
+            let Some(result) = judged(id, result) else {
+                tokio::time::sleep(Duration::from_secs_f64(period)).await;
+                continue;
             };
             if rtx
                 .send(ProbeReport {
@@ -739,6 +756,10 @@ fn start_probes(
                 )
                 .await
                 .map(|_| ());
+                let Some(result) = judged(id, result) else {
+                    tokio::time::sleep(Duration::from_secs_f64(p.period_seconds)).await;
+                    continue;
+                };
                 if tx
                     .send(ProbeReport {
                         id,

@@ -8,6 +8,15 @@ use super::{SpecArgs, check, read_spec};
 
 pub async fn run(paths: &Paths, spec: SpecArgs) -> Result<()> {
     let text = read_spec(&spec.file)?;
+    // Said here, before sending: a controller that refuses a body mid-upload leaves the
+    // client with a "Broken pipe" instead of the reason.
+    if text.len() > baton::api::MAX_SPEC_BYTES {
+        return Err(anyhow!(
+            "{}: the spec is {} bytes; apply takes at most 1 MiB (1048576 bytes)",
+            spec.file.display(),
+            text.len()
+        ));
+    }
     // Validate here too, so a bad spec is reported even with no controller.
     baton_spec::parse(&text).map_err(|e| anyhow!("{}: {e}", spec.file.display()))?;
     let client = ApiClient::from_paths(paths)?;

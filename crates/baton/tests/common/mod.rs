@@ -87,6 +87,8 @@ pub struct Env {
     pub up: Option<Child>,
     /// Environment variables for `baton up` only.
     pub up_env: Vec<(String, String)>,
+    /// A file-descriptor limit for `baton up` only (run under `prlimit`).
+    pub up_nofile: Option<u64>,
 }
 
 impl Env {
@@ -98,6 +100,7 @@ impl Env {
             paths,
             up: None,
             up_env: Vec::new(),
+            up_nofile: None,
         }
     }
 
@@ -127,8 +130,21 @@ impl Env {
             .append(true)
             .open(self.dir.path().join("up.log"))
             .expect("log");
-        let child = self
-            .cmd()
+        let mut cmd = match self.up_nofile {
+            Some(n) => {
+                // prlimit sets the limit and execs baton: the pid stays the same.
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(baton_bin())
+                    .arg("--dir")
+                    .arg(&self.paths.root)
+                    .current_dir(self.dir.path());
+                c
+            }
+            None => self.cmd(),
+        };
+        let child = cmd
             .arg("up")
             .args(args)
             .envs(self.up_env.iter().map(|(k, v)| (k, v)))
