@@ -279,3 +279,48 @@ async fn idle_api_connections_cannot_starve_the_controller() {
     let head = String::from_utf8_lossy(&head).into_owned();
     assert_eq!(head, "HTTP/1.1 413");
 }
+
+/// A proxy that stops answering (SIGSTOP: its sockets still accept) is killed and
+/// replaced within 3 s, and the service answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_proxy_is_replaced_within_3_s() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", PAUSED));
+    env.start_healthy(&["-f", path_str(&v1)], "hello").await;
+    let proxy = ProxyClient::new(env.paths.proxy_socket()).with_timeout(Duration::from_millis(200));
+    let (old, _) = proxy.ping().await.expect("proxy");
+    let stopped = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("stop the proxy");
+    let new = loop {
+        if let Ok((pid, _)) = proxy.ping().await
+            && pid != old
+        {
+            break pid;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(3),
+            "no new proxy within 3 s:\n{}",
+            env.up_log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("replaced after {:?}", stopped.elapsed());
+    assert_ne!(new, old);
+    wait_until(Duration::from_secs(5), "the hung proxy gone", || {
+        !alive(old as u64)
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on {listen}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http_get(listen, "/").await.trim(), "hello from v1");
+}

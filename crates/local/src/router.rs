@@ -17,7 +17,12 @@ use crate::supervise::{SuperviseError, spawn_proxy, wait_for};
 
 /// How often the proxy is asked whether it lives when there is nothing to push: a
 /// crashed proxy costs at most this long, plus a start, of refused connections.
-const PROXY_CHECK_MS: u64 = 1000;
+const PROXY_CHECK_MS: u64 = 250;
+/// A proxy that accepts on its control socket but answers nothing for this long is
+/// hung (stopped, deadlocked): it is killed and replaced. Each call waits at most
+/// `CALL_TIMEOUT`, so a hung proxy never stalls the controller's tick for long.
+const HUNG_MS: u64 = 1000;
+const CALL_TIMEOUT: Duration = Duration::from_millis(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -145,6 +150,10 @@ pub struct ProxyRouter {
     routed: HashSet<SocketAddr>,
     retry_at: Millis,
     checked_at: Millis,
+    /// The running proxy's pid, from its own answer.
+    pid: Option<u32>,
+    /// Since when the proxy has not answered (while its socket still accepts).
+    unanswered_since: Option<Millis>,
 }
 
 impl ProxyRouter {
@@ -156,7 +165,7 @@ impl ProxyRouter {
         metrics: Option<SocketAddr>,
         stored_version: u64,
     ) -> Result<ProxyRouter, RouterError> {
-        let proxy = ProxyClient::new(&socket);
+        let proxy = ProxyClient::new(&socket).with_timeout(CALL_TIMEOUT);
         let mut r = ProxyRouter {
             proxy,
             socket,
@@ -172,9 +181,12 @@ impl ProxyRouter {
             routed: HashSet::new(),
             retry_at: 0,
             checked_at: 0,
+            pid: None,
+            unanswered_since: None,
         };
-        let (child, version, served) = r.ensure().await?;
+        let (child, version, served, pid) = r.ensure().await?;
         r.child = child;
+        r.pid = pid;
         r.version = r.version.max(version);
         r.routed = baton_proxy_api::routed(&served);
         r.served = Some(by_name(served));
@@ -236,18 +248,25 @@ impl ProxyRouter {
 
     /// Finds the running proxy, or starts one: its child (when started here), its
     /// table version and the services it serves.
-    async fn ensure(&self) -> Result<(Option<Child>, u64, Vec<ServiceRoute>), RouterError> {
-        if let Ok((_, version)) = self.proxy.ping().await {
+    #[allow(clippy::type_complexity)]
+    async fn ensure(
+        &self,
+    ) -> Result<(Option<Child>, u64, Vec<ServiceRoute>, Option<u32>), RouterError> {
+        if let Ok((pid, version)) = self.proxy.ping().await {
             let table = self.proxy.table().await?;
-            return Ok((None, version, table.services));
+            return Ok((None, version, table.services, Some(pid)));
         }
         let args: Vec<String> = self
             .metrics
             .map(|m| vec!["--metrics-listen".to_string(), m.to_string()])
             .unwrap_or_default();
         let child = spawn_proxy(&self.socket, &self.log, &args)?;
-        match wait_for(&self.proxy, Duration::from_secs(10), |r| r.ok()).await {
-            Some(_) => Ok((Some(child), 0, Vec::new())),
+        match wait_for(&self.proxy, Duration::from_secs(10), |r| {
+            r.ok().map(|p| p.0)
+        })
+        .await
+        {
+            Some(pid) => Ok((Some(child), 0, Vec::new(), Some(pid))),
             None => Err(RouterError::NotUp(self.log.display().to_string())),
         }
     }
@@ -264,13 +283,20 @@ impl ProxyRouter {
             // traffic is steady (a Healthy rollout, a long pause) it must be checked.
             if now >= self.checked_at + PROXY_CHECK_MS {
                 self.checked_at = now;
-                // Only a socket nobody accepts on is a dead proxy: a slow answer is a
-                // busy one, and a second proxy would fight it for the ports.
-                if let Err(e @ ControlError::Connect { .. }) = self.proxy.ping().await {
-                    self.replace(now, e, &mut out).await;
+                match self.proxy.ping().await {
+                    Ok((pid, _)) => {
+                        self.pid = Some(pid);
+                        self.unanswered_since = None;
+                    }
+                    Err(e) => self.unanswered(now, e, &mut out).await,
                 }
             }
-            return out;
+            if self.last.is_some() {
+                return out;
+            }
+            // A new proxy was just started: it gets the table now, not a tick later.
+            out.confirmed = false;
+            out.refused.clear();
         }
         if now < self.retry_at {
             return out;
@@ -304,7 +330,7 @@ impl ProxyRouter {
                             .collect(),
                     },
                 };
-                out.notes = self.shifts(&serving, v);
+                out.notes.extend(self.shifts(&serving, v));
                 for (service, error) in &refused {
                     if self.refused.get(service) != Some(error) {
                         out.notes.push(Note::Refused {
@@ -335,18 +361,51 @@ impl ProxyRouter {
                     out.notes.push(Note::RefusedAll(error));
                 }
             }
-            Err(e) => self.replace(now, e, &mut out).await,
+            Err(e) => self.unanswered(now, e, &mut out).await,
         }
         out
+    }
+
+    /// The proxy did not answer. A socket nobody accepts on is a dead proxy: replaced
+    /// at once. One that accepts but says nothing may be busy: only after `HUNG_MS` of
+    /// silence is it killed (a second proxy beside it would fight it for the ports)
+    /// and replaced.
+    async fn unanswered(&mut self, now: Millis, e: ControlError, out: &mut Synced) {
+        if matches!(e, ControlError::Connect { .. }) {
+            self.unanswered_since = None;
+            return self.replace(now, e, out).await;
+        }
+        let since = *self.unanswered_since.get_or_insert(now);
+        if now < since + HUNG_MS {
+            return;
+        }
+        if let Some(pid) = self.pid {
+            eprintln!(
+                "warning: the proxy (pid {pid}) answered nothing for {} ms: killing it",
+                now - since
+            );
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            // Its ports are free once it is gone.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while nix::sys::signal::kill(pid, None).is_ok()
+                && tokio::time::Instant::now() < deadline
+            {
+                self.reap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        self.unanswered_since = None;
+        self.replace(now, e, out).await;
     }
 
     /// The proxy did not answer: start a new one (or adopt one that came up meanwhile)
     /// and push it the whole table on the next sync.
     async fn replace(&mut self, now: Millis, e: ControlError, out: &mut Synced) {
-        self.retry_at = now + 500;
         eprintln!("warning: {e}; starting a new proxy");
         match self.ensure().await {
-            Ok((child, v, serving)) => {
+            Ok((child, v, serving, pid)) => {
+                self.pid = pid;
                 if let Some(child) = child {
                     // Reap the one that died, if it was ours.
                     if let Some(mut old) = self.child.replace(child) {
@@ -359,7 +418,10 @@ impl ProxyRouter {
                 self.served = Some(by_name(serving));
                 self.last = None;
             }
-            Err(e) => eprintln!("warning: {e}"),
+            Err(e) => {
+                self.retry_at = now + 500;
+                eprintln!("warning: {e}");
+            }
         }
     }
 

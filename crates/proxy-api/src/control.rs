@@ -155,6 +155,12 @@ impl ProxyClient {
         }
     }
 
+    /// The same socket with another deadline per call.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     pub async fn call(&self, req: &Request) -> Result<Response, ControlError> {
         let io = |source| ControlError::Io {
             path: self.path.clone(),
