@@ -95,6 +95,18 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, St
     }
 }
 
+/// Tells the controller of a refused request, for the audit trail. Never waits: a
+/// flood of bad requests must not queue behind the controller (some are then not
+/// recorded, and the controller says how many).
+fn deny(tx: &mpsc::Sender<ApiRequest>, actor: &str, reason: String) {
+    let (reply, _) = oneshot::channel();
+    let _ = tx.try_send(ApiRequest {
+        call: ApiCall::Denied(reason),
+        actor: actor.to_string(),
+        reply,
+    });
+}
+
 fn respond((status, body): Reply) -> Response<Body> {
     let mut text = serde_json::to_vec_pretty(&body).unwrap_or_default();
     text.push(b'\n');
@@ -125,6 +137,12 @@ async fn handle(
         .and_then(|v| v.strip_prefix("Bearer "))
         .and_then(|t| ids.who(t));
     let Some((who, role)) = who else {
+        let what = format!("{} {}", req.method(), req.uri().path());
+        deny(
+            &tx,
+            "anonymous",
+            format!("refused {what}: missing or wrong token"),
+        );
         return Ok(respond(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong token: send 'Authorization: Bearer <token>' with the token from .baton/token",
@@ -149,6 +167,11 @@ async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     if method != Method::GET && !role.may_act() {
+        deny(
+            &tx,
+            &actor,
+            format!("refused {method} {path}: a viewer may not act"),
+        );
         return Ok(respond(error(
             StatusCode::FORBIDDEN,
             format!("{who} is a viewer: it may read, not act"),
@@ -218,7 +241,7 @@ async fn handle(
             }
         }
         (&Method::POST, ["v1", "login-link"]) => {
-            let code = board.one_time_code(who, role, crate::now_ms());
+            let code = board.one_time_code(&who, role, crate::now_ms());
             return Ok(respond(match (code, addr) {
                 (Some(code), Some(addr)) => (
                     StatusCode::OK,

@@ -106,6 +106,7 @@ fn action_of(reason: &str) -> &'static str {
         "Resumed" | "ControllerStarted" | "ControllerStopped" | "RoutingRefused"
         | "RoutingRecovered" | "ProxyReplaced" => "config",
         "Down" => "down",
+        "Refused" | "Denied" => "refused",
         _ => "instance",
     }
 }
@@ -134,6 +135,16 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     claim_directory(&paths)?;
     let store = Store::open(&paths.db())
         .with_context(|| format!("cannot open {}", paths.db().display()))?;
+    // A database that cannot be written is found now, before anything is started or
+    // announced, not at the first step.
+    store
+        .set_meta("controller_started_at", &now_ms().to_string())
+        .with_context(|| format!("cannot write {}", paths.db().display()))?;
+    // The API's port too: a controller that cannot serve it must not leave a proxy
+    // behind.
+    let listener = TcpListener::bind(opts.api_listen)
+        .await
+        .with_context(|| format!("cannot serve the control API on {}", opts.api_listen))?;
     let stored_version: u64 = store
         .meta("route_version")?
         .and_then(|v| v.parse().ok())
@@ -229,9 +240,6 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         }
     }
 
-    let listener = TcpListener::bind(opts.api_listen)
-        .await
-        .with_context(|| format!("cannot serve the control API on {}", opts.api_listen))?;
     let api_addr = listener.local_addr()?;
     match std::fs::read_to_string(paths.token()) {
         Ok(t) if !t.trim().is_empty() => {}
@@ -584,12 +592,26 @@ impl Controller {
             },
             ApiCall::Diff { name, from, to } => self.diff(&name, from, to),
             ApiCall::Apply(text) => match baton_spec::parse(&text) {
-                Ok(specs) => self.apply(specs, &actor),
-                Err(e) => (
-                    StatusCode::BAD_REQUEST,
-                    json!({ "error": e.to_string(), "errors": e.0 }),
-                ),
+                Ok(specs) => {
+                    let answer = self.apply(specs, &actor);
+                    if !answer.0.is_success() {
+                        let why = answer.1["error"].as_str().unwrap_or("refused").to_string();
+                        self.record(&actor, "", "Refused", &format!("apply refused: {why}"));
+                    }
+                    answer
+                }
+                Err(e) => {
+                    self.record(&actor, "", "Refused", &format!("apply refused: {e}"));
+                    (
+                        StatusCode::BAD_REQUEST,
+                        json!({ "error": e.to_string(), "errors": e.0 }),
+                    )
+                }
             },
+            ApiCall::Denied(reason) => {
+                self.record(&actor, "", "Denied", &reason);
+                return None;
+            }
             ApiCall::Command { name, kind } => {
                 let Some(r) = self.rollouts.get_mut(&name) else {
                     let _ = reply.send(self.unknown(&name));

@@ -206,7 +206,7 @@ pub async fn handle(
                 .unwrap_or_default();
             return match ids
                 .who(&token)
-                .and_then(|(who, role)| board.new_session(who, role, now))
+                .and_then(|(who, role)| board.new_session(&who, role, now))
             {
                 Some((id, _)) => redirect("/ui/", Some(session_cookie(&id))),
                 None => login_page(StatusCode::UNAUTHORIZED, "That token is not valid here."),

@@ -14,12 +14,28 @@ impl Paths {
         Paths { root: root.into() }
     }
     /// Creates the directory (owner-only: it holds the API token).
+    /// Creates the state directory, private to its owner. An existing directory is
+    /// left as it is (it may be shared on purpose); one others can read is warned of.
     pub fn create(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let existed = self.root.is_dir();
         std::fs::create_dir_all(self.logs())
             .with_context(|| format!("cannot create {}", self.root.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot restrict permissions of {}", self.root.display()))?;
+        if !existed {
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| {
+                    format!("cannot restrict permissions of {}", self.root.display())
+                })?;
+        } else if let Ok(m) = std::fs::metadata(&self.root)
+            && m.permissions().mode() & 0o077 != 0
+        {
+            eprintln!(
+                "warning: {} is open to other users (mode {:o}); it holds the API token: \
+                 consider chmod 700",
+                self.root.display(),
+                m.permissions().mode() & 0o777
+            );
+        }
         Ok(())
     }
     pub fn db(&self) -> PathBuf {

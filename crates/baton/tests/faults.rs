@@ -324,3 +324,90 @@ async fn a_hung_proxy_is_replaced_within_3_s() {
     }
     assert_eq!(http_get(listen, "/").await.trim(), "hello from v1");
 }
+
+/// Rough edges of the control API and the state directory: tokens are reloaded when
+/// their file changes, a short token is refused with a message, refused requests and
+/// applies are audited, an existing `--dir` keeps its mode, and a controller that
+/// cannot serve its API port leaves no proxy behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_reload_refusals_are_audited_and_a_failed_start_leaves_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut env = Env::new();
+    std::fs::create_dir_all(&env.paths.root).expect("dir");
+    std::fs::set_permissions(&env.paths.root, std::fs::Permissions::from_mode(0o750))
+        .expect("chmod");
+    let listen = free_addr();
+    let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", PAUSED));
+    let admin = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
+    let mode = std::fs::metadata(&env.paths.root)
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o750, "an existing --dir was chmodded");
+
+    let api: std::net::SocketAddr = std::fs::read_to_string(env.paths.api_addr())
+        .expect("api address")
+        .trim()
+        .parse()
+        .expect("address");
+    let as_user = |t: &str| baton::api::ApiClient::new(api, t.to_string());
+    let alice = "alice-token-0123456789";
+    let viewer = "viewer-token-0123456789";
+    assert_eq!(
+        as_user(alice).get("/v1/rollouts").await.expect("api").0,
+        401
+    );
+    // Added while the controller runs: no restart needed.
+    std::fs::write(
+        env.paths.root.join("tokens"),
+        format!("alice {alice} operator\nbob short operator\nvera {viewer} viewer\n"),
+    )
+    .expect("tokens");
+    assert_eq!(
+        as_user(alice).get("/v1/rollouts").await.expect("api").0,
+        200
+    );
+    assert_eq!(
+        as_user("short").get("/v1/rollouts").await.expect("api").0,
+        401
+    );
+    let (code, _) = as_user(viewer)
+        .post("/v1/rollouts/hello/abort", None)
+        .await
+        .expect("api");
+    assert_eq!(code, 403);
+    let (code, _) = admin
+        .post("/v1/apply", Some("kind: Rollout\nspec: {}\n".into()))
+        .await
+        .expect("api");
+    assert_eq!(code, 400);
+    wait_until(Duration::from_secs(10), "the refusals audited", || {
+        let out = env.run(&["audit", "--output", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let reasons: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["action"] == "refused")
+            .filter_map(|e| e["reason"].as_str().map(str::to_string))
+            .collect();
+        reasons.iter().any(|r| r.contains("missing or wrong token"))
+            && reasons.iter().any(|r| r.contains("a viewer may not act"))
+            && reasons.iter().any(|r| r.starts_with("apply refused"))
+    });
+    assert!(env.up_log().contains("fewer than 16"), "{}", env.up_log());
+
+    // A second directory whose API port is taken: `up` fails and starts no proxy.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let other = Env::new();
+    let out = other
+        .cmd()
+        .args(["up", "-f", path_str(&v1), "--api-listen"])
+        .arg(taken.local_addr().expect("addr").to_string())
+        .output()
+        .expect("baton up");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("control API"), "{}", stderr(&out));
+    let proxy = ProxyClient::new(other.paths.proxy_socket());
+    assert!(proxy.ping().await.is_err(), "a proxy was left behind");
+}

@@ -53,7 +53,7 @@ async fn login_link(paths: &Paths, output: Output) -> Result<()> {
 async fn cluster(namespace: Option<&str>, listen: SocketAddr) -> Result<()> {
     let (client, ns) = kube_client(namespace).await?;
     let token = baton::paths::new_token()?;
-    let ids = Identities(vec![("admin".into(), token, Role::Admin)]);
+    let ids = Identities::fixed(vec![("admin".into(), token, Role::Admin)]);
     let board = Arc::new(Board::default());
     let listener = tokio::net::TcpListener::bind(listen)
         .await
