@@ -50,10 +50,14 @@ pub(crate) async fn route_request(
             "no route for this listener",
         ));
     };
-    if is_upgrade(req.headers()) {
+    let (mut parts, body) = req.into_parts();
+    if let Err(why) = host_rules(&mut parts) {
+        return Ok(plain(StatusCode::BAD_REQUEST, why));
+    }
+    if is_upgrade(&parts.headers) {
+        let req = Request::from_parts(parts, body);
         return Ok(upgrade(shared.clone(), route, req, peer).await);
     }
-    let (mut parts, body) = req.into_parts();
     let Some(first) = route.pick(&parts.headers) else {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "no ready instance"));
     };
@@ -93,7 +97,44 @@ async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, (StatusCode
     }
 }
 
-/// Hop-by-hop headers out, the client's address in `X-Forwarded-For`, a `Host`.
+/// The `Host` rules of RFC 9112 §3.2: at most one `Host`, and in HTTP/1.1 exactly one
+/// (HTTP/1.0 may leave it out), with a value that is a host; any of these broken is a
+/// 400. An absolute-form target's authority replaces `Host` (§3.2.2) — instances see
+/// the host the client addressed, not a second one smuggled beside it — and so does an
+/// HTTP/2 client's `:authority`, which arrives the same way.
+fn host_rules(parts: &mut hyper::http::request::Parts) -> Result<(), &'static str> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    match host {
+        None if parts.version == hyper::Version::HTTP_11 => {
+            return Err("an HTTP/1.1 request needs a Host header");
+        }
+        Some(v) if !valid_host(v.as_bytes()) => return Err("the Host header is not a host"),
+        _ => {}
+    }
+    if let Some(a) = parts.uri.authority() {
+        // Without any user info: `Host` is `host[:port]`.
+        let hostport = a.as_str().rsplit('@').next().unwrap_or_default();
+        match HeaderValue::from_str(hostport) {
+            Ok(v) => {
+                parts.headers.insert(header::HOST, v);
+            }
+            Err(_) => return Err("the request target's authority is not a host"),
+        }
+    }
+    Ok(())
+}
+
+/// `uri-host [ ":" port ]` (RFC 3986's reg-name, IP literal or address), or empty.
+fn valid_host(v: &[u8]) -> bool {
+    v.iter()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(b))
+}
+
+/// Hop-by-hop headers out, the client's address in `X-Forwarded-For`.
 fn prepare(
     parts: &mut hyper::http::request::Parts,
     peer: SocketAddr,
@@ -110,15 +151,6 @@ fn prepare(
     };
     if let Some(v) = forwarded {
         parts.headers.insert(X_FORWARDED_FOR, v);
-    }
-    // Instances get the origin form; an HTTP/2 client's authority becomes the Host.
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(v) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        parts.headers.insert(header::HOST, v);
     }
 }
 

@@ -812,3 +812,101 @@ async fn a_post_with_an_idempotency_key_is_shielded_and_one_without_is_not() {
     assert_eq!(post(listen, None).await, (500, "broken".into()));
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+/// A backend that answers with the `Host` values it was sent, comma-separated.
+async fn host_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
+                    let hosts: Vec<String> = req
+                        .headers()
+                        .get_all("host")
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect();
+                    async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(hosts.join(",")))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `head` (and nothing after it) as it is; the answer's status and body, read
+/// until the proxy closes (the heads ask it to).
+async fn raw(addr: SocketAddr, head: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an answer: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
+#[tokio::test]
+async fn host_rules_of_http_1_1_are_enforced() {
+    let p = proxy().await;
+    let a = host_echo().await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let ok = raw(
+        listen,
+        "GET / HTTP/1.1\r\nHost: one.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(ok, (200, "one.example".into()));
+    // Two Host headers: which one the instance believes is anyone's guess.
+    let two = raw(
+        listen,
+        "GET / HTTP/1.1\r\nHost: one.example\r\nHost: two.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(two.0, 400, "{two:?}");
+    // HTTP/1.1 without Host is malformed; HTTP/1.0 may leave it out.
+    let none = raw(listen, "GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(none.0, 400, "{none:?}");
+    let old = raw(listen, "GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(old.0, 200, "{old:?}");
+    let bad = raw(
+        listen,
+        "GET / HTTP/1.1\r\nHost: a/b@c\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(bad.0, 400, "{bad:?}");
+    // The absolute form's authority is the host, whatever Host says.
+    let absolute = raw(
+        listen,
+        "GET http://right.example:8080/x HTTP/1.1\r\nHost: wrong.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(absolute, (200, "right.example:8080".into()));
+    // None of these counted against the revision but the three answered.
+    let stats = p.client.stats().await.expect("stats");
+    assert_eq!(stats["svc"]["a"].requests(), 3);
+}
