@@ -70,7 +70,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// On shutdown, how long open connections may take to finish.
     pub drain_timeout: Duration,
-    /// How long an instance may take to answer one attempt before it counts as failed.
+    /// How long an instance may take to answer one attempt before it counts as failed,
+    /// and how long a client may take to send a request's body (408 after it).
     pub request_timeout: Duration,
     /// Take the listening sockets, table and counters over from the proxy running on
     /// `control_socket` (hot restart) instead of starting empty.

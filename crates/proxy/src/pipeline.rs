@@ -64,22 +64,53 @@ pub(crate) async fn route_request(
     let body = match read_body(shared, body).await {
         Ok(b) => b,
         Err((code, msg)) => {
-            route.targets[first]
-                .metrics
-                .observe(code.as_u16(), start.elapsed().as_secs_f64());
-            return Ok(plain(code, &msg));
+            // The client's doing, before any instance saw the request: an answer to
+            // count, never a latency sample of the revision.
+            route.targets[first].metrics.count(code.as_u16());
+            let mut resp = plain(code, &msg);
+            if parts.version < hyper::Version::HTTP_2 {
+                // What is left of the body is never read: the connection cannot carry
+                // another request.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return Ok(resp);
         }
     };
     prepare(&mut parts, peer, peer_ip);
-    Ok(attempt(shared, &route, first, &parts, &body, start).await)
+    Ok(attempt(shared, &route, first, &parts, &body, Instant::now()).await)
 }
 
-/// The whole body, up to the limit, so that the request can be sent again.
+/// The whole body, up to the limit, so that the request can be sent again. A declared
+/// length over the limit is refused before a byte is read, and the body must arrive
+/// within the request timeout: a stalled upload would otherwise hold its buffer (up to
+/// the limit) for ever.
 async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, (StatusCode, String)> {
     if hyper::body::Body::is_end_stream(&body) {
         return Ok(Bytes::new());
     }
-    match Limited::new(body, shared.max_body).collect().await {
+    // Exact when the client declared a length (`Content-Length`, in HTTP/1.1 and 2).
+    let declared = hyper::body::Body::size_hint(&body).lower();
+    if declared > shared.max_body as u64 {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body of {declared} bytes is over the limit of {} bytes",
+                shared.max_body
+            ),
+        ));
+    }
+    let read = Limited::new(body, shared.max_body).collect();
+    let Ok(collected) = tokio::time::timeout(shared.request_timeout, read).await else {
+        return Err((
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                shared.request_timeout.as_secs_f64()
+            ),
+        ));
+    };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -156,14 +187,16 @@ fn prepare(
 
 /// Plans the instances (the chosen revision's first, then the other revisions'),
 /// attempts them within the retry budget, shields stable's users from a canary's 5xx,
-/// and answers 502 when none could.
+/// and answers 502 when none could. Latency is each answering instance's own time,
+/// from its attempt to its answer's head: never the client's upload (the body is all
+/// in before `dispatched`), which a slow client would otherwise charge to the version.
 async fn attempt(
     shared: &Arc<Shared>,
     route: &Arc<table::Route>,
     first: usize,
     parts: &hyper::http::request::Parts,
     body: &Bytes,
-    start: Instant,
+    dispatched: Instant,
 ) -> Response<ProxyBody> {
     let mut order: Vec<usize> = vec![first];
     order.extend((0..route.targets.len()).filter(|i| {
@@ -192,11 +225,12 @@ async fn attempt(
                 break 'targets;
             }
             attempts += 1;
+            let sent = Instant::now();
             match forward(shared, parts, body, addr).await {
                 Ok(resp) => {
                     target
                         .metrics
-                        .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                        .observe(resp.status().as_u16(), sent.elapsed().as_secs_f64());
                     shared.outcome(target, health, sick(resp.status()));
                     if let Some(c) = route.mirror(ti).filter(|_| idempotent(&parts.method)) {
                         mirror(shared, route, c, parts, body);
@@ -225,10 +259,11 @@ async fn attempt(
     if let (Some(canary_answer), Some(s)) = (shielded, stable) {
         let target = &route.targets[s];
         for (addr, _) in target.backends_from_next(&shared.outliers).take(2) {
+            let sent = Instant::now();
             if let Ok(resp) = forward(shared, parts, body, addr).await {
                 target
                     .metrics
-                    .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                    .observe(resp.status().as_u16(), sent.elapsed().as_secs_f64());
                 route.targets[first].metrics.retry();
                 return resp;
             }
@@ -237,7 +272,7 @@ async fn attempt(
     }
     let t = &route.targets[first];
     t.metrics.upstream_error();
-    t.metrics.observe(502, start.elapsed().as_secs_f64());
+    t.metrics.observe(502, dispatched.elapsed().as_secs_f64());
     warn!(service = %route.service, revision = %t.name, error = %last_error, "no instance answered");
     plain(StatusCode::BAD_GATEWAY, "no instance could answer")
 }

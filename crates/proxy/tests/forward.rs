@@ -51,9 +51,14 @@ struct Proxy {
 }
 
 async fn proxy() -> Proxy {
+    proxy_with(|_| {}).await
+}
+
+/// A proxy with the test settings, changed by `tweak`.
+async fn proxy_with(tweak: impl FnOnce(&mut Config)) -> Proxy {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("proxy.sock");
-    let task = tokio::spawn(baton_proxy::run(Config {
+    let mut config = Config {
         control_socket: sock.clone(),
         metrics_listen: None,
         max_body_bytes: 1024,
@@ -62,7 +67,9 @@ async fn proxy() -> Proxy {
         takeover: false,
         workers: 2,
         cpu_affinity: Default::default(),
-    }));
+    };
+    tweak(&mut config);
+    let task = tokio::spawn(baton_proxy::run(config));
     let client = ProxyClient::new(&sock);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while client.ping().await.is_err() {
@@ -909,4 +916,96 @@ async fn host_rules_of_http_1_1_are_enforced() {
     // None of these counted against the revision but the three answered.
     let stats = p.client.stats().await.expect("stats");
     assert_eq!(stats["svc"]["a"].requests(), 3);
+}
+
+/// Slow uploaders must not make a version look slow: the latency judged is the
+/// instance's, from the request reaching it to its answer.
+#[tokio::test]
+async fn a_slow_upload_is_not_the_versions_latency() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = proxy().await;
+    let a = backend("a").await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let mut s = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("head");
+    let started = std::time::Instant::now();
+    for b in b"12345678" {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(&[*b]).await.expect("a byte");
+    }
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("answer");
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    let a = &p.client.stats().await.expect("stats")["svc"]["a"];
+    assert_eq!(a.requests(), 1);
+    assert!(
+        a.sum_seconds < 0.3,
+        "the upload's {:?} was charged to the version: {} s",
+        started.elapsed(),
+        a.sum_seconds
+    );
+}
+
+#[tokio::test]
+async fn a_declared_length_over_the_limit_gets_413_before_any_body() {
+    let p = proxy().await;
+    let a = backend("a").await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    // Nothing of the body is sent: the answer cannot wait for it. No `Connection:
+    // close` either: the proxy closes, since the body is left unread.
+    let (code, body) = raw(
+        listen,
+        "PUT /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("10000000"), "{body}");
+    let a = &p.client.stats().await.expect("stats")["svc"]["a"];
+    assert_eq!(
+        (a.classes[3], a.buckets.iter().sum::<u64>()),
+        (1, 0),
+        "{a:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_body_gets_408_within_the_request_timeout() {
+    let p = proxy_with(|c| c.request_timeout = Duration::from_secs(1)).await;
+    let a = backend("a").await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let started = std::time::Instant::now();
+    let (code, body) = raw(
+        listen,
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly this much",
+    )
+    .await;
+    assert_eq!(code, 408, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The proxy goes on serving.
+    assert_eq!(send(listen, b"small").await, (200, "a".into()));
 }
