@@ -20,13 +20,13 @@ use crate::{MAX_ATTEMPTS, ProxyBody, Shared, fairness, pool, table};
 
 /// Safe to send twice: idempotent by method, or made so by the client's
 /// `Idempotency-Key` (the backend answers a repeat with the first result, as the
-/// IETF draft and payment APIs define it). Mirroring still uses the method alone: a
-/// mirrored copy is not a retry and must never act.
+/// IETF draft and payment APIs define it). Mirroring has its own, narrower rule
+/// (`Route::mirror`): a mirrored copy is not a retry and must never act.
 pub(crate) fn retry_safe(parts: &hyper::http::request::Parts) -> bool {
     idempotent(&parts.method) || parts.headers.contains_key("idempotency-key")
 }
 
-pub(crate) fn idempotent(m: &Method) -> bool {
+fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
@@ -232,7 +232,7 @@ async fn attempt(
                         .metrics
                         .observe(resp.status().as_u16(), sent.elapsed().as_secs_f64());
                     shared.outcome(target, health, sick(resp.status()));
-                    if let Some(c) = route.mirror(ti).filter(|_| idempotent(&parts.method)) {
+                    if let Some(c) = route.mirror(ti, &parts.method) {
                         mirror(shared, route, c, parts, body);
                     }
                     if resp.status().is_server_error() && shield_from(ti) {

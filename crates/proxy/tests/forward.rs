@@ -104,6 +104,7 @@ fn table(
             drain_ms: Some(300),
             tls: None,
             mirror_percent: 0,
+            mirror_methods: Vec::new(),
             revisions: revs
                 .into_iter()
                 .map(|(n, w, b)| RevisionRoute {
@@ -1008,4 +1009,110 @@ async fn a_stalled_body_gets_408_within_the_request_timeout() {
     );
     // The proxy goes on serving.
     assert_eq!(send(listen, b"small").await, (200, "a".into()));
+}
+
+/// A backend that answers `name` and records the method of every request it gets.
+async fn method_recorder(name: &'static str) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    log.lock().expect("log").push(req.method().to_string());
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name)))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn request(addr: SocketAddr, method: &str) -> (u16, String) {
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri("/item/1")
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("request");
+    let resp = tx.send_request(req).await.expect("response");
+    let code = resp.status().as_u16();
+    let text = resp.into_body().collect().await.expect("body").to_bytes();
+    (code, String::from_utf8_lossy(&text).into_owned())
+}
+
+/// Mirroring a write runs it twice where the canary shares stable's data: only safe
+/// methods are copied, unless the table lists others.
+#[tokio::test]
+async fn mirroring_copies_safe_methods_only_unless_others_are_listed() {
+    let p = proxy().await;
+    let stable = backend("stable").await;
+    let (canary, seen) = method_recorder("canary").await;
+    let listen = free();
+    let mut t = table(
+        1,
+        listen,
+        vec![("s", 100, vec![stable]), ("c", 0, vec![canary])],
+    );
+    t.services[0].stable = Some("s".into());
+    t.services[0].canary = Some("c".into());
+    t.services[0].mirror_percent = 100;
+    p.client.set_table(&t).await.expect("ack");
+    // The writes first: were they copied, their copies would be in before the reads'.
+    for m in ["PUT", "DELETE", "PUT", "DELETE", "GET", "HEAD", "OPTIONS"] {
+        assert_eq!(request(listen, m).await.0, 200, "{m}");
+    }
+    let count = |m: &str| seen.lock().expect("log").iter().filter(|x| *x == m).count();
+    let mirrored = async || {
+        let stats = p.client.stats().await.expect("stats");
+        stats["svc"].get("c").map_or(0, |c| c.mirrored)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while mirrored().await < 3 {
+        assert!(std::time::Instant::now() < deadline, "reads not mirrored");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        (count("PUT"), count("DELETE")),
+        (0, 0),
+        "writes were mirrored"
+    );
+    assert_eq!((count("GET"), count("HEAD"), count("OPTIONS")), (1, 1, 1));
+    assert_eq!(mirrored().await, 3);
+
+    // Listed, PUT is copied too; DELETE still is not.
+    t.version = 2;
+    t.services[0].mirror_methods = vec!["PUT".into()];
+    p.client.set_table(&t).await.expect("ack");
+    for m in ["DELETE", "PUT", "PUT"] {
+        assert_eq!(request(listen, m).await.0, 200, "{m}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while count("PUT") < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "listed PUTs not mirrored"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(count("DELETE"), 0);
+    // A method that is not one refuses the table.
+    t.version = 3;
+    t.services[0].mirror_methods = vec!["P U T".into()];
+    let e = p.client.set_table(&t).await.expect_err("refused");
+    assert!(e.to_string().contains("not a method"), "{e}");
 }
