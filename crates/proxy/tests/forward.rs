@@ -1116,3 +1116,79 @@ async fn mirroring_copies_safe_methods_only_unless_others_are_listed() {
     let e = p.client.set_table(&t).await.expect_err("refused");
     assert!(e.to_string().contains("not a method"), "{e}");
 }
+
+/// `baton restart-proxy` and `baton down`: the proxy that goes away closes its
+/// WebSockets with 1001 ("going away") once its HTTP connections have drained; the
+/// client reconnects (to the new process, on a restart) instead of seeing its
+/// connection dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_goes_away_closes_its_websockets_with_1001() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let old = proxy().await;
+    let backend = ws_backend("ws").await;
+    let listen = free();
+    old.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![backend])]))
+        .await
+        .expect("ack");
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(listen)
+            .await
+            .expect("connect");
+        tokio_tungstenite::client_async(format!("ws://{listen}/ws"), tcp)
+            .await
+            .expect("handshake")
+            .0
+    };
+    let closes_with_1001 =
+        async |ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>| {
+            let closed = tokio::time::timeout(Duration::from_secs(15), ws.next())
+                .await
+                .expect("closed in time");
+            match closed {
+                Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1001),
+                other => panic!("expected a 1001 close, got {other:?}"),
+            }
+        };
+    let mut ws = connect().await;
+    ws.send(Message::text("hi")).await.expect("send");
+    assert_eq!(
+        ws.next().await.expect("answer").expect("ok"),
+        Message::text("ws: hi")
+    );
+
+    // A new process takes over; the old one drains, closes the tunnel and exits.
+    let sock = old._dir.path().join("proxy.sock");
+    let new = tokio::spawn(baton_proxy::run(Config {
+        control_socket: sock.clone(),
+        metrics_listen: None,
+        max_body_bytes: 1024,
+        drain_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(10),
+        takeover: true,
+        workers: 2,
+        cpu_affinity: Default::default(),
+    }));
+    closes_with_1001(&mut ws).await;
+    tokio::time::timeout(Duration::from_secs(15), old.task)
+        .await
+        .expect("the old proxy exits")
+        .expect("joins")
+        .expect("clean exit");
+
+    // The client reconnects to the new process; its shutdown closes it alike.
+    let mut again = connect().await;
+    again.send(Message::text("back")).await.expect("send");
+    assert_eq!(
+        again.next().await.expect("answer").expect("ok"),
+        Message::text("ws: back")
+    );
+    ProxyClient::new(&sock).shutdown().await.expect("shutdown");
+    closes_with_1001(&mut again).await;
+    tokio::time::timeout(Duration::from_secs(15), new)
+        .await
+        .expect("the new proxy exits")
+        .expect("joins")
+        .expect("clean exit");
+}
