@@ -215,6 +215,8 @@ async fn a_proxy_that_dies_while_nothing_changes_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_the_proxy_under_load_fails_no_request() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
     let mut env = Env::new();
     // Settings given to `baton up` only: the restarted proxy must keep them.
     env.up_env = vec![
@@ -232,6 +234,22 @@ async fn restarting_the_proxy_under_load_fails_no_request() {
         (1, baton_proxy::CpuAffinity::Auto)
     );
     let load = Load::start(listen, 8, 800);
+    // A WebSocket open across the restart: the old process closes it with 1001.
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(listen)
+            .await
+            .expect("connect");
+        tokio_tungstenite::client_async(format!("ws://{listen}/ws"), tcp)
+            .await
+            .expect("handshake")
+            .0
+    };
+    let mut ws = connect().await;
+    ws.send(Message::text("hi")).await.expect("send");
+    assert_eq!(
+        ws.next().await.expect("answer").expect("ok"),
+        Message::text("v1: hi")
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = env.run(&["restart-proxy"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -258,6 +276,19 @@ async fn restarting_the_proxy_under_load_fails_no_request() {
         r.sent, r.failed
     );
     assert_eq!(r.failed, 0, "{:?}", r.failures);
+    match tokio::time::timeout(Duration::from_secs(30), ws.next())
+        .await
+        .expect("closed in time")
+    {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1001),
+        other => panic!("expected a 1001 close, got {other:?}"),
+    }
+    let mut again = connect().await;
+    again.send(Message::text("back")).await.expect("send");
+    assert_eq!(
+        again.next().await.expect("answer").expect("ok"),
+        Message::text("v1: back")
+    );
     // The controller keeps steering the new proxy.
     let v2 = env.write("v2.yaml", &spec(listen, "v2", ""));
     assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());

@@ -105,6 +105,7 @@ pub fn engine_spec(
                 canary_header: None,
                 shield_canary: false,
                 mirror_percent: 0,
+                mirror_methods: Vec::new(),
                 tls: None,
             },
             strategy,

@@ -88,6 +88,7 @@ pub fn service_route(
             .as_ref()
             .map(|t| (t.cert_file.clone(), t.key_file.clone())),
         mirror_percent: traffic.mirror_percent,
+        mirror_methods: traffic.mirror_methods.clone(),
         // Just before the instance would be killed: it may close with 1012 itself when
         // it gets SIGTERM, after preStop.
         drain_ms: Some(

@@ -43,9 +43,13 @@ pub struct ServiceRoute {
     /// proxy closes it with 1001 (the instance may close it first, with 1012).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_ms: Option<u64>,
-    /// Share (0-100) of stable's idempotent requests copied to the canary.
+    /// Share (0-100) of stable's requests with a mirrored method copied to the canary.
     #[serde(default)]
     pub mirror_percent: u32,
+    /// The methods mirrored; empty means the safe ones (GET, HEAD, OPTIONS): a copied
+    /// write would run twice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirror_methods: Vec<String>,
     /// `(certificate PEM file, key PEM file)`: serve the main listener over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<(String, String)>,

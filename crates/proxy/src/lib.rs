@@ -60,6 +60,8 @@ type ProxyBody = BoxBody<Bytes, h1::BoxError>;
 const MAX_ATTEMPTS: usize = 4;
 /// Request heads above this size are refused (HTTP/1.1: 431) instead of buffered.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// On shutdown, how long a tunnel told to close may take to reach a frame boundary.
+const TUNNEL_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -70,7 +72,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// On shutdown, how long open connections may take to finish.
     pub drain_timeout: Duration,
-    /// How long an instance may take to answer one attempt before it counts as failed.
+    /// How long an instance may take to answer one attempt before it counts as failed,
+    /// and how long a client may take to send a request's body (408 after it).
     pub request_timeout: Duration,
     /// Take the listening sockets, table and counters over from the proxy running on
     /// `control_socket` (hot restart) instead of starting empty.
@@ -261,6 +264,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
             warn!("drain timeout passed with connections still open");
         }
     }
+    close_tunnels(&shared.sessions).await;
     control_task.abort();
     checks.abort();
     if let Some(t) = metrics_task {
@@ -271,6 +275,33 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
     }
     drop(stop_workers);
     Ok(())
+}
+
+/// Upgraded connections (WebSockets) are not hyper's any more, so its graceful
+/// shutdown does not see them, and stopping the data-plane threads would drop them
+/// mid-stream. Once the HTTP connections have drained, each tunnel is closed with
+/// 1001 ("going away") at a frame boundary, as when its instance leaves routing; one
+/// stuck inside a frame that never ends is dropped after a grace period.
+async fn close_tunnels(sessions: &websocket::Sessions) {
+    if sessions.count() == 0 {
+        return;
+    }
+    info!(
+        tunnels = sessions.count(),
+        "closing WebSocket tunnels with 1001"
+    );
+    let now = tokio::time::Instant::now();
+    sessions.close_all(now);
+    let deadline = now + TUNNEL_CLOSE_GRACE;
+    while sessions.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if sessions.count() > 0 {
+        warn!(
+            tunnels = sessions.count(),
+            "tunnels still inside a frame: dropped"
+        );
+    }
 }
 
 /// Starts a thread per entry of `cpus` (bound to that CPU when given), each running a

@@ -20,6 +20,11 @@ thread_local! {
     static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
 }
 
+/// The index of a status's class: 1xx..5xx.
+fn class(status: u16) -> usize {
+    usize::from((status / 100).clamp(1, 5)) - 1
+}
+
 #[derive(Default)]
 pub struct RevisionMetrics {
     shards: [Shard; SHARDS],
@@ -49,8 +54,7 @@ impl RevisionMetrics {
     }
     pub fn observe(&self, status: u16, seconds: f64) {
         let me = self.mine();
-        let class = usize::from((status / 100).clamp(1, 5)) - 1;
-        me.classes[class].fetch_add(1, Ordering::Relaxed);
+        me.classes[class(status)].fetch_add(1, Ordering::Relaxed);
         let i = BUCKETS
             .iter()
             .position(|b| seconds <= *b)
@@ -58,6 +62,12 @@ impl RevisionMetrics {
         me.buckets[i].fetch_add(1, Ordering::Relaxed);
         me.sum_micros
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+    /// An answer the proxy gave before any instance saw the request (a body too
+    /// large or too slow): counted by status, but no latency sample — that time is
+    /// the client's, not the revision's.
+    pub fn count(&self, status: u16) {
+        self.mine().classes[class(status)].fetch_add(1, Ordering::Relaxed);
     }
     pub fn upstream_error(&self) {
         self.mine().upstream_errors.fetch_add(1, Ordering::Relaxed);
@@ -168,7 +178,7 @@ impl Metrics {
         }
         let _ = writeln!(
             o,
-            "# HELP http_request_duration_seconds Time from request to response headers, by revision."
+            "# HELP http_request_duration_seconds Time an instance of the revision took to answer: from the request, its body already received from the client, being sent to the instance, to the response headers. A client's slow upload is not in it."
         );
         let _ = writeln!(o, "# TYPE http_request_duration_seconds histogram");
         for (svc, revs) in &snap {
@@ -305,5 +315,8 @@ mod tests {
             )
         );
         assert!(text.contains("baton_proxy_routing_table_version 7"));
+        // Which time the histogram holds is said where it is read.
+        assert!(text.contains("# HELP http_request_duration_seconds Time an instance"));
+        assert!(text.contains("slow upload is not in it"));
     }
 }

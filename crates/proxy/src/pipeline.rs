@@ -20,13 +20,13 @@ use crate::{MAX_ATTEMPTS, ProxyBody, Shared, fairness, pool, table};
 
 /// Safe to send twice: idempotent by method, or made so by the client's
 /// `Idempotency-Key` (the backend answers a repeat with the first result, as the
-/// IETF draft and payment APIs define it). Mirroring still uses the method alone: a
-/// mirrored copy is not a retry and must never act.
+/// IETF draft and payment APIs define it). Mirroring has its own, narrower rule
+/// (`Route::mirror`): a mirrored copy is not a retry and must never act.
 pub(crate) fn retry_safe(parts: &hyper::http::request::Parts) -> bool {
     idempotent(&parts.method) || parts.headers.contains_key("idempotency-key")
 }
 
-pub(crate) fn idempotent(m: &Method) -> bool {
+fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
@@ -50,32 +50,67 @@ pub(crate) async fn route_request(
             "no route for this listener",
         ));
     };
-    if is_upgrade(req.headers()) {
+    let (mut parts, body) = req.into_parts();
+    if let Err(why) = host_rules(&mut parts) {
+        return Ok(plain(StatusCode::BAD_REQUEST, why));
+    }
+    if is_upgrade(&parts.headers) {
+        let req = Request::from_parts(parts, body);
         return Ok(upgrade(shared.clone(), route, req, peer).await);
     }
-    let (mut parts, body) = req.into_parts();
     let Some(first) = route.pick(&parts.headers) else {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "no ready instance"));
     };
     let body = match read_body(shared, body).await {
         Ok(b) => b,
         Err((code, msg)) => {
-            route.targets[first]
-                .metrics
-                .observe(code.as_u16(), start.elapsed().as_secs_f64());
-            return Ok(plain(code, &msg));
+            // The client's doing, before any instance saw the request: an answer to
+            // count, never a latency sample of the revision.
+            route.targets[first].metrics.count(code.as_u16());
+            let mut resp = plain(code, &msg);
+            if parts.version < hyper::Version::HTTP_2 {
+                // What is left of the body is never read: the connection cannot carry
+                // another request.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return Ok(resp);
         }
     };
     prepare(&mut parts, peer, peer_ip);
-    Ok(attempt(shared, &route, first, &parts, &body, start).await)
+    Ok(attempt(shared, &route, first, &parts, &body, Instant::now()).await)
 }
 
-/// The whole body, up to the limit, so that the request can be sent again.
+/// The whole body, up to the limit, so that the request can be sent again. A declared
+/// length over the limit is refused before a byte is read, and the body must arrive
+/// within the request timeout: a stalled upload would otherwise hold its buffer (up to
+/// the limit) for ever.
 async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, (StatusCode, String)> {
     if hyper::body::Body::is_end_stream(&body) {
         return Ok(Bytes::new());
     }
-    match Limited::new(body, shared.max_body).collect().await {
+    // Exact when the client declared a length (`Content-Length`, in HTTP/1.1 and 2).
+    let declared = hyper::body::Body::size_hint(&body).lower();
+    if declared > shared.max_body as u64 {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body of {declared} bytes is over the limit of {} bytes",
+                shared.max_body
+            ),
+        ));
+    }
+    let read = Limited::new(body, shared.max_body).collect();
+    let Ok(collected) = tokio::time::timeout(shared.request_timeout, read).await else {
+        return Err((
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                shared.request_timeout.as_secs_f64()
+            ),
+        ));
+    };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -93,7 +128,44 @@ async fn read_body(shared: &Shared, body: Incoming) -> Result<Bytes, (StatusCode
     }
 }
 
-/// Hop-by-hop headers out, the client's address in `X-Forwarded-For`, a `Host`.
+/// The `Host` rules of RFC 9112 §3.2: at most one `Host`, and in HTTP/1.1 exactly one
+/// (HTTP/1.0 may leave it out), with a value that is a host; any of these broken is a
+/// 400. An absolute-form target's authority replaces `Host` (§3.2.2) — instances see
+/// the host the client addressed, not a second one smuggled beside it — and so does an
+/// HTTP/2 client's `:authority`, which arrives the same way.
+fn host_rules(parts: &mut hyper::http::request::Parts) -> Result<(), &'static str> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    match host {
+        None if parts.version == hyper::Version::HTTP_11 => {
+            return Err("an HTTP/1.1 request needs a Host header");
+        }
+        Some(v) if !valid_host(v.as_bytes()) => return Err("the Host header is not a host"),
+        _ => {}
+    }
+    if let Some(a) = parts.uri.authority() {
+        // Without any user info: `Host` is `host[:port]`.
+        let hostport = a.as_str().rsplit('@').next().unwrap_or_default();
+        match HeaderValue::from_str(hostport) {
+            Ok(v) => {
+                parts.headers.insert(header::HOST, v);
+            }
+            Err(_) => return Err("the request target's authority is not a host"),
+        }
+    }
+    Ok(())
+}
+
+/// `uri-host [ ":" port ]` (RFC 3986's reg-name, IP literal or address), or empty.
+fn valid_host(v: &[u8]) -> bool {
+    v.iter()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(b))
+}
+
+/// Hop-by-hop headers out, the client's address in `X-Forwarded-For`.
 fn prepare(
     parts: &mut hyper::http::request::Parts,
     peer: SocketAddr,
@@ -111,27 +183,20 @@ fn prepare(
     if let Some(v) = forwarded {
         parts.headers.insert(X_FORWARDED_FOR, v);
     }
-    // Instances get the origin form; an HTTP/2 client's authority becomes the Host.
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(v) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        parts.headers.insert(header::HOST, v);
-    }
 }
 
 /// Plans the instances (the chosen revision's first, then the other revisions'),
 /// attempts them within the retry budget, shields stable's users from a canary's 5xx,
-/// and answers 502 when none could.
+/// and answers 502 when none could. Latency is each answering instance's own time,
+/// from its attempt to its answer's head: never the client's upload (the body is all
+/// in before `dispatched`), which a slow client would otherwise charge to the version.
 async fn attempt(
     shared: &Arc<Shared>,
     route: &Arc<table::Route>,
     first: usize,
     parts: &hyper::http::request::Parts,
     body: &Bytes,
-    start: Instant,
+    dispatched: Instant,
 ) -> Response<ProxyBody> {
     let mut order: Vec<usize> = vec![first];
     order.extend((0..route.targets.len()).filter(|i| {
@@ -160,13 +225,14 @@ async fn attempt(
                 break 'targets;
             }
             attempts += 1;
+            let sent = Instant::now();
             match forward(shared, parts, body, addr).await {
                 Ok(resp) => {
                     target
                         .metrics
-                        .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                        .observe(resp.status().as_u16(), sent.elapsed().as_secs_f64());
                     shared.outcome(target, health, sick(resp.status()));
-                    if let Some(c) = route.mirror(ti).filter(|_| idempotent(&parts.method)) {
+                    if let Some(c) = route.mirror(ti, &parts.method) {
                         mirror(shared, route, c, parts, body);
                     }
                     if resp.status().is_server_error() && shield_from(ti) {
@@ -193,10 +259,11 @@ async fn attempt(
     if let (Some(canary_answer), Some(s)) = (shielded, stable) {
         let target = &route.targets[s];
         for (addr, _) in target.backends_from_next(&shared.outliers).take(2) {
+            let sent = Instant::now();
             if let Ok(resp) = forward(shared, parts, body, addr).await {
                 target
                     .metrics
-                    .observe(resp.status().as_u16(), start.elapsed().as_secs_f64());
+                    .observe(resp.status().as_u16(), sent.elapsed().as_secs_f64());
                 route.targets[first].metrics.retry();
                 return resp;
             }
@@ -205,7 +272,7 @@ async fn attempt(
     }
     let t = &route.targets[first];
     t.metrics.upstream_error();
-    t.metrics.observe(502, start.elapsed().as_secs_f64());
+    t.metrics.observe(502, dispatched.elapsed().as_secs_f64());
     warn!(service = %route.service, revision = %t.name, error = %last_error, "no instance answered");
     plain(StatusCode::BAD_GATEWAY, "no instance could answer")
 }

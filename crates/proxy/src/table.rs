@@ -143,6 +143,8 @@ pub(crate) struct Route {
     pub shield: bool,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub mirror_percent: u32,
+    /// What is copied; empty: the safe methods.
+    mirror_methods: Vec<hyper::Method>,
     mirror_counter: AtomicU64,
     /// Retry budget in tenths of a retry: each request earns one tenth, each retry
     /// spends ten, so retries stay under about 10 % of requests (plus a burst of ten),
@@ -196,10 +198,22 @@ impl Route {
             .is_ok()
     }
 
-    /// Whether this request (served by stable) is copied to the canary.
-    pub fn mirror(&self, served_by: usize) -> Option<usize> {
+    /// Whether this request (served by stable) is copied to the canary. Only the
+    /// listed methods, by default the safe ones (GET, HEAD, OPTIONS): an idempotent
+    /// PUT or DELETE is still a write, and against data the canary shares with stable
+    /// a copy runs it twice.
+    pub fn mirror(&self, served_by: usize, method: &hyper::Method) -> Option<usize> {
         let canary = self.canary?;
+        let listed = if self.mirror_methods.is_empty() {
+            matches!(
+                *method,
+                hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+            )
+        } else {
+            self.mirror_methods.contains(method)
+        };
         if self.mirror_percent == 0
+            || !listed
             || Some(served_by) != self.stable
             || self.targets[canary].backends.is_empty()
         {
@@ -350,6 +364,15 @@ impl Compiled {
                 canary_header,
                 shield: svc.shield_canary,
                 mirror_percent: svc.mirror_percent.min(100),
+                mirror_methods: svc
+                    .mirror_methods
+                    .iter()
+                    .map(|m| {
+                        hyper::Method::from_bytes(m.as_bytes()).map_err(|_| {
+                            format!("service {}: {m:?} is not a method to mirror", svc.name)
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
                 mirror_counter: AtomicU64::new(0),
                 retry_budget: std::sync::atomic::AtomicI64::new(RETRY_BURST),
                 tls: match &svc.tls {
@@ -384,6 +407,7 @@ impl Compiled {
                     shield: false,
                     tls: None,
                     mirror_percent: 0,
+                    mirror_methods: Vec::new(),
                     mirror_counter: AtomicU64::new(0),
                     retry_budget: std::sync::atomic::AtomicI64::new(RETRY_BURST),
                 };
@@ -421,6 +445,7 @@ mod tests {
                 drain_ms: None,
                 tls: None,
                 mirror_percent: 0,
+                mirror_methods: Vec::new(),
                 revisions: weights
                     .iter()
                     .enumerate()

@@ -4,7 +4,10 @@
 //! session keeps flowing: a backend that closes it itself (1012, "service restart")
 //! is best. If it has not by the drain deadline, the proxy closes it with 1001 ("going
 //! away") — between two frames of the instance's stream, never inside one, which is
-//! why the backend-to-client direction tracks frame boundaries.
+//! why the backend-to-client direction tracks frame boundaries. A proxy that shuts
+//! down (`baton down`, or the old process of `baton restart-proxy`) closes every
+//! tunnel the same way once its HTTP connections have drained: its clients reconnect,
+//! to the new process if there is one, instead of seeing their connection dropped.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,7 +28,14 @@ const CLOSE_1001: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
 #[derive(Default)]
 pub struct Sessions {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, Session>>,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    by_id: HashMap<u64, Session>,
+    /// Set when the proxy shuts down: every tunnel's deadline, those opened after too.
+    going_away: Option<Instant>,
 }
 
 struct Session {
@@ -41,8 +51,9 @@ impl Sessions {
         backend: SocketAddr,
     ) -> (u64, watch::Receiver<Option<Instant>>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(None);
-        self.lock().insert(
+        let mut open = self.lock();
+        let (tx, rx) = watch::channel(open.going_away);
+        open.by_id.insert(
             id,
             Session {
                 service: service.to_string(),
@@ -54,15 +65,29 @@ impl Sessions {
     }
 
     fn remove(&self, id: u64) {
-        self.lock().remove(&id);
+        self.lock().by_id.remove(&id);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Session>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn count(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
+    }
+
+    /// The proxy is going away: every tunnel closes with 1001 at its next frame
+    /// boundary after `deadline` (or at its own drain deadline, if that is sooner),
+    /// and so does any opened from now on.
+    pub fn close_all(&self, deadline: Instant) {
+        let mut open = self.lock();
+        let deadline = open.going_away.map_or(deadline, |g| g.min(deadline));
+        open.going_away = Some(deadline);
+        for s in open.by_id.values() {
+            if s.drain.borrow().is_none_or(|d| d > deadline) {
+                s.drain.send_replace(Some(deadline));
+            }
+        }
     }
 
     /// Starts the drain clock of every session whose instance is no longer routed;
@@ -73,7 +98,7 @@ impl Sessions {
         drain_of: impl Fn(&str) -> Duration,
     ) {
         let now = Instant::now();
-        for s in self.lock().values() {
+        for s in self.lock().by_id.values() {
             if !routed.contains(&s.backend) && s.drain.borrow().is_none() {
                 let deadline = now + drain_of(&s.service);
                 s.drain.send_replace(Some(deadline));
@@ -229,6 +254,27 @@ mod tests {
         }
         f.extend(std::iter::repeat_n(b'x', payload));
         f
+    }
+
+    #[test]
+    fn going_away_reaches_open_tunnels_and_those_opened_after() {
+        let s = Sessions::default();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let (_, before) = s.register("svc", addr);
+        let at = Instant::now() + Duration::from_secs(10);
+        s.close_all(at);
+        assert_eq!(*before.borrow(), Some(at));
+        let (_, after) = s.register("svc", addr);
+        assert_eq!(*after.borrow(), Some(at), "opened while going away");
+        // The sooner deadline stands, whichever came first.
+        let sooner = at - Duration::from_secs(5);
+        s.close_all(sooner);
+        s.close_all(at);
+        assert_eq!(
+            (*before.borrow(), *after.borrow()),
+            (Some(sooner), Some(sooner))
+        );
+        assert_eq!(*s.register("svc", addr).1.borrow(), Some(sooner));
     }
 
     #[test]

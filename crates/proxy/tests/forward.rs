@@ -51,9 +51,14 @@ struct Proxy {
 }
 
 async fn proxy() -> Proxy {
+    proxy_with(|_| {}).await
+}
+
+/// A proxy with the test settings, changed by `tweak`.
+async fn proxy_with(tweak: impl FnOnce(&mut Config)) -> Proxy {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("proxy.sock");
-    let task = tokio::spawn(baton_proxy::run(Config {
+    let mut config = Config {
         control_socket: sock.clone(),
         metrics_listen: None,
         max_body_bytes: 1024,
@@ -62,7 +67,9 @@ async fn proxy() -> Proxy {
         takeover: false,
         workers: 2,
         cpu_affinity: Default::default(),
-    }));
+    };
+    tweak(&mut config);
+    let task = tokio::spawn(baton_proxy::run(config));
     let client = ProxyClient::new(&sock);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while client.ping().await.is_err() {
@@ -97,6 +104,7 @@ fn table(
             drain_ms: Some(300),
             tls: None,
             mirror_percent: 0,
+            mirror_methods: Vec::new(),
             revisions: revs
                 .into_iter()
                 .map(|(n, w, b)| RevisionRoute {
@@ -874,4 +882,376 @@ async fn a_post_with_an_idempotency_key_is_shielded_and_one_without_is_not() {
     // Without a key a POST may not be sent twice: the canary's answer stands.
     assert_eq!(post(listen, None).await, (500, "broken".into()));
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// A backend that answers with the `Host` values it was sent, comma-separated.
+async fn host_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
+                    let hosts: Vec<String> = req
+                        .headers()
+                        .get_all("host")
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect();
+                    async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(hosts.join(",")))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `head` (and nothing after it) as it is; the answer's status and body, read
+/// until the proxy closes (the heads ask it to).
+async fn raw(addr: SocketAddr, head: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an answer: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
+#[tokio::test]
+async fn host_rules_of_http_1_1_are_enforced() {
+    let p = proxy().await;
+    let a = host_echo().await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let ok = raw(
+        listen,
+        "GET / HTTP/1.1\r\nHost: one.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(ok, (200, "one.example".into()));
+    // Two Host headers: which one the instance believes is anyone's guess.
+    let two = raw(
+        listen,
+        "GET / HTTP/1.1\r\nHost: one.example\r\nHost: two.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(two.0, 400, "{two:?}");
+    // HTTP/1.1 without Host is malformed; HTTP/1.0 may leave it out.
+    let none = raw(listen, "GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(none.0, 400, "{none:?}");
+    let old = raw(listen, "GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(old.0, 200, "{old:?}");
+    let bad = raw(
+        listen,
+        "GET / HTTP/1.1\r\nHost: a/b@c\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(bad.0, 400, "{bad:?}");
+    // The absolute form's authority is the host, whatever Host says.
+    let absolute = raw(
+        listen,
+        "GET http://right.example:8080/x HTTP/1.1\r\nHost: wrong.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(absolute, (200, "right.example:8080".into()));
+    // None of these counted against the revision but the three answered.
+    let stats = p.client.stats().await.expect("stats");
+    assert_eq!(stats["svc"]["a"].requests(), 3);
+}
+
+/// Slow uploaders must not make a version look slow: the latency judged is the
+/// instance's, from the request reaching it to its answer.
+#[tokio::test]
+async fn a_slow_upload_is_not_the_versions_latency() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = proxy().await;
+    let a = backend("a").await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let mut s = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("head");
+    let started = std::time::Instant::now();
+    for b in b"12345678" {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(&[*b]).await.expect("a byte");
+    }
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("answer");
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    let a = &p.client.stats().await.expect("stats")["svc"]["a"];
+    assert_eq!(a.requests(), 1);
+    assert!(
+        a.sum_seconds < 0.3,
+        "the upload's {:?} was charged to the version: {} s",
+        started.elapsed(),
+        a.sum_seconds
+    );
+}
+
+#[tokio::test]
+async fn a_declared_length_over_the_limit_gets_413_before_any_body() {
+    let p = proxy().await;
+    let a = backend("a").await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    // Nothing of the body is sent: the answer cannot wait for it. No `Connection:
+    // close` either: the proxy closes, since the body is left unread.
+    let (code, body) = raw(
+        listen,
+        "PUT /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("10000000"), "{body}");
+    let a = &p.client.stats().await.expect("stats")["svc"]["a"];
+    assert_eq!(
+        (a.classes[3], a.buckets.iter().sum::<u64>()),
+        (1, 0),
+        "{a:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_body_gets_408_within_the_request_timeout() {
+    let p = proxy_with(|c| c.request_timeout = Duration::from_secs(1)).await;
+    let a = backend("a").await;
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let started = std::time::Instant::now();
+    let (code, body) = raw(
+        listen,
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly this much",
+    )
+    .await;
+    assert_eq!(code, 408, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The proxy goes on serving.
+    assert_eq!(send(listen, b"small").await, (200, "a".into()));
+}
+
+/// A backend that answers `name` and records the method of every request it gets.
+async fn method_recorder(name: &'static str) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    log.lock().expect("log").push(req.method().to_string());
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name)))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn request(addr: SocketAddr, method: &str) -> (u16, String) {
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri("/item/1")
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("request");
+    let resp = tx.send_request(req).await.expect("response");
+    let code = resp.status().as_u16();
+    let text = resp.into_body().collect().await.expect("body").to_bytes();
+    (code, String::from_utf8_lossy(&text).into_owned())
+}
+
+/// Mirroring a write runs it twice where the canary shares stable's data: only safe
+/// methods are copied, unless the table lists others.
+#[tokio::test]
+async fn mirroring_copies_safe_methods_only_unless_others_are_listed() {
+    let p = proxy().await;
+    let stable = backend("stable").await;
+    let (canary, seen) = method_recorder("canary").await;
+    let listen = free();
+    let mut t = table(
+        1,
+        listen,
+        vec![("s", 100, vec![stable]), ("c", 0, vec![canary])],
+    );
+    t.services[0].stable = Some("s".into());
+    t.services[0].canary = Some("c".into());
+    t.services[0].mirror_percent = 100;
+    p.client.set_table(&t).await.expect("ack");
+    // The writes first: were they copied, their copies would be in before the reads'.
+    for m in ["PUT", "DELETE", "PUT", "DELETE", "GET", "HEAD", "OPTIONS"] {
+        assert_eq!(request(listen, m).await.0, 200, "{m}");
+    }
+    let count = |m: &str| seen.lock().expect("log").iter().filter(|x| *x == m).count();
+    let mirrored = async || {
+        let stats = p.client.stats().await.expect("stats");
+        stats["svc"].get("c").map_or(0, |c| c.mirrored)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while mirrored().await < 3 {
+        assert!(std::time::Instant::now() < deadline, "reads not mirrored");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        (count("PUT"), count("DELETE")),
+        (0, 0),
+        "writes were mirrored"
+    );
+    assert_eq!((count("GET"), count("HEAD"), count("OPTIONS")), (1, 1, 1));
+    assert_eq!(mirrored().await, 3);
+
+    // Listed, PUT is copied too; DELETE still is not.
+    t.version = 2;
+    t.services[0].mirror_methods = vec!["PUT".into()];
+    p.client.set_table(&t).await.expect("ack");
+    for m in ["DELETE", "PUT", "PUT"] {
+        assert_eq!(request(listen, m).await.0, 200, "{m}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while count("PUT") < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "listed PUTs not mirrored"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(count("DELETE"), 0);
+    // A method that is not one refuses the table.
+    t.version = 3;
+    t.services[0].mirror_methods = vec!["P U T".into()];
+    let e = p.client.set_table(&t).await.expect_err("refused");
+    assert!(e.to_string().contains("not a method"), "{e}");
+}
+
+/// `baton restart-proxy` and `baton down`: the proxy that goes away closes its
+/// WebSockets with 1001 ("going away") once its HTTP connections have drained; the
+/// client reconnects (to the new process, on a restart) instead of seeing its
+/// connection dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_goes_away_closes_its_websockets_with_1001() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let old = proxy().await;
+    let backend = ws_backend("ws").await;
+    let listen = free();
+    old.client
+        .set_table(&table(1, listen, vec![("a", 100, vec![backend])]))
+        .await
+        .expect("ack");
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(listen)
+            .await
+            .expect("connect");
+        tokio_tungstenite::client_async(format!("ws://{listen}/ws"), tcp)
+            .await
+            .expect("handshake")
+            .0
+    };
+    let closes_with_1001 =
+        async |ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>| {
+            let closed = tokio::time::timeout(Duration::from_secs(15), ws.next())
+                .await
+                .expect("closed in time");
+            match closed {
+                Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 1001),
+                other => panic!("expected a 1001 close, got {other:?}"),
+            }
+        };
+    let mut ws = connect().await;
+    ws.send(Message::text("hi")).await.expect("send");
+    assert_eq!(
+        ws.next().await.expect("answer").expect("ok"),
+        Message::text("ws: hi")
+    );
+
+    // A new process takes over; the old one drains, closes the tunnel and exits.
+    let sock = old._dir.path().join("proxy.sock");
+    let new = tokio::spawn(baton_proxy::run(Config {
+        control_socket: sock.clone(),
+        metrics_listen: None,
+        max_body_bytes: 1024,
+        drain_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(10),
+        takeover: true,
+        workers: 2,
+        cpu_affinity: Default::default(),
+    }));
+    closes_with_1001(&mut ws).await;
+    tokio::time::timeout(Duration::from_secs(15), old.task)
+        .await
+        .expect("the old proxy exits")
+        .expect("joins")
+        .expect("clean exit");
+
+    // The client reconnects to the new process; its shutdown closes it alike.
+    let mut again = connect().await;
+    again.send(Message::text("back")).await.expect("send");
+    assert_eq!(
+        again.next().await.expect("answer").expect("ok"),
+        Message::text("ws: back")
+    );
+    ProxyClient::new(&sock).shutdown().await.expect("shutdown");
+    closes_with_1001(&mut again).await;
+    tokio::time::timeout(Duration::from_secs(15), new)
+        .await
+        .expect("the new proxy exits")
+        .expect("joins")
+        .expect("clean exit");
 }

@@ -218,12 +218,16 @@ pub struct Traffic {
     /// still counts the canary's failure.
     #[serde(default)]
     pub shield_canary: bool,
-    /// Copy this share (0-100) of the idempotent requests that stable serves to the
-    /// canary too, answers discarded: the canary meets real traffic (and its gates
-    /// measure it) before any user sees its answers. Non-idempotent requests are never
-    /// copied: an order must not be placed twice.
+    /// Copy this share (0-100) of the requests that stable serves with a method of
+    /// `mirrorMethods` to the canary too, answers discarded: the canary meets real
+    /// traffic (and its gates measure it) before any user sees its answers.
     #[serde(default)]
     pub mirror_percent: u32,
+    /// The methods `mirrorPercent` copies; empty (the default) is the safe ones: GET,
+    /// HEAD and OPTIONS. A copied PUT or DELETE runs twice against shared data, so
+    /// list a method only when the canary's writes cannot reach stable's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirror_methods: Vec<String>,
     /// Serve the listener over TLS (rustls), offering HTTP/2 and HTTP/1.1 by ALPN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,

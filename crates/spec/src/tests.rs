@@ -286,3 +286,30 @@ fn a_bad_progressive_shorthand_names_each_field() {
         assert!(f.iter().any(|x| x == field), "{field} missing from {f:?}");
     }
 }
+
+#[test]
+fn mirror_methods_default_to_none_listed_and_are_checked() {
+    let with = |m: &str| {
+        CANARY.replace(
+            "    listen: 127.0.0.1:8080",
+            &format!("    listen: 127.0.0.1:8080\n{m}"),
+        )
+    };
+    let r = parse(CANARY).expect("valid");
+    assert!(
+        r[0].spec.traffic.mirror_methods.is_empty(),
+        "empty: the safe methods"
+    );
+    let r = parse(&with(
+        "    mirrorPercent: 10\n    mirrorMethods: [GET, PUT]",
+    ))
+    .expect("valid");
+    assert_eq!(r[0].spec.traffic.mirror_methods, ["GET", "PUT"]);
+    assert_eq!(
+        fields(&with("    mirrorMethods: [GET, put, \"\"]")),
+        vec![
+            "spec.traffic.mirrorMethods[1]",
+            "spec.traffic.mirrorMethods[2]"
+        ]
+    );
+}

@@ -115,6 +115,14 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
             format!("must be 0-100, got {}", s.traffic.mirror_percent),
         );
     }
+    for (i, m) in s.traffic.mirror_methods.iter().enumerate() {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+            err(
+                &format!("spec.traffic.mirrorMethods[{i}]"),
+                format!("{m:?} is not a method: methods are case-sensitive, e.g. GET or PUT"),
+            );
+        }
+    }
     if let Some(t) = &s.traffic.tls {
         for (k, v) in [("certFile", &t.cert_file), ("keyFile", &t.key_file)] {
             if v.trim().is_empty() {
