@@ -3,7 +3,7 @@
 //! the operator keeps in the namespace (one ConfigMap per Rollout).
 
 use std::path::PathBuf;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use anyhow::{Result, anyhow, bail};
 use baton::paths::Paths;
@@ -140,22 +140,7 @@ fn show(entries: &[baton_audit::Entry], output: Output) -> Result<()> {
     if output == Output::Json {
         return print_json(&serde_json::to_value(entries)?);
     }
-    println!(
-        "{:>5}  {:<23}  {:<18} {:<9} {:<10} {:<10} REASON",
-        "SEQ", "TIME (UTC)", "ACTOR", "ACTION", "ROLLOUT", "REVISION"
-    );
-    for e in entries {
-        println!(
-            "{:>5}  {:<23}  {:<18} {:<9} {:<10} {:<10} {}",
-            e.seq,
-            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(e.at)).to_string(),
-            e.actor,
-            e.action,
-            e.rollout,
-            e.revision.as_deref().unwrap_or("-"),
-            e.reason
-        );
-    }
+    print!("{}", baton::view::render_audit(entries));
     Ok(())
 }
 

@@ -395,9 +395,9 @@ fn show_audit(paths: &Paths) -> Result<()> {
             "  #{:<4} {} {:<14} {:<9} {}",
             e.seq,
             view::clock(e.at),
-            e.actor,
-            e.action,
-            e.reason
+            view::printable(&e.actor),
+            view::printable(&e.action),
+            view::printable(&e.reason)
         );
     }
     let head = baton_audit::Head::read(&paths.root.join("audit.head"))?;
