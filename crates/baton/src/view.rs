@@ -336,6 +336,7 @@ mod tests {
                 reason: FORGED.into(),
             },
             0,
+            None,
         );
         let text = render_audit(&[e]);
         no_raw_controls(&text);
