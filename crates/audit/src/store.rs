@@ -3,64 +3,27 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use serde::{Deserialize, Serialize};
+use rusqlite::{Connection, TransactionBehavior, params};
 
-use crate::chain::{Entry, GENESIS, NewEntry, Problem, verify_entries};
+use crate::chain::{Entry, Key, NewEntry, Problem, Verdict, check, check_tail};
+use crate::head::{Head, HeadError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("audit trail database: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error("audit head file {path}: {source}")]
-    Head {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("audit head file {path} is not `SEQ HASH`: {text:?}")]
-    BadHead { path: PathBuf, text: String },
-}
-
-/// The newest entry, as recorded outside the database.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Head {
-    pub seq: u64,
-    pub hash: String,
-}
-
-impl Head {
-    pub fn read(path: &Path) -> Result<Option<Head>, AuditError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(AuditError::Head {
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-        };
-        let bad = || AuditError::BadHead {
-            path: path.to_path_buf(),
-            text: text.clone(),
-        };
-        let (seq, hash) = text.trim().split_once(' ').ok_or_else(bad)?;
-        Ok(Some(Head {
-            seq: seq.parse().map_err(|_| bad())?,
-            hash: hash.to_string(),
-        }))
-    }
-
-    /// Replaces the file in one rename, so a reader never sees half a head.
-    fn write(&self, path: &Path) -> Result<(), AuditError> {
-        let err = |source| AuditError::Head {
-            path: path.to_path_buf(),
-            source,
-        };
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{} {}\n", self.seq, self.hash)).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
-    }
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    /// Appending would bless a truncated or rewritten trail with a new head.
+    #[error(
+        "nothing appended to the audit trail: {problem} (its head is recorded in {}; if the trail was reset on purpose, remove that file to start a new one)",
+        head.display()
+    )]
+    Refused { problem: Problem, head: PathBuf },
+    #[error(
+        "nothing appended to the audit trail: it is signed (entry {seq} carries a MAC), and no audit key was given"
+    )]
+    NeedsKey { seq: u64 },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -75,11 +38,16 @@ pub struct Filter {
 pub struct AuditLog {
     conn: Mutex<Connection>,
     head_file: Option<PathBuf>,
+    key: Option<Key>,
 }
+
+const COLUMNS: &str =
+    "seq, at, actor, action, rollout, revision, spec_digest, reason, prev_hash, hash, mac";
 
 impl AuditLog {
     /// Opens (creating if needed) the chain in the SQLite file `db`. With `head_file`,
-    /// every append also records the new head there.
+    /// every append first checks the trail against the head recorded there, then
+    /// records the new one.
     pub fn open(db: &Path, head_file: Option<PathBuf>) -> Result<AuditLog, AuditError> {
         let conn = Connection::open(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -98,36 +66,78 @@ impl AuditLog {
                  hash TEXT NOT NULL);
              CREATE INDEX IF NOT EXISTS audit_rollout ON audit (rollout, seq);",
         )?;
+        // Trails from before keys had no MAC column: entries there stay unsigned.
+        let has_mac = |c: &Connection| -> rusqlite::Result<bool> {
+            c.prepare("SELECT 1 FROM pragma_table_info('audit') WHERE name = 'mac'")?
+                .exists([])
+        };
+        if !has_mac(&conn)?
+            && let Err(e) = conn.execute_batch("ALTER TABLE audit ADD COLUMN mac TEXT")
+            // Another process may have added it in between.
+            && !has_mac(&conn)?
+        {
+            return Err(e.into());
+        }
         Ok(AuditLog {
             conn: Mutex::new(conn),
             head_file,
+            key: None,
         })
+    }
+
+    /// Signs every new entry with `key`, and checks MACs with it.
+    pub fn with_key(mut self, key: Option<Key>) -> AuditLog {
+        self.key = key;
+        self
+    }
+
+    pub fn head_file(&self) -> Option<&Path> {
+        self.head_file.as_deref()
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends one entry. The read of the last entry and the insert happen in one
-    /// IMMEDIATE transaction: a second writer waits, so the chain never forks.
+    /// Appends one entry. The read of the trail's end and the insert happen in one
+    /// IMMEDIATE transaction: a second writer waits, so the chain never forks. A
+    /// trail that no longer reaches its recorded head (truncated, rewritten, or with
+    /// unsigned entries after it) is refused: appending would hide that. The new head
+    /// is written before the commit, so two writers never write heads out of order.
     pub fn append(&self, new: NewEntry, at: u64) -> Result<Entry, AuditError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let last: Option<(u64, String)> = tx
-            .query_row(
-                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
-            )
-            .optional()?;
-        let (seq, prev) = match last {
-            Some((s, h)) => (s + 1, h),
-            None => (1, GENESIS.to_string()),
+        let last_seq: u64 = tx
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| {
+                r.get::<_, i64>(0)
+            })?
+            .try_into()
+            .unwrap_or(0);
+        let head = match &self.head_file {
+            Some(p) => Head::read(p)?,
+            None => None,
         };
-        let e = Entry::seal(new, seq, at, prev);
+        let from = head.as_ref().map_or(last_seq, |h| h.seq.min(last_seq));
+        let tail = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {COLUMNS} FROM audit WHERE seq >= ?1 ORDER BY seq"
+            ))?;
+            let rows = stmt.query_map(params![from as i64], row)?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        if let Some(problem) = check_tail(&tail, last_seq, head.as_ref(), self.key.as_ref()) {
+            return Err(AuditError::Refused {
+                problem,
+                head: self.head_file.clone().unwrap_or_default(),
+            });
+        }
+        let prev = tail.last();
+        if let (None, Some(p)) = (&self.key, prev.filter(|p| p.mac.is_some())) {
+            return Err(AuditError::NeedsKey { seq: p.seq });
+        }
+        let e = Entry::after(prev, new, at, self.key.as_ref());
         tx.execute(
-            "INSERT INTO audit (seq, at, actor, action, rollout, revision, spec_digest, reason, prev_hash, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            &format!("INSERT INTO audit ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
             params![
                 e.seq as i64,
                 e.at as i64,
@@ -138,29 +148,38 @@ impl AuditLog {
                 e.spec_digest,
                 e.reason,
                 e.prev_hash,
-                e.hash
+                e.hash,
+                e.mac
             ],
         )?;
-        tx.commit()?;
-        drop(conn);
         if let Some(path) = &self.head_file {
-            Head {
-                seq: e.seq,
-                hash: e.hash.clone(),
+            Head::of(&e).write(path)?;
+            if let Err(err) = tx.commit() {
+                // Put the old head back, or the next append would find the trail
+                // "truncated" by the entry that never was.
+                let _ = match &head {
+                    Some(h) => h.write(path),
+                    None => std::fs::remove_file(path).map_err(|source| HeadError::Io {
+                        path: path.clone(),
+                        source,
+                    }),
+                };
+                return Err(err.into());
             }
-            .write(path)?;
+        } else {
+            tx.commit()?;
         }
         Ok(e)
     }
 
     pub fn list(&self, f: &Filter) -> Result<Vec<Entry>, AuditError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT seq, at, actor, action, rollout, revision, spec_digest, reason, prev_hash, hash
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COLUMNS}
              FROM audit
              WHERE (?1 IS NULL OR rollout = ?1) AND (?2 IS NULL OR at >= ?2)
-             ORDER BY seq DESC LIMIT ?3",
-        )?;
+             ORDER BY seq DESC LIMIT ?3"
+        ))?;
         let limit = f.limit.map_or(-1, |l| l as i64);
         let rows = stmt.query_map(params![f.rollout, f.since.map(|s| s as i64), limit], row)?;
         let mut out = rows.collect::<Result<Vec<_>, _>>()?;
@@ -168,28 +187,11 @@ impl AuditLog {
         Ok(out)
     }
 
-    /// Checks the whole chain, and that it reaches `head` when one is given.
-    pub fn verify(&self, head: Option<&Head>) -> Result<(usize, Option<Problem>), AuditError> {
+    /// Checks the whole chain, its MACs (with the key this log was opened with), and
+    /// that it reaches `head` when one is given.
+    pub fn verify(&self, head: Option<&Head>) -> Result<Verdict, AuditError> {
         let entries = self.list(&Filter::default())?;
-        if let Some(p) = verify_entries(&entries) {
-            return Ok((entries.len(), Some(p)));
-        }
-        if let Some(h) = head {
-            match entries.iter().find(|e| e.seq == h.seq) {
-                Some(e) if e.hash == h.hash => {}
-                Some(_) => return Ok((entries.len(), Some(Problem::HeadMismatch { seq: h.seq }))),
-                None => {
-                    return Ok((
-                        entries.len(),
-                        Some(Problem::Truncated {
-                            head_seq: h.seq,
-                            last_seq: entries.last().map_or(0, |e| e.seq),
-                        }),
-                    ));
-                }
-            }
-        }
-        Ok((entries.len(), None))
+        Ok(check(&entries, head, self.key.as_ref()))
     }
 }
 
@@ -205,6 +207,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
         reason: r.get(7)?,
         prev_hash: r.get(8)?,
         hash: r.get(9)?,
+        mac: r.get(10)?,
     })
 }
 
@@ -240,7 +243,8 @@ mod tests {
         }
         let head = Head::read(&head_file).expect("read").expect("head");
         assert_eq!(head.seq, 200);
-        assert_eq!(log.verify(Some(&head)).expect("verify"), (200, None));
+        let v = log.verify(Some(&head)).expect("verify");
+        assert_eq!((v.entries, v.problem), (200, None));
         assert_eq!(
             log.list(&Filter {
                 rollout: Some("web".into()),
@@ -288,27 +292,202 @@ mod tests {
             let copy = dir.path().join("copy.db");
             std::fs::copy(&db, &copy).expect("copy");
             sql(&copy, tamper);
-            let (_, problem) = AuditLog::open(&copy, None)
+            let v = AuditLog::open(&copy, None)
                 .expect("open")
                 .verify(Some(&head))
                 .expect("verify");
-            let text = problem.map(|p| p.to_string()).unwrap_or_default();
+            let text = v.problem.map(|p| p.to_string()).unwrap_or_default();
             assert!(text.contains(want), "{tamper}: {text:?}");
             let _ = std::fs::remove_file(&copy);
         }
+    }
+
+    fn key() -> Key {
+        Key::from_text("0123456789abcdef0123456789abcdef").expect("key")
+    }
+
+    /// A keyed log with `n` entries and its head file.
+    fn keyed(dir: &Path, n: usize) -> (PathBuf, PathBuf, AuditLog) {
+        let db = dir.join("state.db");
+        let head_file = dir.join("elsewhere").join("audit.head");
+        let log = AuditLog::open(&db, Some(head_file.clone()))
+            .expect("open")
+            .with_key(Some(key()));
+        for i in 0..n {
+            log.append(entry(i), 1000 + i as u64).expect("append");
+        }
+        (db, head_file, log)
+    }
+
+    fn verdict(log: &AuditLog, head_file: &Path) -> Option<Problem> {
+        let head = Head::read(head_file).expect("read head");
+        log.verify(head.as_ref()).expect("verify").problem
+    }
+
+    #[test]
+    fn a_truncated_trail_stays_truncated_and_refuses_appends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (db, head_file, log) = keyed(dir.path(), 20);
+        sql(&db, "DELETE FROM audit WHERE seq > 17");
+        let truncated = Some(Problem::Truncated {
+            head_seq: 20,
+            last_seq: 17,
+        });
+        assert_eq!(verdict(&log, &head_file), truncated);
+        // The next append neither reuses seq 18 nor moves the head back.
+        let refused = log.append(entry(99), 5000);
+        assert!(
+            matches!(&refused, Err(AuditError::Refused { problem, .. }) if Some(problem) == truncated.as_ref()),
+            "{refused:?}"
+        );
+        assert_eq!(verdict(&log, &head_file), truncated);
+        assert_eq!(
+            Head::read(&head_file).expect("read").map(|h| h.seq),
+            Some(20)
+        );
+        // A writer of its own (another process) is refused the same way.
+        let other = AuditLog::open(&db, Some(head_file.clone()))
+            .expect("open")
+            .with_key(Some(key()));
+        assert!(matches!(
+            other.append(entry(98), 5001),
+            Err(AuditError::Refused { .. })
+        ));
+    }
+
+    #[test]
+    fn entries_forged_after_the_head_or_over_it_are_caught() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (db, head_file, log) = keyed(dir.path(), 10);
+        let all = log.list(&Filter::default()).expect("list");
+        let insert = |e: &Entry| {
+            sql(
+                &db,
+                &format!(
+                    "INSERT INTO audit ({COLUMNS}) VALUES ({}, {}, '{}', '{}', '{}', NULL, NULL, '{}', '{}', '{}', {})",
+                    e.seq,
+                    e.at,
+                    e.actor,
+                    e.action,
+                    e.rollout,
+                    e.reason,
+                    e.prev_hash,
+                    e.hash,
+                    e.mac
+                        .as_ref()
+                        .map_or("NULL".to_string(), |m| format!("'{m}'"))
+                ),
+            )
+        };
+        let forged = |key: Option<&Key>| {
+            let mut n = entry(0);
+            n.reason = "nothing happened".into();
+            n.revision = None;
+            Entry::after(all.last(), n, 2000, key)
+        };
+        // Unsigned, and signed with another key: each after the recorded head.
+        let other = Key::from_text("another key, not the trail's one").expect("key");
+        for (e, want) in [
+            (forged(None), Problem::Unsigned { seq: 11 }),
+            (forged(Some(&other)), Problem::Forged { seq: 11 }),
+        ] {
+            insert(&e);
+            assert_eq!(verdict(&log, &head_file), Some(want.clone()));
+            let refused = log.append(entry(1), 3000);
+            assert!(
+                matches!(&refused, Err(AuditError::Refused { problem, .. }) if *problem == want),
+                "{refused:?}"
+            );
+            sql(&db, "DELETE FROM audit WHERE seq = 11");
+        }
+        // The whole chain rewritten from entry 4 on, without the key: caught with no
+        // head at all.
+        let mut prev = all[2].clone();
+        for e in &all[3..] {
+            let mut n = entry(e.seq as usize);
+            n.revision = None;
+            n.reason = format!("rewritten {}", e.seq);
+            let x = Entry::after(Some(&prev), n, e.at, None);
+            sql(&db, &format!("DELETE FROM audit WHERE seq = {}", e.seq));
+            insert(&x);
+            prev = x;
+        }
+        let v = log.verify(None).expect("verify");
+        assert_eq!(v.problem, Some(Problem::Unsigned { seq: 4 }));
+        assert!(v.macs_checked);
+    }
+
+    #[test]
+    fn old_unsigned_trails_verify_and_go_on_signed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("state.db");
+        // A trail as written before keys: no `mac` column.
+        sql(
+            &db,
+            "CREATE TABLE audit (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, actor TEXT NOT NULL,
+             action TEXT NOT NULL, rollout TEXT NOT NULL, revision TEXT, spec_digest TEXT,
+             reason TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)",
+        );
+        let mut prev: Option<Entry> = None;
+        for i in 0..5 {
+            let e = Entry::after(prev.as_ref(), entry(i), 100 + i as u64, None);
+            sql(
+                &db,
+                &format!(
+                    "INSERT INTO audit VALUES ({}, {}, '{}', '{}', '{}', 'abc', NULL, '{}', '{}', '{}')",
+                    e.seq, e.at, e.actor, e.action, e.rollout, e.reason, e.prev_hash, e.hash
+                ),
+            );
+            prev = Some(e);
+        }
+        let head_file = dir.path().join("head");
+        let log = AuditLog::open(&db, Some(head_file.clone()))
+            .expect("open")
+            .with_key(Some(key()));
+        let v = log.verify(None).expect("verify");
+        assert_eq!((v.entries, v.signed, v.problem), (5, 0, None));
+        let e = log.append(entry(5), 200).expect("append");
+        assert!(e.mac.is_some());
+        let v = log
+            .verify(Head::read(&head_file).expect("head").as_ref())
+            .expect("verify");
+        assert_eq!((v.entries, v.signed, v.problem), (6, 1, None));
+        // Once signed, always signed: an entry without a MAC after a signed one shows.
+        let e = log.append(entry(6), 201).expect("append");
+        sql(&db, "UPDATE audit SET mac = NULL WHERE seq = 7");
+        assert_eq!(
+            log.verify(None).expect("verify").problem,
+            Some(Problem::Unsigned { seq: 7 })
+        );
+        // And a writer without the key may not go on with a signed trail.
+        sql(
+            &db,
+            &format!(
+                "UPDATE audit SET mac = '{}' WHERE seq = 7",
+                e.mac.unwrap_or_default()
+            ),
+        );
+        let keyless = AuditLog::open(&db, Some(head_file)).expect("open");
+        assert!(matches!(
+            keyless.append(entry(7), 300),
+            Err(AuditError::NeedsKey { seq: 7 })
+        ));
     }
 
     #[test]
     fn concurrent_writers_in_several_connections_never_fork_the_chain() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("state.db");
+        let head_file = dir.path().join("audit.head");
         AuditLog::open(&db, None).expect("create");
         let writers: Vec<_> = (0..4)
             .map(|w| {
-                let db = db.clone();
+                let (db, head_file) = (db.clone(), head_file.clone());
                 std::thread::spawn(move || {
                     // Each writer has its own connection, as separate processes would.
-                    let log = AuditLog::open(&db, None).expect("open");
+                    let log = AuditLog::open(&db, Some(head_file))
+                        .expect("open")
+                        .with_key(Some(key()));
                     for i in 0..50 {
                         log.append(entry(w * 100 + i), 1).expect("append");
                     }
@@ -318,11 +497,13 @@ mod tests {
         for w in writers {
             w.join().expect("writer");
         }
-        let (n, problem) = AuditLog::open(&db, None)
+        let log = AuditLog::open(&db, None)
             .expect("open")
-            .verify(None)
-            .expect("verify");
-        assert_eq!(n, 200);
-        assert_eq!(problem, None);
+            .with_key(Some(key()));
+        // Heads are written in the writers' order: the last one is the newest entry.
+        let head = Head::read(&head_file).expect("read").expect("head");
+        assert_eq!(head.seq, 200);
+        let v = log.verify(Some(&head)).expect("verify");
+        assert_eq!((v.entries, v.signed, v.problem), (200, 200, None));
     }
 }

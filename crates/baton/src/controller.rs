@@ -41,9 +41,9 @@ pub struct UpOptions {
     pub tick: Duration,
     /// Print each event to stdout as it happens.
     pub echo: bool,
-    /// Where the audit trail's head is mirrored after every entry, so truncating the
-    /// database is detectable (default: `audit.head` in the state directory).
-    pub audit_head: Option<std::path::PathBuf>,
+    /// Where the audit trail's head and key are (default: outside the state
+    /// directory, see `trail::Seal`).
+    pub audit: crate::trail::Seal,
 }
 
 /// A running controller.
@@ -159,11 +159,7 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     let (platform, adopted) = Platform::adopt(paths.logs(), &store, router.routed())?;
     let board = Arc::new(Board::default());
     let (smoke_tx, smoke_rx) = mpsc::unbounded_channel();
-    let head = opts
-        .audit_head
-        .clone()
-        .unwrap_or_else(|| paths.root.join("audit.head"));
-    let audit = AuditLog::open(&paths.db(), Some(head)).context("cannot open the audit trail")?;
+    let audit: AuditLog = opts.audit.writer(&paths, true)?;
     let (delivery_tx, deliveries) = mpsc::unbounded_channel();
     let mut c = Controller {
         paths: paths.clone(),

@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod load;
 pub mod paths;
+pub mod trail;
 pub mod view;
 
 /// Milliseconds since the Unix epoch: the controller's clock, read only here and

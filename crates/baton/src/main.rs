@@ -44,6 +44,16 @@ struct Cli {
     /// For `baton operator`: watch only this namespace.
     #[arg(short = 'n', long, global = true, env = "BATON_NAMESPACE")]
     namespace: Option<String>,
+    /// The audit trail's head, recorded after every entry so that removing entries
+    /// shows: keep it where whoever can write the state directory cannot (default
+    /// `$XDG_STATE_HOME/baton/ID/audit.head`, ID from the state directory's path).
+    #[arg(long, global = true, env = "BATON_AUDIT_HEAD", value_name = "FILE")]
+    audit_head: Option<PathBuf>,
+    /// The key (0600) that signs audit entries, kept outside the state directory; or
+    /// the key itself in BATON_AUDIT_KEY. Default: `audit.key` beside the default
+    /// head, made by `baton up` when missing.
+    #[arg(long, global = true, env = "BATON_AUDIT_KEY_FILE", value_name = "FILE")]
+    audit_key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -149,15 +159,19 @@ fn main() {
 async fn run(cli: Cli) -> Result<()> {
     let paths = Paths::new(&cli.dir);
     let target = Target::choose(&paths, cli.namespace.clone());
+    let seal = baton::trail::Seal {
+        head: cli.audit_head.clone(),
+        key_file: cli.audit_key_file.clone(),
+    };
     match cli.command {
-        Cmd::Up(args) => up::run(&paths, args).await,
-        Cmd::Down => down::down(&paths).await,
-        Cmd::RestartProxy => down::restart_proxy(&paths).await,
+        Cmd::Up(args) => up::run(&paths, seal, args).await,
+        Cmd::Down => down::down(&paths, &seal).await,
+        Cmd::RestartProxy => down::restart_proxy(&paths, &seal).await,
         Cmd::Proxy(args) => proxy::run(args).await,
         Cmd::Apply(spec) => apply::run(&paths, spec).await,
         Cmd::Validate(args) => validate::run(args),
         Cmd::Convert(args) => convert::run(args),
-        Cmd::Audit(args) => audit::run(&target, args).await,
+        Cmd::Audit(args) => audit::run(&target, &seal, args).await,
         Cmd::Demo(args) => demo::run(args).await,
         Cmd::Operator(args) => operator::operator(cli.namespace, args).await,
         Cmd::Crd(args) => operator::crd(args),

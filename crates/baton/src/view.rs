@@ -1,10 +1,13 @@
 //! What `status` and `history` show: one JSON shape for `--output json` and for the
 //! human rendering, so both always agree.
 
+use std::borrow::Cow;
 use std::fmt::Write;
+use std::time::{Duration, UNIX_EPOCH};
 
 use baton_audit::Entry;
 use baton_driver::view::Seen;
+pub use baton_driver::view::printable;
 use baton_engine::Status;
 use baton_local::Platform;
 use baton_spec::Rollout;
@@ -13,6 +16,11 @@ use serde_json::{Value, json};
 pub use baton_local::machine::clock;
 
 pub use baton_driver::view::Routing;
+
+/// A string field of a view, as a terminal may show it (`printable`); `or` when absent.
+fn text<'a>(v: &'a Value, or: &'a str) -> Cow<'a, str> {
+    printable(v.as_str().unwrap_or(or))
+}
 
 /// One rollout as `status` shows it: the driver's typed view, with what this machine's
 /// processes say of each revision.
@@ -93,35 +101,31 @@ pub fn history(name: &str, status: &Status, events: &[Entry]) -> Value {
 /// `baton status NAME --watch` redraws.
 pub fn render(v: &Value) -> String {
     let mut o = String::new();
-    let phase = v["phase"].as_str().unwrap_or("");
-    let icon = match phase {
+    let phase = text(&v["phase"], "");
+    let icon = match &*phase {
         "Healthy" => "✔",
         "Progressing" => "◐",
         "Paused" => "॥",
         "Degraded" => "✖",
         _ => "·",
     };
-    let _ = match v["namespace"].as_str() {
-        Some(ns) => writeln!(
-            o,
-            "Name:      {} (namespace {ns})",
-            v["name"].as_str().unwrap_or("")
-        ),
-        None => writeln!(o, "Name:      {}", v["name"].as_str().unwrap_or("")),
+    let _ = match v["namespace"].as_str().map(printable) {
+        Some(ns) => writeln!(o, "Name:      {} (namespace {ns})", text(&v["name"], "")),
+        None => writeln!(o, "Name:      {}", text(&v["name"], "")),
     };
-    let _ = writeln!(
-        o,
-        "Phase:     {icon} {phase} — {}",
-        v["message"].as_str().unwrap_or("")
-    );
+    let _ = writeln!(o, "Phase:     {icon} {phase} — {}", text(&v["message"], ""));
     let _ = writeln!(
         o,
         "Strategy:  {}   listen: {}",
-        v["strategy"].as_str().unwrap_or(""),
-        v["listen"].as_str().unwrap_or("")
+        text(&v["strategy"], ""),
+        text(&v["listen"], "")
     );
-    if let Some(e) = v["routingError"].as_str() {
-        let _ = writeln!(o, "Routing:   ✖ not served as asked: {e}");
+    if v["routingError"].is_string() {
+        let _ = writeln!(
+            o,
+            "Routing:   ✖ not served as asked: {}",
+            text(&v["routingError"], "")
+        );
     }
     if let Some(step) = v["step"].as_object() {
         let total = step["total"].as_u64().unwrap_or(0) as usize;
@@ -145,7 +149,7 @@ pub fn render(v: &Value) -> String {
                 std::cmp::Ordering::Equal => "▶",
                 std::cmp::Ordering::Greater => " ",
             };
-            let _ = writeln!(o, "  {mark} {:>2}. {s}", i + 1);
+            let _ = writeln!(o, "  {mark} {:>2}. {}", i + 1, printable(s));
         }
     }
     let _ = writeln!(o, "Revisions:");
@@ -166,18 +170,12 @@ pub fn render(v: &Value) -> String {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|i| {
-                format!(
-                    "{} {}",
-                    i["address"].as_str().unwrap_or(""),
-                    i["state"].as_str().unwrap_or("")
-                )
-            })
+            .map(|i| format!("{} {}", text(&i["address"], ""), text(&i["state"], "")))
             .collect();
         let role = if r["preview"].as_bool() == Some(true) {
-            format!("{}+preview", r["role"].as_str().unwrap_or(""))
+            format!("{}+preview", text(&r["role"], ""))
         } else {
-            r["role"].as_str().unwrap_or("").to_string()
+            text(&r["role"], "").to_string()
         };
         let pending = match served {
             Some(s) if s == w => String::new(),
@@ -188,8 +186,8 @@ pub fn render(v: &Value) -> String {
             o,
             "  #{:<3} {:<10} {:<11} {:<15} {bar} {:>3}%  {:>2}/{:<3} {}{pending}",
             r["number"].as_u64().unwrap_or(0),
-            r["appVersion"].as_str().unwrap_or("-"),
-            r["name"].as_str().unwrap_or(""),
+            text(&r["appVersion"], "-"),
+            text(&r["name"], ""),
             role,
             shown,
             r["readyReplicas"].as_u64().unwrap_or(0),
@@ -205,11 +203,11 @@ pub fn render(v: &Value) -> String {
             let _ = writeln!(
                 o,
                 "  {:<14} pass {:>3}  fail {:>2}  last: {:<12} {}",
-                g["name"].as_str().unwrap_or(""),
+                text(&g["name"], ""),
                 g["passes"].as_u64().unwrap_or(0),
                 g["failures"].as_u64().unwrap_or(0),
-                last["verdict"].as_str().unwrap_or("-"),
-                last["detail"].as_str().unwrap_or("")
+                text(&last["verdict"], "-"),
+                text(&last["detail"], "")
             );
         }
     }
@@ -240,15 +238,15 @@ pub fn render_history(v: &Value) -> String {
             o,
             "#{:<3} {:<12} {:<10} {:<12} {:>10}  {:<13} {}",
             r["number"].as_u64().unwrap_or(0),
-            r["appVersion"].as_str().unwrap_or("-"),
-            r["name"].as_str().unwrap_or(""),
+            text(&r["appVersion"], "-"),
+            text(&r["name"], ""),
             clock(r["createdAt"].as_u64().unwrap_or(0)),
             r["durationSeconds"]
                 .as_f64()
                 .map(|d| format!("{d:.1}s"))
                 .unwrap_or_else(|| "-".into()),
-            r["outcome"].as_str().unwrap_or(""),
-            r["abortReason"].as_str().unwrap_or("")
+            text(&r["outcome"], ""),
+            text(&r["abortReason"], "")
         );
     }
     let events = v["events"]
@@ -262,10 +260,35 @@ pub fn render_history(v: &Value) -> String {
                 o,
                 "  {} {:<15} {}",
                 clock(e["at"].as_u64().unwrap_or(0)),
-                e["action"].as_str().unwrap_or(""),
-                e["reason"].as_str().unwrap_or("")
+                text(&e["action"], ""),
+                text(&e["reason"], "")
             );
         }
+    }
+    o
+}
+
+/// The audit trail as a table, oldest first: what `baton audit` prints on both
+/// platforms.
+pub fn render_audit(entries: &[Entry]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:>5}  {:<23}  {:<18} {:<9} {:<10} {:<10} REASON",
+        "SEQ", "TIME (UTC)", "ACTOR", "ACTION", "ROLLOUT", "REVISION"
+    );
+    for e in entries {
+        let _ = writeln!(
+            o,
+            "{:>5}  {:<23}  {:<18} {:<9} {:<10} {:<10} {}",
+            e.seq,
+            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(e.at)).to_string(),
+            printable(&e.actor),
+            printable(&e.action),
+            printable(&e.rollout),
+            printable(e.revision.as_deref().unwrap_or("-")),
+            printable(&e.reason)
+        );
     }
     o
 }
@@ -277,4 +300,65 @@ pub fn spec_diff(name: &str, (from, a): (u64, &str), (to, b): (u64, &str)) -> St
         .unified_diff()
         .header(&format!("{name} #{from}"), &format!("{name} #{to}"))
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORGED: &str = "v2\x1b[2J\n    #9   v9         forged";
+
+    fn no_raw_controls(text: &str) {
+        assert!(
+            !text.contains('\x1b'),
+            "a terminal escape got through: {text:?}"
+        );
+        assert!(
+            !text.lines().any(|l| l.trim_start().starts_with("#9")),
+            "a forged row: {text}"
+        );
+    }
+
+    #[test]
+    fn status_and_history_show_control_characters_escaped() {
+        let v = json!({
+            "name": "web", "namespace": "ns\x1b]0;pwned\x07", "phase": "Progressing",
+            "message": FORGED, "strategy": "canary", "listen": "127.0.0.1:8080",
+            "step": {"index": 0, "total": 1, "steps": [FORGED]},
+            "revisions": [{"number": 2, "appVersion": FORGED, "name": "abc", "role": "canary",
+                "weight": 10, "instances": [{"address": FORGED, "state": "ready"}]}],
+            "gates": [{"name": "errors", "last": {"verdict": "Pass", "detail": FORGED}}],
+        });
+        let text = render(&v);
+        no_raw_controls(&text);
+        assert!(text.contains("v2\\x1b[2J\\n    #9"), "{text}");
+        assert!(text.contains("ns\\x1b]0;pwned\\x07"), "{text}");
+        let h = json!({
+            "revisions": [{"number": 2, "appVersion": FORGED, "name": "abc",
+                "outcome": "aborted", "abortReason": FORGED}],
+            "events": [{"at": 0, "action": "step", "reason": FORGED}],
+        });
+        no_raw_controls(&render_history(&h));
+    }
+
+    #[test]
+    fn the_audit_table_shows_control_characters_escaped() {
+        let e = baton_audit::Entry::after(
+            None,
+            baton_audit::NewEntry {
+                actor: "admin/\x1b[8m".into(),
+                action: "apply".into(),
+                rollout: "web".into(),
+                revision: Some(FORGED.into()),
+                spec_digest: None,
+                reason: FORGED.into(),
+            },
+            0,
+            None,
+        );
+        let text = render_audit(&[e]);
+        no_raw_controls(&text);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("admin/\\x1b[8m"), "{text}");
+    }
 }

@@ -203,6 +203,110 @@ async fn actions_are_audited_and_tampering_is_named() {
         assert!(!out.status.success(), "{tamper} went unnoticed");
         assert!(stderr(&out).contains(&want), "{tamper}: {}", stderr(&out));
     }
+    truncation_and_forgery_do_not_heal(&env, &pristine, last);
+}
+
+/// What protects the trail is outside the state directory, and the next append
+/// neither hides a truncation nor blesses a forged entry.
+fn truncation_and_forgery_do_not_heal(env: &Env, pristine: &std::path::Path, last: i64) {
+    let db = env.paths.db();
+    assert!(
+        !env.paths.root.join("audit.head").exists(),
+        "no head inside the state directory"
+    );
+    let homes: Vec<_> = std::fs::read_dir(env.state_home().join("baton"))
+        .expect("the state home")
+        .filter_map(|d| d.ok().map(|d| d.path()))
+        .collect();
+    let [home] = homes.as_slice() else {
+        panic!("one directory per state directory: {homes:?}");
+    };
+    assert!(home.join("audit.head").exists());
+    let key = std::fs::metadata(home.join("audit.key")).expect("the audit key");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
+        0o600
+    );
+    let verify = || {
+        let out = env.run(&["audit", "verify"]);
+        (out.status.success(), stdout(&out) + &stderr(&out))
+    };
+    // Truncated, then something is recorded (`down` without a controller appends).
+    std::fs::copy(pristine, &db).expect("restore");
+    rusqlite::Connection::open(&db)
+        .expect("db")
+        .execute_batch(&format!("DELETE FROM audit WHERE seq > {}", last - 3))
+        .expect("truncate");
+    let down = env.run(&["down"]);
+    assert!(
+        stderr(&down).contains("nothing appended") && stderr(&down).contains("truncated"),
+        "{}",
+        stderr(&down)
+    );
+    let (ok, text) = verify();
+    assert!(!ok && text.contains("truncated"), "healed: {text}");
+
+    // An entry forged after the recorded head, chained right but without the key.
+    std::fs::copy(pristine, &db).expect("restore");
+    let conn = rusqlite::Connection::open(&db).expect("db");
+    let prev = conn
+        .query_row(
+            "SELECT seq, at, actor, action, rollout, revision, spec_digest, reason, prev_hash, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| {
+                Ok(baton_audit::Entry {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    at: r.get::<_, i64>(1)? as u64,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    rollout: r.get(4)?,
+                    revision: r.get(5)?,
+                    spec_digest: r.get(6)?,
+                    reason: r.get(7)?,
+                    prev_hash: r.get(8)?,
+                    hash: r.get(9)?,
+                    mac: None,
+                })
+            },
+        )
+        .expect("last entry");
+    let forged = baton_audit::Entry::after(
+        Some(&prev),
+        baton_audit::NewEntry {
+            actor: "admin".into(),
+            action: "promote".into(),
+            rollout: "hello".into(),
+            revision: None,
+            spec_digest: None,
+            reason: "approved by the change board".into(),
+        },
+        prev.at + 1,
+        None,
+    );
+    conn.execute(
+        "INSERT INTO audit (seq, at, actor, action, rollout, reason, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        rusqlite::params![
+            forged.seq as i64,
+            forged.at as i64,
+            forged.actor,
+            forged.action,
+            forged.rollout,
+            forged.reason,
+            forged.prev_hash,
+            forged.hash
+        ],
+    )
+    .expect("forge");
+    drop(conn);
+    let (ok, text) = verify();
+    assert!(
+        !ok && text.contains(&format!("entry {} carries no MAC", forged.seq)),
+        "{text}"
+    );
+    // The untouched trail verifies, its MACs checked with the key.
+    std::fs::copy(pristine, &db).expect("restore");
+    let (ok, text) = verify();
+    assert!(ok && text.contains("MACs checked"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

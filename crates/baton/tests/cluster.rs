@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 
 struct Operator(Child);
 
+const AUDIT_KEY: &str = "a cluster's audit key, at least 16 bytes";
+
 impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -140,6 +142,7 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
                 &metrics.to_string(),
             ])
             .env("KUBECONFIG", &kc)
+            .env("BATON_AUDIT_KEY", AUDIT_KEY)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -219,6 +222,32 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
     let (ok, out, err) = baton(&kc, &["-n", "default", "audit", "verify"]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("intact"), "{out}");
+    // Signed with the operator's key, its head beside the Lease.
+    let key_file = dir.path().join("audit.key");
+    std::fs::write(&key_file, AUDIT_KEY).expect("key file");
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let (ok, out, err) = baton(
+        &kc,
+        &[
+            "-n",
+            "default",
+            "audit",
+            "verify",
+            "--heads-namespace",
+            "default",
+            "--audit-key-file",
+            key_file.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("MACs checked") && out.contains("against their heads"),
+        "{out}"
+    );
     assert!(
         h["events"]
             .as_array()

@@ -2,10 +2,48 @@
 //! each platform supplies what it sees of a revision's instances, the rest comes from
 //! the status. Its JSON field names are what `--output json` has always printed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt::Write;
 
 use baton_engine::{Measurement, Status};
 use serde::{Deserialize, Serialize};
+
+/// A string as a terminal may safely show it: control characters (`\n`, `\x1b`, C1),
+/// bidirectional overrides and the backslash itself escaped, so a name, version or
+/// env value can neither draw a forged row nor send a terminal escape. Every text
+/// renderer (status, history, audit, on both platforms) prints through this; JSON
+/// output is escaped by serde already.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x80 && needs_escape(c) => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    c == '\\'
+        || c.is_control()
+        // Bidirectional marks, embeddings, overrides and isolates reorder what
+        // follows them on screen.
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -220,5 +258,28 @@ pub fn rollout(
         conditions: Vec::new(),
         observed_generation: None,
         generation: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(printable("v2"), "v2");
+        assert!(matches!(
+            printable("plain v2.1-rc"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            printable("v2\x1b[2J\nforged\trow\r\u{7f}\u{9b}"),
+            "v2\\x1b[2J\\nforged\\trow\\r\\x7f\\u{9b}"
+        );
+        assert_eq!(printable("a\u{202e}b"), "a\\u{202e}b");
+        // A literal backslash is escaped too, so `\\n` typed by hand never reads as an
+        // escaped newline.
+        assert_eq!(printable("C:\\n"), "C:\\\\n");
+        assert_eq!(printable("naïve ✔ 日本"), "naïve ✔ 日本");
     }
 }

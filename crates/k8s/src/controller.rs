@@ -50,6 +50,8 @@ pub struct Context {
     /// The rollouts' ReplicaSets as a watch keeps them: reconciles read here instead of
     /// listing from the API server each time (what makes ten thousand rollouts cheap).
     replicasets: Mutex<Option<kube::runtime::reflector::Store<ReplicaSet>>>,
+    /// The audit trails' key and where their heads are kept.
+    pub audit: audit::Seal,
 }
 
 /// The controller's own metrics, in Prometheus text form by `render`.
@@ -109,6 +111,11 @@ impl Metrics {
 impl Context {
     /// Must be called within a tokio runtime: webhook deliveries report on a task.
     pub fn new(client: Client, instance: &str) -> Arc<Context> {
+        Context::with_seal(client, instance, audit::Seal::default())
+    }
+
+    /// A context whose audit trails are signed and headed as `seal` says.
+    pub fn with_seal(client: Client, instance: &str, seal: audit::Seal) -> Arc<Context> {
         let (reports, mut delivered) = tokio::sync::mpsc::unbounded_channel::<Delivery>();
         tokio::spawn(async move {
             // A delivery that needed retries or failed is worth the operator's log.
@@ -129,6 +136,7 @@ impl Context {
             driver: Driver::new(Some(Arc::new(Notifier::new(reports)))),
             metrics: Metrics::default(),
             replicasets: Mutex::new(None),
+            audit: seal,
         })
     }
 }
@@ -925,7 +933,15 @@ impl Publish for Cluster<'_> {
             spec_digest: Some(t.digest.to_string()),
             reason: e.message.clone(),
         };
-        if let Err(err) = audit::append(&self.ctx.client, &self.ns, &self.name, entry, e.at).await {
+        let written = audit::append(
+            &self.ctx.client,
+            &self.ctx.audit,
+            &self.ns,
+            &self.name,
+            entry,
+            e.at,
+        );
+        if let Err(err) = written.await {
             // Told again from the outbox while it stays unwritten; never fails a cycle.
             tracing::warn!(rollout = %t.key, error = %err, "cannot append to the audit trail");
         }

@@ -187,6 +187,7 @@ pub async fn run_leading(
     client: Client,
     lease: LeaseConfig,
     namespace: Option<String>,
+    seal: crate::audit::Seal,
     on_context: impl Fn(std::sync::Arc<crate::controller::Context>) + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
@@ -196,7 +197,8 @@ pub async fn run_leading(
             l = acquire(client.clone(), lease.clone()) => l,
             _ = &mut shutdown => return Ok(()),
         };
-        let ctx = crate::controller::Context::new(client.clone(), &lease.identity);
+        let ctx =
+            crate::controller::Context::with_seal(client.clone(), &lease.identity, seal.clone());
         on_context(ctx.clone());
         let lost = leadership.lost_future();
         // The controller runs inside this task: when leadership goes, dropping its

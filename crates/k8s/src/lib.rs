@@ -22,6 +22,9 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     Record(#[from] baton_driver::RecordError),
+    /// The audit trail refused an entry, or its key or head is unusable.
+    #[error("audit trail: {0}")]
+    Audit(String),
 }
 
 /// Milliseconds since the Unix epoch: read here, handed to the pure engine.

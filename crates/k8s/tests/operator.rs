@@ -804,6 +804,7 @@ async fn of_two_operator_replicas_only_the_leader_acts_and_the_other_takes_over(
             c.client.clone(),
             cfg,
             Some("default".into()),
+            baton_k8s::audit::Seal::default(),
             move |ctx| leaders.lock().expect("lock").push((who.clone(), ctx)),
             std::future::pending(),
         ))

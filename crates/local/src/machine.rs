@@ -69,8 +69,14 @@ pub fn echo(now: u64, rollout: &str, actor: &str, message: &str) {
     let who = if actor == "baton" {
         String::new()
     } else {
-        format!(" [{actor}]")
+        format!(" [{}]", baton_driver::view::printable(actor))
     };
+    // Names and messages carry user text (names, versions, env values): escaped, so
+    // they can neither forge a line nor send a terminal escape.
+    let (rollout, message) = (
+        baton_driver::view::printable(rollout),
+        baton_driver::view::printable(message),
+    );
     println!("{} {rollout:<12} {message}{who}", clock(now));
 }
 

@@ -6,11 +6,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use baton::api::ApiClient;
 use baton::paths::Paths;
+use baton::trail::Seal;
 
 use super::check;
 
 /// Stops everything: through the controller when it runs, directly otherwise.
-pub async fn down(paths: &Paths) -> Result<()> {
+pub async fn down(paths: &Paths, seal: &Seal) -> Result<()> {
     if !paths.exists() {
         bail!("nothing to stop: no state in {}", paths.root.display());
     }
@@ -38,14 +39,14 @@ pub async fn down(paths: &Paths) -> Result<()> {
         "stopped {}{n} instance(s) (no controller was running)",
         if proxy_stopped { "the proxy and " } else { "" }
     );
-    audit_local(paths, "down", &said)?;
+    audit_local(paths, seal, "down", &said);
     println!("{said}");
     Ok(())
 }
 
 /// A new proxy process takes the running one's sockets over; it runs with the old
 /// one's settings unless this command's environment sets them.
-pub async fn restart_proxy(paths: &Paths) -> Result<()> {
+pub async fn restart_proxy(paths: &Paths, seal: &Seal) -> Result<()> {
     let proxy = baton_proxy::ProxyClient::new(paths.proxy_socket());
     let (old_pid, version) = proxy.ping().await.with_context(|| {
         format!(
@@ -69,7 +70,7 @@ pub async fn restart_proxy(paths: &Paths) -> Result<()> {
     let said = format!(
         "proxy restarted: pid {old_pid} → {pid}, routing table {v} (was {version}); the old process drains and exits"
     );
-    audit_local(paths, "config", &said)?;
+    audit_local(paths, seal, "config", &said);
     println!("{said}");
     Ok(())
 }
@@ -96,10 +97,18 @@ async fn takeover_args(proxy: &baton_proxy::ProxyClient) -> Vec<String> {
 }
 
 /// Records, in the same hash-chained trail, what a command did without the
-/// controller (which records everything that goes through it).
-fn audit_local(paths: &Paths, action: &str, reason: &str) -> Result<()> {
-    let log = baton_audit::AuditLog::open(&paths.db(), Some(paths.root.join("audit.head")))
-        .context("cannot open the audit trail")?;
+/// controller (which records everything that goes through it). What was done is
+/// done: a trail that refuses the entry (no key for a signed trail, a truncated
+/// trail) is reported, as the controller reports it.
+fn audit_local(paths: &Paths, seal: &Seal, action: &str, reason: &str) {
+    if let Err(e) = append_local(paths, seal, action, reason) {
+        eprintln!("warning: {e:#}");
+    }
+}
+
+fn append_local(paths: &Paths, seal: &Seal, action: &str, reason: &str) -> Result<()> {
+    // Only the controller makes a key: one made here would not be the controller's.
+    let log = seal.writer(paths, false)?;
     log.append(
         baton_audit::NewEntry {
             actor: format!("os:{}", baton::api::local_user()),

@@ -5,7 +5,7 @@
 use anyhow::{Result, bail};
 use baton::api::ApiClient;
 use baton::paths::Paths;
-use baton::view;
+use baton::view::{self, printable};
 use clap::Args;
 use serde_json::Value;
 
@@ -99,20 +99,20 @@ fn print_cluster(v: &Value) {
         println!(
             "#{:<3} {:<14} {}{}",
             r["number"].as_u64().unwrap_or(0),
-            r["run"]["env"]["APP_VERSION"].as_str().unwrap_or("-"),
-            r["name"].as_str().unwrap_or(""),
+            printable(r["run"]["env"]["APP_VERSION"].as_str().unwrap_or("-")),
+            printable(r["name"].as_str().unwrap_or("")),
             r["abortReason"]
                 .as_str()
-                .map(|a| format!("  aborted: {a}"))
+                .map(|a| format!("  aborted: {}", printable(a)))
                 .unwrap_or_default()
         );
     }
     for e in v["events"].as_array().into_iter().flatten() {
         println!(
             "  {} {:<12} {}",
-            e["at"].as_str().unwrap_or(""),
-            e["reason"].as_str().unwrap_or(""),
-            e["note"].as_str().unwrap_or("")
+            printable(e["at"].as_str().unwrap_or("")),
+            printable(e["reason"].as_str().unwrap_or("")),
+            printable(e["note"].as_str().unwrap_or(""))
         );
     }
 }

@@ -64,11 +64,20 @@ pub async fn operator(namespace: Option<String>, args: OperatorArgs) -> Result<(
     serve_health(args.health_listen, current.clone(), false).await?;
     serve_health(args.metrics_listen, current.clone(), true).await?;
     tracing::info!(%identity, lease_namespace = %lease_ns, watch = namespace.as_deref().unwrap_or("all namespaces"), "baton operator starting");
+    // The audit trails' heads live in the operator's own namespace, beside the Lease.
+    let seal = baton_k8s::audit::Seal::from_env(&lease_ns)?;
+    if seal.key.is_none() {
+        tracing::warn!(
+            "no {}: audit entries are not signed, so whoever may edit a trail's ConfigMap can rewrite it from any entry on (its head still catches truncation)",
+            baton_k8s::audit::KEY_ENV
+        );
+    }
     let lease = baton_k8s::leader::LeaseConfig::new(&lease_ns, &identity);
     baton_k8s::leader::run_leading(
         client,
         lease,
         namespace,
+        seal,
         move |ctx| *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx),
         shutdown(),
     )

@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use baton::api::{ApiCall, ApiRequest};
 use baton::controller::{self, UpOptions};
 use baton::paths::Paths;
+use baton::trail::Seal;
 use clap::Args;
 
 use super::parse_spec;
@@ -24,15 +25,11 @@ pub struct UpArgs {
     /// at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
-    /// Mirror the audit trail's head to this file after every entry (keep it
-    /// outside the state directory to detect truncation of the database).
-    #[arg(long, value_name = "FILE")]
-    audit_head: Option<PathBuf>,
 }
 
 /// Runs until the controller ends, Ctrl-C or SIGTERM; a signal stops only the
 /// controller, so the proxy and instances keep serving.
-pub async fn run(paths: &Paths, args: UpArgs) -> Result<()> {
+pub async fn run(paths: &Paths, seal: Seal, args: UpArgs) -> Result<()> {
     let specs = match &args.file {
         Some(f) => parse_spec(f)?,
         None => Vec::new(),
@@ -50,7 +47,7 @@ pub async fn run(paths: &Paths, args: UpArgs) -> Result<()> {
         metrics_listen: args.metrics_listen,
         tick: Duration::from_millis(100),
         echo: true,
-        audit_head: args.audit_head,
+        audit: seal,
     })
     .await?;
     println!(

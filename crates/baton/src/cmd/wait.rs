@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use baton::api::ApiClient;
+use baton::view::printable;
 use clap::{Args, ValueEnum};
 use serde_json::Value;
 
@@ -53,7 +54,7 @@ pub async fn run(target: &Target, args: WaitArgs) -> Result<()> {
             (None, Target::Local(_)) => bail!("no controller to ask"),
         };
         let phase = v["phase"].as_str().unwrap_or("");
-        let message = v["message"].as_str().unwrap_or("");
+        let message = printable(v["message"].as_str().unwrap_or(""));
         let line = format!("{phase}: {message}");
         if line != said {
             eprintln!("{} {line}", args.name);

@@ -284,6 +284,12 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary> {
         None => std::env::temp_dir().join(format!("baton-demo-{}", std::process::id())),
     };
     let paths = Paths::new(dir.join(".baton"));
+    for f in [seal(&paths).head, seal(&paths).key_file]
+        .into_iter()
+        .flatten()
+    {
+        let _ = std::fs::remove_file(f);
+    }
     if paths.root.exists() {
         std::fs::remove_dir_all(&paths.root)
             .with_context(|| format!("cannot clear {}", paths.root.display()))?;
@@ -357,7 +363,7 @@ async fn start_controller(
         metrics_listen,
         tick: Duration::from_millis(50),
         echo: false,
-        audit_head: None,
+        audit: seal(paths),
     })
     .await?;
     say!(
@@ -380,7 +386,8 @@ async fn start_controller(
 /// The demo's audit trail (routine instance and gate-pass entries left out) and the
 /// verification of its hash chain.
 fn show_audit(paths: &Paths) -> Result<()> {
-    let log = baton_audit::AuditLog::open(&paths.db(), None)?;
+    let seal = seal(paths);
+    let log = seal.writer(paths, false)?;
     let entries = log.list(&baton_audit::Filter::default())?;
     say!(
         "\n── audit trail ({} entries; `baton audit --dir {}` lists them all)",
@@ -395,17 +402,34 @@ fn show_audit(paths: &Paths) -> Result<()> {
             "  #{:<4} {} {:<14} {:<9} {}",
             e.seq,
             view::clock(e.at),
-            e.actor,
-            e.action,
-            e.reason
+            view::printable(&e.actor),
+            view::printable(&e.action),
+            view::printable(&e.reason)
         );
     }
-    let head = baton_audit::Head::read(&paths.root.join("audit.head"))?;
+    let head = baton_audit::Head::read(&seal.head_path(paths)?)?;
     match log.verify(head.as_ref())? {
-        (n, None) => say!("  hash chain verified: {n} entries intact, up to the recorded head"),
-        (_, Some(p)) => bail!("the demo's audit trail does not verify: {p}"),
+        v if v.problem.is_none() => say!(
+            "  hash chain and MACs verified: {} entries intact ({} signed), up to the recorded head",
+            v.entries,
+            v.signed
+        ),
+        v => bail!(
+            "the demo's audit trail does not verify: {}",
+            v.problem.map(|p| p.to_string()).unwrap_or_default()
+        ),
     }
     Ok(())
+}
+
+/// The demo's head and key: beside its state directory (which each run clears, with
+/// them), not in the user's state home.
+fn seal(paths: &Paths) -> crate::trail::Seal {
+    let dir = paths.root.parent().unwrap_or(&paths.root);
+    crate::trail::Seal {
+        head: Some(dir.join("audit.head")),
+        key_file: Some(dir.join("audit.key")),
+    }
 }
 
 async fn story(

@@ -114,8 +114,18 @@ impl Env {
         let mut c = Command::new(baton_bin());
         c.arg("--dir")
             .arg(&self.paths.root)
-            .current_dir(self.dir.path());
+            .current_dir(self.dir.path())
+            // The audit trail's head and key go under the test's own state home.
+            .env("XDG_STATE_HOME", self.state_home())
+            .env_remove("BATON_AUDIT_KEY")
+            .env_remove("BATON_AUDIT_KEY_FILE")
+            .env_remove("BATON_AUDIT_HEAD");
         c
+    }
+
+    /// `$XDG_STATE_HOME` of every command run here.
+    pub fn state_home(&self) -> PathBuf {
+        self.dir.path().join("state-home")
     }
 
     /// Runs a CLI command to completion.
