@@ -286,3 +286,75 @@ fn a_bad_progressive_shorthand_names_each_field() {
         assert!(f.iter().any(|x| x == field), "{field} missing from {f:?}");
     }
 }
+
+#[test]
+fn numbers_above_their_maximum_are_refused_by_name() {
+    const HUGE: &str = "18446744073709551615";
+    let canary = CANARY
+        .replace(
+            "minReadySeconds: 1",
+            &format!("minReadySeconds: {HUGE}\n  progressDeadlineSeconds: {HUGE}"),
+        )
+        .replace("failureThreshold: 2", "failureThreshold: 1001")
+        .replacen("{ duration: 5s }", &format!("{{ duration: {HUGE} }}"), 1)
+        .replacen(
+            "interval: 1s\n        minRequests: 20",
+            &format!(
+                "interval: 31d\n        minRequests: 1000001\n        initialDelay: {HUGE}\n        count: 1001\n        failureLimit: 4294967295\n        inconclusiveLimit: 1001\n        consecutiveErrorLimit: 1001"
+            ),
+            1,
+        )
+        .replace(
+            "  rollback:",
+            "      - { name: prom, metric: { prometheus: { address: http://p:9090, query: up, timeout: 31d } }, successCondition: result > 0 }\n      - { name: web, metric: { web: { url: http://w/, timeout: 31d } }, successCondition: result > 0 }\n      - { name: cmd, metric: { command: { command: [\"true\"], timeout: 31d } } }\n      - { name: burn, metric: { builtin: error_rate }, burnRate: { slo: 0.999, windows: [{ long: 31d, short: 31d, factor: 1 }] } }\n  rollback:",
+        );
+    let f = fields(&canary);
+    for field in [
+        "spec.probes.readiness.failureThreshold",
+        "spec.minReadySeconds",
+        "spec.progressDeadlineSeconds",
+        "spec.strategy.canary.steps[1].pause.duration",
+        "spec.analysis.gates[0].interval",
+        "spec.analysis.gates[0].initialDelay",
+        "spec.analysis.gates[0].count",
+        "spec.analysis.gates[0].failureLimit",
+        "spec.analysis.gates[0].inconclusiveLimit",
+        "spec.analysis.gates[0].consecutiveErrorLimit",
+        "spec.analysis.gates[0].minRequests",
+        "spec.analysis.gates[2].metric.prometheus.timeout",
+        "spec.analysis.gates[3].metric.web.timeout",
+        "spec.analysis.gates[4].metric.command.timeout",
+        "spec.analysis.gates[5].burnRate.windows[0].long",
+        "spec.analysis.gates[5].burnRate.windows[0].short",
+    ] {
+        assert!(f.iter().any(|x| x == field), "{field} missing from {f:?}");
+    }
+    let Err(SpecErrors(errors)) = parse(&canary) else {
+        panic!("refused")
+    };
+    let deadline = errors
+        .iter()
+        .find(|e| e.field == "spec.progressDeadlineSeconds")
+        .expect("deadline");
+    assert_eq!(
+        deadline.reason,
+        format!("must be at most 30 days (2592000 s), got {HUGE} s")
+    );
+
+    let bg = BLUE_GREEN.replace("retainPrevious: 1h", "retainPrevious: 721h");
+    assert_eq!(fields(&bg), vec!["spec.strategy.blueGreen.retainPrevious"]);
+    let rolling = with_canary("      x: 1").replace(
+        "    canary:\n      x: 1\n",
+        "    rolling: { maxSurge: 4294967295, maxUnavailable: 101 }\n",
+    );
+    let f = fields(&rolling);
+    for field in [
+        "spec.strategy.rolling.maxSurge",
+        "spec.strategy.rolling.maxUnavailable",
+    ] {
+        assert!(f.iter().any(|x| x == field), "{field} missing from {f:?}");
+    }
+    // At the maximum, accepted.
+    let at_max = BLUE_GREEN.replace("retainPrevious: 1h", "retainPrevious: 720h");
+    parse(&at_max).expect("30 days is allowed");
+}
