@@ -259,4 +259,32 @@ mod tests {
             "30 days is allowed"
         );
     }
+
+    #[test]
+    fn every_type_error_of_a_cluster_rollout_is_listed() {
+        let doc = serde_json::json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": "three",
+                "selector": {"matchLabels": {"app": "web"}}, "workloadRef": {"name": "web"},
+                "strategy": {"canary": {"steps": [{"setWeight": 150}, {"pause": {"duration": "soon"}}]}},
+                "analysis": {"gates": [{"name": "errors", "metric": {"web": {"url": "http://x/"}}, "interval": -1}]},
+            },
+        });
+        let Err(e) = crate::cli::parse_cluster(&[doc]) else {
+            panic!("refused")
+        };
+        let fields: Vec<&str> = e.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.analysis.gates[0].interval",
+                "spec.replicas",
+                "spec.strategy.canary.steps[0].setWeight",
+                "spec.strategy.canary.steps[1].pause.duration",
+            ],
+            "{e}"
+        );
+    }
 }

@@ -358,3 +358,99 @@ fn numbers_above_their_maximum_are_refused_by_name() {
     let at_max = BLUE_GREEN.replace("retainPrevious: 1h", "retainPrevious: 720h");
     parse(&at_max).expect("30 days is allowed");
 }
+
+/// Type errors do not hide each other, nor the range errors the schema knows: each is
+/// listed with its path, in path order.
+#[test]
+fn every_type_error_is_listed_with_its_path() {
+    let bad = CANARY
+        .replace("replicas: 2", "replicas: -2\n  replicaz: 1")
+        .replace(
+            "command: [\"./target/release/hello\", \"--port\", \"{port}\"]",
+            "command: []",
+        )
+        .replace("setWeight: 10", "setWeight: 150")
+        .replacen("duration: 5s", "duration: soon", 1)
+        .replacen("duration: 5s", "duration: -3", 1)
+        .replace("{ builtin: latency_p99 }", "{ builtin: bogus }")
+        .replace("- setWeight: 50", "- { setWeight: 50, pause: {} }")
+        .replacen("minRequests: 20", "minRequests: lots", 1);
+    let Err(SpecErrors(errors)) = parse(&bad) else {
+        panic!("refused")
+    };
+    let got: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| (e.field.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "spec.analysis.gates[0].minRequests",
+                "expected an integer, got the string \"lots\""
+            ),
+            (
+                "spec.analysis.gates[1].metric.builtin",
+                "expected \"latency_p50\" or \"latency_p90\" or \"latency_p99\" or \"error_rate\", got the string \"bogus\""
+            ),
+            ("spec.replicas", "must be at least 1, got -2"),
+            (
+                "spec.replicaz",
+                "is not a field here; expected one of analysis, minReadySeconds, notifications, probes, progressDeadlineSeconds, replicas, rollback, run, shutdown, strategy, traffic"
+            ),
+            ("spec.run.command", "must not be empty"),
+            (
+                "spec.strategy.canary.steps[0].setWeight",
+                "must be at most 100, got 150"
+            ),
+            (
+                "spec.strategy.canary.steps[1].pause.duration",
+                "invalid duration \"soon\" (expected number at 0); write e.g. 90s, 1m30s, 500ms or 1h"
+            ),
+            (
+                "spec.strategy.canary.steps[4].pause.duration",
+                "a duration cannot be negative"
+            ),
+            (
+                "spec.strategy.canary.steps[5]",
+                "must have exactly one of the keys setWeight, pause, analysis, got an object"
+            ),
+        ]
+    );
+    // Several documents: each one's problems, under its own prefix.
+    let both = format!(
+        "{bad}\n---\n{}",
+        BLUE_GREEN.replace("replicas: 2", "replicas: x")
+    );
+    let f = fields(&both);
+    assert_eq!(f.len(), 10, "{f:?}");
+    assert!(
+        f.contains(&"documents[1].spec.replicas".to_string()),
+        "{f:?}"
+    );
+    assert!(
+        f.contains(&"documents[0].spec.run.command".to_string()),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn the_rollout_schema_compiles() {
+    assert!(SHAPE.is_ok(), "{:?}", SHAPE.as_ref().err());
+}
+
+#[test]
+fn a_missing_field_and_a_wrong_type_deep_inside_are_both_named() {
+    let bad = CANARY
+        .replace("    listen: 127.0.0.1:8080\n", "    shieldCanary: maybe\n")
+        .replace("{ builtin: error_rate }", "{ prometheus: { address: 5 } }");
+    assert_eq!(
+        fields(&bad),
+        vec![
+            "spec.analysis.gates[0].metric.prometheus.address",
+            "spec.analysis.gates[0].metric.prometheus.query",
+            "spec.traffic.listen",
+            "spec.traffic.shieldCanary",
+        ]
+    );
+}

@@ -18,7 +18,7 @@ pub const MAX_COUNT: u32 = 1000;
 pub const MAX_MIN_REQUESTS: u64 = 1_000_000;
 
 /// Why `d` is too long, if it is.
-fn too_long(d: Duration) -> Option<String> {
+pub(crate) fn too_long(d: Duration) -> Option<String> {
     (d.0 > std::time::Duration::from_secs(MAX_DURATION_SECONDS)).then(|| {
         format!(
             "must be at most 30 days ({MAX_DURATION_SECONDS} s), got {} s",
