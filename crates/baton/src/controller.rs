@@ -307,7 +307,7 @@ fn wants_for(spec: &Rollout, status: &Status) -> BTreeMap<String, RevisionWant> 
                     run: r.run.clone(),
                     probes: spec.spec.probes.clone(),
                     shutdown: spec.spec.shutdown.clone(),
-                    min_ready_ms: spec.spec.min_ready_seconds * 1000,
+                    min_ready_ms: spec.spec.min_ready_seconds.saturating_mul(1000),
                 },
             ))
         })

@@ -32,7 +32,7 @@ pub fn rollout(
     platform: &Platform,
 ) -> Value {
     let now = crate::now_ms();
-    let obs = platform.observe(name, spec.spec.min_ready_seconds * 1000, now);
+    let obs = platform.observe(name, spec.spec.min_ready_seconds.saturating_mul(1000), now);
     let instances = platform.instances(name);
     let v = baton_driver::view::rollout(
         name,

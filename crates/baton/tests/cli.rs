@@ -34,6 +34,50 @@ fn validate_names_every_bad_field() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["valid"], false);
     assert_eq!(v["errors"].as_array().map(Vec::len), Some(3));
+
+    // Type errors too, every one with its path, and the range errors beside them.
+    let typed = good.replace("replicas: 2", "replicas: -2").replace(
+        "setWeight: 10",
+        "setWeight: 150\n        - pause: { duration: soon }",
+    );
+    let command = typed
+        .lines()
+        .map(str::trim_start)
+        .find(|l| l.starts_with("command:"))
+        .expect("a command")
+        .to_string();
+    let typed = typed.replacen(&command, "command: []", 1);
+    let typed = env.write("typed.yaml", &typed);
+    let out = env.run(&["validate", "-f", path_str(&typed)]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    for line in [
+        "spec.replicas: must be at least 1, got -2",
+        "spec.run.command: must not be empty",
+        "spec.strategy.canary.steps[0].setWeight: must be at most 100, got 150",
+        "spec.strategy.canary.steps[1].pause.duration: invalid duration \"soon\"",
+    ] {
+        assert!(err.contains(line), "{line} missing from: {err}");
+    }
+    let out = env.run(&["validate", "-f", path_str(&typed), "--output", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["valid"], false);
+    let fields: Vec<&str> = v["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .filter_map(|e| e["field"].as_str())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.replicas",
+            "spec.run.command",
+            "spec.strategy.canary.steps[0].setWeight",
+            "spec.strategy.canary.steps[1].pause.duration"
+        ]
+    );
     assert!(!env.paths.root.exists(), "validate wrote nothing");
 }
 

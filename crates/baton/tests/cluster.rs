@@ -449,14 +449,8 @@ fn validate_checks_rollouts_written_for_a_cluster() {
 
 #[test]
 fn convert_turns_a_flagger_canary_into_a_rollout_that_validates() {
-    let fixture = [
-        "../../../shared/fixtures/flagger/istio-canary.yaml",
-        "/work/shared/fixtures/flagger/istio-canary.yaml",
-    ]
-    .iter()
-    .map(|p| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p))
-    .find(|p| p.exists())
-    .expect("the shared Flagger fixtures");
+    let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../k8s/tests/fixtures/flagger/istio-canary.yaml");
     let out = Command::new(common::baton_bin())
         .args(["convert", "-f"])
         .arg(&fixture)
@@ -469,7 +463,7 @@ fn convert_turns_a_flagger_canary_into_a_rollout_that_validates() {
     );
     let notes = String::from_utf8_lossy(&out.stderr);
     assert!(
-        notes.contains("podinfo: not carried over: webhook load-test"),
+        notes.contains("storefront: not carried over: webhook traffic"),
         "{notes}"
     );
     let mut validate = Command::new(common::baton_bin())
@@ -495,6 +489,6 @@ fn convert_turns_a_flagger_canary_into_a_rollout_that_validates() {
     );
     assert!(
         String::from_utf8_lossy(&v.stdout)
-            .contains("rollout podinfo is valid (for the Kubernetes operator)")
+            .contains("rollout storefront is valid (for the Kubernetes operator)")
     );
 }

@@ -132,9 +132,10 @@ impl Ctx<'_> {
             r.promoted_at = Some(now);
         }
         if let (Some(old), StrategyRef::BlueGreen(bg)) = (&old, self.spec.spec.strategy.kind()) {
-            self.s
-                .retain_until
-                .insert(old.clone(), now + bg.retain_previous.as_millis());
+            self.s.retain_until.insert(
+                old.clone(),
+                now.saturating_add(bg.retain_previous.as_millis()),
+            );
         }
         self.s.retain_until.remove(&c);
         self.s.promote_full = false;
@@ -321,7 +322,9 @@ fn command(cx: &mut Ctx, c: Command) -> CommandResult {
                 return Err(format!("{label} is not paused; nothing to resume"));
             };
             // What was left of a timed pause is still left; the deadline starts afresh.
-            cx.s.step_started_at += cx.now.saturating_sub(since);
+            cx.s.step_started_at =
+                cx.s.step_started_at
+                    .saturating_add(cx.now.saturating_sub(since));
             cx.s.last_progress_at = cx.now;
             cx.event(EventKind::Resume, format!("{label}: resumed by user"));
             Ok(format!(
@@ -484,8 +487,9 @@ fn canary(cx: &mut Ctx, steps: &[Step]) {
                     cx.s.promote_once = false;
                     true
                 } else {
-                    p.duration
-                        .is_some_and(|d| cx.now >= cx.s.step_started_at + d.as_millis())
+                    p.duration.is_some_and(|d| {
+                        cx.now >= cx.s.step_started_at.saturating_add(d.as_millis())
+                    })
                 }
             }
             Step::Analysis(a) => {
@@ -531,7 +535,7 @@ fn blue_green(cx: &mut Ctx, bg: &BlueGreen) {
         SmokeState::Passed => true,
         SmokeState::Failed => false,
         SmokeState::Running { since } => {
-            if cx.now >= since + SMOKE_RETRY_MS {
+            if cx.now >= since.saturating_add(SMOKE_RETRY_MS) {
                 cx.s.smoke = SmokeState::Running { since: cx.now };
                 cx.actions.push(Action::RunSmoke {
                     revision: c.clone(),
@@ -593,7 +597,11 @@ fn compute_desired(cx: &mut Ctx, rolling: Option<&Rolling>) {
         let prev_old = cx.s.desired.get(&st).copied().unwrap_or(replicas);
         let new_avail = cx.obs.rev(&c).available.min(prev_new);
         let new_desired = prev_new
-            .max((replicas + r.max_surge).saturating_sub(prev_old))
+            .max(
+                replicas
+                    .saturating_add(r.max_surge)
+                    .saturating_sub(prev_old),
+            )
             .min(replicas);
         let floor = replicas.saturating_sub(r.max_unavailable);
         let mut old_desired = prev_old.min(floor.saturating_sub(new_avail));
@@ -783,11 +791,11 @@ fn schedule_measurements(cx: &mut Ctx) {
             cx.s.gates
                 .entry(gate.name.clone())
                 .or_insert_with(|| GateStatus {
-                    next_due: cx.now + gate.initial_delay.as_millis(),
+                    next_due: cx.now.saturating_add(gate.initial_delay.as_millis()),
                     ..GateStatus::default()
                 });
         if cx.now >= g.next_due {
-            g.next_due = cx.now + gate.interval.as_millis();
+            g.next_due = cx.now.saturating_add(gate.interval.as_millis());
             cx.actions.push(Action::Measure {
                 gate: gate.name.clone(),
                 revision: c.clone(),
@@ -819,8 +827,9 @@ fn progress_deadline(cx: &mut Ctx) {
         cx.s.last_canary_available = avail;
         cx.s.last_progress_at = cx.now;
     }
-    let deadline = cx.spec.spec.progress_deadline_seconds * 1000;
-    if cx.now >= cx.s.last_progress_at + deadline {
+    // Saturating: a spec that slipped past validation must not wrap into "now".
+    let deadline = cx.spec.spec.progress_deadline_seconds.saturating_mul(1000);
+    if cx.now >= cx.s.last_progress_at.saturating_add(deadline) {
         cx.fail(
             Cause::Deadline,
             format!(

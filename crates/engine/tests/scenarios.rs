@@ -487,3 +487,89 @@ fn a_rolling_update_cannot_be_held_half_way() {
     let e = w.command(Command::Pause).expect_err("refused");
     assert!(e.contains("rolling"), "{e}");
 }
+
+/// A spec that slipped past validation with durations too long to add to a time:
+/// nothing wraps round to "now" (without saturation a debug build panics, a release
+/// build ends the pause at once and promotes).
+#[test]
+fn durations_too_long_to_add_to_a_time_never_wrap() {
+    let forever = baton_spec::Duration::from_secs(u64::MAX);
+    let mut s = spec(CANARY);
+    s.spec.progress_deadline_seconds = u64::MAX;
+    s.spec.analysis.gates[0].interval = forever;
+    if let Some(c) = s.spec.strategy.canary.as_mut() {
+        c.steps[1] = baton_spec::Step::Pause(baton_spec::Pause {
+            duration: Some(forever),
+        });
+    }
+    let mut w = World::new(s.clone());
+    w.tick();
+    w.tick();
+    w.spec = with_version(&w.spec, "v2");
+    let mut measured = 0;
+    for _ in 0..48 {
+        w.answer_measurements(Verdict::Pass);
+        w.advance(3_600_000);
+        measured += w.last.as_ref().map_or(0, |o| {
+            o.actions
+                .iter()
+                .filter(|a| matches!(a, Action::Measure { .. }))
+                .count()
+        });
+    }
+    assert_eq!(w.status.phase, Phase::Progressing, "{}", w.status.message);
+    assert_eq!(w.status.step_index, 1, "still in the pause after two days");
+    assert_eq!(w.weight("v2"), 10);
+    assert_eq!(measured, 1, "measured once, the next is an interval away");
+
+    // A canary that never becomes available is not failed by a deadline that wrapped.
+    let mut w = World::new(s);
+    w.tick();
+    w.tick();
+    w.spec = with_version(&w.spec, "v2");
+    w.perfect = false;
+    for _ in 0..48 {
+        w.advance(3_600_000);
+    }
+    assert_eq!(w.status.phase, Phase::Progressing, "{}", w.status.message);
+
+    // Blue-green keeps the previous stack for the retention, however long.
+    let mut s = spec(BLUE_GREEN);
+    if let Some(bg) = s.spec.strategy.blue_green.as_mut() {
+        bg.retain_previous = forever;
+    }
+    let mut w = World::new(s);
+    w.tick();
+    w.tick();
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.tick();
+    w.tick();
+    let v2 = w.name_of("v2");
+    w.obs.smoke = Some((v2, true, "ok".into()));
+    w.tick();
+    w.tick();
+    assert_eq!(w.weight("v2"), 100);
+    w.advance(86_400_000);
+    assert_eq!(
+        w.status.desired.get(&w.name_of("v1")),
+        Some(&2),
+        "previous stack still retained a day later"
+    );
+
+    // A rolling update with a surge too large to add to replicas still finishes.
+    let mut s = spec(ROLLING);
+    if let Some(r) = s.spec.strategy.rolling.as_mut() {
+        r.max_surge = u32::MAX;
+    }
+    let mut w = World::new(s);
+    w.tick();
+    w.tick();
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    assert!(
+        w.run_until(Verdict::Pass, |w| w.status.phase == Phase::Healthy
+            && w.status.stable.as_deref() == Some(w.name_of("v2").as_str()))
+    );
+    assert!(w.status.desired.values().sum::<u32>() <= 3 + 3);
+}

@@ -3,8 +3,10 @@
 //! records in the status), undo (put the previous stable template back), show the
 //! history; and validate Rollouts written for a cluster.
 
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
+use baton_spec::shape::Shape;
 use baton_spec::{FieldError, SpecErrors};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -27,8 +29,9 @@ pub fn is_cluster_form(doc: &Value) -> bool {
     doc["spec"].get("template").is_some() || doc["spec"].get("workloadRef").is_some()
 }
 
-/// Parses and checks cluster Rollouts: field types and names, then the same
-/// semantic checks as local specs for what they share (steps, gates, analysis).
+/// Parses and checks cluster Rollouts: every type error (against the schema), names,
+/// then the same semantic checks as local specs for what they share (steps, gates,
+/// analysis).
 pub fn parse_cluster(docs: &[Value]) -> Result<Vec<Rollout>, SpecErrors> {
     let many = docs.len() > 1;
     let prefix = |i: usize, f: &str| {
@@ -41,57 +44,19 @@ pub fn parse_cluster(docs: &[Value]) -> Result<Vec<Rollout>, SpecErrors> {
     let mut errors = Vec::new();
     let mut out = Vec::new();
     for (i, doc) in docs.iter().enumerate() {
-        match serde_path_to_error::deserialize::<_, Rollout>(doc.clone()) {
+        let typed = match serde_path_to_error::deserialize::<_, Rollout>(doc.clone()) {
             Ok(ro) => {
-                if ro.metadata.name.as_deref().is_none_or(str::is_empty) {
-                    errors.push(FieldError {
-                        field: prefix(i, "metadata.name"),
-                        reason: "required".into(),
-                    });
-                }
-                match (&ro.spec.template, &ro.spec.workload_ref) {
-                    (Some(_), Some(_)) | (None, None) => errors.push(FieldError {
-                        field: prefix(i, "spec.template"),
-                        reason: "set exactly one of spec.template and spec.workloadRef".into(),
-                    }),
-                    _ => {}
-                }
-                // What only `baton up` can measure would fail every measurement here.
-                for (g, gate) in ro.spec.analysis.gates.iter().enumerate() {
-                    let why = match &gate.metric {
-                        baton_spec::MetricSource::Builtin(_)
-                        | baton_spec::MetricSource::Scorecard(_) => Some(
-                            "builtin metrics and scorecards come from Baton's own proxy, which does not run on a cluster: use a prometheus, web or command metric",
-                        ),
-                        baton_spec::MetricSource::Smoke(_) => Some(
-                            "a smoke metric tests one instance by address, which a cluster gate does not have: use blueGreen smoke tests (run as a Job) or a web metric",
-                        ),
-                        _ => None,
-                    };
-                    if let Some(why) = why {
-                        errors.push(FieldError {
-                            field: prefix(i, &format!("spec.analysis.gates[{g}].metric")),
-                            reason: why.into(),
-                        });
-                    }
-                }
-                let template = ro.spec.template.clone().unwrap_or_default();
-                let espec = engine_spec(&ro, &template, ro.spec.analysis.gates.clone());
-                for e in cluster_errors(&ro, &espec) {
-                    errors.push(FieldError {
-                        field: prefix(i, &e.field),
-                        reason: e.reason,
-                    });
-                }
+                let found = cluster_problems(&ro);
                 out.push(ro);
+                Ok(found)
             }
-            Err(e) => {
-                let path = e.path().to_string();
-                errors.push(FieldError {
-                    field: prefix(i, if path == "." { "(document)" } else { &path }),
-                    reason: e.into_inner().to_string(),
-                });
-            }
+            Err(e) => Err(baton_spec::serde_error(e)),
+        };
+        for e in baton_spec::shape::combine(spec_shape(doc), typed) {
+            errors.push(FieldError {
+                field: prefix(i, &e.field),
+                reason: e.reason,
+            });
         }
     }
     if errors.is_empty() {
@@ -99,6 +64,68 @@ pub fn parse_cluster(docs: &[Value]) -> Result<Vec<Rollout>, SpecErrors> {
     } else {
         Err(SpecErrors(errors))
     }
+}
+
+/// The type errors of a document's `spec`, all of them (serde stops at the first).
+fn spec_shape(doc: &Value) -> Vec<FieldError> {
+    static SHAPE: LazyLock<Result<Shape, String>> =
+        LazyLock::new(Shape::of::<crate::crd::RolloutSpec>);
+    let (Ok(shape), Some(spec)) = (SHAPE.as_ref(), doc.get("spec")) else {
+        return Vec::new();
+    };
+    shape
+        .errors(spec)
+        .into_iter()
+        .map(|e| FieldError {
+            field: if e.field == "(document)" {
+                "spec".into()
+            } else {
+                format!("spec.{}", e.field)
+            },
+            reason: e.reason,
+        })
+        .collect()
+}
+
+/// What is wrong with a cluster Rollout that deserialised: names, the workload, gates
+/// only `baton up` can measure, and the checks shared with local specs.
+fn cluster_problems(ro: &Rollout) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if ro.metadata.name.as_deref().is_none_or(str::is_empty) {
+        errors.push(FieldError {
+            field: "metadata.name".into(),
+            reason: "required".into(),
+        });
+    }
+    match (&ro.spec.template, &ro.spec.workload_ref) {
+        (Some(_), Some(_)) | (None, None) => errors.push(FieldError {
+            field: "spec.template".into(),
+            reason: "set exactly one of spec.template and spec.workloadRef".into(),
+        }),
+        _ => {}
+    }
+    // What only `baton up` can measure would fail every measurement here.
+    for (g, gate) in ro.spec.analysis.gates.iter().enumerate() {
+        let why = match &gate.metric {
+            baton_spec::MetricSource::Builtin(_) | baton_spec::MetricSource::Scorecard(_) => Some(
+                "builtin metrics and scorecards come from Baton's own proxy, which does not run on a cluster: use a prometheus, web or command metric",
+            ),
+            baton_spec::MetricSource::Smoke(_) => Some(
+                "a smoke metric tests one instance by address, which a cluster gate does not have: use blueGreen smoke tests (run as a Job) or a web metric",
+            ),
+            _ => None,
+        };
+        if let Some(why) = why {
+            errors.push(FieldError {
+                field: format!("spec.analysis.gates[{g}].metric"),
+                reason: why.into(),
+            });
+        }
+    }
+    let template = ro.spec.template.clone().unwrap_or_default();
+    let espec = engine_spec(ro, &template, ro.spec.analysis.gates.clone());
+    errors.extend(cluster_errors(ro, &espec));
+    errors
 }
 
 /// The status as `baton status` shows it, for a cluster Rollout: the same typed view

@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 pub struct RolloutSpec {
     /// Pods per revision.
     #[serde(default = "one")]
-    #[schemars(range(min = 0, max = 10000))]
+    #[schemars(range(min = 0, max = baton_spec::validate::MAX_REPLICAS))]
     pub replicas: i32,
     /// Selects the rollout's pods (all revisions); the template's labels must match it.
     /// With `workloadRef` it may be left out: the Deployment's is used.
@@ -63,15 +63,17 @@ pub struct RolloutSpec {
     /// scales it to zero only once the Rollout's own pods are ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_ref: Option<WorkloadRef>,
+    /// Ready this long before a pod counts as available; at most 30 days.
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = baton_spec::validate::MAX_DURATION_SECONDS))]
     pub min_ready_seconds: i64,
+    /// No progress this long (outside pauses) fails the rollout; at most 30 days.
     #[serde(default = "default_progress_deadline")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = baton_spec::validate::MAX_DURATION_SECONDS))]
     pub progress_deadline_seconds: i64,
     /// Old ReplicaSets kept (scaled to zero) for `undo`.
     #[serde(default = "default_history")]
-    #[schemars(range(min = 0, max = 100))]
+    #[schemars(range(min = 0, max = crate::engine_spec::MAX_HISTORY))]
     pub revision_history_limit: i32,
     #[serde(default)]
     pub strategy: Strategy,

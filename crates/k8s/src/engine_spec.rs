@@ -117,21 +117,60 @@ pub fn engine_spec(
 }
 
 /// What the local spec's checks find wrong in a cluster Rollout's engine spec, leaving
-/// out what only the local spec has (a command, listeners, probes).
+/// out what only the local spec has (a command, listeners, probes), after the bounds of
+/// the Rollout's own signed numbers (which the engine spec would have clamped).
 pub fn cluster_errors(ro: &Rollout, espec: &baton_spec::Rollout) -> Vec<FieldError> {
-    baton_spec::validate::validate(espec)
-        .into_iter()
-        .filter(|e| {
-            !(e.field.starts_with("spec.run")
-                || e.field.starts_with("spec.traffic")
-                || e.field.starts_with("spec.probes")
-                || e.field.contains("previewListen")
-                || (e.field.contains("gates")
-                    && e.reason.starts_with("no gate named")
-                    && !ro.spec.analysis.templates.is_empty()))
-        })
-        .collect()
+    use baton_spec::validate::{MAX_DURATION_SECONDS, MAX_REPLICAS};
+    let s = &ro.spec;
+    let max_seconds = i64::try_from(MAX_DURATION_SECONDS).unwrap_or(i64::MAX);
+    let mut errors: Vec<FieldError> = [
+        (
+            "spec.replicas",
+            i64::from(s.replicas),
+            1,
+            i64::from(MAX_REPLICAS),
+        ),
+        ("spec.minReadySeconds", s.min_ready_seconds, 0, max_seconds),
+        (
+            "spec.progressDeadlineSeconds",
+            s.progress_deadline_seconds,
+            1,
+            max_seconds,
+        ),
+        (
+            "spec.revisionHistoryLimit",
+            i64::from(s.revision_history_limit),
+            0,
+            MAX_HISTORY,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, v, min, max)| !(min..=max).contains(&v))
+    .map(|(field, v, min, max)| FieldError {
+        field: field.into(),
+        reason: format!("must be between {min} and {max}, got {v}"),
+    })
+    .collect();
+    let own: Vec<String> = errors.iter().map(|e| e.field.clone()).collect();
+    errors.extend(
+        baton_spec::validate::validate(espec)
+            .into_iter()
+            .filter(|e| !own.contains(&e.field))
+            .filter(|e| {
+                !(e.field.starts_with("spec.run")
+                    || e.field.starts_with("spec.traffic")
+                    || e.field.starts_with("spec.probes")
+                    || e.field.contains("previewListen")
+                    || (e.field.contains("gates")
+                        && e.reason.starts_with("no gate named")
+                        && !ro.spec.analysis.templates.is_empty()))
+            }),
+    );
+    errors
 }
+
+/// The most old ReplicaSets a Rollout keeps for `undo`.
+pub const MAX_HISTORY: i64 = 100;
 
 #[cfg(test)]
 mod tests {
@@ -166,6 +205,87 @@ mod tests {
             a.revision_hash(),
             run_spec(&template("ghcr.io/x/trade:v1")).revision_hash(),
             "stable identity"
+        );
+    }
+
+    #[test]
+    fn numbers_out_of_bounds_are_refused_by_name_not_clamped() {
+        let doc = |spec: serde_json::Value| {
+            let mut d = serde_json::json!({
+                "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout",
+                "metadata": {"name": "web"},
+                "spec": {"selector": {"matchLabels": {"app": "web"}}, "workloadRef": {"name": "web"},
+                         "strategy": {"canary": {"steps": [{"setWeight": 50}]}}},
+            });
+            if let (Some(o), Some(extra)) = (d["spec"].as_object_mut(), spec.as_object()) {
+                o.extend(extra.clone());
+            }
+            d
+        };
+        let fields = |spec| match crate::cli::parse_cluster(&[doc(spec)]) {
+            Ok(_) => vec![],
+            Err(e) => e.0.into_iter().map(|e| (e.field, e.reason)).collect(),
+        };
+        assert_eq!(
+            fields(serde_json::json!({
+                "replicas": -2,
+                "minReadySeconds": -1,
+                "progressDeadlineSeconds": i64::MAX,
+                "revisionHistoryLimit": 1000,
+            })),
+            vec![
+                (
+                    "spec.replicas".into(),
+                    "must be between 1 and 100, got -2".into()
+                ),
+                (
+                    "spec.minReadySeconds".into(),
+                    "must be between 0 and 2592000, got -1".into()
+                ),
+                (
+                    "spec.progressDeadlineSeconds".into(),
+                    format!("must be between 1 and 2592000, got {}", i64::MAX)
+                ),
+                (
+                    "spec.revisionHistoryLimit".into(),
+                    "must be between 0 and 100, got 1000".into()
+                ),
+            ]
+        );
+        assert_eq!(
+            fields(
+                serde_json::json!({"minReadySeconds": 2_592_000, "progressDeadlineSeconds": 2_592_000})
+            ),
+            Vec::<(String, String)>::new(),
+            "30 days is allowed"
+        );
+    }
+
+    #[test]
+    fn every_type_error_of_a_cluster_rollout_is_listed() {
+        let doc = serde_json::json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": "three",
+                "selector": {"matchLabels": {"app": "web"}}, "workloadRef": {"name": "web"},
+                "strategy": {"canary": {"steps": [{"setWeight": 150}, {"pause": {"duration": "soon"}}]}},
+                "analysis": {"gates": [{"name": "errors", "metric": {"web": {"url": "http://x/"}}, "interval": -1}]},
+            },
+        });
+        let Err(e) = crate::cli::parse_cluster(&[doc]) else {
+            panic!("refused")
+        };
+        let fields: Vec<&str> = e.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.analysis.gates[0].interval",
+                "spec.replicas",
+                "spec.strategy.canary.steps[0].setWeight",
+                "spec.strategy.canary.steps[1].pause.duration",
+            ],
+            "{e}"
         );
     }
 }

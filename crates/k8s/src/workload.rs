@@ -72,7 +72,7 @@ fn new_replicaset(
         },
         spec: Some(ReplicaSetSpec {
             replicas: Some(replicas as i32),
-            min_ready_seconds: Some(ro.spec.min_ready_seconds as i32),
+            min_ready_seconds: Some(i32::try_from(ro.spec.min_ready_seconds).unwrap_or(i32::MAX)),
             selector: LabelSelector {
                 match_labels: Some(match_labels),
                 match_expressions: ro.spec.selector.match_expressions.clone(),

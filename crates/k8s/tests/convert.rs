@@ -1,6 +1,7 @@
-//! `baton convert` on the real Argo Rollouts and Flagger examples (read from the
-//! shared fixtures, not copied here) and on manifests written in their format: each
-//! converts into a Rollout that validates, or names what it could not carry over.
+//! `baton convert` on manifests in the formats of Argo Rollouts and Flagger (the
+//! fixtures under `tests/fixtures/`, written for these tests to use every feature of
+//! those formats the converter meets): each converts into a Rollout that validates,
+//! or names what it could not carry over.
 
 use std::path::PathBuf;
 
@@ -8,13 +9,7 @@ use baton_k8s::cli::parse_cluster;
 use baton_k8s::convert::convert;
 
 fn fixtures() -> PathBuf {
-    let near = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures");
-    for p in [near, PathBuf::from("/work/shared/fixtures")] {
-        if p.is_dir() {
-            return p;
-        }
-    }
-    panic!("the shared fixtures (argo-rollouts/, flagger/) are not at ../shared/fixtures");
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn read(rel: &str) -> String {
@@ -56,7 +51,10 @@ fn every_example_rollout_and_canary_converts_into_a_valid_rollout() {
             }
         }
     }
-    assert!(seen >= 10, "only {seen} resources converted");
+    assert_eq!(
+        seen, 12,
+        "every Rollout and Canary in the fixtures converted"
+    );
 }
 
 #[test]
@@ -69,18 +67,43 @@ fn what_does_not_carry_over_is_named() {
             .collect()
     };
     let has = |notes: &[String], text: &str| notes.iter().any(|n| n.contains(text));
-    let n = notes("argo-rollouts/rollout-baseline-vs-canary.yaml");
+    let n = notes("argo-rollouts/experiment-step.yaml");
     assert!(has(&n, "(experiment) has no Baton equivalent"), "{n:?}");
-    let n = notes("argo-rollouts/istio-istio-subset-split.yaml");
+    let n = notes("argo-rollouts/istio-subset-split.yaml");
     assert!(has(&n, "destinationRule"), "{n:?}");
+    let n = notes("argo-rollouts/notifications-canary.yaml");
+    assert!(
+        has(
+            &n,
+            "annotation notifications.argoproj.io/subscribe.on-rollout-aborted"
+        ),
+        "{n:?}"
+    );
+    let n = notes("argo-rollouts/rolling-update.yaml");
+    assert!(has(&n, "strategy.canary.maxSurge"), "{n:?}");
     let n = notes("flagger/istio-abtest.yaml");
     assert!(has(&n, "A/B testing"), "{n:?}");
+    assert!(has(&n, "autoscalerRef"), "{n:?}");
     let n = notes("flagger/istio-canary.yaml");
-    assert!(has(&n, "webhook load-test"), "{n:?}");
-    // Templates in the same input are used; a Job provider is named, not dropped silently.
+    assert!(has(&n, "webhook traffic (rollout)"), "{n:?}");
+    assert!(has(&n, "webhook acceptance (pre-rollout)"), "{n:?}");
+    // Background analysis with its template in the input becomes analysis steps; a Job
+    // provider is named, not dropped silently.
+    let text = format!(
+        "{}\n---\n{}",
+        read("argo-rollouts/background-analysis.yaml"),
+        read("argo-rollouts/analysis-templates.yaml"),
+    );
+    let n: Vec<String> = convert(&text)
+        .expect("convert")
+        .into_iter()
+        .flat_map(|c| c.notes)
+        .collect();
+    assert!(has(&n, "the job provider has no Baton equivalent"), "{n:?}");
+    // Templates in the same input are used, namespaced and cluster-scoped alike.
     let text = format!(
         "{}\n---\n{}\n---\n{}",
-        read("argo-rollouts/rollout-analysis-step.yaml"),
+        read("argo-rollouts/analysis-step.yaml"),
         read("argo-rollouts/analysis-templates.yaml"),
         read("argo-rollouts/cluster-analysis-templates.yaml")
     );
@@ -99,32 +122,78 @@ fn steps_services_and_routing_carry_over() {
         .expect("convert")
         .remove(0);
     let spec = &c.rollout["spec"];
-    assert_eq!(spec["workloadRef"]["name"], "podinfo");
+    assert_eq!(spec["workloadRef"]["name"], "storefront");
+    assert_eq!(spec["progressDeadlineSeconds"], 300);
     let weights: Vec<u64> = spec["strategy"]["canary"]["steps"]
         .as_array()
         .expect("steps")
         .iter()
         .filter_map(|s| s["setWeight"].as_u64())
         .collect();
-    assert_eq!(weights, vec![5, 10, 15, 20, 25, 30, 35, 40, 45, 50]);
+    assert_eq!(weights, vec![15, 30, 45, 60]);
     assert_eq!(
         spec["strategy"]["canary"]["trafficRouting"]["istio"]["virtualService"],
-        "podinfo"
+        "storefront"
+    );
+    assert_eq!(
+        spec["strategy"]["canary"]["stableService"],
+        "storefront-primary"
     );
     assert_eq!(
         spec["analysis"]["gates"][0]["successCondition"],
-        "result >= 99"
+        "result >= 99.5"
     );
     assert_eq!(
         spec["analysis"]["gates"][1]["successCondition"],
-        "result <= 500"
+        "result <= 250"
     );
+    assert_eq!(spec["analysis"]["gates"][0]["interval"], "20s");
     assert_eq!(
-        spec["analysis"]["gates"][0]["failureLimit"], 9,
-        "threshold 10: the tenth failure rolls back"
+        spec["analysis"]["gates"][0]["failureLimit"], 3,
+        "threshold 4: the fourth failure rolls back"
     );
 
-    let c = convert(&read("argo-rollouts/rollout-bluegreen.yaml"))
+    let c = convert(&read("flagger/linkerd-canary-steps.yaml"))
+        .expect("convert")
+        .remove(0);
+    let steps = c.rollout["spec"]["strategy"]["canary"]["steps"]
+        .as_array()
+        .expect("steps")
+        .clone();
+    let weights: Vec<u64> = steps
+        .iter()
+        .filter_map(|s| s["setWeight"].as_u64())
+        .collect();
+    assert_eq!(weights, vec![1, 2, 5, 10, 20, 40, 80]);
+    assert!(
+        c.rollout["spec"]["analysis"]["gates"][0]["metric"]["prometheus"]["query"]
+            .as_str()
+            .expect("query")
+            .contains("response_total{namespace=\"finance\",deployment=~\"ledger.*\""),
+        "{}",
+        c.rollout
+    );
+
+    let c = convert(&read("argo-rollouts/canary.yaml"))
+        .expect("convert")
+        .remove(0);
+    let steps = &c.rollout["spec"]["strategy"]["canary"]["steps"];
+    assert_eq!(steps[1], serde_json::json!({"pause": {}}));
+    assert_eq!(steps[3], serde_json::json!({"pause": {"duration": "1m"}}));
+    assert_eq!(
+        steps[5],
+        serde_json::json!({"pause": {"duration": "45s"}}),
+        "a bare number is seconds"
+    );
+    assert_eq!(c.rollout["spec"]["revisionHistoryLimit"], 5);
+
+    let c = convert(&read("argo-rollouts/workload-ref.yaml"))
+        .expect("convert")
+        .remove(0);
+    assert_eq!(c.rollout["spec"]["workloadRef"]["kind"], "Deployment");
+    assert_eq!(c.rollout["spec"]["workloadRef"]["name"], "gateway");
+
+    let c = convert(&read("argo-rollouts/bluegreen.yaml"))
         .expect("convert")
         .remove(0);
     let bg = &c.rollout["spec"]["strategy"]["blueGreen"];
@@ -197,4 +266,43 @@ spec:
         serde_json::json!({"pause": {}})
     );
     parse_cluster(std::slice::from_ref(&c.rollout)).expect("valid");
+}
+
+/// Nothing in the repository reads or cites files beside it: every fixture a test uses
+/// is the project's own.
+#[test]
+fn the_repository_refers_to_nothing_outside_it() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // Spelled in pieces so that this file does not match itself.
+    let outside = [["..", "/shared/"].concat(), ["/work", "/shared"].concat()];
+    let mut stack = vec![root.clone()];
+    let mut found = Vec::new();
+    let mut files = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            if path.is_dir() {
+                if name != "target" && name != ".git" {
+                    stack.push(path);
+                }
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue; // not text
+            };
+            files += 1;
+            for (n, line) in text.lines().enumerate() {
+                if outside.iter().any(|o| line.contains(o.as_str())) {
+                    found.push(format!("{}:{}: {line}", path.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        files > 100,
+        "walked only {files} files from {}",
+        root.display()
+    );
+    assert!(found.is_empty(), "{}", found.join("\n"));
 }

@@ -102,7 +102,7 @@ impl Workloads for Machine {
         _: &Status,
         now: Millis,
     ) -> Result<BTreeMap<String, RevisionObs>, StoreError> {
-        let min_ready = t.spec.spec.min_ready_seconds * 1000;
+        let min_ready = t.spec.spec.min_ready_seconds.saturating_mul(1000);
         Ok(self.platform.observe(t.key, min_ready, now))
     }
 

@@ -72,16 +72,15 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
-#[cfg(feature = "schema")]
 impl schemars::JsonSchema for Duration {
     fn schema_name() -> std::borrow::Cow<'static, str> {
         "Duration".into()
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
-            "description": "A duration such as 90s, 1m30s, 500ms or 1h, or a number of seconds.",
+            "description": "90s, 1m30s, 500ms, 1h or a number of seconds; at most 30 days.",
             "x-kubernetes-int-or-string": true,
-            "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|min|h|d)?([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|min|h|d))*$"}]
+            "anyOf": [{"type": "integer", "minimum": 0, "maximum": crate::validate::MAX_DURATION_SECONDS}, {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|min|h|d)?([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|min|h|d))*$"}]
         })
     }
 }

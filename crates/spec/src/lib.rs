@@ -1,12 +1,14 @@
 //! The Rollout API (`apiVersion: baton.dev/v1alpha1`, `kind: Rollout`): types, parsing
 //! and validation.
 //!
-//! Parsing goes YAML → JSON value → typed struct so that every deserialisation error
-//! carries the field path (`spec.strategy.canary.steps[2].setWeight`), then a semantic
-//! pass collects *every* remaining problem instead of stopping at the first.
+//! Parsing goes YAML → JSON value, checked against the JSON Schema of these types so
+//! that *every* type error is found with its field path
+//! (`spec.strategy.canary.steps[2].setWeight`), → typed struct; then a semantic pass
+//! collects every remaining problem instead of stopping at the first.
 
 pub mod addr;
 mod duration;
+pub mod shape;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -21,8 +23,7 @@ pub const API_VERSION: &str = "baton.dev/v1alpha1";
 pub const KIND: &str = "Rollout";
 
 /// One problem in a spec, named by its field path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FieldError {
     /// Where the problem is, e.g. `spec.traffic.listen`. Prefixed with the document
     /// (`documents[1].`) when a file holds several.
@@ -41,8 +42,7 @@ impl std::fmt::Display for FieldError {
 #[error("{} problem(s) in the spec:\n{}", .0.len(), .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
 pub struct SpecErrors(pub Vec<FieldError>);
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rollout {
     pub api_version: String,
@@ -51,8 +51,7 @@ pub struct Rollout {
     pub spec: RolloutSpec,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
     pub name: String,
@@ -60,12 +59,12 @@ pub struct Metadata {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RolloutSpec {
     /// Instances per revision.
     #[serde(default = "one")]
+    #[schemars(range(min = 1, max = crate::validate::MAX_REPLICAS))]
     pub replicas: u32,
     pub run: RunSpec,
     #[serde(default)]
@@ -74,9 +73,11 @@ pub struct RolloutSpec {
     pub shutdown: Shutdown,
     /// An instance must stay ready this long before it counts as available.
     #[serde(default)]
+    #[schemars(range(max = crate::validate::MAX_DURATION_SECONDS))]
     pub min_ready_seconds: u64,
     /// A rollout that makes no progress for this long is aborted.
     #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 1, max = crate::validate::MAX_DURATION_SECONDS))]
     pub progress_deadline_seconds: u64,
     pub traffic: Traffic,
     pub strategy: Strategy,
@@ -97,12 +98,12 @@ fn default_progress_deadline() -> u64 {
 }
 
 /// How to start one instance. Any change here makes a new revision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RunSpec {
     /// Program and arguments; `{port}` is replaced by the instance's port (also in `env`
     /// values). The port is in `PORT` too.
+    #[schemars(length(min = 1))]
     pub command: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -125,8 +126,7 @@ impl RunSpec {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Probes {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,20 +135,24 @@ pub struct Probes {
     pub liveness: Option<Probe>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Probe {
     pub http_get: HttpGet,
     #[serde(default = "default_period")]
+    #[schemars(range(min = 0.05, max = 3600.0))]
     pub period_seconds: f64,
     #[serde(default = "default_timeout")]
+    #[schemars(range(min = 0.05, max = 3600.0))]
     pub timeout_seconds: f64,
     #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1, max = crate::validate::MAX_COUNT))]
     pub failure_threshold: u32,
     #[serde(default = "one")]
+    #[schemars(range(min = 1, max = crate::validate::MAX_COUNT))]
     pub success_threshold: u32,
     #[serde(default)]
+    #[schemars(range(min = 0.0, max = 3600.0))]
     pub initial_delay_seconds: f64,
 }
 
@@ -162,23 +166,23 @@ fn default_failure_threshold() -> u32 {
     3
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpGet {
     pub path: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Shutdown {
     /// Time between leaving routing and SIGTERM, so that no request is in flight towards
     /// an instance that is about to stop.
     #[serde(default = "default_pre_stop")]
+    #[schemars(range(min = 0.0, max = 3600.0))]
     pub pre_stop_seconds: f64,
     /// Time after SIGTERM before SIGKILL.
     #[serde(default = "default_drain")]
+    #[schemars(range(min = 0.0, max = 3600.0))]
     pub drain_timeout_seconds: f64,
 }
 
@@ -198,8 +202,7 @@ impl Default for Shutdown {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Traffic {
     /// Where the proxy listens for this rollout's users, e.g. `127.0.0.1:8080`.
@@ -222,6 +225,7 @@ pub struct Traffic {
     /// `mirrorMethods` to the canary too, answers discarded: the canary meets real
     /// traffic (and its gates measure it) before any user sees its answers.
     #[serde(default)]
+    #[schemars(range(max = 100))]
     pub mirror_percent: u32,
     /// The methods `mirrorPercent` copies; empty (the default) is the safe ones: GET,
     /// HEAD and OPTIONS. A copied PUT or DELETE runs twice against shared data, so
@@ -233,8 +237,7 @@ pub struct Traffic {
     pub tls: Option<Tls>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Tls {
     /// PEM certificate chain, leaf first.
@@ -243,8 +246,7 @@ pub struct Tls {
     pub key_file: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Stickiness {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,16 +255,14 @@ pub struct Stickiness {
     pub cookie: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
     pub name: String,
     pub value: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Strategy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -297,8 +297,7 @@ static DEFAULT_ROLLING: Rolling = Rolling {
     max_unavailable: 0,
 };
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Canary {
     #[serde(default)]
@@ -311,11 +310,11 @@ pub struct Canary {
 /// Weights from `start`, multiplied by `factor` at each step while below 100, each
 /// held `every` and then judged by `gates`: `progressive: { start: 2, factor: 2,
 /// every: 90s }` is 2, 4, 8, 16, 32, 64 %, then full promotion.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Progressive {
     /// The first weight, 1-99.
+    #[schemars(range(min = 1, max = 99))]
     pub start: u32,
     /// What each weight is multiplied by (above 1; rounded, and always at least +1).
     pub factor: f64,
@@ -372,35 +371,31 @@ impl Canary {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum Step {
     /// Send this share (0-100) of traffic to the canary.
-    SetWeight(u32),
+    SetWeight(#[schemars(range(max = 100))] u32),
     /// Wait for a duration, or until promoted when no duration is given.
     Pause(Pause),
     /// Wait until the named gates have each passed `count` measurements in this step.
     Analysis(AnalysisStep),
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Pause {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration: Option<Duration>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AnalysisStep {
     pub gates: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BlueGreen {
     /// A second listener that routes only to the new revision, for smoke tests and humans.
@@ -426,8 +421,7 @@ fn default_retain() -> Duration {
 }
 
 /// One HTTP check run against the preview revision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SmokeTest {
     #[serde(default = "default_method")]
@@ -438,6 +432,7 @@ pub struct SmokeTest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
     #[serde(default = "default_status")]
+    #[schemars(range(min = 100, max = 599))]
     pub expect_status: u16,
     /// The response body must contain this text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -451,20 +446,20 @@ fn default_status() -> u16 {
     200
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rolling {
     /// Instances above `replicas` that may exist during the roll.
     #[serde(default = "one")]
+    #[schemars(range(max = crate::validate::MAX_REPLICAS))]
     pub max_surge: u32,
     /// Instances below `replicas` that may be unavailable during the roll.
     #[serde(default)]
+    #[schemars(range(max = crate::validate::MAX_REPLICAS))]
     pub max_unavailable: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Analysis {
     #[serde(default)]
@@ -473,8 +468,7 @@ pub struct Analysis {
 
 /// An SLO gate. Every gate is measured on the canary in the background while it has
 /// traffic; an `analysis` step also waits for the gates it names to pass.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Gate {
     pub name: String,
@@ -489,13 +483,16 @@ pub struct Gate {
     pub interval: Duration,
     /// Failed measurements tolerated; one more aborts the rollout.
     #[serde(default)]
+    #[schemars(range(max = crate::validate::MAX_COUNT))]
     pub failure_limit: u32,
     /// Passing measurements an `analysis` step needs from this gate.
     #[serde(default = "one")]
+    #[schemars(range(min = 1, max = crate::validate::MAX_COUNT))]
     pub count: u32,
     /// Requests a measurement window must hold to be judged; a smaller window grows
     /// until it does, so a handful of slow requests cannot fail a version.
     #[serde(default = "default_min_requests")]
+    #[schemars(range(max = crate::validate::MAX_MIN_REQUESTS))]
     pub min_requests: u64,
     /// Wait this long after the canary first gets traffic before the first measurement.
     #[serde(default)]
@@ -503,11 +500,13 @@ pub struct Gate {
     /// Inconclusive measurements tolerated; one more pauses the rollout for a human.
     /// No limit when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = crate::validate::MAX_COUNT))]
     pub inconclusive_limit: Option<u32>,
     /// Measurements in a row that could not be taken (the provider failed: Prometheus
     /// down, a bad query); one more fails the gate. A provider error is not a failed
     /// metric.
     #[serde(default = "default_consecutive_error_limit")]
+    #[schemars(range(max = crate::validate::MAX_COUNT))]
     pub consecutive_error_limit: u32,
     /// Measure and record, never act: for trying a new query before trusting it.
     #[serde(default)]
@@ -530,8 +529,7 @@ pub struct Gate {
     pub burn_rate: Option<BurnRate>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BurnRate {
     /// The availability objective, e.g. `0.999`: the error budget is `1 - slo`.
@@ -543,8 +541,7 @@ pub struct BurnRate {
     pub windows: Vec<BurnWindow>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BurnWindow {
     pub long: Duration,
@@ -567,8 +564,7 @@ fn default_burn_windows() -> Vec<BurnWindow> {
     ]
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Statistical {
     /// How sure a test must be before it calls the canary worse.
@@ -589,8 +585,9 @@ pub struct Statistical {
     pub marginal_score: f64,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum Direction {
     #[default]
@@ -613,8 +610,7 @@ fn default_tolerance() -> f64 {
     0.1
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum OnFailure {
     Rollback,
@@ -624,8 +620,7 @@ pub enum OnFailure {
 /// The canary passes when its value is within the allowance over stable's:
 /// `canary <= stable * (1 + maxIncreasePercent / 100)` or
 /// `canary <= stable + maxIncrease` (either allowance suffices when both are set).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Compare {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -646,8 +641,7 @@ fn default_min_requests() -> u64 {
     20
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum MetricSource {
     /// Measured by the built-in proxy per revision, with no scrape delay.
@@ -668,8 +662,7 @@ pub enum MetricSource {
     Scorecard(Vec<BuiltinMetric>),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PrometheusMetric {
     /// E.g. `http://127.0.0.1:9090`.
@@ -679,8 +672,7 @@ pub struct PrometheusMetric {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WebMetric {
     /// `{{service}}`, `{{revision}}`, `{{stable}}` are replaced as in Prometheus queries.
@@ -694,8 +686,7 @@ pub struct WebMetric {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CommandMetric {
     /// Program and arguments. It gets `BATON_SERVICE`, `BATON_REVISION`,
@@ -712,8 +703,7 @@ fn default_command_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BuiltinMetric {
     /// Share (0-1) of responses that were 5xx or failed to reach an instance.
@@ -734,8 +724,7 @@ impl BuiltinMetric {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rollback {
     /// Abort and return all traffic to stable when a gate fails or the progress deadline
@@ -752,8 +741,7 @@ impl Default for Rollback {
 
 /// A webhook told when a rollout starts, pauses, passes a step, is promoted, aborted
 /// or rolled back. A failed delivery is retried and never holds up the rollout.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Notification {
     /// How logs and the audit trail name this webhook (they never show its URL's path
@@ -788,8 +776,9 @@ fn all_events() -> Vec<NotificationEvent> {
     ]
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum NotificationFormat {
     /// `{"rollout", "event", "revision", "appVersion", "phase", "reason", "at"}`.
@@ -799,8 +788,7 @@ pub enum NotificationFormat {
     Slack,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum NotificationEvent {
     Started,
@@ -852,27 +840,23 @@ pub fn parse(text: &str) -> Result<Vec<Rollout>, SpecErrors> {
     let mut errors = Vec::new();
     let mut rollouts = Vec::new();
     for (i, doc) in docs.into_iter().enumerate() {
-        match serde_path_to_error::deserialize::<_, Rollout>(doc) {
+        let shape = SHAPE.as_ref().map(|s| s.errors(&doc)).unwrap_or_default();
+        let typed = match serde_path_to_error::deserialize::<_, Rollout>(doc) {
             Ok(mut r) => {
                 let found = validate(&r);
-                if found.is_empty() {
+                if found.is_empty() && shape.is_empty() {
                     r.expand_shorthands();
                 }
-                for e in found {
-                    errors.push(FieldError {
-                        field: prefix(i, &e.field),
-                        reason: e.reason,
-                    });
-                }
                 rollouts.push(r);
+                Ok(found)
             }
-            Err(e) => {
-                let path = e.path().to_string();
-                errors.push(FieldError {
-                    field: prefix(i, if path == "." { "(document)" } else { &path }),
-                    reason: e.into_inner().to_string(),
-                });
-            }
+            Err(e) => Err(serde_error(e)),
+        };
+        for e in shape::combine(shape, typed) {
+            errors.push(FieldError {
+                field: prefix(i, &e.field),
+                reason: e.reason,
+            });
         }
     }
     validate::across(&rollouts, &mut errors, many);
@@ -880,6 +864,24 @@ pub fn parse(text: &str) -> Result<Vec<Rollout>, SpecErrors> {
         Ok(rollouts)
     } else {
         Err(SpecErrors(errors))
+    }
+}
+
+/// The Rollout's schema, compiled once. It failing to compile is a bug (a test says
+/// it does not); parsing then falls back to serde's first error.
+static SHAPE: std::sync::LazyLock<Result<shape::Shape, String>> =
+    std::sync::LazyLock::new(shape::Shape::of::<Rollout>);
+
+/// serde's error with its field path (`(document)` for the top level).
+pub fn serde_error(e: serde_path_to_error::Error<serde_json::Error>) -> FieldError {
+    let path = e.path().to_string();
+    FieldError {
+        field: if path == "." {
+            "(document)".into()
+        } else {
+            path
+        },
+        reason: e.into_inner().to_string(),
     }
 }
 

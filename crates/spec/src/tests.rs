@@ -313,3 +313,171 @@ fn mirror_methods_default_to_none_listed_and_are_checked() {
         ]
     );
 }
+
+#[test]
+fn numbers_above_their_maximum_are_refused_by_name() {
+    const HUGE: &str = "18446744073709551615";
+    let canary = CANARY
+        .replace(
+            "minReadySeconds: 1",
+            &format!("minReadySeconds: {HUGE}\n  progressDeadlineSeconds: {HUGE}"),
+        )
+        .replace("failureThreshold: 2", "failureThreshold: 1001")
+        .replacen("{ duration: 5s }", &format!("{{ duration: {HUGE} }}"), 1)
+        .replacen(
+            "interval: 1s\n        minRequests: 20",
+            &format!(
+                "interval: 31d\n        minRequests: 1000001\n        initialDelay: {HUGE}\n        count: 1001\n        failureLimit: 4294967295\n        inconclusiveLimit: 1001\n        consecutiveErrorLimit: 1001"
+            ),
+            1,
+        )
+        .replace(
+            "  rollback:",
+            "      - { name: prom, metric: { prometheus: { address: http://p:9090, query: up, timeout: 31d } }, successCondition: result > 0 }\n      - { name: web, metric: { web: { url: http://w/, timeout: 31d } }, successCondition: result > 0 }\n      - { name: cmd, metric: { command: { command: [\"true\"], timeout: 31d } } }\n      - { name: burn, metric: { builtin: error_rate }, burnRate: { slo: 0.999, windows: [{ long: 31d, short: 31d, factor: 1 }] } }\n  rollback:",
+        );
+    let f = fields(&canary);
+    for field in [
+        "spec.probes.readiness.failureThreshold",
+        "spec.minReadySeconds",
+        "spec.progressDeadlineSeconds",
+        "spec.strategy.canary.steps[1].pause.duration",
+        "spec.analysis.gates[0].interval",
+        "spec.analysis.gates[0].initialDelay",
+        "spec.analysis.gates[0].count",
+        "spec.analysis.gates[0].failureLimit",
+        "spec.analysis.gates[0].inconclusiveLimit",
+        "spec.analysis.gates[0].consecutiveErrorLimit",
+        "spec.analysis.gates[0].minRequests",
+        "spec.analysis.gates[2].metric.prometheus.timeout",
+        "spec.analysis.gates[3].metric.web.timeout",
+        "spec.analysis.gates[4].metric.command.timeout",
+        "spec.analysis.gates[5].burnRate.windows[0].long",
+        "spec.analysis.gates[5].burnRate.windows[0].short",
+    ] {
+        assert!(f.iter().any(|x| x == field), "{field} missing from {f:?}");
+    }
+    let Err(SpecErrors(errors)) = parse(&canary) else {
+        panic!("refused")
+    };
+    let deadline = errors
+        .iter()
+        .find(|e| e.field == "spec.progressDeadlineSeconds")
+        .expect("deadline");
+    assert_eq!(
+        deadline.reason,
+        format!("must be at most 30 days (2592000 s), got {HUGE} s")
+    );
+
+    let bg = BLUE_GREEN.replace("retainPrevious: 1h", "retainPrevious: 721h");
+    assert_eq!(fields(&bg), vec!["spec.strategy.blueGreen.retainPrevious"]);
+    let rolling = with_canary("      x: 1").replace(
+        "    canary:\n      x: 1\n",
+        "    rolling: { maxSurge: 4294967295, maxUnavailable: 101 }\n",
+    );
+    let f = fields(&rolling);
+    for field in [
+        "spec.strategy.rolling.maxSurge",
+        "spec.strategy.rolling.maxUnavailable",
+    ] {
+        assert!(f.iter().any(|x| x == field), "{field} missing from {f:?}");
+    }
+    // At the maximum, accepted.
+    let at_max = BLUE_GREEN.replace("retainPrevious: 1h", "retainPrevious: 720h");
+    parse(&at_max).expect("30 days is allowed");
+}
+
+/// Type errors do not hide each other, nor the range errors the schema knows: each is
+/// listed with its path, in path order.
+#[test]
+fn every_type_error_is_listed_with_its_path() {
+    let bad = CANARY
+        .replace("replicas: 2", "replicas: -2\n  replicaz: 1")
+        .replace(
+            "command: [\"./target/release/hello\", \"--port\", \"{port}\"]",
+            "command: []",
+        )
+        .replace("setWeight: 10", "setWeight: 150")
+        .replacen("duration: 5s", "duration: soon", 1)
+        .replacen("duration: 5s", "duration: -3", 1)
+        .replace("{ builtin: latency_p99 }", "{ builtin: bogus }")
+        .replace("- setWeight: 50", "- { setWeight: 50, pause: {} }")
+        .replacen("minRequests: 20", "minRequests: lots", 1);
+    let Err(SpecErrors(errors)) = parse(&bad) else {
+        panic!("refused")
+    };
+    let got: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| (e.field.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "spec.analysis.gates[0].minRequests",
+                "expected an integer, got the string \"lots\""
+            ),
+            (
+                "spec.analysis.gates[1].metric.builtin",
+                "expected \"latency_p50\" or \"latency_p90\" or \"latency_p99\" or \"error_rate\", got the string \"bogus\""
+            ),
+            ("spec.replicas", "must be at least 1, got -2"),
+            (
+                "spec.replicaz",
+                "is not a field here; expected one of analysis, minReadySeconds, notifications, probes, progressDeadlineSeconds, replicas, rollback, run, shutdown, strategy, traffic"
+            ),
+            ("spec.run.command", "must not be empty"),
+            (
+                "spec.strategy.canary.steps[0].setWeight",
+                "must be at most 100, got 150"
+            ),
+            (
+                "spec.strategy.canary.steps[1].pause.duration",
+                "invalid duration \"soon\" (expected number at 0); write e.g. 90s, 1m30s, 500ms or 1h"
+            ),
+            (
+                "spec.strategy.canary.steps[4].pause.duration",
+                "a duration cannot be negative"
+            ),
+            (
+                "spec.strategy.canary.steps[5]",
+                "must have exactly one of the keys setWeight, pause, analysis, got an object"
+            ),
+        ]
+    );
+    // Several documents: each one's problems, under its own prefix.
+    let both = format!(
+        "{bad}\n---\n{}",
+        BLUE_GREEN.replace("replicas: 2", "replicas: x")
+    );
+    let f = fields(&both);
+    assert_eq!(f.len(), 10, "{f:?}");
+    assert!(
+        f.contains(&"documents[1].spec.replicas".to_string()),
+        "{f:?}"
+    );
+    assert!(
+        f.contains(&"documents[0].spec.run.command".to_string()),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn the_rollout_schema_compiles() {
+    assert!(SHAPE.is_ok(), "{:?}", SHAPE.as_ref().err());
+}
+
+#[test]
+fn a_missing_field_and_a_wrong_type_deep_inside_are_both_named() {
+    let bad = CANARY
+        .replace("    listen: 127.0.0.1:8080\n", "    shieldCanary: maybe\n")
+        .replace("{ builtin: error_rate }", "{ prometheus: { address: 5 } }");
+    assert_eq!(
+        fields(&bad),
+        vec![
+            "spec.analysis.gates[0].metric.prometheus.address",
+            "spec.analysis.gates[0].metric.prometheus.query",
+            "spec.traffic.listen",
+            "spec.traffic.shieldCanary",
+        ]
+    );
+}

@@ -4,7 +4,34 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 
-use crate::{API_VERSION, FieldError, KIND, Probe, Rollout, Step};
+use crate::{API_VERSION, Duration, FieldError, KIND, Probe, Rollout, Step};
+
+/// The longest duration a spec may hold anywhere (30 days): longer is a typo, and a
+/// time computed from it stays far from wrapping.
+pub const MAX_DURATION_SECONDS: u64 = 30 * 24 * 3600;
+/// The most instances per revision (and the largest `maxSurge` / `maxUnavailable`).
+pub const MAX_REPLICAS: u32 = 100;
+/// The largest gate count or limit (`count`, `failureLimit`, `inconclusiveLimit`,
+/// `consecutiveErrorLimit`) and probe threshold.
+pub const MAX_COUNT: u32 = 1000;
+/// The largest `minRequests`.
+pub const MAX_MIN_REQUESTS: u64 = 1_000_000;
+
+/// Why `d` is too long, if it is.
+pub(crate) fn too_long(d: Duration) -> Option<String> {
+    (d.0 > std::time::Duration::from_secs(MAX_DURATION_SECONDS)).then(|| {
+        format!(
+            "must be at most 30 days ({MAX_DURATION_SECONDS} s), got {} s",
+            d.0.as_secs()
+        )
+    })
+}
+
+/// Why `n` is above `max`, if it is.
+fn above(n: impl Into<u64>, max: impl Into<u64>) -> Option<String> {
+    let (n, max) = (n.into(), max.into());
+    (n > max).then(|| format!("must be at most {max}, got {n}"))
+}
 
 /// Every problem in one rollout, in field order.
 pub fn validate(r: &Rollout) -> Vec<FieldError> {
@@ -28,10 +55,10 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         err("metadata.name", reason);
     }
     let s = &r.spec;
-    if s.replicas == 0 || s.replicas > 100 {
+    if s.replicas == 0 || s.replicas > MAX_REPLICAS {
         err(
             "spec.replicas",
-            format!("must be between 1 and 100, got {}", s.replicas),
+            format!("must be between 1 and {MAX_REPLICAS}, got {}", s.replicas),
         );
     }
     match s.run.command.first() {
@@ -83,8 +110,13 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
             );
         }
     }
+    if let Some(why) = too_long(Duration::from_secs(s.min_ready_seconds)) {
+        err("spec.minReadySeconds", why);
+    }
     if s.progress_deadline_seconds == 0 {
         err("spec.progressDeadlineSeconds", "must be at least 1".into());
+    } else if let Some(why) = too_long(Duration::from_secs(s.progress_deadline_seconds)) {
+        err("spec.progressDeadlineSeconds", why);
     }
     let listen = check_addr("spec.traffic.listen", &s.traffic.listen, &mut err);
     let header_name = |h: &str| {
@@ -175,6 +207,8 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
             }
             if p.every.0.is_zero() {
                 err(&format!("{f}.every"), "must be positive".into());
+            } else if let Some(why) = too_long(p.every) {
+                err(&format!("{f}.every"), why);
             }
             for (j, g) in p.gates.iter().enumerate() {
                 if !gate_names.contains(g.as_str()) {
@@ -195,6 +229,11 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
                     &format!("{f}.pause.duration"),
                     "must be positive; leave it out to pause until promoted".into(),
                 ),
+                Step::Pause(p) => {
+                    if let Some(why) = p.duration.and_then(too_long) {
+                        err(&format!("{f}.pause.duration"), why);
+                    }
+                }
                 Step::Analysis(a) => {
                     if a.gates.is_empty() {
                         err(
@@ -216,6 +255,9 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         }
     }
     if let Some(bg) = &st.blue_green {
+        if let Some(why) = too_long(bg.retain_previous) {
+            err("spec.strategy.blueGreen.retainPrevious", why);
+        }
         if let Some(p) = &bg.preview_listen {
             let preview = check_addr("spec.strategy.blueGreen.previewListen", p, &mut err);
             if preview.is_some() && preview == listen {
@@ -248,6 +290,14 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         }
     }
     if let Some(r) = &st.rolling {
+        for (k, v) in [
+            ("maxSurge", r.max_surge),
+            ("maxUnavailable", r.max_unavailable),
+        ] {
+            if let Some(why) = above(v, MAX_REPLICAS) {
+                err(&format!("spec.strategy.rolling.{k}"), why);
+            }
+        }
         if r.max_surge == 0 && r.max_unavailable == 0 {
             err(
                 "spec.strategy.rolling",
@@ -316,6 +366,11 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
                 );
             }
             for (j, w) in b.windows.iter().enumerate() {
+                for (k, d) in [("long", w.long), ("short", w.short)] {
+                    if let Some(why) = too_long(d) {
+                        err(&format!("{f}.burnRate.windows[{j}].{k}"), why);
+                    }
+                }
                 if w.short.0.is_zero() || w.short > w.long {
                     err(
                         &format!("{f}.burnRate.windows[{j}]"),
@@ -404,6 +459,17 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
                 }
             }
         }
+        let timeout = match &g.metric {
+            crate::MetricSource::Prometheus(p) => Some(("prometheus", p.timeout)),
+            crate::MetricSource::Web(w) => Some(("web", w.timeout)),
+            crate::MetricSource::Command(c) => Some(("command", c.timeout)),
+            _ => None,
+        };
+        if let Some((k, t)) = timeout
+            && let Some(why) = too_long(t)
+        {
+            err(&format!("{f}.metric.{k}.timeout"), why);
+        }
         match &g.metric {
             crate::MetricSource::Prometheus(p) => {
                 if !(p.address.starts_with("http://") || p.address.starts_with("https://")) {
@@ -463,9 +529,27 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         }
         if g.interval.0.is_zero() {
             err(&format!("{f}.interval"), "must be positive".into());
+        } else if let Some(why) = too_long(g.interval) {
+            err(&format!("{f}.interval"), why);
+        }
+        if let Some(why) = too_long(g.initial_delay) {
+            err(&format!("{f}.initialDelay"), why);
         }
         if g.count == 0 {
             err(&format!("{f}.count"), "must be at least 1".into());
+        }
+        for (k, v) in [
+            ("count", Some(g.count)),
+            ("failureLimit", Some(g.failure_limit)),
+            ("inconclusiveLimit", g.inconclusive_limit),
+            ("consecutiveErrorLimit", Some(g.consecutive_error_limit)),
+        ] {
+            if let Some(why) = v.and_then(|v| above(v, MAX_COUNT)) {
+                err(&format!("{f}.{k}"), why);
+            }
+        }
+        if let Some(why) = above(g.min_requests, MAX_MIN_REQUESTS) {
+            err(&format!("{f}.minRequests"), why);
         }
     }
     for (i, n) in s.notifications.iter().enumerate() {
@@ -609,17 +693,15 @@ fn check_probe(f: &str, p: &Probe, err: &mut impl FnMut(&str, String)) {
             );
         }
     }
-    if p.failure_threshold == 0 {
-        err(
-            &format!("{f}.failureThreshold"),
-            "must be at least 1".into(),
-        );
-    }
-    if p.success_threshold == 0 {
-        err(
-            &format!("{f}.successThreshold"),
-            "must be at least 1".into(),
-        );
+    for (k, v) in [
+        ("failureThreshold", p.failure_threshold),
+        ("successThreshold", p.success_threshold),
+    ] {
+        if v == 0 {
+            err(&format!("{f}.{k}"), "must be at least 1".into());
+        } else if let Some(why) = above(v, MAX_COUNT) {
+            err(&format!("{f}.{k}"), why);
+        }
     }
 }
 
