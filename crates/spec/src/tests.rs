@@ -481,3 +481,23 @@ fn a_missing_field_and_a_wrong_type_deep_inside_are_both_named() {
         ]
     );
 }
+
+/// A spec the kernel could never start is refused by field, not accepted and then
+/// failing every start.
+#[test]
+fn arguments_and_env_too_large_to_exec_are_refused() {
+    let big = "x".repeat(900 * 1024);
+    let spec = CANARY.replace(
+        "      APP_VERSION: v1",
+        &format!("      APP_VERSION: v1\n      HUGE: \"{big}\""),
+    );
+    assert_eq!(fields(&spec), vec!["spec.run.env.HUGE"]);
+    let under = CANARY.replace(
+        "      APP_VERSION: v1",
+        &format!(
+            "      APP_VERSION: v1\n      FINE: \"{}\"",
+            "x".repeat(100 * 1024)
+        ),
+    );
+    parse(&under).expect("100 KiB is fine");
+}

@@ -10,6 +10,11 @@ use crate::{API_VERSION, Duration, FieldError, KIND, Probe, Rollout, Step};
 /// time computed from it stays far from wrapping.
 pub const MAX_DURATION_SECONDS: u64 = 30 * 24 * 3600;
 /// The most instances per revision (and the largest `maxSurge` / `maxUnavailable`).
+/// One argument or `KEY=VALUE`, in bytes: the kernel's MAX_ARG_STRLEN (128 KiB).
+pub const MAX_ARG_BYTES: usize = 128 * 1024;
+/// Command and env together, in bytes: well under the kernel's usual ARG_MAX (2 MiB
+/// with an 8 MiB stack), which the inherited environment shares.
+pub const MAX_RUN_BYTES: usize = 1024 * 1024;
 pub const MAX_REPLICAS: u32 = 100;
 /// The largest gate count or limit (`count`, `failureLimit`, `inconclusiveLimit`,
 /// `consecutiveErrorLimit`) and probe threshold.
@@ -79,6 +84,45 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
                     .into(),
             );
         }
+    }
+    // The kernel refuses to start a program with one argument or `KEY=VALUE` over
+    // 128 KiB (MAX_ARG_STRLEN), or with all of them over its ARG_MAX: such a spec
+    // could never start, so it is refused here, by field.
+    for (i, a) in s.run.command.iter().enumerate() {
+        if a.len() >= MAX_ARG_BYTES {
+            err(
+                &format!("spec.run.command[{i}]"),
+                format!(
+                    "is {} bytes; one argument must stay under {MAX_ARG_BYTES}",
+                    a.len()
+                ),
+            );
+        }
+    }
+    for (key, value) in &s.run.env {
+        let len = key.len() + 1 + value.len();
+        if len >= MAX_ARG_BYTES {
+            err(
+                &format!("spec.run.env.{key}"),
+                format!(
+                    "is {len} bytes with its name; one variable must stay under {MAX_ARG_BYTES}"
+                ),
+            );
+        }
+    }
+    let total: usize = s.run.command.iter().map(|a| a.len() + 1).sum::<usize>()
+        + s.run
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>();
+    if total > MAX_RUN_BYTES {
+        err(
+            "spec.run",
+            format!(
+                "command and env are {total} bytes together; at most {MAX_RUN_BYTES} (the rest of the environment needs room too)"
+            ),
+        );
     }
     if let Some(dir) = &s.run.working_dir
         && dir.trim().is_empty()
