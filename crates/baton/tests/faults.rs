@@ -411,3 +411,43 @@ async fn tokens_reload_refusals_are_audited_and_a_failed_start_leaves_nothing() 
     let proxy = ProxyClient::new(other.paths.proxy_socket());
     assert!(proxy.ping().await.is_err(), "a proxy was left behind");
 }
+
+/// The state database lost while instances run: a new controller finds them by their
+/// mark, adopts them (no request fails, no new instance is needed), and `down` stops
+/// them — nothing runs that Baton cannot name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_state_database_loses_no_instance() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", PAUSED));
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
+    let before = wait_status(&client, "hello", Duration::from_secs(30), "ready", |v| {
+        pids(v).len() == 2 && acked(v)
+    })
+    .await;
+    let old = pids(&before);
+    let load = baton::load::Load::start(listen, 4, 200);
+    let mut up = env.up.take().expect("controller");
+    up.kill().expect("kill");
+    up.wait().expect("reaped");
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(env.paths.root.join(f));
+    }
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
+    let v = wait_stable(&client, "hello", "v1", Duration::from_secs(30)).await;
+    assert_eq!(pids(&v), old, "the running instances were adopted: {v:#}");
+    // Requests keep flowing through the adopted instances.
+    let at = load.report().sent;
+    wait_until(Duration::from_secs(20), "200 more requests", || {
+        load.report().sent > at + 200
+    });
+    let r = load.stop().await;
+    assert_eq!(r.failed, 0, "{:?}", r.failures);
+    let out = env.run(&["down"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until(
+        Duration::from_secs(20),
+        "the adopted instances stopped",
+        || old.iter().all(|p| !alive(*p)),
+    );
+}

@@ -82,6 +82,24 @@ struct Instance {
 }
 
 impl Instance {
+    /// A running instance this controller did not start; one the proxy routes to is
+    /// serving, and counts as available at once.
+    fn adopted(rec: InstanceRecord, ready: bool) -> Instance {
+        Instance {
+            rec,
+            child: None,
+            phase: InstancePhase::Running,
+            ready,
+            ready_since: ready.then_some(0),
+            successes: 0,
+            failures: 0,
+            live_failures: 0,
+            probes: Vec::new(),
+            derouted: false,
+            stopper: None,
+            want: None,
+        }
+    }
     fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.rec.port))
     }
@@ -174,7 +192,9 @@ impl Platform {
             rx,
         };
         let mut events = Vec::new();
+        let mut recorded = HashSet::new();
         for rec in store.instances()? {
+            recorded.insert(rec.pid);
             p.next_id = p.next_id.max(rec.id + 1);
             if !process::alive(rec.pid, rec.start_time) {
                 if prune {
@@ -195,26 +215,62 @@ impl Platform {
                     if ready { ", serving" } else { "" }
                 ),
             });
-            p.instances.insert(
-                rec.id,
-                Instance {
-                    rec,
-                    child: None,
-                    phase: InstancePhase::Running,
-                    ready,
-                    // Serving instances count as available at once.
-                    ready_since: ready.then_some(0),
-                    successes: 0,
-                    failures: 0,
-                    live_failures: 0,
-                    probes: Vec::new(),
-                    derouted: false,
-                    stopper: None,
-                    want: None,
-                },
-            );
+            p.instances.insert(rec.id, Instance::adopted(rec, ready));
+        }
+        if prune {
+            p.adopt_unrecorded(store, routed, &recorded, &mut events)?;
         }
         Ok((p, events))
+    }
+
+    /// The directory an instance's mark names: this state directory's, absolute.
+    fn mark_root(&self) -> PathBuf {
+        std::fs::canonicalize(&self.log_dir).unwrap_or_else(|_| self.log_dir.clone())
+    }
+
+    /// Instances of this state directory that run without a record (the database was
+    /// lost, or the controller died between spawning and recording): found by their
+    /// mark, recorded and adopted, so they keep serving and `down` stops them.
+    fn adopt_unrecorded(
+        &mut self,
+        store: &Store,
+        routed: &HashSet<SocketAddr>,
+        recorded: &HashSet<u32>,
+        events: &mut Vec<PlatformEvent>,
+    ) -> Result<(), StoreError> {
+        for (pid, start_time, m) in process::find_marked(&self.mark_root()) {
+            if recorded.contains(&pid) {
+                continue;
+            }
+            let id = if self.instances.contains_key(&m.id) {
+                self.next_id
+            } else {
+                m.id
+            };
+            self.next_id = self.next_id.max(id + 1);
+            let rec = InstanceRecord {
+                id,
+                rollout: m.rollout,
+                revision: m.revision,
+                pid,
+                port: m.port,
+                start_time,
+            };
+            store.add_instance(&rec)?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], rec.port));
+            let ready = routed.contains(&addr);
+            events.push(PlatformEvent {
+                rollout: rec.rollout.clone(),
+                reason: "Adopted",
+                message: format!(
+                    "adopted instance {id} (pid {pid}, {addr}, revision {}) found running without a record{}",
+                    rec.revision,
+                    if ready { ", serving" } else { "" }
+                ),
+            });
+            self.instances.insert(id, Instance::adopted(rec, ready));
+        }
+        Ok(())
     }
 
     /// One supervision pass: take in probe results, notice exits, start and stop
@@ -360,7 +416,14 @@ impl Platform {
         let id = self.next_id;
         let port = process::free_port().map_err(|e| e.to_string())?;
         let log = self.log_dir.join(format!("{rollout}-{rev}-{id}.log"));
-        let child = process::spawn(&want.run, port, &log).map_err(|e| e.to_string())?;
+        let mark = process::Mark {
+            id,
+            port,
+            rollout: rollout.to_string(),
+            revision: rev.to_string(),
+        }
+        .encode(&self.mark_root());
+        let mut child = process::spawn(&want.run, port, &log, &mark).map_err(|e| e.to_string())?;
         let pid = child.id();
         let start_time = process::start_time(pid).unwrap_or(0);
         let rec = InstanceRecord {
@@ -371,7 +434,13 @@ impl Platform {
             port,
             start_time,
         };
-        store.add_instance(&rec).map_err(|e| e.to_string())?;
+        if let Err(e) = store.add_instance(&rec) {
+            // Unrecorded, it would be nobody's: stop it now (its mark would let the
+            // next start find it, but nothing should run that Baton cannot name).
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.to_string());
+        }
         self.next_id += 1;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let probes = start_probes(id, addr, &want.probes, self.tx.clone());

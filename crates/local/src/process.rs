@@ -59,7 +59,80 @@ pub fn free_port() -> Result<u16, SpawnError> {
 }
 
 /// Starts one instance of `run` on `port`, its output appended to `log`.
-pub fn spawn(run: &RunSpec, port: u16, log: &Path) -> Result<Child, SpawnError> {
+/// The environment variable that marks an instance as this state directory's, so a
+/// controller finds it again even without its record (a lost database, a crash
+/// between spawning and recording).
+pub const MARK_VAR: &str = "BATON_INSTANCE";
+
+/// What an instance's mark says of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub id: u64,
+    pub port: u16,
+    pub rollout: String,
+    pub revision: String,
+}
+
+impl Mark {
+    /// `1 ID PORT ROLLOUT REVISION ROOT`: names and revisions hold no space; the
+    /// state directory's path, last, may.
+    pub fn encode(&self, root: &Path) -> String {
+        format!(
+            "1 {} {} {} {} {}",
+            self.id,
+            self.port,
+            self.rollout,
+            self.revision,
+            root.display()
+        )
+    }
+
+    fn decode(text: &str) -> Option<(Mark, &str)> {
+        let mut it = text.splitn(6, ' ');
+        if it.next()? != "1" {
+            return None;
+        }
+        let mark = Mark {
+            id: it.next()?.parse().ok()?,
+            port: it.next()?.parse().ok()?,
+            rollout: it.next()?.to_string(),
+            revision: it.next()?.to_string(),
+        };
+        Some((mark, it.next()?))
+    }
+}
+
+/// Live processes marked as instances of the state directory `root`: `(pid, kernel
+/// start time, mark)`. Processes of other users are not readable and not ours.
+pub fn find_marked(root: &Path) -> Vec<(u32, u64, Mark)> {
+    let want = root.display().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let prefix = format!("{MARK_VAR}=");
+        let found = env
+            .split(|b| *b == 0)
+            .filter_map(|kv| std::str::from_utf8(kv).ok())
+            .find_map(|kv| kv.strip_prefix(&prefix).and_then(Mark::decode));
+        if let Some((mark, r)) = found
+            && r == want
+            && let Some(start) = start_time(pid)
+        {
+            out.push((pid, start, mark));
+        }
+    }
+    out
+}
+
+pub fn spawn(run: &RunSpec, port: u16, log: &Path, mark: &str) -> Result<Child, SpawnError> {
     let subst = |s: &str| s.replace("{port}", &port.to_string());
     let program = subst(&run.command[0]);
     let out = OpenOptions::new()
@@ -77,6 +150,7 @@ pub fn spawn(run: &RunSpec, port: u16, log: &Path) -> Result<Child, SpawnError> 
     let mut cmd = Command::new(&program);
     cmd.args(run.command[1..].iter().map(|a| subst(a)))
         .env("PORT", port.to_string())
+        .env(MARK_VAR, mark)
         .envs(run.env.iter().map(|(k, v)| (k, subst(v))))
         .stdin(Stdio::null())
         .stdout(out)
@@ -146,9 +220,18 @@ mod tests {
             working_dir: None,
         };
         let log = dir.path().join("i.log");
-        let mut child = spawn(&run, 4321, &log).expect("spawn");
+        let mark = Mark {
+            id: 3,
+            port: 4321,
+            rollout: "web".into(),
+            revision: "r1".into(),
+        };
+        let mut child = spawn(&run, 4321, &log, &mark.encode(dir.path())).expect("spawn");
         let pid = child.id();
         let st = start_time(pid).expect("running");
+        // Found by its mark, for this state directory only.
+        assert_eq!(find_marked(dir.path()), vec![(pid, st, mark)]);
+        assert!(find_marked(&dir.path().join("other")).is_empty());
         assert!(alive(pid, st));
         assert!(
             !alive(pid, st + 1),
@@ -169,5 +252,24 @@ mod tests {
         assert!(signal(pid, Signal::SIGKILL));
         child.wait().expect("reaped");
         assert!(!alive(pid, st));
+    }
+}
+
+#[cfg(test)]
+mod mark_tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_reads_back_with_a_path_that_has_spaces() {
+        let m = Mark {
+            id: 7,
+            port: 40001,
+            rollout: "web".into(),
+            revision: "abc123".into(),
+        };
+        let root = Path::new("/tmp/my state/.baton/logs");
+        let text = m.encode(root);
+        assert_eq!(Mark::decode(&text), Some((m, "/tmp/my state/.baton/logs")));
+        assert_eq!(Mark::decode("2 7 1 a b /x"), None);
     }
 }
