@@ -21,11 +21,8 @@ fn audit_reasons(env: &Env, rollout: &str) -> Vec<String> {
         .collect()
 }
 
-/// A rollout whose listener another process holds fails alone: the others move on, an
-/// abort is served (not only reported), status shows served beside desired weights,
-/// the refusal is audited once, and the rollout recovers when the port frees.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unbindable_listener_fails_only_its_own_rollout() {
+/// `hello` v1 stable and v2 a canary the proxy serves 20 % of, paused.
+async fn canary_paused_at_20() -> (Env, std::net::SocketAddr, baton::api::ApiClient) {
     let mut env = Env::new();
     let listen = free_addr();
     let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", PAUSED));
@@ -40,6 +37,15 @@ async fn an_unbindable_listener_fails_only_its_own_rollout() {
         |v| weight(v, "v2") == 20 && acked(v),
     )
     .await;
+    (env, listen, client)
+}
+
+/// A rollout whose listener another process holds fails alone: the others move on, an
+/// abort is served (not only reported), status shows served beside desired weights,
+/// the refusal is audited once, and the rollout recovers when the port frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbindable_listener_fails_only_its_own_rollout() {
+    let (env, listen, client) = canary_paused_at_20().await;
 
     // Another program holds the port a second rollout asks for.
     let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -131,20 +137,7 @@ async fn an_unbindable_listener_fails_only_its_own_rollout() {
 /// stopped long ago, is not started again (and stopped) on every restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_does_not_start_an_aborted_revision_again() {
-    let mut env = Env::new();
-    let listen = free_addr();
-    let v1 = env.write("v1.yaml", &canary_spec(listen, "v1", "", PAUSED));
-    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
-    let v2 = env.write("v2.yaml", &canary_spec(listen, "v2", "", PAUSED));
-    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
-    wait_status(
-        &client,
-        "hello",
-        Duration::from_secs(30),
-        "v2 at 20 %",
-        |v| weight(v, "v2") == 20 && acked(v),
-    )
-    .await;
+    let (mut env, _, client) = canary_paused_at_20().await;
     assert!(env.run(&["abort", "hello"]).status.success());
     wait_status(
         &client,
