@@ -178,6 +178,29 @@ function roleColor(role) {
   return COLORS[role] || COLORS.previous;
 }
 
+// The bar is what the router confirmed serving; while that is unknown (`null`), the
+// desired weight is drawn faded and said to be unconfirmed.
+function servedOf(rev) {
+  return rev.servedWeight === null || rev.servedWeight === undefined ? null : rev.servedWeight;
+}
+
+function barWeight(rev) {
+  const s = servedOf(rev);
+  return s === null ? rev.weight : s;
+}
+
+// [shown, note]: the note (the desired weight) only while it differs from the served one.
+function weightTexts(rev) {
+  const s = servedOf(rev);
+  if (s === null) return [`${rev.weight} %`, ' (desired, unconfirmed)'];
+  if (s !== rev.weight) return [`${s} %`, ` → desired ${rev.weight} %`];
+  return [`${s} %`, ''];
+}
+
+function routingText(r) {
+  return r.routingError ? `⚠ Not served as asked: ${r.routingError}` : '';
+}
+
 function patchPhase(badge, phase) {
   setAttr(badge, 'class', `badge phase-${phase}`);
   setText(badge, phase);
@@ -185,23 +208,26 @@ function patchPhase(badge, phase) {
 
 // The list's traffic column: one stacked bar, a segment per revision served.
 function patchStack(bar, r) {
-  const revs = (r.revisions || []).filter(rev => rev.weight > 0);
+  const revs = (r.revisions || []).filter(rev => barWeight(rev) > 0);
   keyed(bar, revs, rev => rev.name, () => el('span'), (s, rev) => {
-    setStyle(s, 'width', rev.weight + '%');
+    const [shown, note] = weightTexts(rev);
+    setStyle(s, 'width', barWeight(rev) + '%');
     setStyle(s, 'background', roleColor(rev.role));
-    setAttr(s, 'title', `${rev.appVersion || rev.name}: ${rev.weight} %`);
+    setAttr(s, 'class', servedOf(rev) === null ? 'unconfirmed' : null);
+    setAttr(s, 'title', `${rev.appVersion || rev.name}: ${shown}${note}`);
   });
 }
 
 function listRow(r) {
   const $ = {
     link: el('a', { href: `#/r/${encodeURIComponent(r.name)}` }),
+    warn: el('div', { class: 'routing-error', hidden: true }),
     phase: el('span'),
     strategy: el('td'), step: el('td'), stable: el('td'), canary: el('td'),
     bar: el('div', { class: 'bar stack' }),
   };
   const tr = el('tr', { 'data-rollout': r.name },
-    el('td', {}, $.link), el('td', {}, $.phase), $.strategy, $.step, $.stable, $.canary,
+    el('td', {}, $.link, $.warn), el('td', {}, $.phase), $.strategy, $.step, $.stable, $.canary,
     el('td', { class: 'traffic' }, $.bar));
   tr.$ = $;
   return tr;
@@ -210,6 +236,8 @@ function listRow(r) {
 function patchListRow(tr, r) {
   const $ = tr.$;
   setText($.link, r.name);
+  setText($.warn, routingText(r));
+  setAttr($.warn, 'hidden', !r.routingError);
   patchPhase($.phase, r.phase);
   setText($.strategy, r.strategy);
   setText($.step, stepText(r));
@@ -270,26 +298,30 @@ function weightRow() {
     about: el('span', { class: 'muted' }),
     bar: el('div'),
     fill: el('span'),
-    shown: el('span'),
+    shown: el('span', { class: 'served' }),
+    note: el('span', { class: 'desired' }),
     ready: el('div', { class: 'muted' }),
   };
   $.bar.append($.fill);
   const row = el('div', { class: 'row' },
     el('div', {}, $.swatch, $.version, ' ', $.about), $.bar,
-    el('div', { class: 'weight' }, $.shown), $.ready);
+    el('div', { class: 'weight' }, $.shown, $.note), $.ready);
   row.$ = $;
   return row;
 }
 
 function patchWeightRow(row, rev) {
   const $ = row.$;
+  const [shown, note] = weightTexts(rev);
   setAttr(row, 'data-revision', rev.name);
   setStyle($.swatch, 'background', roleColor(rev.role));
   setText($.version, rev.appVersion || rev.name);
   setText($.about, `#${rev.number} ${rev.role}${rev.preview ? ' +preview' : ''}`);
-  setAttr($.bar, 'class', `bar role-${rev.role}`);
-  setStyle($.fill, 'width', rev.weight + '%');
-  setText($.shown, `${rev.weight} %`);
+  setAttr($.bar, 'class', `bar role-${rev.role}${servedOf(rev) === null ? ' unconfirmed' : ''}`);
+  setStyle($.fill, 'width', barWeight(rev) + '%');
+  setText($.shown, shown);
+  setText($.note, note);
+  setAttr($.note, 'hidden', !note);
   setText($.ready, `${rev.readyReplicas}/${rev.desiredReplicas} ready`);
 }
 
@@ -466,6 +498,7 @@ function rolloutView(name) {
     name: el('h1', { id: 'rollout-name' }),
     phase: el('span', { id: 'phase' }),
     about: el('span', { class: 'muted' }),
+    routing: el('p', { class: 'routing-error', id: 'routing-error', role: 'alert', hidden: true }),
     message: el('span'),
   };
   const panels = [stepsPanel(), weightsPanel(), chartsPanel(), gatesPanel(), instancesPanel(), auditPanel()];
@@ -473,6 +506,7 @@ function rolloutView(name) {
     el('p', {}, el('a', { href: '#/', text: '← all rollouts' })),
     el('section', { class: 'panel' },
       el('div', { class: 'head' }, $.name, $.phase, $.about),
+      $.routing,
       el('p', { class: 'message', id: 'message' }, el('strong', { text: 'Last decision: ' }), $.message),
       el('div', { class: 'actions' }, buttons)),
     panels.map(p => p.root));
@@ -493,6 +527,8 @@ function rolloutView(name) {
       setText($.name, r.name);
       patchPhase($.phase, r.phase);
       setText($.about, `${r.strategy} · ${r.listen}`);
+      setText($.routing, routingText(r));
+      setAttr($.routing, 'hidden', !r.routingError);
       setText($.message, r.message || '-');
       for (const p of panels) p.update(r);
     },

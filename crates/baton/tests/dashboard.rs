@@ -4,8 +4,9 @@
 //! a reload, and a focused button and a text selection survive its updates (the page
 //! is patched in place); another rollout is aborted from its page (with confirmation)
 //! and is seen rolled back; forged actions (no CSRF token, a foreign Origin, a viewer's
-//! session) are refused and change nothing. A screenshot of a rollout page mid-canary
-//! is saved under the test's output directory.
+//! session) are refused and change nothing; a rollout whose listener is taken shows
+//! the routing error and its served weight against the desired one. A screenshot of a
+//! rollout page mid-canary is saved under the test's output directory.
 
 mod common;
 
@@ -532,4 +533,61 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
         report.failed, 0,
         "nothing the dashboard did failed a request"
     );
+
+    // A rollout whose listener another program holds: the router serves nothing of
+    // it, and the page says so and why.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = squatter.local_addr().expect("addr");
+    let blocked = env.write(
+        "blocked.yaml",
+        &named(canary_spec(taken, "v1", "", api_steps), "blocked"),
+    );
+    let out = env.run(&["apply", "-f", blocked.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.goto(&format!("{base}/ui/#/")).await.expect("goto");
+    let warning = eventually(
+        Duration::from_secs(30),
+        "the routing error on blocked's row",
+        async || {
+            let t = text_of(&c, "tr[data-rollout=blocked] .routing-error").await?;
+            t.contains("cannot listen").then_some(t)
+        },
+    )
+    .await;
+    assert!(warning.contains("Not served as asked"), "{warning}");
+    assert_eq!(
+        text_of(&c, "tr[data-rollout=web] .routing-error")
+            .await
+            .as_deref(),
+        Some(""),
+        "no warning where the route is served"
+    );
+    c.goto(&format!("{base}/ui/#/r/blocked"))
+        .await
+        .expect("goto");
+    eventually(
+        Duration::from_secs(30),
+        "blocked's page: the warning, nothing served of the 100 % desired",
+        async || {
+            let warning = text_of(&c, "#routing-error").await?;
+            let weights = text_of(&c, "#weights").await?;
+            (warning.contains("cannot listen") && weights.contains("0 % → desired 100 %"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Where served and desired agree, only one weight is shown.
+    c.goto(&format!("{base}/ui/#/r/web")).await.expect("goto");
+    eventually(Duration::from_secs(10), "web's weights", async || {
+        let weights = text_of(&c, "#weights").await?;
+        let warning = text_of(&c, "#routing-error").await?;
+        (weights.contains("80 %") && !weights.contains("desired") && warning.is_empty())
+            .then_some(())
+    })
+    .await;
+    drop(squatter);
 }
