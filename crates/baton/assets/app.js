@@ -9,6 +9,8 @@ const state = {
   history: {},         // rollout -> {revisions, events}
   historyFor: {},      // rollout -> auditSeq the history was fetched at
   live: false,
+  loaded: false,       // a first status arrived
+  updates: 0,          // status events applied (shown as #app[data-updates])
 };
 
 const CHART_WINDOW_MS = 5 * 60 * 1000;
@@ -94,11 +96,71 @@ function confirmAction(name, action) {
   dlg.showModal();
 }
 
-// --- views ----------------------------------------------------------------
+// --- updating in place ------------------------------------------------------
 
-function phaseBadge(phase, id) {
-  return el('span', { class: `badge phase-${phase}`, id, text: phase });
+// A view is built once per page (the list, or one rollout) and then patched: a node
+// is written only when its text or attributes change, and a list's elements are keyed,
+// so focus, a text selection and the scroll position survive five updates a second.
+
+function setText(node, text) {
+  const t = text === null || text === undefined ? '' : String(text);
+  if (node.textContent !== t) node.textContent = t;
 }
+
+function setAttr(node, k, v) {
+  if (v === null || v === undefined || v === false) {
+    if (node.hasAttribute(k)) node.removeAttribute(k);
+    return;
+  }
+  const s = v === true ? '' : String(v);
+  if (node.getAttribute(k) !== s) node.setAttribute(k, s);
+}
+
+// Remembered, not read back: the CSSOM returns colours normalised (`rgb(...)`).
+function setStyle(node, prop, v) {
+  node.$style = node.$style || {};
+  if (node.$style[prop] === v) return;
+  node.$style[prop] = v;
+  node.style[prop] = v;
+}
+
+// One child of `parent` per item, keyed by `keyOf`: made once by `make`, patched by
+// `patch` on every update, removed when its item is gone. Children are moved only
+// when out of order (moving a node takes its focus away).
+function keyed(parent, items, keyOf, make, patch) {
+  const counts = new Map();
+  const keys = items.map((item, i) => {
+    const k = String(keyOf(item, i));
+    const n = counts.get(k) || 0;
+    counts.set(k, n + 1);
+    return n ? `${k}#${n}` : k;
+  });
+  const wanted = new Set(keys);
+  const old = new Map();
+  for (const child of Array.from(parent.children)) {
+    if (wanted.has(child.dataset.key)) old.set(child.dataset.key, child);
+    else child.remove();
+  }
+  let cursor = parent.firstElementChild;
+  items.forEach((item, i) => {
+    let node = old.get(keys[i]);
+    if (!node) {
+      node = make(item, i);
+      node.dataset.key = keys[i];
+    }
+    patch(node, item, i);
+    if (node === cursor) cursor = cursor.nextElementSibling;
+    else parent.insertBefore(node, cursor);
+  });
+}
+
+function table(id, headings) {
+  const body = el('tbody');
+  const t = el('table', { id }, el('thead', {}, el('tr', {}, headings.map(h => el('th', { text: h })))), body);
+  return [t, body];
+}
+
+// --- views ----------------------------------------------------------------
 
 function versionOf(r, revName) {
   const rev = (r.revisions || []).find(x => x.name === revName);
@@ -112,193 +174,385 @@ function stepText(r) {
   return i < n ? `step ${i + 1}/${n}: ${r.step.steps[i]}` : `all ${n} steps done`;
 }
 
-function weightBar(r) {
-  const bar = el('div', { class: 'bar', style: 'display:flex' });
-  for (const rev of r.revisions || []) {
-    if (!rev.weight) continue;
-    const s = el('span', { title: `${rev.appVersion || rev.name}: ${rev.weight} %` });
-    s.style.width = rev.weight + '%';
-    s.style.background = COLORS[rev.role] || COLORS.previous;
-    bar.append(s);
-  }
-  return bar;
+function roleColor(role) {
+  return COLORS[role] || COLORS.previous;
+}
+
+// The bar is what the router confirmed serving; while that is unknown (`null`), the
+// desired weight is drawn faded and said to be unconfirmed.
+function servedOf(rev) {
+  return rev.servedWeight === null || rev.servedWeight === undefined ? null : rev.servedWeight;
+}
+
+function barWeight(rev) {
+  const s = servedOf(rev);
+  return s === null ? rev.weight : s;
+}
+
+// [shown, note]: the note (the desired weight) only while it differs from the served one.
+function weightTexts(rev) {
+  const s = servedOf(rev);
+  if (s === null) return [`${rev.weight} %`, ' (desired, unconfirmed)'];
+  if (s !== rev.weight) return [`${s} %`, ` → desired ${rev.weight} %`];
+  return [`${s} %`, ''];
+}
+
+function routingText(r) {
+  return r.routingError ? `⚠ Not served as asked: ${r.routingError}` : '';
+}
+
+function patchPhase(badge, phase) {
+  setAttr(badge, 'class', `badge phase-${phase}`);
+  setText(badge, phase);
+}
+
+// The list's traffic column: one stacked bar, a segment per revision served.
+function patchStack(bar, r) {
+  const revs = (r.revisions || []).filter(rev => barWeight(rev) > 0);
+  keyed(bar, revs, rev => rev.name, () => el('span'), (s, rev) => {
+    const [shown, note] = weightTexts(rev);
+    setStyle(s, 'width', barWeight(rev) + '%');
+    setStyle(s, 'background', roleColor(rev.role));
+    setAttr(s, 'class', servedOf(rev) === null ? 'unconfirmed' : null);
+    setAttr(s, 'title', `${rev.appVersion || rev.name}: ${shown}${note}`);
+  });
+}
+
+function listRow(r) {
+  const $ = {
+    link: el('a', { href: `#/r/${encodeURIComponent(r.name)}` }),
+    warn: el('div', { class: 'routing-error', hidden: true }),
+    phase: el('span'),
+    strategy: el('td'), step: el('td'), stable: el('td'), canary: el('td'),
+    bar: el('div', { class: 'bar stack' }),
+  };
+  const tr = el('tr', { 'data-rollout': r.name },
+    el('td', {}, $.link, $.warn), el('td', {}, $.phase), $.strategy, $.step, $.stable, $.canary,
+    el('td', { class: 'traffic' }, $.bar));
+  tr.$ = $;
+  return tr;
+}
+
+function patchListRow(tr, r) {
+  const $ = tr.$;
+  setText($.link, r.name);
+  setText($.warn, routingText(r));
+  setAttr($.warn, 'hidden', !r.routingError);
+  patchPhase($.phase, r.phase);
+  setText($.strategy, r.strategy);
+  setText($.step, stepText(r));
+  setText($.stable, r.stableRevision ? versionOf(r, r.stableRevision) : '-');
+  setText($.canary, r.canaryRevision ? versionOf(r, r.canaryRevision) : '-');
+  patchStack($.bar, r);
 }
 
 function listView() {
-  const rows = state.rollouts.map(r => el('tr', { 'data-rollout': r.name },
-    el('td', {}, el('a', { href: `#/r/${encodeURIComponent(r.name)}`, text: r.name })),
-    el('td', {}, phaseBadge(r.phase)),
-    el('td', { text: r.strategy }),
-    el('td', { text: stepText(r) }),
-    el('td', { text: r.stableRevision ? versionOf(r, r.stableRevision) : '-' }),
-    el('td', { text: r.canaryRevision ? versionOf(r, r.canaryRevision) : '-' }),
-    el('td', { style: 'width:220px' }, weightBar(r)),
-  ));
-  return el('section', { class: 'panel' },
-    el('h2', { text: 'Rollouts' }),
-    state.rollouts.length === 0 ? el('p', { class: 'muted', text: 'No rollouts yet: `baton apply -f SPEC`.' }) :
-      el('table', { id: 'rollouts' },
-        el('thead', {}, el('tr', {}, ['Name', 'Phase', 'Strategy', 'Step', 'Stable', 'Canary', 'Traffic'].map(t => el('th', { text: t })))),
-        el('tbody', {}, rows)));
+  const empty = el('p', { class: 'muted', text: 'No rollouts yet: `baton apply -f SPEC`.' });
+  const [t, body] = table('rollouts', ['Name', 'Phase', 'Strategy', 'Step', 'Stable', 'Canary', 'Traffic']);
+  const root = el('section', { class: 'panel' }, el('h2', { text: 'Rollouts' }), empty, t);
+  return {
+    root,
+    update() {
+      setAttr(empty, 'hidden', state.rollouts.length !== 0);
+      setAttr(t, 'hidden', state.rollouts.length === 0);
+      keyed(body, state.rollouts, r => r.name, listRow, patchListRow);
+    },
+  };
 }
 
-function stepsPanel(r) {
-  let items;
-  if (r.step) {
-    const current = r.canaryRevision ? r.step.index : r.step.total;
-    items = r.step.steps.map((s, i) => el('li', {
-      class: i < current ? 'done' : (i === current ? 'current' : 'pending'),
-      'data-index': i,
-      'aria-current': i === current ? 'step' : null,
-      text: `${i + 1}. ${s}`,
-    }));
-  } else if (r.strategy === 'blueGreen') {
-    items = ['preview', 'smoke tests', 'switch'].map(s => el('li', { text: s }));
-  } else {
-    items = [el('li', { text: 'rolling: instances replaced one batch at a time' })];
-  }
-  return el('section', { class: 'panel' }, el('h2', { text: 'Steps' }), el('ol', { class: 'steps', id: 'steps' }, items));
+function stepsPanel() {
+  const list = el('ol', { class: 'steps', id: 'steps' });
+  const root = el('section', { class: 'panel' }, el('h2', { text: 'Steps' }), list);
+  return {
+    root,
+    update(r) {
+      let items;
+      if (r.step) {
+        const current = r.canaryRevision ? r.step.index : r.step.total;
+        items = r.step.steps.map((s, i) => ({
+          key: `step-${i}`,
+          text: `${i + 1}. ${s}`,
+          class: i < current ? 'done' : (i === current ? 'current' : 'pending'),
+          index: i,
+          current: i === current ? 'step' : null,
+        }));
+      } else if (r.strategy === 'blueGreen') {
+        items = ['preview', 'smoke tests', 'switch'].map(s => ({ key: s, text: s }));
+      } else {
+        items = [{ key: 'rolling', text: 'rolling: instances replaced one batch at a time' }];
+      }
+      keyed(list, items, it => it.key, () => el('li'), (li, it) => {
+        setText(li, it.text);
+        setAttr(li, 'class', it.class);
+        setAttr(li, 'data-index', it.index);
+        setAttr(li, 'aria-current', it.current);
+      });
+    },
+  };
 }
 
-function weightsPanel(r) {
-  const rows = (r.revisions || []).map(rev => el('div', { class: 'row', 'data-revision': rev.name },
-    el('div', {}, el('span', { class: 'swatch', style: `background:${COLORS[rev.role] || COLORS.previous}` }),
-      `${rev.appVersion || rev.name} `, el('span', { class: 'muted', text: `#${rev.number} ${rev.role}${rev.preview ? ' +preview' : ''}` })),
-    el('div', { class: `bar role-${rev.role}` }, el('span', { style: `width:${rev.weight}%` })),
-    el('div', { class: 'weight', text: `${rev.weight} %` }),
-    el('div', { class: 'muted', text: `${rev.readyReplicas}/${rev.desiredReplicas} ready` }),
-  ));
-  return el('section', { class: 'panel weights', id: 'weights' }, el('h2', { text: 'Traffic' }), rows);
+function weightRow() {
+  const $ = {
+    swatch: el('span', { class: 'swatch' }),
+    version: el('span'),
+    about: el('span', { class: 'muted' }),
+    bar: el('div'),
+    fill: el('span'),
+    shown: el('span', { class: 'served' }),
+    note: el('span', { class: 'desired' }),
+    ready: el('div', { class: 'muted' }),
+  };
+  $.bar.append($.fill);
+  const row = el('div', { class: 'row' },
+    el('div', {}, $.swatch, $.version, ' ', $.about), $.bar,
+    el('div', { class: 'weight' }, $.shown, $.note), $.ready);
+  row.$ = $;
+  return row;
 }
 
-function instancesPanel(r) {
-  const rows = [];
-  for (const rev of r.revisions || []) {
-    for (const i of rev.instances || []) {
-      rows.push(el('tr', {}, el('td', { text: rev.appVersion || rev.name }), el('td', { text: i.address || '' }),
-        el('td', { text: i.state || '' }), el('td', { text: i.pid || '' })));
-    }
-  }
-  return el('section', { class: 'panel' }, el('h2', { text: 'Instances' }),
-    rows.length ? el('table', { id: 'instances' }, el('thead', {}, el('tr', {}, ['Version', 'Address', 'State', 'PID'].map(t => el('th', { text: t })))), el('tbody', {}, rows))
-      : el('p', { class: 'muted', text: 'none' }));
+function patchWeightRow(row, rev) {
+  const $ = row.$;
+  const [shown, note] = weightTexts(rev);
+  setAttr(row, 'data-revision', rev.name);
+  setStyle($.swatch, 'background', roleColor(rev.role));
+  setText($.version, rev.appVersion || rev.name);
+  setText($.about, `#${rev.number} ${rev.role}${rev.preview ? ' +preview' : ''}`);
+  setAttr($.bar, 'class', `bar role-${rev.role}${servedOf(rev) === null ? ' unconfirmed' : ''}`);
+  setStyle($.fill, 'width', barWeight(rev) + '%');
+  setText($.shown, shown);
+  setText($.note, note);
+  setAttr($.note, 'hidden', !note);
+  setText($.ready, `${rev.readyReplicas}/${rev.desiredReplicas} ready`);
 }
 
-function gatesPanel(r) {
-  const rows = (r.gates || []).map(g => {
-    const last = g.last || {};
-    const verdict = (last.verdict || '-').toLowerCase();
-    return el('tr', { 'data-gate': g.name },
-      el('td', { text: g.name }), el('td', { text: g.passes }), el('td', { text: g.failures }),
-      el('td', { text: g.inconclusive }),
-      el('td', { class: `verdict-${verdict}`, text: last.verdict || '-' }),
-      el('td', { text: last.detail || '' }));
-  });
-  return el('section', { class: 'panel' }, el('h2', { text: 'Analysis' }),
-    rows.length ? el('table', { id: 'gates' }, el('thead', {}, el('tr', {}, ['Gate', 'Passes', 'Failures', 'Inconclusive', 'Last', 'Detail'].map(t => el('th', { text: t })))), el('tbody', {}, rows))
-      : el('p', { class: 'muted', text: 'No gate has measured this revision yet.' }));
+function weightsPanel() {
+  const rows = el('div');
+  const root = el('section', { class: 'panel weights', id: 'weights' }, el('h2', { text: 'Traffic' }), rows);
+  return {
+    root,
+    update(r) { keyed(rows, r.revisions || [], rev => rev.name, weightRow, patchWeightRow); },
+  };
+}
+
+// A panel holding a table, or a note while the table would be empty.
+function tablePanel(title, id, headings, emptyText, itemsOf, keyOf, cells) {
+  const [t, body] = table(id, headings);
+  const empty = el('p', { class: 'muted', text: emptyText });
+  const root = el('section', { class: 'panel' }, el('h2', { text: title }), t, empty);
+  return {
+    root,
+    body,
+    update(r) {
+      const items = itemsOf(r);
+      setAttr(t, 'hidden', items.length === 0);
+      setAttr(empty, 'hidden', items.length !== 0);
+      keyed(body, items, keyOf, () => el('tr', {}, headings.map(() => el('td'))), (tr, item) => {
+        cells(item).forEach(([text, cls], i) => {
+          setText(tr.children[i], text);
+          setAttr(tr.children[i], 'class', cls);
+        });
+      });
+    },
+  };
+}
+
+function instancesPanel() {
+  return tablePanel('Instances', 'instances', ['Version', 'Address', 'State', 'PID'], 'none',
+    r => (r.revisions || []).flatMap(rev => (rev.instances || []).map(i => ({ rev, i }))),
+    ({ rev, i }) => `${rev.name}|${i.address || ''}|${i.pid || ''}`,
+    ({ rev, i }) => [[rev.appVersion || rev.name], [i.address || ''], [i.state || ''], [i.pid || '']]);
+}
+
+function gatesPanel() {
+  return tablePanel('Analysis', 'gates', ['Gate', 'Passes', 'Failures', 'Inconclusive', 'Last', 'Detail'],
+    'No gate has measured this revision yet.',
+    r => r.gates || [],
+    g => g.name,
+    g => {
+      const last = g.last || {};
+      const verdict = (last.verdict || '-').toLowerCase();
+      return [[g.name], [g.passes], [g.failures], [g.inconclusive],
+        [last.verdict || '-', `verdict-${verdict}`], [last.detail || '']];
+    });
 }
 
 // A line chart per revision over the last minutes; `lines` are [label, value, dash].
-function chart(r, id, title, lines, format) {
+function chart(id, title, lines, format) {
   const W = 600, H = 170, L = 48, R = 8, T = 10, B = 22;
-  const points = (state.series[r.name] || []);
-  // The window grows with the data, from one minute up to five.
-  const now = Date.now();
-  const earliest = points.length ? points[0].at : now;
-  const span = Math.min(CHART_WINDOW_MS, Math.max(60000, now - earliest));
-  const from = now - span;
-  const byRev = new Map();
-  let max = 0;
-  for (const p of points) {
-    if (p.at < from) continue;
-    if (!byRev.has(p.revision)) byRev.set(p.revision, []);
-    const vs = lines.map(([, value]) => value(p));
-    byRev.get(p.revision).push([p.at, vs]);
-    for (const v of vs) if (v !== null && v !== undefined && v > max) max = v;
-  }
-  max = max > 0 ? max * 1.1 : 1;
   const s = svg('svg', { class: 'chart', id, viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: 'none', role: 'img', 'aria-label': title });
-  const x = t => L + (t - from) / span * (W - L - R);
-  const y = v => T + (1 - v / max) * (H - T - B);
-  for (const f of [0, 0.5, 1]) {
-    s.append(svg('line', { x1: L, x2: W - R, y1: y(max * f), y2: y(max * f), stroke: '#e5e7eb' }));
-    const t = svg('text', { x: 4, y: y(max * f) + 3 });
-    t.textContent = format(max * f);
-    s.append(t);
-  }
-  const t0 = svg('text', { x: L, y: H - 6 }); t0.textContent = `${Math.round(span / 1000)} s ago`; s.append(t0);
-  const t1 = svg('text', { x: W - R - 22, y: H - 6 }); t1.textContent = 'now'; s.append(t1);
+  const grid = [0, 0.5, 1].map(f => {
+    const line = svg('line', { x1: L, x2: W - R, stroke: '#e5e7eb' });
+    const label = svg('text', { x: 4 });
+    s.append(line, label);
+    return [f, line, label];
+  });
+  const since = svg('text', { x: L, y: H - 6 });
+  const now = svg('text', { x: W - R - 22, y: H - 6 });
+  now.textContent = 'now';
+  const paths = svg('g', {});
+  s.append(since, now, paths);
   const legend = el('div', { class: 'legend' });
-  for (const [rev, pts] of byRev) {
-    const info = (r.revisions || []).find(x => x.name === rev);
-    const color = COLORS[info ? info.role : 'previous'] || COLORS.previous;
-    lines.forEach(([label, , dash], li) => {
-      let d = '', pen = false;
-      for (const [at, vs] of pts) {
-        const v = vs[li];
-        if (v === null || v === undefined) { pen = false; continue; }
-        d += `${pen ? 'L' : 'M'}${x(at).toFixed(1)},${y(v).toFixed(1)} `;
-        pen = true;
+  const root = el('div', {}, el('h2', { text: title }), s, legend);
+  return {
+    root,
+    update(r) {
+      const points = (state.series[r.name] || []);
+      // The window grows with the data, from one minute up to five.
+      const t = Date.now();
+      const earliest = points.length ? points[0].at : t;
+      const span = Math.min(CHART_WINDOW_MS, Math.max(60000, t - earliest));
+      const from = t - span;
+      const byRev = new Map();
+      let max = 0;
+      for (const p of points) {
+        if (p.at < from) continue;
+        if (!byRev.has(p.revision)) byRev.set(p.revision, []);
+        const vs = lines.map(([, value]) => value(p));
+        byRev.get(p.revision).push([p.at, vs]);
+        for (const v of vs) if (v !== null && v !== undefined && v > max) max = v;
       }
-      const attrs = { d, fill: 'none', stroke: color, 'stroke-width': 2, 'data-revision': rev, 'data-line': label };
-      if (dash) attrs['stroke-dasharray'] = '4 3';
-      if (d) s.append(svg('path', attrs));
-    });
-    legend.append(el('span', {}, el('span', { class: 'swatch', style: `background:${color}` }), `${versionOf(r, rev)}  `));
-  }
-  return el('div', {}, el('h2', { text: title }), s, legend);
+      max = max > 0 ? max * 1.1 : 1;
+      const x = at => L + (at - from) / span * (W - L - R);
+      const y = v => T + (1 - v / max) * (H - T - B);
+      for (const [f, line, label] of grid) {
+        const at = y(max * f).toFixed(1);
+        setAttr(line, 'y1', at);
+        setAttr(line, 'y2', at);
+        setAttr(label, 'y', (y(max * f) + 3).toFixed(1));
+        setText(label, format(max * f));
+      }
+      setText(since, `${Math.round(span / 1000)} s ago`);
+      const drawn = [];
+      for (const [rev, pts] of byRev) {
+        const info = (r.revisions || []).find(v => v.name === rev);
+        const color = roleColor(info ? info.role : 'previous');
+        lines.forEach(([label, , dash], li) => {
+          let d = '', pen = false;
+          for (const [at, vs] of pts) {
+            const v = vs[li];
+            if (v === null || v === undefined) { pen = false; continue; }
+            d += `${pen ? 'L' : 'M'}${x(at).toFixed(1)},${y(v).toFixed(1)} `;
+            pen = true;
+          }
+          if (d) drawn.push({ rev, label, dash, color, d });
+        });
+      }
+      keyed(paths, drawn, p => `${p.rev}|${p.label}`,
+        p => svg('path', { fill: 'none', 'stroke-width': 2, 'data-revision': p.rev, 'data-line': p.label }),
+        (path, p) => {
+          setAttr(path, 'd', p.d);
+          setAttr(path, 'stroke', p.color);
+          setAttr(path, 'stroke-dasharray', p.dash ? '4 3' : null);
+        });
+      keyed(legend, Array.from(byRev.keys()), rev => rev, () => {
+        const item = el('span', {}, el('span', { class: 'swatch' }), el('span'));
+        return item;
+      }, (item, rev) => {
+        const info = (r.revisions || []).find(v => v.name === rev);
+        setStyle(item.firstChild, 'background', roleColor(info ? info.role : 'previous'));
+        setText(item.lastChild, `${versionOf(r, rev)}  `);
+      });
+    },
+  };
 }
 
-function chartsPanel(r) {
+function chartsPanel() {
   const ms = v => v === null || v === undefined ? null : v * 1000;
-  return el('section', { class: 'panel' }, el('div', { class: 'grid' },
-    chart(r, 'chart-latency', 'Latency per revision: p99 solid, p50 dashed (ms)',
+  const charts = [
+    chart('chart-latency', 'Latency per revision: p99 solid, p50 dashed (ms)',
       [['p99', p => ms(p.p99), false], ['p50', p => ms(p.p50), true]], v => v.toFixed(v < 10 ? 1 : 0)),
-    chart(r, 'chart-errors', 'Error rate per revision (%)',
+    chart('chart-errors', 'Error rate per revision (%)',
       [['errors', p => p.errorRate === null || p.errorRate === undefined ? null : p.errorRate * 100, false]], v => v.toFixed(1)),
-  ));
+  ];
+  return {
+    root: el('section', { class: 'panel' }, el('div', { class: 'grid' }, charts.map(c => c.root))),
+    update(r) { for (const c of charts) c.update(r); },
+  };
 }
 
-function auditPanel(r) {
-  const h = state.history[r.name];
-  const events = h ? (h.events || []).slice(-60).reverse() : [];
-  const rows = events.map(e => el('tr', {},
-    el('td', { text: clock(e.at) }), el('td', { text: e.actor }), el('td', { text: e.action }), el('td', { text: e.reason })));
-  return el('section', { class: 'panel' }, el('h2', { text: 'Audit trail' }),
-    el('div', { class: 'audit' }, el('table', { id: 'audit' },
-      el('thead', {}, el('tr', {}, ['Time (UTC)', 'Actor', 'Action', 'Reason'].map(t => el('th', { text: t })))),
-      el('tbody', {}, rows))));
+function auditPanel() {
+  const [t, body] = table('audit', ['Time (UTC)', 'Actor', 'Action', 'Reason']);
+  const root = el('section', { class: 'panel' }, el('h2', { text: 'Audit trail' }), el('div', { class: 'audit' }, t));
+  return {
+    root,
+    update(r) {
+      const h = state.history[r.name];
+      const events = h ? (h.events || []).slice(-60).reverse() : [];
+      // Keyed by content: the server keeps a bounded trail, so positions shift.
+      keyed(body, events, e => `${e.at}|${e.actor}|${e.action}|${e.reason}`,
+        e => el('tr', {}, el('td', { text: clock(e.at) }), el('td', { text: e.actor }),
+          el('td', { text: e.action }), el('td', { text: e.reason })),
+        () => {});
+    },
+  };
 }
 
 function rolloutView(name) {
-  const r = state.rollouts.find(x => x.name === name);
-  if (!r) return el('section', { class: 'panel' }, el('p', { text: `No rollout named ${name}.` }), el('a', { href: '#/', text: 'All rollouts' }));
-  maybeFetchHistory(name);
-  const may = state.session && state.session.mayAct;
+  const missing = el('section', { class: 'panel', hidden: true },
+    el('p', { text: `No rollout named ${name}.` }), el('a', { href: '#/', text: 'All rollouts' }));
   const buttons = Object.keys(ACTIONS).map(a => el('button', {
-    id: `act-${a}`, type: 'button', disabled: !may, class: a === 'abort' ? 'danger' : null,
-    title: may ? ACTIONS[a][1] : 'your role may watch, not act',
+    id: `act-${a}`, type: 'button', class: a === 'abort' ? 'danger' : null,
     onclick: () => confirmAction(name, a),
   }, ACTIONS[a][0]));
-  return el('div', { 'data-rollout-page': name },
+  const $ = {
+    name: el('h1', { id: 'rollout-name' }),
+    phase: el('span', { id: 'phase' }),
+    about: el('span', { class: 'muted' }),
+    routing: el('p', { class: 'routing-error', id: 'routing-error', role: 'alert', hidden: true }),
+    message: el('span'),
+  };
+  const panels = [stepsPanel(), weightsPanel(), chartsPanel(), gatesPanel(), instancesPanel(), auditPanel()];
+  const page = el('div', { 'data-rollout-page': name },
     el('p', {}, el('a', { href: '#/', text: '← all rollouts' })),
     el('section', { class: 'panel' },
-      el('div', { class: 'head' }, el('h1', { id: 'rollout-name', text: r.name }), phaseBadge(r.phase, 'phase'),
-        el('span', { class: 'muted', text: `${r.strategy} · ${r.listen}` })),
-      el('p', { class: 'message', id: 'message' }, el('strong', { text: 'Last decision: ' }), r.message || '-'),
+      el('div', { class: 'head' }, $.name, $.phase, $.about),
+      $.routing,
+      el('p', { class: 'message', id: 'message' }, el('strong', { text: 'Last decision: ' }), $.message),
       el('div', { class: 'actions' }, buttons)),
-    stepsPanel(r), weightsPanel(r), chartsPanel(r), gatesPanel(r), instancesPanel(r), auditPanel(r));
+    panels.map(p => p.root));
+  return {
+    root: el('div', {}, missing, page),
+    update() {
+      const r = state.rollouts.find(x => x.name === name);
+      setAttr(missing, 'hidden', !!r);
+      setAttr(page, 'hidden', !r);
+      if (!r) return;
+      maybeFetchHistory(name);
+      const may = state.session && state.session.mayAct;
+      for (const [i, b] of buttons.entries()) {
+        const a = Object.keys(ACTIONS)[i];
+        setAttr(b, 'disabled', !may);
+        setAttr(b, 'title', may ? ACTIONS[a][1] : 'your role may watch, not act');
+      }
+      setText($.name, r.name);
+      patchPhase($.phase, r.phase);
+      setText($.about, `${r.strategy} · ${r.listen}`);
+      setText($.routing, routingText(r));
+      setAttr($.routing, 'hidden', !r.routingError);
+      setText($.message, r.message || '-');
+      for (const p of panels) p.update(r);
+    },
+  };
 }
 
+// The current view, rebuilt only when the address changes page.
+let view = null;
+
 function render() {
+  if (!state.loaded) return;
   const app = document.getElementById('app');
   const m = location.hash.match(/^#\/r\/(.+)$/);
-  const view = m ? rolloutView(decodeURIComponent(m[1])) : listView();
-  const scroll = app.querySelector('.audit') ? app.querySelector('.audit').scrollTop : 0;
-  app.replaceChildren(view);
-  const audit = app.querySelector('.audit');
-  if (audit) audit.scrollTop = scroll;
+  let name = null;
+  if (m) {
+    try { name = decodeURIComponent(m[1]); } catch (e) { name = m[1]; }
+  }
+  const key = name === null ? 'list' : `r/${name}`;
+  if (!view || view.key !== key) {
+    view = name === null ? listView() : rolloutView(name);
+    view.key = key;
+    app.replaceChildren(view.root);
+  }
+  view.update();
 }
 
 async function maybeFetchHistory(name) {
@@ -327,6 +581,9 @@ function connect() {
     const s = JSON.parse(ev.data);
     state.rollouts = s.rollouts || [];
     state.auditSeq = s.audit || {};
+    state.loaded = true;
+    state.updates += 1;
+    document.getElementById('app').dataset.updates = state.updates;
     render();
   });
   es.addEventListener('series', ev => { state.series = JSON.parse(ev.data) || {}; });

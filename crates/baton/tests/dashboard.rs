@@ -1,10 +1,12 @@
 //! The web dashboard in a real headless Chromium (Debian `chromium` and
 //! `chromium-driver`, driven over WebDriver): an unauthenticated visit sees only the
 //! login page; after logging in, a canary moves from step to step on the page without
-//! a reload; another rollout is aborted from its page (with confirmation) and is seen
-//! rolled back; forged actions (no CSRF token, a foreign Origin, a viewer's session)
-//! are refused and change nothing. A screenshot of a rollout page mid-canary is saved
-//! under the test's output directory.
+//! a reload, and a focused button and a text selection survive its updates (the page
+//! is patched in place); another rollout is aborted from its page (with confirmation)
+//! and is seen rolled back; forged actions (no CSRF token, a foreign Origin, a viewer's
+//! session) are refused and change nothing; a rollout whose listener is taken shows
+//! the routing error and its served weight against the desired one. A screenshot of a
+//! rollout page mid-canary is saved under the test's output directory.
 
 mod common;
 
@@ -78,6 +80,17 @@ async fn eventually<T>(limit: Duration, what: &str, mut f: impl AsyncFnMut() -> 
 
 async fn text_of(c: &Client, css: &str) -> Option<String> {
     c.find(Locator::Css(css)).await.ok()?.text().await.ok()
+}
+
+/// How many status events the page has applied (`#app[data-updates]`).
+async fn updates(c: &Client) -> Option<u64> {
+    c.execute(
+        "return Number(document.getElementById('app').dataset.updates || 0);",
+        vec![],
+    )
+    .await
+    .ok()?
+    .as_u64()
 }
 
 /// A raw HTTP request to the dashboard, as a forger would send it.
@@ -237,6 +250,25 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
     c.execute("window.__sameLoad = 'yes'; return null;", vec![])
         .await
         .expect("mark the page");
+    // A keyboard user sits on a button, with the rollout's name selected, while the
+    // canary runs: updates patch the page in place, so neither is lost.
+    let promote = c
+        .find(Locator::Css("#act-promote"))
+        .await
+        .expect("the promote button");
+    let promote_ref = serde_json::to_value(&promote).expect("element reference");
+    c.execute(
+        "const r = document.createRange(); r.selectNodeContents(document.getElementById('rollout-name')); \
+         const s = window.getSelection(); s.removeAllRanges(); s.addRange(r); \
+         arguments[0].focus(); return null;",
+        vec![promote_ref.clone()],
+    )
+    .await
+    .expect("focus and select");
+    let updates_before = eventually(Duration::from_secs(5), "the update counter", async || {
+        updates(&c).await
+    })
+    .await;
     env.write("spec.yaml", &spec("v2"));
     let out = env.run(&["apply", "-f", file.to_str().expect("path")]);
     assert!(
@@ -248,6 +280,9 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
     let screenshot_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
     std::fs::create_dir_all(&screenshot_dir).expect("output dir");
     let mut shot = false;
+    // [focus on the same button, the selected text], read once the page shows a step
+    // (it showed none before) and has applied two status events since the focus.
+    let mut kept: Option<Result<serde_json::Value, String>> = None;
     eventually(
         Duration::from_secs(60),
         "the page to show steps 1, 3 and 5 of web's canary",
@@ -255,7 +290,25 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
             let current = c.find(Locator::Css("#steps li.current")).await.ok()?;
             let index = current.attr("data-index").await.ok()??;
             seen.insert(index.clone());
-            if index == "3" && !shot {
+            if kept.is_none() && updates(&c).await? >= updates_before + 2 {
+                let read = c
+                    .execute(
+                        "return [document.activeElement === arguments[0], window.getSelection().toString()];",
+                        vec![promote_ref.clone()],
+                    )
+                    .await
+                    .map_err(|e| e.to_string());
+                let id = promote.attr("id").await.map_err(|e| e.to_string());
+                kept = Some(read.and_then(|v| Ok(serde_json::json!([v, id?]))));
+                // The screenshot shows the page as it is seen, not as it was tested.
+                c.execute(
+                    "document.activeElement.blur(); window.getSelection().removeAllRanges(); return null;",
+                    vec![],
+                )
+                .await
+                .ok()?;
+            }
+            if index == "3" && !shot && kept.is_some() {
                 // Mid-canary: 50 % on v2, charts filling.
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 let png = c.screenshot().await.ok()?;
@@ -269,6 +322,12 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
         },
     )
     .await;
+    assert_eq!(
+        kept.expect("focus read during the canary")
+            .expect("the focused button is still on the page (its reference is not stale)"),
+        serde_json::json!([[true, "web"], "act-promote"]),
+        "[[focus still on the promote button, the selected text], its id] after the updates"
+    );
     assert!(shot, "the mid-canary screenshot was taken");
     let same = c
         .execute("return window.__sameLoad || null;", vec![])
@@ -284,19 +343,26 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
         weights.contains("80 %").then_some(())
     })
     .await;
-    // The bars are drawn to scale: the canary's fills 80 % of its track.
-    let share = c
-        .execute(
-            "const b = document.querySelector('#weights .role-canary'); return b.firstChild.getBoundingClientRect().width / b.getBoundingClientRect().width;",
-            vec![],
-        )
-        .await
-        .expect("bar width");
-    let share = share.as_f64().expect("a number");
-    assert!(
-        (share - 0.8).abs() < 0.02,
-        "canary bar fills {share} of its track"
-    );
+    // The bars are drawn to scale: the canary's fills 80 % of its track (once its
+    // width has slid there: the same bar is resized, with a short transition).
+    let mut share = 0.0;
+    eventually(
+        Duration::from_secs(5),
+        "the canary bar at 80 % of its track",
+        async || {
+            share = c
+                .execute(
+                    "const b = document.querySelector('#weights .role-canary'); return b.firstChild.getBoundingClientRect().width / b.getBoundingClientRect().width;",
+                    vec![],
+                )
+                .await
+                .ok()?
+                .as_f64()?;
+            ((share - 0.8).abs() < 0.02).then_some(())
+        },
+    )
+    .await;
+    assert!(share > 0.0, "canary bar fills {share} of its track");
     // Latency points come once a second from the proxy's counters: a loaded machine
     // may not have drawn the first ones yet.
     eventually(
@@ -418,17 +484,13 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
         (text_of(&c, "#rollout-name").await? == "api").then_some(())
     })
     .await;
-    // The page redraws as the status changes: a button found just before a redraw is
-    // stale by the click, so find and click again until one click lands.
-    eventually(Duration::from_secs(5), "a click on abort", async || {
-        c.find(Locator::Css("#act-abort"))
-            .await
-            .ok()?
-            .click()
-            .await
-            .ok()
-    })
-    .await;
+    // Updates patch the page in place: the button found is the one clicked.
+    c.find(Locator::Css("#act-abort"))
+        .await
+        .expect("the abort button")
+        .click()
+        .await
+        .expect("a click on abort");
     let dialog_text = eventually(Duration::from_secs(5), "the confirmation", async || {
         let t = text_of(&c, "#confirm-title").await?;
         (!t.is_empty()).then_some(t)
@@ -471,4 +533,61 @@ async fn the_dashboard_shows_rollouts_live_and_acts_safely() {
         report.failed, 0,
         "nothing the dashboard did failed a request"
     );
+
+    // A rollout whose listener another program holds: the router serves nothing of
+    // it, and the page says so and why.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = squatter.local_addr().expect("addr");
+    let blocked = env.write(
+        "blocked.yaml",
+        &named(canary_spec(taken, "v1", "", api_steps), "blocked"),
+    );
+    let out = env.run(&["apply", "-f", blocked.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.goto(&format!("{base}/ui/#/")).await.expect("goto");
+    let warning = eventually(
+        Duration::from_secs(30),
+        "the routing error on blocked's row",
+        async || {
+            let t = text_of(&c, "tr[data-rollout=blocked] .routing-error").await?;
+            t.contains("cannot listen").then_some(t)
+        },
+    )
+    .await;
+    assert!(warning.contains("Not served as asked"), "{warning}");
+    assert_eq!(
+        text_of(&c, "tr[data-rollout=web] .routing-error")
+            .await
+            .as_deref(),
+        Some(""),
+        "no warning where the route is served"
+    );
+    c.goto(&format!("{base}/ui/#/r/blocked"))
+        .await
+        .expect("goto");
+    eventually(
+        Duration::from_secs(30),
+        "blocked's page: the warning, nothing served of the 100 % desired",
+        async || {
+            let warning = text_of(&c, "#routing-error").await?;
+            let weights = text_of(&c, "#weights").await?;
+            (warning.contains("cannot listen") && weights.contains("0 % → desired 100 %"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Where served and desired agree, only one weight is shown.
+    c.goto(&format!("{base}/ui/#/r/web")).await.expect("goto");
+    eventually(Duration::from_secs(10), "web's weights", async || {
+        let weights = text_of(&c, "#weights").await?;
+        let warning = text_of(&c, "#routing-error").await?;
+        (weights.contains("80 %") && !weights.contains("desired") && warning.is_empty())
+            .then_some(())
+    })
+    .await;
+    drop(squatter);
 }
