@@ -122,8 +122,11 @@ pub fn find_marked(root: &Path) -> Vec<(u32, u64, Mark)> {
             .split(|b| *b == 0)
             .filter_map(|kv| std::str::from_utf8(kv).ok())
             .find_map(|kv| kv.strip_prefix(&prefix).and_then(Mark::decode));
+        // Instances start as their own process group's leader; their children inherit
+        // the mark but not the leadership, and are part of the instance, not others.
         if let Some((mark, r)) = found
             && r == want
+            && group_leader(pid)
             && let Some(start) = start_time(pid)
         {
             out.push((pid, start, mark));
@@ -161,6 +164,22 @@ pub fn spawn(run: &RunSpec, port: u16, log: &Path, mark: &str) -> Result<Child, 
     }
     cmd.spawn()
         .map_err(|source| SpawnError::Start { program, source })
+}
+
+/// Whether `pid` leads its process group (the `pgrp` field of `/proc/PID/stat`).
+fn group_leader(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return false;
+    };
+    // After the command: state, ppid, pgrp.
+    stat[close + 1..]
+        .split_whitespace()
+        .nth(2)
+        .and_then(|g| g.parse::<u32>().ok())
+        == Some(pid)
 }
 
 /// The kernel's start time (clock ticks since boot) of a live, non-zombie process.
@@ -229,7 +248,15 @@ mod tests {
         let mut child = spawn(&run, 4321, &log, &mark.encode(dir.path())).expect("spawn");
         let pid = child.id();
         let st = start_time(pid).expect("running");
-        // Found by its mark, for this state directory only.
+        // Found by its mark, for this state directory only; the `sleep` it forks
+        // carries the mark too but is part of it, not another instance.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .is_ok_and(|c| !c.trim().is_empty())
+        {
+            assert!(std::time::Instant::now() < deadline, "sh forked no child");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(find_marked(dir.path()), vec![(pid, st, mark)]);
         assert!(find_marked(&dir.path().join("other")).is_empty());
         assert!(alive(pid, st));
