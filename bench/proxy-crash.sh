@@ -18,6 +18,7 @@ listen=127.0.0.1:$(port)
 sed -e "s#./target/release/hello#$bin/hello#" -e "s#127.0.0.1:8080#$listen#" \
   examples/hello/canary.yaml >"$work/hello.yaml"
 "$bin/baton" --dir "$work/.baton" up -f "$work/hello.yaml" >"$work/up.log" 2>&1 &
+for _ in $(seq 300); do [ -s "$work/.baton/api.addr" ] && break; sleep 0.1; done
 "$bin/baton" --dir "$work/.baton" wait hello --for healthy --timeout 60s >/dev/null
 echo "| run | refused connections | first refused → first served (ms) |"
 echo "| --- | --- | --- |"
