@@ -117,12 +117,20 @@ fn table(
     }
 }
 
-async fn send(addr: SocketAddr, body: &'static [u8]) -> (u16, String) {
+/// One request on a fresh connection: the answer's status and body.
+async fn exchange(addr: SocketAddr, req: Request<Full<Bytes>>) -> (u16, String) {
     let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
         .await
         .expect("handshake");
     tokio::spawn(conn);
+    let resp = tx.send_request(req).await.expect("response");
+    let code = resp.status().as_u16();
+    let text = resp.into_body().collect().await.expect("body").to_bytes();
+    (code, String::from_utf8_lossy(&text).into_owned())
+}
+
+async fn send(addr: SocketAddr, body: &'static [u8]) -> (u16, String) {
     let method = if body.is_empty() { "GET" } else { "POST" };
     let req = Request::builder()
         .method(method)
@@ -130,10 +138,7 @@ async fn send(addr: SocketAddr, body: &'static [u8]) -> (u16, String) {
         .header("host", addr.to_string())
         .body(Full::new(Bytes::from_static(body)))
         .expect("request");
-    let resp = tx.send_request(req).await.expect("response");
-    let code = resp.status().as_u16();
-    let text = resp.into_body().collect().await.expect("body").to_bytes();
-    (code, String::from_utf8_lossy(&text).into_owned())
+    exchange(addr, req).await
 }
 
 #[tokio::test]
@@ -836,11 +841,6 @@ async fn failing_backend(seen: Arc<std::sync::atomic::AtomicU64>) -> SocketAddr 
 }
 
 async fn post(addr: SocketAddr, key: Option<&str>) -> (u16, String) {
-    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
     let mut req = Request::builder()
         .method("POST")
         .uri("/orders")
@@ -851,10 +851,7 @@ async fn post(addr: SocketAddr, key: Option<&str>) -> (u16, String) {
     let req = req
         .body(Full::new(Bytes::from_static(b"{\"qty\": 1}")))
         .expect("request");
-    let resp = tx.send_request(req).await.expect("response");
-    let code = resp.status().as_u16();
-    let text = resp.into_body().collect().await.expect("body").to_bytes();
-    (code, String::from_utf8_lossy(&text).into_owned())
+    exchange(addr, req).await
 }
 
 #[tokio::test]
@@ -1101,21 +1098,13 @@ async fn method_recorder(name: &'static str) -> (SocketAddr, Arc<std::sync::Mute
 }
 
 async fn request(addr: SocketAddr, method: &str) -> (u16, String) {
-    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
     let req = Request::builder()
         .method(method)
         .uri("/item/1")
         .header("host", addr.to_string())
         .body(Full::new(Bytes::from_static(b"{}")))
         .expect("request");
-    let resp = tx.send_request(req).await.expect("response");
-    let code = resp.status().as_u16();
-    let text = resp.into_body().collect().await.expect("body").to_bytes();
-    (code, String::from_utf8_lossy(&text).into_owned())
+    exchange(addr, req).await
 }
 
 /// Mirroring a write runs it twice where the canary shares stable's data: only safe
