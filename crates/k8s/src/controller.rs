@@ -24,6 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Deserialize;
@@ -1068,12 +1069,16 @@ pub async fn run(
     };
     let ctx2 = ctx.clone();
     let (reader, writer) = kube::runtime::reflector::store::<ReplicaSet>();
+    // With a backoff: a watcher without one retries a failing API server at once, and
+    // this loop, which only drains the stream, then never yields its thread (found as
+    // a test runtime that could not shut down once its fake API server was gone).
     let cache = kube::runtime::reflector(
         writer,
         watcher(
             rss.clone(),
             watcher::Config::default().labels(workload::ROLLOUT_LABEL),
-        ),
+        )
+        .default_backoff(),
     )
     .for_each(|_| async {});
     *ctx.replicasets.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader.clone());

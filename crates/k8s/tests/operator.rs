@@ -1227,3 +1227,46 @@ async fn pause_and_resume_reach_the_operator_through_the_shared_vocabulary() {
     ask("r1", "resume").await;
     wait_healthy(&rollouts, "v2").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_that_fails_every_request_is_retried_with_backoff_not_in_a_loop() {
+    use std::sync::atomic::AtomicU64;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An API server that answers every request 500, counting the ReplicaSet watches.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let rs_requests = Arc::new(AtomicU64::new(0));
+    let counted = rs_requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if String::from_utf8_lossy(&buf[..n]).contains("/replicasets") {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                    .await;
+            });
+        }
+    });
+    let config = kube::Config::new(format!("http://{addr}").parse().expect("url"));
+    let client = Client::try_from(config).expect("client");
+    let ctx = Context::new(client, "lonely");
+    let op = tokio::spawn(controller::run(
+        ctx,
+        Some("default".into()),
+        std::future::pending(),
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    op.abort();
+    let n = rs_requests.load(Ordering::SeqCst);
+    // Two ReplicaSet watchers (the cache and the controller's), each backing off from
+    // 0.8 s: a handful of attempts in 3 s; without a backoff, thousands.
+    assert!(n >= 2, "the watchers did try: {n}");
+    assert!(n < 40, "{n} ReplicaSet requests in 3 s: retried without backoff");
+}
