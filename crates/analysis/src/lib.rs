@@ -1,13 +1,15 @@
 //! Metric providers and judges.
 //!
 //! Providers, one file each: builtin (the proxy's own per-revision counters, read
-//! over its control socket with no scrape delay), prometheus, web, command; smoke
+//! over its control socket with no scrape delay), mesh (the same counters read from a
+//! traffic router's metrics in Prometheus, on a cluster), prometheus, web, command; smoke
 //! tests for blue-green previews. Judges: thresholds (`successCondition` /
 //! `failureCondition` over `result`, evaluated by `evalexpr`) and comparison with the
 //! stable revision over the same window.
 
 pub mod builtin;
 pub mod command;
+pub mod mesh;
 pub mod prometheus;
 pub mod provider;
 pub mod registry;

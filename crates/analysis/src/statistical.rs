@@ -9,7 +9,7 @@
 //!   normal approximation and no mean (a zero mean cannot break it).
 
 use baton_engine::Verdict;
-use baton_proxy_api::{BUCKETS, RevisionStats};
+use baton_proxy_api::RevisionStats;
 use baton_spec::{BuiltinMetric, Direction, Statistical};
 
 use crate::stats::{bootstrap_quantile_diff, fisher_greater, mann_whitney, quantile};
@@ -29,12 +29,11 @@ pub fn samples(window: &RevisionStats) -> Vec<f64> {
             (n * MAX_SAMPLES).div_ceil(total)
         }
     };
+    let bounds = window.bounds();
+    let overflow = bounds.last().copied().unwrap_or(0.0) * 2.0;
     let mut out = Vec::new();
     for (i, n) in window.buckets.iter().enumerate() {
-        let bound = BUCKETS
-            .get(i)
-            .copied()
-            .unwrap_or(BUCKETS[BUCKETS.len() - 1] * 2.0);
+        let bound = bounds.get(i).copied().unwrap_or(overflow);
         out.extend(std::iter::repeat_n(bound, keep(*n) as usize));
     }
     out
@@ -196,6 +195,7 @@ pub fn classify(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baton_proxy_api::BUCKETS;
 
     /// A window with `counts[i]` requests in bucket `i` and `errors` 5xx among them.
     fn window(counts: &[(usize, u64)], errors: u64) -> RevisionStats {

@@ -438,11 +438,42 @@ fn validate_checks_rollouts_written_for_a_cluster() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
-        err.contains("spec.analysis.gates[0].metric") && err.contains("does not run on a cluster"),
+        err.contains("spec.analysis.gates[0].metric")
+            && err.contains("set spec.analysis.requestMetrics"),
         "{err}"
     );
     assert!(
         err.contains("spec.analysis.gates[1].metric") && err.contains("smoke"),
+        "{err}"
+    );
+    // With the router's metrics in Prometheus, builtin gates have their cluster form
+    // (the template follows the router); a custom template needs both queries.
+    let with_metrics = |metrics: &str| {
+        let path = dir.path().join("metrics.yaml");
+        std::fs::write(
+            &path,
+            format!("apiVersion: baton.dev/v1alpha1\nkind: Rollout\nmetadata: {{name: web}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  workloadRef: {{name: web}}\n  strategy:\n    canary:\n      stableService: web-stable\n      canaryService: web-canary\n      trafficRouting: {{gatewayAPI: {{httpRoute: web}}}}\n      steps: [{{setWeight: 50}}, {{analysis: {{gates: [errors]}}}}]\n  analysis:\n    requestMetrics: {metrics}\n    gates:\n      - {{name: errors, metric: {{builtin: error_rate}}, successCondition: 'result < 0.01'}}\n"),
+        )
+        .expect("write");
+        Command::new(common::baton_bin())
+            .args(["validate", "-f"])
+            .arg(&path)
+            .output()
+            .expect("validate")
+    };
+    let out = with_metrics("{address: 'http://prometheus.monitoring:9090'}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with_metrics(
+        "{address: 'http://prometheus.monitoring:9090', template: custom, requests: 'sum by (code) (x)'}",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("spec.analysis.requestMetrics.latency") && err.contains("custom"),
         "{err}"
     );
 }

@@ -4,51 +4,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use baton::load::Load;
+use baton_kube_fake::prometheus::Prometheus;
 use common::*;
-
-/// A Prometheus server on loopback, scraping `target` every second; stopped on drop.
-struct Prometheus {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Prometheus {
-    fn start(dir: &std::path::Path, target: std::net::SocketAddr) -> Prometheus {
-        let addr = free_addr();
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: baton\n    static_configs: [{{ targets: [\"{target}\"] }}]\n"
-            ),
-        )
-        .expect("config");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("prometheus.log")).expect("log"))
-            .spawn()
-            .expect("the prometheus server is installed (Debian package `prometheus`; scripts/test installs it)");
-        let p = Prometheus { child, addr };
-        wait_until(Duration::from_secs(30), "Prometheus to be ready", || {
-            std::net::TcpStream::connect(addr).is_ok()
-        });
-        p
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn spec(
     listen: std::net::SocketAddr,
@@ -79,7 +39,8 @@ fn spec(
 async fn a_promql_gate_promotes_a_good_canary_and_rolls_back_a_slow_one() {
     let mut env = Env::new();
     let (listen, metrics) = (free_addr(), free_addr());
-    let prom = Prometheus::start(env.dir.path(), metrics);
+    let prom = Prometheus::start(env.dir.path(), &[metrics])
+        .expect("the prometheus server is installed (Debian package `prometheus`; scripts/test installs it)");
     let v1 = env.write("v1.yaml", &spec(listen, prom.addr, "v1", ""));
     let client = env
         .start_healthy(

@@ -73,7 +73,8 @@ impl Gauges {
             return;
         }
         if cache.0.is_none() {
-            cache.0 = Some(p.counters(t).await);
+            let revisions: Vec<&str> = std::iter::once(revision).chain(stable).collect();
+            cache.0 = Some(p.counters(t, &revisions).await);
         }
         let m = match &cache.0 {
             Some(Counters::Read(revs)) => {
@@ -92,7 +93,7 @@ impl Gauges {
                         now,
                     )
             }
-            Some(Counters::Unsupported(why)) => Measurement {
+            Some(Counters::Unsupported(why) | Counters::Failed(why)) => Measurement {
                 gate: gate.name.clone(),
                 revision: revision.to_string(),
                 verdict: Verdict::Error,

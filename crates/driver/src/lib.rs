@@ -134,10 +134,19 @@ pub enum Counters {
     Unreadable,
     /// This platform has no such counters: the gate errors with this reason.
     Unsupported(String),
+    /// The user's metrics source (a cluster's Prometheus) failed: the gate errors with
+    /// this reason, as a Prometheus gate's query error does.
+    Failed(String),
 }
 
 pub trait DataPlane: Port {
-    fn counters(&mut self, t: &Target<'_>) -> impl Future<Output = Counters> + Send;
+    /// Counters of `revisions` (the measured one first, then stable); a platform whose
+    /// counters cost a query per revision reads only these.
+    fn counters(
+        &mut self,
+        t: &Target<'_>,
+        revisions: &[&str],
+    ) -> impl Future<Output = Counters> + Send;
     /// A ready instance of the revision, for checks that probe one directly.
     fn address(&self, t: &Target<'_>, revision: &str) -> Option<SocketAddr>;
 }

@@ -158,7 +158,7 @@ impl Smoke for Fake {
 }
 
 impl DataPlane for Fake {
-    async fn counters(&mut self, _: &Target<'_>) -> Counters {
+    async fn counters(&mut self, _: &Target<'_>, _: &[&str]) -> Counters {
         Counters::Unsupported("no data plane here".into())
     }
     fn address(&self, _: &Target<'_>, _: &str) -> Option<SocketAddr> {

@@ -87,8 +87,8 @@ fn spec_shape(doc: &Value) -> Vec<FieldError> {
         .collect()
 }
 
-/// What is wrong with a cluster Rollout that deserialised: names, the workload, gates
-/// only `baton up` can measure, and the checks shared with local specs.
+/// What is wrong with a cluster Rollout that deserialised: names, the workload, and
+/// the checks the operator makes too (`cluster_errors`).
 fn cluster_problems(ro: &Rollout) -> Vec<FieldError> {
     let mut errors = Vec::new();
     if ro.metadata.name.as_deref().is_none_or(str::is_empty) {
@@ -103,24 +103,6 @@ fn cluster_problems(ro: &Rollout) -> Vec<FieldError> {
             reason: "set exactly one of spec.template and spec.workloadRef".into(),
         }),
         _ => {}
-    }
-    // What only `baton up` can measure would fail every measurement here.
-    for (g, gate) in ro.spec.analysis.gates.iter().enumerate() {
-        let why = match &gate.metric {
-            baton_spec::MetricSource::Builtin(_) | baton_spec::MetricSource::Scorecard(_) => Some(
-                "builtin metrics and scorecards come from Baton's own proxy, which does not run on a cluster: use a prometheus, web or command metric",
-            ),
-            baton_spec::MetricSource::Smoke(_) => Some(
-                "a smoke metric tests one instance by address, which a cluster gate does not have: use blueGreen smoke tests (run as a Job) or a web metric",
-            ),
-            _ => None,
-        };
-        if let Some(why) = why {
-            errors.push(FieldError {
-                field: format!("spec.analysis.gates[{g}].metric"),
-                reason: why.into(),
-            });
-        }
     }
     let template = ro.spec.template.clone().unwrap_or_default();
     let espec = engine_spec(ro, &template, ro.spec.analysis.gates.clone());

@@ -22,9 +22,9 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Deserialize;
@@ -905,10 +905,8 @@ impl Smoke for Cluster<'_> {
 }
 
 impl DataPlane for Cluster<'_> {
-    async fn counters(&mut self, _: &Target<'_>) -> Counters {
-        Counters::Unsupported(
-            "builtin metrics come from Baton's own proxy, which a cluster does not have: use a prometheus or web metric".into(),
-        )
+    async fn counters(&mut self, _: &Target<'_>, revisions: &[&str]) -> Counters {
+        crate::requests::counters(self.ro, revisions).await
     }
 
     fn address(&self, _: &Target<'_>, _: &str) -> Option<SocketAddr> {

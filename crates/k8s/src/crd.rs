@@ -209,6 +209,10 @@ pub struct Analysis {
     /// Shared gates from GateTemplates (or ClusterGateTemplates).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub templates: Vec<TemplateRef>,
+    /// Where builtin and scorecard gates read each revision's requests: the traffic
+    /// router's metrics in Prometheus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_metrics: Option<baton_spec::RequestMetrics>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -166,6 +166,7 @@ pub fn cluster_errors(ro: &Rollout, espec: &baton_spec::Rollout) -> Vec<FieldErr
                         && !ro.spec.analysis.templates.is_empty()))
             }),
     );
+    errors.extend(crate::requests::problems(ro, &espec.spec.analysis.gates));
     errors
 }
 

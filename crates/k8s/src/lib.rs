@@ -9,6 +9,7 @@ pub mod convert;
 pub mod crd;
 pub mod engine_spec;
 pub mod leader;
+pub mod requests;
 pub mod router;
 pub mod workload;
 

@@ -45,6 +45,10 @@ pub fn obs_of(rs: &ReplicaSet) -> RevisionObs {
     }
 }
 
+/// The labels Istio's metrics take a workload's revision and name from.
+pub const ISTIO_REVISION_LABEL: &str = "service.istio.io/canonical-revision";
+pub const ISTIO_NAME_LABEL: &str = "service.istio.io/canonical-name";
+
 fn new_replicaset(
     ro: &Rollout,
     revision: &str,
@@ -57,6 +61,13 @@ fn new_replicaset(
     let labels = meta.labels.get_or_insert_with(Default::default);
     labels.insert(ROLLOUT_LABEL.into(), name.clone());
     labels.insert(REVISION_LABEL.into(), revision.into());
+    // So that a mesh's metrics carry the revision (Istio's canonical revision; its
+    // canonical name defaults to the `app` label, so the Rollout's name is set only
+    // where the template names none): builtin gates read them (`requests.rs`).
+    labels.insert(ISTIO_REVISION_LABEL.into(), revision.into());
+    labels
+        .entry(ISTIO_NAME_LABEL.into())
+        .or_insert_with(|| name.clone());
     let mut match_labels = ro.spec.selector.match_labels.clone().unwrap_or_default();
     match_labels.insert(REVISION_LABEL.into(), revision.into());
     ReplicaSet {

@@ -1268,5 +1268,190 @@ async fn an_api_server_that_fails_every_request_is_retried_with_backoff_not_in_a
     // Two ReplicaSet watchers (the cache and the controller's), each backing off from
     // 0.8 s: a handful of attempts in 3 s; without a backoff, thousands.
     assert!(n >= 2, "the watchers did try: {n}");
-    assert!(n < 40, "{n} ReplicaSet requests in 3 s: retried without backoff");
+    assert!(
+        n < 40,
+        "{n} ReplicaSet requests in 3 s: retried without backoff"
+    );
+}
+
+/// A data plane's metrics as Contour's Envoy exports them: every scrape, 200 more
+/// requests split between the `web-stable` and `web-canary` clusters by the route's
+/// current weights; the canary's answers are ten times slower while `slow`.
+async fn envoy_exporter(c: &Cluster, slow: Arc<AtomicBool>) -> std::net::SocketAddr {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    // Istio/Envoy bounds (milliseconds); per cluster, cumulative counts per bucket.
+    const LE: [f64; 9] = [1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
+    /// Per cluster: requests, and requests per bucket (the last one +Inf).
+    type Counts = BTreeMap<String, (u64, [u64; 10])>;
+    let counts: Arc<Mutex<Counts>> = Arc::default();
+    let store = c.api.store.clone();
+    loopback(move |_| {
+        let route = store
+            .get(&Key::new(
+                "gateway.networking.k8s.io/v1",
+                "httproutes",
+                Some("default"),
+                "web",
+            ))
+            .expect("route");
+        let refs = route["spec"]["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["name"] != "baton-canary-header")
+            .map(|r| r["backendRefs"].clone())
+            .unwrap_or_default();
+        let weight = |n: &str| -> u64 {
+            refs.as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["name"] == n)
+                .map(|r| r["weight"].as_u64().unwrap_or(1))
+                .unwrap_or(0)
+        };
+        let (ws, wc) = (weight("web-stable"), weight("web-canary"));
+        let total = (ws + wc).max(1);
+        let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+        for (svc, w, is_canary) in [("web-stable", ws, false), ("web-canary", wc, true)] {
+            let n = 200 * w / total;
+            let entry = counts.entry(svc.to_string()).or_default();
+            entry.0 += n;
+            // 70 % in (10, 25] ms and 30 % in (25, 50] ms; ten times that when slow.
+            let (fast, rest) = if is_canary && slow.load(Ordering::SeqCst) {
+                (6, 7)
+            } else {
+                (3, 4)
+            };
+            entry.1[fast] += n * 7 / 10;
+            entry.1[rest] += n - n * 7 / 10;
+        }
+        let mut text = String::new();
+        for (svc, (n, buckets)) in counts.iter() {
+            let cluster = format!("default_{svc}_80");
+            text.push_str(&format!(
+                "envoy_cluster_upstream_rq{{envoy_cluster_name=\"{cluster}\",envoy_response_code=\"200\"}} {n}\n"
+            ));
+            let mut cumulative = 0;
+            for (i, le) in LE.iter().enumerate() {
+                cumulative += buckets[i];
+                text.push_str(&format!(
+                    "envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name=\"{cluster}\",le=\"{le}\"}} {cumulative}\n"
+                ));
+            }
+            text.push_str(&format!(
+                "envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name=\"{cluster}\",le=\"+Inf\"}} {n}\n"
+            ));
+        }
+        text
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_gates_judge_the_routers_metrics_from_a_real_prometheus() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let slow = Arc::new(AtomicBool::new(false));
+    let exporter = envoy_exporter(&c, slow.clone()).await;
+    let prom = baton_kube_fake::prometheus::Prometheus::start(dir.path(), &[exporter])
+        .expect("the prometheus server is installed (Debian package `prometheus`; scripts/test installs it)");
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let steps = json!([{"setWeight": 50}, {"analysis": {"gates": ["latency"]}}]);
+    let mut ro = canary_rollout("http://unused.invalid/", steps);
+    // No template named: Gateway API implies Contour's Envoy stats.
+    ro["spec"]["analysis"] = json!({
+        "requestMetrics": {"address": format!("http://{}", prom.addr)},
+        "gates": [{
+            "name": "latency", "metric": {"builtin": "latency_p99"},
+            "statistical": {"confidence": 0.99, "tolerance": 0.1},
+            "minRequests": 100, "interval": "1s", "count": 2,
+        }],
+    });
+    create(&rollouts, ro).await;
+    let (_ctx, _op) = operator(&c, "prom");
+    wait_healthy(&rollouts, "v1").await;
+
+    // As fast as stable: promoted on the statistical verdict.
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_for(Duration::from_secs(60), "v2 promoted", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Healthy" && s["stableVersion"] == "v2").then_some(())
+    })
+    .await;
+    let audit_passed = c
+        .api
+        .store
+        .list("v1", "configmaps", Some("default"))
+        .0
+        .iter()
+        .any(|cm| cm.to_string().contains("gate latency"));
+    assert!(audit_passed, "the gate's verdicts are in the audit trail");
+
+    // Ten times slower: rolled back, and the route back on stable.
+    slow.store(true, Ordering::SeqCst);
+    set_image(&rollouts, "registry.example/web:v3").await;
+    let s = wait_for(Duration::from_secs(60), "v3 rolled back", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Degraded").then_some(s)
+    })
+    .await;
+    assert_eq!(s["stableVersion"], "v2", "{s}");
+    let last = &s["engine"]["gates"]["latency"]["last"];
+    assert_eq!(last["verdict"], "Fail", "{s}");
+    wait_for(
+        Duration::from_secs(10),
+        "the route back on stable",
+        async || (route_weights(&c).await == (100, 0)).then_some(()),
+    )
+    .await;
+
+    // A slow canary with too little traffic to judge is measured, never rolled back.
+    rollouts
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "template": template("registry.example/web:v4"),
+                "strategy": {"canary": {"steps": [{"setWeight": 1}, {"analysis": {"gates": ["latency"]}}]}},
+                "analysis": {"gates": [{
+                    "name": "latency", "metric": {"builtin": "latency_p99"},
+                    "statistical": {"confidence": 0.99, "tolerance": 0.1},
+                    "minRequests": 1000, "interval": "1s", "count": 2,
+                }]},
+            }})),
+        )
+        .await
+        .expect("v4");
+    let s = wait_for(
+        Duration::from_secs(30),
+        "v4's gate measured thrice",
+        async || {
+            let s = status(&rollouts, "web").await;
+            (s["canaryVersion"] == "v4"
+                && s["engine"]["gates"]["latency"]["inconclusive"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >= 3)
+                .then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(s["phase"], "Progressing", "{s}");
+    let detail = s["engine"]["gates"]["latency"]["last"]["detail"]
+        .as_str()
+        .unwrap_or("");
+    assert!(detail.contains("1000 needed"), "{s}");
+    // Pods carry the revision where a mesh's metrics read it (Istio's canonical labels).
+    let (pods, _) = c.api.store.list("v1", "pods", Some("default"));
+    assert!(!pods.is_empty());
+    for p in &pods {
+        let labels = &p["metadata"]["labels"];
+        assert_eq!(
+            labels["service.istio.io/canonical-revision"], labels["baton.dev/revision"],
+            "{labels}"
+        );
+        assert_eq!(labels["service.istio.io/canonical-name"], "web", "{labels}");
+    }
 }

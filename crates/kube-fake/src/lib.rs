@@ -7,12 +7,14 @@
 //! and field selectors, merge / strategic-merge (as merge) / JSON patches and
 //! server-side apply (as a merge that may create), the status and scale subresources, finalizers
 //! and ownerReference garbage collection. `sim` plays the cluster's part: ReplicaSets
-//! and Deployments get pods that become ready, routes get accepted, Jobs complete.
+//! and Deployments get pods that become ready, routes get accepted, Jobs complete;
+//! `prometheus` runs a real Prometheus beside it for gates that read one.
 //!
 //! Not a conformance suite: what it does, it does the way the API server does, and
 //! what it does not do (admission, defaulting, OpenAPI validation, pagination) it
 //! does not pretend to.
 
+pub mod prometheus;
 mod select;
 mod server;
 pub mod sim;

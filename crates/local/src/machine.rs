@@ -189,7 +189,7 @@ impl Smoke for Machine {
 }
 
 impl DataPlane for Machine {
-    async fn counters(&mut self, t: &Target<'_>) -> Counters {
+    async fn counters(&mut self, t: &Target<'_>, _: &[&str]) -> Counters {
         if self.stats.is_none() {
             self.stats = self.proxy.stats().await.ok();
         }

@@ -25,9 +25,21 @@ pub struct RevisionStats {
     pub mirrored: u64,
     pub buckets: Vec<u64>,
     pub sum_seconds: f64,
+    /// Upper bounds (seconds) of `buckets` when they are not [`BUCKETS`]: a router's
+    /// histogram read from Prometheus has its own, coarser ones. Empty: [`BUCKETS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bounds: Vec<f64>,
 }
 
 impl RevisionStats {
+    /// The finite upper bounds of `buckets` (the last bucket is +Inf).
+    pub fn bounds(&self) -> &[f64] {
+        if self.bounds.is_empty() {
+            &BUCKETS
+        } else {
+            &self.bounds
+        }
+    }
     pub fn requests(&self) -> u64 {
         self.classes.iter().sum()
     }
@@ -51,11 +63,14 @@ impl RevisionStats {
                 .map(|(i, b)| b.saturating_sub(earlier.buckets.get(i).copied().unwrap_or(0)))
                 .collect(),
             sum_seconds: (self.sum_seconds - earlier.sum_seconds).max(0.0),
+            bounds: self.bounds.clone(),
         }
     }
     /// The q-quantile by linear interpolation inside the bucket, as Prometheus'
     /// `histogram_quantile` computes it, so both agree on what "p99" means.
     pub fn quantile(&self, q: f64) -> Option<f64> {
+        let bounds = self.bounds();
+        let last = bounds.last().copied()?;
         let total: u64 = self.buckets.iter().sum();
         if total == 0 {
             return None;
@@ -66,16 +81,16 @@ impl RevisionStats {
             let before = seen;
             seen += count;
             if (seen as f64) >= rank && *count > 0 {
-                let Some(upper) = BUCKETS.get(i) else {
+                let Some(upper) = bounds.get(i) else {
                     // In +Inf: the highest finite bound, as Prometheus answers.
-                    return Some(BUCKETS[BUCKETS.len() - 1]);
+                    return Some(last);
                 };
-                let lower = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+                let lower = if i == 0 { 0.0 } else { bounds[i - 1] };
                 let frac = (rank - before as f64) / *count as f64;
                 return Some(lower + (upper - lower) * frac.clamp(0.0, 1.0));
             }
         }
-        Some(BUCKETS[BUCKETS.len() - 1])
+        Some(last)
     }
 }
 
@@ -108,6 +123,25 @@ mod tests {
             Some(BUCKETS[BUCKETS.len() - 1])
         );
         assert_eq!(RevisionStats::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn quantiles_use_the_bounds_the_stats_came_with() {
+        // A router's milliseconds-based histogram: 10, 50, 250 ms, +Inf.
+        let s = RevisionStats {
+            buckets: vec![0, 100, 0, 0],
+            bounds: vec![0.01, 0.05, 0.25],
+            ..RevisionStats::default()
+        };
+        let p50 = s.quantile(0.5).expect("data");
+        assert!((p50 - 0.03).abs() < 1e-12, "{p50}");
+        let overflow = RevisionStats {
+            buckets: vec![0, 0, 0, 5],
+            ..s.clone()
+        };
+        assert_eq!(overflow.quantile(0.99), Some(0.25));
+        let w = s.since(&RevisionStats::default());
+        assert_eq!(w.bounds, s.bounds, "a window keeps its bounds");
     }
 
     #[test]

@@ -98,6 +98,7 @@ impl RevisionMetrics {
                 .map(|i| sum(&|s| &s.buckets[i]))
                 .collect(),
             sum_seconds: sum(&|s| &s.sum_micros) as f64 / 1e6,
+            bounds: Vec::new(),
         }
     }
 }

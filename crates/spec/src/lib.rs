@@ -672,6 +672,54 @@ pub struct PrometheusMetric {
     pub timeout: Duration,
 }
 
+/// Where builtin gates read each revision's requests when Baton's proxy does not carry
+/// them (a cluster): a Prometheus holding the traffic router's metrics, and the
+/// queries that select one revision's. Kubernetes only (`spec.analysis.requestMetrics`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestMetrics {
+    /// The Prometheus, e.g. `http://prometheus.monitoring:9090`.
+    pub address: String,
+    /// Whose metrics: `istio` (Istio's standard metrics), `contour` (Envoy's cluster
+    /// stats as Contour names them), or `custom` (`requests` and `latency` given here).
+    /// Default: `istio` with `trafficRouting.istio`, `contour` with `trafficRouting.gatewayAPI`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<RequestTemplate>,
+    /// `custom` only. PromQL: one revision's answers so far (a counter), one series per
+    /// status code, the code in label `codeLabel`. `{{namespace}}`, `{{service}}` (the
+    /// Rollout), `{{revision}}` and `{{backend}}` (the Service carrying that revision's
+    /// traffic) are replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<String>,
+    /// `custom` only: the label of `requests` holding the status code. Default `code`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_label: Option<String>,
+    /// `custom` only. PromQL: one revision's latency histogram so far, one series per
+    /// bucket (label `le`, cumulative, as Prometheus histograms are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<String>,
+    /// `custom` only: the unit of `latency`'s `le` bounds. Default `seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_unit: Option<LatencyUnit>,
+    #[serde(default = "default_provider_timeout")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RequestTemplate {
+    Istio,
+    Contour,
+    Custom,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LatencyUnit {
+    Seconds,
+    Milliseconds,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WebMetric {
