@@ -183,6 +183,16 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
     wait(&kc, Duration::from_secs(30), "paused at 50 %", |v| {
         v["phase"] == "Paused" && v["canaryWeight"] == 50
     });
+    // With no router the 50 % is 1 pod of 2, and the stable Service carries it only by
+    // selecting both revisions' pods: never a weight that no request can reach.
+    let svc_key = baton_kube_fake::Key::new("v1", "services", Some("default"), "web");
+    let selector = api.store.get(&svc_key).expect("service")["spec"]["selector"].clone();
+    assert_eq!(selector["baton.dev/rollout"], "web", "{selector}");
+    assert!(selector.get("baton.dev/revision").is_none(), "{selector}");
+    assert_eq!(
+        selector["app"], "web",
+        "the user's selector stays: {selector}"
+    );
     let (_, text, _) = baton(&kc, &["-n", "default", "status", "web"]);
     assert!(text.contains("▶  2. pause until promoted"), "{text}");
     let (ok, out, err) = baton(&kc, &["-n", "default", "promote", "web"]);
@@ -191,6 +201,13 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
     wait(&kc, Duration::from_secs(30), "v2 stable", |v| {
         v["phase"] == "Healthy" && v["stableVersion"] == "v2"
     });
+    let stable_rev = baton(&kc, &["-n", "default", "status", "web", "-o", "json"]).1;
+    let stable_rev: Value = serde_json::from_str(&stable_rev).expect("status json");
+    let selector = api.store.get(&svc_key).expect("service")["spec"]["selector"].clone();
+    assert_eq!(
+        selector["baton.dev/revision"], stable_rev["stableRevision"],
+        "pinned to the new stable once it has all traffic: {selector}"
+    );
     let (ok, out, _) = baton(&kc, &["-n", "default", "history", "web", "-o", "json"]);
     assert!(ok);
     let h: Value = serde_json::from_str(&out).expect("history json");

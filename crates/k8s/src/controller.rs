@@ -789,8 +789,19 @@ impl Traffic for Cluster<'_> {
         let mut served = true;
         let stable = st.stable.clone();
         if let Some(c) = &self.ro.spec.strategy.canary {
-            if let (Some(svc), Some(s)) = (&c.stable_service, &stable) {
-                served &= services::point(&client, &ns, svc, s).await?;
+            // Without a router a canary's share is its share of pods: the stable Service
+            // carries it only by selecting both revisions (never a weight nothing serves).
+            let shared = matches!(Routes::of(c), Routes::None)
+                && st
+                    .canary
+                    .as_ref()
+                    .is_some_and(|cr| (1..100).contains(&st.weight(cr)));
+            match (&c.stable_service, &stable) {
+                (Some(svc), _) if shared => {
+                    served &= services::spread(&client, &ns, svc, &self.name).await?;
+                }
+                (Some(svc), Some(s)) => served &= services::point(&client, &ns, svc, s).await?,
+                _ => {}
             }
             let canary_ready = st
                 .canary

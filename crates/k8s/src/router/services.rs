@@ -1,7 +1,8 @@
 //! Service selectors: the stable and canary Services (and blue-green's active and
 //! preview Services) are pinned to one revision's pods by adding the
 //! `baton.dev/revision` label to their selector. Served once the Service reads back
-//! with that selector.
+//! with that selector. Without a router, a canary's share is its share of pods, so the
+//! stable Service then selects every revision of the Rollout (`spread`).
 
 use k8s_openapi::api::core::v1::Service;
 use kube::Client;
@@ -9,6 +10,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use crate::Error;
+use crate::workload::ROLLOUT_LABEL;
 
 pub const REVISION_LABEL: &str = "baton.dev/revision";
 
@@ -40,4 +42,33 @@ pub async fn point(
         .and_then(|s| s.get(REVISION_LABEL).cloned())
         .as_deref()
         == Some(revision))
+}
+
+/// Points `service` at the pods of every revision of `rollout` (its selector loses the
+/// revision and gains the Rollout): with no router, this is how a canary's share of
+/// pods becomes its share of the Service's traffic. Answers whether it reads back so.
+pub async fn spread(
+    client: &Client,
+    ns: &str,
+    service: &str,
+    rollout: &str,
+) -> Result<bool, Error> {
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    let spreads = |svc: &Service| {
+        svc.spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .is_some_and(|s| {
+                !s.contains_key(REVISION_LABEL)
+                    && s.get(ROLLOUT_LABEL).map(String::as_str) == Some(rollout)
+            })
+    };
+    if spreads(&api.get(service).await?) {
+        return Ok(true);
+    }
+    let patch = json!({"spec": {"selector": {REVISION_LABEL: null, ROLLOUT_LABEL: rollout}}});
+    let back = api
+        .patch(service, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(spreads(&back))
 }
