@@ -496,6 +496,40 @@ fn validate_checks_rollouts_written_for_a_cluster() {
 }
 
 #[test]
+fn the_readmes_cluster_rollout_validates() {
+    let readme = std::fs::read_to_string(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../README.md"),
+    )
+    .expect("README");
+    let section = &readme[readme.find("## Kubernetes").expect("a Kubernetes section")..];
+    let start = section.find("```yaml\n").expect("a YAML example") + "```yaml\n".len();
+    let example = &section[start..start + section[start..].find("```").expect("its end")];
+    for shown in [
+        "progressive:",
+        "statistical:",
+        "burnRate:",
+        "notifications:",
+        "requestMetrics:",
+    ] {
+        assert!(example.contains(shown), "the example shows {shown}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("rollout.yaml");
+    std::fs::write(&path, example).expect("write");
+    let out = Command::new(common::baton_bin())
+        .args(["validate", "-f"])
+        .arg(&path)
+        .output()
+        .expect("validate");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn convert_turns_a_flagger_canary_into_a_rollout_that_validates() {
     let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../k8s/tests/fixtures/flagger/istio-canary.yaml");
