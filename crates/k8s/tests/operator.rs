@@ -1455,3 +1455,66 @@ async fn builtin_gates_judge_the_routers_metrics_from_a_real_prometheus() {
         assert_eq!(labels["service.istio.io/canonical-name"], "web", "{labels}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_keeps_every_replica_ready_and_history_is_pruned() {
+    let c = cluster().await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    create(
+        &rollouts,
+        json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 3, "revisionHistoryLimit": 1,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": template("registry.example/web:v1"),
+                "strategy": {"rolling": {"maxSurge": 1, "maxUnavailable": 0}},
+            },
+        }),
+    )
+    .await;
+    let (_ctx, _op) = operator(&c, "rolling");
+    wait_healthy(&rollouts, "v1").await;
+    // Ready and existing pods of every revision, as the simulated cluster has them.
+    let census = || {
+        let (rss, _) = c.api.store.list("apps/v1", "replicasets", Some("default"));
+        rss.iter().fold((0, 0), |(ready, pods), rs| {
+            (
+                ready + rs["status"]["readyReplicas"].as_u64().unwrap_or(0),
+                pods + rs["spec"]["replicas"].as_u64().unwrap_or(0),
+            )
+        })
+    };
+    for version in ["v2", "v3", "v4"] {
+        set_image(&rollouts, &format!("registry.example/web:{version}")).await;
+        let (mut min_ready, mut max_pods) = (u64::MAX, 0);
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{version} rolled"),
+            async || {
+                let (ready, pods) = census();
+                min_ready = min_ready.min(ready);
+                max_pods = max_pods.max(pods);
+                let s = status(&rollouts, "web").await;
+                (s["phase"] == "Healthy" && s["stableVersion"] == version).then_some(())
+            },
+        )
+        .await;
+        // maxUnavailable 0: never under three ready; maxSurge 1: never over four pods.
+        assert!(min_ready >= 3, "{version}: {min_ready} ready at one point");
+        assert!(max_pods <= 4, "{version}: {max_pods} pods at one point");
+    }
+    // The current revision and one old one (revisionHistoryLimit 1), at zero replicas.
+    wait_for(Duration::from_secs(10), "history pruned", async || {
+        let (rss, _) = c.api.store.list("apps/v1", "replicasets", Some("default"));
+        (rss.len() == 2).then_some(())
+    })
+    .await;
+    let (rss, _) = c.api.store.list("apps/v1", "replicasets", Some("default"));
+    let zero = rss
+        .iter()
+        .filter(|rs| rs["spec"]["replicas"].as_u64() == Some(0))
+        .count();
+    assert_eq!(zero, 1, "{rss:?}");
+}
