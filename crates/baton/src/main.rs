@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 
 use cmd::{
     SpecArgs, Target, act, apply, audit, convert, dashboard, demo, down, history, operator, proxy,
-    status, up, validate, wait,
+    smoke, status, up, validate, wait,
 };
 
 mod cmd;
@@ -134,6 +134,9 @@ enum Cmd {
     RestartProxy,
     /// Run the data-plane proxy. `baton up` starts it; you rarely need this.
     Proxy(proxy::ProxyArgs),
+    /// Run smoke tests (a spec's `smoke` list, as JSON) against a URL; exit status 0
+    /// when all pass. What the operator's smoke Jobs run; handy by hand too.
+    Smoke(smoke::SmokeArgs),
 }
 
 fn main() {
@@ -168,6 +171,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Down => down::down(&paths, &seal).await,
         Cmd::RestartProxy => down::restart_proxy(&paths, &seal).await,
         Cmd::Proxy(args) => proxy::run(args).await,
+        Cmd::Smoke(args) => smoke::run(args).await,
         Cmd::Apply(spec) => apply::run(&paths, spec).await,
         Cmd::Validate(args) => validate::run(args),
         Cmd::Convert(args) => convert::run(args),

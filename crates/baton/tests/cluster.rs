@@ -574,3 +574,72 @@ fn convert_turns_a_flagger_canary_into_a_rollout_that_validates() {
             .contains("rollout storefront is valid (for the Kubernetes operator)")
     );
 }
+
+/// `baton smoke`, what a cluster's smoke Job runs: the checks as JSON data, sent to a
+/// URL; a header value with shell quotes in it is sent as written.
+#[test]
+fn baton_smoke_runs_the_checks_it_is_given_as_data() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let heads = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let answer = if head.starts_with("GET /readyz ") {
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nready"
+            } else {
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            };
+            heads.lock().expect("lock").push(head);
+            let mut stream = stream;
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    let smoke = |tests: &str| {
+        Command::new(common::baton_bin())
+            .args([
+                "smoke",
+                "--url",
+                &format!("http://{addr}"),
+                "--tests",
+                tests,
+            ])
+            .output()
+            .expect("baton smoke")
+    };
+    let out = smoke(
+        r#"[{"path": "/readyz", "headers": {"X-Probe": "it's $(fine)"}, "expectBodyContains": "ready"}]"#,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        seen.lock()
+            .expect("lock")
+            .iter()
+            .any(|h| h.contains("it's $(fine)")),
+        "the header went as written"
+    );
+    let out = smoke(r#"[{"path": "/readyz"}, {"path": "/orders"}]"#);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("smoke test failed") && err.contains("/orders"),
+        "{err}"
+    );
+    let out = smoke("not json");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tests"));
+}

@@ -65,9 +65,19 @@ impl Gauges {
                 stable: stable.map(str::to_string),
                 address: p.address(t, revision),
             };
+            let runner = match gate.metric {
+                MetricSource::Command(_) => p.commands(t),
+                _ => None,
+            };
             let (g, key, me) = (gate.clone(), t.key.to_string(), self.clone());
             tokio::spawn(async move {
-                let m = baton_analysis::measure(&g, &vars, now_ms()).await;
+                let m = match runner {
+                    Some(r) => {
+                        let result = r.run(g.clone(), vars.clone()).await;
+                        baton_analysis::judge_sample(&g, &vars.revision, now_ms(), result)
+                    }
+                    None => baton_analysis::measure(&g, &vars, now_ms()).await,
+                };
                 me.push(&key, m);
             });
             return;

@@ -139,6 +139,22 @@ pub enum Counters {
     Failed(String),
 }
 
+/// Runs `command` gates where a platform wants them run (a cluster: as Jobs, never in
+/// the operator's pod). The answer is the command's exit status as a sample, judged by
+/// the driver as any provider's is.
+pub trait CommandRunner: Send + Sync {
+    fn run(
+        &self,
+        gate: baton_spec::Gate,
+        vars: baton_analysis::Vars,
+    ) -> std::pin::Pin<
+        Box<
+            dyn Future<Output = Result<baton_analysis::Sample, baton_analysis::ProviderError>>
+                + Send,
+        >,
+    >;
+}
+
 pub trait DataPlane: Port {
     /// Counters of `revisions` (the measured one first, then stable); a platform whose
     /// counters cost a query per revision reads only these.
@@ -149,6 +165,10 @@ pub trait DataPlane: Port {
     ) -> impl Future<Output = Counters> + Send;
     /// A ready instance of the revision, for checks that probe one directly.
     fn address(&self, t: &Target<'_>, revision: &str) -> Option<SocketAddr>;
+    /// Where `command` gates run: `None`, here (child processes of the controller).
+    fn commands(&self, _: &Target<'_>) -> Option<std::sync::Arc<dyn CommandRunner>> {
+        None
+    }
 }
 
 /// Where events are shown as they happen (a terminal, Kubernetes Events). Failures

@@ -18,7 +18,6 @@ use baton_driver::{
 use baton_engine::{Millis, Phase, RevisionObs, Status};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -33,7 +32,7 @@ use serde_json::json;
 use crate::crd::{ClusterGateTemplate, GateTemplate, Rollout, RolloutStatus};
 use crate::engine_spec::{cluster_errors, engine_spec, run_spec};
 use crate::router::{Plan, Router, gateway::Gateway, istio::Istio, replicas, services};
-use crate::{Error, audit, now_ms, workload};
+use crate::{Error, audit, jobs, now_ms, workload};
 
 pub const FINALIZER: &str = "baton.dev/cleanup";
 /// A person's request: `{"id": "...", "command": "promote|promote-full|abort|retry", "by": "..."}`.
@@ -53,6 +52,8 @@ pub struct Context {
     replicasets: Mutex<Option<kube::runtime::reflector::Store<ReplicaSet>>>,
     /// The audit trails' key and where their heads are kept.
     pub audit: audit::Seal,
+    /// The image and service accounts the Rollouts' Jobs may use.
+    pub jobs: jobs::Settings,
 }
 
 /// The controller's own metrics, in Prometheus text form by `render`.
@@ -117,6 +118,16 @@ impl Context {
 
     /// A context whose audit trails are signed and headed as `seal` says.
     pub fn with_seal(client: Client, instance: &str, seal: audit::Seal) -> Arc<Context> {
+        Context::configured(client, instance, seal, jobs::Settings::default())
+    }
+
+    /// A context with the audit `seal` and the Jobs' `settings`.
+    pub fn configured(
+        client: Client,
+        instance: &str,
+        seal: audit::Seal,
+        jobs: jobs::Settings,
+    ) -> Arc<Context> {
         let (reports, mut delivered) = tokio::sync::mpsc::unbounded_channel::<Delivery>();
         tokio::spawn(async move {
             // A delivery that needed retries or failed is worth the operator's log.
@@ -138,6 +149,7 @@ impl Context {
             metrics: Metrics::default(),
             replicasets: Mutex::new(None),
             audit: seal,
+            jobs,
         })
     }
 }
@@ -442,7 +454,8 @@ impl Source {
                 .unwrap_or_default();
         }
         let spec = engine_spec(&rollout, &template, gates(ctx, &rollout, &ns).await?);
-        let errors = cluster_errors(&rollout, &spec);
+        let mut errors = cluster_errors(&rollout, &spec);
+        errors.extend(jobs::operator_problems(&rollout, &ctx.jobs));
         if !errors.is_empty() {
             let said: Vec<String> = errors
                 .iter()
@@ -903,7 +916,14 @@ impl StatusStore for Cluster<'_> {
 
 impl Smoke for Cluster<'_> {
     async fn start(&mut self, _: &Target<'_>, revision: &str) -> Result<(), Error> {
-        start_smoke(&self.ctx.client, self.ro, &self.ns, revision).await
+        jobs::start_smoke(
+            &self.ctx.client,
+            &self.ctx.jobs,
+            self.ro,
+            &self.ns,
+            revision,
+        )
+        .await
     }
 
     async fn take(
@@ -911,7 +931,7 @@ impl Smoke for Cluster<'_> {
         _: &Target<'_>,
         prev: &Status,
     ) -> Result<Option<(String, bool, String)>, Error> {
-        take_smoke(&self.ctx.client, &self.ns, &self.name, prev).await
+        jobs::take_smoke(&self.ctx.client, self.ro, &self.ns, prev).await
     }
 }
 
@@ -922,6 +942,14 @@ impl DataPlane for Cluster<'_> {
 
     fn address(&self, _: &Target<'_>, _: &str) -> Option<SocketAddr> {
         None
+    }
+
+    fn commands(&self, _: &Target<'_>) -> Option<Arc<dyn baton_driver::CommandRunner>> {
+        Some(Arc::new(jobs::JobRunner {
+            client: self.ctx.client.clone(),
+            ro: Arc::new(self.ro.clone()),
+            ns: self.ns.clone(),
+        }))
     }
 }
 
@@ -956,105 +984,6 @@ impl Publish for Cluster<'_> {
             tracing::warn!(rollout = %t.key, error = %err, "cannot append to the audit trail");
         }
     }
-}
-
-fn smoke_job_name(rollout: &str, revision: &str) -> String {
-    format!("{rollout}-smoke-{revision}")
-}
-
-/// Smoke tests run in the cluster, as a Job that calls the preview Service.
-async fn start_smoke(client: &Client, ro: &Rollout, ns: &str, revision: &str) -> Result<(), Error> {
-    let Some(bg) = &ro.spec.strategy.blue_green else {
-        return Ok(());
-    };
-    let name = smoke_job_name(&ro.name_any(), revision);
-    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
-    if jobs.get_opt(&name).await?.is_some() {
-        return Ok(());
-    }
-    let host = bg
-        .preview_service
-        .clone()
-        .unwrap_or_else(|| bg.active_service.clone());
-    let script: Vec<String> = bg
-        .smoke
-        .iter()
-        .map(|t| {
-            let mut cmd = format!(
-                "curl -sS -o /tmp/body -w '%{{http_code}}' -X {} http://{host}.{ns}.svc{}",
-                t.method, t.path
-            );
-            for (k, v) in &t.headers {
-                cmd.push_str(&format!(" -H '{k}: {v}'"));
-            }
-            if let Some(b) = &t.body {
-                cmd.push_str(&format!(" --data '{}'", b.replace('\'', "'\\''")));
-            }
-            let mut check = format!("[ \"$({cmd})\" = \"{}\" ]", t.expect_status);
-            if let Some(text) = &t.expect_body_contains {
-                check.push_str(&format!(
-                    " && grep -qF '{}' /tmp/body",
-                    text.replace('\'', "'\\''")
-                ));
-            }
-            check
-        })
-        .collect();
-    let job = json!({
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {
-            "name": name, "namespace": ns,
-            "labels": {workload::ROLLOUT_LABEL: ro.name_any(), services::REVISION_LABEL: revision},
-            "ownerReferences": [ro.controller_owner_ref(&())],
-        },
-        "spec": {
-            "backoffLimit": 0, "ttlSecondsAfterFinished": 3600, "activeDeadlineSeconds": 300,
-            "template": {"spec": {
-                "restartPolicy": "Never",
-                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
-                "containers": [{
-                    "name": "smoke", "image": "curlimages/curl:8.11.1",
-                    "command": ["sh", "-c", format!("set -e\n{}", script.join("\n"))],
-                    "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": false, "capabilities": {"drop": ["ALL"]}},
-                    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
-                }],
-            }},
-        },
-    });
-    let job: Job = serde_json::from_value(job)?;
-    jobs.create(&PostParams::default(), &job).await?;
-    Ok(())
-}
-
-/// A finished smoke Job's verdict, once.
-async fn take_smoke(
-    client: &Client,
-    ns: &str,
-    rollout: &str,
-    prev: &Status,
-) -> Result<Option<(String, bool, String)>, Error> {
-    let Some(rev) = prev.canary.clone() else {
-        return Ok(None);
-    };
-    if !matches!(prev.smoke, baton_engine::SmokeState::Running { .. }) {
-        return Ok(None);
-    }
-    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
-    let Some(job) = jobs.get_opt(&smoke_job_name(rollout, &rev)).await? else {
-        return Ok(None);
-    };
-    let st = job.status.unwrap_or_default();
-    if st.succeeded.unwrap_or(0) > 0 {
-        return Ok(Some((rev, true, "smoke Job succeeded".into())));
-    }
-    if st.failed.unwrap_or(0) > 0 {
-        let detail = format!(
-            "smoke Job {} failed: see its logs",
-            smoke_job_name(rollout, &rev)
-        );
-        return Ok(Some((rev, false, detail)));
-    }
-    Ok(None)
 }
 
 pub fn error_policy(ro: Arc<Rollout>, err: &Error, _ctx: Arc<Context>) -> Action {

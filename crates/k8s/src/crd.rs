@@ -86,6 +86,23 @@ pub struct RolloutSpec {
     /// operator's Deployment, never inline).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<baton_spec::Notification>,
+    /// How `command` gates run: as Jobs in the Rollout's namespace, never in the
+    /// operator's pod nor with its service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<Jobs>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Jobs {
+    /// The image holding the gates' commands (a command gate's `command` is the
+    /// container's command, passed as data: no shell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The Jobs' service account: one the operator's `--job-service-accounts` allows.
+    /// Default: the namespace's `default`, with no token mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
 }
 
 fn one() -> i32 {

@@ -167,6 +167,7 @@ pub fn cluster_errors(ro: &Rollout, espec: &baton_spec::Rollout) -> Vec<FieldErr
             }),
     );
     errors.extend(crate::requests::problems(ro, &espec.spec.analysis.gates));
+    errors.extend(crate::jobs::spec_problems(ro, &espec.spec.analysis.gates));
     errors
 }
 

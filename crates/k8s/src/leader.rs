@@ -188,6 +188,7 @@ pub async fn run_leading(
     lease: LeaseConfig,
     namespace: Option<String>,
     seal: crate::audit::Seal,
+    jobs: crate::jobs::Settings,
     on_context: impl Fn(std::sync::Arc<crate::controller::Context>) + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
@@ -197,8 +198,12 @@ pub async fn run_leading(
             l = acquire(client.clone(), lease.clone()) => l,
             _ = &mut shutdown => return Ok(()),
         };
-        let ctx =
-            crate::controller::Context::with_seal(client.clone(), &lease.identity, seal.clone());
+        let ctx = crate::controller::Context::configured(
+            client.clone(),
+            &lease.identity,
+            seal.clone(),
+            jobs.clone(),
+        );
         on_context(ctx.clone());
         let lost = leadership.lost_future();
         // The controller runs inside this task: when leadership goes, dropping its

@@ -8,6 +8,7 @@ pub mod controller;
 pub mod convert;
 pub mod crd;
 pub mod engine_spec;
+pub mod jobs;
 pub mod leader;
 pub mod requests;
 pub mod router;

@@ -33,8 +33,20 @@ async fn cluster() -> Cluster {
     }
 }
 
+/// The image and the one service account (`deployer`) the tests' operator allows Jobs.
+const JOB_IMAGE: &str = "registry.example/baton:test";
+
 fn operator(c: &Cluster, id: &str) -> (Arc<Context>, tokio::task::JoinHandle<()>) {
-    let ctx = Context::new(c.client.clone(), id);
+    let jobs = baton_k8s::jobs::Settings {
+        image: Some(JOB_IMAGE.into()),
+        accounts: ["deployer".to_string()].into(),
+    };
+    let ctx = Context::configured(
+        c.client.clone(),
+        id,
+        baton_k8s::audit::Seal::default(),
+        jobs,
+    );
     let task = tokio::spawn(controller::run(
         ctx.clone(),
         Some("default".into()),
@@ -503,12 +515,27 @@ async fn a_blue_green_switches_service_selectors_after_its_smoke_job() {
     assert_eq!(selector("web-preview").await.as_deref(), Some(v2.as_str()));
     let (jobs, _) = c.api.store.list("batch/v1", "jobs", Some("default"));
     assert_eq!(jobs.len(), 1, "one smoke Job for v2");
-    assert!(
-        jobs[0]["spec"]["template"]["spec"]["containers"][0]["command"][2]
-            .as_str()
-            .unwrap_or("")
-            .contains("web-preview.default.svc/readyz")
+    // `baton smoke` in Baton's own image, the tests as JSON data: no shell, and the
+    // namespace's default account with no token.
+    let pod = &jobs[0]["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["image"], JOB_IMAGE);
+    assert!(container.get("command").is_none(), "{container}");
+    assert_eq!(
+        container["args"].as_array().map(|a| a[..4].to_vec()),
+        Some(vec![
+            json!("smoke"),
+            json!("--url"),
+            json!("http://web-preview.default.svc"),
+            json!("--tests")
+        ]),
+        "{container}"
     );
+    let tests: Value =
+        serde_json::from_str(container["args"][4].as_str().expect("tests")).expect("JSON data");
+    assert_eq!(tests[0]["path"], "/readyz", "{tests}");
+    assert_eq!(pod["serviceAccountName"], "default");
+    assert_eq!(pod["automountServiceAccountToken"], false);
     // The previous stack is retained for a switch back.
     let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
     let old = rs_api.get(&format!("web-{v1}")).await.expect("old rs");
@@ -805,6 +832,7 @@ async fn of_two_operator_replicas_only_the_leader_acts_and_the_other_takes_over(
             cfg,
             Some("default".into()),
             baton_k8s::audit::Seal::default(),
+            baton_k8s::jobs::Settings::default(),
             move |ctx| leaders.lock().expect("lock").push((who.clone(), ctx)),
             std::future::pending(),
         ))
@@ -1517,4 +1545,97 @@ async fn a_rolling_update_keeps_every_replica_ready_and_history_is_pruned() {
         .filter(|rs| rs["spec"]["replicas"].as_u64() == Some(0))
         .count();
     assert_eq!(zero, 1, "{rss:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_gates_run_as_jobs_with_an_allowed_account_never_in_the_operator() {
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let gate = |command: Value| json!({"gates": [{"name": "checks", "metric": {"command": {"command": command, "timeout": "20s"}}, "interval": "200ms"}]});
+    let steps = json!([{"setWeight": 20}, {"analysis": {"gates": ["checks"]}}]);
+    let mut ro = canary_rollout("http://unused.invalid/", steps);
+    ro["spec"]["analysis"] = gate(json!([
+        "/checks/orders",
+        "--against",
+        "$(BATON_REVISION); rm -rf /"
+    ]));
+    ro["spec"]["jobs"] =
+        json!({"image": "registry.example/checks:3", "serviceAccountName": "intruder"});
+    create(&rollouts, ro).await;
+    let (_ctx, _op) = operator(&c, "jobs");
+    // An account the operator does not allow: refused, naming the field; nothing runs.
+    wait_for(Duration::from_secs(10), "InvalidSpec", async || {
+        let s = status(&rollouts, "web").await;
+        s["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["reason"] == "InvalidSpec")
+            .filter(|c| {
+                c["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("spec.jobs.serviceAccountName"))
+            })
+            .map(|_| ())
+    })
+    .await;
+    assert!(
+        c.api
+            .store
+            .list("batch/v1", "jobs", Some("default"))
+            .0
+            .is_empty()
+    );
+
+    // The allowed one: v1 goes healthy, v2's gate runs as a Job that passes.
+    rollouts
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"jobs": {"serviceAccountName": "deployer"}}})),
+        )
+        .await
+        .expect("allowed account");
+    wait_healthy(&rollouts, "v1").await;
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_healthy(&rollouts, "v2").await;
+    let (jobs, _) = c.api.store.list("batch/v1", "jobs", Some("default"));
+    assert!(!jobs.is_empty(), "the gate ran as Jobs");
+    let pod = &jobs[0]["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    // The command is the container's argv, as written: no shell reads it.
+    assert_eq!(
+        container["command"],
+        json!(["/checks/orders", "--against", "$(BATON_REVISION); rm -rf /"])
+    );
+    assert_eq!(container["image"], "registry.example/checks:3");
+    assert_eq!(pod["serviceAccountName"], "deployer");
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    let env = container["env"].as_array().cloned().unwrap_or_default();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "BATON_REVISION"
+                && e["value"].as_str().is_some_and(|v| !v.is_empty())),
+        "{env:?}"
+    );
+
+    // A command that fails (the simulated Job of `false`) rolls v3 back.
+    rollouts
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": template("registry.example/web:v3"), "analysis": gate(json!(["false"]))}})),
+        )
+        .await
+        .expect("v3");
+    let s = wait_for(Duration::from_secs(30), "v3 rolled back", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Degraded").then_some(s)
+    })
+    .await;
+    assert_eq!(s["stableVersion"], "v2", "{s}");
+    assert_eq!(
+        s["engine"]["gates"]["checks"]["last"]["verdict"], "Fail",
+        "{s}"
+    );
 }

@@ -2,7 +2,7 @@
 //! ReplicaSet and Deployment controllers and a Gateway controller would do, enough
 //! for an operator to watch its rollouts progress. Pods become ready after a delay;
 //! HTTPRoutes are accepted (status with the observed generation) after another;
-//! Jobs complete.
+//! Jobs complete (and fail when their command is `false`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -175,7 +175,9 @@ impl Sim {
             if born.elapsed() < self.cfg.pod_ready_after {
                 continue;
             }
-            let fail = j["metadata"]["annotations"]["sim.baton.dev/outcome"] == "fail";
+            // The one program the simulator "runs": `false` fails, as it would.
+            let fail = j["metadata"]["annotations"]["sim.baton.dev/outcome"] == "fail"
+                || j["spec"]["template"]["spec"]["containers"][0]["command"][0] == "false";
             let status = if fail {
                 json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]})
             } else {

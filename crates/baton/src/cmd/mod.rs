@@ -12,6 +12,7 @@ pub mod down;
 pub mod history;
 pub mod operator;
 pub mod proxy;
+pub mod smoke;
 pub mod status;
 pub mod target;
 pub mod up;

@@ -29,6 +29,20 @@ pub struct OperatorArgs {
     /// Prometheus `/metrics` of the controller itself.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
+    /// Baton's own image, in which blue-green smoke tests run as Jobs (`baton smoke`).
+    /// Without it, a Rollout with smoke tests is refused (InvalidSpec).
+    #[arg(long, value_name = "IMAGE", env = "BATON_JOB_IMAGE")]
+    job_image: Option<String>,
+    /// Service accounts a Rollout may give its Jobs (`spec.jobs.serviceAccountName`),
+    /// comma-separated. Any other is refused; by default Jobs run as the namespace's
+    /// `default` account with no token mounted.
+    #[arg(
+        long,
+        value_name = "NAME,...",
+        env = "BATON_JOB_SERVICE_ACCOUNTS",
+        value_delimiter = ','
+    )]
+    job_service_accounts: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -78,6 +92,14 @@ pub async fn operator(namespace: Option<String>, args: OperatorArgs) -> Result<(
         lease,
         namespace,
         seal,
+        baton_k8s::jobs::Settings {
+            image: args.job_image,
+            accounts: args
+                .job_service_accounts
+                .into_iter()
+                .filter(|a| !a.is_empty())
+                .collect(),
+        },
         move |ctx| *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx),
         shutdown(),
     )
