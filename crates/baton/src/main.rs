@@ -44,6 +44,14 @@ struct Cli {
     /// For `baton operator`: watch only this namespace.
     #[arg(short = 'n', long, global = true, env = "BATON_NAMESPACE")]
     namespace: Option<String>,
+    /// The kubeconfig file to use instead of KUBECONFIG or ~/.kube/config (as
+    /// kubectl's flag); implies a cluster, in the context's namespace unless `-n`.
+    #[arg(long, global = true, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use instead of its current one (as kubectl's flag);
+    /// implies a cluster.
+    #[arg(long, global = true, value_name = "NAME")]
+    context: Option<String>,
     /// The audit trail's head, recorded after every entry so that removing entries
     /// shows: keep it where whoever can write the state directory cannot (default
     /// `$XDG_STATE_HOME/baton/ID/audit.head`, ID from the state directory's path).
@@ -161,7 +169,12 @@ fn main() {
 /// they need (the state directory, or the operator's namespace) themselves.
 async fn run(cli: Cli) -> Result<()> {
     let paths = Paths::new(&cli.dir);
-    let target = Target::choose(&paths, cli.namespace.clone());
+    let cluster = cmd::target::Kube {
+        kubeconfig: cli.kubeconfig.clone(),
+        context: cli.context.clone(),
+    };
+    let target = Target::choose(&paths, cli.namespace.clone(), &cluster);
+    cmd::target::use_kube(cluster);
     let seal = baton::trail::Seal {
         head: cli.audit_head.clone(),
         key_file: cli.audit_key_file.clone(),

@@ -208,6 +208,32 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
         selector["baton.dev/revision"], stable_rev["stableRevision"],
         "pinned to the new stable once it has all traffic: {selector}"
     );
+    // kubectl's flags choose the kubeconfig and context (no KUBECONFIG here, and no
+    // -n: they imply the cluster), and -o yaml gives the same document as YAML.
+    let flagged = |args: &[&str]| {
+        Command::new(common::baton_bin())
+            .args(["--kubeconfig", kc.to_str().expect("utf-8"), "--context"])
+            .args(args)
+            .env("KUBECONFIG", dir.path().join("missing"))
+            .env_remove("BATON_NAMESPACE")
+            .output()
+            .expect("baton runs")
+    };
+    let out = flagged(&["fake", "status", "web", "-o", "yaml"]);
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        yaml.lines().any(|l| l == "stableVersion: v2"),
+        "YAML, not JSON: {yaml}"
+    );
+    let out = flagged(&["elsewhere", "status", "web"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--context elsewhere"), "{err}");
     let (ok, out, _) = baton(&kc, &["-n", "default", "history", "web", "-o", "json"]);
     assert!(ok);
     let h: Value = serde_json::from_str(&out).expect("history json");

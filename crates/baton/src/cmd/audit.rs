@@ -11,7 +11,7 @@ use baton::trail::Seal;
 use clap::{Args, Subcommand};
 
 use super::target::kube_client;
-use super::{Output, Target, print_json};
+use super::{Output, Target, print_as};
 
 #[derive(Args, Debug)]
 pub struct AuditArgs {
@@ -154,18 +154,21 @@ async fn verify_trails(
         .flat_map(|(_, e)| e)
         .filter(|e| e.mac.is_some())
         .count();
-    if output == Output::Json {
-        print_json(&serde_json::json!({
-            "intact": problems.is_empty(),
-            "entries": n,
-            "signed": signed,
-            "macsChecked": key.is_some(),
-            "trails": trails.len(),
-            "heads": heads_said,
-            "problems": problems.iter().map(|(r, p)| serde_json::json!({
-                "rollout": r, "detail": p, "message": p.to_string(),
-            })).collect::<Vec<_>>(),
-        }))?;
+    if output.structured() {
+        print_as(
+            output,
+            &serde_json::json!({
+                "intact": problems.is_empty(),
+                "entries": n,
+                "signed": signed,
+                "macsChecked": key.is_some(),
+                "trails": trails.len(),
+                "heads": heads_said,
+                "problems": problems.iter().map(|(r, p)| serde_json::json!({
+                    "rollout": r, "detail": p, "message": p.to_string(),
+                })).collect::<Vec<_>>(),
+            }),
+        )?;
         if !problems.is_empty() {
             std::process::exit(1);
         }
@@ -224,8 +227,8 @@ fn list(paths: &Paths, args: AuditArgs) -> Result<()> {
 }
 
 fn show(entries: &[baton_audit::Entry], output: Output) -> Result<()> {
-    if output == Output::Json {
-        return print_json(&serde_json::to_value(entries)?);
+    if output.structured() {
+        return print_as(output, &serde_json::to_value(entries)?);
     }
     print!("{}", baton::view::render_audit(entries));
     Ok(())
@@ -242,17 +245,20 @@ fn verify(paths: &Paths, seal: &Seal, head: Option<PathBuf>, output: Output) -> 
     };
     let head = baton_audit::Head::read(&head_path)?;
     let v = log.verify(head.as_ref())?;
-    if output == Output::Json {
-        print_json(&serde_json::json!({
-            "intact": v.problem.is_none(),
-            "entries": v.entries,
-            "signed": v.signed,
-            "macsChecked": v.macs_checked,
-            "key": key.as_ref().map(|k| &k.from),
-            "head": head,
-            "headFile": head_path,
-            "problem": v.problem.as_ref().map(|p| serde_json::json!({ "detail": p, "message": p.to_string() })),
-        }))?;
+    if output.structured() {
+        print_as(
+            output,
+            &serde_json::json!({
+                "intact": v.problem.is_none(),
+                "entries": v.entries,
+                "signed": v.signed,
+                "macsChecked": v.macs_checked,
+                "key": key.as_ref().map(|k| &k.from),
+                "head": head,
+                "headFile": head_path,
+                "problem": v.problem.as_ref().map(|p| serde_json::json!({ "detail": p, "message": p.to_string() })),
+            }),
+        )?;
         if v.problem.is_some() {
             std::process::exit(1);
         }

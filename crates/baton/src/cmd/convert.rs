@@ -4,7 +4,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use serde_json::Value;
 
-use super::{Output, SpecArgs, print_json, read_spec};
+use super::{Output, SpecArgs, print_as, read_spec};
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
@@ -25,9 +25,9 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             eprintln!("baton convert: {}: not carried over: {n}", c.name);
         }
     }
-    if args.output == Output::Json {
+    if args.output.structured() {
         let list: Vec<&Value> = out.iter().map(|c| &c.rollout).collect();
-        return print_json(&serde_json::json!(list));
+        return print_as(args.output, &serde_json::json!(list));
     }
     for c in &out {
         print!(

@@ -14,7 +14,7 @@ use hyper::StatusCode;
 use serde_json::{Value, json};
 
 use super::target::kube_client;
-use super::{Output, Target, check, print_json};
+use super::{Output, Target, check, print_as};
 
 #[derive(Args, Debug)]
 pub struct DashboardArgs {
@@ -35,8 +35,8 @@ pub async fn run(target: &Target, args: DashboardArgs) -> Result<()> {
 async fn login_link(paths: &Paths, output: Output) -> Result<()> {
     let client = ApiClient::from_paths(paths)?;
     let v = check(client.post("/v1/login-link", None).await?)?;
-    if output == Output::Json {
-        return print_json(&v);
+    if output.structured() {
+        return print_as(output, &v);
     }
     println!(
         "{}\n  (works once, for {} minutes; afterwards log in with the token in {})",

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use baton::demo;
 use clap::{Args, ValueEnum};
 
-use super::{Output, print_json};
+use super::{Output, print_as};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -66,7 +66,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 }
 
 async fn exchange(args: DemoArgs) -> Result<()> {
-    let json = args.output == Output::Json;
+    let json = args.output.structured();
     let s = demo::exchange::run(demo::exchange::ExchangeDemoOptions {
         dir: args.workdir,
         bin_dir: args.bin_dir,
@@ -76,7 +76,7 @@ async fn exchange(args: DemoArgs) -> Result<()> {
     })
     .await?;
     if json {
-        print_json(&serde_json::to_value(&s)?)?;
+        print_as(args.output, &serde_json::to_value(&s)?)?;
     } else {
         print!("{}", demo::exchange::render_summary(&s));
     }
@@ -89,7 +89,7 @@ async fn exchange(args: DemoArgs) -> Result<()> {
 }
 
 async fn hello(args: DemoArgs) -> Result<()> {
-    let json = args.output == Output::Json;
+    let json = args.output.structured();
     let s = demo::run(demo::DemoOptions {
         dir: args.workdir,
         hello: args.hello,
@@ -101,7 +101,7 @@ async fn hello(args: DemoArgs) -> Result<()> {
     })
     .await?;
     if json {
-        return print_json(&serde_json::to_value(&s)?);
+        return print_as(args.output, &serde_json::to_value(&s)?);
     }
     print!("{}", demo::render_summary(&s));
     if s.failed_not_v3 > 0 {

@@ -10,7 +10,7 @@ use clap::Args;
 use serde_json::Value;
 
 use super::target::kube_client;
-use super::{Output, Target, check, print_json};
+use super::{Output, Target, check, print_as};
 
 #[derive(Args, Debug)]
 pub struct HistoryArgs {
@@ -39,8 +39,8 @@ pub async fn run(target: &Target, args: HistoryArgs) -> Result<()> {
 async fn local(paths: &Paths, name: &str, output: Output) -> Result<()> {
     let client = ApiClient::from_paths(paths)?;
     let v = check(client.get(&format!("/v1/rollouts/{name}/history")).await?)?;
-    if output == Output::Json {
-        return print_json(&v);
+    if output.structured() {
+        return print_as(output, &v);
     }
     print!("{}", view::render_history(&v));
     Ok(())
@@ -85,8 +85,8 @@ async fn cluster_diff(namespace: Option<&str>, name: &str, d: &[u64]) -> Result<
 async fn cluster(namespace: Option<&str>, name: &str, output: Output) -> Result<()> {
     let (client, ns) = kube_client(namespace).await?;
     let v = baton_k8s::cli::history(&client, &ns, name).await?;
-    if output == Output::Json {
-        return print_json(&v);
+    if output.structured() {
+        return print_as(output, &v);
     }
     print_cluster(&v);
     Ok(())

@@ -30,8 +30,28 @@ pub use target::Target;
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Output {
+    /// For people.
     Text,
+    /// For scripts.
     Json,
+    /// The same document as `json`, in YAML.
+    Yaml,
+}
+
+impl Output {
+    /// A document for scripts (`json` or `yaml`), not text for people.
+    pub fn structured(self) -> bool {
+        self != Output::Text
+    }
+
+    /// `v` as this format's document (text output prints JSON: callers render text
+    /// themselves).
+    pub fn document(self, v: &Value) -> Result<String> {
+        Ok(match self {
+            Output::Yaml => serde_saphyr::to_string(v).context("cannot write YAML")?,
+            Output::Json | Output::Text => format!("{}\n", serde_json::to_string_pretty(v)?),
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -78,8 +98,8 @@ pub fn parse_spec(path: &Path) -> Result<Vec<baton_spec::Rollout>> {
     baton_spec::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
-pub fn print_json(v: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+pub fn print_as(output: Output, v: &Value) -> Result<()> {
+    print!("{}", output.document(v)?);
     Ok(())
 }
 
@@ -100,4 +120,21 @@ pub fn check((code, v): (u16, Value)) -> Result<Value> {
         }
     }
     Err(anyhow!("{msg}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_is_the_same_document_as_json() {
+        let v = serde_json::json!({"phase": "Healthy", "revisions": [{"weight": 100}]});
+        let yaml = Output::Yaml.document(&v).expect("yaml");
+        let back: Value = serde_saphyr::from_str(&yaml).expect("parses");
+        assert_eq!(back, v, "{yaml}");
+        assert!(!yaml.contains('{'), "block style, not JSON: {yaml}");
+        let json: Value =
+            serde_json::from_str(&Output::Json.document(&v).expect("json")).expect("parses");
+        assert_eq!(json, v);
+    }
 }

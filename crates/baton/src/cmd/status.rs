@@ -12,7 +12,7 @@ use clap::Args;
 use serde_json::Value;
 
 use super::target::kube_client;
-use super::{Output, Target, check, print_json};
+use super::{Output, Target, check, print_as};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -61,13 +61,13 @@ async fn local(paths: &Paths, args: StatusArgs) -> Result<()> {
 /// Prints the status once, or with `--watch` redraws it every half second until
 /// Ctrl-C (plain frames, only when something changed, when not on a terminal).
 async fn show(args: &StatusArgs, mut fetch: impl AsyncFnMut() -> Result<Value>) -> Result<()> {
-    let json = args.output == Output::Json;
+    let json = args.output.structured();
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
     loop {
         let v = fetch().await?;
         let text = if json {
-            serde_json::to_string_pretty(&v)?
+            args.output.document(&v)?
         } else {
             match v["rollouts"].as_array() {
                 Some(list) if list.is_empty() => "no rollouts\n".to_string(),
@@ -77,9 +77,6 @@ async fn show(args: &StatusArgs, mut fetch: impl AsyncFnMut() -> Result<Value>) 
         };
         if !args.watch {
             print!("{text}");
-            if json {
-                println!();
-            }
             return Ok(());
         }
         if tty && !json {
@@ -106,8 +103,8 @@ async fn show(args: &StatusArgs, mut fetch: impl AsyncFnMut() -> Result<Value>) 
 
 async fn offline(paths: &Paths, args: StatusArgs) -> Result<()> {
     let v = offline_view(paths, args.name.as_deref()).await?;
-    if args.output == Output::Json {
-        return print_json(&v);
+    if args.output.structured() {
+        return print_as(args.output, &v);
     }
     eprintln!(
         "note: no controller is running; this is the last recorded state (start one with `baton up`)"

@@ -8,7 +8,7 @@ use baton_spec::SpecErrors;
 use clap::Args;
 use serde_json::{Value, json};
 
-use super::{Output, SpecArgs, print_json, read_spec};
+use super::{Output, SpecArgs, print_as, read_spec};
 
 #[derive(Args, Debug)]
 pub struct ValidateArgs {
@@ -26,9 +26,9 @@ pub fn run(args: ValidateArgs) -> Result<()> {
     }
     let file = &args.spec.file;
     let rollouts = baton_spec::parse(&text).or_else(|e| invalid(file, args.output, e))?;
-    if args.output == Output::Json {
+    if args.output.structured() {
         let names: Vec<_> = rollouts.iter().map(|r| &r.metadata.name).collect();
-        return print_json(&json!({ "valid": true, "rollouts": names }));
+        return print_as(args.output, &json!({ "valid": true, "rollouts": names }));
     }
     for r in &rollouts {
         println!(
@@ -48,8 +48,11 @@ fn cluster_form(args: &ValidateArgs, docs: &[Value]) -> Result<()> {
         .iter()
         .map(|r| r.metadata.name.clone().unwrap_or_default())
         .collect();
-    if args.output == Output::Json {
-        return print_json(&json!({ "valid": true, "rollouts": names, "target": "kubernetes" }));
+    if args.output.structured() {
+        return print_as(
+            args.output,
+            &json!({ "valid": true, "rollouts": names, "target": "kubernetes" }),
+        );
     }
     for n in names {
         println!(
@@ -63,8 +66,8 @@ fn cluster_form(args: &ValidateArgs, docs: &[Value]) -> Result<()> {
 /// Every problem with its field path; in JSON on stdout with exit status 1, so a
 /// script gets both the list and the failure.
 fn invalid<T>(file: &Path, output: Output, e: SpecErrors) -> Result<T> {
-    if output == Output::Json {
-        print_json(&json!({ "valid": false, "errors": e.0 }))?;
+    if output.structured() {
+        print_as(output, &json!({ "valid": false, "errors": e.0 }))?;
         std::process::exit(1);
     }
     Err(anyhow!("{}: {e}", file.display()))
