@@ -159,9 +159,10 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
         }),
     )
     .await;
-    wait(&kc, Duration::from_secs(30), "v1 healthy", |v| {
+    let v1_revision = wait(&kc, Duration::from_secs(30), "v1 healthy", |v| {
         v["phase"] == "Healthy" && v["stableVersion"] == "v1"
-    });
+    })["stableRevision"]
+        .clone();
     // Without a name: every Rollout of the namespace, in the same view.
     let (ok, out, err) = baton(&kc, &["-n", "default", "status", "-o", "json"]);
     assert!(ok, "{err}");
@@ -301,9 +302,12 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
     // Undo puts v1's template back; abort then keeps v2.
     let (ok, out, err) = baton(&kc, &["-n", "default", "undo", "web"]);
     assert!(ok, "undo: {out}{err}");
-    wait(&kc, Duration::from_secs(30), "v1 rolling out again", |v| {
+    let again = wait(&kc, Duration::from_secs(30), "v1 rolling out again", |v| {
         v["canaryVersion"] == "v1" && v["phase"] == "Paused"
     });
+    // The user's template exactly, so the same revision (and ReplicaSet) as before:
+    // the labels Baton added to its pods are not carried back.
+    assert_eq!(again["canaryRevision"], v1_revision, "{again}");
     // The same binary as the kubectl plugin: the cluster by default.
     let plugin = dir.path().join("kubectl-baton");
     std::os::unix::fs::symlink(common::baton_bin(), &plugin).expect("symlink");

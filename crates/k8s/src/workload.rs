@@ -48,6 +48,8 @@ pub fn obs_of(rs: &ReplicaSet) -> RevisionObs {
 /// The labels Istio's metrics take a workload's revision and name from.
 pub const ISTIO_REVISION_LABEL: &str = "service.istio.io/canonical-revision";
 pub const ISTIO_NAME_LABEL: &str = "service.istio.io/canonical-name";
+/// A ReplicaSet's annotation: the pod-template labels Baton added to the user's.
+pub const ADDED_LABELS: &str = "baton.dev/added-labels";
 
 fn new_replicaset(
     ro: &Rollout,
@@ -65,9 +67,11 @@ fn new_replicaset(
     // canonical name defaults to the `app` label, so the Rollout's name is set only
     // where the template names none): builtin gates read them (`requests.rs`).
     labels.insert(ISTIO_REVISION_LABEL.into(), revision.into());
-    labels
-        .entry(ISTIO_NAME_LABEL.into())
-        .or_insert_with(|| name.clone());
+    let mut added = vec![ROLLOUT_LABEL, REVISION_LABEL, ISTIO_REVISION_LABEL];
+    if !labels.contains_key(ISTIO_NAME_LABEL) {
+        labels.insert(ISTIO_NAME_LABEL.into(), name.clone());
+        added.push(ISTIO_NAME_LABEL);
+    }
     let mut match_labels = ro.spec.selector.match_labels.clone().unwrap_or_default();
     match_labels.insert(REVISION_LABEL.into(), revision.into());
     ReplicaSet {
@@ -79,6 +83,11 @@ fn new_replicaset(
                 (REVISION_LABEL.to_string(), revision.to_string()),
             ])),
             owner_references: ro.controller_owner_ref(&()).map(|o| vec![o]),
+            // What `undo` takes off to get the user's template back.
+            annotations: Some(BTreeMap::from([(
+                ADDED_LABELS.to_string(),
+                added.join(","),
+            )])),
             ..Default::default()
         },
         spec: Some(ReplicaSetSpec {
