@@ -250,6 +250,10 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
         "{out}"
     );
     assert!(out.contains("web #1") && out.contains("web #2"), "{out}");
+    assert!(
+        !out.contains("canonical-revision"),
+        "only what the user changed, not the labels Baton adds: {out}"
+    );
     // The operator's audit trail, read and verified as on one machine.
     let (ok, out, err) = baton(
         &kc,

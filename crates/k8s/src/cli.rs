@@ -248,21 +248,7 @@ pub async fn undo(client: &Client, ns: &str, name: &str) -> Result<String, Error
                 "the ReplicaSet of revision {previous} is gone (revisionHistoryLimit): cannot undo"
             ))
         })?;
-    // The user's template: without the labels Baton added (older ReplicaSets name none
-    // and carry only the two it always added).
-    let added: Vec<String> = rs
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(crate::workload::ADDED_LABELS))
-        .map(|l| l.split(',').map(str::to_string).collect())
-        .unwrap_or_else(|| vec![ROLLOUT_LABEL.to_string(), REVISION_LABEL.to_string()]);
-    let mut template = rs.spec.and_then(|s| s.template).unwrap_or_default();
-    if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
-        for label in &added {
-            labels.remove(label);
-        }
-    }
+    let template = crate::workload::users_template(rs);
     api.patch(
         name,
         &PatchParams::default(),
@@ -301,11 +287,7 @@ pub async fn revision_templates(
                 "the ReplicaSet of {name} #{n} is gone (revisionHistoryLimit): nothing to compare"
             ))
         })?;
-        let mut template = rs.spec.and_then(|s| s.template).unwrap_or_default();
-        if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
-            labels.remove(ROLLOUT_LABEL);
-            labels.remove(REVISION_LABEL);
-        }
+        let template = crate::workload::users_template(rs);
         *slot = serde_saphyr::to_string(&template).map_err(|e| Error::Spec(e.to_string()))?;
     }
     Ok(out)

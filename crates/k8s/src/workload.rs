@@ -51,6 +51,25 @@ pub const ISTIO_NAME_LABEL: &str = "service.istio.io/canonical-name";
 /// A ReplicaSet's annotation: the pod-template labels Baton added to the user's.
 pub const ADDED_LABELS: &str = "baton.dev/added-labels";
 
+/// A revision's pod template as the user wrote it: without the labels Baton added
+/// (older ReplicaSets record none and carry only the two it always added).
+pub fn users_template(rs: ReplicaSet) -> PodTemplateSpec {
+    let added: Vec<String> = rs
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ADDED_LABELS))
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .unwrap_or_else(|| vec![ROLLOUT_LABEL.to_string(), REVISION_LABEL.to_string()]);
+    let mut template = rs.spec.and_then(|s| s.template).unwrap_or_default();
+    if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+        for label in &added {
+            labels.remove(label);
+        }
+    }
+    template
+}
+
 fn new_replicaset(
     ro: &Rollout,
     revision: &str,
