@@ -67,6 +67,19 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum SetCmd {
+    /// New images for containers of a cluster Rollout's pod template (`*` for all):
+    /// a new revision, rolled out by the operator as any template change. On one
+    /// machine, change `run` in the spec and `baton apply` it.
+    Image {
+        name: String,
+        /// `CONTAINER=IMAGE`, one or more.
+        #[arg(required = true, value_name = "CONTAINER=IMAGE")]
+        images: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the controller in the foreground: starts (or re-adopts) the proxy and the
     /// instances, applies SPEC, and rolls out every change until stopped.
@@ -104,6 +117,9 @@ enum Cmd {
     Resume { name: String },
     /// Roll back to the previous stable revision (through the strategy).
     Undo { name: String },
+    /// Change a cluster Rollout's template: `baton set image NAME CONTAINER=IMAGE...`.
+    #[command(subcommand)]
+    Set(SetCmd),
     /// Revisions of a rollout with when, outcome and duration, and its events.
     History(history::HistoryArgs),
     /// The audit trail: every action with who, when, why, and a hash chain that shows
@@ -202,5 +218,6 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Pause { name } => act::run(&target, &name, CommandKind::Pause).await,
         Cmd::Resume { name } => act::run(&target, &name, CommandKind::Resume).await,
         Cmd::Undo { name } => act::run(&target, &name, CommandKind::Undo).await,
+        Cmd::Set(SetCmd::Image { name, images }) => act::set_image(&target, &name, &images).await,
     }
 }

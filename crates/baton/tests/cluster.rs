@@ -677,3 +677,82 @@ fn baton_smoke_runs_the_checks_it_is_given_as_data() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tests"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_image_changes_a_cluster_rollouts_template_and_nothing_else() {
+    let api = FakeApi::start().await.expect("fake api");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: u, namespace: default}}}}]\ncurrent-context: fake\n",
+            api.url()
+        ),
+    )
+    .expect("kubeconfig");
+    let pod = json!({"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [
+        {"name": "web", "image": "web:v1"}, {"name": "sidecar", "image": "proxy:1"}]}});
+    post(
+        &api,
+        "/apis/baton.dev/v1alpha1/namespaces/default/rollouts",
+        json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "web"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": pod},
+        }),
+    )
+    .await;
+    post(
+        &api,
+        "/apis/baton.dev/v1alpha1/namespaces/default/rollouts",
+        json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "taken"},
+            "spec": {"selector": {"matchLabels": {"app": "api"}}, "workloadRef": {"name": "api"}},
+        }),
+    )
+    .await;
+    let key = baton_kube_fake::Key::new("baton.dev/v1alpha1", "rollouts", Some("default"), "web");
+    let images = || {
+        let ro = api.store.get(&key).expect("rollout");
+        ro["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["image"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+
+    let (ok, out, err) = baton(&kc, &["-n", "default", "set", "image", "web", "web=web:v2"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("web=web:v2"), "{out}");
+    assert_eq!(images(), ["web:v2", "proxy:1"], "only the named container");
+
+    for (args, says) in [
+        (vec!["web", "nope=x:1"], "its containers: web, sidecar"),
+        (vec!["web", "web"], "expected CONTAINER=IMAGE"),
+        (vec!["taken", "api=api:2"], "workloadRef"),
+    ] {
+        let mut all = vec!["-n", "default", "set", "image"];
+        all.extend(args);
+        let (ok, _, err) = baton(&kc, &all);
+        assert!(!ok && err.contains(says), "{all:?}: {err}");
+    }
+    assert_eq!(
+        images(),
+        ["web:v2", "proxy:1"],
+        "a refused change changes nothing"
+    );
+    // On one machine there is no template to set: the spec's `run` is.
+    let out = Command::new(common::baton_bin())
+        .args(["--dir", dir.path().join("state").to_str().expect("utf-8")])
+        .args(["set", "image", "web", "web=web:v3"])
+        .env_remove("BATON_NAMESPACE")
+        .output()
+        .expect("baton");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("baton apply"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -260,6 +260,74 @@ pub async fn undo(client: &Client, ns: &str, name: &str) -> Result<String, Error
     ))
 }
 
+/// `set image`: new images for named containers of a Rollout's template (`*` for
+/// every container), as one write that fails if the Rollout changed since it was read.
+pub async fn set_image(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    images: &[(String, String)],
+) -> Result<String, Error> {
+    let api: Api<Rollout> = Api::namespaced(client.clone(), ns);
+    let ro = api.get(name).await?;
+    if let Some(w) = &ro.spec.workload_ref {
+        return Err(Error::Spec(format!(
+            "{name} takes its template from {} {} (workloadRef): set the image there, e.g. `kubectl set image deployment/{} ...`",
+            w.kind, w.name, w.name
+        )));
+    }
+    let mut pod = ro
+        .spec
+        .template
+        .clone()
+        .and_then(|t| t.spec)
+        .ok_or_else(|| Error::Spec(format!("{name} has no pod template")))?;
+    let mut changed = Vec::new();
+    for (container, image) in images {
+        let mut found = false;
+        let all = pod
+            .init_containers
+            .iter_mut()
+            .flatten()
+            .chain(pod.containers.iter_mut());
+        for c in all {
+            if container == "*" || &c.name == container {
+                found = true;
+                if c.image.as_deref() != Some(image.as_str()) {
+                    c.image = Some(image.clone());
+                    changed.push(format!("{}={image}", c.name));
+                }
+            }
+        }
+        if !found {
+            let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+            return Err(Error::Spec(format!(
+                "{name} has no container {container:?}; its containers: {}",
+                names.join(", ")
+            )));
+        }
+    }
+    if changed.is_empty() {
+        return Ok(format!("{name}: the template already has those images"));
+    }
+    let patch = json!({
+        "metadata": {"resourceVersion": ro.resource_version()},
+        "spec": {"template": {"spec": {"initContainers": pod.init_containers, "containers": pod.containers}}},
+    });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(a) if a.code == 409 => Error::Spec(format!(
+                "{name} changed while its images were being set: run it again"
+            )),
+            e => e.into(),
+        })?;
+    Ok(format!(
+        "{name}: {} (a new revision; the operator rolls it out)",
+        changed.join(", ")
+    ))
+}
+
 /// The pod templates (as YAML) of two revisions, by number, from their ReplicaSets:
 /// what `history --diff` compares on a cluster.
 pub async fn revision_templates(

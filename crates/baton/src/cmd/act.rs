@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use baton::api::{ApiClient, CommandKind};
 
 use super::target::kube_client;
@@ -40,5 +40,27 @@ pub async fn run(target: &Target, name: &str, kind: CommandKind) -> Result<()> {
             println!("{said}");
         }
     }
+    Ok(())
+}
+
+/// `set image NAME CONTAINER=IMAGE...`: a cluster Rollout's template only.
+pub async fn set_image(target: &Target, name: &str, images: &[String]) -> Result<()> {
+    let Target::Cluster { namespace } = target else {
+        bail!(
+            "set image changes a cluster Rollout's pod template (use -n NAMESPACE); on one machine, change `run` in the spec and `baton apply -f` it"
+        );
+    };
+    let pairs = images
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((c, i)) if !c.is_empty() && !i.is_empty() => Ok((c.to_string(), i.to_string())),
+            _ => bail!("{p:?}: expected CONTAINER=IMAGE (or *=IMAGE for every container)"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (client, ns) = kube_client(namespace.as_deref()).await?;
+    println!(
+        "{}",
+        baton_k8s::cli::set_image(&client, &ns, name, &pairs).await?
+    );
     Ok(())
 }
