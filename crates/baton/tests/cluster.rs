@@ -527,6 +527,28 @@ fn validate_checks_rollouts_written_for_a_cluster() {
         err.contains("spec.analysis.requestMetrics.latency") && err.contains("custom"),
         "{err}"
     );
+    // Mirroring happens in a router, and only with methods that exist.
+    let mirrored = dir.path().join("mirrored.yaml");
+    std::fs::write(
+        &mirrored,
+        "apiVersion: baton.dev/v1alpha1\nkind: Rollout\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  workloadRef: {name: web}\n  strategy:\n    canary:\n      stableService: web\n      mirrorPercent: 10\n      mirrorMethods: [GET, get]\n      steps: [{setWeight: 50}]\n",
+    )
+    .expect("write");
+    let out = Command::new(common::baton_bin())
+        .args(["validate", "-f"])
+        .arg(&mirrored)
+        .output()
+        .expect("validate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("spec.strategy.canary.mirrorPercent") && err.contains("trafficRouting"),
+        "{err}"
+    );
+    assert!(
+        err.contains("spec.strategy.canary.mirrorMethods[1]"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -321,6 +321,7 @@ async fn cleanup(ro: &Rollout, ctx: &Context) -> Result<Action, Error> {
             canary_service: c.canary_service.clone(),
             canary_weight: 0,
             header: None,
+            mirror: None,
         };
         if let Err(e) = Routes::of(c).apply(&ctx.client, &plan).await {
             tracing::warn!(rollout = %format!("{ns}/{name}"), error = %e, "cannot reset the route; removing the finalizer anyway");
@@ -834,6 +835,16 @@ impl Traffic for Cluster<'_> {
                     .as_ref()
                     .filter(|_| st.canary.is_some() && !st.aborted)
                     .map(|h| (h.name.clone(), h.value.clone())),
+                mirror: (c.mirror_percent > 0 && st.canary.is_some() && !st.aborted).then(|| {
+                    crate::router::Mirror {
+                        percent: c.mirror_percent,
+                        methods: if c.mirror_methods.is_empty() {
+                            baton_spec::SAFE_METHODS.map(String::from).to_vec()
+                        } else {
+                            c.mirror_methods.clone()
+                        },
+                    }
+                }),
             };
             served &= match Routes::of(c) {
                 Routes::None => match &st.canary {

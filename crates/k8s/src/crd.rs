@@ -165,6 +165,19 @@ pub struct Canary {
     /// canary is in flight (Gateway API and Istio routers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_header: Option<baton_spec::HeaderMatch>,
+    /// Percent of requests with one of `mirrorMethods` also copied to the canary while
+    /// one is in flight, answers discarded (Gateway API's RequestMirror filter, Istio's
+    /// mirror), as `traffic.mirrorPercent` on one machine.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(max = 100))]
+    pub mirror_percent: u32,
+    /// The methods mirrored; empty (the default) is the safe ones: GET, HEAD, OPTIONS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirror_methods: Vec<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]

@@ -104,8 +104,14 @@ pub fn engine_spec(
                 stickiness: None,
                 canary_header: None,
                 shield_canary: false,
-                mirror_percent: 0,
-                mirror_methods: Vec::new(),
+                // Checked by the local spec's rules, under the cluster's names.
+                mirror_percent: s.strategy.canary.as_ref().map_or(0, |c| c.mirror_percent),
+                mirror_methods: s
+                    .strategy
+                    .canary
+                    .as_ref()
+                    .map(|c| c.mirror_methods.clone())
+                    .unwrap_or_default(),
                 tls: None,
             },
             strategy,
@@ -155,6 +161,12 @@ pub fn cluster_errors(ro: &Rollout, espec: &baton_spec::Rollout) -> Vec<FieldErr
     errors.extend(
         baton_spec::validate::validate(espec)
             .into_iter()
+            .map(|mut e| {
+                if let Some(rest) = e.field.strip_prefix("spec.traffic.mirror") {
+                    e.field = format!("spec.strategy.canary.mirror{rest}");
+                }
+                e
+            })
             .filter(|e| !own.contains(&e.field))
             .filter(|e| {
                 !(e.field.starts_with("spec.run")
@@ -166,6 +178,36 @@ pub fn cluster_errors(ro: &Rollout, espec: &baton_spec::Rollout) -> Vec<FieldErr
                         && !ro.spec.analysis.templates.is_empty()))
             }),
     );
+    if let Some(c) = &s.strategy.canary
+        && c.mirror_percent > 0
+        && c.traffic_routing.is_none()
+    {
+        errors.push(FieldError {
+            field: "spec.strategy.canary.mirrorPercent".into(),
+            reason: "mirroring copies requests in the traffic router: it needs trafficRouting (gatewayAPI or istio)".into(),
+        });
+    }
+    if let Some(c) = &s.strategy.canary
+        && c.traffic_routing
+            .as_ref()
+            .is_some_and(|r| r.gateway_api.is_some())
+    {
+        // HTTPRoute's method match is an enum: anything else is refused by the API server.
+        const GATEWAY_METHODS: [&str; 9] = [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ];
+        for (i, m) in c.mirror_methods.iter().enumerate() {
+            if !GATEWAY_METHODS.contains(&m.as_str()) {
+                errors.push(FieldError {
+                    field: format!("spec.strategy.canary.mirrorMethods[{i}]"),
+                    reason: format!(
+                        "{m:?}: a Gateway API HTTPRoute matches only {}",
+                        GATEWAY_METHODS.join(", ")
+                    ),
+                });
+            }
+        }
+    }
     errors.extend(crate::requests::problems(ro, &espec.spec.analysis.gates));
     errors.extend(crate::jobs::spec_problems(ro, &espec.spec.analysis.gates));
     errors

@@ -267,6 +267,8 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
     let mut ro = canary_rollout(&url, steps);
     ro["spec"]["strategy"]["canary"]["canaryHeader"] =
         json!({"name": "X-Canary", "value": "always"});
+    ro["spec"]["strategy"]["canary"]["mirrorPercent"] = json!(10);
+    ro["spec"]["strategy"]["canary"]["mirrorMethods"] = json!(["GET"]);
     create(&rollouts, ro).await;
     let (_ctx, _op) = operator(&c, "test-0");
     wait_healthy(&rollouts, "v1").await;
@@ -277,9 +279,22 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
     let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
     let mut seen = Vec::new();
     let mut saw_header = false;
+    let mut saw_mirror = false;
     wait_for(Duration::from_secs(30), "v2 promoted", async || {
         let (_, canary) = route_weights(&c).await;
         let route = route(&c);
+        // GETs copied to the canary by a rule of their own (a method match is more
+        // specific than the weighted rule's), with the weighted rule's backends.
+        saw_mirror |= route["spec"]["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| {
+                r["name"] == "baton-mirror"
+                    && r["matches"] == json!([{"method": "GET"}])
+                    && r["filters"][0]["requestMirror"]
+                        == json!({"backendRef": {"name": "web-canary", "port": 80}, "percent": 10})
+            });
         if route["spec"]["rules"][0]["name"] == "baton-canary-header"
             && route["spec"]["rules"][0]["matches"][0]["headers"][0]["name"] == "X-Canary"
         {
@@ -303,6 +318,10 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
         saw_header,
         "testers could reach the canary by header during the rollout"
     );
+    assert!(
+        saw_mirror,
+        "GETs were mirrored to the canary during the rollout"
+    );
     let shares: Vec<u64> = seen.iter().copied().filter(|w| *w > 0).collect();
     assert_eq!(
         shares,
@@ -314,8 +333,13 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
         Duration::from_secs(10),
         "all traffic on the stable Service and the header rule gone after promotion",
         async || {
-            let header_rule = route(&c)["spec"]["rules"][0]["name"] == "baton-canary-header";
-            (!header_rule && route_weights(&c).await == (100, 0)).then_some(())
+            let rules = route(&c)["spec"]["rules"].clone();
+            let baton_rule = rules
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["name"] == "baton-canary-header" || r["name"] == "baton-mirror");
+            (!baton_rule && route_weights(&c).await == (100, 0)).then_some(())
         },
     )
     .await;
@@ -743,6 +767,7 @@ async fn a_canary_through_istio_virtual_service_weights_to_full_promotion() {
         json!({"istio": {"virtualService": "web"}});
     ro["spec"]["strategy"]["canary"]["canaryHeader"] =
         json!({"name": "X-Canary", "value": "always"});
+    ro["spec"]["strategy"]["canary"]["mirrorPercent"] = json!(20);
     create(&rollouts, ro).await;
     let (_ctx, _op) = operator(&c, "istio");
     wait_healthy(&rollouts, "v1").await;
@@ -780,6 +805,7 @@ async fn a_canary_through_istio_virtual_service_weights_to_full_promotion() {
     .await;
     let mut seen: Vec<u64> = Vec::new();
     let mut saw_header = false;
+    let mut saw_mirror = false;
     while let Ok(change) = feed.try_recv() {
         if change.key.resource != "virtualservices" {
             continue;
@@ -791,7 +817,23 @@ async fn a_canary_through_istio_virtual_service_weights_to_full_promotion() {
         }
         saw_header |= vs["spec"]["http"][0]["name"] == "baton-canary-header"
             && vs["spec"]["http"][0]["match"][0]["headers"]["x-canary"]["exact"] == "always";
+        // The safe methods (the default) copied by a route placed before the weighted
+        // one, since Istio takes the first route that matches.
+        let http = vs["spec"]["http"].as_array().cloned().unwrap_or_default();
+        let mirror = http.iter().position(|r| r["name"] == "baton-mirror");
+        let weighted = http
+            .iter()
+            .position(|r| r["name"].is_null() && r["route"].is_array());
+        saw_mirror |= mirror.zip(weighted).is_some_and(|(m, w)| {
+            let r = &http[m];
+            m < w
+                && r["mirror"] == json!({"host": "web-canary"})
+                && r["mirrorPercentage"] == json!({"value": 20})
+                && r["match"]
+                    == json!([{"method": {"exact": "GET"}}, {"method": {"exact": "HEAD"}}, {"method": {"exact": "OPTIONS"}}])
+        });
     }
+    assert!(saw_mirror, "safe methods were mirrored during the rollout");
     let shares: Vec<u64> = seen.iter().copied().filter(|w| *w > 0).collect();
     assert_eq!(
         shares,
@@ -805,8 +847,12 @@ async fn a_canary_through_istio_virtual_service_weights_to_full_promotion() {
         "no share left on the canary host and no header route",
         async || {
             let vs = vs_now();
-            (canary_share(&vs) == 0 && vs["spec"]["http"][0]["name"] != "baton-canary-header")
-                .then_some(())
+            let baton_route = vs["spec"]["http"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["name"] == "baton-canary-header" || r["name"] == "baton-mirror");
+            (canary_share(&vs) == 0 && !baton_route).then_some(())
         },
     )
     .await;

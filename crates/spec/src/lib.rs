@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 pub use duration::Duration;
 pub use validate::validate;
 
+/// What `mirrorMethods` means when empty: the methods that change nothing.
+pub const SAFE_METHODS: [&str; 3] = ["GET", "HEAD", "OPTIONS"];
+
 pub const API_VERSION: &str = "baton.dev/v1alpha1";
 pub const KIND: &str = "Rollout";
 

@@ -105,6 +105,70 @@ pub fn set_header_rule(
     }
 }
 
+/// Adds (or updates, or with None removes) the rule, named for Baton, that copies
+/// `mirror.percent` of the weighted rule's requests with a safe method to the canary:
+/// the weighted rule with a method on each match and a RequestMirror filter. A match
+/// with a method is more specific, so those requests take this rule (same backends
+/// and weights) and the rest the weighted one. Returns whether anything changed.
+pub fn set_mirror_rule(
+    spec: &mut Value,
+    stable: &str,
+    canary: &str,
+    mirror: Option<&super::Mirror>,
+) -> bool {
+    let Some(rules) = spec["rules"].as_array_mut() else {
+        return false;
+    };
+    let existing = rules.iter().position(|r| r["name"] == super::MIRROR_RULE);
+    let weighted = rules.iter().position(|r| {
+        r["name"] != super::MIRROR_RULE
+            && r["name"] != super::HEADER_RULE
+            && r["backendRefs"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|b| b["name"] == stable))
+    });
+    let (Some(mirror), Some(w)) = (mirror, weighted) else {
+        return match existing {
+            Some(i) => {
+                rules.remove(i);
+                true
+            }
+            None => false,
+        };
+    };
+    let mut rule = rules[w].clone();
+    let port = rule["backendRefs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["name"] == stable)
+        .and_then(|b| b.get("port").cloned());
+    let mut target = json!({"name": canary});
+    if let Some(p) = port {
+        target["port"] = p;
+    }
+    rule["name"] = json!(super::MIRROR_RULE);
+    rule["matches"] = json!(super::method_matches(
+        rule["matches"].as_array(),
+        &mirror.methods,
+        |m, method| m["method"] = json!(method),
+    ));
+    let mut filters = rule["filters"].as_array().cloned().unwrap_or_default();
+    filters.push(json!({"type": "RequestMirror", "requestMirror": {"backendRef": target, "percent": mirror.percent}}));
+    rule["filters"] = json!(filters);
+    match existing {
+        Some(i) if rules[i] == rule => false,
+        Some(i) => {
+            rules[i] = rule;
+            true
+        }
+        None => {
+            rules.insert(w, rule);
+            true
+        }
+    }
+}
+
 pub fn accepted(route: &Value) -> bool {
     let generation = route["metadata"]["generation"].as_i64().unwrap_or(0);
     let parents = route["status"]["parents"]
@@ -135,7 +199,10 @@ impl Router for Gateway {
         let mut route = api.get(&self.route).await?;
         let mut spec = route.data["spec"].clone();
         let header_changed = set_header_rule(&mut spec, stable, canary, plan.header.as_ref());
-        if set_weights(&mut spec, stable, canary, plan.canary_weight) | header_changed {
+        let weights_changed = set_weights(&mut spec, stable, canary, plan.canary_weight);
+        // After the weights: the mirror rule is the weighted rule's copy.
+        let mirror_changed = set_mirror_rule(&mut spec, stable, canary, plan.mirror.as_ref());
+        if weights_changed | header_changed | mirror_changed {
             route.data["spec"] = spec;
             // A replace carries our resourceVersion: a concurrent writer makes this 409
             // and the next reconcile starts from what they wrote.
@@ -207,6 +274,58 @@ mod tests {
             "weights leave the header rule alone"
         );
         assert!(set_header_rule(&mut spec, "web-stable", "web-canary", None));
+        assert_eq!(spec["rules"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn the_mirror_rule_copies_the_weighted_rule_for_safe_methods_only() {
+        let mut spec = json!({"rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}], "backendRefs": [{"name": "web-stable", "port": 80}]}]});
+        set_weights(&mut spec, "web-stable", "web-canary", 10);
+        let m = crate::router::Mirror {
+            percent: 25,
+            methods: vec!["GET".into(), "HEAD".into()],
+        };
+        assert!(set_mirror_rule(
+            &mut spec,
+            "web-stable",
+            "web-canary",
+            Some(&m)
+        ));
+        let rule = &spec["rules"][0];
+        assert_eq!(rule["name"], "baton-mirror");
+        assert_eq!(
+            rule["matches"],
+            json!([
+                {"path": {"type": "PathPrefix", "value": "/api"}, "method": "GET"},
+                {"path": {"type": "PathPrefix", "value": "/api"}, "method": "HEAD"},
+            ])
+        );
+        assert_eq!(
+            rule["backendRefs"], spec["rules"][1]["backendRefs"],
+            "same weights"
+        );
+        assert_eq!(
+            rule["filters"][0]["requestMirror"],
+            json!({"backendRef": {"name": "web-canary", "port": 80}, "percent": 25})
+        );
+        assert!(
+            spec["rules"][1].get("filters").is_none(),
+            "the weighted rule is untouched"
+        );
+        assert!(
+            !set_mirror_rule(&mut spec, "web-stable", "web-canary", Some(&m)),
+            "idempotent"
+        );
+        // Weights move both rules.
+        set_weights(&mut spec, "web-stable", "web-canary", 50);
+        assert!(!set_mirror_rule(
+            &mut spec,
+            "web-stable",
+            "web-canary",
+            Some(&m)
+        ));
+        assert_eq!(spec["rules"][0]["backendRefs"][0]["weight"], 50);
+        assert!(set_mirror_rule(&mut spec, "web-stable", "web-canary", None));
         assert_eq!(spec["rules"].as_array().map(Vec::len), Some(1));
     }
 

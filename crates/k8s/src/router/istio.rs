@@ -95,6 +95,59 @@ pub fn set_header_route(spec: &mut Value, canary: &str, header: Option<&(String,
     }
 }
 
+/// Adds (or updates, or with None removes) the HTTP route, named for Baton, that
+/// copies `mirror.percent` of the weighted route's requests with a safe method to the
+/// canary: the weighted route with a method on each match, a `mirror` and a
+/// `mirrorPercentage`, placed before it (Istio takes the first route that matches).
+pub fn set_mirror_route(
+    spec: &mut Value,
+    stable: &str,
+    canary: &str,
+    mirror: Option<&super::Mirror>,
+) -> bool {
+    let Some(routes) = spec["http"].as_array_mut() else {
+        return false;
+    };
+    let existing = routes.iter().position(|r| r["name"] == super::MIRROR_RULE);
+    let weighted = routes.iter().position(|r| {
+        r["name"] != super::MIRROR_RULE
+            && r["name"] != super::HEADER_RULE
+            && r["route"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| host_is(d, stable)))
+    });
+    let (Some(mirror), Some(w)) = (mirror, weighted) else {
+        return match existing {
+            Some(i) => {
+                routes.remove(i);
+                true
+            }
+            None => false,
+        };
+    };
+    let mut route = routes[w].clone();
+    route["name"] = json!(super::MIRROR_RULE);
+    route["match"] = json!(super::method_matches(
+        route["match"].as_array(),
+        &mirror.methods,
+        |m, method| m["method"] = json!({"exact": method}),
+    ));
+    route["mirror"] = json!({"host": canary});
+    route["mirrorPercentage"] = json!({"value": mirror.percent});
+    match existing {
+        Some(i) if routes[i] == route => false,
+        Some(i) => {
+            routes[i] = route;
+            true
+        }
+        None => {
+            let at = w.min(existing.unwrap_or(w));
+            routes.insert(at, route);
+            true
+        }
+    }
+}
+
 impl Router for Istio {
     async fn apply(&self, client: &Client, plan: &Plan) -> Result<bool, Error> {
         let (Some(stable), Some(canary)) = (&plan.stable_service, &plan.canary_service) else {
@@ -107,7 +160,9 @@ impl Router for Istio {
         let mut vs = api.get(&self.virtual_service).await?;
         let mut spec = vs.data["spec"].clone();
         let header_changed = set_header_route(&mut spec, canary, plan.header.as_ref());
-        if set_weights(&mut spec, stable, canary, plan.canary_weight) | header_changed {
+        let weights_changed = set_weights(&mut spec, stable, canary, plan.canary_weight);
+        let mirror_changed = set_mirror_route(&mut spec, stable, canary, plan.mirror.as_ref());
+        if weights_changed | header_changed | mirror_changed {
             vs.data["spec"] = spec;
             api.replace(
                 &self.virtual_service,
@@ -122,7 +177,9 @@ impl Router for Istio {
         let back = api.get(&self.virtual_service).await?;
         let mut check = back.data["spec"].clone();
         let header_pending = set_header_route(&mut check, canary, plan.header.as_ref());
-        Ok(!set_weights(&mut check, stable, canary, plan.canary_weight) && !header_pending)
+        let weights_pending = set_weights(&mut check, stable, canary, plan.canary_weight);
+        let mirror_pending = set_mirror_route(&mut check, stable, canary, plan.mirror.as_ref());
+        Ok(!weights_pending && !header_pending && !mirror_pending)
     }
 }
 

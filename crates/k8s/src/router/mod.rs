@@ -23,10 +23,45 @@ pub struct Plan {
     /// `(name, value)`: requests with this header go to the canary, while one is in
     /// flight (None removes the route).
     pub header: Option<(String, String)>,
+    /// Copies of requests to the canary, answers discarded, while one is in flight
+    /// (None removes the rule).
+    pub mirror: Option<Mirror>,
+}
+
+/// `percent` of the requests with one of `methods` copied to the canary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    pub percent: u32,
+    pub methods: Vec<String>,
 }
 
 /// The name Baton gives the route rule it adds for the canary header.
 pub const HEADER_RULE: &str = "baton-canary-header";
+/// The name of the rule that mirrors: the weighted rule's copy, limited to `methods`.
+pub const MIRROR_RULE: &str = "baton-mirror";
+
+/// The weighted rule's matches, each limited to one of `methods` by `with_method`
+/// (a rule without matches matches everything: one match per method).
+fn method_matches(
+    matches: Option<&Vec<serde_json::Value>>,
+    methods: &[String],
+    with_method: impl Fn(&mut serde_json::Value, &str),
+) -> Vec<serde_json::Value> {
+    let base = matches
+        .filter(|m| !m.is_empty())
+        .cloned()
+        .unwrap_or_else(|| vec![serde_json::json!({})]);
+    methods
+        .iter()
+        .flat_map(|m| {
+            base.iter().map(|b| {
+                let mut b = b.clone();
+                with_method(&mut b, m);
+                b
+            })
+        })
+        .collect()
+}
 
 pub trait Router {
     /// Sets the weights if they differ; answers whether the router is seen serving them.
