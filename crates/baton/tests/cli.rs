@@ -84,9 +84,22 @@ fn validate_names_every_bad_field() {
 #[test]
 fn wrong_flags_and_missing_files_are_errors() {
     let env = Env::new();
-    let out = env.run(&["status", "--output", "yaml"]);
+    let out = env.run(&["status", "--output", "xml"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--output"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("yaml"),
+        "names the valid ones: {}",
+        stderr(&out)
+    );
+    // A timeout past what the clock can count is an error, not a crash.
+    let out = env.run(&["wait", "web", "--timeout", "500000000000y"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--timeout") && !stderr(&out).contains("panicked"),
+        "{}",
+        stderr(&out)
+    );
     let out = env.run(&["validate", "-f", "/nonexistent/spec.yaml"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("/nonexistent/spec.yaml"));

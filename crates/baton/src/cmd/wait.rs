@@ -38,7 +38,12 @@ const OTHER_VERDICT: i32 = 1;
 const TIMED_OUT: i32 = 2;
 
 pub async fn run(target: &Target, args: WaitArgs) -> Result<()> {
-    let deadline = Instant::now() + args.timeout;
+    let Some(deadline) = Instant::now().checked_add(args.timeout) else {
+        bail!(
+            "--timeout {}: longer than this machine's clock can count",
+            humantime::format_duration(args.timeout)
+        );
+    };
     let local = match target {
         Target::Local(paths) => Some(ApiClient::from_paths(paths)?),
         Target::Cluster { .. } => None,
