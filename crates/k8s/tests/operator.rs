@@ -55,6 +55,41 @@ fn operator(c: &Cluster, id: &str) -> (Arc<Context>, tokio::task::JoinHandle<()>
     (ctx, task)
 }
 
+/// Stops an operator and waits until its task is gone (an abort alone returns before).
+async fn stop(op: tokio::task::JoinHandle<()>) {
+    op.abort();
+    let _ = op.await;
+}
+
+/// Rewrites the engine's stored status with `edit`. A write the stopped operator had
+/// already sent can still land between the read and the replace: then read again.
+async fn rewrite_engine_status(
+    api: &Api<Rollout>,
+    edit: impl Fn(&mut serde_json::Map<String, Value>),
+) {
+    wait_for(
+        Duration::from_secs(10),
+        "the status rewritten",
+        async || {
+            let mut ro = api.get("web").await.expect("rollout");
+            let engine = ro
+                .status
+                .as_mut()
+                .and_then(|st| st.engine.as_mut())
+                .and_then(|e| e.as_object_mut())
+                .expect("engine");
+            edit(engine);
+            ro.metadata.managed_fields = None;
+            match api.replace_status("web", &PostParams::default(), &ro).await {
+                Ok(_) => Some(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => None,
+                Err(e) => panic!("write: {e}"),
+            }
+        },
+    )
+    .await;
+}
+
 /// A loopback HTTP/1.1 server: every request's body goes to `answer`, whose text is
 /// the answer.
 async fn loopback<F>(answer: F) -> std::net::SocketAddr
@@ -419,27 +454,18 @@ async fn a_failed_analysis_rolls_back_and_an_operator_restart_resumes_at_the_sam
         (s["phase"] == "Paused" && route_weights(&c).await.1 == 20).then_some(())
     })
     .await;
-    op.abort();
+    stop(op).await;
     drop(ctx);
     // What the release before the driver wrote: the engine's status alone, with no
     // outbox and no event count.
-    let mut ro = rollouts.get("web").await.expect("rollout");
-    let st = ro.status.as_mut().expect("status");
-    let engine = st
-        .engine
-        .as_mut()
-        .and_then(|e| e.as_object_mut())
-        .expect("engine");
-    assert!(
-        engine.remove("events").is_some(),
-        "the driver counts events"
-    );
-    engine.remove("outbox");
-    ro.metadata.managed_fields = None;
-    rollouts
-        .replace_status("web", &PostParams::default(), &ro)
-        .await
-        .expect("write the old format");
+    rewrite_engine_status(&rollouts, |engine| {
+        assert!(
+            engine.remove("events").is_some(),
+            "the driver counts events"
+        );
+        engine.remove("outbox");
+    })
+    .await;
     let rs_api: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
     let uids = |list: Vec<ReplicaSet>| {
         let mut v: Vec<(String, String)> = list
@@ -1033,22 +1059,13 @@ async fn a_status_that_cannot_be_read_is_left_alone_not_started_over() {
     create(&rollouts, canary_rollout(&url, steps)).await;
     let (ctx, op) = operator(&c, "test-a");
     wait_healthy(&rollouts, "v1").await;
-    op.abort();
+    stop(op).await;
     drop(ctx);
     // A status this release cannot read (a field of the wrong type).
-    let mut ro = rollouts.get("web").await.expect("rollout");
-    let st = ro.status.as_mut().expect("status");
-    let engine = st
-        .engine
-        .as_mut()
-        .and_then(|e| e.as_object_mut())
-        .expect("engine");
-    engine.insert("stepIndex".into(), json!("three"));
-    ro.metadata.managed_fields = None;
-    rollouts
-        .replace_status("web", &PostParams::default(), &ro)
-        .await
-        .expect("write");
+    rewrite_engine_status(&rollouts, |engine| {
+        engine.insert("stepIndex".into(), json!("three"));
+    })
+    .await;
     let (_ctx, _op) = operator(&c, "test-b");
     set_image(&rollouts, "registry.example/web:v2").await;
     // Reconciles fail (and say why in the operator's log and metrics) rather than begin
