@@ -16,6 +16,10 @@ use crate::{Counters, DataPlane, Target};
 pub struct Gauges {
     measurer: Arc<Mutex<Measurer>>,
     inbox: Arc<Mutex<HashMap<String, Vec<Measurement>>>>,
+    /// `(rollout, gate)` of external measurements still running: one at a time per
+    /// gate, so a provider slower than its interval (a command gate's Job waiting for a
+    /// node) is not started again and again beside itself.
+    running: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
 }
 
 /// Reads of the data plane's counters within one cycle: one read serves every gate.
@@ -70,6 +74,15 @@ impl Gauges {
                 _ => None,
             };
             let (g, key, me) = (gate.clone(), t.key.to_string(), self.clone());
+            let slot = (key.clone(), g.name.clone());
+            if !self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(slot.clone())
+            {
+                return;
+            }
             tokio::spawn(async move {
                 let m = match runner {
                     Some(r) => {
@@ -79,6 +92,10 @@ impl Gauges {
                     None => baton_analysis::measure(&g, &vars, now_ms()).await,
                 };
                 me.push(&key, m);
+                me.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&slot);
             });
             return;
         }

@@ -75,6 +75,44 @@ struct Fake {
     audit: Vec<Event>,
     conflict_next_save: bool,
     emitted: Vec<Event>,
+    commands: Option<Arc<HeldCommands>>,
+}
+
+/// Command gates that run until released, counting how many were started.
+struct HeldCommands {
+    started: std::sync::atomic::AtomicUsize,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for HeldCommands {
+    fn default() -> HeldCommands {
+        HeldCommands {
+            started: Default::default(),
+            release: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
+type Answer = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<baton_analysis::Sample, baton_analysis::ProviderError>,
+            > + Send,
+    >,
+>;
+
+impl baton_driver::CommandRunner for HeldCommands {
+    fn run(&self, _: baton_spec::Gate, _: baton_analysis::Vars) -> Answer {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let release = self.release.clone();
+        Box::pin(async move {
+            if let Ok(p) = release.acquire().await {
+                p.forget();
+            }
+            Ok(baton_analysis::Sample::Value(0.0))
+        })
+    }
 }
 
 impl Port for Fake {
@@ -163,6 +201,11 @@ impl DataPlane for Fake {
     }
     fn address(&self, _: &Target<'_>, _: &str) -> Option<SocketAddr> {
         None
+    }
+    fn commands(&self, _: &Target<'_>) -> Option<Arc<dyn baton_driver::CommandRunner>> {
+        self.commands
+            .clone()
+            .map(|c| c as Arc<dyn baton_driver::CommandRunner>)
     }
 }
 
@@ -563,4 +606,40 @@ async fn a_failed_cycle_keeps_the_measurements_it_took_for_the_next_one() {
         waiting,
         "still owed to the next cycle"
     );
+}
+
+#[tokio::test]
+async fn a_slow_command_gate_is_not_started_again_beside_itself() {
+    let held = Arc::new(HeldCommands::default());
+    let mut run = Run::new();
+    run.fake.commands = Some(held.clone());
+    let yaml = SPEC.replace(
+        "        - setWeight: 60\n",
+        "        - setWeight: 60\n  analysis:\n    gates:\n      - name: checks\n        metric: { command: { command: [check] } }\n        interval: 1s\n",
+    );
+    run.spec = baton_spec::parse(&yaml).expect("valid").remove(0);
+    run.cycles(3).await;
+    let mut v2 = run.spec.clone();
+    v2.spec.run.env.insert("APP_VERSION".into(), "v2".into());
+    run.spec = v2;
+    // Ten intervals pass while the first measurement still runs (each cycle lets the
+    // spawned measurements run too).
+    for _ in 0..10 {
+        run.cycles(1).await;
+        tokio::task::yield_now().await;
+    }
+    let started = || held.started.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(started(), 1, "one measurement at a time per gate");
+    // Once it answers, the next interval starts the next one.
+    held.release.add_permits(1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while started() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second measurement"
+        );
+        run.cycles(1).await;
+        tokio::task::yield_now().await;
+    }
+    held.release.add_permits(100);
 }
