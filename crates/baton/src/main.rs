@@ -21,6 +21,15 @@ mod cmd;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `baton 0.1.0 (1a2b3c4d5e6f)`: the commit tells which source a binary was built
+/// from between releases (build.rs; `unknown commit` outside a git checkout).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BATON_GIT_COMMIT"),
+    ")"
+);
+
 /// Zero-downtime rollouts on one machine: canary, blue-green and rolling, gated on
 /// readiness and SLOs, with automatic rollback.
 ///
@@ -29,7 +38,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(
     name = "baton",
-    version,
+    version = VERSION,
     propagate_version = true,
     max_term_width = 100
 )]
