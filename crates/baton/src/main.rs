@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use baton::api::CommandKind;
 use baton::paths::Paths;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use cmd::{
-    SpecArgs, Target, act, apply, audit, convert, dashboard, demo, down, history, operator, proxy,
-    smoke, status, up, validate, wait,
+    SpecArgs, Target, act, apply, audit, completions, convert, dashboard, demo, down, history,
+    operator, proxy, smoke, status, up, validate, wait,
 };
 
 mod cmd;
@@ -170,6 +170,11 @@ enum Cmd {
     /// Run smoke tests (a spec's `smoke` list, as JSON) against a URL; exit status 0
     /// when all pass. What the operator's smoke Jobs run; handy by hand too.
     Smoke(smoke::SmokeArgs),
+    /// Print shell completions for bash, zsh or fish, made from this binary's own
+    /// commands and flags.
+    ///
+    /// Install: `baton completions bash > ~/.local/share/bash-completion/completions/baton`.
+    Completions(completions::CompletionsArgs),
 }
 
 fn main() {
@@ -217,6 +222,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(args) => demo::run(args).await,
         Cmd::Operator(args) => operator::operator(cli.namespace, args).await,
         Cmd::Crd(args) => operator::crd(args),
+        Cmd::Completions(args) => completions::run(Cli::command(), args),
         Cmd::Status(args) => status::run(&target, args).await,
         Cmd::Wait(args) => wait::run(&target, args).await,
         Cmd::History(args) => history::run(&target, args).await,

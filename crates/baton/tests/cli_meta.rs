@@ -18,6 +18,86 @@ fn baton(cwd: &Path, args: &[&str]) -> Output {
         .expect("baton runs")
 }
 
+/// Runs `script` in bash with the completion script loaded and returns the candidates
+/// offered for `words` (the last one is being completed).
+fn bash_complete(script: &Path, words: &[&str]) -> Vec<String> {
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let cword = words.len() - 1;
+    let prev = if cword > 0 { words[cword - 1] } else { "" };
+    let run = format!(
+        "source '{}'; COMP_WORDS=({}); COMP_CWORD={cword}; _baton baton '{}' '{prev}'; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        quoted.join(" "),
+        words[cword],
+    );
+    let out = Command::new("bash")
+        .args(["--noprofile", "--norc", "-c", &run])
+        .output()
+        .expect("bash runs");
+    assert!(out.status.success(), "bash: {}", stderr(&out));
+    stdout(&out).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn bash_completions_complete_commands_and_their_values() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = baton(dir.path(), &["completions", "bash"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let script = stdout(&out);
+    assert!(script.starts_with("_baton() {"), "{script}");
+    assert!(script.contains("complete -F _baton"), "{script}");
+    for name in ["status", "promote", "completions"] {
+        assert!(script.contains(name), "{name} missing from the bash script");
+    }
+
+    // Loaded into a real bash, it completes what the command tree defines.
+    let file = dir.path().join("baton.bash");
+    std::fs::write(&file, &script).expect("write script");
+    assert_eq!(bash_complete(&file, &["baton", "sta"]), ["status"]);
+    assert_eq!(bash_complete(&file, &["baton", "prom"]), ["promote"]);
+    let shells = bash_complete(&file, &["baton", "completions", ""]);
+    for shell in ["bash", "zsh", "fish"] {
+        assert!(
+            shells.iter().any(|s| s == shell),
+            "{shell} not offered: {shells:?}"
+        );
+    }
+    assert!(
+        !dir.path().join("state").exists(),
+        "completions wrote state"
+    );
+}
+
+#[test]
+fn zsh_and_fish_completions_are_generated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = baton(dir.path(), &["completions", "zsh"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let zsh = stdout(&out);
+    assert!(zsh.starts_with("#compdef baton"), "{zsh}");
+    assert!(zsh.contains("status") && zsh.contains("promote"), "{zsh}");
+
+    let out = baton(dir.path(), &["completions", "fish"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fish = stdout(&out);
+    assert!(
+        fish.contains(r#"complete -c baton -n "__fish_baton_needs_command" -f -a "status""#),
+        "{fish}"
+    );
+}
+
+#[test]
+fn an_unknown_shell_is_refused_with_the_valid_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = baton(dir.path(), &["completions", "tcsh"]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("invalid value 'tcsh'"), "{err}");
+    assert!(err.contains("[possible values: bash, zsh, fish]"), "{err}");
+}
+
 #[test]
 fn version_names_the_commit_it_was_built_from() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -5,6 +5,7 @@
 pub mod act;
 pub mod apply;
 pub mod audit;
+pub mod completions;
 pub mod convert;
 pub mod dashboard;
 pub mod demo;
