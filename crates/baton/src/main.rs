@@ -10,7 +10,7 @@ use baton::paths::Paths;
 use clap::{CommandFactory, Parser, Subcommand};
 
 use cmd::{
-    SpecArgs, Target, act, apply, audit, completions, convert, dashboard, demo, down, history,
+    SpecArgs, Target, act, apply, audit, completions, convert, dashboard, demo, down, history, man,
     operator, proxy, smoke, status, up, validate, wait,
 };
 
@@ -175,6 +175,11 @@ enum Cmd {
     ///
     /// Install: `baton completions bash > ~/.local/share/bash-completion/completions/baton`.
     Completions(completions::CompletionsArgs),
+    /// Print the manual page `baton.1`, or write it and one page per subcommand
+    /// (`baton-up.1`, ...) into a directory.
+    ///
+    /// Install: `baton man --write ~/.local/share/man/man1`, then `man baton-up`.
+    Man(man::ManArgs),
 }
 
 fn main() {
@@ -223,6 +228,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Operator(args) => operator::operator(cli.namespace, args).await,
         Cmd::Crd(args) => operator::crd(args),
         Cmd::Completions(args) => completions::run(Cli::command(), args),
+        Cmd::Man(args) => man::run(Cli::command(), args),
         Cmd::Status(args) => status::run(&target, args).await,
         Cmd::Wait(args) => wait::run(&target, args).await,
         Cmd::History(args) => history::run(&target, args).await,

@@ -47,7 +47,7 @@ fn bash_completions_complete_commands_and_their_values() {
     let script = stdout(&out);
     assert!(script.starts_with("_baton() {"), "{script}");
     assert!(script.contains("complete -F _baton"), "{script}");
-    for name in ["status", "promote", "completions"] {
+    for name in ["status", "promote", "completions", "man"] {
         assert!(script.contains(name), "{name} missing from the bash script");
     }
 
@@ -96,6 +96,84 @@ fn an_unknown_shell_is_refused_with_the_valid_ones() {
     let err = stderr(&out);
     assert!(err.contains("invalid value 'tcsh'"), "{err}");
     assert!(err.contains("[possible values: bash, zsh, fish]"), "{err}");
+}
+
+#[test]
+fn man_writes_a_page_per_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pages = dir.path().join("man/man1");
+    let out = baton(
+        dir.path(),
+        &["man", "--write", pages.to_str().expect("utf-8")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let top = std::fs::read_to_string(pages.join("baton.1")).expect("baton.1");
+    assert!(top.contains("\n.TH baton 1 "), "{top}");
+    assert!(top.contains("Zero\\-downtime rollouts"), "{top}");
+    let status = std::fs::read_to_string(pages.join("baton-status.1")).expect("baton-status.1");
+    let version = format!("\"baton {}", env!("CARGO_PKG_VERSION"));
+    assert!(
+        status.contains(&format!("\n.TH baton-status 1  {version}")),
+        "{status}"
+    );
+    assert!(
+        status.contains("Show rollouts: phase, step, weight per revision"),
+        "{status}"
+    );
+    // Nested commands get pages too; `help` gets none.
+    assert!(pages.join("baton-audit-verify.1").is_file());
+    assert!(pages.join("baton-set-image.1").is_file());
+    assert!(!pages.join("baton-help.1").exists());
+
+    // Every page written is named on stdout, and only those.
+    let mut listed: Vec<String> = stdout(&out)
+        .lines()
+        .map(|l| l.strip_prefix("wrote ").expect("a wrote line").to_owned())
+        .collect();
+    let mut written: Vec<String> = std::fs::read_dir(&pages)
+        .expect("read pages")
+        .map(|e| e.expect("entry").path().display().to_string())
+        .collect();
+    listed.sort();
+    written.sort();
+    assert_eq!(listed, written);
+    assert!(!dir.path().join("state").exists(), "man wrote state");
+}
+
+/// `--write`, not `--dir`: the global `--dir` (`BATON_DIR`) is the state directory,
+/// and a plain `baton man` must print, not fill the state directory with pages.
+#[test]
+fn man_prints_the_top_page_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = baton(dir.path(), &["man"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = stdout(&out);
+    assert!(page.contains("\n.TH baton 1 "), "{page}");
+    assert!(page.contains("baton\\-status(1)"), "{page}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "baton man wrote {left:?}");
+}
+
+#[test]
+fn man_names_the_path_it_cannot_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, "").expect("write file");
+    let target = blocker.join("man1");
+    let out = baton(
+        dir.path(),
+        &["man", "--write", target.to_str().expect("utf-8")],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("cannot create {}", target.display())),
+        "{err}"
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod down;
 pub mod history;
+pub mod man;
 pub mod operator;
 pub mod proxy;
 pub mod smoke;
