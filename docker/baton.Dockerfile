@@ -5,6 +5,7 @@
 # Cargo.lock):
 #
 #   docker buildx build -f docker/baton.Dockerfile \
+#     --build-arg BATON_BUILD_COMMIT="$(git rev-parse HEAD)" \
 #     --platform linux/amd64,linux/arm64 -t baton .
 ARG RUST_VERSION=1.95
 
@@ -20,12 +21,18 @@ RUN exchange-build tools
 ARG TARGETARCH
 RUN exchange-build setup
 COPY . .
+# The commit `baton --version` names: the build context has no .git, so pass it,
+# `--build-arg BATON_BUILD_COMMIT=$(git rev-parse HEAD)` (cut to 12 digits, as a
+# build from a checkout gives); without it the version says `unknown commit`.
+ARG BATON_BUILD_COMMIT=
 # cargo-auditable embeds the list of crates the binary was built from, which the
 # image's vulnerability scan (Trivy) and SBOM (Syft) read.
 RUN --mount=type=cache,id=cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=baton-target-${TARGETARCH},target=/src/target <<'BUILD'
 #!/usr/bin/env bash
 set -euo pipefail
+commit=${BATON_BUILD_COMMIT:-}
+export BATON_BUILD_COMMIT="${commit:0:12}"
 case "$TARGETARCH" in
   amd64) target=x86_64-unknown-linux-gnu; prefix=x86_64-linux-gnu ;;
   arm64) target=aarch64-unknown-linux-gnu; prefix=aarch64-linux-gnu ;;

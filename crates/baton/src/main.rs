@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use baton::api::CommandKind;
 use baton::paths::Paths;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use cmd::{
-    SpecArgs, Target, act, apply, audit, convert, dashboard, demo, down, history, operator, proxy,
-    smoke, status, up, validate, wait,
+    SpecArgs, Target, act, apply, audit, completions, convert, dashboard, demo, down, history, man,
+    operator, proxy, smoke, status, up, validate, wait,
 };
 
 mod cmd;
@@ -21,6 +21,15 @@ mod cmd;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `baton 0.1.0 (1a2b3c4d5e6f)`: the commit tells which source a binary was built
+/// from between releases (build.rs; `unknown commit` outside a git checkout).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BATON_GIT_COMMIT"),
+    ")"
+);
+
 /// Zero-downtime rollouts on one machine: canary, blue-green and rolling, gated on
 /// readiness and SLOs, with automatic rollback.
 ///
@@ -29,7 +38,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(
     name = "baton",
-    version,
+    version = VERSION,
     propagate_version = true,
     max_term_width = 100
 )]
@@ -161,6 +170,16 @@ enum Cmd {
     /// Run smoke tests (a spec's `smoke` list, as JSON) against a URL; exit status 0
     /// when all pass. What the operator's smoke Jobs run; handy by hand too.
     Smoke(smoke::SmokeArgs),
+    /// Print shell completions for bash, zsh or fish, made from this binary's own
+    /// commands and flags.
+    ///
+    /// Install: `baton completions bash > ~/.local/share/bash-completion/completions/baton`.
+    Completions(completions::CompletionsArgs),
+    /// Print the manual page `baton.1`, or write it and one page per subcommand
+    /// (`baton-up.1`, ...) into a directory.
+    ///
+    /// Install: `baton man --write ~/.local/share/man/man1`, then `man baton-up`.
+    Man(man::ManArgs),
 }
 
 fn main() {
@@ -208,6 +227,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(args) => demo::run(args).await,
         Cmd::Operator(args) => operator::operator(cli.namespace, args).await,
         Cmd::Crd(args) => operator::crd(args),
+        Cmd::Completions(args) => completions::run(Cli::command(), args),
+        Cmd::Man(args) => man::run(Cli::command(), args),
         Cmd::Status(args) => status::run(&target, args).await,
         Cmd::Wait(args) => wait::run(&target, args).await,
         Cmd::History(args) => history::run(&target, args).await,

@@ -5,11 +5,13 @@
 pub mod act;
 pub mod apply;
 pub mod audit;
+pub mod completions;
 pub mod convert;
 pub mod dashboard;
 pub mod demo;
 pub mod down;
 pub mod history;
+pub mod man;
 pub mod operator;
 pub mod proxy;
 pub mod smoke;
