@@ -131,6 +131,23 @@ fn argo_metric(m: &Value, args: &BTreeMap<String, String>) -> Result<Value, Stri
             web["headers"] = Value::Object(map);
         }
         json!({"web": web})
+    } else if let Some(j) = provider.get("job") {
+        // A Job metric passes when its Job succeeds: a command gate (exit status 0
+        // passes), run as a Job of the container's image (the Rollout's `jobs.image`).
+        let c = &j["spec"]["template"]["spec"]["containers"][0];
+        let argv: Vec<String> = c["command"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(c["args"].as_array().into_iter().flatten())
+            .filter_map(|a| a.as_str().map(fill))
+            .collect();
+        let (Some(image), false) = (c["image"].as_str(), argv.is_empty()) else {
+            return Err(format!(
+                "metric {name}: its Job's container names no image or no command (Baton runs the command itself, so an image's entrypoint is not enough)"
+            ));
+        };
+        json!({"command": {"command": argv}, "__jobImage": image})
     } else {
         let which = provider
             .as_object()
@@ -140,7 +157,12 @@ fn argo_metric(m: &Value, args: &BTreeMap<String, String>) -> Result<Value, Stri
             "metric {name}: the {which} provider has no Baton equivalent (Baton measures with prometheus, web, command or smoke checks)"
         ));
     };
+    let mut metric = metric;
+    let job_image = metric.as_object_mut().and_then(|o| o.remove("__jobImage"));
     let mut gate = json!({"name": name, "metric": metric});
+    if let Some(image) = job_image {
+        gate["__jobImage"] = image;
+    }
     for (from, to) in [
         ("successCondition", "successCondition"),
         ("failureCondition", "failureCondition"),
@@ -156,7 +178,10 @@ fn argo_metric(m: &Value, args: &BTreeMap<String, String>) -> Result<Value, Stri
             }
         }
     }
-    if gate.get("successCondition").is_none() && gate.get("failureCondition").is_none() {
+    if gate.get("successCondition").is_none()
+        && gate.get("failureCondition").is_none()
+        && gate.get("__jobImage").is_none()
+    {
         return Err(format!("metric {name}: no success or failure condition"));
     }
     for (from, to) in [("interval", "interval"), ("initialDelay", "initialDelay")] {
@@ -460,6 +485,33 @@ fn argo(d: &Value, templates: &BTreeMap<(String, bool), Value>) -> Converted {
     } else {
         notes.push("no canary or blueGreen strategy: converted to a rolling update".into());
         spec["strategy"] = json!({"rolling": {"maxSurge": 1, "maxUnavailable": 0}});
+    }
+    // Command gates from Job metrics run in one image, the Rollout's `jobs.image`.
+    let mut job_image: Option<String> = None;
+    for g in &mut gates {
+        let Some(image) = g
+            .as_object_mut()
+            .and_then(|o| o.remove("__jobImage"))
+            .and_then(|i| i.as_str().map(str::to_string))
+        else {
+            continue;
+        };
+        let name = g["name"].as_str().unwrap_or("").to_string();
+        match &job_image {
+            None => {
+                notes.push(format!(
+                    "metric {name}: its Job became a command gate, run as a Job of {image} (spec.jobs.image) as the namespace's default account; only the first container's command and args carried over"
+                ));
+                job_image = Some(image);
+            }
+            Some(first) if *first != image => notes.push(format!(
+                "metric {name}: its Job's image {image} is not {first}, the one image a Rollout's command gates run in: put its command there, or measure it another way"
+            )),
+            Some(_) => {}
+        }
+    }
+    if let Some(image) = job_image {
+        spec["jobs"] = json!({"image": image});
     }
     if !gates.is_empty() {
         spec["analysis"] = json!({"gates": gates});

@@ -99,7 +99,19 @@ fn what_does_not_carry_over_is_named() {
         .into_iter()
         .flat_map(|c| c.notes)
         .collect();
-    assert!(has(&n, "the job provider has no Baton equivalent"), "{n:?}");
+    assert!(has(&n, "its Job became a command gate"), "{n:?}");
+    let search = convert(&text).expect("convert").remove(0).rollout;
+    assert_eq!(search["spec"]["jobs"]["image"], "busybox:1.36", "{search}");
+    let gate = &search["spec"]["analysis"]["gates"][0];
+    assert_eq!(
+        gate["metric"]["command"]["command"],
+        serde_json::json!(["sh", "-c", "wget -qO- http://inventory-canary/healthz"]),
+        "the Job's command, as data: {gate}"
+    );
+    assert!(gate.get("__jobImage").is_none(), "{gate}");
+    if let Err(e) = baton_k8s::cli::parse_cluster(std::slice::from_ref(&search)) {
+        panic!("the converted Rollout validates: {e}");
+    }
     // Templates in the same input are used, namespaced and cluster-scoped alike.
     let text = format!(
         "{}\n---\n{}\n---\n{}",
@@ -109,7 +121,7 @@ fn what_does_not_carry_over_is_named() {
     );
     let c = convert(&text).expect("convert");
     let n: Vec<String> = c.iter().flat_map(|c| c.notes.clone()).collect();
-    assert!(has(&n, "the job provider has no Baton equivalent"), "{n:?}");
+    assert!(has(&n, "its Job became a command gate"), "{n:?}");
     assert!(
         !has(&n, "is not in the input"),
         "templates in the input are found: {n:?}"
