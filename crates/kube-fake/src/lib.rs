@@ -14,6 +14,7 @@
 //! what it does not do (admission, defaulting, OpenAPI validation, pagination) it
 //! does not pretend to.
 
+mod discovery;
 pub mod prometheus;
 mod select;
 mod server;
