@@ -161,6 +161,10 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
         );
     };
     let q = query(&req);
+    if param(&q, "dryRun").is_some() {
+        // Writing what was meant as a dry run would be worse than refusing it.
+        return status(400, "BadRequest", "dryRun is not supported by the fake");
+    }
     let method = req.method().clone();
     let content_type = req
         .headers()
