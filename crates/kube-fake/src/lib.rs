@@ -13,7 +13,31 @@
 //! Not a conformance suite: what it does, it does the way the API server does, and
 //! what it does not do (admission, defaulting, OpenAPI validation, pagination) it
 //! does not pretend to.
+//!
+//! # For kubectl
+//!
+//! The `baton-kube-fake` binary (`--listen ADDR`, `--kubeconfig PATH`, `--sim`) serves
+//! this over plain http so real clients can use it; `tests/kubectl.rs` drives kubectl
+//! 1.32 against it. What kubectl gets:
+//!
+//! - `/version`, and legacy discovery: `/api`, `/apis`, `/api/v1` and
+//!   `/apis/GROUP/VERSION` from a table of the built-in resources the project uses plus
+//!   every stored CustomResourceDefinition (served versions, names, shortNames, scope,
+//!   `status`/`scale` subresources). kubectl asks `/api` and `/apis` for aggregated
+//!   discovery (`as=APIGroupDiscoveryList`) first and falls back to these documents when
+//!   the answer is plain `application/json`.
+//! - Server-side Tables (`Accept: ...;as=Table;g=meta.k8s.io;v=v1`) for `kubectl get`:
+//!   Name plus a CRD version's `additionalPrinterColumns` (simple `.a.b` paths, `date`
+//!   cells as ages), or Name and Age when there are none (built-ins get no richer columns).
+//! - No OpenAPI schemas. `/openapi/v3` is an index without paths; kubectl then tries
+//!   `/openapi/v2` (404), so `kubectl apply` must run with `--validate=false` (with a 404
+//!   on v3 it fails the same way). Without schemas kubectl's strategic merge patches are
+//!   applied as merge patches, so list merges by key do not happen.
+//! - No aggregated discovery, protobuf, authentication, pagination (`limit` is ignored,
+//!   everything comes in one page) or `kubectl exec`/`logs`/`port-forward`; a
+//!   `dryRun` request is refused with 400 rather than written.
 
+mod discovery;
 pub mod prometheus;
 mod select;
 mod server;

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::discovery;
 use crate::select::Selector;
 use crate::store::{Key, Store, StoreError};
 
@@ -34,8 +35,13 @@ impl Drop for FakeApi {
 
 impl FakeApi {
     pub async fn start() -> std::io::Result<FakeApi> {
+        FakeApi::start_on("127.0.0.1:0").await
+    }
+
+    /// Listens on `addr` (`host:port`, port 0 for any).
+    pub async fn start_on(addr: &str) -> std::io::Result<FakeApi> {
         let store = Store::default();
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let s = store.clone();
         let task = tokio::spawn(async move {
@@ -135,6 +141,18 @@ fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
 }
 
 async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
+    if req.method() == Method::GET
+        && let Some(v) = discovery::answer(&store, req.uri().path())
+    {
+        return reply(200, &v);
+    }
+    let accept = req
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let table = discovery::wants_table(&accept);
     let Some(t) = parse_path(req.uri().path()) else {
         return status(
             404,
@@ -143,6 +161,10 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
         );
     };
     let q = query(&req);
+    if param(&q, "dryRun").is_some() {
+        // Writing what was meant as a dry run would be worse than refusing it.
+        return status(400, "BadRequest", "dryRun is not supported by the fake");
+    }
     let method = req.method().clone();
     let content_type = req
         .headers()
@@ -186,8 +208,19 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             let (items, rv) = store.list_where(&t.base.gv, &t.base.resource, ns.as_deref(), |o| {
                 labels.matches_labels(o) && fields.matches_fields(o)
             });
+            if table {
+                let v = discovery::table(
+                    &store,
+                    &t.base.gv,
+                    &t.base.resource,
+                    &items,
+                    &rv.to_string(),
+                );
+                return reply(200, &v);
+            }
             let kind = store
                 .kind_of(&t.base.gv, &t.base.resource)
+                .or_else(|| discovery::kind_of(&store, &t.base.gv, &t.base.resource))
                 .unwrap_or_default();
             // Written out by hand: the items are shared, and `json!` would copy them.
             let head = json!({"kind": format!("{kind}List"), "apiVersion": t.base.gv, "metadata": {"resourceVersion": rv.to_string()}});
@@ -203,7 +236,20 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             out.push_str("]}");
             reply_bytes(200, out)
         }
-        (Method::GET, Some(name)) => match store.get(&Key { name, ..t.base }) {
+        (Method::GET, Some(name)) => match store.get(&Key {
+            name,
+            ..t.base.clone()
+        }) {
+            Ok(v) if table && t.sub.is_none() => {
+                let rv = v["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                reply(
+                    200,
+                    &discovery::table(&store, &t.base.gv, &t.base.resource, &[v], &rv),
+                )
+            }
             Ok(v) => reply(200, &v),
             Err(e) => err(e),
         },
