@@ -166,25 +166,15 @@ async fn query(m: &RequestMetrics, promql: &str) -> Result<Vec<u8>, ProviderErro
 type Series = (serde_json::Map<String, serde_json::Value>, f64);
 
 fn series(body: &[u8], promql: &str) -> Result<Vec<Series>, ProviderError> {
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        ProviderError::Invalid(format!(
-            "Prometheus answered something that is not JSON: {e}"
-        ))
-    })?;
-    if v["status"] != "success" {
-        return Err(ProviderError::Invalid(format!(
-            "Prometheus refused the query `{promql}`: {}",
-            v["error"].as_str().unwrap_or("no reason given")
-        )));
-    }
-    if v["data"]["resultType"] != "vector" {
+    let data = crate::prometheus::data(body, promql)?;
+    if data["resultType"] != "vector" {
         return Err(ProviderError::Invalid(format!(
             "`{promql}` must return an instant vector, got {}",
-            v["data"]["resultType"]
+            data["resultType"]
         )));
     }
     let mut out = Vec::new();
-    for s in v["data"]["result"].as_array().into_iter().flatten() {
+    for s in data["result"].as_array().into_iter().flatten() {
         let text = s["value"][1].as_str().unwrap_or("");
         let value: f64 = text.parse().map_err(|_| {
             ProviderError::Invalid(format!("`{promql}`: value {text:?} is not a number"))

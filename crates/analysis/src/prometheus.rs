@@ -21,9 +21,9 @@ impl MetricProvider for Prometheus<'_> {
     }
 }
 
-/// Reads a query answer: one number, or why there is none.
-pub fn parse(body: &[u8], query: &str) -> Result<Sample, ProviderError> {
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+/// The `data` of a query answer, or why the query gave none.
+pub(crate) fn data(body: &[u8], query: &str) -> Result<serde_json::Value, ProviderError> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
         ProviderError::Invalid(format!(
             "Prometheus answered something that is not JSON: {e}"
         ))
@@ -34,7 +34,12 @@ pub fn parse(body: &[u8], query: &str) -> Result<Sample, ProviderError> {
             v["error"].as_str().unwrap_or("no reason given")
         )));
     }
-    let data = &v["data"];
+    Ok(v["data"].take())
+}
+
+/// Reads a query answer: one number, or why there is none.
+pub fn parse(body: &[u8], query: &str) -> Result<Sample, ProviderError> {
+    let data = &data(body, query)?;
     let number = |pair: &serde_json::Value| -> Result<f64, ProviderError> {
         let text = pair[1].as_str().unwrap_or("");
         text.parse::<f64>().map_err(|_| {

@@ -441,6 +441,17 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
     assert!(m.contains("baton_operator_reconciles_total"), "{m}");
 }
 
+/// `baton validate -f` on `yaml`, written to `name` in `dir`.
+fn validate_yaml(dir: &std::path::Path, name: &str, yaml: &str) -> std::process::Output {
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).expect("write");
+    Command::new(common::baton_bin())
+        .args(["validate", "-f"])
+        .arg(&path)
+        .output()
+        .expect("validate")
+}
+
 #[test]
 fn validate_checks_rollouts_written_for_a_cluster() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -457,17 +468,11 @@ fn validate_checks_rollouts_written_for_a_cluster() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("for the Kubernetes operator"));
-    let bad = dir.path().join("bad.yaml");
-    std::fs::write(
-        &bad,
+    let out = validate_yaml(
+        dir.path(),
+        "bad.yaml",
         "apiVersion: baton.dev/v1alpha1\nkind: Rollout\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  workloadRef: {name: web}\n  strategy:\n    canary:\n      trafficRouting: {gatewayApi: {httpRoute: web}}\n      steps: [{setWeight: 500}]\n",
-    )
-    .expect("write");
-    let out = Command::new(common::baton_bin())
-        .args(["validate", "-f"])
-        .arg(&bad)
-        .output()
-        .expect("validate");
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -475,17 +480,11 @@ fn validate_checks_rollouts_written_for_a_cluster() {
         "{err}"
     );
     // Gates only `baton up` can measure are refused, not failed at every measurement.
-    let local_only = dir.path().join("local-only.yaml");
-    std::fs::write(
-        &local_only,
+    let out = validate_yaml(
+        dir.path(),
+        "local-only.yaml",
         "apiVersion: baton.dev/v1alpha1\nkind: Rollout\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  workloadRef: {name: web}\n  strategy:\n    canary:\n      trafficRouting: {gatewayAPI: {httpRoute: web}}\n      steps: [{setWeight: 50}, {analysis: {gates: [errors, api]}}]\n  analysis:\n    gates:\n      - {name: errors, metric: {builtin: error_rate}, successCondition: 'result < 0.01'}\n      - {name: api, metric: {smoke: [{path: /readyz}]}}\n",
-    )
-    .expect("write");
-    let out = Command::new(common::baton_bin())
-        .args(["validate", "-f"])
-        .arg(&local_only)
-        .output()
-        .expect("validate");
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
@@ -500,17 +499,13 @@ fn validate_checks_rollouts_written_for_a_cluster() {
     // With the router's metrics in Prometheus, builtin gates have their cluster form
     // (the template follows the router); a custom template needs both queries.
     let with_metrics = |metrics: &str| {
-        let path = dir.path().join("metrics.yaml");
-        std::fs::write(
-            &path,
-            format!("apiVersion: baton.dev/v1alpha1\nkind: Rollout\nmetadata: {{name: web}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  workloadRef: {{name: web}}\n  strategy:\n    canary:\n      stableService: web-stable\n      canaryService: web-canary\n      trafficRouting: {{gatewayAPI: {{httpRoute: web}}}}\n      steps: [{{setWeight: 50}}, {{analysis: {{gates: [errors]}}}}]\n  analysis:\n    requestMetrics: {metrics}\n    gates:\n      - {{name: errors, metric: {{builtin: error_rate}}, successCondition: 'result < 0.01'}}\n"),
+        validate_yaml(
+            dir.path(),
+            "metrics.yaml",
+            &format!(
+                "apiVersion: baton.dev/v1alpha1\nkind: Rollout\nmetadata: {{name: web}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  workloadRef: {{name: web}}\n  strategy:\n    canary:\n      stableService: web-stable\n      canaryService: web-canary\n      trafficRouting: {{gatewayAPI: {{httpRoute: web}}}}\n      steps: [{{setWeight: 50}}, {{analysis: {{gates: [errors]}}}}]\n  analysis:\n    requestMetrics: {metrics}\n    gates:\n      - {{name: errors, metric: {{builtin: error_rate}}, successCondition: 'result < 0.01'}}\n"
+            ),
         )
-        .expect("write");
-        Command::new(common::baton_bin())
-            .args(["validate", "-f"])
-            .arg(&path)
-            .output()
-            .expect("validate")
     };
     let out = with_metrics("{address: 'http://prometheus.monitoring:9090'}");
     assert!(
@@ -528,17 +523,11 @@ fn validate_checks_rollouts_written_for_a_cluster() {
         "{err}"
     );
     // Mirroring happens in a router, and only with methods that exist.
-    let mirrored = dir.path().join("mirrored.yaml");
-    std::fs::write(
-        &mirrored,
+    let out = validate_yaml(
+        dir.path(),
+        "mirrored.yaml",
         "apiVersion: baton.dev/v1alpha1\nkind: Rollout\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  workloadRef: {name: web}\n  strategy:\n    canary:\n      stableService: web\n      mirrorPercent: 10\n      mirrorMethods: [GET, get]\n      steps: [{setWeight: 50}]\n",
-    )
-    .expect("write");
-    let out = Command::new(common::baton_bin())
-        .args(["validate", "-f"])
-        .arg(&mirrored)
-        .output()
-        .expect("validate");
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
