@@ -124,6 +124,8 @@ struct Controller {
     /// When the dashboard next gets the status, and a traffic sample.
     next_publish: u64,
     next_sample: u64,
+    /// The rollout metrics as last written for the proxy to serve.
+    metrics_written: String,
 }
 
 /// Starts a controller: adopts or starts the proxy, adopts recorded instances, applies
@@ -152,7 +154,7 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
     let router = ProxyRouter::start(
         paths.proxy_socket(),
         paths.proxy_log(),
-        opts.metrics_listen,
+        opts.metrics_listen.map(|m| (m, paths.rollout_metrics())),
         stored_version,
     )
     .await?;
@@ -187,6 +189,7 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         deliveries,
         next_publish: 0,
         next_sample: 0,
+        metrics_written: String::new(),
     };
     let me = format!("os:{}", local_user());
     c.record(
@@ -443,8 +446,29 @@ impl Controller {
         self.sync_routes(now).await;
         let stats = self.world.stats.take();
         self.publish(now, stats).await;
+        self.write_metrics();
         self.router.reap();
         Ok(())
+    }
+
+    /// Hands the rollout metrics to the proxy's `/metrics` when they changed: written
+    /// whole and renamed into place, so a scrape never reads half a file.
+    fn write_metrics(&mut self) {
+        if self.opts.metrics_listen.is_none() {
+            return;
+        }
+        let text = self.driver.metrics.render();
+        if text == self.metrics_written {
+            return;
+        }
+        let path = self.paths.rollout_metrics();
+        let tmp = path.with_extension("prom.tmp");
+        // Baton's own failure (a full disk) is said, never a rollout's; it is tried
+        // again at the next change, not at every tick.
+        if let Err(e) = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            eprintln!("warning: cannot write {}: {e}", path.display());
+        }
+        self.metrics_written = text;
     }
 
     /// Feeds the dashboard: status at most five times a second, traffic once a second.

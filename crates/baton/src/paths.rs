@@ -50,6 +50,10 @@ impl Paths {
     pub fn proxy_socket(&self) -> PathBuf {
         self.root.join("proxy.sock")
     }
+    /// The rollout metrics the proxy serves on `/metrics` after its own.
+    pub fn rollout_metrics(&self) -> PathBuf {
+        self.root.join("rollout-metrics.prom")
+    }
     pub fn proxy_log(&self) -> PathBuf {
         self.root.join("proxy.log")
     }

@@ -439,6 +439,47 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
     let m = get(metrics, "/metrics");
     assert!(m.contains("baton_operator_leader 1"), "{m}");
     assert!(m.contains("baton_operator_reconciles_total"), "{m}");
+    // The driver's rollout metrics, the same as `baton up` serves: v2 was promoted, and
+    // the next canary aborted by a person.
+    let web = r#"namespace="default",rollout="web""#;
+    assert!(
+        m.contains(&format!("baton_rollouts_promoted_total{{{web}}} 1")),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            r#"baton_rollouts_aborted_total{namespace="default",reason="user",rollout="web"} 1"#
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"baton_rollout_phase{namespace="default",phase="Degraded",rollout="web"} 0"#),
+        "{m}"
+    );
+    let body = m.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package `prometheus`; scripts/test installs it)");
+    {
+        use std::io::Write;
+        promtool
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(body.as_bytes())
+            .expect("write");
+    }
+    let checked = promtool.wait_with_output().expect("promtool ran");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 }
 
 /// `baton validate -f` on `yaml`, written to `name` in `dir`.

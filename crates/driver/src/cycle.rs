@@ -9,6 +9,7 @@ use baton_spec::NotificationEvent;
 
 use crate::event::{Event, Kind};
 use crate::gauges::CounterCache;
+use crate::metrics::RolloutMetrics;
 use crate::{Command, Gauges, Notify, Platform, Record, SaveError, Target};
 
 /// A person's command, with who gave it.
@@ -36,6 +37,8 @@ pub struct Outcome {
 #[derive(Clone)]
 pub struct Driver {
     pub gauges: Gauges,
+    /// What every rollout is doing and did, for `/metrics` on both platforms.
+    pub metrics: RolloutMetrics,
     notifier: Option<Arc<dyn Notify>>,
 }
 
@@ -60,6 +63,7 @@ impl Driver {
     pub fn new(notifier: Option<Arc<dyn Notify>>) -> Driver {
         Driver {
             gauges: Gauges::default(),
+            metrics: RolloutMetrics::new(),
             notifier,
         }
     }
@@ -167,6 +171,13 @@ impl Driver {
             keep(obs.measurements);
             return Err(e.into());
         }
+        let verdicts: Vec<_> = obs
+            .measurements
+            .iter()
+            .map(|m| (m.gate.clone(), m.verdict))
+            .collect();
+        self.metrics
+            .stepped(t, &record.status, &fresh, &verdicts, now);
 
         // Tell: everything in the outbox, then forget it (once that is written too).
         if !record.outbox.is_empty() {
@@ -188,6 +199,12 @@ impl Driver {
             .route(t, &record.status)
             .await
             .map_err(CycleError::Platform)?;
+        let confirmed = if served {
+            record.status.route_version
+        } else {
+            p.confirmed(t)
+        };
+        self.metrics.routed(t, &record.status, confirmed, now);
         let mut cache = CounterCache::default();
         for (gate, revision, epoch) in measures {
             let Some(g) = t.spec.spec.analysis.gates.iter().find(|g| g.name == gate) else {

@@ -643,3 +643,224 @@ async fn a_slow_command_gate_is_not_started_again_beside_itself() {
     }
     held.release.add_permits(100);
 }
+
+/// A series as `(name, labels sorted)`, so label order does not matter.
+fn series_key(s: &str) -> (String, Vec<String>) {
+    match s.split_once('{') {
+        Some((name, rest)) => {
+            let mut labels: Vec<String> = rest
+                .trim_end_matches('}')
+                .split(',')
+                // An empty label is an absent one, as Prometheus reads it.
+                .filter(|l| !l.is_empty() && !l.ends_with("=\"\""))
+                .map(str::to_string)
+                .collect();
+            labels.sort();
+            (name.to_string(), labels)
+        }
+        None => (s.to_string(), Vec::new()),
+    }
+}
+
+/// The value of `series` (name and labels, in any order) in `render`.
+fn sample(render: &str, series: &str) -> Option<f64> {
+    let want = series_key(series);
+    render
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(s, _)| series_key(s) == want)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn failed(gate: &str, revision: &str, at: Millis) -> baton_engine::Measurement {
+    baton_engine::Measurement {
+        gate: gate.into(),
+        revision: revision.into(),
+        verdict: baton_engine::Verdict::Fail,
+        value: Some(0.5),
+        requests: 100,
+        at,
+        detail: "result < 0.01 failed: 0.5".into(),
+    }
+}
+
+#[tokio::test]
+async fn rollout_metrics_follow_a_promotion() {
+    let mut run = Run::new();
+    run.cycles(3).await;
+    run.spec = spec("v2");
+    run.cycles(3).await;
+    assert_eq!(run.record.status.phase, Phase::Paused);
+    let m = run.driver.metrics.render();
+    let canary = run.record.status.canary.clone().expect("a canary");
+    let rollout = r#"namespace="",rollout="web""#;
+    assert_eq!(
+        sample(&m, &format!("baton_rollouts_started_total{{{rollout}}}")),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, &format!("baton_rollouts_promoted_total{{{rollout}}}")),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollout_phase{{{rollout},phase="Paused"}}"#)
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollout_phase{{{rollout},phase="Healthy"}}"#)
+        ),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, &format!("baton_rollout_step{{{rollout}}}")),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollout_weight{{{rollout},revision="{canary}",role="canary"}}"#)
+        ),
+        Some(20.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollout_served_weight{{{rollout},revision="{canary}"}}"#)
+        ),
+        Some(20.0),
+        "{m}"
+    );
+    run.cycle(ask(Command::PromoteFull)).await;
+    run.cycles(4).await;
+    assert_eq!(run.record.status.phase, Phase::Healthy);
+    let m = run.driver.metrics.render();
+    assert_eq!(
+        sample(&m, &format!("baton_rollouts_promoted_total{{{rollout}}}")),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollout_duration_seconds_count{{{rollout},result="promoted"}}"#)
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollout_phase{{{rollout},phase="Healthy"}}"#)
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    // The canary is stable now: one weight series, no stale canary one.
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollout_weight{{{rollout},revision="{canary}",role="stable"}}"#)
+        ),
+        Some(100.0),
+        "{m}"
+    );
+    assert!(!m.contains(r#"role="canary""#), "{m}");
+    assert!(!m.contains("baton_rollouts_rolled_back_total{"), "{m}");
+}
+
+#[tokio::test]
+async fn a_rollback_is_timed_from_the_first_failure_to_the_routers_confirmation() {
+    let mut run = Run::new();
+    run.spec = gated();
+    run.cycles(3).await;
+    let mut v2 = run.spec.clone();
+    v2.spec.run.env.insert("APP_VERSION".into(), "v2".into());
+    run.spec = v2;
+    run.cycles(2).await;
+    let canary = run.record.status.canary.clone().expect("a canary");
+    let first_failure = run.now + 1000;
+    // The router stops confirming: the rollback is decided but not yet served.
+    run.fake.router_confirms = false;
+    run.driver
+        .gauges
+        .push("web", failed("errors", &canary, first_failure));
+    run.cycle(Vec::new()).await;
+    assert!(run.record.status.aborted, "{:?}", run.record.status.message);
+    let rollout = r#"namespace="",rollout="web""#;
+    let m = run.driver.metrics.render();
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_gate_verdicts_total{{{rollout},gate="errors",result="fail"}}"#)
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollouts_rolled_back_total{{{rollout},reason="gate"}}"#)
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollout_duration_seconds_count{{{rollout},result="rolled_back"}}"#)
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        !m.contains("baton_rollout_time_to_rollback_seconds_count{"),
+        "no rollback time before the router serves it: {m}"
+    );
+    // The router still serves the canary's 20 %: that is what is reported served.
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollout_served_weight{{{rollout},revision="{canary}"}}"#)
+        ),
+        Some(20.0),
+        "{m}"
+    );
+    run.cycles(2).await;
+    run.fake.confirmed = run.fake.asked;
+    run.cycle(Vec::new()).await;
+    let m = run.driver.metrics.render();
+    assert_eq!(
+        sample(
+            &m,
+            &format!("baton_rollout_time_to_rollback_seconds_count{{{rollout}}}")
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    let took = sample(
+        &m,
+        &format!("baton_rollout_time_to_rollback_seconds_sum{{{rollout}}}"),
+    );
+    assert_eq!(took, Some((run.now - first_failure) as f64 / 1000.0), "{m}");
+    assert!(!m.contains(&format!(r#"revision="{canary}""#)), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollout_phase{{{rollout},phase="Degraded"}}"#)
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}

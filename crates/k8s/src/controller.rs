@@ -89,6 +89,8 @@ impl Metrics {
         d
     }
 
+    /// The controller's own metrics in Prometheus text form. Hand-written: three
+    /// series, and the quantiles come from `latencies`, which benchmarks read too.
     pub fn render(&self) -> String {
         use std::sync::atomic::Ordering::Relaxed;
         let lat = self.latencies();
@@ -111,6 +113,11 @@ impl Metrics {
 }
 
 impl Context {
+    /// The rollout metrics of the rollouts this replica reconciles (the driver's).
+    pub fn rollout_metrics(&self) -> String {
+        self.driver.metrics.render()
+    }
+
     /// Must be called within a tokio runtime: webhook deliveries report on a task.
     pub fn new(client: Client, instance: &str) -> Arc<Context> {
         Context::with_seal(client, instance, audit::Seal::default())
@@ -340,6 +347,7 @@ async fn cleanup(ro: &Rollout, ctx: &Context) -> Result<Action, Error> {
             &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
         )
         .await?;
+    ctx.driver.metrics.forget(&format!("{ns}/{name}"));
     Ok(Action::await_change())
 }
 

@@ -136,7 +136,7 @@ pub struct ProxyRouter {
     proxy: ProxyClient,
     socket: PathBuf,
     log: PathBuf,
-    metrics: Option<SocketAddr>,
+    metrics: Option<(SocketAddr, PathBuf)>,
     /// The proxy process, when this controller started it.
     child: Option<Child>,
     version: u64,
@@ -163,7 +163,7 @@ impl ProxyRouter {
     pub async fn start(
         socket: PathBuf,
         log: PathBuf,
-        metrics: Option<SocketAddr>,
+        metrics: Option<(SocketAddr, PathBuf)>,
         stored_version: u64,
     ) -> Result<ProxyRouter, RouterError> {
         let proxy = ProxyClient::new(&socket).with_timeout(CALL_TIMEOUT);
@@ -259,7 +259,15 @@ impl ProxyRouter {
         }
         let args: Vec<String> = self
             .metrics
-            .map(|m| vec!["--metrics-listen".to_string(), m.to_string()])
+            .as_ref()
+            .map(|(m, file)| {
+                vec![
+                    "--metrics-listen".to_string(),
+                    m.to_string(),
+                    "--metrics-textfile".to_string(),
+                    file.display().to_string(),
+                ]
+            })
             .unwrap_or_default();
         let child = spawn_proxy(&self.socket, &self.log, &args)?;
         match wait_for(&self.proxy, Duration::from_secs(10), |r| {

@@ -36,7 +36,7 @@ impl CpuAffinity {
 }
 
 /// What a proxy process was started with: a hot restart starts the new one alike.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Settings {
     /// As configured: 0 is one per usable CPU.
@@ -44,6 +44,10 @@ pub struct Settings {
     pub cpu_affinity: CpuAffinity,
     pub max_body_bytes: usize,
     pub request_timeout_secs: u64,
+    /// A file whose text `/metrics` serves after the proxy's own (the controller's
+    /// rollout metrics). Absent from proxies older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_textfile: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -90,7 +90,7 @@ pub(crate) async fn control_request(shared: &Arc<Shared>, req: ControlRequest) -
         ControlRequest::Ping => ControlResponse::Pong {
             pid: std::process::id(),
             version: shared.table.load().version,
-            settings: Some(shared.settings),
+            settings: Some(shared.settings.clone()),
         },
         ControlRequest::GetTable => ControlResponse::Table {
             table: shared.table.load().source.clone(),

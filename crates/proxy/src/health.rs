@@ -50,6 +50,22 @@ pub(crate) async fn active_checks(shared: Arc<Shared>) {
     }
 }
 
+/// The controller's rollout metrics, if it wrote any (none yet, or none any more, is
+/// no error: the proxy's own metrics are served regardless).
+async fn textfile(path: &std::path::Path) -> String {
+    /// More than any number of rollouts writes; a larger file is not served whole.
+    const MAX: u64 = 16 << 20;
+    let Ok(f) = tokio::fs::File::open(path).await else {
+        return String::new();
+    };
+    let mut text = String::new();
+    use tokio::io::AsyncReadExt;
+    if f.take(MAX).read_to_string(&mut text).await.is_err() {
+        return String::new();
+    }
+    text
+}
+
 pub(crate) async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -69,9 +85,12 @@ pub(crate) async fn serve_metrics(shared: Arc<Shared>, listener: TcpListener) {
                         .unwrap_or_else(|p| p.into_inner())
                         .as_ref()
                         .map_or(0, |g| g.count() as u64);
-                    let body =
+                    let mut body =
                         s.metrics
                             .render(s.table.load().version, active, s.sessions.count() as u64);
+                    if let Some(path) = &s.settings.metrics_textfile {
+                        body.push_str(&textfile(path).await);
+                    }
                     let mut r = plain(StatusCode::OK, "");
                     *r.body_mut() = Full::new(Bytes::from(body))
                         .map_err(|never| match never {})

@@ -68,6 +68,11 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Where to serve Prometheus `/metrics`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Text served on `/metrics` after the proxy's own, read at each scrape: the
+    /// controller writes its rollout metrics there, so one machine is one scrape
+    /// target (a file, as node_exporter's textfile collector, keeps the proxy free of
+    /// any call to the controller and survives either restarting).
+    pub metrics_textfile: Option<PathBuf>,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
     /// On shutdown, how long open connections may take to finish.
@@ -164,6 +169,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
             cpu_affinity: config.cpu_affinity,
             max_body_bytes: config.max_body_bytes,
             request_timeout_secs: config.request_timeout.as_secs(),
+            metrics_textfile: config.metrics_textfile.clone(),
         },
         sessions: websocket::Sessions::default(),
         outliers: table::Outliers::default(),

@@ -61,6 +61,7 @@ async fn proxy_with(tweak: impl FnOnce(&mut Config)) -> Proxy {
     let mut config = Config {
         control_socket: sock.clone(),
         metrics_listen: None,
+        metrics_textfile: None,
         max_body_bytes: 1024,
         drain_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),
@@ -631,6 +632,7 @@ async fn a_hot_restart_under_load_loses_nothing() {
     let new = tokio::spawn(baton_proxy::run(Config {
         control_socket: sock.clone(),
         metrics_listen: None,
+        metrics_textfile: None,
         max_body_bytes: 1024,
         drain_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),
@@ -1215,6 +1217,7 @@ async fn a_proxy_that_goes_away_closes_its_websockets_with_1001() {
     let new = tokio::spawn(baton_proxy::run(Config {
         control_socket: sock.clone(),
         metrics_listen: None,
+        metrics_textfile: None,
         max_body_bytes: 1024,
         drain_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),

@@ -86,6 +86,9 @@ async fn takeover_args(proxy: &baton_proxy::ProxyClient) -> Vec<String> {
         if std::env::var_os("BATON_PROXY_CPU_AFFINITY").is_none() {
             args.extend(["--cpu-affinity".into(), s.cpu_affinity.as_str().into()]);
         }
+        if let Some(f) = &s.metrics_textfile {
+            args.extend(["--metrics-textfile".to_string(), f.display().to_string()]);
+        }
         args.extend([
             "--max-body-bytes".to_string(),
             s.max_body_bytes.to_string(),

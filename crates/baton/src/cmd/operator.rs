@@ -162,7 +162,10 @@ fn answer(
         ("/metrics", true) => {
             let ctx = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let leading = u8::from(ctx.is_some());
-            let body = ctx.map(|c| c.metrics.render()).unwrap_or_default();
+            // Only the leader reconciles, so only it has rollout metrics to show.
+            let body = ctx
+                .map(|c| format!("{}{}", c.metrics.render(), c.rollout_metrics()))
+                .unwrap_or_default();
             (
                 StatusCode::OK,
                 format!(

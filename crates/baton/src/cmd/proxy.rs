@@ -13,6 +13,10 @@ pub struct ProxyArgs {
     control_socket: PathBuf,
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve this file's text on /metrics after the proxy's own (`baton up` writes its
+    /// rollout metrics there).
+    #[arg(long, value_name = "PATH")]
+    metrics_textfile: Option<PathBuf>,
     /// Request bodies above this many bytes get 413.
     #[arg(long, default_value_t = 10 << 20)]
     max_body_bytes: usize,
@@ -53,6 +57,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
     baton_proxy::run(baton_proxy::Config {
         control_socket: args.control_socket,
         metrics_listen: args.metrics_listen,
+        metrics_textfile: args.metrics_textfile,
         max_body_bytes: args.max_body_bytes,
         drain_timeout: Duration::from_secs(30),
         request_timeout: Duration::from_secs(args.request_timeout),
