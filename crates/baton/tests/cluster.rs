@@ -457,6 +457,17 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
         "{m}"
     );
     let body = m.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let listed = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/monitoring/metrics.txt"),
+    )
+    .expect("deploy/monitoring/metrics.txt");
+    for name in listed.lines().filter(|n| n.starts_with("baton_operator_")) {
+        assert!(
+            body.contains(&format!("# TYPE {name} ")),
+            "{name} not served: {body}"
+        );
+    }
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -218,5 +218,18 @@ async fn rollout_metrics_move_with_a_promotion_and_a_rollback() {
     if let Some(f) = promtool_findings(&text) {
         panic!("promtool check metrics: {f}\n{text}");
     }
+    // Every metric the shipped dashboard and alerts may use (deploy/monitoring checks
+    // they use no other) is served here, but the operator's (the cluster test's).
+    let listed = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/monitoring/metrics.txt"),
+    )
+    .expect("deploy/monitoring/metrics.txt");
+    let missing: Vec<&str> = listed
+        .lines()
+        .filter(|n| !n.is_empty() && !n.starts_with("baton_operator_"))
+        .filter(|n| !text.contains(&format!("# TYPE {n} ")))
+        .collect();
+    assert!(missing.is_empty(), "not served: {missing:?}\n{text}");
     drop(load);
 }

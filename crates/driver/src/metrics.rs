@@ -241,6 +241,11 @@ impl RolloutMetrics {
         // Counters start at 0 for every rollout, so `increase()` sees the first one.
         m.started.with_label_values(&[ns, name]);
         m.promoted.with_label_values(&[ns, name]);
+        m.aborted
+            .with_label_values(&[ns, name, reason(Cause::User)]);
+        for c in [Cause::Gate, Cause::Smoke, Cause::Deadline] {
+            m.rolled_back.with_label_values(&[ns, name, reason(c)]);
+        }
         for p in PHASES {
             let on = i64::from(p == status.phase);
             m.phase.with_label_values(&[ns, name, p.as_str()]).set(on);

@@ -777,7 +777,14 @@ async fn rollout_metrics_follow_a_promotion() {
         "{m}"
     );
     assert!(!m.contains(r#"role="canary""#), "{m}");
-    assert!(!m.contains("baton_rollouts_rolled_back_total{"), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            &format!(r#"baton_rollouts_rolled_back_total{{{rollout},reason="gate"}}"#)
+        ),
+        Some(0.0),
+        "{m}"
+    );
 }
 
 #[tokio::test]
