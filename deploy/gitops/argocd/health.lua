@@ -15,7 +15,9 @@
 --   any other phase                -> Progressing, waiting for the operator
 --
 -- Argo CD runs this with gopher-lua (Lua 5.1): `obj` is the live object, and the
--- script returns `hs` with `status` and `message`. Tested by ./test with lua5.1.
+-- script returns `hs` with `status` and `message`. It uses only the base functions,
+-- which Argo CD opens without `useOpenLibs` (no string or math library). Tested by
+-- ./test with lua5.1.
 local hs = {}
 local waiting = "Waiting for the operator to observe the Rollout"
 
