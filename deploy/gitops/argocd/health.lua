@@ -27,7 +27,7 @@ if obj.status == nil then
   return hs
 end
 
-local generation = obj.metadata.generation
+local generation = obj.metadata and obj.metadata.generation
 local observed = obj.status.observedGeneration or 0
 if generation ~= nil and observed < generation then
   hs.status = "Progressing"
