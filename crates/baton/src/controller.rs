@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use baton_audit::{AuditLog, NewEntry};
 use baton_driver::{Command, Delivery, Driver, Notifier, Record, Request, Target};
 use baton_engine::{Status, undo_target};
-use baton_local::machine::{Machine, echo};
+use baton_local::machine::Machine;
 use baton_local::router::{Note, ProxyRouter, service_route};
 use baton_local::{Desired, Platform, PlatformEvent, RevisionWant, Store};
 use baton_proxy::{ServiceRoute, StatsSnapshot};
@@ -41,6 +41,9 @@ pub struct UpOptions {
     pub tick: Duration,
     /// Print each event to stdout as it happens.
     pub echo: bool,
+    /// Passed on to the proxy this controller starts (else it logs as the
+    /// environment's BATON_LOG_FORMAT says, as text by default).
+    pub log_format: Option<crate::logs::LogFormat>,
     /// Where the audit trail's head and key are (default: outside the state
     /// directory, see `trail::Seal`).
     pub audit: crate::trail::Seal,
@@ -155,6 +158,9 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         paths.proxy_socket(),
         paths.proxy_log(),
         opts.metrics_listen.map(|m| (m, paths.rollout_metrics())),
+        opts.log_format
+            .map(|f| vec!["--log-format".to_string(), f.as_str().to_string()])
+            .unwrap_or_default(),
         stored_version,
     )
     .await?;
@@ -329,6 +335,9 @@ impl Controller {
             Some(r) => (r.record.current_revision(), Some(r.digest.clone())),
             None => (None, None),
         };
+        if self.opts.echo {
+            baton_local::machine::log_event(rollout, revision.as_deref(), reason, actor, message);
+        }
         let entry = NewEntry {
             actor: actor.to_string(),
             action: action_of(reason).to_string(),
@@ -338,9 +347,6 @@ impl Controller {
             reason: message.to_string(),
         };
         self.world.append(entry);
-        if self.opts.echo {
-            echo(now_ms(), rollout, actor, message);
-        }
     }
 
     fn platform_events(&self, events: Vec<PlatformEvent>) {
@@ -415,7 +421,7 @@ impl Controller {
                     // Baton's own failure (the state file): the next tick goes on from
                     // what was persisted, which a failure after the first write has
                     // moved on; the engine's decisions are never taken twice.
-                    eprintln!("warning: rollout {name}: {e}");
+                    tracing::warn!(rollout = %name, "{e}");
                     if let Ok(stored) = self.world.store.rollouts::<Rollout, Record>()
                         && let Some((_, _, record)) =
                             stored.into_iter().find(|(n, _, _)| *n == name)
@@ -466,7 +472,7 @@ impl Controller {
         // Baton's own failure (a full disk) is said, never a rollout's; it is tried
         // again at the next change, not at every tick.
         if let Err(e) = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path)) {
-            eprintln!("warning: cannot write {}: {e}", path.display());
+            tracing::warn!("cannot write {}: {e}", path.display());
         }
         self.metrics_written = text;
     }

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod dashboard;
 pub mod demo;
 pub mod load;
+pub mod logs;
 pub mod paths;
 pub mod trail;
 pub mod view;

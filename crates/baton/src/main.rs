@@ -71,6 +71,18 @@ struct Cli {
     /// head, made by `baton up` when missing.
     #[arg(long, global = true, env = "BATON_AUDIT_KEY_FILE", value_name = "FILE")]
     audit_key_file: Option<PathBuf>,
+    /// How `baton up`, `baton proxy` and `baton operator` log: `text`, one line per
+    /// event for a person (the default, but for the operator), or `json`, one object
+    /// per line (time, level, message, rollout, revision, reason, actor) for a log
+    /// pipeline (the operator's default). `RUST_LOG` filters, as `info` by default.
+    #[arg(
+        long,
+        global = true,
+        env = "BATON_LOG_FORMAT",
+        value_enum,
+        value_name = "FORMAT"
+    )]
+    log_format: Option<baton::logs::LogFormat>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -215,17 +227,17 @@ async fn run(cli: Cli) -> Result<()> {
         key_file: cli.audit_key_file.clone(),
     };
     match cli.command {
-        Cmd::Up(args) => up::run(&paths, seal, args).await,
+        Cmd::Up(args) => up::run(&paths, seal, cli.log_format, args).await,
         Cmd::Down => down::down(&paths, &seal).await,
         Cmd::RestartProxy => down::restart_proxy(&paths, &seal).await,
-        Cmd::Proxy(args) => proxy::run(args).await,
+        Cmd::Proxy(args) => proxy::run(cli.log_format, args).await,
         Cmd::Smoke(args) => smoke::run(args).await,
         Cmd::Apply(spec) => apply::run(&paths, spec).await,
         Cmd::Validate(args) => validate::run(args),
         Cmd::Convert(args) => convert::run(args),
         Cmd::Audit(args) => audit::run(&target, &seal, args).await,
         Cmd::Demo(args) => demo::run(args).await,
-        Cmd::Operator(args) => operator::operator(cli.namespace, args).await,
+        Cmd::Operator(args) => operator::operator(cli.namespace, cli.log_format, args).await,
         Cmd::Crd(args) => operator::crd(args),
         Cmd::Completions(args) => completions::run(Cli::command(), args),
         Cmd::Man(args) => man::run(Cli::command(), args),

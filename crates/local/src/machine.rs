@@ -45,6 +45,22 @@ pub struct Machine {
     pub smoke_done: BTreeMap<String, (String, bool, String)>,
 }
 
+/// The `tracing` target of a rollout's events: `baton up`'s text log prints them as
+/// lines of their own.
+pub const EVENT_TARGET: &str = "baton::event";
+
+/// Logs one of a rollout's events as it happens (an audit entry, an engine event).
+pub fn log_event(rollout: &str, revision: Option<&str>, reason: &str, actor: &str, message: &str) {
+    tracing::info!(
+        target: EVENT_TARGET,
+        rollout,
+        revision = revision.unwrap_or(""),
+        reason,
+        actor,
+        "{message}"
+    );
+}
+
 /// `HH:MM:SS.mmm` (UTC) of a millisecond timestamp.
 pub fn clock(ms: u64) -> String {
     let s = ms / 1000;
@@ -64,29 +80,13 @@ fn now_ms() -> Millis {
         .unwrap_or(0)
 }
 
-/// Prints an event as it happens (`baton up` in a terminal).
-pub fn echo(now: u64, rollout: &str, actor: &str, message: &str) {
-    let who = if actor == "baton" {
-        String::new()
-    } else {
-        format!(" [{}]", baton_driver::view::printable(actor))
-    };
-    // Names and messages carry user text (names, versions, env values): escaped, so
-    // they can neither forge a line nor send a terminal escape.
-    let (rollout, message) = (
-        baton_driver::view::printable(rollout),
-        baton_driver::view::printable(message),
-    );
-    println!("{} {rollout:<12} {message}{who}", clock(now));
-}
-
 impl Machine {
     /// Appends to the audit trail; Baton's own failure to write it is reported, never
     /// blamed on the rollout.
     pub fn append(&self, entry: NewEntry) {
         (self.on_audit)(&entry.rollout);
         if let Err(e) = self.audit.append(entry, now_ms()) {
-            eprintln!("warning: cannot append to the audit trail: {e}");
+            tracing::warn!("cannot append to the audit trail: {e}");
         }
     }
 }
@@ -207,7 +207,13 @@ impl DataPlane for Machine {
 impl Publish for Machine {
     async fn emit(&mut self, t: &Target<'_>, e: &Event) {
         if self.echo && !e.kind.is_routine() {
-            echo(e.at, t.key, &e.actor, &e.message);
+            log_event(
+                t.key,
+                e.revision.as_deref(),
+                e.kind.reason(),
+                &e.actor,
+                &e.message,
+            );
         }
     }
 }

@@ -764,7 +764,7 @@ fn judged(id: u64, result: Result<(), probe::Failure>) -> Option<Result<(), Stri
         Ok(()) => Some(Ok(())),
         Err(probe::Failure::Instance(e)) => Some(Err(e)),
         Err(own @ probe::Failure::Own(_)) => {
-            eprintln!("warning: probe of instance {id} not judged: {own}");
+            tracing::warn!("probe of instance {id} not judged: {own}");
             None
         }
     }

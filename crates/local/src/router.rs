@@ -137,6 +137,8 @@ pub struct ProxyRouter {
     socket: PathBuf,
     log: PathBuf,
     metrics: Option<(SocketAddr, PathBuf)>,
+    /// More arguments for a proxy started here (`--log-format`).
+    args: Vec<String>,
     /// The proxy process, when this controller started it.
     child: Option<Child>,
     version: u64,
@@ -164,6 +166,7 @@ impl ProxyRouter {
         socket: PathBuf,
         log: PathBuf,
         metrics: Option<(SocketAddr, PathBuf)>,
+        args: Vec<String>,
         stored_version: u64,
     ) -> Result<ProxyRouter, RouterError> {
         let proxy = ProxyClient::new(&socket).with_timeout(CALL_TIMEOUT);
@@ -172,6 +175,7 @@ impl ProxyRouter {
             socket,
             log,
             metrics,
+            args,
             child: None,
             version: stored_version,
             last: None,
@@ -257,7 +261,7 @@ impl ProxyRouter {
             let table = self.proxy.table().await?;
             return Ok((None, version, table.services, Some(pid)));
         }
-        let args: Vec<String> = self
+        let mut args: Vec<String> = self
             .metrics
             .as_ref()
             .map(|(m, file)| {
@@ -269,6 +273,7 @@ impl ProxyRouter {
                 ]
             })
             .unwrap_or_default();
+        args.extend(self.args.iter().cloned());
         let child = spawn_proxy(&self.socket, &self.log, &args)?;
         match wait_for(&self.proxy, Duration::from_secs(10), |r| {
             r.ok().map(|p| p.0)
@@ -389,8 +394,8 @@ impl ProxyRouter {
             return;
         }
         if let Some(pid) = self.pid {
-            eprintln!(
-                "warning: the proxy (pid {pid}) answered nothing for {} ms: killing it",
+            tracing::warn!(
+                "the proxy (pid {pid}) answered nothing for {} ms: killing it",
                 now - since
             );
             let pid = nix::unistd::Pid::from_raw(pid as i32);
@@ -411,7 +416,7 @@ impl ProxyRouter {
     /// The proxy did not answer: start a new one (or adopt one that came up meanwhile)
     /// and push it the whole table on the next sync.
     async fn replace(&mut self, now: Millis, e: ControlError, out: &mut Synced) {
-        eprintln!("warning: {e}; starting a new proxy");
+        tracing::warn!("{e}; starting a new proxy");
         match self.ensure().await {
             Ok((child, v, serving, pid)) => {
                 self.pid = pid;
@@ -429,7 +434,7 @@ impl ProxyRouter {
             }
             Err(e) => {
                 self.retry_at = now + 500;
-                eprintln!("warning: {e}");
+                tracing::warn!("{e}");
             }
         }
     }

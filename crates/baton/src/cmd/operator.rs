@@ -53,13 +53,12 @@ pub struct CrdArgs {
 
 /// Runs the operator until SIGTERM or Ctrl-C: campaigns for the Lease, reconciles
 /// while leading (in `namespace` only, or all), serves health and metrics throughout.
-pub async fn operator(namespace: Option<String>, args: OperatorArgs) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .init();
+pub async fn operator(
+    namespace: Option<String>,
+    format: Option<baton::logs::LogFormat>,
+    args: OperatorArgs,
+) -> Result<()> {
+    baton::logs::init(format.unwrap_or(baton::logs::LogFormat::Json));
     let (client, default_ns) = kube_client(None).await?;
     let lease_ns = args
         .leader_election_namespace

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
+use baton::logs::LogFormat;
 use clap::{Args, ValueEnum};
 
 #[derive(Args, Debug)]
@@ -46,14 +47,8 @@ enum CpuAffinityArg {
 }
 
 /// Serves until told to stop on the control socket (or drained by a takeover).
-pub async fn run(args: ProxyArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(false)
-        .init();
+pub async fn run(format: Option<LogFormat>, args: ProxyArgs) -> Result<()> {
+    baton::logs::init(format.unwrap_or(LogFormat::Text));
     baton_proxy::run(baton_proxy::Config {
         control_socket: args.control_socket,
         metrics_listen: args.metrics_listen,

@@ -29,7 +29,15 @@ pub struct UpArgs {
 
 /// Runs until the controller ends, Ctrl-C or SIGTERM; a signal stops only the
 /// controller, so the proxy and instances keep serving.
-pub async fn run(paths: &Paths, seal: Seal, args: UpArgs) -> Result<()> {
+pub async fn run(
+    paths: &Paths,
+    seal: Seal,
+    format: Option<baton::logs::LogFormat>,
+    args: UpArgs,
+) -> Result<()> {
+    let format = format.unwrap_or(baton::logs::LogFormat::Text);
+    baton::logs::init(format);
+    let json = format == baton::logs::LogFormat::Json;
     let specs = match &args.file {
         Some(f) => parse_spec(f)?,
         None => Vec::new(),
@@ -48,23 +56,25 @@ pub async fn run(paths: &Paths, seal: Seal, args: UpArgs) -> Result<()> {
         tick: Duration::from_millis(100),
         echo: true,
         audit: seal,
+        log_format: Some(format),
     })
     .await?;
-    println!(
-        "baton up: control API on http://{} (token in {}){}",
-        h.api_addr,
-        paths.token().display(),
-        args.metrics_listen
-            .map(|m| format!(", metrics on http://{m}/metrics"))
-            .unwrap_or_default()
-    );
-    println!(
-        "  dashboard on http://{}/ui/ (log in with the token, or `baton dashboard` for a one-time link)",
-        h.api_addr
-    );
-    println!(
-        "  watch with `baton status --watch`; Ctrl-C stops the controller only, `baton down` stops everything"
-    );
+    let banner = [
+        format!(
+            "baton up: control API on http://{} (token in {}){}",
+            h.api_addr,
+            paths.token().display(),
+            args.metrics_listen
+                .map(|m| format!(", metrics on http://{m}/metrics"))
+                .unwrap_or_default()
+        ),
+        format!(
+            "  dashboard on http://{}/ui/ (log in with the token, or `baton dashboard` for a one-time link)",
+            h.api_addr
+        ),
+        "  watch with `baton status --watch`; Ctrl-C stops the controller only, `baton down` stops everything".to_string(),
+    ];
+    say(json, &banner.join("\n"));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let tx = h.tx.clone();
     let mut join = h.join;
@@ -83,6 +93,21 @@ pub async fn run(paths: &Paths, seal: Seal, args: UpArgs) -> Result<()> {
         .await;
     let _ = rx.await;
     let _ = join.await;
-    println!("controller stopped; the proxy and instances keep serving (`baton down` stops them)");
+    say(
+        json,
+        "controller stopped; the proxy and instances keep serving (`baton down` stops them)",
+    );
     Ok(())
+}
+
+/// What `baton up` tells its user: plain lines, or log events where every line of
+/// output must be JSON.
+fn say(json: bool, text: &str) {
+    if json {
+        for line in text.lines() {
+            tracing::info!("{}", line.trim_start());
+        }
+    } else {
+        println!("{text}");
+    }
 }

@@ -364,6 +364,7 @@ async fn start_controller(
         tick: Duration::from_millis(50),
         echo: false,
         audit: seal(paths),
+        log_format: None,
     })
     .await?;
     say!(
