@@ -21,10 +21,13 @@ pub enum Command {
     Resume,
     /// Put the previous stable revision's spec back.
     Undo,
+    /// Replace the stable revision's instances (pods) a few at a time, under the same
+    /// readiness rules as a rollout.
+    Restart,
 }
 
 impl Command {
-    pub const ALL: [Command; 7] = [
+    pub const ALL: [Command; 8] = [
         Command::Promote,
         Command::PromoteFull,
         Command::Abort,
@@ -32,6 +35,7 @@ impl Command {
         Command::Pause,
         Command::Resume,
         Command::Undo,
+        Command::Restart,
     ];
 
     /// The wire name: an API path segment, a CLI word, the annotation's `command`.
@@ -44,6 +48,7 @@ impl Command {
             Command::Pause => "pause",
             Command::Resume => "resume",
             Command::Undo => "undo",
+            Command::Restart => "restart",
         }
     }
 
@@ -60,6 +65,7 @@ impl Command {
             Command::Retry => baton_engine::Command::Retry,
             Command::Pause => baton_engine::Command::Pause,
             Command::Resume => baton_engine::Command::Resume,
+            Command::Restart => baton_engine::Command::Restart,
             Command::Undo => return None,
         })
     }
@@ -74,6 +80,7 @@ impl Command {
             Command::Pause => "Pause",
             Command::Resume => "Resume",
             Command::Undo => "Undo",
+            Command::Restart => "Restart",
         }
     }
 }

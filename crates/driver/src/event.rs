@@ -74,6 +74,7 @@ impl Kind {
                 EventKind::Retry => "retry",
                 EventKind::Hold => "pause",
                 EventKind::Resume => "resume",
+                EventKind::Restart | EventKind::Restarted => "restart",
                 EventKind::Phase => "phase",
             },
             Kind::Gate(_) => "gate",
@@ -83,6 +84,7 @@ impl Kind {
             Kind::Command(Command::Pause) => "pause",
             Kind::Command(Command::Resume) => "resume",
             Kind::Command(Command::Undo) => "undo",
+            Kind::Command(Command::Restart) => "restart",
         }
     }
 

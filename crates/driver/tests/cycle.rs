@@ -135,6 +135,7 @@ impl Workloads for Fake {
                     RevisionObs {
                         ready: *n,
                         available: *n,
+                        stale: 0,
                     },
                 )
             })

@@ -174,6 +174,10 @@ pub struct Status {
     /// deadline does not count until `resume`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_since: Option<Millis>,
+    /// A restart was asked for at this time: the stable revision's instances started
+    /// before it are replaced (with one more instance wanted meanwhile) until none is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_at: Option<Millis>,
 }
 
 impl Status {
@@ -200,6 +204,9 @@ pub struct RevisionObs {
     pub ready: u32,
     /// Instances ready for at least `minReadySeconds`.
     pub available: u32,
+    /// Instances started before `Status::restart_at`: a restart replaces them.
+    #[serde(default)]
+    pub stale: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +224,9 @@ pub enum Command {
     Pause,
     /// Go on from where `pause` held, with what was left of a timed pause.
     Resume,
+    /// Replace the stable revision's instances, one at a time, each new one ready
+    /// before an old one goes (a surge of one).
+    Restart,
 }
 
 impl Command {
@@ -228,6 +238,7 @@ impl Command {
             Command::Retry => "retry",
             Command::Pause => "pause",
             Command::Resume => "resume",
+            Command::Restart => "restart",
         }
     }
 }
@@ -301,6 +312,11 @@ pub enum EventKind {
     Hold,
     /// A person let a held rollout go on.
     Resume,
+    /// A person asked for the stable revision's instances to be replaced.
+    Restart,
+    /// Every instance a restart was to replace is replaced (or the restart gave way
+    /// to a new revision).
+    Restarted,
     Phase,
     Aborted(Cause),
     /// A failure with `rollback.onFailure: false`: paused for a human.
@@ -324,6 +340,8 @@ impl EventKind {
             EventKind::Switch => "Switch",
             EventKind::Hold => "Pause",
             EventKind::Resume => "Resume",
+            EventKind::Restart => "Restart",
+            EventKind::Restarted => "Restarted",
             EventKind::Phase => "Phase",
             EventKind::Aborted(_) => "Aborted",
             EventKind::FailedPaused(_) => "FailedPaused",

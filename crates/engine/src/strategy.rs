@@ -176,6 +176,7 @@ pub fn step(spec: &Rollout, prev: &Status, obs: &Observations, now: Millis) -> O
         StrategyRef::Rolling(r) => Some(r),
         _ => None,
     };
+    restart_progress(&mut cx);
     compute_desired(&mut cx, rolling);
     compute_routes(&mut cx, rolling);
     if rolling.is_some() {
@@ -244,6 +245,9 @@ fn select_target(cx: &mut Ctx) {
 }
 
 fn command(cx: &mut Ctx, c: Command) -> CommandResult {
+    if c == Command::Restart {
+        return restart(cx);
+    }
     let Some(canary) = cx.s.canary.clone() else {
         return Err(format!(
             "nothing to {}: no rollout in progress (stable is {})",
@@ -317,6 +321,8 @@ fn command(cx: &mut Ctx, c: Command) -> CommandResult {
                 "{label}: paused at step {at}; traffic stays as it is until resume"
             ))
         }
+        // Handled before a canary is required (above).
+        Command::Restart => restart(cx),
         Command::Resume => {
             let Some(since) = cx.s.held_since.take() else {
                 return Err(format!("{label} is not paused; nothing to resume"));
@@ -572,6 +578,69 @@ fn blue_green(cx: &mut Ctx, bg: &BlueGreen) {
     }
 }
 
+/// `restart`: the stable revision's instances are replaced while nothing else rolls out.
+fn restart(cx: &mut Ctx) -> CommandResult {
+    let Some(stable) = cx.s.stable.clone() else {
+        return Err("nothing to restart: no revision is stable yet".into());
+    };
+    let label = cx.s.label(&stable);
+    if let Some(c) = cx.s.canary.clone().filter(|_| !cx.s.aborted) {
+        return Err(format!(
+            "{} is rolling out: restart once it is done, or abort it first",
+            cx.s.label(&c)
+        ));
+    }
+    if cx.s.restart_at.is_some() {
+        return Err(format!("{label} is already restarting"));
+    }
+    cx.s.restart_at = Some(cx.now);
+    cx.event(
+        EventKind::Restart,
+        format!(
+            "{label}: restart requested by user: its instances are replaced one at a time, each new one ready before an old one stops"
+        ),
+    );
+    Ok(format!(
+        "restarting {label}: one instance at a time, each new one ready before an old one stops"
+    ))
+}
+
+/// A restart ends once no instance of stable predates it and enough are available;
+/// a new revision rolling out replaces every instance anyway, so it ends one too.
+fn restart_progress(cx: &mut Ctx) {
+    let Some(at) = cx.s.restart_at else {
+        return;
+    };
+    // Asked for in this very step: what was observed predates it.
+    if at == cx.now {
+        return;
+    }
+    let Some(stable) = cx.s.stable.clone() else {
+        cx.s.restart_at = None;
+        return;
+    };
+    let label = cx.s.label(&stable);
+    if cx.s.canary.is_some() && !cx.s.aborted {
+        cx.s.restart_at = None;
+        cx.event(
+            EventKind::Restarted,
+            format!("restart of {label} given up: a new revision rolls out and replaces its instances"),
+        );
+        return;
+    }
+    let o = cx.obs.rev(&stable);
+    if o.stale == 0 && o.available >= cx.replicas() {
+        cx.s.restart_at = None;
+        cx.event(
+            EventKind::Restarted,
+            format!(
+                "{label} restarted: every instance replaced in {:.1} s",
+                cx.now.saturating_sub(at) as f64 / 1000.0
+            ),
+        );
+    }
+}
+
 /// Replicas wanted per revision. The stable revision of a canary or blue-green rollout
 /// always keeps `replicas`; nothing is scaled to zero while the router may still send
 /// it traffic.
@@ -580,7 +649,9 @@ fn compute_desired(cx: &mut Ctx, rolling: Option<&Rolling>) {
     let acked = cx.acked();
     let mut desired = BTreeMap::new();
     if let Some(st) = &cx.s.stable {
-        desired.insert(st.clone(), replicas);
+        // A restart surges by one: the replacement is ready before an old one goes.
+        let surge = u32::from(cx.s.restart_at.is_some());
+        desired.insert(st.clone(), replicas.saturating_add(surge));
     }
     if let Some(c) = &cx.s.canary {
         let keep = !cx.s.aborted || cx.s.weight(c) > 0 || !acked;

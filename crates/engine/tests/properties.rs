@@ -130,7 +130,7 @@ proptest! {
             match op {
                 Op::Wait(ms) => now += ms,
                 Op::Instances { rev, ready, available } => {
-                    obs.revisions.insert(pick(rev), RevisionObs { ready, available });
+                    obs.revisions.insert(pick(rev), RevisionObs { ready, available, stale: 0 });
                 }
                 Op::Ack => obs.router_acked = status.route_version,
                 Op::Measure { rev, verdict } => {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use baton_engine::{Action, Command, Phase, RevisionObs, Verdict, undo_target};
+use baton_engine::{Action, Command, EventKind, Phase, RevisionObs, Verdict, undo_target};
 use common::*;
 
 fn started(yaml: &str) -> World {
@@ -27,6 +27,7 @@ fn first_revision_becomes_healthy_once_available() {
         RevisionObs {
             ready: 2,
             available: 2,
+            stale: 0,
         },
     );
     w.tick();
@@ -84,6 +85,7 @@ fn a_weight_step_waits_for_the_router() {
         RevisionObs {
             ready: 2,
             available: 2,
+            stale: 0,
         },
     );
     for _ in 0..20 {
@@ -572,4 +574,65 @@ fn durations_too_long_to_add_to_a_time_never_wrap() {
             && w.status.stable.as_deref() == Some(w.name_of("v2").as_str()))
     );
     assert!(w.status.desired.values().sum::<u32>() <= 3 + 3);
+}
+
+/// The stable revision's instances the platform still runs from before a restart.
+fn stale(w: &mut World, n: u32) {
+    let stable = w.status.stable.clone().expect("stable");
+    if let Some(o) = w.obs.revisions.get_mut(&stable) {
+        o.stale = n;
+    }
+}
+
+#[test]
+fn a_restart_surges_by_one_until_no_instance_predates_it() {
+    let mut w = started(CANARY);
+    let stable = w.status.stable.clone().expect("stable");
+    let replicas = w.status.desired[&stable];
+    w.perfect = false;
+    // The platform still runs every instance it had.
+    stale(&mut w, replicas);
+    w.command(Command::Restart).expect("restart");
+    assert!(w.command(Command::Restart).is_err(), "already restarting");
+    assert_eq!(w.status.desired[&stable], replicas + 1, "one more while replacing");
+    assert_eq!(w.weight("v1"), 100, "traffic does not move");
+    assert_eq!(w.status.phase, Phase::Healthy);
+    // Replaced one by one: still restarting while any old instance is left.
+    for left in (1..replicas).rev() {
+        stale(&mut w, left);
+        w.advance(1_000);
+        assert!(w.status.restart_at.is_some(), "{left} left");
+        assert_eq!(w.status.desired[&stable], replicas + 1);
+    }
+    stale(&mut w, 0);
+    let out = w.advance(1_000);
+    assert_eq!(w.status.restart_at, None, "done");
+    assert_eq!(w.status.desired[&stable], replicas, "the surge goes");
+    assert!(
+        out.actions.iter().any(|a| matches!(a, Action::Event(e) if e.kind == EventKind::Restarted)),
+        "{:?}",
+        out.actions
+    );
+}
+
+#[test]
+fn a_restart_waits_for_a_rollout_and_gives_way_to_a_new_one() {
+    let mut w = started(CANARY);
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    let e = w.command(Command::Restart).expect_err("refused");
+    assert!(e.contains("rolling out"), "{e}");
+
+    let mut w = started(CANARY);
+    w.perfect = false;
+    stale(&mut w, 2);
+    w.command(Command::Restart).expect("restart");
+    w.spec = with_version(&w.spec, "v2");
+    let out = w.advance(1_000);
+    assert_eq!(w.status.restart_at, None, "a new revision replaces every instance");
+    assert!(
+        out.actions.iter().any(|a| matches!(a, Action::Event(e) if e.kind == EventKind::Restarted)),
+        "{:?}",
+        out.actions
+    );
 }

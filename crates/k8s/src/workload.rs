@@ -42,6 +42,8 @@ pub fn obs_of(rs: &ReplicaSet) -> RevisionObs {
     RevisionObs {
         ready: st.and_then(|s| s.ready_replicas).unwrap_or(0).max(0) as u32,
         available: st.and_then(|s| s.available_replicas).unwrap_or(0).max(0) as u32,
+        // Counted from the pods, and only while a restart runs (see the controller).
+        stale: 0,
     }
 }
 

@@ -114,6 +114,7 @@ impl World {
                         RevisionObs {
                             ready: *n,
                             available: *n,
+                            stale: 0,
                         },
                     )
                 })
