@@ -317,6 +317,9 @@ fn wants_for(spec: &Rollout, status: &Status) -> BTreeMap<String, RevisionWant> 
                     probes: spec.spec.probes.clone(),
                     shutdown: spec.spec.shutdown.clone(),
                     min_ready_ms: spec.spec.min_ready_seconds.saturating_mul(1000),
+                    replace_before: status
+                        .restart_at
+                        .filter(|_| status.stable.as_ref() == Some(rev)),
                 },
             ))
         })

@@ -138,6 +138,10 @@ enum Cmd {
     Resume { name: String },
     /// Roll back to the previous stable revision (through the strategy).
     Undo { name: String },
+    /// Replace the stable revision's instances (pods on a cluster) one at a time: each
+    /// replacement is ready before an old one stops, traffic never moves. For a
+    /// process that leaks or holds stale state; refused while a revision rolls out.
+    Restart { name: String },
     /// Change a cluster Rollout's template: `baton set image NAME CONTAINER=IMAGE...`.
     #[command(subcommand)]
     Set(SetCmd),
@@ -251,6 +255,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Pause { name } => act::run(&target, &name, CommandKind::Pause).await,
         Cmd::Resume { name } => act::run(&target, &name, CommandKind::Resume).await,
         Cmd::Undo { name } => act::run(&target, &name, CommandKind::Undo).await,
+        Cmd::Restart { name } => act::run(&target, &name, CommandKind::Restart).await,
         Cmd::Set(SetCmd::Image { name, images }) => act::set_image(&target, &name, &images).await,
     }
 }

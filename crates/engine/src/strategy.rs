@@ -624,7 +624,9 @@ fn restart_progress(cx: &mut Ctx) {
         cx.s.restart_at = None;
         cx.event(
             EventKind::Restarted,
-            format!("restart of {label} given up: a new revision rolls out and replaces its instances"),
+            format!(
+                "restart of {label} given up: a new revision rolls out and replaces its instances"
+            ),
         );
         return;
     }

@@ -594,7 +594,11 @@ fn a_restart_surges_by_one_until_no_instance_predates_it() {
     stale(&mut w, replicas);
     w.command(Command::Restart).expect("restart");
     assert!(w.command(Command::Restart).is_err(), "already restarting");
-    assert_eq!(w.status.desired[&stable], replicas + 1, "one more while replacing");
+    assert_eq!(
+        w.status.desired[&stable],
+        replicas + 1,
+        "one more while replacing"
+    );
     assert_eq!(w.weight("v1"), 100, "traffic does not move");
     assert_eq!(w.status.phase, Phase::Healthy);
     // Replaced one by one: still restarting while any old instance is left.
@@ -609,7 +613,9 @@ fn a_restart_surges_by_one_until_no_instance_predates_it() {
     assert_eq!(w.status.restart_at, None, "done");
     assert_eq!(w.status.desired[&stable], replicas, "the surge goes");
     assert!(
-        out.actions.iter().any(|a| matches!(a, Action::Event(e) if e.kind == EventKind::Restarted)),
+        out.actions
+            .iter()
+            .any(|a| matches!(a, Action::Event(e) if e.kind == EventKind::Restarted)),
         "{:?}",
         out.actions
     );
@@ -629,9 +635,14 @@ fn a_restart_waits_for_a_rollout_and_gives_way_to_a_new_one() {
     w.command(Command::Restart).expect("restart");
     w.spec = with_version(&w.spec, "v2");
     let out = w.advance(1_000);
-    assert_eq!(w.status.restart_at, None, "a new revision replaces every instance");
+    assert_eq!(
+        w.status.restart_at, None,
+        "a new revision replaces every instance"
+    );
     assert!(
-        out.actions.iter().any(|a| matches!(a, Action::Event(e) if e.kind == EventKind::Restarted)),
+        out.actions
+            .iter()
+            .any(|a| matches!(a, Action::Event(e) if e.kind == EventKind::Restarted)),
         "{:?}",
         out.actions
     );

@@ -99,11 +99,16 @@ impl Workloads for Machine {
     async fn observe(
         &mut self,
         t: &Target<'_>,
-        _: &Status,
+        prev: &Status,
         now: Millis,
     ) -> Result<BTreeMap<String, RevisionObs>, StoreError> {
         let min_ready = t.spec.spec.min_ready_seconds.saturating_mul(1000);
-        Ok(self.platform.observe(t.key, min_ready, now))
+        let mut obs = self.platform.observe(t.key, min_ready, now);
+        if let (Some(at), Some(stable)) = (prev.restart_at, &prev.stable) {
+            obs.entry(stable.clone()).or_default().stale =
+                self.platform.started_before(t.key, stable, at);
+        }
+        Ok(obs)
     }
 
     /// Instances are reconciled for every rollout at once, after every cycle of the

@@ -33,6 +33,9 @@ pub struct RevisionWant {
     pub probes: Probes,
     pub shutdown: Shutdown,
     pub min_ready_ms: u64,
+    /// A restart: instances started before this time are replaced, one at a time and
+    /// only while every other instance is ready (the engine wants one more meanwhile).
+    pub replace_before: Option<Millis>,
 }
 
 /// rollout → revision → want. A revision not listed should have no instance.
@@ -79,13 +82,17 @@ struct Instance {
     derouted: bool,
     stopper: Option<JoinHandle<()>>,
     want: Option<RevisionWant>,
+    /// When it started (Unix ms): a restart replaces the older ones.
+    started_at: Millis,
 }
 
 impl Instance {
     /// A running instance this controller did not start; one the proxy routes to is
     /// serving, and counts as available at once.
     fn adopted(rec: InstanceRecord, ready: bool) -> Instance {
+        let started_at = process::started_at_ms(rec.start_time).unwrap_or(0);
         Instance {
+            started_at,
             rec,
             child: None,
             phase: InstancePhase::Running,
@@ -324,6 +331,17 @@ impl Platform {
                     .map(|i| i.rec.id)
                     .collect();
                 let have = live.len() as u32;
+                if let Some(before) = want.replace_before
+                    && let Some(id) = self.next_to_replace(&live, want.replicas, before)
+                {
+                    events.push(PlatformEvent {
+                        rollout: rollout.clone(),
+                        reason: "Restarting",
+                        message: format!("replacing instance {id} of revision {rev} (restart)"),
+                    });
+                    self.terminate(id, &mut events);
+                    continue;
+                }
                 if have < want.replicas {
                     let key = (rollout.clone(), rev.clone());
                     let wait = self.backoff.get(&key).map_or(0, |b| b.not_before);
@@ -331,7 +349,7 @@ impl Platform {
                         continue;
                     }
                     for _ in have..want.replicas {
-                        match self.start(rollout, rev, want, store) {
+                        match self.start(rollout, rev, want, store, now) {
                             Ok(id) => events.push(PlatformEvent {
                                 rollout: rollout.clone(),
                                 reason: "Started",
@@ -412,6 +430,7 @@ impl Platform {
         rev: &str,
         want: &RevisionWant,
         store: &Store,
+        now: Millis,
     ) -> Result<u64, String> {
         let id = self.next_id;
         let port = process::free_port().map_err(|e| e.to_string())?;
@@ -459,9 +478,37 @@ impl Platform {
                 derouted: false,
                 stopper: None,
                 want: Some(want.clone()),
+                started_at: now,
             },
         );
         Ok(id)
+    }
+
+    /// During a restart, the oldest instance started before `before`, once all `wanted`
+    /// instances run and are ready (the replacement of the last one included), so
+    /// stopping it leaves the revision's capacity whole.
+    fn next_to_replace(&self, live: &[u64], wanted: u32, before: Millis) -> Option<u64> {
+        let live: Vec<&Instance> = live
+            .iter()
+            .filter_map(|id| self.instances.get(id))
+            .collect();
+        if (live.len() as u32) < wanted || live.iter().any(|i| !i.ready) {
+            return None;
+        }
+        live.iter()
+            .filter(|i| i.started_at < before)
+            .min_by_key(|i| (i.started_at, i.rec.id))
+            .map(|i| i.rec.id)
+    }
+
+    /// Instances of a rollout's revision started before `before` and not stopping.
+    pub fn started_before(&self, rollout: &str, revision: &str, before: Millis) -> u32 {
+        self.instances
+            .values()
+            .filter(|i| i.rec.rollout == rollout && i.rec.revision == revision)
+            .filter(|i| matches!(i.phase, InstancePhase::Starting | InstancePhase::Running))
+            .filter(|i| i.started_at < before)
+            .count() as u32
     }
 
     fn terminate(&mut self, id: u64, events: &mut Vec<PlatformEvent>) {

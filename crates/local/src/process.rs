@@ -194,6 +194,22 @@ pub fn start_time(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// When a process started (Unix ms) from its kernel start time, for instances this
+/// controller did not start itself. The boot time is whole seconds, so this is up to a
+/// second early: never later than the truth, so an old instance never passes as new.
+pub fn started_at_ms(start_ticks: u64) -> Option<u64> {
+    /// USER_HZ: the /proc ABI fixes it at 100 on Linux.
+    const TICKS_PER_SECOND: u64 = 100;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let boot: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(boot * 1000 + start_ticks * 1000 / TICKS_PER_SECOND)
+}
+
 /// Whether the recorded process still runs (same pid, same start time).
 pub fn alive(pid: u32, recorded_start: u64) -> bool {
     start_time(pid) == Some(recorded_start)
