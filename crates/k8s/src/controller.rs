@@ -284,6 +284,7 @@ async fn reconcile_inner(ro: &Rollout, ctx: &Arc<Context>) -> Result<Action, Err
         latest_rv,
         request_id,
         obs: BTreeMap::new(),
+        restart_pods: Vec::new(),
     };
     let out = match ctx
         .driver
@@ -628,9 +629,40 @@ struct Cluster<'a> {
     request_id: Option<String>,
     /// What `observe` saw, for the conditions.
     obs: BTreeMap<String, RevisionObs>,
+    /// The stable revision's pods, read while a restart runs.
+    restart_pods: Vec<k8s_openapi::api::core::v1::Pod>,
 }
 
 impl Cluster<'_> {
+    /// A restart's next step: one pod that predates it deleted (its ReplicaSet makes a
+    /// new one), once the surge is ready and nothing else is terminating.
+    async fn replace_one(&self, st: &Status) -> Result<(), Error> {
+        let (Some(at), Some(stable)) = (st.restart_at, &st.stable) else {
+            return Ok(());
+        };
+        let wanted = st.desired.get(stable).copied().unwrap_or(0);
+        let Some(pod) = workload::next_to_replace(&self.restart_pods, at, wanted) else {
+            return Ok(());
+        };
+        let api: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.ctx.client.clone(), &self.ns);
+        match api.delete(&pod, &Default::default()).await {
+            Ok(_) => {}
+            // Gone already: the next cycle reads the pods again.
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        publish(
+            &self.ctx,
+            self.ro,
+            EventType::Normal,
+            "Restarting",
+            &format!("pod {pod} deleted for the restart; its ReplicaSet replaces it"),
+        )
+        .await;
+        Ok(())
+    }
+
     /// Without a router the canary runs only its share of pods.
     fn replica_ratio(&self) -> bool {
         self.ro
@@ -769,6 +801,12 @@ impl Workloads for Cluster<'_> {
             .iter()
             .map(|(rev, rs)| (rev.clone(), workload::obs_of(rs)))
             .collect();
+        if let (Some(at), Some(stable)) = (prev.restart_at, &prev.stable) {
+            self.restart_pods =
+                workload::pods(&self.ctx.client, &self.ns, &self.name, stable).await?;
+            revisions.entry(stable.clone()).or_default().stale =
+                workload::stale(&self.restart_pods, at);
+        }
         Ok(revisions)
     }
 
@@ -796,7 +834,7 @@ impl Workloads for Cluster<'_> {
         {
             tracing::info!(rollout = %t.key, "{what}");
         }
-        Ok(())
+        self.replace_one(st).await
     }
 }
 

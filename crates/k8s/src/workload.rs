@@ -222,3 +222,63 @@ pub fn selector_string(ro: &Rollout) -> String {
     parts.sort();
     parts.join(",")
 }
+
+/// A revision's pods, for a restart: which predate it, and which goes next.
+pub async fn pods(
+    client: &kube::Client,
+    ns: &str,
+    rollout: &str,
+    revision: &str,
+) -> Result<Vec<k8s_openapi::api::core::v1::Pod>, Error> {
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let sel = format!("{ROLLOUT_LABEL}={rollout},{REVISION_LABEL}={revision}");
+    Ok(api.list(&ListParams::default().labels(&sel)).await?.items)
+}
+
+/// Whether a pod predates a restart asked for at `at` (Unix ms). A pod's creation time
+/// has whole seconds, so the restart's is taken to the second too: a pod made in the
+/// same second as the request, before it, is not replaced (as Argo Rollouts' restartAt).
+fn predates(pod: &k8s_openapi::api::core::v1::Pod, at: u64) -> bool {
+    let at_secs = (at / 1000) as i64;
+    pod.metadata
+        .creation_timestamp
+        .as_ref()
+        .is_some_and(|t| t.0.as_second() < at_secs)
+}
+
+fn terminating(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+}
+
+/// Pods of the revision a restart at `at` still has to replace.
+pub fn stale(pods: &[k8s_openapi::api::core::v1::Pod], at: u64) -> u32 {
+    pods.iter()
+        .filter(|p| !terminating(p) && predates(p, at))
+        .count() as u32
+}
+
+fn pod_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The pod to delete next in a restart: the oldest that predates it, once `wanted` of
+/// the pods just read are ready and none is terminating, so the ReplicaSet's
+/// replacement and the surge keep the revision's capacity whole. Read from the pods,
+/// not the ReplicaSet's status, which lags a deletion.
+pub fn next_to_replace(
+    pods: &[k8s_openapi::api::core::v1::Pod],
+    at: u64,
+    wanted: u32,
+) -> Option<String> {
+    let ready = pods.iter().filter(|p| pod_ready(p)).count() as u32;
+    if ready < wanted || pods.iter().any(terminating) {
+        return None;
+    }
+    pods.iter()
+        .filter(|p| predates(p, at))
+        .min_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .map(|p| p.name_any())
+}

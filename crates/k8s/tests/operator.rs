@@ -1702,3 +1702,72 @@ async fn command_gates_run_as_jobs_with_an_allowed_account_never_in_the_operator
         "{s}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_replaces_every_stable_pod_one_at_a_time_with_a_surge_of_one() {
+    let c = cluster().await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    create(
+        &rollouts,
+        json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 3,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": template("registry.example/web:v1"),
+                "strategy": {"rolling": {"maxSurge": 1, "maxUnavailable": 0}},
+            },
+        }),
+    )
+    .await;
+    let (_ctx, _op) = operator(&c, "restart");
+    wait_healthy(&rollouts, "v1").await;
+    // The pods: (name, ready, creation second).
+    let pods = || {
+        let (pods, _) = c.api.store.list("v1", "pods", Some("default"));
+        pods.iter()
+            .map(|p| {
+                let ready = p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                });
+                (
+                    p["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                    ready,
+                    p["metadata"]["creationTimestamp"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let before: Vec<String> = pods().into_iter().map(|p| p.0).collect();
+    assert_eq!(before.len(), 3, "{before:?}");
+    // Creation times have whole seconds: ask in a later second than the pods'.
+    let newest = pods().into_iter().map(|p| p.2).max().unwrap_or_default();
+    wait_for(Duration::from_secs(3), "a new second", async || {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        (now.get(..19) > newest.get(..19)).then_some(())
+    })
+    .await;
+    let req = json!({"metadata": {"annotations": {REQUEST_ANNOTATION: json!({"id": "x1", "command": "restart", "by": "test"}).to_string()}}});
+    rollouts
+        .patch("web", &PatchParams::default(), &Patch::Merge(req))
+        .await
+        .expect("request");
+    let (mut min_ready, mut max_pods) = (usize::MAX, 0);
+    let done = wait_for(Duration::from_secs(30), "every pod replaced", async || {
+        let now = pods();
+        min_ready = min_ready.min(now.iter().filter(|p| p.1).count());
+        max_pods = max_pods.max(now.len());
+        let s = status(&rollouts, "web").await;
+        let replaced = now.len() == 3 && now.iter().all(|p| !before.contains(&p.0));
+        (replaced && s["engine"].get("restartAt").is_none() && s["phase"] == "Healthy").then_some(s)
+    })
+    .await;
+    assert_eq!(done["lastRequest"], "x1", "{done}");
+    assert!(min_ready >= 3, "capacity dropped to {min_ready} ready pods");
+    assert!(max_pods <= 4, "a surge of one, not {max_pods} pods");
+}
