@@ -17,6 +17,38 @@ pub use baton_local::machine::clock;
 
 pub use baton_driver::view::Routing;
 
+/// Columns as wide as their widest cell, so a long name never pushes the others out of
+/// line; two spaces between columns, `right` ones right-aligned (numbers), each line
+/// after `indent`. Cells are escaped (`printable`) by the caller.
+fn table(indent: &str, header: &[&str], right: &[usize], rows: Vec<Vec<String>>) -> String {
+    use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for r in rows {
+        t.add_row(r);
+    }
+    for (i, c) in t.column_iter_mut().enumerate() {
+        c.set_padding((0, 2));
+        if right.contains(&i) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t.lines()
+        .map(|l| format!("{indent}{}\n", l.trim_end()))
+        .collect()
+}
+
+/// A time as people read it in a table: `2026-11-30 19:20:13` (UTC).
+fn when(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms))
+        .to_string()
+        .replacen('T', " ", 1)
+        .trim_end_matches('Z')
+        .to_string()
+}
+
 /// A string field of a view, as a terminal may show it (`printable`); `or` when absent.
 fn text<'a>(v: &'a Value, or: &'a str) -> Cow<'a, str> {
     printable(v.as_str().unwrap_or(or))
@@ -153,11 +185,7 @@ pub fn render(v: &Value) -> String {
         }
     }
     let _ = writeln!(o, "Revisions:");
-    let _ = writeln!(
-        o,
-        "  {:<4} {:<10} {:<11} {:<15} {:<26} {:<6} INSTANCES",
-        "REV", "VERSION", "NAME", "ROLE", "WEIGHT", "READY"
-    );
+    let mut rows = Vec::new();
     for r in v["revisions"].as_array().into_iter().flatten() {
         let w = r["weight"].as_u64().unwrap_or(0);
         // The bar is what the router confirmed serving; the desired weight is shown
@@ -182,19 +210,34 @@ pub fn render(v: &Value) -> String {
             Some(_) => format!(" (desired {w}%, not served)"),
             None => " (desired, unconfirmed)".to_string(),
         };
-        let _ = writeln!(
-            o,
-            "  #{:<3} {:<10} {:<11} {:<15} {bar} {:>3}%  {:>2}/{:<3} {}{pending}",
-            r["number"].as_u64().unwrap_or(0),
-            text(&r["appVersion"], "-"),
-            text(&r["name"], ""),
+        rows.push(vec![
+            format!("#{}", r["number"].as_u64().unwrap_or(0)),
+            text(&r["appVersion"], "-").into_owned(),
+            text(&r["name"], "").into_owned(),
             role,
-            shown,
-            r["readyReplicas"].as_u64().unwrap_or(0),
-            r["desiredReplicas"].as_u64().unwrap_or(0),
-            insts.join(", ")
-        );
+            format!("{bar} {shown:>3}%"),
+            format!(
+                "{}/{}",
+                r["readyReplicas"].as_u64().unwrap_or(0),
+                r["desiredReplicas"].as_u64().unwrap_or(0)
+            ),
+            format!("{}{pending}", insts.join(", ")),
+        ]);
     }
+    o.push_str(&table(
+        "  ",
+        &[
+            "REV",
+            "VERSION",
+            "NAME",
+            "ROLE",
+            "WEIGHT",
+            "READY",
+            "INSTANCES",
+        ],
+        &[],
+        rows,
+    ));
     let gates = v["gates"].as_array().map(Vec::as_slice).unwrap_or_default();
     if !gates.is_empty() {
         let _ = writeln!(o, "Gates:");
@@ -228,27 +271,39 @@ pub fn redraw(frame: &str) -> String {
 
 pub fn render_history(v: &Value) -> String {
     let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "{:<4} {:<12} {:<10} {:<12} {:>10}  {:<13} REASON",
-        "REV", "VERSION", "NAME", "CREATED", "DURATION", "OUTCOME"
-    );
-    for r in v["revisions"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            o,
-            "#{:<3} {:<12} {:<10} {:<12} {:>10}  {:<13} {}",
-            r["number"].as_u64().unwrap_or(0),
-            text(&r["appVersion"], "-"),
-            text(&r["name"], ""),
-            clock(r["createdAt"].as_u64().unwrap_or(0)),
-            r["durationSeconds"]
-                .as_f64()
-                .map(|d| format!("{d:.1}s"))
-                .unwrap_or_else(|| "-".into()),
-            text(&r["outcome"], ""),
-            text(&r["abortReason"], "")
-        );
-    }
+    let rows = v["revisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            vec![
+                format!("#{}", r["number"].as_u64().unwrap_or(0)),
+                text(&r["appVersion"], "-").into_owned(),
+                text(&r["name"], "").into_owned(),
+                when(r["createdAt"].as_u64().unwrap_or(0)),
+                r["durationSeconds"]
+                    .as_f64()
+                    .map(|d| format!("{d:.1}s"))
+                    .unwrap_or_else(|| "-".into()),
+                text(&r["outcome"], "").into_owned(),
+                text(&r["abortReason"], "").into_owned(),
+            ]
+        })
+        .collect();
+    o.push_str(&table(
+        "",
+        &[
+            "REV",
+            "VERSION",
+            "NAME",
+            "CREATED (UTC)",
+            "DURATION",
+            "OUTCOME",
+            "REASON",
+        ],
+        &[4],
+        rows,
+    ));
     let events = v["events"]
         .as_array()
         .map(Vec::as_slice)
@@ -259,7 +314,7 @@ pub fn render_history(v: &Value) -> String {
             let _ = writeln!(
                 o,
                 "  {} {:<15} {}",
-                clock(e["at"].as_u64().unwrap_or(0)),
+                when(e["at"].as_u64().unwrap_or(0)),
                 text(&e["action"], ""),
                 text(&e["reason"], "")
             );
@@ -272,24 +327,35 @@ pub fn render_history(v: &Value) -> String {
 /// platforms.
 pub fn render_audit(entries: &[Entry]) -> String {
     let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "{:>5}  {:<23}  {:<18} {:<9} {:<10} {:<10} REASON",
-        "SEQ", "TIME (UTC)", "ACTOR", "ACTION", "ROLLOUT", "REVISION"
-    );
-    for e in entries {
-        let _ = writeln!(
-            o,
-            "{:>5}  {:<23}  {:<18} {:<9} {:<10} {:<10} {}",
-            e.seq,
-            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(e.at)).to_string(),
-            printable(&e.actor),
-            printable(&e.action),
-            printable(&e.rollout),
-            printable(e.revision.as_deref().unwrap_or("-")),
-            printable(&e.reason)
-        );
-    }
+    let rows = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.seq.to_string(),
+                humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(e.at))
+                    .to_string(),
+                printable(&e.actor).into_owned(),
+                printable(&e.action).into_owned(),
+                printable(&e.rollout).into_owned(),
+                printable(e.revision.as_deref().unwrap_or("-")).into_owned(),
+                printable(&e.reason).into_owned(),
+            ]
+        })
+        .collect();
+    o.push_str(&table(
+        "",
+        &[
+            "SEQ",
+            "TIME (UTC)",
+            "ACTOR",
+            "ACTION",
+            "ROLLOUT",
+            "REVISION",
+            "REASON",
+        ],
+        &[0],
+        rows,
+    ));
     o
 }
 
@@ -339,6 +405,30 @@ mod tests {
             "events": [{"at": 0, "action": "step", "reason": FORGED}],
         });
         no_raw_controls(&render_history(&h));
+    }
+
+    #[test]
+    fn history_columns_fit_long_names_and_show_dates() {
+        let long = "v2-with-a-very-long-release-name-from-ci-1234";
+        let h = json!({
+            "revisions": [
+                {"number": 1, "appVersion": "v1", "name": "abc", "createdAt": 1_796_061_600_000u64,
+                    "durationSeconds": 12.5, "outcome": "superseded"},
+                {"number": 2, "appVersion": long, "name": "def", "createdAt": 1_796_061_660_000u64,
+                    "outcome": "stable"},
+            ],
+        });
+        let text = render_history(&h);
+        let lines: Vec<&str> = text.lines().collect();
+        // Every row's NAME starts where the header's does, however long a version is.
+        let col = lines[0].find("NAME").expect("NAME");
+        assert_eq!(lines[1].find("abc"), Some(col), "{text}");
+        assert_eq!(lines[2].find("def"), Some(col), "{text}");
+        assert!(text.contains(long), "{text}");
+        assert!(
+            text.contains("2026-11-30 18:00:00"),
+            "a date, not only a time: {text}"
+        );
     }
 
     #[test]
