@@ -125,6 +125,8 @@ impl Notifier {
                 }
             }
         }
+        // A doubling wait between a few attempts, written out: a retry crate would add
+        // a dependency for these six lines, and each attempt's outcome is reported here.
         let mut wait = FIRST_BACKOFF;
         let mut last = String::new();
         for attempt in 1..=ATTEMPTS {

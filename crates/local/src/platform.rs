@@ -780,6 +780,8 @@ impl Platform {
     }
 }
 
+/// Kubernetes' CrashLoopBackOff doubling, capped: state the platform keeps per revision
+/// across ticks, which a retry crate's loop would not fit (nothing here waits in place).
 fn backoff_ms(crashes: u32) -> u64 {
     (500u64 << crashes.min(10)).min(MAX_BACKOFF_MS)
 }

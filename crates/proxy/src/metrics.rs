@@ -157,7 +157,8 @@ impl Metrics {
         out
     }
 
-    /// Prometheus text exposition format.
+    /// Prometheus text exposition format, written from the atomics the request path
+    /// bumps: a metrics crate's registry would put its own counters on that path.
     pub fn render(&self, table_version: u64, active_connections: u64, websockets: u64) -> String {
         let snap = self.snapshot();
         let mut o = String::new();
