@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 
 use baton_audit::{Entry, Head, Key, NewEntry, check_tail};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -105,14 +105,14 @@ async fn write_head(api: &Api<ConfigMap>, key: &str, head: &Head) -> Result<(), 
                 }
                 data.insert(key.to_string(), text);
                 cm.metadata.managed_fields = None;
-                api.replace(HEADS, &PostParams::default(), &cm).await
+                api.replace(HEADS, &crate::post_params(), &cm).await
             }
             None => {
                 let cm: ConfigMap = serde_json::from_value(json!({
                     "metadata": {"name": HEADS},
                     "data": {key: text},
                 }))?;
-                api.create(&PostParams::default(), &cm).await
+                api.create(&crate::post_params(), &cm).await
             }
         };
         match written {
@@ -222,14 +222,14 @@ pub async fn append(
                     .get_or_insert_with(Default::default)
                     .insert(KEY.into(), text);
                 cm.metadata.managed_fields = None;
-                api.replace(&name, &PostParams::default(), &cm).await
+                api.replace(&name, &crate::post_params(), &cm).await
             }
             None => {
                 let cm: ConfigMap = serde_json::from_value(json!({
                     "metadata": {"name": name, "namespace": ns, "labels": {AUDIT_LABEL: rollout}},
                     "data": {KEY: text},
                 }))?;
-                api.create(&PostParams::default(), &cm).await
+                api.create(&crate::post_params(), &cm).await
             }
         };
         match written {
@@ -345,7 +345,7 @@ mod tests {
             .get_or_insert_with(Default::default)
             .insert(KEY.into(), text);
         cm.metadata.managed_fields = None;
-        api.replace(&configmap_name("web"), &PostParams::default(), &cm)
+        api.replace(&configmap_name("web"), &crate::post_params(), &cm)
             .await
             .expect("edit");
     }

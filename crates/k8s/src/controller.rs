@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -344,7 +344,7 @@ async fn cleanup(ro: &Rollout, ctx: &Context) -> Result<Action, Error> {
     Api::<Rollout>::namespaced(ctx.client.clone(), &ns)
         .patch(
             &name,
-            &PatchParams::default(),
+            &crate::patch_params(),
             &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
         )
         .await?;
@@ -363,11 +363,7 @@ async fn ensure_finalizer(ro: &Rollout, ctx: &Context) -> Result<Option<String>,
     let patch =
         json!({"metadata": {"finalizers": finalizers, "resourceVersion": ro.resource_version()}});
     let patched = Api::<Rollout>::namespaced(ctx.client.clone(), &ns)
-        .patch(
-            &ro.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
+        .patch(&ro.name_any(), &crate::patch_params(), &Patch::Merge(patch))
         .await?;
     Ok(patched.resource_version())
 }
@@ -401,7 +397,7 @@ async fn invalid_spec(
         whole.status = Some(status);
         let ns = ro.namespace().unwrap_or_else(|| "default".into());
         Api::<Rollout>::namespaced(ctx.client.clone(), &ns)
-            .replace_status(&ro.name_any(), &PostParams::default(), &whole)
+            .replace_status(&ro.name_any(), &crate::post_params(), &whole)
             .await?;
         publish(ctx, ro, EventType::Warning, "InvalidSpec", reason).await;
     }
@@ -565,7 +561,7 @@ async fn finish_takeover(
     let ns = ro.namespace().unwrap_or_else(|| "default".into());
     let patch = json!({"metadata": {"annotations": {TAKEN_OVER_ANNOTATION: ro.name_any()}}, "spec": {"replicas": 0}});
     Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
-        .patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+        .patch(&d.name_any(), &crate::patch_params(), &Patch::Merge(patch))
         .await?;
     publish(
         ctx,
@@ -924,7 +920,7 @@ impl Traffic for Cluster<'_> {
             let patched = Api::<Rollout>::namespaced(client, &ns)
                 .patch_status(
                     &self.name,
-                    &PatchParams::default(),
+                    &crate::patch_params(),
                     &Patch::Merge(json!({"status": {"routeAcked": st.route_version}})),
                 )
                 .await?;
@@ -957,7 +953,7 @@ impl StatusStore for Cluster<'_> {
         whole.status = Some(status.clone());
         let api = Api::<Rollout>::namespaced(self.ctx.client.clone(), &self.ns);
         match api
-            .replace_status(&self.name, &PostParams::default(), &whole)
+            .replace_status(&self.name, &crate::post_params(), &whole)
             .await
         {
             Ok(written) => {

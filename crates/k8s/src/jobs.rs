@@ -13,7 +13,7 @@ use baton_driver::CommandRunner;
 use baton_spec::{FieldError, Gate, MetricSource};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, PropagationPolicy};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -144,7 +144,7 @@ async fn run_command(
         serde_json::from_value(spec).map_err(|e| ProviderError::Invalid(format!("{what}: {e}")))?;
     let api: Api<Job> = Api::namespaced(client.clone(), ns);
     let created = api
-        .create(&PostParams::default(), &spec)
+        .create(&crate::post_params(), &spec)
         .await
         .map_err(fail)?;
     let name = created.name_any();
@@ -246,7 +246,7 @@ pub async fn start_smoke(
     );
     let job: Job = serde_json::from_value(spec)?;
     Api::<Job>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &job)
+        .create(&crate::post_params(), &job)
         .await?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use tokio::sync::watch;
 
 use crate::Error;
@@ -61,7 +61,7 @@ async fn try_hold(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, Error> {
             },
             spec: Some(spec(0, None)),
         };
-        return match api.create(&PostParams::default(), &lease).await {
+        return match api.create(&crate::post_params(), &lease).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(e.into()),
@@ -96,7 +96,7 @@ async fn try_hold(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, Error> {
             None
         },
     ));
-    match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+    match api.replace(&cfg.name, &crate::post_params(), &lease).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(e) => Err(e.into()),
@@ -178,7 +178,7 @@ pub async fn release(client: Client, cfg: &LeaseConfig) {
             s.holder_identity = None;
             s.renew_time = None;
         }
-        let _ = api.replace(&cfg.name, &PostParams::default(), &lease).await;
+        let _ = api.replace(&cfg.name, &crate::post_params(), &lease).await;
     }
 }
 

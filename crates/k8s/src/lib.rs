@@ -30,6 +30,23 @@ pub enum Error {
 }
 
 /// Milliseconds since the Unix epoch: read here, handed to the pure engine.
+/// Every write the operator makes names it as the field manager (`managedFields`), so
+/// a GitOps tool can tell its fields from the user's (`ignoreDifferences` by manager).
+pub fn post_params() -> kube::api::PostParams {
+    kube::api::PostParams {
+        field_manager: Some(workload::FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+/// As `post_params`, for patches.
+pub fn patch_params() -> kube::api::PatchParams {
+    kube::api::PatchParams {
+        field_manager: Some(workload::FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -430,6 +430,24 @@ async fn a_canary_through_gateway_api_weights_to_full_promotion() {
         events.iter().any(|e| e["reason"] == "Promoted"),
         "an Event for the promotion: {events:?}"
     );
+    // The operator's writes name it, so a GitOps tool can leave its fields alone.
+    let managers = |gv: &str, resource: &str, name: &str| {
+        let obj = c
+            .api
+            .store
+            .get(&Key::new(gv, resource, Some("default"), name))
+            .expect("object");
+        obj["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["manager"].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    let route = managers("gateway.networking.k8s.io/v1", "httproutes", "web");
+    assert!(route.iter().any(|m| m == "baton-operator"), "{route:?}");
+    let stable = managers("v1", "services", "web-stable");
+    assert!(stable.iter().any(|m| m == "baton-operator"), "{stable:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

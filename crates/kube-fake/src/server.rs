@@ -254,17 +254,23 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             Err(e) => err(e),
         },
         (Method::POST, None) => match parse_body() {
-            Ok(v) => match store.create(&t.base, v) {
-                Ok(v) => reply(201, &v),
-                Err(e) => err(e),
-            },
+            Ok(mut v) => {
+                manage(&mut v, &q, "Update", t.sub.as_deref());
+                match store.create(&t.base, v) {
+                    Ok(v) => reply(201, &v),
+                    Err(e) => err(e),
+                }
+            }
             Err(r) => *r,
         },
         (Method::PUT, Some(name)) => match parse_body() {
-            Ok(v) => match store.replace(&Key { name, ..t.base }, v, status_only) {
-                Ok(v) => reply(200, &v),
-                Err(e) => err(e),
-            },
+            Ok(mut v) => {
+                manage(&mut v, &q, "Update", t.sub.as_deref());
+                match store.replace(&Key { name, ..t.base }, v, status_only) {
+                    Ok(v) => reply(200, &v),
+                    Err(e) => err(e),
+                }
+            }
             Err(r) => *r,
         },
         (Method::PATCH, Some(name)) => {
@@ -277,17 +283,22 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
                 ..t.base.clone()
             };
             let apply = content_type.starts_with("application/apply-patch");
+            let operation = if apply { "Apply" } else { "Update" };
             if apply && store.get(&key).is_err() {
                 // Server-side apply creates what does not exist.
                 let mut obj = patch;
                 obj["metadata"]["name"] = json!(name);
+                manage(&mut obj, &q, operation, t.sub.as_deref());
                 return match store.create(&t.base, obj) {
                     Ok(v) => reply(201, &v),
                     Err(e) => err(e),
                 };
             }
+            let sub = t.sub.clone();
             let result = store.modify(&key, status_only, |obj| {
-                apply_patch(obj, &content_type, &patch)
+                apply_patch(obj, &content_type, &patch)?;
+                manage(obj, &q, operation, sub.as_deref());
+                Ok(())
             });
             match result {
                 Ok(v) => reply(200, &v),
@@ -304,6 +315,38 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             &format!("{m} is not supported here"),
         ),
     }
+}
+
+/// Records who wrote an object, as the API server's `metadata.managedFields` does: one
+/// entry per field manager, operation and subresource, with the time. Which fields
+/// each manager owns (`fieldsV1`) is not tracked: tests check who writes, not what.
+fn manage(obj: &mut Value, q: &[(String, String)], operation: &str, sub: Option<&str>) {
+    let Some(manager) = param(q, "fieldManager") else {
+        return;
+    };
+    let api_version = obj["apiVersion"].clone();
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let entries = meta.entry("managedFields").or_insert_with(|| json!([]));
+    if !entries.is_array() {
+        *entries = json!([]);
+    }
+    let Some(list) = entries.as_array_mut() else {
+        return;
+    };
+    let same = |e: &Value| {
+        e["manager"] == manager && e["operation"] == operation && e["subresource"].as_str() == sub
+    };
+    list.retain(|e| !same(e));
+    let mut entry = json!({
+        "manager": manager, "operation": operation, "apiVersion": api_version,
+        "time": crate::store::now_rfc3339(), "fieldsType": "FieldsV1",
+    });
+    if let Some(s) = sub {
+        entry["subresource"] = json!(s);
+    }
+    list.push(entry);
 }
 
 /// A JSON patch, or for merge-patch, strategic-merge-patch and apply a JSON merge patch.

@@ -68,6 +68,13 @@ pub async fn kube_client(namespace: Option<&str>) -> Result<(kube::Client, Strin
     let ns = namespace
         .map(str::to_string)
         .unwrap_or_else(|| config.default_namespace.clone());
+    // Named in the API server's audit log and as the default field manager of the CLI's
+    // writes (kubectl's `kubectl/v1.x` likewise).
+    let mut config = config;
+    config.headers.push((
+        hyper::header::USER_AGENT,
+        hyper::header::HeaderValue::from_static(concat!("baton/", env!("CARGO_PKG_VERSION"))),
+    ));
     let client = kube::Client::try_from(config).context("cannot build a Kubernetes client")?;
     Ok((client, ns))
 }

@@ -2,7 +2,7 @@
 //! reports `Accepted` for the route's current generation.
 
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject};
 use serde_json::{Value, json};
 
 use super::{Plan, Router};
@@ -207,14 +207,7 @@ impl Router for Gateway {
             // A replace carries our resourceVersion: a concurrent writer makes this 409
             // and the next reconcile starts from what they wrote.
             route = api
-                .replace(
-                    &self.route,
-                    &PostParams {
-                        field_manager: Some("baton".into()),
-                        ..Default::default()
-                    },
-                    &route,
-                )
+                .replace(&self.route, &crate::post_params(), &route)
                 .await?;
         }
         let whole = serde_json::to_value(&route)?;

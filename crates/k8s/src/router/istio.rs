@@ -3,7 +3,7 @@
 //! back with it.
 
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject};
 use serde_json::{Value, json};
 
 use super::{Plan, Router};
@@ -164,15 +164,8 @@ impl Router for Istio {
         let mirror_changed = set_mirror_route(&mut spec, stable, canary, plan.mirror.as_ref());
         if weights_changed | header_changed | mirror_changed {
             vs.data["spec"] = spec;
-            api.replace(
-                &self.virtual_service,
-                &PostParams {
-                    field_manager: Some("baton".into()),
-                    ..Default::default()
-                },
-                &vs,
-            )
-            .await?;
+            api.replace(&self.virtual_service, &crate::post_params(), &vs)
+                .await?;
         }
         let back = api.get(&self.virtual_service).await?;
         let mut check = back.data["spec"].clone();

@@ -6,7 +6,7 @@
 
 use k8s_openapi::api::core::v1::Service;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch};
 use serde_json::json;
 
 use crate::Error;
@@ -34,7 +34,7 @@ pub async fn point(
     }
     let patch = json!({"spec": {"selector": {REVISION_LABEL: revision}}});
     let back = api
-        .patch(service, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(service, &crate::patch_params(), &Patch::Merge(&patch))
         .await?;
     Ok(back
         .spec
@@ -68,7 +68,7 @@ pub async fn spread(
     }
     let patch = json!({"spec": {"selector": {REVISION_LABEL: null, ROLLOUT_LABEL: rollout}}});
     let back = api
-        .patch(service, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(service, &crate::patch_params(), &Patch::Merge(&patch))
         .await?;
     Ok(spreads(&back))
 }
