@@ -54,6 +54,10 @@ pub struct Context {
     pub audit: audit::Seal,
     /// The image and service accounts the Rollouts' Jobs may use.
     pub jobs: jobs::Settings,
+    /// The admission webhook is registered: a request's `baton.dev/request-actor` is
+    /// the authenticated user, recorded as `user:NAME` (else the request's `by`, as a
+    /// `claim:NAME`).
+    verified_actors: std::sync::atomic::AtomicBool,
 }
 
 /// The controller's own metrics, in Prometheus text form by `render`.
@@ -157,7 +161,15 @@ impl Context {
             replicasets: Mutex::new(None),
             audit: seal,
             jobs,
+            verified_actors: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Trust `baton.dev/request-actor`: the admission webhook is registered with
+    /// `failurePolicy: Fail`, so no write reaches a Rollout without it.
+    pub fn trust_admission_webhook(&self) {
+        self.verified_actors
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -262,7 +274,10 @@ async fn reconcile_inner(ro: &Rollout, ctx: &Arc<Context>) -> Result<Action, Err
         Some(v) => Record::decode(&key, v)?,
         None => Record::default(),
     };
-    let (requests, request_id) = take_request(ro, &prev_status);
+    let verified = ctx
+        .verified_actors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let (requests, request_id) = take_request(ro, &prev_status, verified);
     // What the audit trail records as the spec in force: the Rollout's own spec.
     let digest = baton_audit::digest(&serde_json::to_vec(&ro.spec)?);
     let t = Target {
@@ -483,7 +498,11 @@ impl Source {
 }
 
 /// A person's request from the annotation, once per id.
-fn take_request(ro: &Rollout, prev: &RolloutStatus) -> (Vec<Request>, Option<String>) {
+fn take_request(
+    ro: &Rollout,
+    prev: &RolloutStatus,
+    verified: bool,
+) -> (Vec<Request>, Option<String>) {
     let mut id = prev.last_request.clone();
     let Some(raw) = ro.annotations().get(REQUEST_ANNOTATION) else {
         return (Vec::new(), id);
@@ -495,9 +514,10 @@ fn take_request(ro: &Rollout, prev: &RolloutStatus) -> (Vec<Request>, Option<Str
                 Some(command) => (
                     vec![Request {
                         command,
-                        // Anyone who may patch the Rollout can write any name here: a
-                        // claim, and recorded as one.
-                        actor: format!("claim:{}", req.by),
+                        // Anyone who may patch the Rollout can write any name in `by`:
+                        // a claim, and recorded as one, unless the admission webhook
+                        // stamped the authenticated user.
+                        actor: crate::admission::actor(ro.annotations(), &req.by, verified),
                     }],
                     id,
                 ),

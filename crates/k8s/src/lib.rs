@@ -2,6 +2,7 @@
 //! the same pure engine as `baton up`, with ReplicaSets for revisions and Services,
 //! Gateway API or Istio for traffic.
 
+pub mod admission;
 pub mod audit;
 pub mod cli;
 pub mod controller;

@@ -1789,3 +1789,118 @@ async fn a_restart_replaces_every_stable_pod_one_at_a_time_with_a_surge_of_one()
     assert!(min_ready >= 3, "capacity dropped to {min_ready} ready pods");
     assert!(max_pods <= 4, "a surge of one, not {max_pods} pods");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admission_webhook_makes_a_requests_actor_the_authenticated_user() {
+    use base64::Engine;
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    // The webhook over TLS with a certificate for 127.0.0.1, trusted by its caBundle.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("cert");
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_file, cert.cert.pem()).expect("cert");
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).expect("key");
+    let (addr, _hook) =
+        baton_k8s::admission::serve("127.0.0.1:0".parse().expect("addr"), &cert_file, &key_file)
+            .await
+            .expect("webhook");
+    c.api
+        .store
+        .create(
+            &Key::new(
+                "admissionregistration.k8s.io/v1",
+                "mutatingwebhookconfigurations",
+                None,
+                "",
+            ),
+            json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration",
+                "metadata": {"name": "baton"},
+                "webhooks": [{
+                    "name": "rollouts.baton.dev",
+                    "clientConfig": {
+                        "url": format!("https://{addr}{}", baton_k8s::admission::PATH),
+                        "caBundle": base64::engine::general_purpose::STANDARD.encode(cert.cert.pem()),
+                    },
+                    "rules": [{"apiGroups": ["baton.dev"], "apiVersions": ["*"],
+                               "resources": ["rollouts"], "operations": ["CREATE", "UPDATE"]}],
+                    "failurePolicy": "Fail", "sideEffects": "None",
+                    "admissionReviewVersions": ["v1"],
+                }],
+            }),
+        )
+        .expect("webhook configuration");
+
+    let url = metric_server(Arc::new(AtomicBool::new(false))).await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let steps = json!([{"setWeight": 20}, {"pause": {}}, {"setWeight": 60}]);
+    create(&rollouts, canary_rollout(&url, steps)).await;
+    let (ctx, _op) = operator(&c, "webhook");
+    ctx.trust_admission_webhook();
+    wait_healthy(&rollouts, "v1").await;
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_for(Duration::from_secs(20), "paused", async || {
+        (status(&rollouts, "web").await["phase"] == "Paused").then_some(())
+    })
+    .await;
+
+    // Alice asks, claiming to be mallory: the webhook records who she is.
+    let as_user = |user: &str| {
+        let mut config = kube::Config::new(c.api.url().parse().expect("url"));
+        config.auth_info.impersonate = Some(user.to_string());
+        Api::<Rollout>::namespaced(Client::try_from(config).expect("client"), "default")
+    };
+    let req = json!({"metadata": {"annotations": {REQUEST_ANNOTATION: json!({"id": "a1", "command": "promote", "by": "mallory"}).to_string()}}});
+    as_user("alice")
+        .patch("web", &PatchParams::default(), &Patch::Merge(req))
+        .await
+        .expect("request");
+    let actor = |ro: &Rollout| {
+        ro.annotations()
+            .get(baton_k8s::admission::ACTOR_ANNOTATION)
+            .cloned()
+    };
+    assert_eq!(
+        actor(&rollouts.get("web").await.expect("get")).as_deref(),
+        Some("alice")
+    );
+    wait_for(Duration::from_secs(20), "the promote taken", async || {
+        (status(&rollouts, "web").await["lastRequest"] == "a1").then_some(())
+    })
+    .await;
+    let events = wait_for(Duration::from_secs(10), "the request's Event", async || {
+        let (events, _) = c
+            .api
+            .store
+            .list("events.k8s.io/v1", "events", Some("default"));
+        events
+            .iter()
+            .any(|e| e["reason"] == "Request")
+            .then_some(events)
+    })
+    .await;
+    let notes: Vec<&str> = events
+        .iter()
+        .filter(|e| e["reason"] == "Request")
+        .filter_map(|e| e["note"].as_str())
+        .collect();
+    assert!(
+        notes.iter().any(|n| n.contains("requested by user:alice")),
+        "{notes:?}"
+    );
+    assert!(!notes.iter().any(|n| n.contains("mallory")), "{notes:?}");
+
+    // Bob writes the actor by hand: it is put back.
+    let forged =
+        json!({"metadata": {"annotations": {baton_k8s::admission::ACTOR_ANNOTATION: "root"}}});
+    as_user("bob")
+        .patch("web", &PatchParams::default(), &Patch::Merge(forged))
+        .await
+        .expect("patch");
+    assert_eq!(
+        actor(&rollouts.get("web").await.expect("get")).as_deref(),
+        Some("alice")
+    );
+}

@@ -37,6 +37,7 @@
 //!   everything comes in one page) or `kubectl exec`/`logs`/`port-forward`; a
 //!   `dryRun` request is refused with 400 rather than written.
 
+mod admission;
 mod discovery;
 pub mod prometheus;
 mod select;

@@ -14,9 +14,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::discovery;
 use crate::select::Selector;
 use crate::store::{Key, Store, StoreError};
+use crate::{admission, discovery};
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -166,6 +166,12 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
         return status(400, "BadRequest", "dryRun is not supported by the fake");
     }
     let method = req.method().clone();
+    let user = req
+        .headers()
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("system:admin")
+        .to_string();
     let content_type = req
         .headers()
         .get("content-type")
@@ -256,6 +262,16 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
         (Method::POST, None) => match parse_body() {
             Ok(mut v) => {
                 manage(&mut v, &q, "Update", t.sub.as_deref());
+                if admission::any(&store) {
+                    let key = Key {
+                        name: v["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                        ..t.base.clone()
+                    };
+                    match admission::mutate(&store, &key, None, "CREATE", &user, v, None).await {
+                        Ok(m) => v = m,
+                        Err((code, why)) => return status(code, reason_of(code), &why),
+                    }
+                }
                 match store.create(&t.base, v) {
                     Ok(v) => reply(201, &v),
                     Err(e) => err(e),
@@ -266,7 +282,16 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
         (Method::PUT, Some(name)) => match parse_body() {
             Ok(mut v) => {
                 manage(&mut v, &q, "Update", t.sub.as_deref());
-                match store.replace(&Key { name, ..t.base }, v, status_only) {
+                let key = Key { name, ..t.base };
+                if admission::any(&store) {
+                    let old = store.get(&key).ok().map(|o| (*o).clone());
+                    let sub = t.sub.as_deref();
+                    match admission::mutate(&store, &key, sub, "UPDATE", &user, v, old).await {
+                        Ok(m) => v = m,
+                        Err((code, why)) => return status(code, reason_of(code), &why),
+                    }
+                }
+                match store.replace(&key, v, status_only) {
                     Ok(v) => reply(200, &v),
                     Err(e) => err(e),
                 }
@@ -295,6 +320,37 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
                 };
             }
             let sub = t.sub.clone();
+            if admission::any(&store) {
+                // The patched object goes to the webhooks before it is written; written
+                // with the resourceVersion it was read at, so a write in between is a 409.
+                let Ok(current) = store.get(&key) else {
+                    return err(StoreError::NotFound(format!("{} {name}", t.base.resource)));
+                };
+                let mut obj = (*current).clone();
+                if let Err(e) = apply_patch(&mut obj, &content_type, &patch) {
+                    return err(e);
+                }
+                manage(&mut obj, &q, operation, sub.as_deref());
+                let old = Some((*current).clone());
+                let obj = match admission::mutate(
+                    &store,
+                    &key,
+                    sub.as_deref(),
+                    "UPDATE",
+                    &user,
+                    obj,
+                    old,
+                )
+                .await
+                {
+                    Ok(m) => m,
+                    Err((code, why)) => return status(code, reason_of(code), &why),
+                };
+                return match store.replace(&key, obj, status_only) {
+                    Ok(v) => reply(200, &v),
+                    Err(e) => err(e),
+                };
+            }
             let result = store.modify(&key, status_only, |obj| {
                 apply_patch(obj, &content_type, &patch)?;
                 manage(obj, &q, operation, sub.as_deref());
@@ -314,6 +370,13 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             "MethodNotAllowed",
             &format!("{m} is not supported here"),
         ),
+    }
+}
+
+fn reason_of(code: u16) -> &'static str {
+    match code {
+        403 => "Forbidden",
+        _ => "InternalError",
     }
 }
 

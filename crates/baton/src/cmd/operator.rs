@@ -43,6 +43,20 @@ pub struct OperatorArgs {
         value_delimiter = ','
     )]
     job_service_accounts: Vec<String>,
+    /// Serve the admission webhook here (HTTPS, path /mutate-rollouts), which stamps
+    /// each request's authenticated user into `baton.dev/request-actor`; the audit
+    /// trail then records `user:NAME` instead of the request's claim. Give it only
+    /// with the MutatingWebhookConfiguration registered (`failurePolicy: Fail`), or
+    /// anyone who may patch a Rollout could write that annotation.
+    #[arg(long, value_name = "ADDR", requires_all = ["admission_cert", "admission_key"])]
+    admission_listen: Option<SocketAddr>,
+    /// The webhook's certificate (PEM), as its Service's DNS name (the caBundle of the
+    /// MutatingWebhookConfiguration signs it).
+    #[arg(long, value_name = "FILE")]
+    admission_cert: Option<std::path::PathBuf>,
+    /// The webhook certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    admission_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -73,6 +87,18 @@ pub async fn operator(
                 .map(|h| h.trim().to_string())
         })
         .unwrap_or_else(|| format!("baton-{}", std::process::id()));
+    let verified = match (
+        &args.admission_listen,
+        &args.admission_cert,
+        &args.admission_key,
+    ) {
+        (Some(addr), Some(cert), Some(key)) => {
+            let (bound, _task) = baton_k8s::admission::serve(*addr, cert, key).await?;
+            tracing::info!(%bound, path = baton_k8s::admission::PATH, "admission webhook serving: request actors are verified");
+            true
+        }
+        _ => false,
+    };
     let current: Arc<Mutex<Option<Arc<Context>>>> = Arc::default();
     serve_health(args.health_listen, current.clone(), false).await?;
     serve_health(args.metrics_listen, current.clone(), true).await?;
@@ -99,7 +125,12 @@ pub async fn operator(
                 .filter(|a| !a.is_empty())
                 .collect(),
         },
-        move |ctx| *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx),
+        move |ctx| {
+            if verified {
+                ctx.trust_admission_webhook();
+            }
+            *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(ctx)
+        },
         shutdown(),
     )
     .await?;
