@@ -321,35 +321,39 @@ async fn handle(store: Store, req: Request<Incoming>) -> Response<Body> {
             }
             let sub = t.sub.clone();
             if admission::any(&store) {
-                // The patched object goes to the webhooks before it is written; written
-                // with the resourceVersion it was read at, so a write in between is a 409.
-                let Ok(current) = store.get(&key) else {
-                    return err(StoreError::NotFound(format!("{} {name}", t.base.resource)));
-                };
-                let mut obj = (*current).clone();
-                if let Err(e) = apply_patch(&mut obj, &content_type, &patch) {
-                    return err(e);
+                // The patched object goes to the webhooks before it is written, at the
+                // resourceVersion it was read at; a write in between means patching the
+                // newer object again, as the API server retries a patch (one without a
+                // resourceVersion of its own never gets a 409).
+                let pinned = !patch["metadata"]["resourceVersion"].is_null();
+                for _ in 0..10 {
+                    let Ok(current) = store.get(&key) else {
+                        return err(StoreError::NotFound(format!("{} {name}", t.base.resource)));
+                    };
+                    let mut obj = (*current).clone();
+                    if let Err(e) = apply_patch(&mut obj, &content_type, &patch) {
+                        return err(e);
+                    }
+                    manage(&mut obj, &q, operation, sub.as_deref());
+                    let old = Some((*current).clone());
+                    let sub = sub.as_deref();
+                    let obj = match admission::mutate(&store, &key, sub, "UPDATE", &user, obj, old)
+                        .await
+                    {
+                        Ok(m) => m,
+                        Err((code, why)) => return status(code, reason_of(code), &why),
+                    };
+                    match store.replace(&key, obj, status_only) {
+                        Ok(v) => return reply(200, &v),
+                        Err(StoreError::Conflict(_)) if !pinned => {}
+                        Err(e) => return err(e),
+                    }
                 }
-                manage(&mut obj, &q, operation, sub.as_deref());
-                let old = Some((*current).clone());
-                let obj = match admission::mutate(
-                    &store,
-                    &key,
-                    sub.as_deref(),
-                    "UPDATE",
-                    &user,
-                    obj,
-                    old,
-                )
-                .await
-                {
-                    Ok(m) => m,
-                    Err((code, why)) => return status(code, reason_of(code), &why),
-                };
-                return match store.replace(&key, obj, status_only) {
-                    Ok(v) => reply(200, &v),
-                    Err(e) => err(e),
-                };
+                return status(
+                    409,
+                    "Conflict",
+                    "the object kept changing while its webhooks ran",
+                );
             }
             let result = store.modify(&key, status_only, |obj| {
                 apply_patch(obj, &content_type, &patch)?;
