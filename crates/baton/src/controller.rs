@@ -129,6 +129,8 @@ struct Controller {
     next_sample: u64,
     /// The rollout metrics as last written for the proxy to serve.
     metrics_written: String,
+    /// The last write of them failed (said once until one succeeds).
+    metrics_failing: bool,
 }
 
 /// Starts a controller: adopts or starts the proxy, adopts recorded instances, applies
@@ -196,6 +198,7 @@ pub async fn start(opts: UpOptions) -> Result<Handle> {
         next_publish: 0,
         next_sample: 0,
         metrics_written: String::new(),
+        metrics_failing: false,
     };
     let me = format!("os:{}", local_user());
     c.record(
@@ -472,12 +475,19 @@ impl Controller {
         }
         let path = self.paths.rollout_metrics();
         let tmp = path.with_extension("prom.tmp");
-        // Baton's own failure (a full disk) is said, never a rollout's; it is tried
-        // again at the next change, not at every tick.
-        if let Err(e) = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path)) {
-            tracing::warn!("cannot write {}: {e}", path.display());
+        // Baton's own failure (a full disk) is said once, never a rollout's, and tried
+        // again at every tick until the file is current.
+        match std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            Ok(()) => {
+                self.metrics_written = text;
+                self.metrics_failing = false;
+            }
+            Err(e) if !self.metrics_failing => {
+                self.metrics_failing = true;
+                tracing::warn!("cannot write {}: {e}", path.display());
+            }
+            Err(_) => {}
         }
-        self.metrics_written = text;
     }
 
     /// Feeds the dashboard: status at most five times a second, traffic once a second.

@@ -9,41 +9,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use baton::load::Load;
+use baton_driver::metrics::sample;
 use common::*;
 
 const STEPS: &str = "        - setWeight: 20
         - analysis: { gates: [errors] }
         - setWeight: 50
         - analysis: { gates: [errors] }";
-
-/// A series as `(name, labels sorted)`, so label order does not matter.
-fn series_key(s: &str) -> (String, Vec<String>) {
-    match s.split_once('{') {
-        Some((name, rest)) => {
-            let mut labels: Vec<String> = rest
-                .trim_end_matches('}')
-                .split(',')
-                // An empty label is an absent one, as Prometheus reads it.
-                .filter(|l| !l.is_empty() && !l.ends_with("=\"\""))
-                .map(str::to_string)
-                .collect();
-            labels.sort();
-            (name.to_string(), labels)
-        }
-        None => (s.to_string(), Vec::new()),
-    }
-}
-
-/// The value of `series` (name and labels, in any order) in a scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    let want = series_key(series);
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(s, _)| series_key(s) == want)
-        .and_then(|(_, v)| v.parse().ok())
-}
 
 /// Scrapes until `ok` holds of the text, or fails naming `what` with the last scrape.
 async fn scrape_until(addr: std::net::SocketAddr, what: &str, ok: impl Fn(&str) -> bool) -> String {

@@ -174,7 +174,7 @@ impl Driver {
         let verdicts: Vec<_> = obs
             .measurements
             .iter()
-            .map(|m| (m.gate.clone(), m.verdict))
+            .map(|m| (m.gate.clone(), m.revision.clone(), m.verdict))
             .collect();
         self.metrics
             .stepped(t, &record.status, &fresh, &verdicts, now);

@@ -101,6 +101,37 @@ fn secs(ms: Millis) -> f64 {
     ms as f64 / 1000.0
 }
 
+/// A series as `(name, labels sorted)`, an empty label dropped (Prometheus reads one
+/// as absent), so label order does not matter.
+fn series_key(s: &str) -> (String, Vec<String>) {
+    match s.split_once('{') {
+        Some((name, rest)) => {
+            let mut labels: Vec<String> = rest
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty() && !l.ends_with("=\"\""))
+                .map(str::to_string)
+                .collect();
+            labels.sort();
+            (name.to_string(), labels)
+        }
+        None => (s.to_string(), Vec::new()),
+    }
+}
+
+/// The value of `series` (`name{label="value",...}`, labels in any order) in a scrape
+/// in the text format: how tests and tools read a metric back. Label values holding
+/// `,` or `}` are not told apart.
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    let want = series_key(series);
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(s, _)| series_key(s) == want)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
 impl Default for RolloutMetrics {
     fn default() -> Self {
         RolloutMetrics::new()
@@ -193,7 +224,7 @@ impl RolloutMetrics {
             ),
             to_rollback: histogram(
                 "baton_rollout_time_to_rollback_seconds",
-                "From a revision's first failed gate (or the abort decision) to the router confirming traffic back on stable.",
+                "Baton's rollbacks: from the rolling-out revision's first failed gate verdict (the abort decision when none failed: smoke, deadline) to the router confirming traffic back on stable.",
                 &[],
                 &[0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0],
             ),
@@ -233,7 +264,7 @@ impl RolloutMetrics {
         t: &Target<'_>,
         status: &Status,
         events: &[Event],
-        verdicts: &[(String, Verdict)],
+        verdicts: &[(String, String, Verdict)],
         now: Millis,
     ) {
         let m = &self.0;
@@ -285,11 +316,13 @@ impl RolloutMetrics {
         }
         tr.weights = weights;
 
-        for (gate, v) in verdicts {
+        for (gate, revision, v) in verdicts {
             if let Some(r) = result(*v) {
                 m.verdicts.with_label_values(&[ns, name, gate, r]).inc();
             }
-            if *v == Verdict::Fail && tr.first_failure.is_none() {
+            // The clock starts at the rolling-out revision's first failure only.
+            let rolling_out = status.canary.as_ref() == Some(revision) && !status.aborted;
+            if *v == Verdict::Fail && rolling_out && tr.first_failure.is_none() {
                 tr.first_failure = Some(now);
             }
         }
@@ -311,6 +344,7 @@ impl RolloutMetrics {
                     }
                 }
                 EventKind::Promoted => {
+                    tr.first_failure = None;
                     m.promoted.with_label_values(&[ns, name]).inc();
                     if let Some(s) = lived() {
                         m.duration
@@ -319,6 +353,8 @@ impl RolloutMetrics {
                     }
                 }
                 EventKind::Aborted(Cause::User) => {
+                    // A person's abort is no rollback: not timed as one.
+                    tr.first_failure = None;
                     m.aborted.with_label_values(&[ns, name, "user"]).inc();
                     if let Some(s) = lived() {
                         m.duration

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use baton_driver::metrics::sample;
 use baton_driver::{
     Command, Counters, DataPlane, Driver, Event, Kind, Notify, Port, Publish, Record, Request,
     SaveError, Smoke, StatusStore, Target, Traffic, Workloads,
@@ -645,35 +646,6 @@ async fn a_slow_command_gate_is_not_started_again_beside_itself() {
     held.release.add_permits(100);
 }
 
-/// A series as `(name, labels sorted)`, so label order does not matter.
-fn series_key(s: &str) -> (String, Vec<String>) {
-    match s.split_once('{') {
-        Some((name, rest)) => {
-            let mut labels: Vec<String> = rest
-                .trim_end_matches('}')
-                .split(',')
-                // An empty label is an absent one, as Prometheus reads it.
-                .filter(|l| !l.is_empty() && !l.ends_with("=\"\""))
-                .map(str::to_string)
-                .collect();
-            labels.sort();
-            (name.to_string(), labels)
-        }
-        None => (s.to_string(), Vec::new()),
-    }
-}
-
-/// The value of `series` (name and labels, in any order) in `render`.
-fn sample(render: &str, series: &str) -> Option<f64> {
-    let want = series_key(series);
-    render
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(s, _)| series_key(s) == want)
-        .and_then(|(_, v)| v.parse().ok())
-}
-
 fn failed(gate: &str, revision: &str, at: Millis) -> baton_engine::Measurement {
     baton_engine::Measurement {
         gate: gate.into(),
@@ -798,6 +770,17 @@ async fn a_rollback_is_timed_from_the_first_failure_to_the_routers_confirmation(
     run.spec = v2;
     run.cycles(2).await;
     let canary = run.record.status.canary.clone().expect("a canary");
+    // A failure measured on stable does not start the canary's rollback clock.
+    let stable = run.record.status.stable.clone().expect("stable");
+    run.driver
+        .gauges
+        .push("web", failed("errors", &stable, run.now + 1000));
+    run.cycle(Vec::new()).await;
+    assert!(
+        !run.record.status.aborted,
+        "{:?}",
+        run.record.status.message
+    );
     let first_failure = run.now + 1000;
     // The router stops confirming: the rollback is decided but not yet served.
     run.fake.router_confirms = false;
@@ -813,7 +796,7 @@ async fn a_rollback_is_timed_from_the_first_failure_to_the_routers_confirmation(
             &m,
             &format!(r#"baton_gate_verdicts_total{{{rollout},gate="errors",result="fail"}}"#)
         ),
-        Some(1.0),
+        Some(2.0),
         "{m}"
     );
     assert_eq!(

@@ -178,6 +178,10 @@ pub struct Status {
     /// before it are replaced (with one more instance wanted meanwhile) until none is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_at: Option<Millis>,
+    /// Instances the restart still had to replace when last seen: a change is progress,
+    /// and none for `progressDeadlineSeconds` gives the restart up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_left: Option<u32>,
 }
 
 impl Status {

@@ -593,7 +593,14 @@ fn restart(cx: &mut Ctx) -> CommandResult {
     if cx.s.restart_at.is_some() {
         return Err(format!("{label} is already restarting"));
     }
+    if cx.replicas() == 0 {
+        return Err(format!(
+            "{label} runs no instance (replicas: 0): nothing to restart"
+        ));
+    }
     cx.s.restart_at = Some(cx.now);
+    cx.s.restart_left = None;
+    cx.s.last_progress_at = cx.now;
     cx.event(
         EventKind::Restart,
         format!(
@@ -617,11 +624,13 @@ fn restart_progress(cx: &mut Ctx) {
     }
     let Some(stable) = cx.s.stable.clone() else {
         cx.s.restart_at = None;
+        cx.s.restart_left = None;
         return;
     };
     let label = cx.s.label(&stable);
     if cx.s.canary.is_some() && !cx.s.aborted {
         cx.s.restart_at = None;
+        cx.s.restart_left = None;
         cx.event(
             EventKind::Restarted,
             format!(
@@ -631,8 +640,29 @@ fn restart_progress(cx: &mut Ctx) {
         return;
     }
     let o = cx.obs.rev(&stable);
+    if cx.s.restart_left != Some(o.stale) {
+        cx.s.restart_left = Some(o.stale);
+        cx.s.last_progress_at = cx.now;
+    }
+    // A replacement that never gets ready (an image that no longer starts) would hold
+    // the surge forever: without progress for the deadline, the restart is given up.
+    let deadline = cx.spec.spec.progress_deadline_seconds.saturating_mul(1000);
+    if cx.now >= cx.s.last_progress_at.saturating_add(deadline) {
+        cx.s.restart_at = None;
+        cx.s.restart_left = None;
+        cx.event(
+            EventKind::Restarted,
+            format!(
+                "restart of {label} given up: no instance replaced for {} s (progressDeadlineSeconds); {} still predate it",
+                deadline / 1000,
+                o.stale
+            ),
+        );
+        return;
+    }
     if o.stale == 0 && o.available >= cx.replicas() {
         cx.s.restart_at = None;
+        cx.s.restart_left = None;
         cx.event(
             EventKind::Restarted,
             format!(
@@ -965,6 +995,18 @@ fn compute_phase(cx: &mut Ctx) {
                 cx.s.weight(c)
             ),
         ),
+        None if cx.s.restart_at.is_some() => {
+            // Serving all along, but not settled: a restart is under way.
+            let st = cx.s.stable.clone().unwrap_or_default();
+            (
+                Phase::Progressing,
+                format!(
+                    "restarting {}: {} instance(s) left to replace",
+                    cx.s.label(&st),
+                    cx.obs.rev(&st).stale
+                ),
+            )
+        }
         None => {
             let st = cx.s.stable.clone().unwrap_or_default();
             let ready = cx.obs.rev(&st).available >= cx.replicas() && cx.acked();

@@ -600,7 +600,7 @@ fn a_restart_surges_by_one_until_no_instance_predates_it() {
         "one more while replacing"
     );
     assert_eq!(w.weight("v1"), 100, "traffic does not move");
-    assert_eq!(w.status.phase, Phase::Healthy);
+    assert_eq!(w.status.phase, Phase::Progressing, "a restart is under way");
     // Replaced one by one: still restarting while any old instance is left.
     for left in (1..replicas).rev() {
         stale(&mut w, left);
@@ -611,6 +611,7 @@ fn a_restart_surges_by_one_until_no_instance_predates_it() {
     stale(&mut w, 0);
     let out = w.advance(1_000);
     assert_eq!(w.status.restart_at, None, "done");
+    assert_eq!(w.status.phase, Phase::Healthy);
     assert_eq!(w.status.desired[&stable], replicas, "the surge goes");
     assert!(
         out.actions
@@ -646,4 +647,42 @@ fn a_restart_waits_for_a_rollout_and_gives_way_to_a_new_one() {
         "{:?}",
         out.actions
     );
+}
+
+#[test]
+fn a_restart_that_makes_no_progress_is_given_up_at_the_deadline() {
+    let mut w = started(CANARY);
+    let stable = w.status.stable.clone().expect("stable");
+    let replicas = w.status.desired[&stable];
+    w.perfect = false;
+    stale(&mut w, replicas);
+    w.command(Command::Restart).expect("restart");
+    // One replaced, then the replacement never gets ready: nothing moves any more.
+    stale(&mut w, replicas - 1);
+    w.advance(1_000);
+    let deadline = w.spec.spec.progress_deadline_seconds * 1000;
+    w.advance(deadline - 1_000);
+    assert!(
+        w.status.restart_at.is_some(),
+        "not yet: {}",
+        w.status.message
+    );
+    let out = w.advance(2_000);
+    assert_eq!(w.status.restart_at, None, "given up");
+    assert_eq!(w.status.desired[&stable], replicas, "the surge goes");
+    assert!(
+        out.actions.iter().any(|a| matches!(a, Action::Event(e)
+            if e.kind == EventKind::Restarted && e.message.contains("given up"))),
+        "{:?}",
+        out.actions
+    );
+}
+
+#[test]
+fn nothing_to_restart_without_instances() {
+    let mut w = started(CANARY);
+    w.spec.spec.replicas = 0;
+    w.tick();
+    let e = w.command(Command::Restart).expect_err("refused");
+    assert!(e.contains("replicas: 0"), "{e}");
 }

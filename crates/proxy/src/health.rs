@@ -53,15 +53,23 @@ pub(crate) async fn active_checks(shared: Arc<Shared>) {
 /// The controller's rollout metrics, if it wrote any (none yet, or none any more, is
 /// no error: the proxy's own metrics are served regardless).
 async fn textfile(path: &std::path::Path) -> String {
-    /// More than any number of rollouts writes; a larger file is not served whole.
+    /// More than any number of rollouts writes; a larger file is not served at all
+    /// (cut, its last family would be invalid exposition).
     const MAX: u64 = 16 << 20;
     let Ok(f) = tokio::fs::File::open(path).await else {
         return String::new();
     };
     let mut text = String::new();
     use tokio::io::AsyncReadExt;
-    if f.take(MAX).read_to_string(&mut text).await.is_err() {
-        return String::new();
+    match f.take(MAX + 1).read_to_string(&mut text).await {
+        Ok(n) if n as u64 <= MAX => {}
+        _ => {
+            warn!(path = %path.display(), "metrics textfile not served: unreadable, or over 16 MiB");
+            return String::new();
+        }
+    }
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
     }
     text
 }
