@@ -468,29 +468,9 @@ async fn the_cli_drives_rollouts_through_the_operator_on_a_cluster() {
             "{name} not served: {body}"
         );
     }
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (Debian package `prometheus`; scripts/test installs it)");
-    {
-        use std::io::Write;
-        promtool
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(body.as_bytes())
-            .expect("write");
+    if let Some(f) = common::promtool_findings(body) {
+        panic!("promtool check metrics: {f}\n{body}");
     }
-    let checked = promtool.wait_with_output().expect("promtool ran");
-    assert!(
-        checked.status.success(),
-        "promtool check metrics: {}{}\n{body}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
 }
 
 /// `baton validate -f` on `yaml`, written to `name` in `dir`.

@@ -299,6 +299,16 @@ impl Run {
         }
     }
 
+    /// A new revision of the rollout's spec as it is (gates and all): only
+    /// `APP_VERSION` changes.
+    fn set_version(&mut self, version: &str) {
+        self.spec
+            .spec
+            .run
+            .env
+            .insert("APP_VERSION".into(), version.to_string());
+    }
+
     fn weight(&self, version: &str) -> u32 {
         let s = &self.record.status;
         s.revisions
@@ -518,9 +528,7 @@ async fn builtin_gates_error_where_the_platform_has_no_counters() {
     let mut run = Run::new();
     run.spec = gated();
     run.cycles(3).await;
-    let mut v2 = run.spec.clone();
-    v2.spec.run.env.insert("APP_VERSION".into(), "v2".into());
-    run.spec = v2;
+    run.set_version("v2");
     run.cycles(5).await;
     let gate = run
         .fake
@@ -575,9 +583,7 @@ async fn a_failed_cycle_keeps_the_measurements_it_took_for_the_next_one() {
     let mut run = Run::new();
     run.spec = gated();
     run.cycles(3).await;
-    let mut v2 = run.spec.clone();
-    v2.spec.run.env.insert("APP_VERSION".into(), "v2".into());
-    run.spec = v2;
+    run.set_version("v2");
     // Until the canary has traffic and a measurement is waiting.
     for _ in 0..10 {
         run.cycle(Vec::new()).await;
@@ -621,9 +627,7 @@ async fn a_slow_command_gate_is_not_started_again_beside_itself() {
     );
     run.spec = baton_spec::parse(&yaml).expect("valid").remove(0);
     run.cycles(3).await;
-    let mut v2 = run.spec.clone();
-    v2.spec.run.env.insert("APP_VERSION".into(), "v2".into());
-    run.spec = v2;
+    run.set_version("v2");
     // Ten intervals pass while the first measurement still runs (each cycle lets the
     // spawned measurements run too).
     for _ in 0..10 {
@@ -765,9 +769,7 @@ async fn a_rollback_is_timed_from_the_first_failure_to_the_routers_confirmation(
     let mut run = Run::new();
     run.spec = gated();
     run.cycles(3).await;
-    let mut v2 = run.spec.clone();
-    v2.spec.run.env.insert("APP_VERSION".into(), "v2".into());
-    run.spec = v2;
+    run.set_version("v2");
     run.cycles(2).await;
     let canary = run.record.status.canary.clone().expect("a canary");
     // A failure measured on stable does not start the canary's rollback clock.
