@@ -3,13 +3,21 @@
 //! A window starts at the first measurement of a gate on a revision and grows until it
 //! holds `minRequests`; only then is it judged and a new window begun. So a canary at
 //! 2 % of little traffic is judged on enough requests, later, rather than on three.
+//!
+//! A `continuous` error-rate gate is also measured on every cycle: its conditions and
+//! its comparison with stable become sequential tests (`sequential.rs`) that fail the
+//! canary the moment the evidence crosses the gate's bound, while the window above
+//! still gives the verdict at each interval. A window whose point estimate misses the
+//! conditions is then inconclusive, not failed, until the sequential test agrees: a
+//! fixed threshold on a small window fails healthy versions by chance.
 
 use std::collections::HashMap;
 
 use baton_engine::{Measurement, Millis, Verdict};
 use baton_proxy_api::RevisionStats;
-use baton_spec::{BuiltinMetric, BurnRate, Compare, Gate, MetricSource};
+use baton_spec::{BuiltinMetric, BurnRate, Compare, Gate, Judging, MetricSource};
 
+use crate::sequential::{Bernoulli, RateRatio, log_threshold};
 use crate::threshold::judge;
 
 /// (time, requests, errors) of a revision at one measurement.
@@ -22,6 +30,78 @@ pub struct Measurer {
     /// (rollout, gate, revision, epoch) → counters of the canary (and of stable, when
     /// the gate compares) at the window's start.
     windows: HashMap<(String, String, String, u64), (RevisionStats, RevisionStats)>,
+    /// (rollout, gate, revision, epoch) → the sequential tests of a continuous gate.
+    sequential: HashMap<(String, String, String, u64), Sequential>,
+}
+
+/// The sequential tests of one gate on one revision, and when it last gave a verdict.
+struct Sequential {
+    /// Against the gate's conditions, when they bound the error rate from above.
+    threshold: Option<Bernoulli>,
+    /// Against stable's rate times the allowed ratio.
+    ratio: Option<RateRatio>,
+    /// Whether the tests cover every way the window's judgment can fail the canary.
+    covers_all: bool,
+    /// Counters of the canary and stable when last read.
+    last: (RevisionStats, RevisionStats),
+}
+
+impl Sequential {
+    fn new(gate: &Gate, current: &RevisionStats, stable: &RevisionStats) -> Self {
+        let bound = error_bound(gate);
+        let has_conditions = gate.success_condition.is_some() || gate.failure_condition.is_some();
+        let ratio_of =
+            gate.compare
+                .as_ref()
+                .and_then(|c| match (c.max_increase_percent, c.max_increase) {
+                    (Some(p), None) => Some(1.0 + p / 100.0),
+                    _ => None,
+                });
+        let statistical = gate.statistical.as_ref().map(|st| {
+            (st.direction == baton_spec::Direction::Increase).then_some(1.0 + st.tolerance)
+        });
+        let ratio = ratio_of.or(statistical.flatten());
+        let covers_all = (!has_conditions || bound.is_some())
+            && (gate.compare.is_none() || ratio_of.is_some())
+            && statistical.is_none_or(|s| s.is_some());
+        Sequential {
+            threshold: bound.map(Bernoulli::new),
+            ratio: ratio.map(RateRatio::new),
+            covers_all,
+            last: (current.clone(), stable.clone()),
+        }
+    }
+}
+
+/// The error rate above which the gate's conditions fail, when they fail exactly the
+/// rates above one value (`result < 0.05`, `result <= 0.01`, a failure condition
+/// `result > 0.1`); `None` for any other shape. Found by bisection on the conditions
+/// themselves, so any expression `evalexpr` takes works.
+fn error_bound(gate: &Gate) -> Option<f64> {
+    if gate.success_condition.is_none() && gate.failure_condition.is_none() {
+        return None;
+    }
+    let passes = |v: f64| judge(gate, v).0 == Verdict::Pass;
+    if !passes(0.0) {
+        return None;
+    }
+    let (mut lo, mut hi) = (0.0_f64, 1.0_f64);
+    if passes(1.0) {
+        lo = 1.0;
+    }
+    while hi - lo > 1e-12 {
+        let mid = (lo + hi) / 2.0;
+        if passes(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    // Monotone: every rate below passes, every rate above fails.
+    let monotone = (0..=100)
+        .map(|i| f64::from(i) / 100.0)
+        .all(|v| (v <= lo && passes(v)) || (v >= hi && !passes(v)) || (v > lo && v < hi));
+    monotone.then_some(lo)
 }
 
 fn value_of(metric: BuiltinMetric, window: &RevisionStats) -> Option<f64> {
@@ -43,10 +123,11 @@ impl Measurer {
         gate: &Gate,
         revision: &str,
         epoch: u64,
+        due: bool,
         current: &RevisionStats,
         stable: Option<&RevisionStats>,
         now: Millis,
-    ) -> Measurement {
+    ) -> Option<Measurement> {
         let key = (
             rollout.to_string(),
             gate.name.clone(),
@@ -56,6 +137,126 @@ impl Measurer {
         // Windows of older epochs will never be read again.
         self.windows
             .retain(|k, _| !(k.0 == key.0 && k.1 == key.1 && k.2 == key.2 && k.3 != epoch));
+        self.sequential
+            .retain(|k, _| !(k.0 == key.0 && k.1 == key.1 && k.2 == key.2 && k.3 != epoch));
+        let continuous = gate.judging == Judging::Continuous
+            && gate.burn_rate.is_none()
+            && gate.metric == MetricSource::Builtin(BuiltinMetric::ErrorRate);
+        if !continuous {
+            return due.then(|| self.window(&key, gate, current, stable, now));
+        }
+        let stable_now = stable.cloned().unwrap_or_default();
+        let Some(seq) = self.sequential.get_mut(&key) else {
+            if !due {
+                // The gate's first measurement (after its initialDelay) starts it.
+                return None;
+            }
+            self.sequential
+                .insert(key.clone(), Sequential::new(gate, current, &stable_now));
+            // Opens the window; nothing to tell yet.
+            self.window(&key, gate, current, stable, now);
+            return None;
+        };
+        let (dc, ds) = (current.since(&seq.last.0), stable_now.since(&seq.last.1));
+        seq.last = (current.clone(), stable_now.clone());
+        let tests = usize::from(seq.threshold.is_some()) + usize::from(seq.ratio.is_some());
+        // Two tests on one gate share its error bound.
+        let alpha = (1.0 - gate.confidence) / tests.max(1) as f64;
+        let need = log_threshold(1.0 - alpha);
+        let mut failed = None;
+        if let Some(t) = &mut seq.threshold {
+            t.observe(dc.requests(), dc.classes[4]);
+            if t.log_evidence() >= need {
+                failed = Some(format!(
+                    "error_rate {:.4} over {} requests: sequential test {:.0} % sure it exceeds {:.4} (evidence {} of {} needed)",
+                    rate(t.errors, t.requests),
+                    t.requests,
+                    gate.confidence * 100.0,
+                    t.p0(),
+                    evidence(t.log_evidence()),
+                    evidence(need),
+                ));
+            }
+        }
+        if let Some(t) = &mut seq.ratio {
+            t.observe(
+                (dc.requests(), dc.classes[4]),
+                (ds.requests(), ds.classes[4]),
+            );
+            if failed.is_none() && t.log_evidence() >= need {
+                failed = Some(format!(
+                    "error_rate {:.4} over {} requests against stable's {:.4} over {}: sequential test {:.0} % sure it exceeds stable's x {:.2} (evidence {} of {} needed)",
+                    rate(t.canary.1, t.canary.0),
+                    t.canary.0,
+                    rate(t.stable.1, t.stable.0),
+                    t.stable.0,
+                    gate.confidence * 100.0,
+                    t.rho(),
+                    evidence(t.log_evidence()),
+                    evidence(need),
+                ));
+            }
+        }
+        if let Some(detail) = failed {
+            let (value, requests) = seq
+                .threshold
+                .as_ref()
+                .map(|t| (rate(t.errors, t.requests), t.requests))
+                .or_else(|| {
+                    seq.ratio
+                        .as_ref()
+                        .map(|t| (rate(t.canary.1, t.canary.0), t.canary.0))
+                })
+                .unwrap_or_default();
+            // A failure is one test's verdict; the next one starts afresh.
+            let fresh = Sequential::new(gate, current, &stable_now);
+            self.sequential.insert(key.clone(), fresh);
+            return Some(Measurement {
+                gate: gate.name.clone(),
+                revision: revision.to_string(),
+                verdict: Verdict::Fail,
+                value: Some(value),
+                requests,
+                at: now,
+                detail,
+            });
+        }
+        if !due {
+            return None;
+        }
+        let covers_all = seq.covers_all;
+        let strongest = [
+            seq.threshold.as_ref().map(Bernoulli::log_evidence),
+            seq.ratio.as_ref().map(RateRatio::log_evidence),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(f64::NEG_INFINITY, f64::max);
+        let mut m = self.window(&key, gate, current, stable, now);
+        if m.verdict == Verdict::Fail && covers_all {
+            m.verdict = Verdict::Inconclusive;
+            m.detail = format!(
+                "{}; not yet significant (sequential evidence {} of {} needed)",
+                m.detail,
+                evidence(strongest),
+                evidence(need)
+            );
+        }
+        Some(m)
+    }
+
+    /// The window judgment: at each interval, over at least `minRequests`.
+    fn window(
+        &mut self,
+        key: &(String, String, String, u64),
+        gate: &Gate,
+        current: &RevisionStats,
+        stable: Option<&RevisionStats>,
+        now: Millis,
+    ) -> Measurement {
+        let revision = key.2.as_str();
+        let rollout = key.0.as_str();
+        let key = key.clone();
         let m = |verdict, value, requests, detail: String| Measurement {
             gate: gate.name.clone(),
             revision: revision.to_string(),
@@ -194,6 +395,26 @@ impl Measurer {
     }
 }
 
+fn rate(errors: u64, requests: u64) -> f64 {
+    if requests == 0 {
+        0.0
+    } else {
+        errors as f64 / requests as f64
+    }
+}
+
+/// Evidence (an e-value) for a message: `12`, `3.4e5`.
+fn evidence(log: f64) -> String {
+    let e = log.exp();
+    if e >= 1e4 {
+        format!("{e:.1e}")
+    } else if e >= 10.0 {
+        format!("{e:.0}")
+    } else {
+        format!("{e:.2}")
+    }
+}
+
 /// The error ratio since the snapshot a window ago (or the first, when the series is
 /// younger than the window): `(ratio, requests)`.
 fn ratio_over(series: &[Snapshot], now: Millis, window_ms: u64) -> (f64, u64) {
@@ -286,6 +507,25 @@ pub fn compare(c: &Compare, v: f64, sv: f64) -> (bool, String) {
 }
 
 #[cfg(test)]
+impl Measurer {
+    /// A measurement that must give a verdict (every one of an `interval` gate does).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn judged(
+        &mut self,
+        rollout: &str,
+        gate: &Gate,
+        revision: &str,
+        epoch: u64,
+        current: &RevisionStats,
+        stable: Option<&RevisionStats>,
+        now: Millis,
+    ) -> Measurement {
+        self.measure(rollout, gate, revision, epoch, true, current, stable, now)
+            .expect("a verdict")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use baton_spec::Duration;
@@ -308,6 +548,8 @@ mod tests {
             compare: None,
             statistical: None,
             burn_rate: None,
+            judging: baton_spec::Judging::Interval,
+            confidence: 0.99,
         }
     }
 
@@ -327,18 +569,18 @@ mod tests {
         let g = gate(BuiltinMetric::ErrorRate, "result < 0.1", 20);
         let mut m = Measurer::default();
         assert_eq!(
-            m.measure("r", &g, "v2", 1, &stats(0, 0), None, 0).verdict,
+            m.judged("r", &g, "v2", 1, &stats(0, 0), None, 0).verdict,
             Verdict::Inconclusive
         );
-        let few = m.measure("r", &g, "v2", 1, &stats(5, 5), None, 1);
+        let few = m.judged("r", &g, "v2", 1, &stats(5, 5), None, 1);
         assert_eq!(few.verdict, Verdict::Inconclusive, "{}", few.detail);
         // The window kept growing from the start: 40 requests, 10 errors.
-        let judged = m.measure("r", &g, "v2", 1, &stats(30, 10), None, 2);
+        let judged = m.judged("r", &g, "v2", 1, &stats(30, 10), None, 2);
         assert_eq!(judged.verdict, Verdict::Fail);
         assert_eq!(judged.value, Some(0.25));
         assert_eq!(judged.requests, 40);
         // A fresh window: 30 more good requests.
-        let next = m.measure("r", &g, "v2", 1, &stats(60, 10), None, 3);
+        let next = m.judged("r", &g, "v2", 1, &stats(60, 10), None, 3);
         assert_eq!(next.verdict, Verdict::Pass);
         assert_eq!(next.value, Some(0.0));
     }
@@ -348,12 +590,12 @@ mod tests {
         // With fewer, "p99" is the slowest request: one slow request would fail it.
         let g = gate(BuiltinMetric::LatencyP99, "result < 0.8", 20);
         let mut m = Measurer::default();
-        m.measure("r", &g, "v2", 1, &stats(0, 0), None, 0);
-        let small = m.measure("r", &g, "v2", 1, &stats(60, 0), None, 1);
+        m.judged("r", &g, "v2", 1, &stats(0, 0), None, 0);
+        let small = m.judged("r", &g, "v2", 1, &stats(60, 0), None, 1);
         assert_eq!(small.verdict, Verdict::Inconclusive);
         assert!(small.detail.contains("100 needed"), "{}", small.detail);
         assert_eq!(
-            m.measure("r", &g, "v2", 1, &stats(120, 0), None, 2).verdict,
+            m.judged("r", &g, "v2", 1, &stats(120, 0), None, 2).verdict,
             Verdict::Pass
         );
     }
@@ -362,8 +604,8 @@ mod tests {
     fn a_new_epoch_starts_a_new_window() {
         let g = gate(BuiltinMetric::LatencyP99, "result < 0.8", 1);
         let mut m = Measurer::default();
-        m.measure("r", &g, "v2", 1, &stats(10, 0), None, 0);
-        let again = m.measure("r", &g, "v2", 2, &stats(20, 0), None, 1);
+        m.judged("r", &g, "v2", 1, &stats(10, 0), None, 0);
+        let again = m.judged("r", &g, "v2", 2, &stats(20, 0), None, 1);
         assert_eq!(again.verdict, Verdict::Inconclusive);
     }
 }
@@ -448,6 +690,8 @@ mod compare_tests {
             }),
             statistical: None,
             burn_rate: None,
+            judging: baton_spec::Judging::Interval,
+            confidence: 0.99,
         }
     }
 
@@ -456,8 +700,8 @@ mod compare_tests {
         let g = gate();
         let mut m = Measurer::default();
         // Bucket 7 is (0.075, 0.1]; bucket 13 is (0.4, 0.5].
-        m.measure("r", &g, "c", 1, &stats(0, 0, 7), Some(&stats(0, 0, 7)), 0);
-        let same = m.measure(
+        m.judged("r", &g, "c", 1, &stats(0, 0, 7), Some(&stats(0, 0, 7)), 0);
+        let same = m.judged(
             "r",
             &g,
             "c",
@@ -467,7 +711,7 @@ mod compare_tests {
             1,
         );
         assert_eq!(same.verdict, Verdict::Pass, "{}", same.detail);
-        let slower = m.measure(
+        let slower = m.judged(
             "r",
             &g,
             "c",
@@ -495,5 +739,173 @@ mod compare_tests {
         };
         assert!(compare(&both, 0.0009, 0.0).0);
         assert!(!compare(&both, 0.002, 0.0).0);
+    }
+}
+
+#[cfg(test)]
+mod continuous_tests {
+    use super::*;
+    use baton_spec::Duration;
+
+    fn gate(success: Option<&str>, compare: Option<f64>, interval: u64) -> Gate {
+        Gate {
+            name: "errors".into(),
+            metric: MetricSource::Builtin(BuiltinMetric::ErrorRate),
+            success_condition: success.map(str::to_string),
+            failure_condition: None,
+            interval: Duration::from_secs(interval),
+            failure_limit: 0,
+            count: 1,
+            min_requests: 20,
+            initial_delay: Duration::default(),
+            inconclusive_limit: None,
+            consecutive_error_limit: 4,
+            dry_run: false,
+            on_failure: None,
+            compare: compare.map(|p| Compare {
+                max_increase_percent: Some(p),
+                max_increase: None,
+            }),
+            statistical: None,
+            burn_rate: None,
+            judging: Judging::Continuous,
+            confidence: 0.99,
+        }
+    }
+
+    fn stats(ok: u64, errors: u64) -> RevisionStats {
+        let mut s = RevisionStats {
+            buckets: vec![0; baton_proxy_api::BUCKETS.len() + 1],
+            ..RevisionStats::default()
+        };
+        s.classes[1] = ok;
+        s.classes[4] = errors;
+        s.buckets[3] = ok + errors;
+        s
+    }
+
+    #[test]
+    fn conditions_become_an_upper_bound_on_the_error_rate() {
+        let bound = |s: Option<&str>, f: Option<&str>| {
+            let mut g = gate(s, None, 1);
+            g.failure_condition = f.map(str::to_string);
+            error_bound(&g)
+        };
+        let near = |b: Option<f64>, v: f64| b.is_some_and(|b| (b - v).abs() < 1e-9);
+        assert!(near(bound(Some("result < 0.05"), None), 0.05));
+        assert!(near(bound(Some("result <= 0.01"), None), 0.01));
+        assert!(near(bound(None, Some("result > 0.1")), 0.1));
+        assert!(near(
+            bound(Some("result < 0.2"), Some("result >= 0.1")),
+            0.1
+        ));
+        // Not an upper bound: no sequential threshold.
+        assert_eq!(bound(Some("result > 0.5"), None), None);
+        assert_eq!(bound(Some("result < 0.1 || result > 0.9"), None), None);
+        assert_eq!(bound(None, None), None);
+    }
+
+    #[test]
+    fn a_canary_failing_every_request_fails_before_its_interval() {
+        let g = gate(Some("result < 0.05"), None, 30);
+        let mut m = Measurer::default();
+        assert!(
+            m.measure("r", &g, "v2", 1, true, &stats(0, 0), None, 0)
+                .is_none(),
+            "opening the window tells nothing"
+        );
+        assert!(
+            m.measure("r", &g, "v2", 1, false, &stats(0, 1), None, 100)
+                .is_none()
+        );
+        let failed = m
+            .measure("r", &g, "v2", 1, false, &stats(0, 3), None, 200)
+            .expect("failed at once");
+        assert_eq!(failed.verdict, Verdict::Fail, "{}", failed.detail);
+        assert_eq!(failed.requests, 3);
+        assert_eq!(failed.value, Some(1.0));
+        assert!(
+            failed
+                .detail
+                .contains("sequential test 99 % sure it exceeds 0.0500"),
+            "{}",
+            failed.detail
+        );
+    }
+
+    #[test]
+    fn a_healthy_canary_is_told_once_per_interval() {
+        let g = gate(Some("result < 0.05"), None, 1);
+        let mut m = Measurer::default();
+        let mut told = Vec::new();
+        // 100 ms cycles over 3.5 s, 10 requests each, one error in 100.
+        for i in 0..=35u64 {
+            let n = i * 10;
+            let due = i % 10 == 0;
+            if let Some(v) = m.measure(
+                "r",
+                &g,
+                "v2",
+                1,
+                due,
+                &stats(n - n / 100, n / 100),
+                None,
+                i * 100,
+            ) {
+                told.push((v.at, v.verdict));
+            }
+        }
+        assert_eq!(
+            told,
+            vec![
+                (1000, Verdict::Pass),
+                (2000, Verdict::Pass),
+                (3000, Verdict::Pass)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_window_over_the_threshold_by_chance_is_inconclusive_not_failed() {
+        // 3 errors in the first 20 requests of a gate allowing 10 %: the window's
+        // estimate (15 %) misses the condition, the evidence is nowhere near.
+        let g = gate(Some("result < 0.1"), None, 1);
+        let mut m = Measurer::default();
+        m.measure("r", &g, "v2", 1, true, &stats(0, 0), None, 0);
+        let v = m
+            .measure("r", &g, "v2", 1, true, &stats(17, 3), None, 1000)
+            .expect("a verdict at the interval");
+        assert_eq!(v.verdict, Verdict::Inconclusive, "{}", v.detail);
+        assert!(v.detail.contains("not yet significant"), "{}", v.detail);
+        // The same window under `judging: interval` fails.
+        let mut fixed = g.clone();
+        fixed.judging = Judging::Interval;
+        let mut m = Measurer::default();
+        m.judged("r", &fixed, "v2", 1, &stats(0, 0), None, 0);
+        assert_eq!(
+            m.judged("r", &fixed, "v2", 1, &stats(17, 3), None, 1000)
+                .verdict,
+            Verdict::Fail
+        );
+    }
+
+    #[test]
+    fn a_canary_worse_than_stable_fails_the_ratio_test() {
+        let g = gate(None, Some(10.0), 60);
+        let mut m = Measurer::default();
+        m.measure("r", &g, "c", 1, true, &stats(0, 0), Some(&stats(0, 0)), 0);
+        let mut failed = None;
+        // Canary at 10 % failing a quarter of its requests, stable failing 1 in 100.
+        for i in 1..=100u64 {
+            let (c, s) = (stats(i * 3, i), stats(i * 89, i * 89 / 100));
+            if let Some(v) = m.measure("r", &g, "c", 1, false, &c, Some(&s), i * 100) {
+                failed = Some((i, v));
+                break;
+            }
+        }
+        let (at, v) = failed.expect("a verdict");
+        assert_eq!(v.verdict, Verdict::Fail, "{}", v.detail);
+        assert!(at < 20, "after {at} cycles: {}", v.detail);
+        assert!(v.detail.contains("x 1.10"), "{}", v.detail);
     }
 }

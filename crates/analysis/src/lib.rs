@@ -5,7 +5,8 @@
 //! traffic router's metrics in Prometheus, on a cluster), prometheus, web, command; smoke
 //! tests for blue-green previews. Judges: thresholds (`successCondition` /
 //! `failureCondition` over `result`, evaluated by `evalexpr`) and comparison with the
-//! stable revision over the same window.
+//! stable revision over the same window; builtin error-rate gates are also tested
+//! sequentially as requests arrive (`sequential`).
 
 pub mod builtin;
 pub mod command;
@@ -13,6 +14,7 @@ pub mod mesh;
 pub mod prometheus;
 pub mod provider;
 pub mod registry;
+pub mod sequential;
 pub mod smoke;
 pub mod statistical;
 pub mod stats;

@@ -71,6 +71,8 @@ mod tests {
             compare: None,
             statistical: None,
             burn_rate: None,
+            judging: baton_spec::Judging::Interval,
+            confidence: 0.99,
         }
     }
 

@@ -142,7 +142,8 @@ impl Driver {
                     gate,
                     revision,
                     epoch,
-                } => measures.push((gate, revision, epoch)),
+                    due,
+                } => measures.push((gate, revision, epoch, due)),
                 Action::RunSmoke { revision } => smokes.push(revision),
             }
         }
@@ -206,7 +207,7 @@ impl Driver {
         };
         self.metrics.routed(t, &record.status, confirmed, now);
         let mut cache = CounterCache::default();
-        for (gate, revision, epoch) in measures {
+        for (gate, revision, epoch, due) in measures {
             let Some(g) = t.spec.spec.analysis.gates.iter().find(|g| g.name == gate) else {
                 continue;
             };
@@ -219,6 +220,7 @@ impl Driver {
                     g,
                     &revision,
                     epoch,
+                    due,
                     stable.as_deref(),
                     now,
                 )

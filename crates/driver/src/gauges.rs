@@ -56,6 +56,7 @@ impl Gauges {
         gate: &Gate,
         revision: &str,
         epoch: u64,
+        due: bool,
         stable: Option<&str>,
         now: Millis,
     ) {
@@ -115,12 +116,16 @@ impl Gauges {
                         gate,
                         revision,
                         epoch,
+                        due,
                         &current,
                         stable_now.as_ref(),
                         now,
                     )
             }
-            Some(Counters::Unsupported(why) | Counters::Failed(why)) => Measurement {
+            // A look between intervals tells only a failure of the canary: an error
+            // reading the counters waits for the interval, as it would have.
+            Some(Counters::Unsupported(_) | Counters::Failed(_)) if !due => return,
+            Some(Counters::Unsupported(why) | Counters::Failed(why)) => Some(Measurement {
                 gate: gate.name.clone(),
                 revision: revision.to_string(),
                 verdict: Verdict::Error,
@@ -128,10 +133,12 @@ impl Gauges {
                 requests: 0,
                 at: now,
                 detail: why.clone(),
-            },
+            }),
             Some(Counters::Unreadable) | None => return,
         };
-        self.push(t.key, m);
+        if let Some(m) = m {
+            self.push(t.key, m);
+        }
     }
 }
 

@@ -272,6 +272,9 @@ pub enum Action {
         gate: String,
         revision: String,
         epoch: u64,
+        /// The gate's interval came: a verdict is owed. Otherwise a look between
+        /// intervals at a `continuous` gate, which tells only a failure.
+        due: bool,
     },
     /// Run the blue-green smoke tests against the preview revision.
     RunSmoke { revision: String },

@@ -897,15 +897,27 @@ fn schedule_measurements(cx: &mut Ctx) {
                     next_due: cx.now.saturating_add(gate.initial_delay.as_millis()),
                     ..GateStatus::default()
                 });
-        if cx.now >= g.next_due {
+        let due = cx.now >= g.next_due;
+        if due {
             g.next_due = cx.now.saturating_add(gate.interval.as_millis());
+        }
+        if due || watched(gate) {
             cx.actions.push(Action::Measure {
                 gate: gate.name.clone(),
                 revision: c.clone(),
                 epoch: cx.s.analysis_epoch,
+                due,
             });
         }
     }
+}
+
+/// Gates judged as evidence arrives, on every cycle: a builtin error rate under
+/// `judging: continuous` (the analysis crate's sequential tests).
+fn watched(gate: &baton_spec::Gate) -> bool {
+    gate.judging == baton_spec::Judging::Continuous
+        && gate.burn_rate.is_none()
+        && gate.metric == baton_spec::MetricSource::Builtin(baton_spec::BuiltinMetric::ErrorRate)
 }
 
 fn progress_deadline(cx: &mut Ctx) {

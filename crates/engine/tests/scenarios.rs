@@ -419,7 +419,7 @@ fn initial_delay_postpones_the_first_measurement() {
         w.last.as_ref().is_some_and(|o| {
             o.actions
                 .iter()
-                .any(|a| matches!(a, Action::Measure { .. }))
+                .any(|a| matches!(a, Action::Measure { due: true, .. }))
         })
     };
     let mut first = None;
@@ -515,7 +515,7 @@ fn durations_too_long_to_add_to_a_time_never_wrap() {
         measured += w.last.as_ref().map_or(0, |o| {
             o.actions
                 .iter()
-                .filter(|a| matches!(a, Action::Measure { .. }))
+                .filter(|a| matches!(a, Action::Measure { due: true, .. }))
                 .count()
         });
     }

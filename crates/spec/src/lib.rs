@@ -530,6 +530,44 @@ pub struct Gate {
     /// in the SRE workbook's multi-window, multi-burn-rate alerts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burn_rate: Option<BurnRate>,
+    /// `continuous` (the default): a builtin `error_rate` gate's conditions and
+    /// `compare.maxIncreasePercent` are also tested sequentially as requests arrive, and
+    /// a failure is acted on the moment the evidence is strong enough; `interval` still
+    /// records a verdict at least that often. `interval`: judged at the interval only.
+    #[serde(default, skip_serializing_if = "Judging::is_default")]
+    pub judging: Judging,
+    /// How sure the sequential test must be before it fails the canary: an unchanged
+    /// version is failed by this gate with a chance of at most `1 - confidence`, however
+    /// long it runs and however often it is looked at.
+    #[serde(
+        default = "default_confidence",
+        skip_serializing_if = "is_default_confidence"
+    )]
+    pub confidence: f64,
+}
+
+/// When a builtin gate is judged.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Judging {
+    /// As evidence arrives (a sequential test), and a verdict at least every `interval`.
+    #[default]
+    Continuous,
+    /// Only every `interval`, on a window of at least `minRequests`.
+    Interval,
+}
+
+impl Judging {
+    fn is_default(&self) -> bool {
+        *self == Judging::Continuous
+    }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_default_confidence(c: &f64) -> bool {
+    *c == default_confidence()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -440,6 +440,15 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
                 );
             }
         }
+        if !(g.confidence > 0.5 && g.confidence < 1.0) {
+            err(
+                &format!("{f}.confidence"),
+                format!(
+                    "must be between 0.5 and 1 (exclusive), e.g. 0.99; got {}",
+                    g.confidence
+                ),
+            );
+        }
         if let Some(st) = &g.statistical {
             if !(st.marginal_score <= st.pass_score
                 && (0.0..=100.0).contains(&st.pass_score)

@@ -138,7 +138,13 @@ impl World {
     pub fn answer_measurements(&mut self, verdict: Verdict) {
         let Some(out) = &self.last else { return };
         for a in &out.actions {
-            if let Action::Measure { gate, revision, .. } = a {
+            if let Action::Measure {
+                gate,
+                revision,
+                due: true,
+                ..
+            } = a
+            {
                 self.obs.measurements.push(Measurement {
                     gate: gate.clone(),
                     revision: revision.clone(),
