@@ -18,9 +18,26 @@ use crate::stats::{bootstrap_quantile_diff, fisher_greater, mann_whitney, quanti
 const MAX_SAMPLES: u64 = 2000;
 const BOOTSTRAP_ROUNDS: usize = 400;
 
-/// Latency samples from a histogram window: each request at its bucket's upper bound
-/// (twice the last bound for the overflow bucket), thinned evenly to `MAX_SAMPLES`.
+/// Latency samples from a histogram window: each request at its fine bucket's value
+/// when the fine buckets are complete, else at its classic bucket's upper bound (twice
+/// the last bound for the overflow bucket), thinned evenly to `MAX_SAMPLES`.
 pub fn samples(window: &RevisionStats) -> Vec<f64> {
+    if let Some(fine) = window.fine_complete() {
+        let total: u64 = fine.iter().sum();
+        let mut out = Vec::new();
+        for (i, n) in fine.iter().enumerate() {
+            let keep = if total <= MAX_SAMPLES {
+                *n
+            } else {
+                (n * MAX_SAMPLES).div_ceil(total)
+            };
+            out.extend(std::iter::repeat_n(
+                baton_proxy_api::metrics::fine_value(i),
+                keep as usize,
+            ));
+        }
+        return out;
+    }
     let total: u64 = window.buckets.iter().sum();
     let keep = |n: u64| {
         if total <= MAX_SAMPLES {

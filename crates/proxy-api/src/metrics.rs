@@ -12,6 +12,50 @@ pub const BUCKETS: [f64; 24] = [
     0.8, 0.9, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,
 ];
 
+/// The fine latency histogram's relative accuracy: a quantile read from it is within
+/// 2 % of the true value, so a 5 % latency shift can be judged.
+pub const FINE_ACCURACY: f64 = 0.02;
+/// Growth of the fine buckets' bounds: `(1 + a) / (1 - a)`, as in DDSketch.
+pub const FINE_GAMMA: f64 = (1.0 + FINE_ACCURACY) / (1.0 - FINE_ACCURACY);
+/// Lowest bound of the fine buckets (seconds); bucket 0 holds what is faster.
+pub const FINE_MIN: f64 = 50e-6;
+/// Fine buckets: 0 below [`FINE_MIN`], then `[FINE_MIN·γ^(i-1), FINE_MIN·γ^i)` up to
+/// about 5 minutes, the last one for anything slower.
+pub const FINE_BUCKETS: usize = 400;
+
+/// The fine bucket of a latency (seconds).
+pub fn fine_index(seconds: f64) -> usize {
+    if !(seconds >= FINE_MIN) {
+        return 0;
+    }
+    let i = 1 + ((seconds / FINE_MIN).ln() / FINE_GAMMA.ln()) as usize;
+    i.min(FINE_BUCKETS - 1)
+}
+
+/// `[lower, upper)` of fine bucket `i` (seconds).
+pub fn fine_bounds(i: usize) -> (f64, f64) {
+    if i == 0 {
+        return (0.0, FINE_MIN);
+    }
+    let lower = FINE_MIN * FINE_GAMMA.powi(i as i32 - 1);
+    if i >= FINE_BUCKETS - 1 {
+        return (lower, f64::INFINITY);
+    }
+    (lower, lower * FINE_GAMMA)
+}
+
+/// The value a fine bucket stands for: within [`FINE_ACCURACY`] of anything in it.
+pub fn fine_value(i: usize) -> f64 {
+    let (lower, upper) = fine_bounds(i);
+    if i == 0 {
+        FINE_MIN / 2.0
+    } else if upper.is_infinite() {
+        lower
+    } else {
+        2.0 * lower * FINE_GAMMA / (FINE_GAMMA + 1.0)
+    }
+}
+
 /// Counters of one revision at one moment; subtract two to get a window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -29,6 +73,10 @@ pub struct RevisionStats {
     /// histogram read from Prometheus has its own, coarser ones. Empty: [`BUCKETS`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bounds: Vec<f64>,
+    /// The same latencies in [`FINE_BUCKETS`] fine buckets ([`fine_bounds`]); empty
+    /// where there are none (a router's histogram, a proxy of an older version).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fine: Vec<u64>,
 }
 
 impl RevisionStats {
@@ -64,11 +112,41 @@ impl RevisionStats {
                 .collect(),
             sum_seconds: (self.sum_seconds - earlier.sum_seconds).max(0.0),
             bounds: self.bounds.clone(),
+            fine: self
+                .fine
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b.saturating_sub(earlier.fine.get(i).copied().unwrap_or(0)))
+                .collect(),
         }
+    }
+    /// The fine buckets when they hold the latencies the classic ones do (a proxy
+    /// restarted from an older version's counters has fine ones only for what came
+    /// since): then they, not the classic buckets, are what judges read. A snapshot
+    /// read while requests complete may count one in the classic buckets and not yet
+    /// in the fine ones, hence the slack of 1 % (at least 2).
+    pub fn fine_complete(&self) -> Option<&[u64]> {
+        let fine: u64 = self.fine.iter().sum();
+        let classic: u64 = self.buckets.iter().sum();
+        (fine > 0 && fine.abs_diff(classic) <= (classic / 100).max(2))
+            .then_some(self.fine.as_slice())
     }
     /// The q-quantile by linear interpolation inside the bucket, as Prometheus'
     /// `histogram_quantile` computes it, so both agree on what "p99" means.
+    ///
+    /// With complete fine buckets, the fine bucket's value instead: within 2 %.
     pub fn quantile(&self, q: f64) -> Option<f64> {
+        if let Some(fine) = self.fine_complete() {
+            let total: u64 = fine.iter().sum();
+            let rank = (q * total as f64).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, n) in fine.iter().enumerate() {
+                seen += n;
+                if seen >= rank {
+                    return Some(fine_value(i));
+                }
+            }
+        }
         let bounds = self.bounds();
         let last = bounds.last().copied()?;
         let total: u64 = self.buckets.iter().sum();
@@ -111,6 +189,82 @@ mod tests {
         s.classes[1] = n - errors;
         s.classes[4] = errors;
         s
+    }
+
+    #[test]
+    fn fine_buckets_hold_every_latency_within_two_percent() {
+        let mut prev = 0;
+        let mut x = 1e-6;
+        while x < 600.0 {
+            let i = fine_index(x);
+            assert!(i >= prev, "monotone at {x}");
+            prev = i;
+            let (lo, hi) = fine_bounds(i);
+            assert!(lo <= x && (x < hi || i == 0), "{x} in [{lo}, {hi}) of {i}");
+            if (FINE_MIN..300.0).contains(&x) {
+                let err = (fine_value(i) - x).abs() / x;
+                assert!(err <= FINE_ACCURACY + 1e-9, "{x}: {err}");
+            }
+            x *= 1.003;
+        }
+        assert!(
+            fine_bounds(FINE_BUCKETS - 2).1 > 300.0,
+            "covers five minutes"
+        );
+        assert_eq!(fine_index(f64::NAN), 0);
+        assert_eq!(fine_index(1e9), FINE_BUCKETS - 1);
+    }
+
+    #[test]
+    fn a_quantile_reads_complete_fine_buckets_and_falls_back_otherwise() {
+        // 100 requests at 0.1 s … 0.199 s (classic buckets: 0.1–0.15 and 0.15–0.2).
+        let mut s = RevisionStats {
+            buckets: vec![0; BUCKETS.len() + 1],
+            fine: vec![0; FINE_BUCKETS],
+            ..RevisionStats::default()
+        };
+        for k in 0..100 {
+            let v = 0.1 + f64::from(k) * 0.001;
+            s.fine[fine_index(v)] += 1;
+            s.buckets[BUCKETS
+                .iter()
+                .position(|b| v <= *b)
+                .unwrap_or(BUCKETS.len())] += 1;
+        }
+        s.classes[1] = 100;
+        let p90 = s.quantile(0.9).expect("data");
+        assert!((p90 - 0.189).abs() / 0.189 <= 0.02, "{p90}");
+        // Fine buckets that miss some requests are not read.
+        let mut partial = s.clone();
+        for k in 0..10 {
+            partial.fine[fine_index(0.1 + f64::from(k) * 0.001)] -= 1;
+        }
+        assert!(partial.fine_complete().is_none());
+        let classic = partial.quantile(0.9).expect("data");
+        assert!(
+            (classic - 0.19).abs() < 1e-9,
+            "classic interpolation: {classic}"
+        );
+        // One request read in the classic buckets and not yet in the fine ones.
+        let mut racing = s.clone();
+        racing.fine[fine_index(0.15)] -= 1;
+        assert!(racing.fine_complete().is_some());
+        // A window of fine buckets is their difference.
+        assert_eq!(s.since(&partial).fine.iter().sum::<u64>(), 10);
+    }
+
+    #[test]
+    fn counters_of_an_older_proxy_without_fine_buckets_are_read() {
+        // What a proxy of the previous version sends over its control socket and in
+        // its handover: no `fine`.
+        let old = r#"{"classes":[0,7,0,0,1],"upstreamErrors":0,"retries":0,"buckets":[0,0,0,8,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"sumSeconds":0.05}"#;
+        let s: RevisionStats = serde_json::from_str(old).expect("old counters");
+        assert!(s.fine.is_empty() && s.fine_complete().is_none());
+        assert_eq!(s.requests(), 8);
+        assert!(s.quantile(0.5).is_some());
+        // And a new one without latencies sends no `fine` either.
+        let text = serde_json::to_string(&RevisionStats::default()).expect("json");
+        assert!(!text.contains("fine"), "{text}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use baton_proxy_api::metrics::{BUCKETS, RevisionStats, StatsSnapshot};
+use baton_proxy_api::metrics::{FINE_BUCKETS, fine_index};
 
 /// Counter sets per revision, one used by each data-plane thread (by a thread's
 /// index modulo this), so that threads never write to the same cache line: shared
@@ -30,7 +31,6 @@ pub struct RevisionMetrics {
     shards: [Shard; SHARDS],
 }
 
-#[derive(Default)]
 #[repr(align(128))]
 struct Shard {
     /// Responses by status class: 1xx..5xx.
@@ -45,7 +45,26 @@ struct Shard {
     mirrored: AtomicU64,
     /// Non-cumulative bucket counts; the last is +Inf.
     buckets: [AtomicU64; BUCKETS.len() + 1],
+    /// The same latencies, finely: what the judges read. Atomics indexed by a
+    /// logarithm, not a sketch crate: the request path takes no lock, and the layout is
+    /// part of the counters handed to the next proxy on a hot restart.
+    fine: [AtomicU64; FINE_BUCKETS],
     sum_micros: AtomicU64,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard {
+            classes: Default::default(),
+            upstream_errors: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            mirrored: AtomicU64::new(0),
+            buckets: Default::default(),
+            fine: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
 }
 
 impl RevisionMetrics {
@@ -60,6 +79,7 @@ impl RevisionMetrics {
             .position(|b| seconds <= *b)
             .unwrap_or(BUCKETS.len());
         me.buckets[i].fetch_add(1, Ordering::Relaxed);
+        me.fine[fine_index(seconds)].fetch_add(1, Ordering::Relaxed);
         me.sum_micros
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
@@ -99,6 +119,7 @@ impl RevisionMetrics {
                 .collect(),
             sum_seconds: sum(&|s| &s.sum_micros) as f64 / 1e6,
             bounds: Vec::new(),
+            fine: (0..FINE_BUCKETS).map(|i| sum(&|s| &s.fine[i])).collect(),
         }
     }
 }
@@ -139,6 +160,9 @@ impl Metrics {
                 m.mirrored.store(s.mirrored, Ordering::Relaxed);
                 for (i, n) in s.buckets.iter().enumerate().take(m.buckets.len()) {
                     m.buckets[i].store(*n, Ordering::Relaxed);
+                }
+                for (i, n) in s.fine.iter().enumerate().take(m.fine.len()) {
+                    m.fine[i].store(*n, Ordering::Relaxed);
                 }
                 m.sum_micros
                     .store((s.sum_seconds * 1e6) as u64, Ordering::Relaxed);
