@@ -25,7 +25,8 @@ pub const FINE_BUCKETS: usize = 400;
 
 /// The fine bucket of a latency (seconds).
 pub fn fine_index(seconds: f64) -> usize {
-    if !(seconds >= FINE_MIN) {
+    // NaN lands here too.
+    if seconds.is_nan() || seconds < FINE_MIN {
         return 0;
     }
     let i = 1 + ((seconds / FINE_MIN).ln() / FINE_GAMMA.ln()) as usize;
