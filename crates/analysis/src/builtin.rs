@@ -19,6 +19,7 @@ use baton_spec::{BuiltinMetric, BurnRate, Compare, Gate, Judging, MetricSource};
 
 use crate::sequential::{Bernoulli, RateRatio, log_threshold};
 use crate::threshold::judge;
+use baton_proxy_api::metrics::{fine_bounds, fine_index, fine_value};
 
 /// (time, requests, errors) of a revision at one measurement.
 type Snapshot = (Millis, u64, u64);
@@ -34,21 +35,74 @@ pub struct Measurer {
     sequential: HashMap<(String, String, String, u64), Sequential>,
 }
 
-/// The sequential tests of one gate on one revision, and when it last gave a verdict.
+/// The sequential tests of one gate on one revision.
 struct Sequential {
-    /// Against the gate's conditions, when they bound the error rate from above.
+    /// Against the gate's conditions, when they bound the metric from above: for error
+    /// rates, on errors; for a latency quantile `q` under a bound `b`, on the requests
+    /// slower than `b` (at most `1 - q` of them under H0).
     threshold: Option<Bernoulli>,
-    /// Against stable's rate times the allowed ratio.
+    /// Against stable times the allowed ratio: for error rates, on errors; for a
+    /// latency quantile, on the canary's requests slower than `factor` times stable's
+    /// quantile against stable's requests slower than that quantile.
     ratio: Option<RateRatio>,
     /// Whether the tests cover every way the window's judgment can fail the canary.
     covers_all: bool,
     /// Counters of the canary and stable when last read.
     last: (RevisionStats, RevisionStats),
+    latency: Option<Latency>,
+}
+
+/// What a latency gate's tests keep: the quantile, the conditions' bound, the
+/// allowed factor over stable, and the fine counts since the tests began.
+struct Latency {
+    q: f64,
+    bound: Option<f64>,
+    factor: Option<f64>,
+    canary: Vec<u64>,
+    stable: Vec<u64>,
+}
+
+fn quantile_of(metric: BuiltinMetric) -> Option<f64> {
+    match metric {
+        BuiltinMetric::ErrorRate => None,
+        BuiltinMetric::LatencyP50 => Some(0.5),
+        BuiltinMetric::LatencyP90 => Some(0.9),
+        BuiltinMetric::LatencyP99 => Some(0.99),
+    }
+}
+
+/// The q-quantile of fine counts: the value of its bucket.
+fn fine_quantile(fine: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = fine.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    fine.iter().enumerate().find_map(|(i, n)| {
+        seen += n;
+        (seen >= rank).then(|| fine_value(i))
+    })
+}
+
+fn add(into: &mut Vec<u64>, more: &[u64]) {
+    if into.len() < more.len() {
+        into.resize(more.len(), 0);
+    }
+    for (a, b) in into.iter_mut().zip(more) {
+        *a += b;
+    }
 }
 
 impl Sequential {
-    fn new(gate: &Gate, current: &RevisionStats, stable: &RevisionStats) -> Self {
-        let bound = error_bound(gate);
+    fn new(
+        gate: &Gate,
+        metric: BuiltinMetric,
+        current: &RevisionStats,
+        stable: &RevisionStats,
+    ) -> Self {
+        let q = quantile_of(metric);
+        let bound = condition_bound(gate, if q.is_some() { LATENCY_RANGE } else { 1.0 });
         let has_conditions = gate.success_condition.is_some() || gate.failure_condition.is_some();
         let ratio_of =
             gate.compare
@@ -61,23 +115,173 @@ impl Sequential {
             (st.direction == baton_spec::Direction::Increase).then_some(1.0 + st.tolerance)
         });
         let ratio = ratio_of.or(statistical.flatten());
+        // A latency gate's statistical judges also look at the shape of the tail,
+        // which the quantile's test does not: their failures stand.
         let covers_all = (!has_conditions || bound.is_some())
             && (gate.compare.is_none() || ratio_of.is_some())
-            && statistical.is_none_or(|s| s.is_some());
+            && statistical.is_none_or(|s| s.is_some() && q.is_none());
+        let latency = q.map(|q| Latency {
+            q,
+            bound,
+            factor: ratio,
+            canary: Vec::new(),
+            stable: Vec::new(),
+        });
         Sequential {
-            threshold: bound.map(Bernoulli::new),
-            ratio: ratio.map(RateRatio::new),
+            threshold: bound.map(|b| match q {
+                // Conditions that pass any latency never fail.
+                Some(q) => Bernoulli::new(if b >= LATENCY_RANGE { 1.0 } else { 1.0 - q }),
+                None => Bernoulli::new(b),
+            }),
+            // Latency: the canary's share of "slower than" events is at most its share
+            // of requests under H0, whatever the factor (it is in the events).
+            ratio: ratio.map(|r| RateRatio::new(if q.is_some() { 1.0 } else { r })),
             covers_all,
             last: (current.clone(), stable.clone()),
+            latency,
         }
+    }
+
+    /// Feeds one cycle's requests to the tests; the reason when one of them fails the
+    /// canary at the gate's bound (`need`, a natural log).
+    fn observe(
+        &mut self,
+        gate: &Gate,
+        dc: &RevisionStats,
+        ds: &RevisionStats,
+        need: f64,
+    ) -> Option<String> {
+        let sure = gate.confidence * 100.0;
+        let Some(l) = &mut self.latency else {
+            let mut failed = None;
+            if let Some(t) = &mut self.threshold {
+                t.observe(dc.requests(), dc.classes[4]);
+                if t.log_evidence() >= need {
+                    failed = Some(format!(
+                        "error_rate {:.4} over {} requests: sequential test {sure:.0} % sure it exceeds {:.4} (evidence {} of {} needed)",
+                        rate(t.errors, t.requests),
+                        t.requests,
+                        t.p0(),
+                        evidence(t.log_evidence()),
+                        evidence(need),
+                    ));
+                }
+            }
+            if let Some(t) = &mut self.ratio {
+                t.observe(
+                    (dc.requests(), dc.classes[4]),
+                    (ds.requests(), ds.classes[4]),
+                );
+                if failed.is_none() && t.log_evidence() >= need {
+                    failed = Some(format!(
+                        "error_rate {:.4} over {} requests against stable's {:.4} over {}: sequential test {sure:.0} % sure it exceeds stable's x {:.2} (evidence {} of {} needed)",
+                        rate(t.canary.1, t.canary.0),
+                        t.canary.0,
+                        rate(t.stable.1, t.stable.0),
+                        t.stable.0,
+                        t.rho(),
+                        evidence(t.log_evidence()),
+                        evidence(need),
+                    ));
+                }
+            }
+            return failed;
+        };
+        // Latency is read from the fine histogram only: the classic buckets are too
+        // coarse to tell a 5 % shift (a cluster's router histogram has none).
+        let canary = dc.fine_complete().unwrap_or(&[]);
+        let stable = ds.fine_complete().unwrap_or(&[]);
+        let name = format!("latency_p{}", (l.q * 100.0).round());
+        // The window's guard against "a quantile of a handful": a p99 needs 100.
+        let needed = gate.min_requests.max((1.0 / (1.0 - l.q)).round() as u64);
+        let mut failed = None;
+        if let (Some(t), Some(b)) = (&mut self.threshold, l.bound) {
+            let n: u64 = canary.iter().sum();
+            let slower: u64 = canary
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| fine_bounds(*i).0 >= b)
+                .map(|(_, n)| n)
+                .sum();
+            t.observe(n, slower);
+            if t.requests >= needed && t.log_evidence() >= need {
+                failed = Some(format!(
+                    "{name}: {} of {} requests slower than {b:.4} s: sequential test {sure:.0} % sure the {name} exceeds {b:.4} s (evidence {} of {} needed)",
+                    t.errors,
+                    t.requests,
+                    evidence(t.log_evidence()),
+                    evidence(need),
+                ));
+            }
+        }
+        if let (Some(t), Some(f)) = (&mut self.ratio, l.factor) {
+            // Stable's quantile from what came before this cycle, so that the events
+            // are fixed before the requests they count are seen; with at least ten
+            // expected above it.
+            let enough = (10.0 / (1.0 - l.q)).ceil() as u64;
+            if l.stable.iter().sum::<u64>() >= enough
+                && let Some(sq) = fine_quantile(&l.stable, l.q)
+            {
+                let cut = fine_index(sq);
+                let count = |h: &[u64], keep: &dyn Fn(usize) -> bool| -> u64 {
+                    h.iter()
+                        .enumerate()
+                        .filter(|(i, _)| keep(*i))
+                        .map(|(_, n)| n)
+                        .sum()
+                };
+                // Conservative on both sides: a canary request counts only when its
+                // bucket lies wholly above `f` times stable's quantile, a stable one
+                // when its bucket reaches above the quantile.
+                let ce = count(canary, &|i| fine_bounds(i).0 >= f * sq);
+                let se = count(stable, &|i| i >= cut);
+                t.observe((canary.iter().sum(), ce), (stable.iter().sum(), se));
+                if failed.is_none() && t.canary.0 >= needed && t.log_evidence() >= need {
+                    failed = Some(format!(
+                        "{name}: {} of {} requests slower than {f:.2} x stable's {name} ({sq:.4} s), against {} of stable's {}: sequential test {sure:.0} % sure the {name} exceeds stable's x {f:.2} (evidence {} of {} needed)",
+                        t.canary.1,
+                        t.canary.0,
+                        t.stable.1,
+                        t.stable.0,
+                        evidence(t.log_evidence()),
+                        evidence(need),
+                    ));
+                }
+            }
+        }
+        add(&mut l.canary, canary);
+        add(&mut l.stable, stable);
+        failed
+    }
+
+    /// The canary's value over the tests' requests, and how many.
+    fn value(&self) -> (f64, u64) {
+        if let Some(l) = &self.latency {
+            return (
+                fine_quantile(&l.canary, l.q).unwrap_or(0.0),
+                l.canary.iter().sum(),
+            );
+        }
+        self.threshold
+            .as_ref()
+            .map(|t| (rate(t.errors, t.requests), t.requests))
+            .or_else(|| {
+                self.ratio
+                    .as_ref()
+                    .map(|t| (rate(t.canary.1, t.canary.0), t.canary.0))
+            })
+            .unwrap_or_default()
     }
 }
 
-/// The error rate above which the gate's conditions fail, when they fail exactly the
-/// rates above one value (`result < 0.05`, `result <= 0.01`, a failure condition
-/// `result > 0.1`); `None` for any other shape. Found by bisection on the conditions
+/// The range latency bounds are looked for in (seconds): the fine histogram's.
+const LATENCY_RANGE: f64 = 300.0;
+
+/// The value above which the gate's conditions fail, when they fail exactly the values
+/// above one (`result < 0.05`, `result <= 0.01`, a failure condition `result > 0.1`)
+/// within `0..=max`; `None` for any other shape. Found by bisection on the conditions
 /// themselves, so any expression `evalexpr` takes works.
-fn error_bound(gate: &Gate) -> Option<f64> {
+fn condition_bound(gate: &Gate, max: f64) -> Option<f64> {
     if gate.success_condition.is_none() && gate.failure_condition.is_none() {
         return None;
     }
@@ -85,11 +289,11 @@ fn error_bound(gate: &Gate) -> Option<f64> {
     if !passes(0.0) {
         return None;
     }
-    let (mut lo, mut hi) = (0.0_f64, 1.0_f64);
-    if passes(1.0) {
-        lo = 1.0;
+    let (mut lo, mut hi) = (0.0_f64, max);
+    if passes(max) {
+        lo = max;
     }
-    while hi - lo > 1e-12 {
+    while hi - lo > max * 1e-12 {
         let mid = (lo + hi) / 2.0;
         if passes(mid) {
             lo = mid;
@@ -97,9 +301,12 @@ fn error_bound(gate: &Gate) -> Option<f64> {
             hi = mid;
         }
     }
-    // Monotone: every rate below passes, every rate above fails.
-    let monotone = (0..=100)
-        .map(|i| f64::from(i) / 100.0)
+    // Monotone: every value below passes, every value above fails (checked on a
+    // linear and a logarithmic grid).
+    let linear = (0..=100).map(|i| f64::from(i) / 100.0 * max);
+    let log = (0..=60).map(|i| max * 0.8_f64.powi(i));
+    let monotone = linear
+        .chain(log)
         .all(|v| (v <= lo && passes(v)) || (v >= hi && !passes(v)) || (v > lo && v < hi));
     monotone.then_some(lo)
 }
@@ -139,20 +346,21 @@ impl Measurer {
             .retain(|k, _| !(k.0 == key.0 && k.1 == key.1 && k.2 == key.2 && k.3 != epoch));
         self.sequential
             .retain(|k, _| !(k.0 == key.0 && k.1 == key.1 && k.2 == key.2 && k.3 != epoch));
-        let continuous = gate.judging == Judging::Continuous
-            && gate.burn_rate.is_none()
-            && gate.metric == MetricSource::Builtin(BuiltinMetric::ErrorRate);
-        if !continuous {
-            return due.then(|| self.window(&key, gate, current, stable, now));
-        }
+        let continuous = gate.judging == Judging::Continuous && gate.burn_rate.is_none();
+        let metric = match (&gate.metric, continuous) {
+            (MetricSource::Builtin(m), true) => *m,
+            _ => return due.then(|| self.window(&key, gate, current, stable, now)),
+        };
         let stable_now = stable.cloned().unwrap_or_default();
         let Some(seq) = self.sequential.get_mut(&key) else {
             if !due {
                 // The gate's first measurement (after its initialDelay) starts it.
                 return None;
             }
-            self.sequential
-                .insert(key.clone(), Sequential::new(gate, current, &stable_now));
+            self.sequential.insert(
+                key.clone(),
+                Sequential::new(gate, metric, current, &stable_now),
+            );
             // Opens the window; nothing to tell yet.
             self.window(&key, gate, current, stable, now);
             return None;
@@ -163,53 +371,10 @@ impl Measurer {
         // Two tests on one gate share its error bound.
         let alpha = (1.0 - gate.confidence) / tests.max(1) as f64;
         let need = log_threshold(1.0 - alpha);
-        let mut failed = None;
-        if let Some(t) = &mut seq.threshold {
-            t.observe(dc.requests(), dc.classes[4]);
-            if t.log_evidence() >= need {
-                failed = Some(format!(
-                    "error_rate {:.4} over {} requests: sequential test {:.0} % sure it exceeds {:.4} (evidence {} of {} needed)",
-                    rate(t.errors, t.requests),
-                    t.requests,
-                    gate.confidence * 100.0,
-                    t.p0(),
-                    evidence(t.log_evidence()),
-                    evidence(need),
-                ));
-            }
-        }
-        if let Some(t) = &mut seq.ratio {
-            t.observe(
-                (dc.requests(), dc.classes[4]),
-                (ds.requests(), ds.classes[4]),
-            );
-            if failed.is_none() && t.log_evidence() >= need {
-                failed = Some(format!(
-                    "error_rate {:.4} over {} requests against stable's {:.4} over {}: sequential test {:.0} % sure it exceeds stable's x {:.2} (evidence {} of {} needed)",
-                    rate(t.canary.1, t.canary.0),
-                    t.canary.0,
-                    rate(t.stable.1, t.stable.0),
-                    t.stable.0,
-                    gate.confidence * 100.0,
-                    t.rho(),
-                    evidence(t.log_evidence()),
-                    evidence(need),
-                ));
-            }
-        }
-        if let Some(detail) = failed {
-            let (value, requests) = seq
-                .threshold
-                .as_ref()
-                .map(|t| (rate(t.errors, t.requests), t.requests))
-                .or_else(|| {
-                    seq.ratio
-                        .as_ref()
-                        .map(|t| (rate(t.canary.1, t.canary.0), t.canary.0))
-                })
-                .unwrap_or_default();
+        if let Some(detail) = seq.observe(gate, &dc, &ds, need) {
+            let (value, requests) = seq.value();
             // A failure is one test's verdict; the next one starts afresh.
-            let fresh = Sequential::new(gate, current, &stable_now);
+            let fresh = Sequential::new(gate, metric, current, &stable_now);
             self.sequential.insert(key.clone(), fresh);
             return Some(Measurement {
                 gate: gate.name.clone(),
@@ -789,7 +954,7 @@ mod continuous_tests {
         let bound = |s: Option<&str>, f: Option<&str>| {
             let mut g = gate(s, None, 1);
             g.failure_condition = f.map(str::to_string);
-            error_bound(&g)
+            condition_bound(&g, 1.0)
         };
         let near = |b: Option<f64>, v: f64| b.is_some_and(|b| (b - v).abs() < 1e-9);
         assert!(near(bound(Some("result < 0.05"), None), 0.05));
@@ -907,5 +1072,167 @@ mod continuous_tests {
         assert_eq!(v.verdict, Verdict::Fail, "{}", v.detail);
         assert!(at < 20, "after {at} cycles: {}", v.detail);
         assert!(v.detail.contains("x 1.10"), "{}", v.detail);
+    }
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::*;
+    use baton_proxy_api::metrics::FINE_BUCKETS;
+    use baton_spec::Duration;
+
+    fn gate(metric: BuiltinMetric, success: Option<&str>, compare: Option<f64>) -> Gate {
+        Gate {
+            name: "latency".into(),
+            metric: MetricSource::Builtin(metric),
+            success_condition: success.map(str::to_string),
+            failure_condition: None,
+            interval: Duration::from_secs(60),
+            failure_limit: 0,
+            count: 1,
+            min_requests: 20,
+            initial_delay: Duration::default(),
+            inconclusive_limit: None,
+            consecutive_error_limit: 4,
+            dry_run: false,
+            on_failure: None,
+            compare: compare.map(|p| Compare {
+                max_increase_percent: Some(p),
+                max_increase: None,
+            }),
+            statistical: None,
+            burn_rate: None,
+            judging: Judging::Continuous,
+            confidence: 0.99,
+        }
+    }
+
+    /// Cumulative counters with latencies added as the proxy counts them.
+    #[derive(Clone)]
+    struct Rev(RevisionStats);
+    impl Rev {
+        fn new() -> Rev {
+            Rev(RevisionStats {
+                buckets: vec![0; baton_proxy_api::BUCKETS.len() + 1],
+                fine: vec![0; FINE_BUCKETS],
+                ..RevisionStats::default()
+            })
+        }
+        fn add(&mut self, seconds: f64) {
+            let s = &mut self.0;
+            s.classes[1] += 1;
+            let i = baton_proxy_api::BUCKETS
+                .iter()
+                .position(|b| seconds <= *b)
+                .unwrap_or(baton_proxy_api::BUCKETS.len());
+            s.buckets[i] += 1;
+            s.fine[fine_index(seconds)] += 1;
+        }
+    }
+
+    /// Seeded latencies: log-normal around `median` (sigma 0.4).
+    struct Rng(u64);
+    impl Rng {
+        fn uniform(&mut self) -> f64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (((z ^ (z >> 31)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        }
+        fn latency(&mut self, median: f64) -> f64 {
+            let (u, v) = (self.uniform(), self.uniform());
+            let z = (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos();
+            median * (0.4 * z).exp()
+        }
+    }
+
+    /// Cycles of 100 ms with `per_cycle` requests to each revision; when the gate
+    /// first failed the canary (the cycle), if it did.
+    fn first_failure(
+        g: &Gate,
+        canary_factor: f64,
+        per_cycle: u32,
+        cycles: u32,
+        seed: u64,
+    ) -> Option<(u32, Measurement)> {
+        let mut rng = Rng(seed);
+        let (mut c, mut s) = (Rev::new(), Rev::new());
+        let mut m = Measurer::default();
+        m.measure("r", g, "c", 1, true, &c.0, Some(&s.0), 0);
+        for cycle in 1..=cycles {
+            for _ in 0..per_cycle {
+                c.add(rng.latency(0.1) * canary_factor);
+                s.add(rng.latency(0.1));
+            }
+            if let Some(v) = m.measure(
+                "r",
+                g,
+                "c",
+                1,
+                false,
+                &c.0,
+                Some(&s.0),
+                u64::from(cycle) * 100,
+            ) && v.verdict == Verdict::Fail
+            {
+                return Some((cycle, v));
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_p99_over_its_bound_fails_once_a_hundred_requests_are_in() {
+        let g = gate(BuiltinMetric::LatencyP99, Some("result < 0.8"), None);
+        // Every canary request takes about 1 s: out at the guard, not before.
+        let (cycle, v) = first_failure(&g, 10.0, 10, 100, 1).expect("failed");
+        assert_eq!(cycle, 10, "{}", v.detail);
+        assert!(
+            v.detail.contains("of 100 requests slower than 0.8000 s"),
+            "{}",
+            v.detail
+        );
+        assert!(v.value.is_some_and(|p| p > 0.8), "{:?}", v.value);
+        // A healthy canary (p99 near 0.25 s) is never failed.
+        assert!(first_failure(&g, 1.0, 10, 600, 2).is_none());
+    }
+
+    #[test]
+    fn a_latency_shift_against_stable_is_found_and_no_shift_is_not() {
+        let g = gate(BuiltinMetric::LatencyP50, None, Some(5.0));
+        // +30 % on the median at 10 requests per cycle each: found within seconds.
+        let (cycle, v) = first_failure(&g, 1.3, 10, 600, 3).expect("found");
+        assert!(cycle <= 50, "{cycle}: {}", v.detail);
+        assert!(v.detail.contains("exceeds stable's x 1.05"), "{}", v.detail);
+        // +10 %: found too, later.
+        let (later, _) = first_failure(&g, 1.1, 10, 3000, 4).expect("found");
+        assert!(later > cycle, "{later} vs {cycle}");
+        // The same latencies: 20 runs of a minute each, none failed.
+        let failed = (0..20)
+            .filter(|seed| first_failure(&g, 1.0, 10, 600, 100 + seed).is_some())
+            .count();
+        assert_eq!(failed, 0);
+        // p99 against stable's, +100 %: found.
+        let g = gate(BuiltinMetric::LatencyP99, None, Some(10.0));
+        assert!(first_failure(&g, 2.0, 10, 600, 5).is_some());
+    }
+
+    #[test]
+    fn without_fine_buckets_latency_waits_for_the_window() {
+        // A router's histogram (no fine buckets): no sequential latency test.
+        let g = gate(BuiltinMetric::LatencyP99, Some("result < 0.8"), None);
+        let mut m = Measurer::default();
+        let mut slow = RevisionStats {
+            buckets: vec![0; baton_proxy_api::BUCKETS.len() + 1],
+            ..RevisionStats::default()
+        };
+        m.measure("r", &g, "c", 1, true, &slow, None, 0);
+        slow.classes[1] = 500;
+        slow.buckets[baton_proxy_api::BUCKETS.len()] = 500;
+        assert!(
+            m.measure("r", &g, "c", 1, false, &slow, None, 100)
+                .is_none()
+        );
     }
 }

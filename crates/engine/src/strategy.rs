@@ -912,12 +912,12 @@ fn schedule_measurements(cx: &mut Ctx) {
     }
 }
 
-/// Gates judged as evidence arrives, on every cycle: a builtin error rate under
+/// Gates judged as evidence arrives, on every cycle: a builtin metric under
 /// `judging: continuous` (the analysis crate's sequential tests).
 fn watched(gate: &baton_spec::Gate) -> bool {
     gate.judging == baton_spec::Judging::Continuous
         && gate.burn_rate.is_none()
-        && gate.metric == baton_spec::MetricSource::Builtin(baton_spec::BuiltinMetric::ErrorRate)
+        && matches!(gate.metric, baton_spec::MetricSource::Builtin(_))
 }
 
 fn progress_deadline(cx: &mut Ctx) {

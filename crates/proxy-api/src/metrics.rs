@@ -13,15 +13,16 @@ pub const BUCKETS: [f64; 24] = [
 ];
 
 /// The fine latency histogram's relative accuracy: a quantile read from it is within
-/// 2 % of the true value, so a 5 % latency shift can be judged.
-pub const FINE_ACCURACY: f64 = 0.02;
+/// 1 % of the true value, and tests against stable lose at most a bucket (2 %) to
+/// rounding, so a 5 % latency shift can be judged.
+pub const FINE_ACCURACY: f64 = 0.01;
 /// Growth of the fine buckets' bounds: `(1 + a) / (1 - a)`, as in DDSketch.
 pub const FINE_GAMMA: f64 = (1.0 + FINE_ACCURACY) / (1.0 - FINE_ACCURACY);
 /// Lowest bound of the fine buckets (seconds); bucket 0 holds what is faster.
 pub const FINE_MIN: f64 = 50e-6;
 /// Fine buckets: 0 below [`FINE_MIN`], then `[FINE_MIN·γ^(i-1), FINE_MIN·γ^i)` up to
-/// about 5 minutes, the last one for anything slower.
-pub const FINE_BUCKETS: usize = 400;
+/// about 7 minutes, the last one for anything slower.
+pub const FINE_BUCKETS: usize = 800;
 
 /// The fine bucket of a latency (seconds).
 pub fn fine_index(seconds: f64) -> usize {
@@ -193,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn fine_buckets_hold_every_latency_within_two_percent() {
+    fn fine_buckets_hold_every_latency_within_one_percent() {
         let mut prev = 0;
         let mut x = 1e-6;
         while x < 600.0 {
@@ -234,7 +235,7 @@ mod tests {
         }
         s.classes[1] = 100;
         let p90 = s.quantile(0.9).expect("data");
-        assert!((p90 - 0.189).abs() / 0.189 <= 0.02, "{p90}");
+        assert!((p90 - 0.189).abs() / 0.189 <= FINE_ACCURACY, "{p90}");
         // Fine buckets that miss some requests are not read.
         let mut partial = s.clone();
         for k in 0..10 {
