@@ -222,7 +222,11 @@ impl Sequential {
             if l.stable.iter().sum::<u64>() >= enough
                 && let Some(sq) = fine_quantile(&l.stable, l.q)
             {
+                // Events start at a bucket's lower bound: stable's at the bound of the
+                // bucket holding its quantile, the canary's at the first bound at
+                // least `f` times that.
                 let cut = fine_index(sq);
+                let from = fine_bounds(cut).0 * f * (1.0 - 1e-9);
                 let count = |h: &[u64], keep: &dyn Fn(usize) -> bool| -> u64 {
                     h.iter()
                         .enumerate()
@@ -230,10 +234,9 @@ impl Sequential {
                         .map(|(_, n)| n)
                         .sum()
                 };
-                // Conservative on both sides: a canary request counts only when its
-                // bucket lies wholly above `f` times stable's quantile, a stable one
-                // when its bucket reaches above the quantile.
-                let ce = count(canary, &|i| fine_bounds(i).0 >= f * sq);
+                // Under H0 a canary request is at or above `from` no more often than
+                // a stable one is at or above the bound `from / f`.
+                let ce = count(canary, &|i| fine_bounds(i).0 >= from);
                 let se = count(stable, &|i| i >= cut);
                 t.observe((canary.iter().sum(), ce), (stable.iter().sum(), se));
                 if failed.is_none() && t.canary.0 >= needed && t.log_evidence() >= need {

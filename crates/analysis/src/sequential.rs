@@ -19,8 +19,8 @@
 
 /// Alternatives, as odds ratios over the null: from a 10 % worsening to a version
 /// failing nearly every request. Equal weights.
-const ODDS_RATIOS: [f64; 12] = [
-    1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0, 1e3, 1e4, 1e5,
+const ODDS_RATIOS: [f64; 14] = [
+    1.02, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0, 1e3, 1e4, 1e5,
 ];
 
 fn log_mean_exp(xs: &[f64]) -> f64 {
