@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Power and false rollbacks of Baton's error-rate judges beside a Flagger-style fixed
+# Power and false rollbacks of Baton's error-rate and latency judges beside a Flagger-style fixed
 # threshold and a Kayenta-style Mann-Whitney judgment, on the same generated requests
 # (crates/analysis/examples/judges.rs). Usage: bench/analysis.sh [NULL_RUNS] [RUNS] [MINUTES] [LATENCY_NULL_RUNS]
 set -euo pipefail

@@ -179,6 +179,9 @@ async fn handle(
     }
     let query = req.uri().query().unwrap_or("").to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if method == Method::POST && segs.as_slice() == ["v1", "alerts"] {
+        return Ok(respond(alerts(req, &tx, &actor).await));
+    }
     let call = match (&method, segs.as_slice()) {
         (&Method::GET, ["v1", "rollouts"]) => ApiCall::List,
         (&Method::GET, ["v1", "rollouts", name]) => ApiCall::Get((*name).to_string()),
@@ -278,6 +281,61 @@ async fn handle(
         ),
     };
     Ok(respond(answer))
+}
+
+/// Alertmanager's webhook (`POST /v1/alerts`): every firing alert with a `rollout`
+/// label aborts that rollout, recorded as `{token}/alert:{alertname}`. Answered 200 with
+/// what each abort did — a rollout that is not found or not rolling out is listed, not
+/// an error, since Alertmanager would send the same delivery again and again — and 400
+/// for a body that is not a webhook payload.
+async fn alerts(req: Request<Incoming>, tx: &mpsc::Sender<ApiRequest>, actor: &str) -> Reply {
+    let body = match read_body(req, MAX_SPEC_BYTES).await {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("alerts: the body {e}")),
+    };
+    let batch = match baton_driver::alerts::parse(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let mut results = Vec::new();
+    for a in &batch.aborts {
+        let (reply, rx) = oneshot::channel();
+        let request = ApiRequest {
+            call: ApiCall::Command {
+                name: a.rollout.clone(),
+                kind: CommandKind::Abort,
+            },
+            actor: format!("{actor}/{}", a.actor()),
+            reply,
+        };
+        if tx.send(request).await.is_err() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the controller is stopping",
+            );
+        }
+        let (status, answer) = match tokio::time::timeout(Duration::from_secs(60), rx).await {
+            Ok(Ok(r)) => r,
+            _ => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the controller did not answer in time",
+            ),
+        };
+        results.push(json!({
+            "rollout": a.rollout,
+            "alert": a.alert,
+            "aborted": status.is_success(),
+            "answer": answer,
+        }));
+    }
+    (
+        StatusCode::OK,
+        json!({
+            "aborts": results,
+            "resolved": batch.resolved,
+            "withoutRolloutLabel": batch.unlabelled,
+        }),
+    )
 }
 
 /// The CLI's side of the API.

@@ -13,6 +13,7 @@
 //!   id, also across a restart (the outbox is written with the status).
 #![warn(clippy::too_many_lines)]
 
+pub mod alerts;
 mod command;
 mod cycle;
 pub mod event;
