@@ -104,6 +104,9 @@ pub fn actor(
     verified: bool,
 ) -> String {
     match annotations.get(ACTOR_ANNOTATION) {
+        // The operator's alerts webhook writes `alert:NAME`: kept beside the user who
+        // wrote it (the operator's service account), as the alert's name is the point.
+        Some(user) if verified && by.starts_with("alert:") => format!("user:{user}/{by}"),
         Some(user) if verified => format!("user:{user}"),
         _ => format!("claim:{by}"),
     }
@@ -257,6 +260,10 @@ mod tests {
         assert_eq!(actor(&ann, "bob", true), "claim:bob");
         ann.insert(ACTOR_ANNOTATION.to_string(), "alice".to_string());
         assert_eq!(actor(&ann, "bob", false), "claim:bob");
+        assert_eq!(
+            actor(&ann, "alert:WebErrors", true),
+            "user:alice/alert:WebErrors"
+        );
         assert_eq!(actor(&ann, "bob", true), "user:alice");
     }
 }

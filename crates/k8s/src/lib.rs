@@ -3,6 +3,7 @@
 //! Gateway API or Istio for traffic.
 
 pub mod admission;
+pub mod alerts;
 pub mod audit;
 pub mod cli;
 pub mod controller;

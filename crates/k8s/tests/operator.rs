@@ -1904,3 +1904,113 @@ async fn the_admission_webhook_makes_a_requests_actor_the_authenticated_user() {
         Some("alice")
     );
 }
+
+/// Alertmanager's webhook on a cluster: a firing alert with `namespace` and `rollout`
+/// labels aborts that Rollout through its request annotation, audited with the
+/// alert's name; a wrong token and an alert without a namespace abort nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_naming_a_rollout_aborts_it_through_the_operators_webhook() {
+    let c = cluster().await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    create(
+        &rollouts,
+        json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "web"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                     "template": template("registry.example/web:v1"),
+                     "strategy": {"canary": {"steps": [{"setWeight": 50}, {"pause": {}}]}}},
+        }),
+    )
+    .await;
+    let (_ctx, _op) = operator(&c, "alerts");
+    wait_for(Duration::from_secs(20), "v1 healthy", async || {
+        (status(&rollouts, "web").await["phase"] == "Healthy").then_some(())
+    })
+    .await;
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_for(Duration::from_secs(20), "v2 paused at 50 %", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Paused" && s["canaryWeight"] == 50).then_some(())
+    })
+    .await;
+
+    let token = "a-token-from-a-secret-0123456789";
+    let (addr, _task) = baton_k8s::alerts::serve(
+        "127.0.0.1:0".parse().expect("addr"),
+        token.into(),
+        c.client.clone(),
+    )
+    .await
+    .expect("alerts listener");
+    let post = |auth: &'static str, body: String| async move {
+        use http_body_util::BodyExt;
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut s, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::post(baton_k8s::alerts::PATH)
+            .header("host", addr.to_string())
+            .header("authorization", auth)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .expect("request");
+        let resp = s.send_request(req).await.expect("response");
+        let code = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (code, String::from_utf8_lossy(&body).into_owned())
+    };
+    let delivery = |labels: Value| {
+        json!({"version": "4", "status": "firing", "alerts": [{"status": "firing", "labels": labels}]})
+            .to_string()
+    };
+    let (code, _) = post(
+        "Bearer wrong",
+        delivery(json!({"alertname": "WebErrors", "namespace": "default", "rollout": "web"})),
+    )
+    .await;
+    assert_eq!(code, 401);
+    let (code, body) = post(
+        "Bearer a-token-from-a-secret-0123456789",
+        delivery(json!({"alertname": "WebErrors", "rollout": "web"})),
+    )
+    .await;
+    assert!(
+        code == 200 && body.contains("no namespace label"),
+        "{code} {body}"
+    );
+    assert_eq!(
+        status(&rollouts, "web").await["phase"],
+        "Paused",
+        "nothing aborted"
+    );
+
+    let (code, body) = post(
+        "Bearer a-token-from-a-secret-0123456789",
+        delivery(json!({"alertname": "WebErrors", "namespace": "default", "rollout": "web"})),
+    )
+    .await;
+    assert!(
+        code == 200 && body.contains("\"aborted\":true"),
+        "{code} {body}"
+    );
+    wait_for(Duration::from_secs(20), "web aborted", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Degraded" && s["canaryWeight"] == 0).then_some(())
+    })
+    .await;
+    let actor = wait_for(Duration::from_secs(10), "the abort audited", async || {
+        let trails = baton_k8s::audit::trails(&c.client, "default", Some("web"))
+            .await
+            .ok()?;
+        let (_, entries) = trails.into_iter().next()?;
+        // The request's entry (the engine's own abort event is the controller's).
+        entries
+            .iter()
+            .filter(|e| e.action == "abort")
+            .map(|e| e.actor.clone())
+            .find(|a| a != "baton")
+    })
+    .await;
+    assert_eq!(actor, "claim:alert:WebErrors");
+}

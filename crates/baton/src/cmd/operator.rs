@@ -57,6 +57,15 @@ pub struct OperatorArgs {
     /// The webhook certificate's private key (PEM).
     #[arg(long, value_name = "FILE")]
     admission_key: Option<std::path::PathBuf>,
+    /// Take Alertmanager's webhook here (plain HTTP, path /alerts): each firing alert
+    /// with `namespace` and `rollout` labels aborts that Rollout, audited as
+    /// `claim:alert:ALERTNAME`. Needs the bearer token Alertmanager sends.
+    #[arg(long, value_name = "ADDR")]
+    alerts_listen: Option<SocketAddr>,
+    /// The token (a file holding it, e.g. a mounted Secret) Alertmanager must send as
+    /// `Authorization: Bearer TOKEN`; or `BATON_ALERTS_TOKEN`.
+    #[arg(long, value_name = "FILE")]
+    alerts_token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -99,6 +108,22 @@ pub async fn operator(
         }
         _ => false,
     };
+    if let Some(addr) = args.alerts_listen {
+        let token = match (&args.alerts_token_file, std::env::var("BATON_ALERTS_TOKEN")) {
+            (Some(f), _) => std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the alerts token {}", f.display()))?,
+            (None, Ok(t)) => t,
+            (None, Err(_)) => anyhow::bail!(
+                "--alerts-listen needs a token: --alerts-token-file FILE or BATON_ALERTS_TOKEN"
+            ),
+        };
+        let token = token.trim().to_string();
+        if token.len() < 16 {
+            anyhow::bail!("the alerts token must have at least 16 characters");
+        }
+        let (bound, _task) = baton_k8s::alerts::serve(addr, token, client.clone()).await?;
+        tracing::info!(%bound, path = baton_k8s::alerts::PATH, "Alertmanager webhook serving");
+    }
     let current: Arc<Mutex<Option<Arc<Context>>>> = Arc::default();
     serve_health(args.health_listen, current.clone(), false).await?;
     serve_health(args.metrics_listen, current.clone(), true).await?;
