@@ -73,6 +73,7 @@ fn gate(name: &str, judging: Judging, threshold: bool) -> Gate {
         count: 1,
         min_requests: 20,
         initial_delay: Duration::default(),
+        for_duration: None,
         inconclusive_limit: None,
         consecutive_error_limit: 4,
         dry_run: false,

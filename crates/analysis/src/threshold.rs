@@ -64,6 +64,7 @@ mod tests {
             count: 1,
             min_requests: 1,
             initial_delay: Duration::default(),
+            for_duration: None,
             inconclusive_limit: None,
             consecutive_error_limit: 4,
             dry_run: false,

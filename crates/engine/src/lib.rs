@@ -118,6 +118,9 @@ pub struct GateStatus {
     pub next_due: Millis,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<Measurement>,
+    /// When the gate's current run of failures began (a gate with `for`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -377,6 +377,28 @@ fn record_measurements(cx: &mut Ctx) {
             continue;
         };
         let g = cx.s.gates.entry(m.gate.clone()).or_default();
+        // `for`: a failure counts once the gate has failed that long without a pass.
+        let mut m = m.clone();
+        if let Some(hold) = gate.for_duration {
+            match m.verdict {
+                Verdict::Fail => {
+                    let since = *g.failing_since.get_or_insert(m.at);
+                    let held = m.at.saturating_sub(since);
+                    if held < hold.as_millis() {
+                        m.verdict = Verdict::Inconclusive;
+                        m.detail = format!(
+                            "{}; failing for {:.1}s of the {} `for` asks",
+                            m.detail,
+                            held as f64 / 1000.0,
+                            hold
+                        );
+                    }
+                }
+                Verdict::Pass => g.failing_since = None,
+                Verdict::Inconclusive | Verdict::Error => {}
+            }
+        }
+        let m = &m;
         match m.verdict {
             Verdict::Pass => {
                 g.passes += 1;

@@ -686,3 +686,39 @@ fn nothing_to_restart_without_instances() {
     let e = w.command(Command::Restart).expect_err("refused");
     assert!(e.contains("replicas: 0"), "{e}");
 }
+
+#[test]
+fn a_gate_with_for_acts_only_on_a_failure_that_persisted() {
+    // Measured every second; failures must last 3 s.
+    let mut w = canary_with(|g| g.for_duration = Some(baton_spec::Duration::from_secs(3)));
+    // Failing for 2 s, then a pass: the run of failures starts again.
+    for _ in 0..3 {
+        w.answer_measurements(Verdict::Fail);
+        w.advance(1000);
+    }
+    assert_eq!(w.status.phase, Phase::Progressing, "{}", w.status.message);
+    let last = w.status.gates["errors"].last.clone().expect("recorded");
+    assert_eq!(last.verdict, Verdict::Inconclusive);
+    assert!(
+        last.detail.contains("failing for 2.0s of the 3s"),
+        "{}",
+        last.detail
+    );
+    w.answer_measurements(Verdict::Pass);
+    w.advance(1000);
+    assert_eq!(w.status.gates["errors"].failing_since, None);
+    // Four failing seconds in a row: the fourth has lasted 3 s and counts.
+    for _ in 0..3 {
+        w.answer_measurements(Verdict::Fail);
+        w.advance(1000);
+        assert_ne!(w.status.phase, Phase::Degraded, "{}", w.status.message);
+    }
+    w.answer_measurements(Verdict::Fail);
+    w.advance(1000);
+    assert_eq!(w.status.phase, Phase::Degraded, "{}", w.status.message);
+    assert!(
+        w.status.message.contains("gate errors failed 1 time(s)"),
+        "{}",
+        w.status.message
+    );
+}

@@ -500,6 +500,11 @@ pub struct Gate {
     /// Wait this long after the canary first gets traffic before the first measurement.
     #[serde(default)]
     pub initial_delay: Duration,
+    /// A failure counts only once the gate has failed without a pass in between for
+    /// this long (as a Prometheus alert rule's `for`): a blip does not roll back.
+    /// Failing measurements before then are recorded as inconclusive.
+    #[serde(rename = "for", default, skip_serializing_if = "Option::is_none")]
+    pub for_duration: Option<Duration>,
     /// Inconclusive measurements tolerated; one more pauses the rollout for a human.
     /// No limit when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -588,6 +588,9 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         if let Some(why) = too_long(g.initial_delay) {
             err(&format!("{f}.initialDelay"), why);
         }
+        if let Some(why) = g.for_duration.and_then(too_long) {
+            err(&format!("{f}.for"), why);
+        }
         if g.count == 0 {
             err(&format!("{f}.count"), "must be at least 1".into());
         }
