@@ -167,6 +167,9 @@ pub struct Status {
     pub gates: BTreeMap<String, GateStatus>,
     /// Bumped whenever gate windows must start afresh (new canary, retry).
     pub analysis_epoch: u64,
+    /// Every gate of `analysis.preTraffic` passed for this canary: it may get traffic.
+    #[serde(default)]
+    pub pre_traffic_done: bool,
     pub smoke: SmokeState,
     pub last_progress_at: Millis,
     /// Canary availability last seen, to notice progress while instances start.

@@ -47,6 +47,7 @@ impl Ctx<'_> {
         self.s.smoke = SmokeState::NotRun;
         self.s.gates.clear();
         self.s.analysis_epoch += 1;
+        self.s.pre_traffic_done = false;
         self.s.last_progress_at = self.now;
         self.s.last_canary_available = 0;
     }
@@ -424,10 +425,15 @@ fn record_measurements(cx: &mut Ctx) {
         let pause = gate
             .on_failure
             .map_or(global_pause, |o| o == baton_spec::OnFailure::Pause);
+        let before_traffic = if cx.spec.spec.analysis.pre_traffic.contains(&m.gate) {
+            "before traffic: "
+        } else {
+            ""
+        };
         if m.verdict == Verdict::Fail && g.failures > gate.failure_limit {
             failed = Some((
                 format!(
-                    "gate {} failed {} time(s) (limit {}): {}",
+                    "{before_traffic}gate {} failed {} time(s) (limit {}): {}",
                     m.gate, g.failures, gate.failure_limit, m.detail
                 ),
                 pause,
@@ -484,6 +490,34 @@ fn record_smoke(cx: &mut Ctx) {
     }
 }
 
+/// Whether the canary may get traffic: every gate of `analysis.preTraffic` passed once
+/// (recorded, since an analysis step's passes are counted afresh at each step).
+fn pre_traffic_ready(cx: &mut Ctx) -> bool {
+    let names = &cx.spec.spec.analysis.pre_traffic;
+    if names.is_empty() || cx.s.pre_traffic_done {
+        return true;
+    }
+    let passed = names
+        .iter()
+        .all(|n| cx.s.gates.get(n).is_some_and(|g| g.passes >= 1));
+    if passed {
+        cx.s.pre_traffic_done = true;
+        let label =
+            cx.s.canary
+                .as_ref()
+                .map(|c| cx.s.label(c))
+                .unwrap_or_default();
+        cx.event(
+            EventKind::StepCompleted,
+            format!(
+                "pre-traffic gates passed ({}): {label} may get traffic",
+                names.join(", ")
+            ),
+        );
+    }
+    passed
+}
+
 fn canary(cx: &mut Ctx, steps: &[Step]) {
     if cx.s.aborted {
         cx.s.canary_weight = 0;
@@ -492,6 +526,10 @@ fn canary(cx: &mut Ctx, steps: &[Step]) {
     let Some(c) = cx.s.canary.clone() else {
         return;
     };
+    if !pre_traffic_ready(cx) {
+        cx.s.canary_weight = 0;
+        return;
+    }
     let avail = cx.obs.rev(&c).available;
     let fully_available = avail >= cx.replicas();
     // Several steps may complete in one call (a pause that already elapsed, a weight
@@ -555,7 +593,7 @@ fn blue_green(cx: &mut Ctx, bg: &BlueGreen) {
     if cx.s.promote_full {
         return;
     }
-    if cx.obs.rev(&c).available < cx.replicas() {
+    if cx.obs.rev(&c).available < cx.replicas() || !pre_traffic_ready(cx) {
         return;
     }
     let smoke_ok = match cx.s.smoke {
@@ -804,9 +842,11 @@ fn compute_routes(cx: &mut Ctx, rolling: Option<&Rolling>) {
         }
     }
     let weights = normalise(&split, &stable, |r| cx.obs.rev(r).ready > 0);
+    // The preview is traffic too: not before the pre-traffic gates passed.
+    let pre_ok = cx.spec.spec.analysis.pre_traffic.is_empty() || cx.s.pre_traffic_done;
     let preview = match &canary {
         Some(c) if matches!(cx.spec.spec.strategy.kind(), StrategyRef::BlueGreen(_)) => {
-            Some(c.clone()).filter(|c| cx.obs.rev(c).ready > 0)
+            Some(c.clone()).filter(|c| cx.obs.rev(c).ready > 0 && pre_ok)
         }
         _ => None,
     };
@@ -906,12 +946,48 @@ fn schedule_measurements(cx: &mut Ctx) {
     if cx.s.aborted || cx.s.failed_paused {
         return;
     }
+    let pre_traffic = &cx.spec.spec.analysis.pre_traffic;
+    let pre_pending = !pre_traffic.is_empty() && !cx.s.pre_traffic_done;
+    // Before traffic: the pre-traffic gates, once every instance is ready (and the
+    // router confirmed it routes nothing to them yet).
+    if pre_pending {
+        if cx.obs.rev(&c).available < cx.replicas() || cx.s.weight(&c) > 0 || !cx.acked() {
+            return;
+        }
+        for gate in cx
+            .spec
+            .spec
+            .analysis
+            .gates
+            .iter()
+            .filter(|g| pre_traffic.contains(&g.name))
+        {
+            let g = cx.s.gates.entry(gate.name.clone()).or_default();
+            if g.passes == 0 && cx.now >= g.next_due {
+                g.next_due = cx.now.saturating_add(gate.interval.as_millis());
+                cx.actions.push(Action::Measure {
+                    gate: gate.name.clone(),
+                    revision: c.clone(),
+                    epoch: cx.s.analysis_epoch,
+                    due: true,
+                });
+            }
+        }
+        return;
+    }
     // Measure only while the canary takes traffic the router confirmed.
     let has_traffic = (cx.s.weight(&c) > 0 || cx.s.preview.as_ref() == Some(&c)) && cx.acked();
     if !has_traffic {
         return;
     }
-    for gate in &cx.spec.spec.analysis.gates {
+    for gate in cx
+        .spec
+        .spec
+        .analysis
+        .gates
+        .iter()
+        .filter(|g| !pre_traffic.contains(&g.name))
+    {
         let g =
             cx.s.gates
                 .entry(gate.name.clone())

@@ -722,3 +722,89 @@ fn a_gate_with_for_acts_only_on_a_failure_that_persisted() {
         w.status.message
     );
 }
+
+fn with_pre_traffic(yaml: &str) -> World {
+    let yaml = if yaml.contains("  analysis:\n    gates:\n") {
+        yaml.to_string()
+    } else {
+        format!("{yaml}  analysis:\n    gates:\n")
+    };
+    let s = spec(&yaml.replace(
+        "  analysis:\n    gates:\n",
+        "  analysis:\n    preTraffic: [verify]\n    gates:\n      - name: verify\n        metric: { command: { command: [\"cosign\", \"verify\"] } }\n        interval: 1s\n",
+    ));
+    let mut w = World::new(s);
+    w.tick();
+    w.tick();
+    w.spec = with_version(&w.spec, "v2");
+    w
+}
+
+/// Ticks until the pre-traffic check is asked for, with no traffic to v2 meanwhile.
+fn until_checked(w: &mut World) {
+    for _ in 0..20 {
+        w.advance(100);
+        assert_eq!(w.weight("v2"), 0, "no traffic before the check");
+        assert_eq!(w.status.preview, None, "no preview before the check");
+        assert!(!measured(w, "errors"), "no traffic gates before traffic");
+        if measured(w, "verify") {
+            return;
+        }
+    }
+    panic!("the check never ran: {}", w.status.message);
+}
+
+fn measured(w: &World, gate: &str) -> bool {
+    w.last.as_ref().is_some_and(|o| {
+        o.actions
+            .iter()
+            .any(|a| matches!(a, Action::Measure { gate: g, .. } if g == gate))
+    })
+}
+
+#[test]
+fn pre_traffic_gates_run_before_any_traffic_and_a_failure_never_serves() {
+    // Passing: v2 gets no traffic until its check passed, then goes through its steps.
+    let mut w = with_pre_traffic(CANARY);
+    until_checked(&mut w);
+    w.answer_measurements(Verdict::Pass);
+    w.advance(100);
+    w.advance(100);
+    assert_eq!(w.weight("v2"), 10, "{}", w.status.message);
+    assert!(w.status.pre_traffic_done);
+    // Not measured again while v2 has traffic.
+    for _ in 0..5 {
+        w.advance(1000);
+        assert!(!measured(&w, "verify"));
+    }
+
+    // Failing: aborted with v2 never given a request.
+    let mut w = with_pre_traffic(CANARY);
+    until_checked(&mut w);
+    w.answer_measurements(Verdict::Fail);
+    for _ in 0..5 {
+        w.advance(100);
+        assert_eq!(w.weight("v2"), 0);
+    }
+    assert_eq!(w.status.phase, Phase::Degraded, "{}", w.status.message);
+    assert!(
+        w.status
+            .message
+            .contains("before traffic: gate verify failed"),
+        "{}",
+        w.status.message
+    );
+
+    // Blue-green: not even the preview before the check.
+    let mut w = with_pre_traffic(BLUE_GREEN);
+    until_checked(&mut w);
+    assert_eq!(w.status.preview, None, "no preview before the check");
+    w.answer_measurements(Verdict::Pass);
+    w.advance(100);
+    w.advance(100);
+    assert!(
+        w.status.preview.is_some() || w.weight("v2") == 100,
+        "{}",
+        w.status.message
+    );
+}

@@ -236,6 +236,10 @@ fn default_retain() -> Duration {
 pub struct Analysis {
     #[serde(default)]
     pub gates: Vec<Gate>,
+    /// Gates (by name, from `gates` or the templates) run as Jobs once the new
+    /// revision's pods are ready and before it gets any traffic; each must pass once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_traffic: Vec<String>,
     /// Shared gates from GateTemplates (or ClusterGateTemplates).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub templates: Vec<TemplateRef>,

@@ -115,7 +115,10 @@ pub fn engine_spec(
                 tls: None,
             },
             strategy,
-            analysis: baton_spec::Analysis { gates },
+            analysis: baton_spec::Analysis {
+                gates,
+                pre_traffic: ro.spec.analysis.pre_traffic.clone(),
+            },
             rollback: s.rollback.clone(),
             notifications: s.notifications.clone(),
         },

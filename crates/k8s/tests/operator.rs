@@ -2014,3 +2014,58 @@ async fn an_alert_naming_a_rollout_aborts_it_through_the_operators_webhook() {
     .await;
     assert_eq!(actor, "claim:alert:WebErrors");
 }
+
+/// Gates before traffic on a cluster: run as Jobs once the new pods are ready; a
+/// passing one lets the canary on, a failing one aborts it before any weight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_traffic_gates_run_as_jobs_before_any_weight() {
+    let c = cluster().await;
+    gateway_fixture(&c).await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    let analysis = |command: Value| {
+        json!({"preTraffic": ["verify"],
+               "gates": [{"name": "verify", "metric": {"command": {"command": command}}, "interval": "200ms"}]})
+    };
+    let steps = json!([{"setWeight": 20}, {"pause": {"duration": "200ms"}}]);
+    let mut ro = canary_rollout("http://unused.invalid/", steps);
+    ro["spec"]["analysis"] = analysis(json!(["cosign", "verify", "registry.example/web"]));
+    ro["spec"]["jobs"] = json!({"image": "registry.example/cosign:2"});
+    create(&rollouts, ro).await;
+    let (_ctx, _op) = operator(&c, "pretraffic");
+    wait_healthy(&rollouts, "v1").await;
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_healthy(&rollouts, "v2").await;
+    let s = status(&rollouts, "web").await;
+    assert_eq!(s["engine"]["preTrafficDone"], true, "{s}");
+    let (jobs, _) = c.api.store.list("batch/v1", "jobs", Some("default"));
+    assert!(
+        jobs.iter().any(
+            |j| j["spec"]["template"]["spec"]["containers"][0]["command"]
+                == json!(["cosign", "verify", "registry.example/web"])
+        ),
+        "the check ran as a Job"
+    );
+
+    // A failing check: v3 is aborted before it was given any weight.
+    rollouts
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": template("registry.example/web:v3"), "analysis": analysis(json!(["false"]))}})),
+        )
+        .await
+        .expect("v3");
+    let s = wait_for(Duration::from_secs(30), "v3 aborted", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Degraded").then_some(s)
+    })
+    .await;
+    assert!(
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("before traffic: gate verify failed")),
+        "{s}"
+    );
+    assert_eq!(s["stableVersion"], "v2", "{s}");
+    assert_eq!(s["engine"]["preTrafficDone"], false, "{s}");
+}

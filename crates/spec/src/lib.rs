@@ -467,6 +467,13 @@ pub struct Rolling {
 pub struct Analysis {
     #[serde(default)]
     pub gates: Vec<Gate>,
+    /// Gates (by name) run once the new revision's instances are ready and before it
+    /// gets any traffic — an image-signature check, an expand-phase migration. Each must
+    /// pass once; a failure aborts the revision before it serves a request. They are not
+    /// measured again while it has traffic. Not builtin or scorecard gates: there are no
+    /// requests yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre_traffic: Vec<String>,
 }
 
 /// An SLO gate. Every gate is measured on the canary in the background while it has

@@ -501,3 +501,24 @@ fn arguments_and_env_too_large_to_exec_are_refused() {
     );
     parse(&under).expect("100 KiB is fine");
 }
+
+#[test]
+fn pre_traffic_names_gates_that_need_no_requests() {
+    let with = |pre: &str| {
+        CANARY.replace(
+            "  analysis:\n    gates:\n",
+            &format!("  analysis:\n    preTraffic: {pre}\n    gates:\n      - name: verify\n        metric: {{ command: {{ command: [cosign, verify] }} }}\n"),
+        )
+    };
+    assert_eq!(fields(&with("[verify]")), Vec::<String>::new());
+    assert_eq!(
+        fields(&with("[verify, nope, errors]")),
+        vec!["spec.analysis.preTraffic[1]", "spec.analysis.preTraffic[2]"]
+    );
+    let err = parse(&with("[errors]")).expect_err("builtin");
+    assert!(
+        err.0[0].reason.contains("there are none before traffic"),
+        "{}",
+        err.0[0].reason
+    );
+}

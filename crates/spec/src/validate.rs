@@ -231,6 +231,32 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         );
     }
     let gate_names: BTreeSet<&str> = s.analysis.gates.iter().map(|g| g.name.as_str()).collect();
+    for (j, name) in s.analysis.pre_traffic.iter().enumerate() {
+        let f = format!("spec.analysis.preTraffic[{j}]");
+        match s.analysis.gates.iter().find(|g| &g.name == name) {
+            None => err(&f, format!("no gate named {name:?} in spec.analysis.gates")),
+            Some(g)
+                if matches!(
+                    g.metric,
+                    crate::MetricSource::Builtin(_) | crate::MetricSource::Scorecard(_)
+                ) =>
+            {
+                err(
+                    &f,
+                    format!(
+                        "gate {name:?} reads requests, and there are none before traffic: use a command, web or prometheus gate"
+                    ),
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    if !s.analysis.pre_traffic.is_empty() && st.rolling.is_some() {
+        err(
+            "spec.analysis.preTraffic",
+            "a rolling update gives each new instance traffic as it becomes ready: use canary or blueGreen".into(),
+        );
+    }
     if let Some(c) = &st.canary {
         if let Some(p) = &c.progressive {
             let f = "spec.strategy.canary.progressive";
