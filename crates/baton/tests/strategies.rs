@@ -334,3 +334,58 @@ async fn failing_liveness_restarts_with_growing_backoff() {
         .unwrap_or(0);
     assert!(restarts >= 2, "{v}");
 }
+
+/// A blue-green judged after the switch: v2 passes its smoke tests (its first answer on
+/// each instance is good), then fails half of its users' requests; the gate, still
+/// judging the new stack, switches traffic back to v1's warm instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_switches_back_when_the_new_stack_fails_after_the_switch() {
+    let mut env = Env::new();
+    let (listen, preview) = (free_addr(), free_addr());
+    let spec = |version: &str, extra_env: &str| {
+        blue_green_spec(listen, preview, version, extra_env, true).replace(
+            "      retainPrevious: 1h\n",
+            "      retainPrevious: 1h\n      postPromotionAnalysis: 60s\n  analysis:\n    gates:\n      - name: errors\n        metric: { builtin: error_rate }\n        successCondition: \"result < 0.01\"\n        interval: 5s\n",
+        )
+    };
+    let v1 = env.write("v1.yaml", &spec("v1", ""));
+    let client = env.start_healthy(&["-f", path_str(&v1)], "shop").await;
+    let before = pids(&wait_stable(&client, "shop", "v1", Duration::from_secs(30)).await);
+    let load = Load::start(listen, 4, 200);
+    let v2 = env.write("v2.yaml", &spec("v2", ", FAIL_RATE: \"0.5\""));
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    wait_status(
+        &client,
+        "shop",
+        Duration::from_secs(30),
+        "the switch",
+        |v| stable_version(v).as_deref() == Some("v2") && acked(v),
+    )
+    .await;
+    let back = wait_status(
+        &client,
+        "shop",
+        Duration::from_secs(30),
+        "switched back to v1",
+        |v| v["phase"] == "Degraded" && stable_version(v).as_deref() == Some("v1") && acked(v),
+    )
+    .await;
+    let msg = back["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("after the switch: gate errors failed") && msg.contains("switched back to"),
+        "{msg}"
+    );
+    assert_eq!(weight(&back, "v1"), 100);
+    let r = load.stop().await;
+    assert!(
+        r.failures_not_from("v2").is_empty(),
+        "only v2's own answers failed: {:?}",
+        r.failures_not_from("v2")
+    );
+    // The same v1 instances served before and after: a switch, not a redeploy.
+    let after = pids(&back);
+    assert!(
+        before.iter().all(|p| after.contains(p)),
+        "v1's warm instances: {before:?} then {after:?}"
+    );
+}

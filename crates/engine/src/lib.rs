@@ -123,6 +123,15 @@ pub struct GateStatus {
     pub failing_since: Option<Millis>,
 }
 
+/// A blue-green switch under judgment (`postPromotionAnalysis`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PostPromotion {
+    pub revision: String,
+    pub previous: String,
+    pub until: Millis,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum SmokeState {
     #[default]
@@ -170,6 +179,10 @@ pub struct Status {
     /// Every gate of `analysis.preTraffic` passed for this canary: it may get traffic.
     #[serde(default)]
     pub pre_traffic_done: bool,
+    /// Blue-green: the new stable is still judged after the switch, and the previous
+    /// one kept warm to switch back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_promotion: Option<PostPromotion>,
     pub smoke: SmokeState,
     pub last_progress_at: Millis,
     /// Canary availability last seen, to notice progress while instances start.

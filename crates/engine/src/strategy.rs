@@ -48,6 +48,7 @@ impl Ctx<'_> {
         self.s.gates.clear();
         self.s.analysis_epoch += 1;
         self.s.pre_traffic_done = false;
+        self.s.post_promotion = None;
         self.s.last_progress_at = self.now;
         self.s.last_canary_available = 0;
     }
@@ -121,6 +122,32 @@ impl Ctx<'_> {
         self.event(EventKind::StepCompleted, msg);
     }
 
+    /// A blue-green switch judged bad after the fact: the previous stack, still warm,
+    /// becomes stable again and the new one is the aborted canary it was.
+    fn switch_back(&mut self, reason: String) {
+        let Some(pp) = self.s.post_promotion.take() else {
+            return;
+        };
+        if self.s.stable.as_ref() != Some(&pp.revision) || self.s.canary.is_some() {
+            return;
+        }
+        self.s.stable = Some(pp.previous.clone());
+        if self.s.stable_history.last() == Some(&pp.revision) {
+            self.s.stable_history.pop();
+        }
+        if let Some(r) = self.s.revision_mut(&pp.revision) {
+            r.promoted_at = None;
+        }
+        self.s.retain_until.remove(&pp.previous);
+        self.s.canary = Some(pp.revision.clone());
+        self.s.canary_weight = 0;
+        let label = self.s.label(&pp.previous);
+        self.abort(
+            Cause::Gate,
+            format!("after the switch: {reason}; switched back to {label}"),
+        );
+    }
+
     /// The canary reached 100 % and the router confirmed it: it becomes stable.
     fn promote_canary(&mut self) {
         let Some(c) = self.s.canary.take() else {
@@ -137,6 +164,16 @@ impl Ctx<'_> {
                 old.clone(),
                 now.saturating_add(bg.retain_previous.as_millis()),
             );
+            if let Some(d) = bg.post_promotion_analysis {
+                // Judged afresh after the switch: new windows, no failures carried over.
+                self.s.gates.clear();
+                self.s.analysis_epoch += 1;
+                self.s.post_promotion = Some(crate::PostPromotion {
+                    revision: c.clone(),
+                    previous: old.clone(),
+                    until: now.saturating_add(d.as_millis()),
+                });
+            }
         }
         self.s.retain_until.remove(&c);
         self.s.promote_full = false;
@@ -353,13 +390,26 @@ fn command(cx: &mut Ctx, c: Command) -> CommandResult {
     }
 }
 
+/// The revision gates judge: the canary, or after a blue-green switch the new stable
+/// while its post-promotion analysis runs.
+fn judged(cx: &Ctx) -> Option<String> {
+    if let Some(c) = &cx.s.canary {
+        return Some(c.clone());
+    }
+    cx.s.post_promotion
+        .as_ref()
+        .filter(|pp| cx.now < pp.until && cx.s.stable.as_ref() == Some(&pp.revision))
+        .map(|pp| pp.revision.clone())
+}
+
 fn record_measurements(cx: &mut Ctx) {
-    let Some(canary) = cx.s.canary.clone() else {
+    let Some(canary) = judged(cx) else {
         return;
     };
-    if cx.s.aborted {
+    if cx.s.aborted && cx.s.canary.is_some() {
         return;
     }
+    let after_switch = cx.s.canary.is_none();
     // (reason, pause instead of roll back)
     let mut failed: Option<(String, bool)> = None;
     let global_pause = !cx.spec.spec.rollback.on_failure;
@@ -464,6 +514,9 @@ fn record_measurements(cx: &mut Ctx) {
         }
     }
     match failed {
+        // After the switch the previous stack is still warm: back to it, whatever
+        // onFailure says (a pause would leave users on the failing stack).
+        Some((reason, _)) if after_switch => cx.switch_back(reason),
         Some((reason, true)) => cx.pause_on_failure(Cause::Gate, reason),
         Some((reason, false)) => cx.abort(Cause::Gate, reason),
         None => {}
@@ -940,10 +993,30 @@ fn finish_promotion(cx: &mut Ctx) {
 }
 
 fn schedule_measurements(cx: &mut Ctx) {
-    let Some(c) = cx.s.canary.clone() else {
+    if cx.s.canary.is_none() {
+        // A post-promotion analysis ends with its window.
+        if cx
+            .s
+            .post_promotion
+            .as_ref()
+            .is_some_and(|pp| cx.now >= pp.until)
+        {
+            let label =
+                cx.s.stable
+                    .as_ref()
+                    .map(|s| cx.s.label(s))
+                    .unwrap_or_default();
+            cx.s.post_promotion = None;
+            cx.event(
+                EventKind::StepCompleted,
+                format!("post-promotion analysis passed: {label} stays"),
+            );
+        }
+    }
+    let Some(c) = judged(cx) else {
         return;
     };
-    if cx.s.aborted || cx.s.failed_paused {
+    if cx.s.canary.is_some() && (cx.s.aborted || cx.s.failed_paused) {
         return;
     }
     let pre_traffic = &cx.spec.spec.analysis.pre_traffic;
@@ -975,7 +1048,7 @@ fn schedule_measurements(cx: &mut Ctx) {
         }
         return;
     }
-    // Measure only while the canary takes traffic the router confirmed.
+    // Measure only while the judged revision takes traffic the router confirmed.
     let has_traffic = (cx.s.weight(&c) > 0 || cx.s.preview.as_ref() == Some(&c)) && cx.acked();
     if !has_traffic {
         return;
@@ -1114,6 +1187,20 @@ fn compute_phase(cx: &mut Ctx) {
                     "restarting {}: {} instance(s) left to replace",
                     cx.s.label(&st),
                     cx.obs.rev(&st).stale
+                ),
+            )
+        }
+        None if cx.s.post_promotion.is_some() => {
+            let st = cx.s.stable.clone().unwrap_or_default();
+            let secs =
+                cx.s.post_promotion
+                    .as_ref()
+                    .map_or(0, |pp| pp.until.saturating_sub(cx.now).div_ceil(1000));
+            (
+                Phase::Progressing,
+                format!(
+                    "{} serves all traffic; judged after the switch for {secs}s more (the previous stack is kept warm to switch back to)",
+                    cx.s.label(&st)
                 ),
             )
         }

@@ -808,3 +808,86 @@ fn pre_traffic_gates_run_before_any_traffic_and_a_failure_never_serves() {
         w.status.message
     );
 }
+
+fn post_promotion_switched(verdict_after: Option<Verdict>) -> World {
+    let yaml = format!(
+        "{}  analysis:\n    gates:\n      - name: errors\n        metric: {{ builtin: error_rate }}\n        successCondition: \"result < 0.01\"\n        interval: 1s\n",
+        BLUE_GREEN.replace(
+            "      retainPrevious: 1m\n",
+            "      retainPrevious: 1m\n      postPromotionAnalysis: 30s\n"
+        )
+    );
+    let mut w = started(&yaml);
+    w.spec = with_version(&w.spec, "v2");
+    w.tick();
+    w.tick();
+    w.tick();
+    let v2 = w.name_of("v2");
+    w.obs.smoke = Some((v2.clone(), true, "ok".into()));
+    w.tick();
+    w.tick();
+    assert_eq!(w.weight("v2"), 100, "{}", w.status.message);
+    assert_eq!(w.status.stable.as_deref(), Some(v2.as_str()));
+    assert_eq!(
+        w.status.phase,
+        Phase::Progressing,
+        "judged after the switch"
+    );
+    if let Some(v) = verdict_after {
+        let mut answered = false;
+        for _ in 0..20 {
+            w.advance(500);
+            let due = w.last.as_ref().is_some_and(|o| {
+                o.actions.iter().any(
+                    |a| matches!(a, Action::Measure { gate, due: true, .. } if gate == "errors"),
+                )
+            });
+            if due {
+                w.answer_measurements(v);
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "the new stable is measured after the switch");
+        w.tick();
+        w.tick();
+    }
+    w
+}
+
+#[test]
+fn a_blue_green_failing_after_the_switch_switches_back_to_the_warm_stack() {
+    let w = post_promotion_switched(Some(Verdict::Fail));
+    let v1 = w.name_of("v1");
+    assert_eq!(
+        w.status.stable.as_deref(),
+        Some(v1.as_str()),
+        "{}",
+        w.status.message
+    );
+    assert_eq!(w.weight("v1"), 100);
+    assert_eq!(w.weight("v2"), 0);
+    assert_eq!(w.status.phase, Phase::Degraded);
+    assert!(
+        w.status
+            .message
+            .contains("after the switch: gate errors failed")
+            && w.status.message.contains("switched back to"),
+        "{}",
+        w.status.message
+    );
+    assert_eq!(w.status.post_promotion, None);
+}
+
+#[test]
+fn a_blue_green_passing_its_post_promotion_analysis_stays_and_settles() {
+    let mut w = post_promotion_switched(Some(Verdict::Pass));
+    let v2 = w.name_of("v2");
+    assert!(w.status.post_promotion.is_some());
+    w.advance(31_000);
+    w.tick();
+    assert_eq!(w.status.post_promotion, None);
+    assert_eq!(w.status.stable.as_deref(), Some(v2.as_str()));
+    assert_eq!(w.status.phase, Phase::Healthy, "{}", w.status.message);
+    assert!(!measured(&w, "errors"), "no more measurements");
+}

@@ -222,6 +222,11 @@ pub struct BlueGreen {
     pub smoke: Vec<SmokeTest>,
     #[serde(default = "default_retain")]
     pub retain_previous: Duration,
+    /// Keep judging the new active revision with the gates for this long after the
+    /// switch, while the previous ReplicaSet is retained; a failure points the active
+    /// Service back at it. No longer than `retainPrevious`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_promotion_analysis: Option<Duration>,
 }
 
 fn yes() -> bool {

@@ -82,6 +82,7 @@ pub fn engine_spec(
                 auto_promote: b.auto_promote,
                 smoke: b.smoke.clone(),
                 retain_previous: b.retain_previous,
+                post_promotion_analysis: b.post_promotion_analysis,
             }),
         rolling: s.strategy.rolling.clone(),
     };

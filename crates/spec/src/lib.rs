@@ -414,6 +414,11 @@ pub struct BlueGreen {
     /// a switch back rather than a redeploy.
     #[serde(default = "default_retain")]
     pub retain_previous: Duration,
+    /// Keep judging the new stack with the gates for this long after the switch, while
+    /// the previous one is retained; a failure switches traffic back to it at once.
+    /// No longer than `retainPrevious`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_promotion_analysis: Option<Duration>,
 }
 
 fn yes() -> bool {

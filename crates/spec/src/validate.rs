@@ -231,6 +231,25 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         );
     }
     let gate_names: BTreeSet<&str> = s.analysis.gates.iter().map(|g| g.name.as_str()).collect();
+    if let Some(bg) = &st.blue_green
+        && let Some(d) = bg.post_promotion_analysis
+    {
+        let f = "spec.strategy.blueGreen.postPromotionAnalysis";
+        if d.0.is_zero() {
+            err(f, "must be positive; leave it out for none".into());
+        } else if d > bg.retain_previous {
+            err(
+                f,
+                format!(
+                    "must be no longer than retainPrevious ({}): the previous stack is what a failure switches back to",
+                    bg.retain_previous
+                ),
+            );
+        }
+        if s.analysis.gates.is_empty() {
+            err(f, "needs gates in spec.analysis.gates to judge with".into());
+        }
+    }
     for (j, name) in s.analysis.pre_traffic.iter().enumerate() {
         let f = format!("spec.analysis.preTraffic[{j}]");
         match s.analysis.gates.iter().find(|g| &g.name == name) {
