@@ -2069,3 +2069,67 @@ async fn pre_traffic_gates_run_as_jobs_before_any_weight() {
     assert_eq!(s["stableVersion"], "v2", "{s}");
     assert_eq!(s["engine"]["preTrafficDone"], false, "{s}");
 }
+
+/// A blue-green judged after the switch on a cluster: when the gate fails on the new
+/// active revision, the active Service's selector goes back to the retained one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blue_green_failing_after_the_switch_points_the_service_back() {
+    let c = cluster().await;
+    let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
+    create(&services, json!({"metadata": {"name": "web"}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})).await;
+    let bad = Arc::new(AtomicBool::new(false));
+    let url = metric_server(bad.clone()).await;
+    let rollouts: Api<Rollout> = Api::namespaced(c.client.clone(), "default");
+    create(
+        &rollouts,
+        json!({
+            "apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                "template": template("registry.example/web:v1"),
+                "strategy": {"blueGreen": {"activeService": "web", "retainPrevious": "1h", "postPromotionAnalysis": "60s"}},
+                "analysis": {"gates": [{"name": "errors", "metric": {"web": {"url": url, "jsonPath": "value"}},
+                                        "successCondition": "result < 0.01", "interval": "200ms"}]},
+            },
+        }),
+    )
+    .await;
+    let (_ctx, _op) = operator(&c, "bg-post");
+    let selector = async || -> Option<String> {
+        services
+            .get("web")
+            .await
+            .ok()?
+            .spec?
+            .selector?
+            .get("baton.dev/revision")
+            .cloned()
+    };
+    wait_healthy(&rollouts, "v1").await;
+    let v1 = selector().await.expect("v1 active");
+    set_image(&rollouts, "registry.example/web:v2").await;
+    wait_for(
+        Duration::from_secs(30),
+        "v2 active, judged after the switch",
+        async || {
+            let s = status(&rollouts, "web").await;
+            let active = selector().await?;
+            (s["stableVersion"] == "v2" && active != v1 && s["phase"] == "Progressing")
+                .then_some(())
+        },
+    )
+    .await;
+    bad.store(true, Ordering::SeqCst);
+    let s = wait_for(Duration::from_secs(30), "back to v1", async || {
+        let s = status(&rollouts, "web").await;
+        (s["phase"] == "Degraded" && s["stableVersion"] == "v1" && selector().await? == v1)
+            .then_some(s)
+    })
+    .await;
+    assert!(
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("after the switch: gate errors failed")),
+        "{s}"
+    );
+}
