@@ -359,7 +359,10 @@ async fn start_controller(
     let h = controller::start(UpOptions {
         paths: paths.clone(),
         specs,
-        api_listen: "127.0.0.1:0".parse()?,
+        // Not port 0: the kernel may hand out again a port the demo has just picked
+        // (and released) for one of its services' listeners, which the proxy binds
+        // later. The same memory of handed-out ports keeps them apart.
+        api_listen: free_addr()?,
         metrics_listen,
         tick: Duration::from_millis(50),
         echo: false,
