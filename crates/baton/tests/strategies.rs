@@ -389,3 +389,52 @@ async fn blue_green_switches_back_when_the_new_stack_fails_after_the_switch() {
         "v1's warm instances: {before:?} then {after:?}"
     );
 }
+
+/// A canary with `retainPrevious`: after the cutover the previous revision keeps
+/// running, and `undo` is a switch to those same processes, without steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_undo_within_its_retain_window_switches_to_the_warm_revision() {
+    let mut env = Env::new();
+    let listen = free_addr();
+    let spec = |version: &str| {
+        canary_spec(
+            listen,
+            version,
+            "",
+            "        - setWeight: 20\n        - pause: { duration: 1h }",
+        )
+        .replace("      steps:\n", "      retainPrevious: 1h\n      steps:\n")
+    };
+    let v1 = env.write("v1.yaml", &spec("v1"));
+    let client = env.start_healthy(&["-f", path_str(&v1)], "hello").await;
+    let before = pids(&wait_stable(&client, "hello", "v1", Duration::from_secs(30)).await);
+    let load = Load::start(listen, 4, 200);
+    let v2 = env.write("v2.yaml", &spec("v2"));
+    assert!(env.run(&["apply", "-f", path_str(&v2)]).status.success());
+    wait_status(
+        &client,
+        "hello",
+        Duration::from_secs(30),
+        "v2 at 20 %",
+        |v| weight(v, "v2") == 20 && acked(v),
+    )
+    .await;
+    assert!(env.run(&["promote", "hello", "--full"]).status.success());
+    let promoted = wait_stable(&client, "hello", "v2", Duration::from_secs(30)).await;
+    let kept = revision(&promoted, "v1").expect("v1 kept");
+    assert_eq!(kept["readyReplicas"], 2, "v1 kept warm: {kept}");
+
+    let undo = std::time::Instant::now();
+    assert!(env.run(&["undo", "hello"]).status.success());
+    let back = wait_stable(&client, "hello", "v1", Duration::from_secs(30)).await;
+    let took = undo.elapsed();
+    // Through the steps it would hold an hour at 20 %.
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let after = pids(&back);
+    assert!(
+        before.iter().all(|p| after.contains(p)),
+        "the same v1 processes: {before:?} then {after:?}"
+    );
+    let r = load.stop().await;
+    assert_eq!(r.failed, 0, "{:?}", r.failures);
+}

@@ -159,6 +159,13 @@ impl Ctx<'_> {
         if let Some(r) = self.s.revision_mut(&c) {
             r.promoted_at = Some(now);
         }
+        if let (Some(old), StrategyRef::Canary(cs)) = (&old, self.spec.spec.strategy.kind())
+            && let Some(d) = cs.retain_previous
+        {
+            self.s
+                .retain_until
+                .insert(old.clone(), now.saturating_add(d.as_millis()));
+        }
         if let (Some(old), StrategyRef::BlueGreen(bg)) = (&old, self.spec.spec.strategy.kind()) {
             self.s.retain_until.insert(
                 old.clone(),
@@ -276,7 +283,21 @@ fn select_target(cx: &mut Ctx) {
             cx.s.canary = Some(hash.clone());
             cx.restart_steps();
             cx.s.message = format!("rolling out {label}");
-            cx.event(EventKind::NewRevision, format!("rolling out {label}"));
+            // Back to a canary's previous stable while it is kept warm: it served
+            // everyone minutes ago, so no steps — a switch to its running instances.
+            let warm = matches!(cx.spec.spec.strategy.kind(), StrategyRef::Canary(_))
+                && cx.s.retain_until.get(&hash).is_some_and(|t| cx.now < *t);
+            if warm {
+                cx.s.promote_full = true;
+                cx.event(
+                    EventKind::NewRevision,
+                    format!(
+                        "back to {label}, kept warm since its replacement: switching without steps"
+                    ),
+                );
+            } else {
+                cx.event(EventKind::NewRevision, format!("rolling out {label}"));
+            }
         }
         _ => {}
     }

@@ -891,3 +891,44 @@ fn a_blue_green_passing_its_post_promotion_analysis_stays_and_settles() {
     assert_eq!(w.status.phase, Phase::Healthy, "{}", w.status.message);
     assert!(!measured(&w, "errors"), "no more measurements");
 }
+
+#[test]
+fn a_canary_undone_while_the_previous_revision_is_warm_switches_without_steps() {
+    let retained = CANARY.replace("      steps:\n", "      retainPrevious: 1h\n      steps:\n");
+    for (yaml, warm) in [(retained.as_str(), true), (CANARY, false)] {
+        let mut w = World::new(spec(yaml));
+        w.tick();
+        w.tick();
+        w.spec = with_version(&w.spec, "v2");
+        w.tick();
+        w.tick();
+        w.command(Command::PromoteFull).expect("promote");
+        for _ in 0..5 {
+            w.advance(100);
+        }
+        assert_eq!(w.weight("v2"), 100, "{}", w.status.message);
+        let v1 = w.name_of("v1");
+        assert_eq!(
+            w.status.desired.contains_key(&v1),
+            warm,
+            "v1 kept warm only with retainPrevious"
+        );
+        // Back to v1 (what `baton undo` applies).
+        w.spec = with_version(&w.spec, "v1");
+        w.tick();
+        w.tick();
+        if warm {
+            assert_eq!(w.weight("v1"), 100, "{}", w.status.message);
+            w.tick();
+            assert_eq!(w.status.stable.as_deref(), Some(v1.as_str()));
+            assert_eq!(w.status.phase, Phase::Healthy, "{}", w.status.message);
+        } else {
+            assert_eq!(
+                w.weight("v1"),
+                10,
+                "through the steps: {}",
+                w.status.message
+            );
+        }
+    }
+}

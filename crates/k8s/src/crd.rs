@@ -152,6 +152,10 @@ pub struct Canary {
     /// is 2, 4, 8, 16, 32, 64 %, each held 90 s and then judged by the gates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progressive: Option<baton_spec::Progressive>,
+    /// Keep the previous stable ReplicaSet scaled up this long after a promotion; going
+    /// back to it meanwhile skips the steps: an instant switch to its ready pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_previous: Option<Duration>,
     /// A Service whose selector Baton pins to the stable revision's pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable_service: Option<String>,

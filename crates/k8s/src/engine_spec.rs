@@ -72,6 +72,7 @@ pub fn engine_spec(
         canary: s.strategy.canary.as_ref().map(|c| baton_spec::Canary {
             steps: c.steps.clone(),
             progressive: c.progressive.clone(),
+            retain_previous: c.retain_previous,
         }),
         blue_green: s
             .strategy

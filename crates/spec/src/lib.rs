@@ -308,6 +308,11 @@ pub struct Canary {
     /// Shorthand for `steps`: expanded into them when the spec is read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progressive: Option<Progressive>,
+    /// Keep the previous stable revision running this long after a promotion; going
+    /// back to it meanwhile (`baton undo`, or its spec re-applied) skips the steps and
+    /// is an instant switch to its warm instances, as with blue-green.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_previous: Option<Duration>,
 }
 
 /// Weights from `start`, multiplied by `factor` at each step while below 100, each

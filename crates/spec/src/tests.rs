@@ -181,8 +181,14 @@ fn empty_and_broken_yaml_are_errors() {
 #[test]
 fn the_readme_spec_is_valid() {
     let readme = include_str!("../../../README.md");
-    let section = readme.find("\n## The spec").expect("README has a spec section");
-    let start = section + readme[section..].find("```yaml\n").expect("a yaml block there") + 8;
+    let section = readme
+        .find("\n## The spec")
+        .expect("README has a spec section");
+    let start = section
+        + readme[section..]
+            .find("```yaml\n")
+            .expect("a yaml block there")
+        + 8;
     let len = readme[start..].find("```").expect("block ends");
     let rollouts = parse(&readme[start..start + len]).expect("the README's spec parses");
     let r = &rollouts[0];

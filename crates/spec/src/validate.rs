@@ -277,6 +277,9 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         );
     }
     if let Some(c) = &st.canary {
+        if let Some(why) = c.retain_previous.and_then(too_long) {
+            err("spec.strategy.canary.retainPrevious", why);
+        }
         if let Some(p) = &c.progressive {
             let f = "spec.strategy.canary.progressive";
             if !c.steps.is_empty() {
