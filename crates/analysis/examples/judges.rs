@@ -64,28 +64,14 @@ impl Rng {
 
 fn gate(name: &str, judging: Judging, threshold: bool) -> Gate {
     Gate {
-        name: name.into(),
-        metric: MetricSource::Builtin(BuiltinMetric::ErrorRate),
         success_condition: threshold.then(|| "result < 0.01".into()),
-        failure_condition: None,
         interval: Duration::from_secs(INTERVAL_MS / 1000),
-        failure_limit: 0,
-        count: 1,
-        min_requests: 20,
-        initial_delay: Duration::default(),
-        for_duration: None,
-        inconclusive_limit: None,
-        consecutive_error_limit: 4,
-        dry_run: false,
-        on_failure: None,
         compare: (!threshold).then_some(Compare {
             max_increase_percent: Some(20.0),
             max_increase: None,
         }),
-        statistical: None,
-        burn_rate: None,
         judging,
-        confidence: 0.99,
+        ..Gate::new(name, MetricSource::Builtin(BuiltinMetric::ErrorRate))
     }
 }
 

@@ -700,25 +700,11 @@ mod tests {
 
     fn gate(metric: BuiltinMetric, cond: &str, min: u64) -> Gate {
         Gate {
-            name: "g".into(),
-            metric: MetricSource::Builtin(metric),
             success_condition: Some(cond.into()),
-            failure_condition: None,
             interval: Duration::from_secs(1),
-            failure_limit: 0,
-            count: 1,
             min_requests: min,
-            initial_delay: Duration::default(),
-            for_duration: None,
-            inconclusive_limit: None,
-            consecutive_error_limit: 4,
-            dry_run: false,
-            on_failure: None,
-            compare: None,
-            statistical: None,
-            burn_rate: None,
             judging: baton_spec::Judging::Interval,
-            confidence: 0.99,
+            ..Gate::new("g", MetricSource::Builtin(metric))
         }
     }
 
@@ -840,28 +826,17 @@ mod compare_tests {
 
     fn gate() -> Gate {
         Gate {
-            name: "vs-stable".into(),
-            metric: MetricSource::Builtin(BuiltinMetric::LatencyP99),
-            success_condition: None,
-            failure_condition: None,
             interval: Duration::from_secs(1),
-            failure_limit: 0,
-            count: 1,
             min_requests: 10,
-            initial_delay: Duration::default(),
-            for_duration: None,
-            inconclusive_limit: None,
-            consecutive_error_limit: 4,
-            dry_run: false,
-            on_failure: None,
             compare: Some(Compare {
                 max_increase_percent: Some(5.0),
                 max_increase: None,
             }),
-            statistical: None,
-            burn_rate: None,
             judging: baton_spec::Judging::Interval,
-            confidence: 0.99,
+            ..Gate::new(
+                "vs-stable",
+                MetricSource::Builtin(BuiltinMetric::LatencyP99),
+            )
         }
     }
 
@@ -919,28 +894,13 @@ mod continuous_tests {
 
     fn gate(success: Option<&str>, compare: Option<f64>, interval: u64) -> Gate {
         Gate {
-            name: "errors".into(),
-            metric: MetricSource::Builtin(BuiltinMetric::ErrorRate),
             success_condition: success.map(str::to_string),
-            failure_condition: None,
             interval: Duration::from_secs(interval),
-            failure_limit: 0,
-            count: 1,
-            min_requests: 20,
-            initial_delay: Duration::default(),
-            for_duration: None,
-            inconclusive_limit: None,
-            consecutive_error_limit: 4,
-            dry_run: false,
-            on_failure: None,
             compare: compare.map(|p| Compare {
                 max_increase_percent: Some(p),
                 max_increase: None,
             }),
-            statistical: None,
-            burn_rate: None,
-            judging: Judging::Continuous,
-            confidence: 0.99,
+            ..Gate::new("errors", MetricSource::Builtin(BuiltinMetric::ErrorRate))
         }
     }
 
@@ -1089,28 +1049,13 @@ mod latency_tests {
 
     fn gate(metric: BuiltinMetric, success: Option<&str>, compare: Option<f64>) -> Gate {
         Gate {
-            name: "latency".into(),
-            metric: MetricSource::Builtin(metric),
             success_condition: success.map(str::to_string),
-            failure_condition: None,
             interval: Duration::from_secs(60),
-            failure_limit: 0,
-            count: 1,
-            min_requests: 20,
-            initial_delay: Duration::default(),
-            for_duration: None,
-            inconclusive_limit: None,
-            consecutive_error_limit: 4,
-            dry_run: false,
-            on_failure: None,
             compare: compare.map(|p| Compare {
                 max_increase_percent: Some(p),
                 max_increase: None,
             }),
-            statistical: None,
-            burn_rate: None,
-            judging: Judging::Continuous,
-            confidence: 0.99,
+            ..Gate::new("latency", MetricSource::Builtin(metric))
         }
     }
 

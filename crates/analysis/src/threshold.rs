@@ -55,25 +55,12 @@ mod tests {
 
     fn gate(success: Option<&str>, failure: Option<&str>) -> Gate {
         Gate {
-            name: "g".into(),
-            metric: MetricSource::Builtin(BuiltinMetric::LatencyP99),
             success_condition: success.map(str::to_string),
             failure_condition: failure.map(str::to_string),
             interval: Duration::from_secs(1),
-            failure_limit: 0,
-            count: 1,
             min_requests: 1,
-            initial_delay: Duration::default(),
-            for_duration: None,
-            inconclusive_limit: None,
-            consecutive_error_limit: 4,
-            dry_run: false,
-            on_failure: None,
-            compare: None,
-            statistical: None,
-            burn_rate: None,
             judging: baton_spec::Judging::Interval,
-            confidence: 0.99,
+            ..Gate::new("g", MetricSource::Builtin(BuiltinMetric::LatencyP99))
         }
     }
 

@@ -17,26 +17,6 @@ impl Drop for Alertmanager {
     }
 }
 
-async fn post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let req = hyper::Request::post(path)
-        .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))
-        .expect("request");
-    let resp = s.send_request(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alertmanager_alert_naming_a_rollout_aborts_it() {
     let mut env = Env::new();

@@ -568,6 +568,33 @@ pub struct Gate {
     pub confidence: f64,
 }
 
+impl Gate {
+    /// A gate with every field at the default a spec that leaves it out gets.
+    pub fn new(name: &str, metric: MetricSource) -> Gate {
+        Gate {
+            name: name.to_string(),
+            metric,
+            success_condition: None,
+            failure_condition: None,
+            interval: default_interval(),
+            failure_limit: 0,
+            count: one(),
+            min_requests: default_min_requests(),
+            initial_delay: Duration::default(),
+            for_duration: None,
+            inconclusive_limit: None,
+            consecutive_error_limit: default_consecutive_error_limit(),
+            dry_run: false,
+            on_failure: None,
+            compare: None,
+            statistical: None,
+            burn_rate: None,
+            judging: Judging::default(),
+            confidence: default_confidence(),
+        }
+    }
+}
+
 /// When a builtin gate is judged.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,

@@ -529,3 +529,20 @@ fn pre_traffic_names_gates_that_need_no_requests() {
         err.0[0].reason
     );
 }
+
+#[test]
+fn a_new_gate_has_the_defaults_a_spec_gets() {
+    let text = CANARY.replace(
+        "  analysis:\n    gates:\n",
+        "  analysis:\n    gates:\n      - name: bare\n        metric: { command: { command: [\"true\"] } }\n",
+    );
+    let r = parse(&text).expect("valid").remove(0);
+    let parsed = r
+        .spec
+        .analysis
+        .gates
+        .iter()
+        .find(|g| g.name == "bare")
+        .expect("the gate");
+    assert_eq!(*parsed, Gate::new("bare", parsed.metric.clone()));
+}
