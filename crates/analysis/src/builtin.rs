@@ -19,7 +19,7 @@ use baton_spec::{BuiltinMetric, BurnRate, Compare, Gate, Judging, MetricSource};
 
 use crate::sequential::{Bernoulli, RateRatio, log_threshold};
 use crate::threshold::judge;
-use baton_proxy_api::metrics::{fine_bounds, fine_index, fine_value};
+use baton_proxy_api::metrics::{fine_bounds, fine_index, fine_quantile};
 
 /// (time, requests, errors) of a revision at one measurement.
 type Snapshot = (Millis, u64, u64);
@@ -69,20 +69,6 @@ fn quantile_of(metric: BuiltinMetric) -> Option<f64> {
         BuiltinMetric::LatencyP90 => Some(0.9),
         BuiltinMetric::LatencyP99 => Some(0.99),
     }
-}
-
-/// The q-quantile of fine counts: the value of its bucket.
-fn fine_quantile(fine: &[u64], q: f64) -> Option<f64> {
-    let total: u64 = fine.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = (q * total as f64).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    fine.iter().enumerate().find_map(|(i, n)| {
-        seen += n;
-        (seen >= rank).then(|| fine_value(i))
-    })
 }
 
 fn add(into: &mut Vec<u64>, more: &[u64]) {

@@ -58,6 +58,20 @@ pub fn fine_value(i: usize) -> f64 {
     }
 }
 
+/// The q-quantile of fine bucket counts: the value of the bucket holding it.
+pub fn fine_quantile(fine: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = fine.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (q * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    fine.iter().enumerate().find_map(|(i, n)| {
+        seen += n;
+        (seen >= rank).then(|| fine_value(i))
+    })
+}
+
 /// Counters of one revision at one moment; subtract two to get a window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -138,16 +152,8 @@ impl RevisionStats {
     ///
     /// With complete fine buckets, the fine bucket's value instead: within 2 %.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        if let Some(fine) = self.fine_complete() {
-            let total: u64 = fine.iter().sum();
-            let rank = (q * total as f64).ceil().max(1.0) as u64;
-            let mut seen = 0;
-            for (i, n) in fine.iter().enumerate() {
-                seen += n;
-                if seen >= rank {
-                    return Some(fine_value(i));
-                }
-            }
+        if let Some(v) = self.fine_complete().and_then(|f| fine_quantile(f, q)) {
+            return Some(v);
         }
         let bounds = self.bounds();
         let last = bounds.last().copied()?;
