@@ -39,6 +39,9 @@
 
 mod admission;
 mod discovery;
+mod endpoints;
+pub mod gateway;
+pub mod kubelet;
 pub mod prometheus;
 mod select;
 mod server;

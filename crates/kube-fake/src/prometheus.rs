@@ -15,13 +15,22 @@ impl Prometheus {
     /// Starts `prometheus` (Debian's package; `scripts/test` installs it) scraping
     /// `targets` every second, its data and log under `dir`; waits until it listens.
     pub fn start(dir: &Path, targets: &[SocketAddr]) -> std::io::Result<Prometheus> {
+        Prometheus::start_path(dir, targets, "/metrics")
+    }
+
+    /// The same, scraping `path` (Envoy's admin serves `/stats/prometheus`).
+    pub fn start_path(
+        dir: &Path,
+        targets: &[SocketAddr],
+        path: &str,
+    ) -> std::io::Result<Prometheus> {
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let config = dir.join("prometheus.yml");
         let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
         std::fs::write(
             &config,
             format!(
-                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: baton\n    static_configs: [{{ targets: [{}] }}]\n",
+                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: baton\n    metrics_path: \"{path}\"\n    static_configs: [{{ targets: [{}] }}]\n",
                 targets.join(", ")
             ),
         )?;

@@ -18,6 +18,9 @@ pub struct SimConfig {
     pub pod_ready_after: Duration,
     /// From an HTTPRoute change to its `Accepted` condition for that generation.
     pub route_accept_after: Duration,
+    /// Pods' readiness comes from a [`crate::kubelet`] running them, not from the delay
+    /// above; HTTPRoutes are then left to a real gateway controller.
+    pub real_pods: bool,
 }
 
 impl Default for SimConfig {
@@ -26,6 +29,7 @@ impl Default for SimConfig {
             tick: Duration::from_millis(50),
             pod_ready_after: Duration::from_millis(300),
             route_accept_after: Duration::from_millis(200),
+            real_pods: false,
         }
     }
 }
@@ -42,7 +46,9 @@ pub fn start(store: Store, cfg: SimConfig) -> tokio::task::JoinHandle<()> {
         loop {
             sim.workloads("apps/v1", "replicasets", "ReplicaSet");
             sim.workloads("apps/v1", "deployments", "Deployment");
-            sim.routes();
+            if !sim.cfg.real_pods {
+                sim.routes();
+            }
             sim.jobs();
             tokio::time::sleep(sim.cfg.tick).await;
         }
@@ -95,7 +101,9 @@ impl Sim {
             };
             let ns = ns_of(&owner);
             let want = owner["spec"]["replicas"].as_i64().unwrap_or(1).max(0) as usize;
+            // Pods being deleted no longer count, as for the ReplicaSet controller.
             let mut mine: Vec<&Value> = by_owner.get(uid).cloned().unwrap_or_default();
+            mine.retain(|p| p["metadata"]["deletionTimestamp"].is_null());
             mine.sort_by_key(|p| {
                 p["metadata"]["creationTimestamp"]
                     .as_str()
@@ -136,7 +144,7 @@ impl Sim {
                 let born = *self.born.entry(puid).or_insert_with(Instant::now);
                 if ready(p) {
                     n_ready += 1;
-                } else if born.elapsed() >= self.cfg.pod_ready_after {
+                } else if !self.cfg.real_pods && born.elapsed() >= self.cfg.pod_ready_after {
                     let key = Key::new(
                         "v1",
                         "pods",

@@ -144,8 +144,10 @@ impl RevisionStats {
     pub fn fine_complete(&self) -> Option<&[u64]> {
         let fine: u64 = self.fine.iter().sum();
         let classic: u64 = self.buckets.iter().sum();
-        (fine > 0 && fine.abs_diff(classic) <= (classic / 100).max(2))
-            .then_some(self.fine.as_slice())
+        (self.fine.len() == FINE_BUCKETS
+            && fine > 0
+            && fine.abs_diff(classic) <= (classic / 100).max(2))
+        .then_some(self.fine.as_slice())
     }
     /// The q-quantile by linear interpolation inside the bucket, as Prometheus'
     /// `histogram_quantile` computes it, so both agree on what "p99" means.
@@ -273,6 +275,17 @@ mod tests {
         // And a new one without latencies sends no `fine` either.
         let text = serde_json::to_string(&RevisionStats::default()).expect("json");
         assert!(!text.contains("fine"), "{text}");
+    }
+
+    #[test]
+    fn fine_buckets_of_another_layout_are_not_read() {
+        // An earlier layout (400 buckets at 2 %) holding every request: its indexes
+        // mean other latencies, so the classic buckets answer.
+        let mut s = stats(3, 50, 0);
+        s.fine = vec![0; 400];
+        s.fine[300] = 50;
+        assert!(s.fine_complete().is_none());
+        assert_eq!(s.quantile(0.5), stats(3, 50, 0).quantile(0.5));
     }
 
     #[test]

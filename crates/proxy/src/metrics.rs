@@ -161,8 +161,12 @@ impl Metrics {
                 for (i, n) in s.buckets.iter().enumerate().take(m.buckets.len()) {
                     m.buckets[i].store(*n, Ordering::Relaxed);
                 }
-                for (i, n) in s.fine.iter().enumerate().take(m.fine.len()) {
-                    m.fine[i].store(*n, Ordering::Relaxed);
+                // Fine buckets of another layout (another accuracy) would be read as
+                // wrong latencies: windows that began before then read the classic ones.
+                if s.fine.len() == m.fine.len() {
+                    for (i, n) in s.fine.iter().enumerate() {
+                        m.fine[i].store(*n, Ordering::Relaxed);
+                    }
                 }
                 m.sum_micros
                     .store((s.sum_seconds * 1e6) as u64, Ordering::Relaxed);
@@ -306,6 +310,30 @@ mod tests {
         let p999 = s.quantile(0.999).expect("data");
         assert!((0.9..=1.0).contains(&p999), "{p999}");
         assert_eq!(RevisionStats::default().quantile(0.99), None);
+    }
+
+    #[test]
+    fn a_seed_keeps_fine_buckets_of_this_layout_only() {
+        let from = Metrics::default();
+        for _ in 0..20 {
+            from.revision("web", "v1").observe(200, 0.004);
+        }
+        let mut snap = from.snapshot();
+        let fresh = Metrics::default();
+        fresh.seed(&snap);
+        assert_eq!(fresh.snapshot(), snap, "same layout: carried whole");
+        // Another layout (an earlier build's 400 buckets): classic counters only.
+        let v1 = snap
+            .get_mut("web")
+            .and_then(|r| r.get_mut("v1"))
+            .expect("v1");
+        v1.fine = vec![1; 400];
+        let other = Metrics::default();
+        other.seed(&snap);
+        let got = &other.snapshot()["web"]["v1"];
+        assert_eq!(got.requests(), 20);
+        assert_eq!(got.fine.iter().sum::<u64>(), 0);
+        assert!(got.fine_complete().is_none());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `hello`: the example service Baton rolls out.
 //!
-//! `hello --port N` answers `GET /` with its version (`APP_VERSION`), has `/healthz`
+//! `hello --port N` (or `PORT`; `HOST` to listen elsewhere than 127.0.0.1) answers `GET /` with its version (`APP_VERSION`), has `/healthz`
 //! (liveness) and `/readyz` (readiness), and can misbehave on demand so a bad version
 //! can be shown: `STARTUP_DELAY_MS` (not ready until then), `FAIL_RATE` (share of
 //! answers that are 500), `LATENCY_MS` (added to every answer), `UNHEALTHY_AFTER_MS`
@@ -63,7 +63,7 @@ fn port_arg() -> Result<u16, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: hello --port N   (env: APP_VERSION, STARTUP_DELAY_MS, FAIL_RATE, LATENCY_MS)"
+                    "usage: hello --port N   (env: PORT, HOST, APP_VERSION, STARTUP_DELAY_MS, FAIL_RATE, LATENCY_MS)"
                 );
                 std::process::exit(0);
             }
@@ -106,10 +106,12 @@ async fn run() -> Result<(), String> {
         drain: tokio::sync::watch::channel(false).0,
         sessions: AtomicUsize::new(0),
     });
-    let listener = TcpListener::bind(("127.0.0.1", port))
+    // HOST: the address to listen on (a pod's own loopback address in the test cluster).
+    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let listener = TcpListener::bind((host.as_str(), port))
         .await
-        .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
-    eprintln!("hello {} listening on 127.0.0.1:{port}", state.version);
+        .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
+    eprintln!("hello {} listening on {host}:{port}", state.version);
     let graceful = GracefulShutdown::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;

