@@ -127,7 +127,8 @@ w_classic = classic(last) - classic(after)
 print(f"a window after the upgrade: wrk {n3} ({f3} failed), {w_classic} latencies, "
       f"{w_fine} in fine buckets")
 if f3: problems.append(f"{f3} requests failed after the upgrade")
-if w_classic != n3 or abs(w_fine - w_classic) > max(w_classic // 100, 2):
+# wrk stops counting with requests still open: up to one per connection more.
+if not n3 <= w_classic <= n3 + 16 or abs(w_fine - w_classic) > max(w_classic // 100, 2):
     problems.append("a window after the upgrade does not read complete fine buckets")
 ask({"op": "shutdown"})
 new.wait(timeout=15)
