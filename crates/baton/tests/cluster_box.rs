@@ -373,3 +373,131 @@ async fn a_canary_through_envoy_loses_no_request_and_stops_pods_only_once_envoy_
     // Everything the box started stops with it.
     assert!(b.kubelet.running() >= 2);
 }
+
+/// One client sending requests one after another on a keep-alive connection through
+/// Envoy until `stop`: when it first met a 5xx, and how many it met.
+fn first_bad_answer(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(Option<Instant>, u64)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    std::thread::spawn(move || {
+        let (mut first, mut bad) = (None, 0u64);
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(s) = std::net::TcpStream::connect(addr) else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            let mut w = s.try_clone().expect("clone");
+            let mut r = BufReader::new(s);
+            while !stop.load(Ordering::Relaxed) {
+                if w.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").is_err() {
+                    break;
+                }
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if r.read_exact(&mut body).is_err() {
+                    break;
+                }
+                if code >= 500 {
+                    bad += 1;
+                    first.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+        (first, bad)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_canary_is_taken_out_of_envoy_by_an_error_rate_gate_read_from_prometheus() {
+    let b = ClusterBox::start(22, &[("v1", &[]), ("v3", &[("FAIL_RATE", "0.5")])]).await;
+    let prom = baton_kube_fake::prometheus::Prometheus::start_path(
+        b.dir.path(),
+        &[b.gw.admin],
+        "/stats/prometheus",
+    )
+    .expect("prometheus starts (Debian package prometheus; scripts/test installs it)");
+    // Judged continuously on Envoy's counters (the contour template the Gateway API
+    // implies), at Prometheus' scrape interval of 1 s.
+    let analysis = json!({
+        "requestMetrics": {"address": format!("http://{}", prom.addr)},
+        "gates": [{"name": "errors", "metric": {"builtin": "error_rate"},
+                   "successCondition": "result < 0.05", "interval": "5s", "count": 6}],
+    });
+    let steps = json!([{"setWeight": 20}, {"analysis": {"gates": ["errors"]}}, {"setWeight": 100}]);
+    deploy(&b, steps, analysis);
+    b.wait(Duration::from_secs(60), "v1 healthy", |v| {
+        v["phase"] == "Healthy" && v["stableVersion"] == "v1"
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, watcher) = watch_envoy(b.gw.admin, stop.clone());
+    let client = first_bad_answer(b.gw.listen, stop.clone());
+    let load = wrk(b.gw.listen, 25);
+    std::thread::sleep(Duration::from_secs(2));
+    b.set_version("v3");
+    let s = b.wait(Duration::from_secs(60), "v3 rolled back", |v| {
+        v["phase"] == "Degraded"
+    });
+    assert_eq!(s["stableVersion"], "v1", "{s}");
+    // Envoy serves v1 only again.
+    common::wait_until(Duration::from_secs(10), "Envoy serving v1 only", || {
+        let versions = b.pod_versions();
+        b.gw.served().is_some_and(|s| {
+            let r = s.reachable();
+            !r.is_empty()
+                && r.iter().all(|a| match a.ip() {
+                    std::net::IpAddr::V4(ip) => versions.get(&ip).is_some_and(|v| v == "v1"),
+                    _ => false,
+                })
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    let (first, bad) = client.join().expect("client");
+    watcher.join().expect("watcher");
+    let _ = load.join();
+    let first = first.expect("the client met v3's errors");
+    let seen = seen.lock().expect("seen");
+    let out = seen
+        .canary_weights
+        .iter()
+        .find(|(at, w)| *at > first && *w == 0)
+        .map(|(at, _)| at.duration_since(first))
+        .unwrap_or_else(|| {
+            let w: Vec<_> = seen.canary_weights.iter().map(|(at, w)| (at.checked_duration_since(first), *w)).collect();
+            panic!("Envoy never stopped sending to the canary after its first bad answer: {w:?}")
+        });
+    let gate = s["gates"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["name"] == "errors"))
+        .cloned()
+        .unwrap_or_default();
+    let last = &gate["last"];
+    assert_eq!(last["verdict"], "Fail", "{s}");
+    eprintln!(
+        "canary shares Envoy served: {:?}",
+        seen.canary_weights.iter().map(|(at, w)| (at.checked_duration_since(first), *w)).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "from v3's first bad answer to 0 % in Envoy: {out:?} ({bad} bad answers to one sequential client; scrape interval 1 s); gate: {}",
+        last["detail"]
+    );
+    assert!(
+        out < Duration::from_secs(15),
+        "v3 kept traffic {out:?} after its first bad answer"
+    );
+}
