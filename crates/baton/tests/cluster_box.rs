@@ -398,7 +398,11 @@ fn first_bad_answer(
                 if r.read_line(&mut line).unwrap_or(0) == 0 {
                     break;
                 }
-                let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+                let code: u16 = line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
                 let mut len = 0usize;
                 loop {
                     let mut h = String::new();
@@ -478,7 +482,11 @@ async fn a_broken_canary_is_taken_out_of_envoy_by_an_error_rate_gate_read_from_p
         .find(|(at, w)| *at > first && *w == 0)
         .map(|(at, _)| at.duration_since(first))
         .unwrap_or_else(|| {
-            let w: Vec<_> = seen.canary_weights.iter().map(|(at, w)| (at.checked_duration_since(first), *w)).collect();
+            let w: Vec<_> = seen
+                .canary_weights
+                .iter()
+                .map(|(at, w)| (at.checked_duration_since(first), *w))
+                .collect();
             panic!("Envoy never stopped sending to the canary after its first bad answer: {w:?}")
         });
     let gate = s["gates"]
@@ -490,7 +498,10 @@ async fn a_broken_canary_is_taken_out_of_envoy_by_an_error_rate_gate_read_from_p
     assert_eq!(last["verdict"], "Fail", "{s}");
     eprintln!(
         "canary shares Envoy served: {:?}",
-        seen.canary_weights.iter().map(|(at, w)| (at.checked_duration_since(first), *w)).collect::<Vec<_>>()
+        seen.canary_weights
+            .iter()
+            .map(|(at, w)| (at.checked_duration_since(first), *w))
+            .collect::<Vec<_>>()
     );
     eprintln!(
         "from v3's first bad answer to 0 % in Envoy: {out:?} ({bad} bad answers to one sequential client; scrape interval 1 s); gate: {}",
