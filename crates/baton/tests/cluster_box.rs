@@ -20,6 +20,8 @@ use baton_kube_fake::{FakeApi, Key, sim};
 use serde_json::{Value, json};
 
 const IMAGE: &str = "baton.dev/example-hello";
+/// Baton's own image, for the operator's Jobs (`baton smoke`).
+const JOB_IMAGE: &str = "baton.dev/baton:box";
 
 struct Operator(Child);
 
@@ -53,7 +55,7 @@ impl ClusterBox {
                 ..Default::default()
             },
         );
-        let images = versions
+        let mut images: HashMap<String, Image> = versions
             .iter()
             .map(|(tag, env)| {
                 let mut env: Vec<(String, String)> = env
@@ -71,6 +73,14 @@ impl ClusterBox {
                 )
             })
             .collect();
+        images.insert(
+            JOB_IMAGE.into(),
+            Image {
+                program: common::baton_bin(),
+                args: vec![],
+                env: vec![],
+            },
+        );
         std::fs::create_dir_all(dir.path().join("pods")).expect("pods dir");
         let kubelet = kubelet::start(
             api.store.clone(),
@@ -79,6 +89,7 @@ impl ClusterBox {
                 logs: dir.path().join("pods"),
                 tick: Duration::from_millis(50),
                 subnet,
+                dns: true,
             },
         );
         let gw = EnvoyGateway::start(api.store.clone(), &dir.path().join("envoy"))
@@ -96,6 +107,7 @@ impl ClusterBox {
         let op = Operator(
             Command::new(common::baton_bin())
                 .args(["operator", "--namespace", "default"])
+                .args(["--job-image", JOB_IMAGE])
                 .args([
                     "--leader-election-namespace",
                     "default",
@@ -510,5 +522,117 @@ async fn a_broken_canary_is_taken_out_of_envoy_by_an_error_rate_gate_read_from_p
     assert!(
         out < Duration::from_secs(15),
         "v3 kept traffic {out:?} after its first bad answer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blue_green_switches_in_envoy_after_a_smoke_job_that_really_runs() {
+    let b = ClusterBox::start(
+        23,
+        &[("v1", &[]), ("v2", &[]), ("v3", &[("FAIL_RATE", "1")])],
+    )
+    .await;
+    for name in ["web", "web-preview"] {
+        b.create(
+            "v1",
+            "services",
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}),
+        );
+    }
+    b.create(
+        "gateway.networking.k8s.io/v1",
+        "httproutes",
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "web"},
+            "spec": {"parentRefs": [{"name": "box"}], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+    );
+    b.create(
+        "baton.dev/v1alpha1",
+        "rollouts",
+        json!({"apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
+                    "terminationGracePeriodSeconds": 10,
+                    "containers": [{
+                        "name": "web", "image": format!("{IMAGE}:v1"),
+                        "ports": [{"containerPort": 8080}],
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": 1},
+                        "lifecycle": {"preStop": {"sleep": {"seconds": 1}}},
+                    }]}},
+                // The smoke test asks the preview Service by its name, through the box's
+                // DNS and kube-proxy, for a 200 from GET /.
+                "strategy": {"blueGreen": {"activeService": "web", "previewService": "web-preview",
+                    "smoke": [{"path": "/"}], "retainPrevious": "30s"}},
+            }}),
+    );
+    b.wait(Duration::from_secs(60), "v1 healthy", |v| {
+        v["phase"] == "Healthy" && v["stableVersion"] == "v1"
+    });
+    let load = wrk(b.gw.listen, 20);
+    std::thread::sleep(Duration::from_secs(1));
+    b.set_version("v2");
+    b.wait(Duration::from_secs(60), "v2 active", |v| {
+        v["phase"] == "Healthy" && v["stableVersion"] == "v2"
+    });
+    // v3 answers every request with a 500: its smoke Job fails, it never goes active.
+    b.set_version("v3");
+    let s = b.wait(Duration::from_secs(60), "v3 refused", |v| {
+        v["phase"] == "Degraded"
+    });
+    assert_eq!(s["stableVersion"], "v2", "{s}");
+    assert!(s["message"].as_str().unwrap_or("").contains("smoke"), "{s}");
+    let (requests, failed, text) = load.join().expect("wrk");
+    assert!(requests > 1000, "{text}");
+    assert_eq!(failed, 0, "requests failed across the switch: {text}");
+
+    // The Jobs really ran `baton smoke` as processes: v2's passed, v3's failed.
+    let (jobs, _) = b.api.store.list("batch/v1", "jobs", Some("default"));
+    let (pods, _) = b.api.store.list("v1", "pods", Some("default"));
+    let outcome = |version: &str| -> Option<(bool, String)> {
+        // The version's revision, from the status (v3's pods are gone by now).
+        let rev = s["revisions"]
+            .as_array()?
+            .iter()
+            .find(|r| r["appVersion"] == version)?["name"]
+            .as_str()?;
+        let job = jobs.iter().find(|j| {
+            j["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with(rev))
+        })?;
+        let name = job["metadata"]["name"].as_str()?;
+        let pod = pods
+            .iter()
+            .find(|p| p["metadata"]["labels"]["job-name"] == name)?;
+        let log = std::fs::read_to_string(
+            b.dir
+                .path()
+                .join("pods")
+                .join(format!("default_{}.log", pod["metadata"]["name"].as_str()?)),
+        )
+        .unwrap_or_default();
+        Some((job["status"]["succeeded"] == 1, log))
+    };
+    let (passed, log) = outcome("v2").expect("v2's smoke Job and its pod");
+    assert!(passed, "v2's smoke Job succeeded: {log}");
+    let (passed, log) = outcome("v3").expect("v3's smoke Job and its pod");
+    assert!(!passed, "v3's smoke Job failed: {log}");
+    assert!(log.contains("500"), "the smoke test met v3's answer: {log}");
+    // Envoy reaches v2's pods only.
+    let versions = b.pod_versions();
+    let served = b.gw.served().expect("envoy answers");
+    let reached: Vec<String> = served
+        .reachable()
+        .iter()
+        .map(|a| match a.ip() {
+            std::net::IpAddr::V4(ip) => versions.get(&ip).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .collect();
+    assert!(
+        !reached.is_empty() && reached.iter().all(|v| v == "v2"),
+        "{reached:?}"
     );
 }

@@ -17,8 +17,12 @@
 //! it costs. Every SIGTERM is recorded ([`Kubelet::terminations`]) for tests to compare
 //! with what the data plane was serving at that moment.
 //!
-//! Jobs' pods are not run here (the simulator completes Jobs); a pod whose image is not
-//! in the table stays Pending with `ErrImagePull`, as one whose image cannot be pulled.
+//! A container's `command` and `args` replace the image's program and arguments, as
+//! they replace an image's entrypoint and command. Pods of `restartPolicy: Never` (a
+//! Job's) end `Succeeded` or `Failed` by their exit code. With `dns`, a pod resolves
+//! Services by name (`NAME.NAMESPACE.svc`) to their ClusterIPs, served by the box's
+//! userspace kube-proxy. A pod whose image is not in the table stays Pending with
+//! `ErrImagePull`, as one whose image cannot be pulled.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -50,8 +54,11 @@ pub struct KubeletConfig {
     /// Each pod's output goes to `DIR/NAMESPACE_POD.log`.
     pub logs: PathBuf,
     pub tick: Duration,
-    /// Pods get addresses `127.SUBNET.x.y`.
+    /// Pods get addresses `127.SUBNET.x.y`, Services `127.SUBNET.255.n`.
     pub subnet: u8,
+    /// Run each pod in a mount namespace of its own whose `/etc/hosts` is the box's
+    /// (Services by name, see `kubeproxy`): needs root and `unshare` (util-linux).
+    pub dns: bool,
 }
 
 /// A SIGTERM the kubelet sent: to which pod, at which address, when.
@@ -120,6 +127,8 @@ struct PodHandle {
 async fn run(store: Store, cfg: KubeletConfig, shared: Arc<Mutex<Shared>>) {
     let mut pods: HashMap<String, PodHandle> = HashMap::new();
     let mut next_ip: u32 = 1;
+    let hosts = cfg.logs.join("hosts");
+    let mut proxy = crate::kubeproxy::KubeProxy::new(cfg.subnet, hosts.clone());
     loop {
         let (list, _) = store.list("v1", "pods", None);
         let mut seen = Vec::with_capacity(list.len());
@@ -135,7 +144,7 @@ async fn run(store: Store, cfg: KubeletConfig, shared: Arc<Mutex<Shared>>) {
                 }
                 continue;
             }
-            if deleting || p["metadata"]["ownerReferences"][0]["kind"] == "Job" {
+            if deleting || p["status"]["phase"] == "Succeeded" || p["status"]["phase"] == "Failed" {
                 continue;
             }
             let key = pod_key(p);
@@ -162,10 +171,10 @@ async fn run(store: Store, cfg: KubeletConfig, shared: Arc<Mutex<Shared>>) {
                 if !f.is_array() {
                     *f = json!([]);
                 }
-                if let Some(a) = f.as_array_mut() {
-                    if !a.iter().any(|x| x == FINALIZER) {
-                        a.push(json!(FINALIZER));
-                    }
+                if let Some(a) = f.as_array_mut()
+                    && !a.iter().any(|x| x == FINALIZER)
+                {
+                    a.push(json!(FINALIZER));
                 }
                 Ok(())
             });
@@ -189,6 +198,7 @@ async fn run(store: Store, cfg: KubeletConfig, shared: Arc<Mutex<Shared>>) {
                     p["metadata"]["name"].as_str().unwrap_or("")
                 )),
                 shared: shared.clone(),
+                hosts: cfg.dns.then(|| hosts.clone()),
             };
             tokio::spawn(pod.run(rx));
             pods.insert(uid.to_string(), PodHandle { term });
@@ -203,6 +213,7 @@ async fn run(store: Store, cfg: KubeletConfig, shared: Arc<Mutex<Shared>>) {
             keep
         });
         crate::endpoints::sync(&store);
+        proxy.sync(&store);
         tokio::time::sleep(cfg.tick).await;
     }
 }
@@ -297,12 +308,15 @@ struct Pod {
     ip: Ipv4Addr,
     log: PathBuf,
     shared: Arc<Mutex<Shared>>,
+    /// The box's hosts file, bind-mounted over `/etc/hosts` for the pod.
+    hosts: Option<PathBuf>,
 }
 
 /// Why a running container stopped being watched.
 enum Stop {
     Deleted,
-    Exited,
+    /// With the exit code (none when killed by a signal).
+    Exited(Option<i32>),
     LivenessFailed,
 }
 
@@ -317,9 +331,49 @@ impl Pod {
             .map_or(8080, |p| p as u16)
     }
 
+    /// The program and arguments: the container's `command` replaces the image's
+    /// program (and arguments), its `args` the image's arguments.
+    fn argv(&self) -> Vec<String> {
+        let strings = |v: &Value| -> Option<Vec<String>> {
+            v.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+        };
+        let c = self.container();
+        let mut argv = match strings(&c["command"]) {
+            Some(cmd) if !cmd.is_empty() => cmd,
+            _ => {
+                let mut v = vec![self.image.program.display().to_string()];
+                if strings(&c["args"]).is_none() {
+                    v.extend(self.image.args.iter().cloned());
+                }
+                v
+            }
+        };
+        argv.extend(strings(&c["args"]).unwrap_or_default());
+        argv
+    }
+
     fn command(&self) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(&self.image.program);
-        cmd.args(&self.image.args);
+        let argv = self.argv();
+        let mut cmd = match &self.hosts {
+            // unshare execs sh, which execs the program: one process, the pod's.
+            Some(hosts) => {
+                let mut c = tokio::process::Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+                    .arg(hosts)
+                    .args(&argv);
+                c
+            }
+            None => {
+                let mut c = tokio::process::Command::new(&argv[0]);
+                c.args(&argv[1..]);
+                c
+            }
+        };
         for (k, v) in &self.image.env {
             cmd.env(k, v);
         }
@@ -409,40 +463,40 @@ impl Pod {
                     .unwrap_or(started + Duration::from_secs(3600));
                 tokio::select! {
                     _ = term.changed() => break Stop::Deleted,
-                    _ = child.wait() => break Stop::Exited,
+                    r = child.wait() => break Stop::Exited(r.ok().and_then(|s| s.code())),
                     _ = tokio::time::sleep_until(next.into()) => {}
                 }
                 let now = Instant::now();
-                if let (Some(p), Some(at)) = (&readiness, next_ready) {
-                    if now >= at {
-                        next_ready = Some(now + p.period);
-                        if p.send(self.ip).await {
-                            (ok_run, fail_run) = (ok_run + 1, 0);
-                        } else {
-                            (ok_run, fail_run) = (0, fail_run + 1);
-                        }
-                        let was = ready;
-                        if !ready && ok_run >= p.success {
-                            ready = true;
-                        } else if ready && fail_run >= p.failure {
-                            ready = false;
-                        }
-                        if was != ready {
-                            self.status(ready, restarts, running.clone());
-                        }
+                if let (Some(p), Some(at)) = (&readiness, next_ready)
+                    && now >= at
+                {
+                    next_ready = Some(now + p.period);
+                    if p.send(self.ip).await {
+                        (ok_run, fail_run) = (ok_run + 1, 0);
+                    } else {
+                        (ok_run, fail_run) = (0, fail_run + 1);
+                    }
+                    let was = ready;
+                    if !ready && ok_run >= p.success {
+                        ready = true;
+                    } else if ready && fail_run >= p.failure {
+                        ready = false;
+                    }
+                    if was != ready {
+                        self.status(ready, restarts, running.clone());
                     }
                 }
-                if let (Some(p), Some(at)) = (&liveness, next_live) {
-                    if now >= at {
-                        next_live = Some(now + p.period);
-                        live_fails = if p.send(self.ip).await {
-                            0
-                        } else {
-                            live_fails + 1
-                        };
-                        if live_fails >= p.failure {
-                            break Stop::LivenessFailed;
-                        }
+                if let (Some(p), Some(at)) = (&liveness, next_live)
+                    && now >= at
+                {
+                    next_live = Some(now + p.period);
+                    live_fails = if p.send(self.ip).await {
+                        0
+                    } else {
+                        live_fails + 1
+                    };
+                    if live_fails >= p.failure {
+                        break Stop::LivenessFailed;
                     }
                 }
             };
@@ -452,7 +506,16 @@ impl Pod {
                     self.release().await;
                     return;
                 }
-                Stop::Exited => {}
+                Stop::Exited(code) => {
+                    let policy = self.spec["restartPolicy"].as_str().unwrap_or("Always");
+                    if policy == "Never" || (policy == "OnFailure" && code == Some(0)) {
+                        lock(&self.shared).groups.remove(&self.uid);
+                        self.finished(code, restarts);
+                        let _ = term.wait_for(|t| *t).await;
+                        self.release().await;
+                        return;
+                    }
+                }
                 Stop::LivenessFailed => {
                     self.stop_process(&mut child, self.grace()).await;
                 }
@@ -472,6 +535,29 @@ impl Pod {
                 return;
             }
         }
+    }
+
+    /// A pod that will not restart: `Succeeded` on exit code 0, else `Failed`.
+    fn finished(&self, code: Option<i32>, restarts: u32) {
+        let phase = if code == Some(0) {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+        let name = self.container()["name"].clone();
+        let image = self.container()["image"].clone();
+        let ip = self.ip.to_string();
+        let _ = self.store.modify(&self.key, true, |o| {
+            o["status"] = json!({
+                "phase": phase, "hostIP": "127.0.0.1", "podIP": ip,
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [{"name": name, "image": image, "ready": false, "restartCount": restarts,
+                    "state": {"terminated": {"exitCode": code.unwrap_or(137),
+                        "reason": if code == Some(0) { "Completed" } else { "Error" },
+                        "finishedAt": crate::store::now_rfc3339()}}}],
+            });
+            Ok(())
+        });
     }
 
     fn grace(&self) -> Duration {
@@ -533,10 +619,10 @@ impl Pod {
             }
             Ok(())
         });
-        if let Err(e) = r {
-            if !matches!(e, StoreError::NotFound(_)) {
-                eprintln!("kubelet: cannot release pod {}: {e}", self.key.name);
-            }
+        if let Err(e) = r
+            && !matches!(e, StoreError::NotFound(_))
+        {
+            eprintln!("kubelet: cannot release pod {}: {e}", self.key.name);
         }
     }
 }

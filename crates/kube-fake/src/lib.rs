@@ -42,6 +42,7 @@ mod discovery;
 mod endpoints;
 pub mod gateway;
 pub mod kubelet;
+mod kubeproxy;
 pub mod prometheus;
 mod select;
 mod server;

@@ -179,6 +179,10 @@ impl Sim {
                 continue;
             }
             let uid = j["metadata"]["uid"].as_str().unwrap_or("").to_string();
+            if self.cfg.real_pods {
+                self.job_pod(&j, &uid);
+                continue;
+            }
             let born = *self.born.entry(uid).or_insert_with(Instant::now);
             if born.elapsed() < self.cfg.pod_ready_after {
                 continue;
@@ -199,6 +203,52 @@ impl Sim {
             );
             self.set_status(&key, &j, status);
         }
+    }
+
+    /// The Job controller with real pods: one pod from the Job's template (no retries:
+    /// `backoffLimit` is not followed), whose end is the Job's.
+    fn job_pod(&mut self, j: &Value, uid: &str) {
+        let ns = ns_of(j);
+        let name = j["metadata"]["name"].as_str().unwrap_or("");
+        let (pods, _) = self.store.list("v1", "pods", ns.as_deref());
+        let mine = pods.iter().find(|p| {
+            p["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(|o| o["uid"] == uid))
+        });
+        let Some(pod) = mine else {
+            let mut labels = j["spec"]["template"]["metadata"]["labels"].clone();
+            if !labels.is_object() {
+                labels = json!({});
+            }
+            labels["job-name"] = json!(name);
+            let mut spec = j["spec"]["template"]["spec"].clone();
+            if spec["restartPolicy"].is_null() {
+                spec["restartPolicy"] = json!("Never");
+            }
+            let pod = json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": format!("{name}-"), "labels": labels,
+                    "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid, "controller": true}]},
+                "spec": spec,
+                "status": {"phase": "Pending"},
+            });
+            let _ = self
+                .store
+                .create(&Key::new("v1", "pods", ns.as_deref(), ""), pod);
+            return;
+        };
+        let status = match pod["status"]["phase"].as_str() {
+            Some("Succeeded") => {
+                json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+            }
+            Some("Failed") => {
+                json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]})
+            }
+            _ => return,
+        };
+        let key = Key::new("batch/v1", "jobs", ns.as_deref(), name);
+        self.set_status(&key, j, status);
     }
 
     /// A status write for the version read: only the status and resourceVersion are
