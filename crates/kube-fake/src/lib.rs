@@ -10,6 +10,11 @@
 //! and Deployments get pods that become ready, routes get accepted, Jobs complete;
 //! `prometheus` runs a real Prometheus beside it for gates that read one.
 //!
+//! The cluster in a box: with `SimConfig::real_pods`, [`kubelet`] runs pods (and Jobs'
+//! pods) as real processes with real probes, EndpointSlices follow them, Services get
+//! ClusterIPs with a userspace proxy and names; [`gateway`] serves HTTPRoutes with a real
+//! Envoy. `docs/architecture.md` says what is real and what is simulated.
+//!
 //! Not a conformance suite: what it does, it does the way the API server does, and
 //! what it does not do (admission, defaulting, OpenAPI validation, pagination) it
 //! does not pretend to.

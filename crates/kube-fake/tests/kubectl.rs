@@ -314,3 +314,24 @@ fn a_server_dry_run_is_refused_not_written() {
     let list = c.json(&["get", "rollouts", "-o", "json"]);
     assert_eq!(list["items"], serde_json::json!([]));
 }
+
+#[test]
+fn server_side_apply_creates_then_updates_and_records_its_manager() {
+    let c = Cluster::start(&[]);
+    c.with_crds();
+    let path = c.dir.path().join("ssa.yaml");
+    std::fs::write(&path, ROLLOUT).expect("write");
+    let p = path.to_str().expect("utf-8");
+    let out = c.kubectl(&["apply", "--server-side", "--validate=false", "-f", p]);
+    assert!(out.contains("serverside-applied"), "{out}");
+    std::fs::write(&path, ROLLOUT.replace("setWeight: 50", "setWeight: 20")).expect("write");
+    c.kubectl(&["apply", "--server-side", "--validate=false", "-f", p]);
+    let obj = c.json(&["get", "rollout", "web", "-o", "json", "--show-managed-fields"]);
+    assert_eq!(
+        obj["spec"]["strategy"]["canary"]["steps"][0]["setWeight"], 20,
+        "{obj}"
+    );
+    let managers = obj["metadata"]["managedFields"].to_string();
+    assert!(managers.contains("kubectl"), "{managers}");
+    assert!(obj["metadata"]["generation"].as_i64() >= Some(2), "{obj}");
+}
