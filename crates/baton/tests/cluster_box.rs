@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,16 +47,7 @@ struct ClusterBox {
 impl ClusterBox {
     /// `versions`: image tag → extra environment of `hello` (v3 failing, say).
     async fn start(subnet: u8, versions: &[(&str, &[(&str, &str)])]) -> ClusterBox {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let api = FakeApi::start().await.expect("fake api");
-        let sim = sim::start(
-            api.store.clone(),
-            sim::SimConfig {
-                real_pods: true,
-                ..Default::default()
-            },
-        );
-        let mut images: HashMap<String, Image> = versions
+        let images: HashMap<String, Image> = versions
             .iter()
             .map(|(tag, env)| {
                 let mut env: Vec<(String, String)> = env
@@ -73,6 +65,20 @@ impl ClusterBox {
                 )
             })
             .collect();
+        ClusterBox::start_with(subnet, images).await
+    }
+
+    /// With this table of images (Baton's own, for Jobs, is added).
+    async fn start_with(subnet: u8, mut images: HashMap<String, Image>) -> ClusterBox {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let api = FakeApi::start().await.expect("fake api");
+        let sim = sim::start(
+            api.store.clone(),
+            sim::SimConfig {
+                real_pods: true,
+                ..Default::default()
+            },
+        );
         images.insert(
             JOB_IMAGE.into(),
             Image {
@@ -90,6 +96,7 @@ impl ClusterBox {
                 tick: Duration::from_millis(50),
                 subnet,
                 dns: true,
+                file_sd: Some(dir.path().join("pods.json")),
             },
         );
         let gw = EnvoyGateway::start(api.store.clone(), &dir.path().join("envoy"))
@@ -106,7 +113,7 @@ impl ClusterBox {
         .expect("kubeconfig");
         let op = Operator(
             Command::new(common::baton_bin())
-                .args(["operator", "--namespace", "default"])
+                .arg("operator") // every namespace
                 .args(["--job-image", JOB_IMAGE])
                 .args([
                     "--leader-election-namespace",
@@ -178,6 +185,29 @@ impl ClusterBox {
                 Ok(())
             })
             .expect("new template");
+    }
+
+    /// The last lines of every pod's output, and the pods' statuses, for a failure's message.
+    fn pod_logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path().join("pods"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            out.push_str(&format!(
+                "\n== {}: {:?}",
+                e.file_name().to_string_lossy(),
+                tail
+            ));
+        }
+        let (pods, _) = self.api.store.list("v1", "pods", None);
+        for p in pods {
+            out.push_str(&format!("\n-- {} {}", p["metadata"]["name"], p["status"]));
+        }
+        out
     }
 
     /// Pod address → image tag, of the pods that have one.
@@ -748,4 +778,250 @@ async fn scaling_down_without_a_pre_stop_delay_races_the_data_plane() {
     // Without one, SIGTERM reaches three pods while Envoy still sends them requests:
     // what such a manifest costs on a real cluster (10 to 270 failed here).
     assert!(results["bare"].1 > 0, "the box shows the race: {results:?}");
+}
+
+/// The exchange's services, as images of the overlay (`kustomization.yaml`'s `images:`).
+fn exchange_images() -> HashMap<String, Image> {
+    let bin = |name: &str| common::baton_bin().with_file_name(name);
+    let mut images = HashMap::new();
+    for (svc, tags) in [
+        ("user", &["main"][..]),
+        ("notification", &["main"][..]),
+        ("trade", &["main", "v2"][..]),
+    ] {
+        for tag in tags {
+            images.insert(
+                format!("ghcr.io/baton-dev/exchange-{svc}:{tag}"),
+                Image {
+                    program: bin(&format!("exchange-{svc}")),
+                    args: vec![],
+                    env: vec![("APP_VERSION".into(), tag.to_string())],
+                },
+            );
+        }
+    }
+    images
+}
+
+/// The box's own patch of `deploy/overlays/exchange-trade`: each service binds its
+/// pod's address and keeps its store in one SQLite file (the overlay's PostgreSQL
+/// StatefulSet needs volumes the box does not have, so it goes), the 90 s pauses become
+/// 3 s, the analysis windows 10 s and their intervals 2 s, the weights 20 and 50 %
+/// (a 2 % canary sees too few orders of a test's load in 10 s), the p99 ratio allowed
+/// against stable 1.5 instead of 1.05 (see below), and the gates ask the box's
+/// Prometheus.
+fn exchange_manifests(dir: &Path, prometheus: SocketAddr) -> PathBuf {
+    let overlay =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/overlays/exchange-trade");
+    let kdir = dir.join("exchange-box");
+    std::fs::create_dir_all(&kdir).expect("dir");
+    let db = dir.join("exchange.db");
+    let mut k = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [\"{}\"]\npatches:\n",
+        relative_to_root(&kdir, &overlay.canonicalize().expect("overlay"))
+    );
+    for kind in ["StatefulSet", "Service"] {
+        let api = if kind == "Service" { "v1" } else { "apps/v1" };
+        k.push_str(&format!(
+            "- patch: |-\n    apiVersion: {api}\n    kind: {kind}\n    metadata: {{name: postgres, namespace: exchange}}\n    $patch: delete\n"
+        ));
+    }
+    for svc in ["user", "trade", "notification"] {
+        k.push_str(&format!(
+            "- patch: |-\n    apiVersion: apps/v1\n    kind: Deployment\n    metadata: {{name: exchange-{svc}, namespace: exchange}}\n    spec:\n      template:\n        spec:\n          containers:\n          - name: {svc}\n            env:\n            - {{name: EXCHANGE_DATABASE_URL, value: \"sqlite:{}\"}}\n            - {{name: BIND, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}\n",
+            db.display()
+        ));
+    }
+    std::fs::write(kdir.join("kustomization.yaml"), k).expect("kustomization");
+    let out = Command::new("kubectl")
+        .args(["kustomize", "--load-restrictor", "LoadRestrictionsNone"])
+        .arg(&kdir)
+        .output()
+        .expect("kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for (from, to) in [
+        (
+            "http://prometheus.monitoring.svc:9090",
+            format!("http://{prometheus}"),
+        ),
+        ("[1m]", "[10s]".into()),
+        ("[2m]", "[10s]".into()),
+        ("[5m]", "[10s]".into()),
+        ("duration: 90s", "duration: 3s".into()),
+        ("interval: 30s", "interval: 2s".into()),
+        // Two windows of ~200 requests have p99s ±20 % apart for the same version:
+        // the overlay's 5 % needs its 2-minute windows of real traffic.
+        (
+            "successCondition: result <= 1.05",
+            "successCondition: result <= 1.5".into(),
+        ),
+        ("setWeight: 2\n", "setWeight: 20\n".into()),
+        ("setWeight: 4\n", "setWeight: 50\n".into()),
+    ] {
+        assert!(text.contains(from), "the overlay has {from}");
+        text = text.replace(from, &to);
+    }
+    // Two steps of weight (20 and 50 %), then promotion.
+    let cut = text.find("      - setWeight: 8").expect("third step");
+    let end = text[cut..]
+        .find("  workloadRef:")
+        .map(|e| cut + e)
+        .expect("after the steps");
+    text.replace_range(cut..end, "");
+    let path = dir.join("exchange.yaml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+fn kubectl(kc: &Path, args: &[&str]) -> String {
+    let out = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kc)
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exchanges_trade_service_rolls_out_from_its_overlay_without_losing_an_order() {
+    let b = ClusterBox::start_with(25, exchange_images()).await;
+    let prom = baton_kube_fake::prometheus::Prometheus::start_scraping(
+        b.dir.path(),
+        &[b.gw.admin],
+        "/stats/prometheus",
+        Some(&b.dir.path().join("pods.json")),
+    )
+    .expect("prometheus starts");
+    let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds");
+    kubectl(&b.kc, &["apply", "--validate=false", "-k", path_str(&crds)]);
+    let manifests = exchange_manifests(b.dir.path(), prom.addr);
+    kubectl(
+        &b.kc,
+        &["apply", "--validate=false", "-f", path_str(&manifests)],
+    );
+    let status = |b: &ClusterBox| -> Value {
+        let out = Command::new(common::baton_bin())
+            .args(["-n", "exchange", "status", "trade", "-o", "json"])
+            .env("KUBECONFIG", &b.kc)
+            .output()
+            .expect("baton status");
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    // What Prometheus holds, for a failure's message.
+    let prom_says = || {
+        let q = "count by (job, namespace, service, baton_dev_revision) (http_requests_total)";
+        let out = Command::new("curl")
+            .args(["-s", "--get", "--data-urlencode", &format!("query={q}")])
+            .arg(format!("http://{}/api/v1/query", prom.addr))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let targets = std::fs::read_to_string(b.dir.path().join("pods.json")).unwrap_or_default();
+        format!("{out}\nfile_sd: {targets}")
+    };
+    let wait = |what: &str, f: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let v = status(&b);
+            if f(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last: {v}\noperator log: {}\npods: {}\nprometheus: {}",
+                std::fs::read_to_string(b.dir.path().join("operator.log")).unwrap_or_default(),
+                b.pod_logs(),
+                prom_says()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    wait("trade main healthy", &|v| {
+        v["phase"] == "Healthy" && v["stableVersion"] == "main"
+    });
+    // The user and notification services by their ClusterIPs, trade through Envoy.
+    let cluster_ip = |name: &str| -> String {
+        let key = Key::new("v1", "services", Some("exchange"), name);
+        let svc = b.api.store.get(&key).expect("service");
+        format!(
+            "http://{}:80",
+            svc["spec"]["clusterIP"].as_str().expect("cluster ip")
+        )
+    };
+    let trader = Command::new(common::baton_bin().with_file_name("exchange-trader"))
+        .args(["--user-url", &cluster_ip("exchange-user")])
+        .args(["--trade-url", &format!("http://{}", b.gw.listen)])
+        .args(["--notify-url", &cluster_ip("exchange-notification")])
+        .args([
+            "--traders",
+            "8",
+            "--rate",
+            "100",
+            "--duration",
+            "40s",
+            "-o",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(b.dir.path().join("trader.log")).expect("log"))
+        .spawn()
+        .expect("exchange-trader");
+    std::thread::sleep(Duration::from_secs(3));
+    kubectl(
+        &b.kc,
+        &[
+            "-n",
+            "exchange",
+            "set",
+            "image",
+            "deployment/exchange-trade",
+            "trade=ghcr.io/baton-dev/exchange-trade:v2",
+        ],
+    );
+    let s = wait("trade v2 promoted", &|v| {
+        (v["phase"] == "Healthy" && v["stableVersion"] == "v2") || v["phase"] == "Degraded"
+    });
+    assert_eq!(s["phase"], "Healthy", "{s}");
+    let out = trader.wait_with_output().expect("trader ends");
+    let tally: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "trader's tally ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(b.dir.path().join("trader.log")).unwrap_or_default()
+        )
+    });
+    eprintln!("trader: {tally}");
+    assert!(
+        tally["ordersAccepted"].as_u64().unwrap_or(0) > 1000,
+        "{tally}"
+    );
+    assert_eq!(tally["ordersLost"], 0, "{tally}");
+    assert_eq!(tally["duplicateOrders"], 0, "{tally}");
+    assert_eq!(tally["notificationsMissed"], 0, "{tally}");
+    assert_eq!(tally["notificationsDuplicated"], 0, "{tally}");
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `to` as a path relative to `from` (kustomize refuses absolute resource paths).
+fn relative_to_root(from: &Path, to: &Path) -> String {
+    let ups = from.components().count().saturating_sub(1);
+    format!(
+        "{}{}",
+        "../".repeat(ups),
+        to.to_str().expect("utf-8").trim_start_matches('/')
+    )
 }

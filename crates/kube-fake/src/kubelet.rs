@@ -59,6 +59,11 @@ pub struct KubeletConfig {
     /// Run each pod in a mount namespace of its own whose `/etc/hosts` is the box's
     /// (Services by name, see `kubeproxy`): needs root and `unshare` (util-linux).
     pub dns: bool,
+    /// Where to keep a Prometheus file_sd list of the pods that ask to be scraped
+    /// (`prometheus.io/scrape: "true"`, `prometheus.io/port`, `prometheus.io/path`),
+    /// labelled `namespace`, `pod` and each pod label with `.`, `/` and `-` as `_`
+    /// (what a `labelmap` of `__meta_kubernetes_pod_label_(.+)` gives).
+    pub file_sd: Option<PathBuf>,
 }
 
 /// A SIGTERM the kubelet sent: to which pod, at which address, when.
@@ -129,6 +134,7 @@ async fn run(store: Store, cfg: KubeletConfig, shared: Arc<Mutex<Shared>>) {
     let mut next_ip: u32 = 1;
     let hosts = cfg.logs.join("hosts");
     let mut proxy = crate::kubeproxy::KubeProxy::new(cfg.subnet, hosts.clone());
+    let mut sd_written = String::new();
     loop {
         let (list, _) = store.list("v1", "pods", None);
         let mut seen = Vec::with_capacity(list.len());
@@ -214,8 +220,48 @@ async fn run(store: Store, cfg: KubeletConfig, shared: Arc<Mutex<Shared>>) {
         });
         crate::endpoints::sync(&store);
         proxy.sync(&store);
+        if let Some(path) = &cfg.file_sd {
+            let text = scrape_targets(&list).to_string();
+            if text != sd_written
+                && std::fs::write(path.with_extension("tmp"), &text).is_ok()
+                && std::fs::rename(path.with_extension("tmp"), path).is_ok()
+            {
+                sd_written = text;
+            }
+        }
         tokio::time::sleep(cfg.tick).await;
     }
+}
+
+/// The file_sd list of the pods that ask to be scraped.
+fn scrape_targets(pods: &[Arc<Value>]) -> Value {
+    let mut out = Vec::new();
+    for p in pods {
+        let a = &p["metadata"]["annotations"];
+        let Some(ip) = p["status"]["podIP"].as_str() else {
+            continue;
+        };
+        if a["prometheus.io/scrape"] != "true" || p["metadata"]["deletionTimestamp"].is_string() {
+            continue;
+        }
+        let port = a["prometheus.io/port"].as_str().unwrap_or("80");
+        let mut labels = serde_json::Map::new();
+        for (k, v) in p["metadata"]["labels"].as_object().into_iter().flatten() {
+            let k: String = k
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            labels.insert(k, v.clone());
+        }
+        labels.insert("namespace".into(), p["metadata"]["namespace"].clone());
+        labels.insert("pod".into(), p["metadata"]["name"].clone());
+        labels.insert(
+            "__metrics_path__".into(),
+            json!(a["prometheus.io/path"].as_str().unwrap_or("/metrics")),
+        );
+        out.push(json!({"targets": [format!("{ip}:{port}")], "labels": labels}));
+    }
+    json!(out)
 }
 
 fn pod_key(p: &Value) -> Key {
@@ -374,19 +420,112 @@ impl Pod {
                 c
             }
         };
-        for (k, v) in &self.image.env {
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        for (k, v) in self.environment() {
             cmd.env(k, v);
         }
-        for e in self.container()["env"].as_array().into_iter().flatten() {
-            if let (Some(k), Some(v)) = (e["name"].as_str(), e["value"].as_str()) {
-                cmd.env(k, v);
+        cmd
+    }
+
+    /// The process's environment, in the kubelet's order (later wins): the box's own
+    /// (`HOST` and `PORT`: the pod's address and first containerPort, `POD_NAME`,
+    /// `POD_IP`), the image's, the container's `envFrom` (ConfigMaps, Secrets), then its
+    /// `env` (`value` with `$(VAR)` expanded from what comes before, or `valueFrom` a
+    /// ConfigMap or Secret key or the fields `status.podIP`, `metadata.name`,
+    /// `metadata.namespace`). A missing source is skipped (the kubelet would refuse to
+    /// start the container unless it is `optional`).
+    fn environment(&self) -> Vec<(String, String)> {
+        let ip = self.ip.to_string();
+        let mut env: Vec<(String, String)> = vec![
+            ("HOST".into(), ip.clone()),
+            ("PORT".into(), self.port().to_string()),
+            ("POD_NAME".into(), self.key.name.clone()),
+            ("POD_IP".into(), ip.clone()),
+        ];
+        let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
+            env.retain(|(x, _)| *x != k);
+            env.push((k, v));
+        };
+        for (k, v) in &self.image.env {
+            set(&mut env, k.clone(), v.clone());
+        }
+        let ns = self.key.namespace.clone();
+        let data = |resource: &str, name: &str| -> Vec<(String, String)> {
+            let Ok(obj) = self
+                .store
+                .get(&Key::new("v1", resource, ns.as_deref(), name))
+            else {
+                return vec![];
+            };
+            let mut out = Vec::new();
+            if resource == "secrets" {
+                for (k, v) in obj["data"].as_object().into_iter().flatten() {
+                    use base64::Engine as _;
+                    let decoded = v
+                        .as_str()
+                        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                        .map(|b| String::from_utf8_lossy(&b).into_owned());
+                    if let Some(d) = decoded {
+                        out.push((k.clone(), d));
+                    }
+                }
+                for (k, v) in obj["stringData"].as_object().into_iter().flatten() {
+                    out.push((k.clone(), v.as_str().unwrap_or("").to_string()));
+                }
+            } else {
+                for (k, v) in obj["data"].as_object().into_iter().flatten() {
+                    out.push((k.clone(), v.as_str().unwrap_or("").to_string()));
+                }
+            }
+            out
+        };
+        let c = self.container();
+        for from in c["envFrom"].as_array().into_iter().flatten() {
+            let prefix = from["prefix"].as_str().unwrap_or("");
+            let pairs = if let Some(n) = from["configMapRef"]["name"].as_str() {
+                data("configmaps", n)
+            } else if let Some(n) = from["secretRef"]["name"].as_str() {
+                data("secrets", n)
+            } else {
+                vec![]
+            };
+            for (k, v) in pairs {
+                set(&mut env, format!("{prefix}{k}"), v);
             }
         }
-        cmd.env("HOST", self.ip.to_string())
-            .env("PORT", self.port().to_string())
-            .env("POD_NAME", &self.key.name)
-            .env("POD_IP", self.ip.to_string());
-        cmd
+        for e in c["env"].as_array().into_iter().flatten() {
+            let Some(k) = e["name"].as_str() else {
+                continue;
+            };
+            let from = &e["valueFrom"];
+            let key_of = |resource: &str, r: &Value| {
+                let (name, key) = (r["name"].as_str()?, r["key"].as_str()?);
+                data(resource, name)
+                    .into_iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v)
+            };
+            let v = if let Some(v) = e["value"].as_str() {
+                Some(expand(v, &env))
+            } else if from["secretKeyRef"].is_object() {
+                key_of("secrets", &from["secretKeyRef"])
+            } else if from["configMapKeyRef"].is_object() {
+                key_of("configmaps", &from["configMapKeyRef"])
+            } else {
+                match from["fieldRef"]["fieldPath"].as_str() {
+                    Some("status.podIP") => Some(ip.clone()),
+                    Some("status.hostIP") => Some("127.0.0.1".into()),
+                    Some("metadata.name") => Some(self.key.name.clone()),
+                    Some("metadata.namespace") => ns.clone(),
+                    _ => None,
+                }
+            };
+            if let Some(v) = v {
+                set(&mut env, k.to_string(), v);
+            }
+        }
+        env
     }
 
     fn spawn(&self) -> std::io::Result<tokio::process::Child> {
@@ -635,5 +774,48 @@ async fn wait_or_term(term: &mut watch::Receiver<bool>, d: Duration) -> bool {
     tokio::select! {
         _ = term.changed() => true,
         _ = tokio::time::sleep(d) => false,
+    }
+}
+
+/// `$(VAR)` replaced by VAR's value when it is defined before; `$$` is a `$`.
+fn expand(v: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = v;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match env.iter().rev().find(|(k, _)| k == name) {
+                Some((_, val)) => out.push_str(val),
+                None => out.push_str(&format!("$({name})")),
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variables_expand_as_the_kubelet_expands_them() {
+        let env = vec![("PW".to_string(), "s3cret".to_string())];
+        assert_eq!(
+            expand("postgres://u:$(PW)@db/x", &env),
+            "postgres://u:s3cret@db/x"
+        );
+        assert_eq!(expand("$(MISSING) $$(PW) $", &env), "$(MISSING) $(PW) $");
     }
 }

@@ -4,7 +4,7 @@
 //! Generic storage for any `group/version/resource` path (namespaced or cluster
 //! scoped), resourceVersions, 409 on stale updates, list and watch (newline-delimited
 //! events, bookmarks, resuming from a resourceVersion, 410 when it is too old), label
-//! and field selectors, merge / strategic-merge (as merge) / JSON patches and
+//! and field selectors, merge / strategic-merge (lists merged by their keys) / JSON patches and
 //! server-side apply (as a merge that may create), the status and scale subresources, finalizers
 //! and ownerReference garbage collection. `sim` plays the cluster's part: ReplicaSets
 //! and Deployments get pods that become ready, routes get accepted, Jobs complete;
@@ -36,8 +36,8 @@
 //!   cells as ages), or Name and Age when there are none (built-ins get no richer columns).
 //! - No OpenAPI schemas. `/openapi/v3` is an index without paths; kubectl then tries
 //!   `/openapi/v2` (404), so `kubectl apply` must run with `--validate=false` (with a 404
-//!   on v3 it fails the same way). Without schemas kubectl's strategic merge patches are
-//!   applied as merge patches, so list merges by key do not happen.
+//!   on v3 it fails the same way). Strategic merge patches merge the keyed lists of the
+//!   built-in kinds the project uses (containers, env, ports, volumes...; `smp.rs`).
 //! - No aggregated discovery, protobuf, authentication, pagination (`limit` is ignored,
 //!   everything comes in one page) or `kubectl exec`/`logs`/`port-forward`; a
 //!   `dryRun` request is refused with 400 rather than written.
@@ -52,6 +52,7 @@ pub mod prometheus;
 mod select;
 mod server;
 pub mod sim;
+mod smp;
 mod store;
 
 pub use server::FakeApi;

@@ -24,13 +24,33 @@ impl Prometheus {
         targets: &[SocketAddr],
         path: &str,
     ) -> std::io::Result<Prometheus> {
+        Prometheus::start_scraping(dir, targets, path, None)
+    }
+
+    /// The same, and the pods listed in `pods` (a file_sd file, as the box's kubelet
+    /// writes it from the pods' `prometheus.io/*` annotations: Debian's Prometheus has
+    /// no Kubernetes discovery), re-read as it changes.
+    pub fn start_scraping(
+        dir: &Path,
+        targets: &[SocketAddr],
+        path: &str,
+        pods: Option<&Path>,
+    ) -> std::io::Result<Prometheus> {
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let config = dir.join("prometheus.yml");
         let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        let pods = pods
+            .map(|f| {
+                format!(
+                    "  - job_name: pods\n    file_sd_configs: [{{ files: [\"{}\"], refresh_interval: 1s }}]\n",
+                    f.display()
+                )
+            })
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
-                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: baton\n    metrics_path: \"{path}\"\n    static_configs: [{{ targets: [{}] }}]\n",
+                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: baton\n    metrics_path: \"{path}\"\n    static_configs: [{{ targets: [{}] }}]\n{pods}",
                 targets.join(", ")
             ),
         )?;

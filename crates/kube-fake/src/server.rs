@@ -416,12 +416,16 @@ fn manage(obj: &mut Value, q: &[(String, String)], operation: &str, sub: Option<
     list.push(entry);
 }
 
-/// A JSON patch, or for merge-patch, strategic-merge-patch and apply a JSON merge patch.
+/// A JSON patch, a strategic merge patch (`smp`), or for merge-patch and apply a JSON
+/// merge patch.
 fn apply_patch(target: &mut Value, content_type: &str, patch: &Value) -> Result<(), StoreError> {
     if content_type.starts_with("application/json-patch") {
         let p: json_patch::Patch = serde_json::from_value(patch.clone())
             .map_err(|e| StoreError::Invalid(format!("not a JSON patch: {e}")))?;
         json_patch::patch(target, &p).map_err(|e| StoreError::Invalid(e.to_string()))
+    } else if content_type.starts_with("application/strategic-merge-patch") {
+        crate::smp::apply(target, patch);
+        Ok(())
     } else {
         json_patch::merge(target, patch);
         Ok(())

@@ -127,6 +127,7 @@ impl Sim {
                     "metadata": {
                         "generateName": format!("{name}-"),
                         "labels": owner["spec"]["template"]["metadata"]["labels"].clone(),
+                        "annotations": owner["spec"]["template"]["metadata"]["annotations"].clone(),
                         "ownerReferences": [{"apiVersion": gv, "kind": kind, "name": name, "uid": uid, "controller": true}],
                     },
                     "spec": owner["spec"]["template"]["spec"].clone(),
@@ -229,6 +230,7 @@ impl Sim {
             let pod = json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"generateName": format!("{name}-"), "labels": labels,
+                    "annotations": j["spec"]["template"]["metadata"]["annotations"].clone(),
                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid, "controller": true}]},
                 "spec": spec,
                 "status": {"phase": "Pending"},

@@ -326,7 +326,14 @@ fn server_side_apply_creates_then_updates_and_records_its_manager() {
     assert!(out.contains("serverside-applied"), "{out}");
     std::fs::write(&path, ROLLOUT.replace("setWeight: 50", "setWeight: 20")).expect("write");
     c.kubectl(&["apply", "--server-side", "--validate=false", "-f", p]);
-    let obj = c.json(&["get", "rollout", "web", "-o", "json", "--show-managed-fields"]);
+    let obj = c.json(&[
+        "get",
+        "rollout",
+        "web",
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ]);
     assert_eq!(
         obj["spec"]["strategy"]["canary"]["steps"][0]["setWeight"], 20,
         "{obj}"
@@ -334,4 +341,33 @@ fn server_side_apply_creates_then_updates_and_records_its_manager() {
     let managers = obj["metadata"]["managedFields"].to_string();
     assert!(managers.contains("kubectl"), "{managers}");
     assert!(obj["metadata"]["generation"].as_i64() >= Some(2), "{obj}");
+}
+
+#[test]
+fn set_image_changes_the_image_and_keeps_the_rest_of_the_container() {
+    let c = Cluster::start(&[]);
+    c.apply(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: api}
+spec:
+  selector: {matchLabels: {app: api}}
+  template:
+    metadata: {labels: {app: api}}
+    spec:
+      containers:
+      - name: api
+        image: api:1
+        env: [{name: DB, value: sqlite}]
+        ports: [{containerPort: 8080}]
+",
+    );
+    // kubectl sends a strategic merge patch naming the container and its image only.
+    c.kubectl(&["set", "image", "deployment/api", "api=api:2"]);
+    let d = c.json(&["get", "deployment", "api", "-o", "json"]);
+    let container = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "api:2", "{d}");
+    assert_eq!(container["env"][0]["value"], "sqlite", "{d}");
+    assert_eq!(container["ports"][0]["containerPort"], 8080, "{d}");
+    assert!(!d.to_string().contains("$setElementOrder"), "{d}");
 }
