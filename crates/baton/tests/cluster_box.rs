@@ -412,8 +412,15 @@ async fn a_canary_through_envoy_loses_no_request_and_stops_pods_only_once_envoy_
     }
     eprintln!("Envoy left each v1 pod this long before its SIGTERM: {margins:?}");
     drop(seen);
-    // Everything the box started stops with it.
-    assert!(b.kubelet.running() >= 2);
+    // Everything the box started stops with it: the pods' processes and Envoy.
+    let mut pids: Vec<u64> = b.kubelet.running().iter().map(|p| *p as u64).collect();
+    assert!(pids.len() >= 2, "v2's pods run: {pids:?}");
+    pids.push(u64::from(b.gw.pid()));
+    assert!(pids.iter().all(|p| common::alive(*p)));
+    drop(b);
+    common::wait_until(Duration::from_secs(10), "the box's processes gone", || {
+        pids.iter().all(|p| !common::alive(*p))
+    });
 }
 
 /// One client sending requests one after another on a keep-alive connection through

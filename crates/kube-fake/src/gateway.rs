@@ -173,6 +173,11 @@ impl EnvoyGateway {
         Ok(gw)
     }
 
+    /// Envoy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Routes and endpoints Envoy serves now (blocking: a request to its admin).
     pub fn served(&self) -> Option<Served> {
         served(self.admin)

@@ -93,10 +93,10 @@ impl Kubelet {
     pub fn terminations(&self) -> Vec<Termination> {
         lock(&self.shared).terminations.clone()
     }
-    /// Process groups of the pods' processes now running (for tests that check
-    /// nothing is left behind).
-    pub fn running(&self) -> usize {
-        lock(&self.shared).groups.len()
+    /// Process group ids (the leaders' pids) of the pods' processes now running, for
+    /// tests that check nothing is left behind.
+    pub fn running(&self) -> Vec<i32> {
+        lock(&self.shared).groups.values().copied().collect()
     }
 }
 
