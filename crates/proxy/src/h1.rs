@@ -165,6 +165,14 @@ pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, H1Error
     }
 }
 
+#[cfg(fuzzing)]
+pub(crate) fn parse_head_for_fuzzing(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<Head>, H1Error> {
+    parse_head(buf, method)
+}
+
 fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Error> {
     // Where each name and value sits in the buffer, so they can be shared, not copied.
     let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];

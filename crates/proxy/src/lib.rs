@@ -25,6 +25,26 @@ mod timer;
 mod upgrade;
 pub mod websocket;
 
+/// Entry points for the fuzz targets (`fuzz/`), built only under `cargo fuzz`.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    /// An instance's answer head, as the proxy parses it, for each request method
+    /// whose framing differs.
+    pub fn answer_head(data: &[u8]) {
+        for method in [hyper::Method::GET, hyper::Method::HEAD] {
+            let mut buf = bytes::BytesMut::from(data);
+            let _ = crate::h1::parse_head_for_fuzzing(&mut buf, &method);
+        }
+    }
+
+    /// A routing table as the control socket's `setTable` hands it over, compiled.
+    pub fn table(table: &crate::RoutingTable) {
+        let metrics = crate::metrics::Metrics::default();
+        let outliers = crate::table::Outliers::default();
+        let _ = crate::table::Compiled::build(table, &metrics, &outliers);
+    }
+}
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
