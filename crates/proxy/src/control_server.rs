@@ -40,6 +40,12 @@ pub(crate) async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
                     }
                     Ok(ControlRequest::HandoverDone) => {
                         shared.handed_over.store(true, Ordering::SeqCst);
+                        // What we count while draining goes to the new process on
+                        // this connection once drained (`send_final_counts`).
+                        *shared
+                            .final_counts
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(w);
                         shared.stop.notify_one();
                         info!("a new proxy process took over: draining");
                         break;
@@ -81,8 +87,53 @@ pub(crate) fn hand_over(shared: &Shared, socket: RawFd) -> std::io::Result<Contr
         listeners: listeners.iter().map(|l| l.0).collect(),
         metrics: metrics.map(|m| m.0),
         table: shared.table.load().source.clone(),
-        stats: shared.metrics.snapshot(),
+        stats: {
+            let s = shared.metrics.snapshot();
+            *shared
+                .handed_stats
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+            s
+        },
     })
+}
+
+/// After a takeover's drain: the requests this process finished since it handed its
+/// counters over, sent to the new process on the handover connection, so that they are
+/// counted (as `Stats`, the counters' difference). An older new process does not read
+/// them; the write then fails and is ignored.
+pub(crate) async fn send_final_counts(shared: &Shared) {
+    let writer = shared
+        .final_counts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let handed = shared
+        .handed_stats
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    let (Some(mut w), Some(handed)) = (writer, handed) else {
+        return;
+    };
+    let now = shared.metrics.snapshot();
+    let mut delta = crate::StatsSnapshot::new();
+    for (svc, revs) in now {
+        for (rev, s) in revs {
+            let since = match handed.get(&svc).and_then(|r| r.get(&rev)) {
+                Some(before) => s.since(before),
+                None => s,
+            };
+            if since.requests() > 0 {
+                delta.entry(svc.clone()).or_default().insert(rev, since);
+            }
+        }
+    }
+    let resp = ControlResponse::Stats { stats: delta };
+    if let Ok(mut line) = serde_json::to_string(&resp) {
+        line.push('\n');
+        let _ = tokio::time::timeout(Duration::from_secs(2), w.write_all(line.as_bytes())).await;
+    }
 }
 
 pub(crate) async fn control_request(shared: &Arc<Shared>, req: ControlRequest) -> ControlResponse {

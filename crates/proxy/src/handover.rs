@@ -111,8 +111,20 @@ pub fn take_over(control_socket: &Path) -> std::io::Result<Inherited> {
 }
 
 /// Tells the old process the new one is serving: it stops accepting and drains.
-pub fn release(mut old: UnixStream) -> std::io::Result<()> {
+pub fn release(old: &mut UnixStream) -> std::io::Result<()> {
     let mut line = serde_json::to_string(&Request::HandoverDone).map_err(std::io::Error::other)?;
     line.push('\n');
     old.write_all(line.as_bytes())
+}
+
+/// What the old process counted after handing its counters over, sent once it has
+/// drained; none from a process too old to send it, or after `wait`.
+pub fn final_counts(old: UnixStream, wait: std::time::Duration) -> Option<StatsSnapshot> {
+    old.set_read_timeout(Some(wait)).ok()?;
+    let mut answer = String::new();
+    BufReader::new(old).read_line(&mut answer).ok()?;
+    match serde_json::from_str::<Response>(&answer).ok()? {
+        Response::Stats { stats } => Some(stats),
+        _ => None,
+    }
 }

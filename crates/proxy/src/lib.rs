@@ -148,6 +148,10 @@ struct Shared {
     metrics_socket: Mutex<Option<(SocketAddr, RawFd)>>,
     /// Set once a new process took over: the control socket's path is now its own.
     handed_over: AtomicBool,
+    /// The counters sent with the handover, and the connection to send what was
+    /// counted after them once drained.
+    handed_stats: Mutex<Option<StatsSnapshot>>,
+    final_counts: Mutex<Option<tokio::net::unix::OwnedWriteHalf>>,
     graceful: Mutex<Option<GracefulShutdown>>,
     stop: Notify,
     stopping: AtomicBool,
@@ -179,6 +183,8 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         listeners: Mutex::new(HashMap::new()),
         metrics_socket: Mutex::new(None),
         handed_over: AtomicBool::new(false),
+        handed_stats: Mutex::new(None),
+        final_counts: Mutex::new(None),
         graceful: Mutex::new(Some(GracefulShutdown::new())),
         stop: Notify::new(),
         stopping: AtomicBool::new(false),
@@ -247,10 +253,20 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         })?;
     let control_task = tokio::spawn(serve_control(shared.clone(), control));
     let checks = tokio::spawn(active_checks(shared.clone()));
-    if let Some(old) = old {
+    if let Some(mut old) = old {
         // We accept on the inherited sockets: the old process may stop.
-        handover::release(old).map_err(ProxyError::Takeover)?;
+        handover::release(&mut old).map_err(ProxyError::Takeover)?;
         info!("took over from the previous proxy process");
+        // What it finishes while draining comes back once it has drained.
+        let (shared, wait) = (
+            shared.clone(),
+            config.drain_timeout + Duration::from_secs(10),
+        );
+        tokio::task::spawn_blocking(move || {
+            if let Some(delta) = handover::final_counts(old, wait) {
+                shared.metrics.add(&delta);
+            }
+        });
     }
     info!(socket = %config.control_socket.display(), "proxy ready");
 
@@ -291,6 +307,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         }
     }
     close_tunnels(&shared.sessions).await;
+    control_server::send_final_counts(&shared).await;
     control_task.abort();
     checks.abort();
     if let Some(t) = metrics_task {

@@ -174,6 +174,35 @@ impl Metrics {
         }
     }
 
+    /// Adds another process's counts (what an old process finished while draining
+    /// after a hot restart).
+    pub fn add(&self, more: &StatsSnapshot) {
+        for (svc, revs) in more {
+            for (rev, s) in revs {
+                let r = self.revision(svc, rev);
+                let m = &r.shards[0];
+                for (i, n) in s.classes.iter().enumerate() {
+                    m.classes[i].fetch_add(*n, Ordering::Relaxed);
+                }
+                m.upstream_errors
+                    .fetch_add(s.upstream_errors, Ordering::Relaxed);
+                m.retries.fetch_add(s.retries, Ordering::Relaxed);
+                m.ejections.fetch_add(s.ejections, Ordering::Relaxed);
+                m.mirrored.fetch_add(s.mirrored, Ordering::Relaxed);
+                for (i, n) in s.buckets.iter().enumerate().take(m.buckets.len()) {
+                    m.buckets[i].fetch_add(*n, Ordering::Relaxed);
+                }
+                if s.fine.len() == m.fine.len() {
+                    for (i, n) in s.fine.iter().enumerate() {
+                        m.fine[i].fetch_add(*n, Ordering::Relaxed);
+                    }
+                }
+                m.sum_micros
+                    .fetch_add((s.sum_seconds * 1e6) as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let map = self.by_revision.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = StatsSnapshot::new();
