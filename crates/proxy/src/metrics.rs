@@ -145,60 +145,42 @@ impl Metrics {
     /// Starts from another process's counters (hot restart), so that rates and
     /// analysis windows see no reset.
     pub fn seed(&self, from: &StatsSnapshot) {
-        for (svc, revs) in from {
-            for (rev, s) in revs {
-                let r = self.revision(svc, rev);
-                // Carried over whole into one shard; snapshots sum the shards.
-                let m = &r.shards[0];
-                for (i, n) in s.classes.iter().enumerate() {
-                    m.classes[i].store(*n, Ordering::Relaxed);
-                }
-                m.upstream_errors
-                    .store(s.upstream_errors, Ordering::Relaxed);
-                m.retries.store(s.retries, Ordering::Relaxed);
-                m.ejections.store(s.ejections, Ordering::Relaxed);
-                m.mirrored.store(s.mirrored, Ordering::Relaxed);
-                for (i, n) in s.buckets.iter().enumerate().take(m.buckets.len()) {
-                    m.buckets[i].store(*n, Ordering::Relaxed);
-                }
-                // Fine buckets of another layout (another accuracy) would be read as
-                // wrong latencies: windows that began before then read the classic ones.
-                if s.fine.len() == m.fine.len() {
-                    for (i, n) in s.fine.iter().enumerate() {
-                        m.fine[i].store(*n, Ordering::Relaxed);
-                    }
-                }
-                m.sum_micros
-                    .store((s.sum_seconds * 1e6) as u64, Ordering::Relaxed);
-            }
-        }
+        self.carry(from, |a, n| a.store(n, Ordering::Relaxed));
     }
 
     /// Adds another process's counts (what an old process finished while draining
     /// after a hot restart).
     pub fn add(&self, more: &StatsSnapshot) {
-        for (svc, revs) in more {
+        self.carry(more, |a, n| {
+            a.fetch_add(n, Ordering::Relaxed);
+        });
+    }
+
+    /// Writes another process's counters into one shard each (snapshots sum the
+    /// shards), by `put`: replacing or adding.
+    fn carry(&self, from: &StatsSnapshot, put: impl Fn(&AtomicU64, u64)) {
+        for (svc, revs) in from {
             for (rev, s) in revs {
                 let r = self.revision(svc, rev);
                 let m = &r.shards[0];
                 for (i, n) in s.classes.iter().enumerate() {
-                    m.classes[i].fetch_add(*n, Ordering::Relaxed);
+                    put(&m.classes[i], *n);
                 }
-                m.upstream_errors
-                    .fetch_add(s.upstream_errors, Ordering::Relaxed);
-                m.retries.fetch_add(s.retries, Ordering::Relaxed);
-                m.ejections.fetch_add(s.ejections, Ordering::Relaxed);
-                m.mirrored.fetch_add(s.mirrored, Ordering::Relaxed);
+                put(&m.upstream_errors, s.upstream_errors);
+                put(&m.retries, s.retries);
+                put(&m.ejections, s.ejections);
+                put(&m.mirrored, s.mirrored);
                 for (i, n) in s.buckets.iter().enumerate().take(m.buckets.len()) {
-                    m.buckets[i].fetch_add(*n, Ordering::Relaxed);
+                    put(&m.buckets[i], *n);
                 }
+                // Fine buckets of another layout (another accuracy) would be read as
+                // wrong latencies: windows that began before then read the classic ones.
                 if s.fine.len() == m.fine.len() {
                     for (i, n) in s.fine.iter().enumerate() {
-                        m.fine[i].fetch_add(*n, Ordering::Relaxed);
+                        put(&m.fine[i], *n);
                     }
                 }
-                m.sum_micros
-                    .fetch_add((s.sum_seconds * 1e6) as u64, Ordering::Relaxed);
+                put(&m.sum_micros, (s.sum_seconds * 1e6) as u64);
             }
         }
     }
