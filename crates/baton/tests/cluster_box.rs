@@ -223,10 +223,10 @@ impl ClusterBox {
     }
 }
 
-/// Two Services, an HTTPRoute to the stable one and a Rollout of `hello` v1, canary
-/// through the Gateway API with these steps and gates.
-fn deploy(b: &ClusterBox, steps: Value, analysis: Value) {
-    for name in ["web", "web-canary"] {
+/// Services `names` selecting `app: web` (port 80 to 8080) and the HTTPRoute `web` to
+/// the first of them.
+fn web_services(b: &ClusterBox, names: &[&str]) {
+    for name in names {
         b.create(
             "v1",
             "services",
@@ -238,8 +238,12 @@ fn deploy(b: &ClusterBox, steps: Value, analysis: Value) {
         "gateway.networking.k8s.io/v1",
         "httproutes",
         json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "web"},
-            "spec": {"parentRefs": [{"name": "box"}], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+            "spec": {"parentRefs": [{"name": "box"}], "rules": [{"backendRefs": [{"name": names[0], "port": 80}]}]}}),
     );
+}
+
+/// The Rollout `web` of two `hello` v1 pods, with this strategy and analysis.
+fn web_rollout(b: &ClusterBox, strategy: Value, analysis: Value) {
     b.create(
         "baton.dev/v1alpha1",
         "rollouts",
@@ -258,13 +262,24 @@ fn deploy(b: &ClusterBox, steps: Value, analysis: Value) {
                         // SIGTERM race, the delay lets every data plane catch up.
                         "lifecycle": {"preStop": {"sleep": {"seconds": 1}}},
                     }]}},
-                "strategy": {"canary": {
-                    "stableService": "web", "canaryService": "web-canary",
-                    "trafficRouting": {"gatewayAPI": {"httpRoute": "web"}},
-                    "steps": steps,
-                }},
+                "strategy": strategy,
                 "analysis": analysis,
             }}),
+    );
+}
+
+/// Two Services, an HTTPRoute to the stable one and a Rollout of `hello` v1, canary
+/// through the Gateway API with these steps and gates.
+fn deploy(b: &ClusterBox, steps: Value, analysis: Value) {
+    web_services(b, &["web", "web-canary"]);
+    web_rollout(
+        b,
+        json!({"canary": {
+            "stableService": "web", "canaryService": "web-canary",
+            "trafficRouting": {"gatewayAPI": {"httpRoute": "web"}},
+            "steps": steps,
+        }}),
+        analysis,
     );
 }
 
@@ -313,14 +328,20 @@ fn watch_envoy(
 
 /// wrk through Envoy for `secs`: (requests, failed: non-2xx and socket errors).
 fn wrk(addr: SocketAddr, secs: u64) -> std::thread::JoinHandle<(u64, u64, String)> {
+    wrk_with(addr, secs, &["-t2", "-c8"])
+}
+
+/// The same with wrk's other arguments (threads, connections, headers).
+fn wrk_with(
+    addr: SocketAddr,
+    secs: u64,
+    args: &[&str],
+) -> std::thread::JoinHandle<(u64, u64, String)> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     std::thread::spawn(move || {
         let out = Command::new("wrk")
-            .args([
-                "-t2",
-                "-c8",
-                &format!("-d{secs}s"),
-                &format!("http://{addr}/"),
-            ])
+            .args(&args)
+            .args([format!("-d{secs}s"), format!("http://{addr}/")])
             .output()
             .expect("wrk runs (apt-get install wrk; scripts/test installs it)");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -569,40 +590,14 @@ async fn a_blue_green_switches_in_envoy_after_a_smoke_job_that_really_runs() {
         &[("v1", &[]), ("v2", &[]), ("v3", &[("FAIL_RATE", "1")])],
     )
     .await;
-    for name in ["web", "web-preview"] {
-        b.create(
-            "v1",
-            "services",
-            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}),
-        );
-    }
-    b.create(
-        "gateway.networking.k8s.io/v1",
-        "httproutes",
-        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "web"},
-            "spec": {"parentRefs": [{"name": "box"}], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
-    );
-    b.create(
-        "baton.dev/v1alpha1",
-        "rollouts",
-        json!({"apiVersion": "baton.dev/v1alpha1", "kind": "Rollout", "metadata": {"name": "web"},
-            "spec": {
-                "replicas": 2,
-                "selector": {"matchLabels": {"app": "web"}},
-                "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
-                    "terminationGracePeriodSeconds": 10,
-                    "containers": [{
-                        "name": "web", "image": format!("{IMAGE}:v1"),
-                        "ports": [{"containerPort": 8080}],
-                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": 1},
-                        "lifecycle": {"preStop": {"sleep": {"seconds": 1}}},
-                    }]}},
-                // The smoke test asks the preview Service by its name, through the box's
-                // DNS and kube-proxy, for a 200 from GET /.
-                "strategy": {"blueGreen": {"activeService": "web", "previewService": "web-preview",
-                    "smoke": [{"path": "/"}], "retainPrevious": "30s"}},
-            }}),
+    web_services(&b, &["web", "web-preview"]);
+    // The smoke test asks the preview Service by its name, through the box's DNS and
+    // kube-proxy, for a 200 from GET /.
+    web_rollout(
+        &b,
+        json!({"blueGreen": {"activeService": "web", "previewService": "web-preview",
+            "smoke": [{"path": "/"}], "retainPrevious": "30s"}}),
+        json!({}),
     );
     b.wait(Duration::from_secs(60), "v1 healthy", |v| {
         v["phase"] == "Healthy" && v["stableVersion"] == "v1"
@@ -707,46 +702,6 @@ fn replica_set(b: &ClusterBox, name: &str, replicas: u32, pre_stop: Option<u64>)
     );
 }
 
-/// wrk with a header through Envoy for `secs`.
-fn wrk_header(
-    addr: SocketAddr,
-    secs: u64,
-    header: String,
-) -> std::thread::JoinHandle<(u64, u64, String)> {
-    std::thread::spawn(move || {
-        let out = Command::new("wrk")
-            .args([
-                "-t1",
-                "-c8",
-                &format!("-d{secs}s"),
-                "-H",
-                &header,
-                &format!("http://{addr}/"),
-            ])
-            .output()
-            .expect("wrk runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let sum_of = |prefix: &str| -> u64 {
-            text.lines()
-                .filter_map(|l| l.trim_start().strip_prefix(prefix))
-                .flat_map(|l| l.split(|c: char| !c.is_ascii_digit()))
-                .filter_map(|n| n.parse::<u64>().ok())
-                .sum()
-        };
-        let requests = text
-            .lines()
-            .find(|l| l.contains("requests in"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        (
-            requests,
-            sum_of("Non-2xx or 3xx responses:") + sum_of("Socket errors:"),
-            text,
-        )
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_down_without_a_pre_stop_delay_races_the_data_plane() {
     let b = ClusterBox::start(24, &[("v1", &[])]).await;
@@ -766,7 +721,8 @@ async fn scaling_down_without_a_pre_stop_delay_races_the_data_plane() {
     });
     let mut results = BTreeMap::new();
     for name in ["bare", "delayed"] {
-        let load = wrk_header(b.gw.listen, 6, format!("x-app: {name}"));
+        let header = format!("x-app: {name}");
+        let load = wrk_with(b.gw.listen, 6, &["-t1", "-c8", "-H", &header]);
         std::thread::sleep(Duration::from_secs(2));
         let key = Key::new("apps/v1", "replicasets", Some("default"), name);
         b.api

@@ -81,6 +81,8 @@ struct Shared {
     /// Pod uid → the process group of its running process.
     groups: HashMap<String, i32>,
     terminations: Vec<Termination>,
+    /// Each pod's task: stopped with the kubelet, or it would start its process again.
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 /// The running kubelet; dropping it kills every process it started.
@@ -103,7 +105,11 @@ impl Kubelet {
 impl Drop for Kubelet {
     fn drop(&mut self) {
         self.task.abort();
-        for (_, pgid) in lock(&self.shared).groups.drain() {
+        let mut shared = lock(&self.shared);
+        for t in shared.tasks.drain(..) {
+            t.abort();
+        }
+        for (_, pgid) in shared.groups.drain() {
             kill_group(pgid, nix::sys::signal::Signal::SIGKILL);
         }
     }
@@ -206,7 +212,10 @@ async fn run(store: Store, cfg: KubeletConfig, shared: Arc<Mutex<Shared>>) {
                 shared: shared.clone(),
                 hosts: cfg.dns.then(|| hosts.clone()),
             };
-            tokio::spawn(pod.run(rx));
+            let task = tokio::spawn(pod.run(rx));
+            let mut sh = lock(&shared);
+            sh.tasks.retain(|t| !t.is_finished());
+            sh.tasks.push(task.abort_handle());
             pods.insert(uid.to_string(), PodHandle { term });
         }
         // A pod gone without deletion going through here (a forced delete): its
