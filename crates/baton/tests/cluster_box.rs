@@ -150,9 +150,10 @@ impl ClusterBox {
             .expect("create");
     }
 
-    fn status(&self) -> Value {
+    /// `baton status` of a Rollout, as JSON (null when it cannot tell).
+    fn status_of(&self, ns: &str, name: &str) -> Value {
         let out = Command::new(common::baton_bin())
-            .args(["-n", "default", "status", "web", "-o", "json"])
+            .args(["-n", ns, "status", name, "-o", "json"])
             .env("KUBECONFIG", &self.kc)
             .output()
             .expect("baton status");
@@ -160,16 +161,31 @@ impl ClusterBox {
     }
 
     fn wait(&self, limit: Duration, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        self.wait_on(("default", "web"), limit, what, String::new, f)
+    }
+
+    /// Polls the Rollout `(namespace, name)` until `f` holds; a timeout's message has
+    /// the last status, the operator's log, the pods' and `more()`.
+    fn wait_on(
+        &self,
+        (ns, name): (&str, &str),
+        limit: Duration,
+        what: &str,
+        more: impl Fn() -> String,
+        f: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + limit;
         loop {
-            let v = self.status();
+            let v = self.status_of(ns, name);
             if f(&v) {
                 return v;
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {what}; last status: {v}\noperator log: {}",
-                std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default()
+                "timed out waiting for {what}; last status: {v}\noperator log: {}\npods: {}\n{}",
+                std::fs::read_to_string(self.dir.path().join("operator.log")).unwrap_or_default(),
+                self.pod_logs(),
+                more()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -873,14 +889,6 @@ async fn the_exchanges_trade_service_rolls_out_from_its_overlay_without_losing_a
         &b.kc,
         &["apply", "--validate=false", "-f", path_str(&manifests)],
     );
-    let status = |b: &ClusterBox| -> Value {
-        let out = Command::new(common::baton_bin())
-            .args(["-n", "exchange", "status", "trade", "-o", "json"])
-            .env("KUBECONFIG", &b.kc)
-            .output()
-            .expect("baton status");
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
     // What Prometheus holds, for a failure's message.
     let prom_says = || {
         let q = "count by (job, namespace, service, baton_dev_revision) (http_requests_total)";
@@ -894,21 +902,13 @@ async fn the_exchanges_trade_service_rolls_out_from_its_overlay_without_losing_a
         format!("{out}\nfile_sd: {targets}")
     };
     let wait = |what: &str, f: &dyn Fn(&Value) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let v = status(&b);
-            if f(&v) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last: {v}\noperator log: {}\npods: {}\nprometheus: {}",
-                std::fs::read_to_string(b.dir.path().join("operator.log")).unwrap_or_default(),
-                b.pod_logs(),
-                prom_says()
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        b.wait_on(
+            ("exchange", "trade"),
+            Duration::from_secs(120),
+            what,
+            || format!("prometheus: {}", prom_says()),
+            f,
+        )
     };
     wait("trade main healthy", &|v| {
         v["phase"] == "Healthy" && v["stableVersion"] == "main"
