@@ -29,7 +29,8 @@ cargo build --release -p baton >/dev/null 2>&1
 work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done; rm -rf "$work"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 backend=$(port); p_baton=$(port); p_haproxy=$(port); p_nginx=$(port); p_envoy=$(port); p_prev=$(port)
 proto=${PROTO:-h1}
 case $proto in h1|h2) ;; *) echo "PROTO must be h1 or h2, not '$proto'" >&2; exit 1;; esac
@@ -45,13 +46,7 @@ case $affinity in off|auto) ;; *) echo "AFFINITY must be off or auto, not '$affi
 [ -n "${BATON_PREV:-}" ] && targets="$targets baton-prev"
 
 # The backend: nginx answering a fixed 2-byte body, 1 worker (the same for all).
-cat >"$work/backend.conf" <<CONF
-worker_processes 1; daemon off; pid $work/backend.pid; error_log $work/backend.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$backend; location / { return 200 "ok"; } } }
-CONF
-nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
+start_backend "$backend"
 
 declare -A PID  # target -> process whose CPU time (with its children's) is counted
 # Baton's proxy, driven over its control socket as `baton up` does.

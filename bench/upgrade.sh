@@ -23,15 +23,10 @@ fi
 work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done; rm -rf "$work"' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 backend=$(port); listen=$(port)
-cat >"$work/backend.conf" <<CONF
-worker_processes 1; daemon off; pid $work/backend.pid; error_log $work/backend.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$backend; location / { return 200 "ok"; } } }
-CONF
-nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
+start_backend "$backend"
 cp "$BATON_PREV" "$work/baton-prev"
 "$work/baton-prev" proxy --control-socket "$work/proxy.sock" >"$work/prev.log" 2>&1 & pids+=($!)
 old=$!
