@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -93,7 +93,14 @@ impl ClusterBox {
             KubeletConfig {
                 images,
                 logs: dir.path().join("pods"),
-                tick: Duration::from_millis(50),
+                // BOX_TICK (ms) slows the kubelet, and with it the EndpointSlices, to
+                // widen the races between them and the operator.
+                tick: Duration::from_millis(
+                    std::env::var("BOX_TICK")
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(50),
+                ),
                 subnet,
                 dns: true,
                 file_sd: Some(dir.path().join("pods.json")),
@@ -121,8 +128,10 @@ impl ClusterBox {
                     "--identity",
                     "box",
                 ])
-                .args(["--health-listen", &common::free_addr().to_string()])
-                .args(["--metrics-listen", &common::free_addr().to_string()])
+                // Port 0: nothing here reads them, and a port picked in advance can be
+                // taken by another test's connection before the operator binds it.
+                .args(["--health-listen", "127.0.0.1:0"])
+                .args(["--metrics-listen", "127.0.0.1:0"])
                 .env("KUBECONFIG", &kc)
                 .env("BATON_AUDIT_KEY", "the box's audit key, 16 bytes or more")
                 .stdout(Stdio::null())
@@ -162,6 +171,24 @@ impl ClusterBox {
 
     fn wait(&self, limit: Duration, what: &str, f: impl Fn(&Value) -> bool) -> Value {
         self.wait_on(("default", "web"), limit, what, String::new, f)
+    }
+
+    /// Waits until Envoy serves `n` endpoints behind the route's weighted clusters: a
+    /// Rollout's `Healthy` comes from its ReplicaSet's ready pods, and the endpoints
+    /// reach Envoy later (EndpointSlice, then the gateway's files), as on a cluster.
+    fn wait_served(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let served = self.gw.served();
+            if served.as_ref().is_some_and(|s| s.reachable().len() == n) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Envoy did not serve {n} endpoints within 20 s: {served:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Polls the Rollout `(namespace, name)` until `f` holds; a timeout's message has
@@ -309,6 +336,52 @@ struct Seen {
     last: Option<Served>,
 }
 
+/// The addresses an EndpointSlice lists ready.
+type ReadyIps = BTreeSet<String>;
+
+/// Until `stop`, each time the HTTPRoute `web` gives the `web-canary` Service a weight
+/// above 0, the addresses its EndpointSlice lists ready at that moment (the route is
+/// read first: endpoints read after it are at least as new).
+fn canary_endpoints_while_weighted(
+    store: &baton_kube_fake::Store,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<Vec<ReadyIps>>>, std::thread::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (s, store) = (seen.clone(), store.clone());
+    let t = std::thread::spawn(move || {
+        let get = |gv: &str, r: &str, n: &str| {
+            store
+                .get(&Key::new(gv, r, Some("default"), n))
+                .map(|v| (*v).clone())
+                .unwrap_or_default()
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let route = get("gateway.networking.k8s.io/v1", "httproutes", "web");
+            let weighted = route["spec"]["rules"][0]["backendRefs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|b| b["name"] == "web-canary" && b["weight"].as_u64().unwrap_or(0) > 0);
+            if weighted {
+                let slice = get("discovery.k8s.io/v1", "endpointslices", "web-canary-box");
+                let ready: BTreeSet<String> = slice["endpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e["conditions"]["ready"] == true)
+                    .filter_map(|e| e["addresses"][0].as_str().map(str::to_string))
+                    .collect();
+                let mut seen = s.lock().expect("seen");
+                if seen.last() != Some(&ready) {
+                    seen.push(ready);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    (seen, t)
+}
+
 /// Polls Envoy every 10 ms until `stop`.
 fn watch_envoy(
     admin: SocketAddr,
@@ -388,9 +461,11 @@ async fn a_canary_through_envoy_loses_no_request_and_stops_pods_only_once_envoy_
     b.wait(Duration::from_secs(60), "v1 healthy", |v| {
         v["phase"] == "Healthy" && v["stableVersion"] == "v1"
     });
+    b.wait_served(2);
     let stop = Arc::new(AtomicBool::new(false));
     let (seen, watcher) = watch_envoy(b.gw.admin, stop.clone());
     let load = wrk(b.gw.listen, 20);
+    let (weighted, recorder) = canary_endpoints_while_weighted(&b.api.store, stop.clone());
     std::thread::sleep(Duration::from_secs(1));
     let v1_pods = b.pod_versions();
     b.set_version("v2");
@@ -400,9 +475,35 @@ async fn a_canary_through_envoy_loses_no_request_and_stops_pods_only_once_envoy_
     let (requests, failed, text) = load.join().expect("wrk");
     stop.store(true, Ordering::Relaxed);
     watcher.join().expect("watcher");
+    recorder.join().expect("recorder");
 
     assert!(requests > 1000, "wrk sent {requests}: {text}");
-    assert_eq!(failed, 0, "requests failed through the canary: {text}");
+    // The route weighted the canary Service only once its endpoints had followed its
+    // selector to v2's pods (before, they were v1's, or none on a fresh Service).
+    let weighted = weighted.lock().expect("weighted");
+    assert!(
+        !weighted.is_empty(),
+        "the canary Service was never weighted"
+    );
+    for ready in weighted.iter() {
+        let v1: Vec<&String> = ready
+            .iter()
+            .filter(|ip| {
+                ip.parse::<Ipv4Addr>()
+                    .is_ok_and(|ip| v1_pods.get(&ip).is_some_and(|v| v == "v1"))
+            })
+            .collect();
+        assert!(
+            !ready.is_empty() && v1.is_empty(),
+            "the canary Service was weighted while its ready endpoints were {ready:?}"
+        );
+    }
+    assert_eq!(
+        failed,
+        0,
+        "requests failed through the canary: {text}\nEnvoy's failed answers:\n{}",
+        tail(&b.gw.failed_log(), 30)
+    );
     let seen = seen.lock().expect("seen");
     // The weights reached the data plane: Envoy served 20 % and 50 % to the canary.
     let weights: Vec<u64> = seen.canary_weights.iter().map(|(_, w)| *w).collect();
@@ -534,6 +635,7 @@ async fn a_broken_canary_is_taken_out_of_envoy_by_an_error_rate_gate_read_from_p
     b.wait(Duration::from_secs(60), "v1 healthy", |v| {
         v["phase"] == "Healthy" && v["stableVersion"] == "v1"
     });
+    b.wait_served(2);
     let stop = Arc::new(AtomicBool::new(false));
     let (seen, watcher) = watch_envoy(b.gw.admin, stop.clone());
     let client = first_bad_answer(b.gw.listen, stop.clone());
@@ -618,6 +720,7 @@ async fn a_blue_green_switches_in_envoy_after_a_smoke_job_that_really_runs() {
     b.wait(Duration::from_secs(60), "v1 healthy", |v| {
         v["phase"] == "Healthy" && v["stableVersion"] == "v1"
     });
+    b.wait_served(2);
     let load = wrk(b.gw.listen, 20);
     std::thread::sleep(Duration::from_secs(1));
     b.set_version("v2");
@@ -633,7 +736,12 @@ async fn a_blue_green_switches_in_envoy_after_a_smoke_job_that_really_runs() {
     assert!(s["message"].as_str().unwrap_or("").contains("smoke"), "{s}");
     let (requests, failed, text) = load.join().expect("wrk");
     assert!(requests > 1000, "{text}");
-    assert_eq!(failed, 0, "requests failed across the switch: {text}");
+    assert_eq!(
+        failed,
+        0,
+        "requests failed across the switch: {text}\nEnvoy's failed answers:\n{}",
+        tail(&b.gw.failed_log(), 30)
+    );
 
     // The Jobs really ran `baton smoke` as processes: v2's passed, v3's failed.
     let (jobs, _) = b.api.store.list("batch/v1", "jobs", Some("default"));
@@ -987,4 +1095,10 @@ fn relative_to_root(from: &Path, to: &Path) -> String {
         "../".repeat(ups),
         to.to_str().expect("utf-8").trim_start_matches('/')
     )
+}
+
+/// The last `n` lines of a log.
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -147,8 +147,10 @@ fn the_readmes_cluster_flow_runs_with_kubectl_and_kubectl_baton() {
             operator = Some(Kill(
                 Command::new(common::baton_bin())
                     .args(["operator", "--namespace", "default"])
-                    .args(["--health-listen", &common::free_addr().to_string()])
-                    .args(["--metrics-listen", &common::free_addr().to_string()])
+                    // Port 0: nothing here reads them, and a port picked in advance can be
+                    // taken by another test's connection before the operator binds it.
+                    .args(["--health-listen", "127.0.0.1:0"])
+                    .args(["--metrics-listen", "127.0.0.1:0"])
                     .env("KUBECONFIG", &user.kubeconfig)
                     .env("BATON_AUDIT_KEY", "the flow's audit key, 16 bytes or more")
                     .stdout(Stdio::null())

@@ -876,36 +876,46 @@ impl Traffic for Cluster<'_> {
                 (Some(svc), _) if shared => {
                     served &= services::spread(&client, &ns, svc, &self.name).await?;
                 }
-                (Some(svc), Some(s)) => served &= services::point(&client, &ns, svc, s).await?,
+                (Some(svc), Some(s)) => {
+                    served &= services::point(&client, &ns, svc, &self.name, s).await?
+                }
                 _ => {}
             }
             let canary_ready = st
                 .canary
                 .clone()
                 .filter(|c| self.obs.get(c).is_some_and(|o| o.ready > 0));
+            // Until the canary Service's endpoints have followed its selector, a weight
+            // on it would reach the wrong pods or none: the route holds it at 0.
+            let mut canary_follows = true;
             if let (Some(svc), Some(target)) = (&c.canary_service, canary_ready.or(stable.clone()))
             {
-                served &= services::point(&client, &ns, svc, &target).await?;
+                canary_follows = services::point(&client, &ns, svc, &self.name, &target).await?;
+                served &= canary_follows;
             }
+            let canary_on = st.canary.is_some() && !st.aborted && canary_follows;
             let plan = Plan {
                 namespace: ns.clone(),
                 stable_service: c.stable_service.clone(),
                 canary_service: c.canary_service.clone(),
-                canary_weight: st.canary.as_ref().map(|c| st.weight(c)).unwrap_or(0),
+                canary_weight: st
+                    .canary
+                    .as_ref()
+                    .filter(|_| canary_follows)
+                    .map(|c| st.weight(c))
+                    .unwrap_or(0),
                 header: c
                     .canary_header
                     .as_ref()
-                    .filter(|_| st.canary.is_some() && !st.aborted)
+                    .filter(|_| canary_on)
                     .map(|h| (h.name.clone(), h.value.clone())),
-                mirror: (c.mirror_percent > 0 && st.canary.is_some() && !st.aborted).then(|| {
-                    crate::router::Mirror {
-                        percent: c.mirror_percent,
-                        methods: if c.mirror_methods.is_empty() {
-                            baton_spec::SAFE_METHODS.map(String::from).to_vec()
-                        } else {
-                            c.mirror_methods.clone()
-                        },
-                    }
+                mirror: (c.mirror_percent > 0 && canary_on).then(|| crate::router::Mirror {
+                    percent: c.mirror_percent,
+                    methods: if c.mirror_methods.is_empty() {
+                        baton_spec::SAFE_METHODS.map(String::from).to_vec()
+                    } else {
+                        c.mirror_methods.clone()
+                    },
                 }),
             };
             served &= match Routes::of(c) {
@@ -930,10 +940,10 @@ impl Traffic for Cluster<'_> {
                 .max_by_key(|(_, w)| **w)
                 .map(|(r, _)| r.clone());
             if let Some(a) = &active {
-                served &= services::point(&client, &ns, &bg.active_service, a).await?;
+                served &= services::point(&client, &ns, &bg.active_service, &self.name, a).await?;
             }
             if let (Some(svc), Some(p)) = (&bg.preview_service, st.preview.clone().or(active)) {
-                served &= services::point(&client, &ns, svc, &p).await?;
+                served &= services::point(&client, &ns, svc, &self.name, &p).await?;
             }
         }
         if served && st.route_version > self.status.route_acked {

@@ -123,6 +123,17 @@ impl EnvoyGateway {
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "box",
+                        // Failed answers only, with Envoy's reason (response flags), so a
+                        // test that sees one can say why.
+                        "access_log": [{
+                            "name": "envoy.access_loggers.file",
+                            "filter": {"status_code_filter": {"comparison": {"op": "GE", "value": {"default_value": 500, "runtime_key": "box_log_status"}}}},
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                                "path": dir.join("failed.log"),
+                                "log_format": {"text_format_source": {"inline_string": "%START_TIME% %RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_CLUSTER% %UPSTREAM_HOST% %RESPONSE_CODE_DETAILS%\n"}},
+                            },
+                        }],
                         "rds": {"route_config_name": "box", "config_source": source("rds.json")},
                         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
@@ -171,6 +182,12 @@ impl EnvoyGateway {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(gw)
+    }
+
+    /// The failed answers Envoy logged (status ≥ 500: time, status, response flags,
+    /// cluster, upstream host, details), for a test's failure message.
+    pub fn failed_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("failed.log")).unwrap_or_default()
     }
 
     /// Envoy's process id.
