@@ -115,6 +115,9 @@ pub fn engine_spec(
                     .map(|c| c.mirror_methods.clone())
                     .unwrap_or_default(),
                 tls: None,
+                // On a cluster the router speaks to the pods: a Gateway reads the
+                // Service port's `appProtocol` (kubernetes.io/h2c), Istio its name.
+                backend_protocol: Default::default(),
             },
             strategy,
             analysis: baton_spec::Analysis {

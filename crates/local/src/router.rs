@@ -89,6 +89,10 @@ pub fn service_route(
             .map(|t| (t.cert_file.clone(), t.key_file.clone())),
         mirror_percent: traffic.mirror_percent,
         mirror_methods: traffic.mirror_methods.clone(),
+        backend_protocol: match traffic.backend_protocol {
+            baton_spec::BackendProtocol::Http1 => baton_proxy_api::table::BackendProtocol::Http1,
+            baton_spec::BackendProtocol::H2c => baton_proxy_api::table::BackendProtocol::H2c,
+        },
         // Just before the instance would be killed: it may close with 1012 itself when
         // it gets SIGTERM, after preStop.
         drain_ms: Some(

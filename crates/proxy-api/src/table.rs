@@ -50,9 +50,29 @@ pub struct ServiceRoute {
     /// write would run twice.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirror_methods: Vec<String>,
+    /// How the proxy speaks to this service's instances.
+    #[serde(default, skip_serializing_if = "BackendProtocol::is_http1")]
+    pub backend_protocol: BackendProtocol,
     /// `(certificate PEM file, key PEM file)`: serve the main listener over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<(String, String)>,
+}
+
+/// The protocol to instances: HTTP/1.1 over pooled keep-alive connections, or HTTP/2
+/// by prior knowledge (`h2c`, what gRPC services speak), streams multiplexed on one
+/// connection per instance. Clients may speak either to the proxy whatever this is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+impl BackendProtocol {
+    pub fn is_http1(&self) -> bool {
+        *self == BackendProtocol::Http1
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

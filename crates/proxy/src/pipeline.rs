@@ -171,6 +171,16 @@ fn prepare(
     peer: SocketAddr,
     peer_ip: Option<HeaderValue>,
 ) {
+    // `TE` is hop-by-hop, but `te: trailers` is what gRPC clients must send and gRPC
+    // servers check: remembered for an HTTP/2 instance, to which it may go on.
+    if parts.headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    }) {
+        parts.extensions.insert(TeTrailers);
+    }
     strip_hop_by_hop(&mut parts.headers);
     let forwarded = match parts
         .headers
@@ -226,11 +236,13 @@ async fn attempt(
             }
             attempts += 1;
             let sent = Instant::now();
-            match forward(shared, parts, body, addr).await {
-                Ok(resp) => {
-                    target
-                        .metrics
-                        .observe(resp.status().as_u16(), sent.elapsed().as_secs_f64());
+            match forward(shared, route.h2c, &target.metrics, parts, body, addr).await {
+                Ok((resp, counted)) => {
+                    if !counted {
+                        target
+                            .metrics
+                            .observe(resp.status().as_u16(), sent.elapsed().as_secs_f64());
+                    }
                     shared.outcome(target, health, sick(resp.status()));
                     if let Some(c) = route.mirror(ti, &parts.method) {
                         mirror(shared, route, c, parts, body);
@@ -260,10 +272,14 @@ async fn attempt(
         let target = &route.targets[s];
         for (addr, _) in target.backends_from_next(&shared.outliers).take(2) {
             let sent = Instant::now();
-            if let Ok(resp) = forward(shared, parts, body, addr).await {
-                target
-                    .metrics
-                    .observe(resp.status().as_u16(), sent.elapsed().as_secs_f64());
+            if let Ok((resp, counted)) =
+                forward(shared, route.h2c, &target.metrics, parts, body, addr).await
+            {
+                if !counted {
+                    target
+                        .metrics
+                        .observe(resp.status().as_u16(), sent.elapsed().as_secs_f64());
+                }
                 route.targets[first].metrics.retry();
                 return resp;
             }
@@ -293,17 +309,20 @@ pub(crate) fn mirror(
             return;
         };
         let start = Instant::now();
-        let status = match forward(&shared, &parts, &body, addr).await {
-            Ok(resp) => {
+        let status = match forward(&shared, route.h2c, &target.metrics, &parts, &body, addr).await {
+            Ok((resp, counted)) => {
                 let status = resp.status().as_u16();
+                // A gRPC answer counts itself once its trailers are read.
                 let _ = resp.into_body().collect().await;
-                status
+                (!counted).then_some(status)
             }
-            Err(_) => 502,
+            Err(_) => Some(502),
         };
-        target
-            .metrics
-            .observe(status, start.elapsed().as_secs_f64());
+        if let Some(status) = status {
+            target
+                .metrics
+                .observe(status, start.elapsed().as_secs_f64());
+        }
         target.metrics.mirrored();
     });
 }
@@ -330,22 +349,39 @@ pub(crate) enum AttemptError {
     Send(#[from] pool::SendError),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("{0}")]
+    H2(crate::h2c::H2Error),
 }
 
 impl AttemptError {
     /// The request never left: it can go to another instance whatever its method.
     fn is_connect(&self) -> bool {
-        matches!(self, AttemptError::Send(e) if e.is_connect())
+        match self {
+            AttemptError::Send(e) => e.is_connect(),
+            AttemptError::H2(e) => e.is_connect(),
+            AttemptError::Timeout(_) => false,
+        }
     }
 }
 
-/// One attempt at one instance, with hop-by-hop headers stripped from the answer.
+/// The client sent `te: trailers` (see `prepare`).
+#[derive(Clone, Copy)]
+struct TeTrailers;
+
+/// One attempt at one instance, with hop-by-hop headers stripped from the answer;
+/// `true` beside it when the answer counts itself in `metrics` (gRPC over `h2c`: its
+/// status comes in the trailers), otherwise the caller counts it.
 pub(crate) async fn forward(
     shared: &Shared,
+    h2c: bool,
+    metrics: &Arc<crate::metrics::RevisionMetrics>,
     parts: &hyper::http::request::Parts,
     body: &Bytes,
     addr: SocketAddr,
-) -> Result<Response<ProxyBody>, AttemptError> {
+) -> Result<(Response<ProxyBody>, bool), AttemptError> {
+    if h2c {
+        return forward_h2c(shared, metrics, parts, body, addr).await;
+    }
     // Instances get the origin form.
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let host_added;
@@ -365,5 +401,69 @@ pub(crate) async fn forward(
         .map_err(|_| AttemptError::Timeout(shared.request_timeout))??;
     let (mut rp, rb) = resp.into_parts();
     strip_hop_by_hop(&mut rp.headers);
-    Ok(Response::from_parts(rp, rb.boxed()))
+    Ok((Response::from_parts(rp, rb.boxed()), false))
+}
+
+/// The same over HTTP/2 (`h2c`): the authority from the client's `Host` (or the
+/// instance's address), `te: trailers` passed on, trailers passed back, and a gRPC
+/// answer counted by its `grpc-status` (see `grpc`).
+async fn forward_h2c(
+    shared: &Shared,
+    metrics: &Arc<crate::metrics::RevisionMetrics>,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    addr: SocketAddr,
+) -> Result<(Response<ProxyBody>, bool), AttemptError> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| addr.to_string(), str::to_string);
+    let uri: hyper::Uri = format!("http://{authority}{path}")
+        .parse()
+        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+    let te = parts.extensions.get::<TeTrailers>().is_some();
+    let make = || {
+        let mut req = Request::new(http_body_util::Full::new(body.clone()));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.version_mut() = hyper::Version::HTTP_2;
+        let h = req.headers_mut();
+        for (k, v) in &parts.headers {
+            if k != header::HOST {
+                h.append(k, v.clone());
+            }
+        }
+        if te {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        req
+    };
+    let sent = Instant::now();
+    let send = crate::h2c::send(addr, make, retry_safe(parts));
+    let resp = tokio::time::timeout(shared.request_timeout, send)
+        .await
+        .map_err(|_| AttemptError::Timeout(shared.request_timeout))?
+        .map_err(AttemptError::H2)?;
+    let seconds = sent.elapsed().as_secs_f64();
+    let (mut rp, rb) = resp.into_parts();
+    strip_hop_by_hop(&mut rp.headers);
+    if !crate::grpc::is_grpc(&rp.headers) {
+        return Ok((
+            Response::from_parts(rp, rb.map_err(Into::into).boxed()),
+            false,
+        ));
+    }
+    if let Some(status) = rp.headers.get("grpc-status") {
+        // Trailers-only: the status is in the head.
+        metrics.observe(crate::grpc::http_status(status.as_bytes()), seconds);
+        return Ok((
+            Response::from_parts(rp, rb.map_err(Into::into).boxed()),
+            true,
+        ));
+    }
+    let head = rp.status.as_u16();
+    let counted = crate::grpc::Counted::new(rb, metrics.clone(), seconds, head);
+    Ok((Response::from_parts(rp, counted.boxed()), true))
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-pub use baton_proxy_api::table::{RevisionRoute, RoutingTable, ServiceRoute, routed};
+pub use baton_proxy_api::table::{
+    BackendProtocol, RevisionRoute, RoutingTable, ServiceRoute, routed,
+};
 
 use crate::metrics::{Metrics, RevisionMetrics};
 
@@ -141,6 +143,8 @@ pub(crate) struct Route {
     sticky: Option<Sticky>,
     canary_header: Option<(hyper::header::HeaderName, String)>,
     pub shield: bool,
+    /// HTTP/2 by prior knowledge to the instances (`backendProtocol: h2c`).
+    pub h2c: bool,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub mirror_percent: u32,
     /// What is copied; empty: the safe methods.
@@ -363,6 +367,7 @@ impl Compiled {
                 sticky,
                 canary_header,
                 shield: svc.shield_canary,
+                h2c: svc.backend_protocol == BackendProtocol::H2c,
                 mirror_percent: svc.mirror_percent.min(100),
                 mirror_methods: svc
                     .mirror_methods
@@ -405,6 +410,7 @@ impl Compiled {
                     sticky: None,
                     canary_header: None,
                     shield: false,
+                    h2c: svc.backend_protocol == BackendProtocol::H2c,
                     tls: None,
                     mirror_percent: 0,
                     mirror_methods: Vec::new(),
@@ -446,6 +452,7 @@ mod tests {
                 tls: None,
                 mirror_percent: 0,
                 mirror_methods: Vec::new(),
+                backend_protocol: Default::default(),
                 revisions: weights
                     .iter()
                     .enumerate()

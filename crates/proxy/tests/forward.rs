@@ -106,6 +106,7 @@ fn table(
             tls: None,
             mirror_percent: 0,
             mirror_methods: Vec::new(),
+            backend_protocol: Default::default(),
             revisions: revs
                 .into_iter()
                 .map(|(n, w, b)| RevisionRoute {
@@ -1262,4 +1263,160 @@ async fn a_proxy_that_goes_away_closes_its_websockets_with_1001() {
         .expect("the new proxy exits")
         .expect("joins")
         .expect("clean exit");
+}
+
+/// An instance that speaks HTTP/2 only and answers as a gRPC server by path: `/ok`
+/// with `grpc-status: 0` in its trailers, `/fail` with 13 (INTERNAL), `/bad` with 3
+/// (INVALID_ARGUMENT) in a trailers-only answer, `/die` with one message and then a
+/// reset stream. Every answer says in `x-te` whether `te: trailers` reached it; the
+/// counter counts its connections.
+async fn grpc_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    use hyper::body::Frame;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let conns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: Request<hyper::body::Incoming>| async move {
+                        let te = req
+                            .headers()
+                            .get("te")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        let path = req.uri().path().to_string();
+                        let _ = req.into_body().collect().await;
+                        let message = Bytes::from_static(b"\0\0\0\0\x02hi");
+                        let trailers = |code: &'static str| {
+                            let mut t = hyper::HeaderMap::new();
+                            t.insert("grpc-status", hyper::header::HeaderValue::from_static(code));
+                            t
+                        };
+                        use futures_util::StreamExt;
+                        type F = Result<Frame<Bytes>, std::io::Error>;
+                        let frames: Vec<F> = match path.as_str() {
+                            "/ok" => {
+                                vec![Ok(Frame::data(message)), Ok(Frame::trailers(trailers("0")))]
+                            }
+                            "/fail" => vec![
+                                Ok(Frame::data(message)),
+                                Ok(Frame::trailers(trailers("13"))),
+                            ],
+                            "/die" => vec![Ok(Frame::data(message))],
+                            _ => vec![],
+                        };
+                        let die = path == "/die";
+                        // `/die`: the stream is reset a moment after its first message.
+                        let failure = futures_util::stream::once(async move {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            Err::<Frame<Bytes>, _>(std::io::Error::other("gone"))
+                        })
+                        .filter(move |_| std::future::ready(die));
+                        let mut resp = Response::new(http_body_util::StreamBody::new(
+                            futures_util::stream::iter(frames).chain(failure),
+                        ));
+                        let h = resp.headers_mut();
+                        h.insert(
+                            "content-type",
+                            hyper::header::HeaderValue::from_static("application/grpc"),
+                        );
+                        h.insert(
+                            "x-te",
+                            hyper::header::HeaderValue::from_str(&te).expect("te"),
+                        );
+                        if path == "/bad" {
+                            h.insert("grpc-status", hyper::header::HeaderValue::from_static("3"));
+                        }
+                        Ok::<_, Infallible>(resp)
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn grpc_over_h2c_keeps_its_trailers_and_counts_by_grpc_status() {
+    let p = proxy().await;
+    let (a, conns) = grpc_backend().await;
+    let listen = free();
+    let mut t = table(1, listen, vec![("a", 100, vec![a])]);
+    t.services[0].backend_protocol = baton_proxy::table::BackendProtocol::H2c;
+    p.client.set_table(&t).await.expect("ack");
+    let s = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(s),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let call = |path: &'static str| {
+        let mut tx = tx.clone();
+        async move {
+            let req = Request::post(format!("http://{listen}{path}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
+                .expect("request");
+            let resp = tx.send_request(req).await.expect("response");
+            let Some(te) = resp
+                .headers()
+                .get("x-te")
+                .map(|v| v.to_str().expect("x-te").to_string())
+            else {
+                let status = resp.status();
+                let body = resp.into_body().collect().await.expect("body").to_bytes();
+                panic!("{path}: not the instance's answer: {status} {body:?}");
+            };
+            let head = resp.headers().get("grpc-status").cloned();
+            let body = resp.into_body().collect().await.expect("body");
+            let status = body
+                .trailers()
+                .and_then(|t| t.get("grpc-status").cloned())
+                .or(head)
+                .map(|v| v.to_str().expect("status").to_string());
+            (te, status, body.to_bytes())
+        }
+    };
+    // Concurrent calls share the proxy's connection to the instance (one per thread).
+    let oks = futures_util::future::join_all((0..20).map(|_| call("/ok"))).await;
+    for (te, status, body) in oks {
+        assert_eq!(te, "trailers", "te: trailers reaches the instance");
+        assert_eq!(status.as_deref(), Some("0"), "the trailers come back");
+        assert_eq!(&body[..], b"\0\0\0\0\x02hi");
+    }
+    let opened = conns.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&opened),
+        "{opened} connections for 20 calls"
+    );
+    assert_eq!(call("/fail").await.1.as_deref(), Some("13"));
+    assert_eq!(call("/bad").await.1.as_deref(), Some("3"));
+    // An instance that fails mid-answer: the call ends with UNAVAILABLE, not a reset.
+    let (_, died, body) = call("/die").await;
+    assert_eq!(died.as_deref(), Some("14"));
+    assert_eq!(&body[..], b"\0\0\0\0\x02hi", "what came before is kept");
+    // Counted by grpc-status: 20 OK (2xx), INVALID_ARGUMENT a 4xx, INTERNAL and the
+    // failure mid-answer 5xx.
+    let stats = &p.client.stats().await.expect("stats")["svc"]["a"];
+    assert_eq!(
+        (stats.classes[1], stats.classes[3], stats.classes[4]),
+        (20, 1, 2),
+        "{stats:?}"
+    );
 }

@@ -238,6 +238,29 @@ pub struct Traffic {
     /// Serve the listener over TLS (rustls), offering HTTP/2 and HTTP/1.1 by ALPN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,
+    /// How the proxy speaks to the instances: `http1` (the default) or `h2c`, HTTP/2
+    /// by prior knowledge, for gRPC services and other HTTP/2-only servers (trailers
+    /// pass through, gRPC answers count by their `grpc-status`). Clients may use
+    /// HTTP/1.1 or HTTP/2 whichever this is.
+    #[serde(default, skip_serializing_if = "BackendProtocol::is_http1")]
+    pub backend_protocol: BackendProtocol,
+}
+
+/// `traffic.backendProtocol`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+impl BackendProtocol {
+    pub fn is_http1(&self) -> bool {
+        *self == BackendProtocol::Http1
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

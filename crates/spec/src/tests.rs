@@ -546,3 +546,30 @@ fn a_new_gate_has_the_defaults_a_spec_gets() {
         .expect("the gate");
     assert_eq!(*parsed, Gate::new("bare", parsed.metric.clone()));
 }
+
+#[test]
+fn backend_protocol_is_http1_unless_h2c_is_asked_and_nothing_else_parses() {
+    let with = |p: &str| {
+        CANARY.replace(
+            "    listen: 127.0.0.1:8080",
+            &format!("    listen: 127.0.0.1:8080\n    backendProtocol: {p}"),
+        )
+    };
+    let r = parse(CANARY).expect("valid");
+    assert_eq!(
+        r[0].spec.traffic.backend_protocol,
+        crate::BackendProtocol::Http1
+    );
+    let r = parse(&with("h2c")).expect("valid");
+    assert_eq!(
+        r[0].spec.traffic.backend_protocol,
+        crate::BackendProtocol::H2c
+    );
+    let err = parse(&with("http3"))
+        .expect_err("not a protocol")
+        .to_string();
+    assert!(
+        err.contains("backendProtocol") && err.contains("h2c"),
+        "names the field and what it takes: {err}"
+    );
+}
