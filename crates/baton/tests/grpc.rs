@@ -139,6 +139,12 @@ async fn a_grpc_canary_fails_no_call_and_a_failing_version_is_rolled_back_by_grp
     wait_stable(&client, "greeter", "v2", Duration::from_secs(60)).await;
     // Past v1's drain (preStop 0.5 s, then its streams end), and a little v2 alone.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // A proxy hot restart under the same load: calls in flight finish on the old
+    // process, new ones go to the new one, open streams end with UNAVAILABLE and
+    // reconnect.
+    let out = env.run(&["restart-proxy"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let seen = load.finish();
     eprintln!("v1 → v2 over gRPC: {seen}");
     assert!(count(&seen, "calls") > 200, "too few calls: {seen}");
@@ -162,6 +168,11 @@ async fn a_grpc_canary_fails_no_call_and_a_failing_version_is_rolled_back_by_grp
     assert!(
         count(&seen["tick_versions"], "v2") > 0,
         "the watchers reconnected to v2: {seen}"
+    );
+    assert_eq!(
+        count(&seen["stream_ends"], "proxy restarting"),
+        2,
+        "both watchers' streams were ended by the restart, cleanly: {seen}"
     );
 
     // v3 answers INTERNAL to half its calls, with HTTP status 200: the builtin error

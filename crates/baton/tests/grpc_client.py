@@ -108,7 +108,10 @@ def watcher(target):
                     pass
                 elif code == "UNAVAILABLE" and "draining" in (e.details() or ""):
                     # The instance's clean end when it drains: reconnect.
-                    seen["stream_ends"][code] += 1
+                    seen["stream_ends"]["instance draining"] += 1
+                elif code == "UNAVAILABLE" and "restarting" in (e.details() or ""):
+                    # The proxy's clean end when it restarts: reconnect.
+                    seen["stream_ends"]["proxy restarting"] += 1
                 else:
                     seen["stream_errors"][f"{code}: {e.details()}"] += 1
     channel.close()

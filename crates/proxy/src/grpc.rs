@@ -9,8 +9,11 @@
 //!
 //! An instance that goes away mid-answer (a reset stream, a dropped connection) is
 //! not passed on as a broken stream: the answer ends with `grpc-status: 14`
-//! (UNAVAILABLE), which gRPC clients retry, and counts as a 502.
+//! (UNAVAILABLE), which gRPC clients retry, and counts as a 502. So does an answer
+//! still streaming when the proxy stops (a hot restart), counted as it stood: the
+//! instance did nothing wrong.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -63,6 +66,8 @@ pub(crate) struct Counted {
     head_status: u16,
     counted: bool,
     ended: bool,
+    /// Ready when the proxy stops.
+    stopping: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
 }
 
 impl Counted {
@@ -71,6 +76,7 @@ impl Counted {
         metrics: Arc<RevisionMetrics>,
         seconds: f64,
         head_status: u16,
+        mut ending: tokio::sync::watch::Receiver<bool>,
     ) -> Counted {
         Counted {
             inner,
@@ -79,7 +85,20 @@ impl Counted {
             head_status,
             counted: false,
             ended: false,
+            stopping: Box::pin(async move {
+                // A sender gone is a proxy gone: nothing left to wait for.
+                let _ = ending.wait_for(|e| *e).await;
+            }),
         }
+    }
+
+    /// The last frame: trailers with UNAVAILABLE and why.
+    fn unavailable(&mut self, why: &'static str) -> Frame<Bytes> {
+        self.ended = true;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("14"));
+        trailers.insert("grpc-message", HeaderValue::from_static(why));
+        Frame::trailers(trailers)
     }
 
     fn count(&mut self, status: u16) {
@@ -109,7 +128,15 @@ impl Body for Counted {
             return Poll::Ready(None);
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if self.stopping.as_mut().poll(cx).is_ready() {
+                    let status = self.head_status;
+                    self.count(status);
+                    let last = self.unavailable("the proxy is restarting; call again");
+                    return Poll::Ready(Some(Ok(last)));
+                }
+                Poll::Pending
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     let status = trailers
@@ -127,15 +154,9 @@ impl Body for Counted {
             Poll::Ready(Some(Err(_))) => {
                 // The instance failed mid-answer: end the stream cleanly with a status
                 // the client retries.
-                self.ended = true;
                 self.count(502);
-                let mut trailers = HeaderMap::new();
-                trailers.insert("grpc-status", HeaderValue::from_static("14"));
-                trailers.insert(
-                    "grpc-message",
-                    HeaderValue::from_static("the instance went away mid-answer"),
-                );
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                let last = self.unavailable("the instance went away mid-answer");
+                Poll::Ready(Some(Ok(last)))
             }
         }
     }

@@ -162,6 +162,9 @@ struct Shared {
     settings: Settings,
     sessions: websocket::Sessions,
     outliers: table::Outliers,
+    /// Set when the process stops: gRPC answers still streaming end with UNAVAILABLE
+    /// (see `grpc::Counted`), which clients retry on the new process.
+    ending: tokio::sync::watch::Sender<bool>,
 }
 
 /// A listening socket: one accept loop per data-plane thread, and the socket itself
@@ -201,6 +204,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         },
         sessions: websocket::Sessions::default(),
         outliers: table::Outliers::default(),
+        ending: tokio::sync::watch::channel(false).0,
     });
 
     let inherited = if config.takeover {
@@ -301,6 +305,11 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         while g.count() > 0 && tokio::time::Instant::now() < soft {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // A gRPC stream does not end because its connection got GOAWAY (a watch may
+        // run for hours): the answers still streaming end now with UNAVAILABLE, and
+        // their clients call again, on the new process. Calls still waiting for their
+        // answer's head are not cut: they finish within the drain timeout.
+        shared.ending.send_replace(true);
         if tokio::time::timeout(config.drain_timeout, g.shutdown())
             .await
             .is_err()

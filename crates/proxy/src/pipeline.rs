@@ -464,6 +464,12 @@ async fn forward_h2c(
         ));
     }
     let head = rp.status.as_u16();
-    let counted = crate::grpc::Counted::new(rb, metrics.clone(), seconds, head);
+    let counted = crate::grpc::Counted::new(
+        rb,
+        metrics.clone(),
+        seconds,
+        head,
+        shared.ending.subscribe(),
+    );
     Ok((Response::from_parts(rp, counted.boxed()), true))
 }

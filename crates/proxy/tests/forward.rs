@@ -1313,6 +1313,27 @@ async fn grpc_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
                             _ => vec![],
                         };
                         let die = path == "/die";
+                        if path == "/watch" {
+                            // A message every 50 ms, for ever.
+                            let ticks = futures_util::stream::unfold((), |()| async {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                Some((
+                                    Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(
+                                        b"\0\0\0\0\x01t",
+                                    ))),
+                                    (),
+                                ))
+                            });
+                            let mut resp =
+                                Response::new(http_body_util::StreamBody::new(ticks.boxed()));
+                            resp.headers_mut().insert(
+                                "content-type",
+                                hyper::header::HeaderValue::from_static("application/grpc"),
+                            );
+                            resp.headers_mut()
+                                .insert("x-te", hyper::header::HeaderValue::from_static(""));
+                            return Ok::<_, Infallible>(resp);
+                        }
                         // `/die`: the stream is reset a moment after its first message.
                         let failure = futures_util::stream::once(async move {
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1320,7 +1341,7 @@ async fn grpc_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
                         })
                         .filter(move |_| std::future::ready(die));
                         let mut resp = Response::new(http_body_util::StreamBody::new(
-                            futures_util::stream::iter(frames).chain(failure),
+                            futures_util::stream::iter(frames).chain(failure).boxed(),
                         ));
                         let h = resp.headers_mut();
                         h.insert(
@@ -1419,4 +1440,59 @@ async fn grpc_over_h2c_keeps_its_trailers_and_counts_by_grpc_status() {
         (20, 1, 2),
         "{stats:?}"
     );
+}
+
+#[tokio::test]
+async fn a_stopping_proxy_ends_open_grpc_streams_with_unavailable() {
+    let p = proxy().await;
+    let (a, _) = grpc_backend().await;
+    let listen = free();
+    let mut t = table(1, listen, vec![("a", 100, vec![a])]);
+    t.services[0].backend_protocol = baton_proxy::table::BackendProtocol::H2c;
+    p.client.set_table(&t).await.expect("ack");
+    let s = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(s),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://{listen}/watch"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .expect("request");
+    let resp = tx.send_request(req).await.expect("response");
+    let mut body = resp.into_body();
+    // The stream runs: a few messages through.
+    for _ in 0..3 {
+        let frame = body.frame().await.expect("a frame").expect("a message");
+        assert!(frame.is_data());
+    }
+    let stopped = std::time::Instant::now();
+    p.client.shutdown().await.expect("shutdown");
+    // Messages may still arrive; then the trailers, not a broken stream.
+    let trailers = loop {
+        match tokio::time::timeout(Duration::from_secs(10), body.frame()).await {
+            Ok(Some(Ok(f))) if f.is_data() => continue,
+            Ok(Some(Ok(f))) => break f.into_trailers().expect("trailers"),
+            other => panic!("the stream broke instead of ending: {other:?}"),
+        }
+    };
+    assert_eq!(trailers["grpc-status"], "14", "{trailers:?}");
+    assert!(
+        trailers["grpc-message"]
+            .to_str()
+            .is_ok_and(|m| m.contains("restarting")),
+        "{trailers:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), p.task)
+        .await
+        .expect("stops")
+        .expect("joins")
+        .expect("clean exit");
+    eprintln!("stream ended {:?} after the stop", stopped.elapsed());
 }
