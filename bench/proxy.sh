@@ -3,7 +3,7 @@
 # (and straight to the backend), one after the other in one run; prints requests/s and
 # p50/p99 for each and Baton's ratio to each peer, as a Markdown table. The backend is
 # always spoken to in HTTP/1.1 with keep-alive; the clients speak HTTP/1.1 (wrk) or h2c
-# (h2load, PROTO=h2).
+# (h2load, PROTO=h2); BACKEND=h2c makes it h2c end to end.
 # Usage: bench/proxy.sh [SECONDS] [CONNECTIONS]
 #   TARGETS="baton haproxy"   only these (default: direct baton haproxy nginx envoy)
 #   BATON_PREV=path/to/baton  also measure an earlier build of ours, as baton-prev
@@ -11,6 +11,11 @@
 #   PROTO=h2                  clients speak HTTP/2 (h2c, prior knowledge) through h2load:
 #                             CONNECTIONS/STREAMS connections, STREAMS=8 streams each
 #                             (no `direct`: the backend speaks HTTP/1.1 only)
+#   BACKEND=h2c               with PROTO=h2: the backend speaks HTTP/2 by prior knowledge
+#                             too (h2c → h2c, as to a gRPC service): Baton with
+#                             backendProtocol h2c, HAProxy `proto h2`, Envoy's
+#                             http2_protocol_options, and `direct`; nginx cannot proxy
+#                             HTTP/2 to a backend (only grpc_pass) and is left out
 #   WRITE=1                   also put the table into BENCHMARKS.md (newest first)
 #   AFFINITY=auto             bind each proxy thread to a CPU of its own, in every proxy
 #                             that can: Baton --cpu-affinity auto, HAProxy cpu-map,
@@ -35,9 +40,18 @@ backend=$(port); p_baton=$(port); p_haproxy=$(port); p_nginx=$(port); p_envoy=$(
 proto=${PROTO:-h1}
 case $proto in h1|h2) ;; *) echo "PROTO must be h1 or h2, not '$proto'" >&2; exit 1;; esac
 streams=${STREAMS:-8}
+backend_proto=${BACKEND:-h1}
+case $backend_proto in h1|h2c) ;; *) echo "BACKEND must be h1 or h2c, not '$backend_proto'" >&2; exit 1;; esac
+if [ "$backend_proto" = h2c ] && [ "$proto" != h2 ]; then
+  echo "BACKEND=h2c needs PROTO=h2 (wrk speaks HTTP/1.1 only)" >&2; exit 1
+fi
 if [ "$proto" = h2 ]; then
   command -v h2load >/dev/null || { echo "needs h2load: apt-get install nghttp2-client" >&2; exit 1; }
-  targets=${TARGETS:-baton haproxy nginx envoy}
+  if [ "$backend_proto" = h2c ]; then
+    targets=${TARGETS:-direct baton haproxy envoy}
+  else
+    targets=${TARGETS:-baton haproxy nginx envoy}
+  fi
 else
   targets=${TARGETS:-direct baton haproxy nginx envoy}
 fi
@@ -46,7 +60,7 @@ case $affinity in off|auto) ;; *) echo "AFFINITY must be off or auto, not '$affi
 [ -n "${BATON_PREV:-}" ] && targets="$targets baton-prev"
 
 # The backend: nginx answering a fixed 2-byte body, 1 worker (the same for all).
-start_backend "$backend"
+start_backend "$backend" "$backend_proto"
 
 declare -A PID  # target -> process whose CPU time (with its children's) is counted
 # Baton's proxy, driven over its control socket as `baton up` does.
@@ -58,11 +72,14 @@ if [ "$affinity" = auto ]; then
 fi
 "$1" proxy --control-socket "$2" "${bind[@]}" >"$2.log" 2>&1 & pids+=($!); PID[$4]=$!
 for _ in $(seq 100); do [ -S "$2" ] && break; sleep 0.05; done
-python3 - "$2" "$3" "$backend" <<'PY'
+python3 - "$2" "$3" "$backend" "$backend_proto" <<'PY'
 import json, socket, sys
-sock, listen, backend = sys.argv[1], sys.argv[2], sys.argv[3]
-table = {"op": "setTable", "table": {"version": 1, "services": [{"name": "bench", "listen": f"127.0.0.1:{listen}",
-         "revisions": [{"name": "r1", "weight": 100, "backends": [f"127.0.0.1:{backend}"]}]}]}}
+sock, listen, backend, proto = sys.argv[1:5]
+service = {"name": "bench", "listen": f"127.0.0.1:{listen}",
+           "revisions": [{"name": "r1", "weight": 100, "backends": [f"127.0.0.1:{backend}"]}]}
+if proto == "h2c":
+    service["backendProtocol"] = "h2c"
+table = {"op": "setTable", "table": {"version": 1, "services": [service]}}
 s = socket.socket(socket.AF_UNIX); s.connect(sock); s.sendall((json.dumps(table) + "\n").encode())
 answer = s.makefile().readline()
 assert '"ack"' in answer, answer
@@ -91,7 +108,7 @@ frontend f
   default_backend b
 backend b
   http-reuse always
-  server s1 127.0.0.1:$backend
+  server s1 127.0.0.1:$backend$([ "$backend_proto" = h2c ] && echo " proto h2")
 CONF
 haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 & pids+=($!); PID[haproxy]=$!
 
@@ -105,7 +122,7 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$p_nginx$([ "$proto" = h2 ] && echo " http2");
     location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
-nginx -c "$work/proxy.conf" -p "$work" & pids+=($!); PID[nginx]=$!
+[ "$backend_proto" = h1 ] && { nginx -c "$work/proxy.conf" -p "$work" & pids+=($!); PID[nginx]=$!; }
 
 # Envoy: 2 worker threads, the same backend as a static cluster.
 cat >"$work/envoy.yaml" <<CONF
@@ -129,6 +146,13 @@ static_resources:
   clusters:
   - name: backend
     type: STATIC
+$([ "$backend_proto" = h2c ] && cat <<'H2'
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+H2
+)
     load_assignment:
       cluster_name: backend
       endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $backend } } } }] }]
@@ -198,7 +222,7 @@ print(f"{med(0):.0f} {med(1):.3f} {med(2):.3f} " + (f"{statistics.median(cpu):.2
 done
 read -r b_rps b_p50 b_p99 b_cpu <<<"${R[baton]}"
 {
-echo "Clients: $([ "$proto" = h2 ] && echo "h2load, h2c, $((conns / streams)) connections × $streams streams" || echo "wrk, HTTP/1.1, $conns connections"); proxy threads bound to CPUs: $affinity."
+echo "Clients: $([ "$proto" = h2 ] && echo "h2load, h2c, $((conns / streams)) connections × $streams streams" || echo "wrk, HTTP/1.1, $conns connections"); backend: $([ "$backend_proto" = h2c ] && echo "h2c (HTTP/2 by prior knowledge)" || echo "HTTP/1.1 keep-alive"); proxy threads bound to CPUs: $affinity."
 echo
 echo "| target | requests/s | p50 (ms) | p99 (ms) | CPU µs per request | Baton's throughput ratio | Baton's p99 ratio | Baton's CPU ratio |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -213,7 +237,7 @@ done
 } | tee "$work/table.md"
 # WRITE=1: the table goes into BENCHMARKS.md too, newest first, under the marker line.
 if [ "${WRITE:-}" = 1 ]; then
-  python3 - "$work/table.md" "ROUNDS=$rounds PROTO=$proto AFFINITY=$affinity bench/proxy.sh $secs $conns" \
+  python3 - "$work/table.md" "ROUNDS=$rounds PROTO=$proto BACKEND=$backend_proto AFFINITY=$affinity bench/proxy.sh $secs $conns" \
     "$(git describe --always --dirty 2>/dev/null || echo unknown)" <<'PY'
 import datetime, sys
 marker = "<!-- bench/proxy.sh WRITE=1 puts new results here -->"
