@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# The chaos soak: consecutive rollouts of `examples/hello` under wrk — canary, blue-green
+# and rolling, good versions promoted and broken ones (half their answers 500s) rolled
+# back — with an instance SIGKILLed in every rollout, the controller SIGKILLed (and
+# started again) and the proxy hot-restarted every 10 rollouts. Loopback only; bounded
+# in time; stops everything it started.
+#
+# Usage: bench/soak.sh [--rollouts N] [--minutes M]   (default: 100 rollouts, no time cap)
+#   BATON=path   the baton binary (default target/release/baton, else target/debug/baton)
+#   HELLO=path   the hello binary beside it
+#   SEED=n       the random choices (which instance, when) repeat with the same seed
+#
+# Pass: wrk saw 0 failed requests (non-2xx or socket errors: the canaries shield their
+# users, so a broken version's 500s are retried on stable and reach no one) and no
+# timeouts, every good version promoted and every broken one rolled back, each controller
+# restart resumed exactly (same step, same instances, no extra revision), `baton audit
+# verify` clean at the end, and the controller's and the proxy's RSS grew less than 10 %
+# from the 10th rollout to the last. Prints a summary and exits 1 on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rollouts=100
+minutes=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --rollouts) rollouts=$2; shift 2;;
+    --minutes) minutes=$2; shift 2;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0;;
+    *) echo "unknown argument '$1' (see --help)" >&2; exit 2;;
+  esac
+done
+baton=${BATON:-}
+if [ -z "$baton" ]; then
+  if [ -x target/release/baton ]; then baton=target/release/baton; else baton=target/debug/baton; fi
+fi
+baton=$(realpath "$baton")
+hello=$(realpath "${HELLO:-$(dirname "$baton")/hello}")
+for b in "$baton" "$hello"; do [ -x "$b" ] || { echo "missing $b: cargo build --workspace --bins" >&2; exit 2; }; done
+command -v wrk >/dev/null || { echo "needs wrk: apt-get install wrk" >&2; exit 2; }
+RANDOM=${SEED:-1}
+
+work=$(mktemp -d)
+pids=()
+up_pid=""
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ -n "$up_pid" ]; then kill -9 "$up_pid" 2>/dev/null || true; wait "$up_pid" 2>/dev/null || true; fi
+  "$baton" --dir "$work/state" down >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+export XDG_STATE_HOME="$work/state-home"
+unset BATON_AUDIT_KEY BATON_AUDIT_KEY_FILE BATON_AUDIT_HEAD
+b() { "$baton" --dir "$work/state" "$@"; }
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+declare -A LISTEN=([hello]=127.0.0.1:$(port) [hello-bg]=127.0.0.1:$(port) [hello-roll]=127.0.0.1:$(port))
+
+spec() { # name version fail_rate -> the spec's text
+  local strategy
+  case $1 in
+    hello) strategy="    canary:
+      steps:
+        - setWeight: 20
+        - pause: { duration: 1s }
+        - setWeight: 50
+        - pause: { duration: 1s }";;
+    hello-bg) strategy="    blueGreen:
+      autoPromote: true
+      smoke:
+        - path: /
+          expectBodyContains: hello";;
+    hello-roll) strategy="    rolling: { maxSurge: 1, maxUnavailable: 0 }";;
+  esac
+  cat <<SPEC
+apiVersion: baton.dev/v1alpha1
+kind: Rollout
+metadata: { name: $1 }
+spec:
+  replicas: 3
+  run:
+    command: ["$hello", "--port", "{port}"]
+    env: { APP_VERSION: $2, FAIL_RATE: "$3" }
+  probes:
+    readiness: { httpGet: { path: /readyz }, periodSeconds: 0.2, failureThreshold: 2 }
+    liveness: { httpGet: { path: /healthz }, periodSeconds: 1, failureThreshold: 3 }
+  minReadySeconds: 1
+  shutdown: { preStopSeconds: 0.3, drainTimeoutSeconds: 5 }
+  traffic: { listen: "${LISTEN[$1]}", shieldCanary: true }
+  strategy:
+$strategy
+  analysis:
+    gates:
+      - name: errors
+        metric: { builtin: error_rate }
+        successCondition: "result <= 0.01"
+        interval: 1s
+        minRequests: 20
+  rollback: { onFailure: true }
+SPEC
+}
+
+start_up() { # the controller, in the background (with a spec to apply: its file)
+  # Not through `b`: a function in the background is a subshell, and $! must be baton.
+  if [ $# -gt 0 ]; then "$baton" --dir "$work/state" up -f "$1" >>"$work/up.log" 2>&1 &
+  else "$baton" --dir "$work/state" up >>"$work/up.log" 2>&1 & fi
+  up_pid=$!
+  for _ in $(seq 300); do
+    grep -qs "^$up_pid:" "$work/state/controller.pid" && b status >/dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "the controller did not start; its log:" >&2; tail -20 "$work/up.log" >&2; exit 1
+}
+status() { b status "$1" --output json; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+proxy_pid() { pgrep -nf -- "proxy --control-socket $work/state/proxy.sock" || true; }
+instance_pids() { # name -> the pids of its instances
+  status "$1" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(" ".join(str(i["pid"]) for r in d.get("revisions",[]) for i in r.get("instances",[]) if i.get("pid")))'
+}
+resume_key() { # name -> step index, instance pids, revision count: what a resume must keep
+  status "$1" | python3 -c '
+import json,sys; d=json.load(sys.stdin)
+pids = sorted(i["pid"] for r in d.get("revisions",[]) for i in r.get("instances",[]) if i.get("pid"))
+print(d.get("phase"), (d.get("step") or {}).get("index"), len(d.get("revisions",[])), pids)'
+}
+
+mkdir -p "$work/state"
+for name in hello hello-bg hello-roll; do spec $name v0 0 >"$work/$name.yaml"; done
+{ cat "$work/hello.yaml"; echo ---; cat "$work/hello-bg.yaml"; echo ---; cat "$work/hello-roll.yaml"; } >"$work/all.yaml"
+start_up "$work/all.yaml"
+for name in hello hello-bg hello-roll; do
+  b wait "$name" --timeout 60s >"$work/wait.txt" 2>&1 || {
+    echo "$name v0 never became healthy:" >&2; cat "$work/wait.txt" >&2; tail -20 "$work/up.log" >&2; exit 1; }
+done
+
+# wrk through each listener for the whole soak (stopped at the end: its report is then
+# complete); 2 connections each, one thread.
+for name in hello hello-bg hello-roll; do
+  wrk -t1 -c2 -d24h --timeout 5s "http://${LISTEN[$name]}/" >"$work/wrk-$name.txt" 2>&1 & pids+=($!)
+done
+wrk_pids=("${pids[@]}")
+
+start=$(date +%s)
+deadline=$(( minutes > 0 ? start + minutes * 60 : 0 ))
+names=(hello hello-bg hello-roll)
+failures=()
+promoted=0 rolled_back=0 killed=0 controller_kills=0 proxy_restarts=0 done_rollouts=0
+rss10_up="" rss10_proxy=""
+for i in $(seq 1 "$rollouts"); do
+  if [ "$deadline" -gt 0 ] && [ "$(date +%s)" -ge "$deadline" ]; then break; fi
+  name=${names[$(( (i - 1) % 3 ))]}
+  broken=0
+  # Every fifth canary is broken: half its answers are 500s.
+  [ "$name" = hello ] && [ $(( i % 15 )) -eq 1 ] && broken=1
+  fail=0; [ $broken = 1 ] && fail=0.5
+  spec "$name" "v$i" "$fail" >"$work/$name.yaml"
+  b apply -f "$work/$name.yaml" >/dev/null
+  # An instance SIGKILLed at a random moment of the rollout.
+  sleep "0.$(( RANDOM % 9 + 1 ))"
+  read -ra ip <<<"$(instance_pids "$name")"
+  if [ ${#ip[@]} -gt 0 ]; then
+    kill -9 "${ip[$(( RANDOM % ${#ip[@]} ))]}" 2>/dev/null && killed=$((killed + 1))
+  fi
+  if [ $(( i % 10 )) -eq 5 ]; then
+    # The controller SIGKILLed mid-rollout: the next one resumes where it was.
+    before=$(resume_key "$name")
+    kill -9 "$up_pid"; wait "$up_pid" 2>/dev/null || true
+    after_kill=$(resume_key "$name" 2>/dev/null || echo "no controller")
+    start_up
+    after=$(resume_key "$name")
+    controller_kills=$((controller_kills + 1))
+    # The step and the revisions must be those before (instances may have been replaced
+    # only if one of ours died meanwhile: compared by revision count and step).
+    read -r p1 s1 r1 _ <<<"$before"; read -r p2 s2 r2 _ <<<"$after"
+    if [ "$r1" != "$r2" ] || { [ "$p1" = "$p2" ] && [ "$s1" != "$s2" ] && [ "$p1" = Paused ]; }; then
+      failures+=("rollout $i ($name): resume changed state: before [$before] after [$after] ($after_kill)")
+    fi
+  fi
+  if [ $(( i % 10 )) -eq 0 ]; then
+    b restart-proxy >/dev/null || failures+=("rollout $i: restart-proxy failed")
+    proxy_restarts=$((proxy_restarts + 1))
+  fi
+  if [ $broken = 1 ]; then
+    if b wait "$name" --for degraded --timeout 60s >/dev/null 2>&1; then rolled_back=$((rolled_back + 1))
+    else failures+=("rollout $i ($name v$i, broken): not rolled back: $(status "$name" | head -c 400)"); fi
+  else
+    if b wait "$name" --timeout 60s >/dev/null 2>&1; then promoted=$((promoted + 1))
+    else failures+=("rollout $i ($name v$i): not promoted: $(status "$name" | head -c 400)"); fi
+  fi
+  done_rollouts=$i
+  if [ "$i" -eq 10 ]; then rss10_up=$(rss_kb "$up_pid"); rss10_proxy=$(rss_kb "$(proxy_pid)"); fi
+  echo "soak: rollout $i ($name v$i$([ $broken = 1 ] && echo ", broken")) done after $(( $(date +%s) - start )) s" >&2
+done
+rss_end_up=$(rss_kb "$up_pid"); rss_end_proxy=$(rss_kb "$(proxy_pid)")
+for p in "${wrk_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+for p in "${wrk_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+pids=()
+verify=$(b audit verify 2>&1) || failures+=("audit verify: $verify")
+
+python3 - "$work" "$done_rollouts" "$promoted" "$rolled_back" "$killed" "$controller_kills" "$proxy_restarts" \
+  "${rss10_up:-0}" "$rss_end_up" "${rss10_proxy:-0}" "$rss_end_proxy" "$(( $(date +%s) - start ))" "${failures[@]}" <<'PY'
+import re, sys, glob
+work, n, promoted, rolled, killed, ckills, prestarts, u10, uend, p10, pend, secs = sys.argv[1:13]
+failures = sys.argv[13:]
+total = failed = 0
+for f in sorted(glob.glob(f"{work}/wrk-*.txt")):
+    t = open(f).read()
+    m = re.search(r"(\d+) requests in", t)
+    if not m:
+        failures.append(f"{f}: no wrk report: {t[-300:]}")
+        continue
+    total += int(m.group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
+    f_bad = int(bad.group(1)) if bad else 0
+    f_sock = sum(map(int, sock.groups())) if sock else 0
+    failed += f_bad + f_sock
+    if f_bad or f_sock:
+        failures.append(f"{f.rsplit('/', 1)[-1]}: {f_bad} non-2xx, socket errors {sock.groups() if sock else ()}")
+growth = lambda a, b: (int(b) - int(a)) / int(a) * 100 if int(a) > 0 else 0.0
+gu, gp = growth(u10, uend), growth(p10, pend)
+if int(n) >= 20:
+    if gu >= 10: failures.append(f"controller RSS grew {gu:.1f} % from rollout 10 to {n}")
+    if gp >= 10: failures.append(f"proxy RSS grew {gp:.1f} % from rollout 10 to {n}")
+print(f"soak: {n} rollouts in {secs} s: {promoted} promoted, {rolled} broken ones rolled back; "
+      f"{killed} instances SIGKILLed, {ckills} controller kills, {prestarts} proxy restarts")
+print(f"soak: {total} requests through wrk, {failed} failed")
+if int(n) >= 20:
+    print(f"soak: RSS from rollout 10 to {n}: controller {u10} → {uend} kB ({gu:+.1f} %), proxy {p10} → {pend} kB ({gp:+.1f} %)")
+else:
+    print(f"soak: RSS at the end: controller {uend} kB, proxy {pend} kB (growth needs 20 rollouts or more)")
+for f in failures:
+    print(f"soak FAILED: {f}")
+sys.exit(1 if failures else 0)
+PY
