@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The chaos soak: consecutive rollouts of `examples/hello` under wrk — canary, blue-green
 # and rolling, good versions promoted and broken ones (half their answers 500s) rolled
-# back — with an instance SIGKILLed in every rollout, the controller SIGKILLed (and
+# back — and of the gRPC example under grpcio's calls and open streams, with an
+# instance of hello SIGKILLed in every rollout of it, the controller SIGKILLed (and
 # started again) and the proxy hot-restarted every 10 rollouts. Loopback only; bounded
 # in time; stops everything it started.
 #
 # Usage: bench/soak.sh [--rollouts N] [--minutes M]   (default: 100 rollouts, no time cap)
-#   BATON=path   the baton binary (default target/release/baton, else target/debug/baton)
-#   HELLO=path   the hello binary beside it
+#   BATON=path   the baton binary (default target/debug/baton, as scripts/test builds it)
+#   HELLO=path   the hello binary (default: beside it, with grpc-hello)
 #   SEED=n       the random choices (which instance, when) repeat with the same seed
 #
 # Pass: wrk saw 0 failed requests (non-2xx or socket errors: the canaries shield their
 # users, so a broken version's 500s are retried on stable and reach no one) and no
 # timeouts, every good version promoted and every broken one rolled back, each controller
-# restart resumed exactly (same step, same instances, no extra revision), `baton audit
-# verify` clean at the end, and the controller's and the proxy's RSS grew less than 10 %
+# restart resumed exactly (same step, same instances, no extra revision), no gRPC call
+# failed and no stream broke (streams end with UNAVAILABLE when their instance drains or
+# the proxy restarts, and reconnect), `baton audit verify` clean at the end, and the controller's and the proxy's RSS grew less than 10 %
 # from the 10th rollout to the last. Prints a summary and exits 1 on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,14 +30,15 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument '$1' (see --help)" >&2; exit 2;;
   esac
 done
-baton=${BATON:-}
-if [ -z "$baton" ]; then
-  if [ -x target/release/baton ]; then baton=target/release/baton; else baton=target/debug/baton; fi
-fi
-baton=$(realpath "$baton")
+baton=$(realpath "${BATON:-target/debug/baton}")
 hello=$(realpath "${HELLO:-$(dirname "$baton")/hello}")
-for b in "$baton" "$hello"; do [ -x "$b" ] || { echo "missing $b: cargo build --workspace --bins" >&2; exit 2; }; done
+grpc_hello=$(dirname "$hello")/grpc-hello
+for b in "$baton" "$hello" "$grpc_hello"; do [ -x "$b" ] || { echo "missing $b: cargo build --workspace --bins" >&2; exit 2; }; done
 command -v wrk >/dev/null || { echo "needs wrk: apt-get install wrk" >&2; exit 2; }
+# grpcio for the gRPC client: the test venv scripts/deps makes.
+python=${XDG_CACHE_HOME:-$HOME/.cache}/baton-test-venv/bin/python
+[ -x "$python" ] || python=python3
+"$python" -c 'import grpc' 2>/dev/null || { echo "needs grpcio: . scripts/deps" >&2; exit 2; }
 RANDOM=${SEED:-1}
 
 work=$(mktemp -d)
@@ -53,7 +56,7 @@ unset BATON_AUDIT_KEY BATON_AUDIT_KEY_FILE BATON_AUDIT_HEAD
 b() { "$baton" --dir "$work/state" "$@"; }
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
-declare -A LISTEN=([hello]=127.0.0.1:$(port) [hello-bg]=127.0.0.1:$(port) [hello-roll]=127.0.0.1:$(port))
+declare -A LISTEN=([hello]=127.0.0.1:$(port) [hello-bg]=127.0.0.1:$(port) [hello-roll]=127.0.0.1:$(port) [greeter]=127.0.0.1:$(port))
 
 spec() { # name version fail_rate -> the spec's text
   local strategy
@@ -70,7 +73,13 @@ spec() { # name version fail_rate -> the spec's text
         - path: /
           expectBodyContains: hello";;
     hello-roll) strategy="    rolling: { maxSurge: 1, maxUnavailable: 0 }";;
+    greeter) strategy="    canary:
+      steps:
+        - setWeight: 30
+        - pause: { duration: 1s }";;
   esac
+  local program=$hello protocol=""
+  [ "$1" = greeter ] && { program=$grpc_hello; protocol=", backendProtocol: h2c"; }
   cat <<SPEC
 apiVersion: baton.dev/v1alpha1
 kind: Rollout
@@ -78,14 +87,14 @@ metadata: { name: $1 }
 spec:
   replicas: 3
   run:
-    command: ["$hello", "--port", "{port}"]
+    command: ["$program", "--port", "{port}"]
     env: { APP_VERSION: $2, FAIL_RATE: "$3" }
   probes:
     readiness: { httpGet: { path: /readyz }, periodSeconds: 0.2, failureThreshold: 2 }
     liveness: { httpGet: { path: /healthz }, periodSeconds: 1, failureThreshold: 3 }
   minReadySeconds: 1
   shutdown: { preStopSeconds: 0.3, drainTimeoutSeconds: 5 }
-  traffic: { listen: "${LISTEN[$1]}", shieldCanary: true }
+  traffic: { listen: "${LISTEN[$1]}", shieldCanary: true$protocol }
   strategy:
 $strategy
   analysis:
@@ -101,8 +110,9 @@ SPEC
 
 start_up() { # the controller, in the background (with a spec to apply: its file)
   # Not through `b`: a function in the background is a subshell, and $! must be baton.
-  if [ $# -gt 0 ]; then "$baton" --dir "$work/state" up -f "$1" >>"$work/up.log" 2>&1 &
-  else "$baton" --dir "$work/state" up >>"$work/up.log" 2>&1 & fi
+  # 3>&-: the gRPC client's stdin stays open as long as anyone holds its write end.
+  if [ $# -gt 0 ]; then "$baton" --dir "$work/state" up -f "$1" >>"$work/up.log" 2>&1 3>&- &
+  else "$baton" --dir "$work/state" up >>"$work/up.log" 2>&1 3>&- & fi
   up_pid=$!
   for _ in $(seq 300); do
     grep -qs "^$up_pid:" "$work/state/controller.pid" && b status >/dev/null 2>&1 && return
@@ -146,10 +156,11 @@ PY
 
 
 mkdir -p "$work/state"
-for name in hello hello-bg hello-roll; do spec $name v0 0 >"$work/$name.yaml"; done
-{ cat "$work/hello.yaml"; echo ---; cat "$work/hello-bg.yaml"; echo ---; cat "$work/hello-roll.yaml"; } >"$work/all.yaml"
+names=(hello hello-bg hello-roll greeter)
+for name in "${names[@]}"; do spec "$name" v0 0 >"$work/$name.yaml"; done
+for name in "${names[@]}"; do cat "$work/$name.yaml"; echo ---; done >"$work/all.yaml"
 start_up "$work/all.yaml"
-for name in hello hello-bg hello-roll; do
+for name in "${names[@]}"; do
   b wait "$name" --timeout 60s >"$work/wait.txt" 2>&1 || {
     echo "$name v0 never became healthy:" >&2; cat "$work/wait.txt" >&2; tail -20 "$work/up.log" >&2; exit 1; }
 done
@@ -160,26 +171,31 @@ for name in hello hello-bg hello-roll; do
   wrk -t1 -c2 -d24h --timeout 5s "http://${LISTEN[$name]}/" >"$work/wrk-$name.txt" 2>&1 & pids+=($!)
 done
 wrk_pids=("${pids[@]}")
+# gRPC: unary calls and open streams through the whole soak (the greeter's instances are
+# never SIGKILLed: a call in flight on a killed instance may have run, so it cannot be
+# retried, and its failure would be ours to explain; drains end streams cleanly).
+mkfifo "$work/grpc.in"
+"$python" crates/baton/tests/grpc_client.py "${LISTEN[greeter]}" 2 2 <"$work/grpc.in" >"$work/grpc.out" 2>&1 & grpc_pid=$!
+exec 3>"$work/grpc.in"
 
 start=$(date +%s)
 deadline=$(( minutes > 0 ? start + minutes * 60 : 0 ))
-names=(hello hello-bg hello-roll)
 failures=()
 promoted=0 rolled_back=0 killed=0 controller_kills=0 proxy_restarts=0 done_rollouts=0
 rss10_up="" rss10_proxy=""
 for i in $(seq 1 "$rollouts"); do
   if [ "$deadline" -gt 0 ] && [ "$(date +%s)" -ge "$deadline" ]; then break; fi
-  name=${names[$(( (i - 1) % 3 ))]}
+  name=${names[$(( (i - 1) % 4 ))]}
   broken=0
-  # Every fifth canary is broken: half its answers are 500s.
-  [ "$name" = hello ] && [ $(( i % 15 )) -eq 1 ] && broken=1
+  # Every fourth canary of hello is broken: half its answers are 500s.
+  [ "$name" = hello ] && [ $(( (i - 1) / 4 % 4 )) -eq 0 ] && broken=1
   fail=0; [ $broken = 1 ] && fail=0.5
   spec "$name" "v$i" "$fail" >"$work/$name.yaml"
   b apply -f "$work/$name.yaml" >/dev/null
   # An instance SIGKILLed at a random moment of the rollout.
   sleep "0.$(( RANDOM % 9 + 1 ))"
   read -ra ip <<<"$(instance_pids "$name")"
-  if [ ${#ip[@]} -gt 0 ]; then
+  if [ "$name" != greeter ] && [ ${#ip[@]} -gt 0 ]; then
     kill -9 "${ip[$(( RANDOM % ${#ip[@]} ))]}" 2>/dev/null && killed=$((killed + 1))
   fi
   if [ $(( i % 10 )) -eq 5 ]; then
@@ -211,12 +227,17 @@ done
 rss_end_up=$(rss_kb "$up_pid"); rss_end_proxy=$(rss_kb "$(proxy_pid)")
 for p in "${wrk_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
 for p in "${wrk_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+exec 3>&-   # the gRPC client reports once its stdin closes
+# At most 30 s for its report (a client stuck in a call is a failure, not a hang).
+for _ in $(seq 300); do kill -0 "$grpc_pid" 2>/dev/null || break; sleep 0.1; done
+kill "$grpc_pid" 2>/dev/null || true
+wait "$grpc_pid" 2>/dev/null || true
 pids=()
 verify=$(b audit verify 2>&1) || failures+=("audit verify: $verify")
 
 python3 - "$work" "$done_rollouts" "$promoted" "$rolled_back" "$killed" "$controller_kills" "$proxy_restarts" \
   "${rss10_up:-0}" "$rss_end_up" "${rss10_proxy:-0}" "$rss_end_proxy" "$(( $(date +%s) - start ))" "${failures[@]}" <<'PY'
-import re, sys, glob
+import glob, json, re, sys
 work, n, promoted, rolled, killed, ckills, prestarts, u10, uend, p10, pend, secs = sys.argv[1:13]
 failures = sys.argv[13:]
 total = failed = 0
@@ -234,6 +255,17 @@ for f in sorted(glob.glob(f"{work}/wrk-*.txt")):
     failed += f_bad + f_sock
     if f_bad or f_sock:
         failures.append(f"{f.rsplit('/', 1)[-1]}: {f_bad} non-2xx, socket errors {sock.groups() if sock else ()}")
+grpc = {}
+try:
+    lines = [l for l in open(f"{work}/grpc.out") if l.startswith("{")]
+    grpc = json.loads(lines[-1])
+except (OSError, IndexError, ValueError) as e:
+    failures.append(f"the gRPC client gave no report ({e}): {open(f'{work}/grpc.out').read()[-300:]}")
+if grpc:
+    if grpc["ok"] != grpc["calls"]:
+        failures.append(f"gRPC calls failed: {grpc['errors']} {grpc['error_messages']}")
+    if grpc["stream_errors"]:
+        failures.append(f"gRPC streams broke: {grpc['stream_errors']}")
 growth = lambda a, b: (int(b) - int(a)) / int(a) * 100 if int(a) > 0 else 0.0
 gu, gp = growth(u10, uend), growth(p10, pend)
 if int(n) >= 20:
@@ -242,6 +274,9 @@ if int(n) >= 20:
 print(f"soak: {n} rollouts in {secs} s: {promoted} promoted, {rolled} broken ones rolled back; "
       f"{killed} instances SIGKILLed, {ckills} controller kills, {prestarts} proxy restarts")
 print(f"soak: {total} requests through wrk, {failed} failed")
+if grpc:
+    print(f"soak: {grpc['calls']} gRPC calls, {grpc['calls'] - grpc['ok']} failed; {grpc['streams']} streams, "
+          f"{grpc['ticks']} messages, clean ends {grpc['stream_ends']}, broken {grpc['stream_errors']}")
 if int(n) >= 20:
     print(f"soak: RSS from rollout 10 to {n}: controller {u10} → {uend} kB ({gu:+.1f} %), proxy {p10} → {pend} kB ({gp:+.1f} %)")
 else:
