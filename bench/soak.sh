@@ -10,6 +10,7 @@
 #   BATON=path   the baton binary (default target/debug/baton, as scripts/test builds it)
 #   HELLO=path   the hello binary (default: beside it, with grpc-hello)
 #   SEED=n       the random choices (which instance, when) repeat with the same seed
+#   SOAK_RSS=f   appends, per rollout: number, seconds, controller and proxy RSS (kB)
 #
 # Pass: wrk saw 0 failed requests (non-2xx or socket errors: the canaries shield their
 # users, so a broken version's 500s are retried on stable and reach no one) and no
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --rollouts) rollouts=$2; shift 2;;
     --minutes) minutes=$2; shift 2;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0;;
     *) echo "unknown argument '$1' (see --help)" >&2; exit 2;;
   esac
 done
@@ -42,13 +43,14 @@ python=${XDG_CACHE_HOME:-$HOME/.cache}/baton-test-venv/bin/python
 RANDOM=${SEED:-1}
 
 work=$(mktemp -d)
+keep=1   # its logs stay for a look unless the soak passes
 pids=()
 up_pid=""
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   if [ -n "$up_pid" ]; then kill -9 "$up_pid" 2>/dev/null || true; wait "$up_pid" 2>/dev/null || true; fi
   "$baton" --dir "$work/state" down >/dev/null 2>&1 || true
-  rm -rf "$work"
+  if [ "${keep:-0}" = 1 ]; then echo "soak: its logs and state are kept in $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 export XDG_STATE_HOME="$work/state-home"
@@ -121,6 +123,7 @@ start_up() { # the controller, in the background (with a spec to apply: its file
   echo "the controller did not start; its log:" >&2; tail -20 "$work/up.log" >&2; exit 1
 }
 status() { b status "$1" --output json; }
+event() { printf '%s %s\n' "$(date +%s.%3N)" "$*" >>"$work/events.log"; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 proxy_pid() { pgrep -nf -- "proxy --control-socket $work/state/proxy.sock" || true; }
 instance_pids() { # name -> the pids of its instances
@@ -192,17 +195,21 @@ for i in $(seq 1 "$rollouts"); do
   fail=0; [ $broken = 1 ] && fail=0.5
   spec "$name" "v$i" "$fail" >"$work/$name.yaml"
   b apply -f "$work/$name.yaml" >/dev/null
+  event "rollout $i: $name v$i applied$([ $broken = 1 ] && echo " (broken)")"
   # An instance SIGKILLed at a random moment of the rollout.
   sleep "0.$(( RANDOM % 9 + 1 ))"
   read -ra ip <<<"$(instance_pids "$name")"
   if [ "$name" != greeter ] && [ ${#ip[@]} -gt 0 ]; then
-    kill -9 "${ip[$(( RANDOM % ${#ip[@]} ))]}" 2>/dev/null && killed=$((killed + 1))
+    victim=${ip[$(( RANDOM % ${#ip[@]} ))]}
+    kill -9 "$victim" 2>/dev/null && killed=$((killed + 1)) && event "instance $victim of $name SIGKILLed"
   fi
   if [ $(( i % 10 )) -eq 5 ]; then
     # The controller SIGKILLed mid-rollout: the next one resumes where it was.
     before=$(resume_key "$name")
     kill -9 "$up_pid"; wait "$up_pid" 2>/dev/null || true
+    event "controller SIGKILLed"
     start_up
+    event "controller started"
     after=$(resume_key "$name")
     controller_kills=$((controller_kills + 1))
     if ! why=$(resumed_exactly "$before" "$after"); then
@@ -210,7 +217,9 @@ for i in $(seq 1 "$rollouts"); do
     fi
   fi
   if [ $(( i % 10 )) -eq 0 ]; then
+    event "proxy restart"
     b restart-proxy >/dev/null || failures+=("rollout $i: restart-proxy failed")
+    event "proxy restarted"
     proxy_restarts=$((proxy_restarts + 1))
   fi
   if [ $broken = 1 ]; then
@@ -221,7 +230,10 @@ for i in $(seq 1 "$rollouts"); do
     else failures+=("rollout $i ($name v$i): not promoted: $(status "$name" | head -c 400)"); fi
   fi
   done_rollouts=$i
+  event "rollout $i: $name done"
   if [ "$i" -eq 10 ]; then rss10_up=$(rss_kb "$up_pid"); rss10_proxy=$(rss_kb "$(proxy_pid)"); fi
+  # The curve, not only its ends: a plateau is warm-up, a slope is a leak.
+  printf '%s\t%s\t%s\t%s\n' "$i" "$(( $(date +%s) - start ))" "$(rss_kb "$up_pid")" "$(rss_kb "$(proxy_pid)")" >>"${SOAK_RSS:-/dev/null}"
   echo "soak: rollout $i ($name v$i$([ $broken = 1 ] && echo ", broken")) done after $(( $(date +%s) - start )) s" >&2
 done
 rss_end_up=$(rss_kb "$up_pid"); rss_end_proxy=$(rss_kb "$(proxy_pid)")
@@ -266,6 +278,12 @@ if grpc:
         failures.append(f"gRPC calls failed: {grpc['errors']} {grpc['error_messages']}")
     if grpc["stream_errors"]:
         failures.append(f"gRPC streams broke: {grpc['stream_errors']}")
+    if grpc.get("first_failures"):
+        print("soak: the first gRPC failures (Unix time; events.log has the soak's own):")
+        for t, what in grpc["first_failures"][:10]:
+            print(f"  {t} {what}")
+    if grpc.get("stuck"):
+        failures.append(f"{grpc['stuck']} gRPC client threads were still in a call 10 s after the end")
 growth = lambda a, b: (int(b) - int(a)) / int(a) * 100 if int(a) > 0 else 0.0
 gu, gp = growth(u10, uend), growth(p10, pend)
 # The criterion is the issue's: from the 10th rollout to the 100th. Shorter runs (CI's
@@ -289,3 +307,4 @@ for f in failures:
     print(f"soak FAILED: {f}")
 sys.exit(1 if failures else 0)
 PY
+keep=0

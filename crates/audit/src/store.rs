@@ -41,6 +41,17 @@ pub struct AuditLog {
     key: Option<Key>,
 }
 
+/// Writes `e` alone as the head if it is still the newest entry.
+fn settle_head(conn: &mut Connection, e: &Entry, path: &Path) -> Result<(), AuditError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let last: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))?;
+    if u64::try_from(last).ok() == Some(e.seq) {
+        Head::of(e).write(path)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 const COLUMNS: &str =
     "seq, at, actor, action, rollout, revision, spec_digest, reason, prev_hash, hash, mac";
 
@@ -103,7 +114,8 @@ impl AuditLog {
     /// IMMEDIATE transaction: a second writer waits, so the chain never forks. A
     /// trail that no longer reaches its recorded head (truncated, rewritten, or with
     /// unsigned entries after it) is refused: appending would hide that. The new head
-    /// is written before the commit, so two writers never write heads out of order.
+    /// is written before the commit, as pending (see `head`), so a crash on either side
+    /// of the commit leaves a head the trail matches.
     pub fn append(&self, new: NewEntry, at: u64) -> Result<Entry, AuditError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -153,19 +165,12 @@ impl AuditLog {
             ],
         )?;
         if let Some(path) = &self.head_file {
-            Head::of(&e).write(path)?;
-            if let Err(err) = tx.commit() {
-                // Put the old head back, or the next append would find the trail
-                // "truncated" by the entry that never was.
-                let _ = match &head {
-                    Some(h) => h.write(path),
-                    None => std::fs::remove_file(path).map_err(|source| HeadError::Io {
-                        path: path.clone(),
-                        source,
-                    }),
-                };
-                return Err(err.into());
-            }
+            Head::before_commit(prev, &e).write(path)?;
+            tx.commit()?;
+            // Under the write lock again, so that a writer that appended after us is
+            // never overwritten with an older head. The head before the commit holds
+            // either way: a failure here (a full disk) leaves it until the next append.
+            let _ = settle_head(&mut conn, &e, path);
         } else {
             tx.commit()?;
         }
@@ -353,6 +358,51 @@ mod tests {
             other.append(entry(98), 5001),
             Err(AuditError::Refused { .. })
         ));
+    }
+
+    /// A controller SIGKILLed between writing the head and committing its entry (seen
+    /// in the chaos soak) left a head one entry past the trail: every later append was
+    /// refused as "truncated". The head written before a commit names the entry as
+    /// pending, so the trail holds on either side of the commit.
+    #[test]
+    fn a_kill_on_either_side_of_the_commit_leaves_a_trail_that_verifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_db, head_file, log) = keyed(dir.path(), 5);
+        let last = log.list(&Filter::default()).expect("list").pop().expect("an entry");
+        // Killed before the commit: the head names entry 6, the trail never got it.
+        let lost = Entry::after(Some(&last), entry(50), 6000, Some(&key()));
+        Head::before_commit(Some(&last), &lost)
+            .write(&head_file)
+            .expect("write");
+        assert_eq!(verdict(&log, &head_file), None);
+        let e = log.append(entry(6), 6001).expect("append after the kill");
+        assert_eq!(e.seq, 6);
+        assert_eq!(verdict(&log, &head_file), None);
+        // Killed after the commit, before the head moved on: the pending entry is there.
+        let next = Entry::after(Some(&e), entry(7), 7000, Some(&key()));
+        Head::before_commit(Some(&e), &next)
+            .write(&head_file)
+            .expect("write");
+        assert_eq!(verdict(&log, &head_file), None);
+        // A pending entry is no cover for another entry at its place.
+        let other = Entry::after(Some(&last), entry(51), 6002, Some(&key()));
+        Head::before_commit(Some(&last), &other)
+            .write(&head_file)
+            .expect("write");
+        assert_eq!(
+            verdict(&log, &head_file),
+            Some(Problem::HeadMismatch { seq: 6 })
+        );
+        // Nor for a trail truncated below the committed head.
+        let empty = Entry::after(None, entry(52), 1, Some(&key()));
+        Head::before_commit(None, &empty)
+            .write(&head_file)
+            .expect("write");
+        assert_eq!(verdict(&log, &head_file), Some(Problem::HeadMismatch { seq: 1 }));
+        let head = Head::before_commit(Some(&e), &next);
+        assert_eq!(Head::parse(&head.text(), "test").expect("parse"), head);
+        assert!(Head::parse("6 ab\npending 7 cd", "test").is_err());
+        assert!(Head::parse(&format!("{}extra\n", head.text()), "test").is_err());
     }
 
     #[test]

@@ -62,7 +62,15 @@ seen = {
     "calls": 0, "ok": 0, "errors": Counter(), "error_messages": Counter(),
     "versions": Counter(), "streams": 0, "ticks": 0, "tick_versions": Counter(),
     "stream_ends": Counter(), "stream_errors": Counter(),
+    # When the first failures happened (Unix seconds), to line them up with events.
+    "first_failures": [],
 }
+
+
+def failed_at(what):
+    """Called with the lock held."""
+    if len(seen["first_failures"]) < 50:
+        seen["first_failures"].append([round(time.time(), 3), what])
 
 
 def caller(target):
@@ -81,6 +89,7 @@ def caller(target):
                 seen["calls"] += 1
                 seen["errors"][e.code().name] += 1
                 seen["error_messages"][e.details() or ""] += 1
+                failed_at(f"call {e.code().name}: {e.details()}")
     channel.close()
 
 
@@ -114,6 +123,7 @@ def watcher(target):
                     seen["stream_ends"]["proxy restarting"] += 1
                 else:
                     seen["stream_errors"][f"{code}: {e.details()}"] += 1
+                    failed_at(f"stream {code}: {e.details()}")
     channel.close()
 
 
@@ -121,16 +131,19 @@ def main():
     target = sys.argv[1]
     callers = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     watchers = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-    threads = [threading.Thread(target=caller, args=(target,)) for _ in range(callers)]
-    threads += [threading.Thread(target=watcher, args=(target,)) for _ in range(watchers)]
+    threads = [threading.Thread(target=caller, args=(target,), daemon=True) for _ in range(callers)]
+    threads += [threading.Thread(target=watcher, args=(target,), daemon=True) for _ in range(watchers)]
     for t in threads:
         t.start()
     print("started", flush=True)
     sys.stdin.read()
     stop.set()
+    # One deadline for all: a thread still in a call after it is counted, not waited on.
+    deadline = time.monotonic() + 10
     for t in threads:
-        t.join(timeout=10)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
     with lock:
+        seen["stuck"] = sum(t.is_alive() for t in threads)
         print(json.dumps(seen), flush=True)
 
 

@@ -159,11 +159,34 @@ pub fn spawn(run: &RunSpec, port: u16, log: &Path, mark: &str) -> Result<Child, 
         .stdout(out)
         .stderr(err)
         .process_group(0);
+    only_standard_fds(&mut cmd);
     if let Some(dir) = &run.working_dir {
         cmd.current_dir(dir);
     }
     cmd.spawn()
         .map_err(|source| SpawnError::Start { program, source })
+}
+
+/// Makes every descriptor above stderr close at exec, so a detached child holds nothing
+/// its starter happened to inherit: a shell's pipe held open by an instance or by the
+/// proxy (they outlive the command that started them) leaves its reader waiting for an
+/// EOF that never comes. Marking (CLOSE_RANGE_CLOEXEC) rather than closing keeps the
+/// pipe the standard library uses to report a failed exec. Best effort: a kernel older
+/// than 5.11 leaves them inherited, as before.
+pub(crate) fn only_standard_fds(cmd: &mut Command) {
+    // SAFETY: close_range is async-signal-safe, allocates nothing, and only sets flags
+    // on this (forked) process's descriptors.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        });
+    }
 }
 
 /// Whether `pid` leads its process group (the `pgrp` field of `/proc/PID/stat`).
@@ -295,6 +318,42 @@ mod tests {
         assert!(signal(pid, Signal::SIGKILL));
         child.wait().expect("reaped");
         assert!(!alive(pid, st));
+    }
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::*;
+
+    /// A detached instance must not hold its starter's descriptors: a shell that ran
+    /// `baton restart-proxy` with a pipe open waited forever for that pipe's EOF.
+    #[test]
+    fn an_instance_holds_none_of_its_starters_descriptors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut fds = [0; 2];
+        // SAFETY: fds is two ints; plain pipe(2) leaves both ends inheritable.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let ours = std::fs::read_link(format!("/proc/self/fd/{}", fds[1])).expect("our pipe");
+        let run = RunSpec {
+            command: vec!["sleep".into(), "30".into()],
+            env: Default::default(),
+            working_dir: None,
+        };
+        let mut child = spawn(&run, 4322, &dir.path().join("i.log"), "m").expect("spawn");
+        // spawn returns once exec succeeded: what the child holds now, it keeps.
+        let held: Vec<_> = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
+            .expect("its fds")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .collect();
+        assert!(signal(child.id(), Signal::SIGKILL));
+        child.wait().expect("reaped");
+        // SAFETY: both ends are ours and closed once.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        assert!(!held.contains(&ours), "the instance holds our pipe: {held:?}");
+        assert!(held.len() <= 3, "more than stdin/out/err: {held:?}");
     }
 }
 

@@ -36,17 +36,17 @@ pub fn spawn_proxy(socket: &Path, log: &Path, args: &[String]) -> Result<Child, 
                 source,
             })
     };
-    std::process::Command::new(exe)
-        .arg("proxy")
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("proxy")
         .arg("--control-socket")
         .arg(socket)
         .args(args)
         .stdin(Stdio::null())
         .stdout(open()?)
         .stderr(open()?)
-        .process_group(0)
-        .spawn()
-        .map_err(SuperviseError::Spawn)
+        .process_group(0);
+    crate::process::only_standard_fds(&mut cmd);
+    cmd.spawn().map_err(SuperviseError::Spawn)
 }
 
 /// Pings the proxy every 50 ms until `done` takes an answer, or `within` has passed.
