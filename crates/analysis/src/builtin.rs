@@ -310,6 +310,22 @@ fn value_of(metric: BuiltinMetric, window: &RevisionStats) -> Option<f64> {
 }
 
 impl Measurer {
+    /// Drops what it keeps for the rollout's revisions that `live` says are gone (all of
+    /// them when the rollout is): a window holds two fine histograms, and one kept per
+    /// revision ever analysed grew the controller by every rollout.
+    pub fn retain(&mut self, rollout: &str, live: &dyn Fn(&str) -> bool) {
+        self.series.retain(|(r, rev), _| r != rollout || live(rev));
+        self.windows
+            .retain(|(r, _, rev, _), _| r != rollout || live(rev));
+        self.sequential
+            .retain(|(r, _, rev, _), _| r != rollout || live(rev));
+    }
+
+    /// What it holds, for tests: series, windows, sequential tests.
+    pub fn held(&self) -> (usize, usize, usize) {
+        (self.series.len(), self.windows.len(), self.sequential.len())
+    }
+
     /// One measurement of `gate` on `revision` from its current counters; `stable`
     /// holds the stable revision's current counters, used when the gate compares.
     #[allow(clippy::too_many_arguments)]
@@ -1004,6 +1020,48 @@ mod continuous_tests {
                 .verdict,
             Verdict::Fail
         );
+    }
+
+    /// The controller grew by every rollout: windows and tests of every revision ever
+    /// judged were kept. What a gone revision left is dropped, the rest stays.
+    #[test]
+    fn what_a_gone_revision_left_is_dropped() {
+        let g = gate(None, Some(10.0), 60);
+        let mut m = Measurer::default();
+        for (rollout, rev) in [("r", "v1"), ("r", "v2"), ("other", "v1")] {
+            m.measure(
+                rollout,
+                &g,
+                rev,
+                1,
+                true,
+                &stats(0, 0),
+                Some(&stats(0, 0)),
+                0,
+            );
+            m.measure(
+                rollout,
+                &g,
+                rev,
+                1,
+                false,
+                &stats(5, 0),
+                Some(&stats(5, 0)),
+                100,
+            );
+        }
+        let before = m.held();
+        assert!(before.1 + before.2 >= 3, "{before:?}");
+        m.retain("r", &|rev| rev == "v2");
+        let after = m.held();
+        assert_eq!(
+            after.1 + after.2,
+            (before.1 + before.2) / 3 * 2,
+            "{after:?}"
+        );
+        m.retain("other", &|_| false);
+        m.retain("r", &|_| false);
+        assert_eq!(m.held(), (0, 0, 0));
     }
 
     #[test]

@@ -368,7 +368,11 @@ mod tests {
     fn a_kill_on_either_side_of_the_commit_leaves_a_trail_that_verifies() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_db, head_file, log) = keyed(dir.path(), 5);
-        let last = log.list(&Filter::default()).expect("list").pop().expect("an entry");
+        let last = log
+            .list(&Filter::default())
+            .expect("list")
+            .pop()
+            .expect("an entry");
         // Killed before the commit: the head names entry 6, the trail never got it.
         let lost = Entry::after(Some(&last), entry(50), 6000, Some(&key()));
         Head::before_commit(Some(&last), &lost)
@@ -398,7 +402,10 @@ mod tests {
         Head::before_commit(None, &empty)
             .write(&head_file)
             .expect("write");
-        assert_eq!(verdict(&log, &head_file), Some(Problem::HeadMismatch { seq: 1 }));
+        assert_eq!(
+            verdict(&log, &head_file),
+            Some(Problem::HeadMismatch { seq: 1 })
+        );
         let head = Head::before_commit(Some(&e), &next);
         assert_eq!(Head::parse(&head.text(), "test").expect("parse"), head);
         assert!(Head::parse("6 ab\npending 7 cd", "test").is_err());

@@ -68,6 +68,12 @@ impl Driver {
         }
     }
 
+    /// Drops everything kept for a deleted rollout: its series and its analysis state.
+    pub fn forget(&self, key: &str) {
+        self.metrics.forget(key);
+        self.gauges.retain(key, &|_| false);
+    }
+
     /// One cycle. `requests` that are not engine commands (`undo`) are the caller's.
     pub async fn cycle<P: Platform>(
         &self,
@@ -226,6 +232,9 @@ impl Driver {
                 )
                 .await;
         }
+        let revisions = &record.status.revisions;
+        self.gauges
+            .retain(t.key, &|rev| revisions.iter().any(|r| r.name == rev));
         for revision in smokes {
             p.start(t, &revision).await.map_err(CycleError::Platform)?;
         }

@@ -27,6 +27,22 @@ pub struct Gauges {
 pub(crate) struct CounterCache(Option<Counters>);
 
 impl Gauges {
+    /// Forgets the analysis state of the rollout's revisions that are gone.
+    pub fn retain(&self, key: &str, live: &dyn Fn(&str) -> bool) {
+        self.measurer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(key, live);
+    }
+
+    /// What the measurer holds: series, windows, sequential tests.
+    pub fn held(&self) -> (usize, usize, usize) {
+        self.measurer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .held()
+    }
+
     /// Measurements finished since the rollout's last cycle.
     pub fn take(&self, key: &str) -> Vec<Measurement> {
         self.inbox

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use baton_spec::validate::MAX_HISTORY;
 use baton_spec::{BlueGreen, Rolling, Rollout, Step, StrategyRef};
 
 use crate::{
@@ -228,6 +229,7 @@ pub fn step(spec: &Rollout, prev: &Status, obs: &Observations, now: Millis) -> O
         rolling_finish(&mut cx);
     }
     finish_promotion(&mut cx);
+    forget_old_revisions(&mut cx);
     schedule_measurements(&mut cx);
     compute_phase(&mut cx);
     Output {
@@ -1268,6 +1270,52 @@ pub fn describe(step: &Step) -> String {
             None => "pause until promoted".into(),
         },
         Step::Analysis(a) => format!("analysis {}", a.gates.join(", ")),
+    }
+}
+
+/// Keeps the revisions in use (stable, canary, preview, the spec's, any with replicas
+/// or weight, retained or under post-promotion judgment), the one `undo` goes back to,
+/// and the `revisionHistoryLimit` newest others; forgets the rest. Without this the
+/// status grew by a revision with every deploy, and everything that reads it with it.
+fn forget_old_revisions(cx: &mut Ctx) {
+    let limit = cx.spec.spec.revision_history_limit as usize;
+    let target = cx.spec.spec.run.revision_hash();
+    let s = &cx.s;
+    let undo = undo_target(s).map(|r| r.name.clone());
+    let in_use = |name: &str| {
+        Some(name) == s.stable.as_deref()
+            || Some(name) == s.canary.as_deref()
+            || Some(name) == s.preview.as_deref()
+            || Some(name) == undo.as_deref()
+            || name == target
+            || s.desired.get(name).is_some_and(|n| *n > 0)
+            || s.weights.get(name).is_some_and(|w| *w > 0)
+            || s.retain_until.contains_key(name)
+            || s.post_promotion
+                .as_ref()
+                .is_some_and(|p| p.revision == name || p.previous == name)
+    };
+    let mut old: Vec<(u64, String)> = s
+        .revisions
+        .iter()
+        .filter(|r| !in_use(&r.name))
+        .map(|r| (r.number, r.name.clone()))
+        .collect();
+    if old.len() <= limit {
+        return;
+    }
+    old.sort_unstable();
+    let forget: Vec<String> = old[..old.len() - limit]
+        .iter()
+        .map(|(_, n)| n.clone())
+        .collect();
+    cx.s.revisions.retain(|r| !forget.contains(&r.name));
+    cx.s.stable_history.retain(|r| !forget.contains(r));
+    // An undo back and forth repeats names: the history is only read from its end.
+    let cap = 2 * MAX_HISTORY as usize;
+    if cx.s.stable_history.len() > cap {
+        let extra = cx.s.stable_history.len() - cap;
+        cx.s.stable_history.drain(..extra);
     }
 }
 

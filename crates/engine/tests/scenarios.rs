@@ -932,3 +932,57 @@ fn a_canary_undone_while_the_previous_revision_is_warm_switches_without_steps() 
         }
     }
 }
+
+/// Every deploy added a revision to the status, for ever: the status (persisted every
+/// cycle, and on a cluster an object with a size limit) grew with each one. Old ones
+/// past `revisionHistoryLimit` are forgotten; those in use and `undo`'s are kept.
+#[test]
+fn old_revisions_past_the_history_limit_are_forgotten() {
+    let mut w = started(CANARY);
+    w.spec.spec.revision_history_limit = 2;
+    for v in 2..=12 {
+        w.spec = with_version(&w.spec, &format!("v{v}"));
+        w.tick();
+        w.command(Command::PromoteFull).expect("full");
+        w.tick();
+        w.tick();
+        assert_eq!(w.status.phase, Phase::Healthy, "v{v}: {}", w.status.message);
+    }
+    let versions: Vec<_> = w
+        .status
+        .revisions
+        .iter()
+        .filter_map(|r| r.run.app_version().map(str::to_string))
+        .collect();
+    // v12 serves; v11 is undo's; v9 and v10 are the two newest others.
+    assert_eq!(versions, ["v9", "v10", "v11", "v12"]);
+    assert!(
+        w.status
+            .stable_history
+            .iter()
+            .all(|r| w.status.revision(r).is_some()),
+        "the history names only revisions still known"
+    );
+    assert_eq!(
+        undo_target(&w.status).and_then(|r| r.run.app_version()),
+        Some("v11")
+    );
+    // Numbers go on from the highest ever given, not from what is left.
+    assert_eq!(
+        w.status.revision(&w.name_of("v12")).map(|r| r.number),
+        Some(12)
+    );
+    // A broken version stays known while the spec asks for it, after its rollback.
+    w.spec = with_version(&w.spec, "v13");
+    w.tick();
+    w.command(Command::Abort).expect("abort");
+    for _ in 0..3 {
+        w.tick();
+    }
+    assert!(
+        w.status
+            .revision(&w.name_of("v13"))
+            .is_some_and(|r| r.aborted_at.is_some())
+    );
+    assert_eq!(w.weight("v12"), 100);
+}

@@ -363,7 +363,7 @@ async fn cleanup(ro: &Rollout, ctx: &Context) -> Result<Action, Error> {
             &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
         )
         .await?;
-    ctx.driver.metrics.forget(&format!("{ns}/{name}"));
+    ctx.driver.forget(&format!("{ns}/{name}"));
     Ok(Action::await_change())
 }
 

@@ -101,6 +101,7 @@ pub fn engine_spec(
             shutdown: Default::default(),
             min_ready_seconds: s.min_ready_seconds.max(0) as u64,
             progress_deadline_seconds: s.progress_deadline_seconds.max(1) as u64,
+            revision_history_limit: s.revision_history_limit.clamp(0, MAX_HISTORY as i32) as u32,
             traffic: Traffic {
                 listen: "kubernetes".into(),
                 stickiness: None,
@@ -221,8 +222,8 @@ pub fn cluster_errors(ro: &Rollout, espec: &baton_spec::Rollout) -> Vec<FieldErr
     errors
 }
 
-/// The most old ReplicaSets a Rollout keeps for `undo`.
-pub const MAX_HISTORY: i64 = 100;
+/// The most old ReplicaSets a Rollout keeps for `undo`: the local spec's bound.
+pub const MAX_HISTORY: i64 = baton_spec::validate::MAX_HISTORY as i64;
 
 #[cfg(test)]
 mod tests {

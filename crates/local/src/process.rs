@@ -352,7 +352,10 @@ mod fd_tests {
             libc::close(fds[0]);
             libc::close(fds[1]);
         }
-        assert!(!held.contains(&ours), "the instance holds our pipe: {held:?}");
+        assert!(
+            !held.contains(&ours),
+            "the instance holds our pipe: {held:?}"
+        );
         assert!(held.len() <= 3, "more than stdin/out/err: {held:?}");
     }
 }

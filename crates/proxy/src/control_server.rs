@@ -48,6 +48,14 @@ pub(crate) async fn serve_control(shared: Arc<Shared>, listener: UnixListener) {
                             .unwrap_or_else(|p| p.into_inner()) = Some(w);
                         shared.stop.notify_one();
                         info!("a new proxy process took over: draining");
+                        // Its tables come on this connection while we drain.
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            if let Ok(ControlRequest::SetTable { table }) =
+                                serde_json::from_str::<ControlRequest>(&line)
+                            {
+                                follow_table(&shared, table).await;
+                            }
+                        }
                         break;
                     }
                     Ok(req) => control_request(&shared, req).await,
@@ -178,6 +186,67 @@ pub(crate) async fn apply_table(
     apply_table_with(shared, table, HashMap::new()).await
 }
 
+/// Tunnels to instances that left routing start their drain clock.
+fn drain_unrouted(shared: &Shared, table: &RoutingTable) {
+    let drain: HashMap<String, Duration> = table
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                Duration::from_millis(s.drain_ms.unwrap_or(30_000)),
+            )
+        })
+        .collect();
+    shared
+        .sessions
+        .drain_unrouted(&table::routed(&table.services), |svc| {
+            drain.get(svc).copied().unwrap_or(Duration::from_secs(30))
+        });
+}
+
+/// Sends the table in force to the process this one took over from, while it drains:
+/// its open connections (an HTTP/2 client's, a keep-alive client's last request) still
+/// take requests, and with the table of the moment of the takeover it sent them to
+/// instances that had left routing and stopped (the chaos soak saw 502s from it when a
+/// rollout finished within the drain). The write is short and bounded; a predecessor
+/// that is gone is forgotten.
+fn forward_to_predecessor(shared: &Shared, table: &RoutingTable) {
+    use std::io::Write;
+    let mut slot = shared.predecessor.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(stream) = slot.as_mut() else {
+        return;
+    };
+    let line = serde_json::to_string(&ControlRequest::SetTable {
+        table: table.clone(),
+    });
+    let sent = line.map_err(std::io::Error::other).and_then(|mut line| {
+        line.push('\n');
+        stream.set_write_timeout(Some(Duration::from_millis(200)))?;
+        stream.write_all(line.as_bytes())
+    });
+    if sent.is_err() {
+        *slot = None;
+    }
+}
+
+/// A table forwarded by the process that took over (`forward_to_predecessor`): the
+/// listeners are its own now, so nothing is bound; only the routing of the connections
+/// still open here follows it.
+async fn follow_table(shared: &Arc<Shared>, table: RoutingTable) {
+    let _guard = shared.apply_lock.lock().await;
+    if table.version < shared.table.load().version {
+        return;
+    }
+    match Compiled::build(&table, &shared.metrics, &shared.outliers) {
+        Ok(compiled) => {
+            shared.table.store(Arc::new(compiled));
+            drain_unrouted(shared, &table);
+        }
+        Err(error) => warn!(%error, "cannot follow the new process's table"),
+    }
+}
+
 /// A service's addresses, main listener first; `None` when one does not parse.
 fn addresses(svc: &ServiceRoute) -> Option<Vec<SocketAddr>> {
     let mut v = vec![svc.listen.parse().ok()?];
@@ -266,22 +335,25 @@ pub(crate) async fn apply_table_with(
     let compiled = Compiled::build(&table, &shared.metrics, &shared.outliers)?;
     let wanted: Vec<SocketAddr> = compiled.routes.keys().copied().collect();
     shared.table.store(Arc::new(compiled));
-    // Tunnels to instances that left routing start their drain clock.
-    let drain: HashMap<String, Duration> = table
+    drain_unrouted(shared, &table);
+    forward_to_predecessor(shared, &table);
+    let in_table = table
         .services
         .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                Duration::from_millis(s.drain_ms.unwrap_or(30_000)),
-            )
+        .flat_map(|s| {
+            let named = s.revisions.iter().map(|r| r.name.clone());
+            let roles = [&s.stable, &s.canary, &s.preview]
+                .into_iter()
+                .flatten()
+                .cloned();
+            named.chain(roles).map(|r| (s.name.clone(), r))
         })
         .collect();
-    shared
-        .sessions
-        .drain_unrouted(&table::routed(&table.services), |svc| {
-            drain.get(svc).copied().unwrap_or(Duration::from_secs(30))
-        });
+    shared.metrics.retire(
+        &in_table,
+        std::time::Instant::now(),
+        crate::metrics::RETAIN_UNROUTED,
+    );
     let mut listeners = shared.listeners.lock().unwrap_or_else(|p| p.into_inner());
     for (addr, l) in bound {
         info!(%addr, "listening");

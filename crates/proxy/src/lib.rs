@@ -154,6 +154,9 @@ struct Shared {
     /// counted after them once drained.
     handed_stats: Mutex<Option<StatsSnapshot>>,
     final_counts: Mutex<Option<tokio::net::unix::OwnedWriteHalf>>,
+    /// The process this one took over from, until it has drained: tables are
+    /// forwarded to it (`control_server::forward_to_predecessor`).
+    predecessor: Mutex<Option<std::os::unix::net::UnixStream>>,
     graceful: Mutex<Option<GracefulShutdown>>,
     stop: Notify,
     stopping: AtomicBool,
@@ -190,6 +193,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         handed_over: AtomicBool::new(false),
         handed_stats: Mutex::new(None),
         final_counts: Mutex::new(None),
+        predecessor: Mutex::new(None),
         graceful: Mutex::new(Some(GracefulShutdown::new())),
         stop: Notify::new(),
         stopping: AtomicBool::new(false),
@@ -263,6 +267,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
         // We accept on the inherited sockets: the old process may stop.
         handover::release(&mut old).map_err(ProxyError::Takeover)?;
         info!("took over from the previous proxy process");
+        *shared.predecessor.lock().unwrap_or_else(|p| p.into_inner()) = old.try_clone().ok();
         // What it finishes while draining comes back once it has drained.
         let (shared, wait) = (
             shared.clone(),
@@ -272,6 +277,8 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
             if let Some(delta) = handover::final_counts(old, wait) {
                 shared.metrics.add(&delta);
             }
+            // Drained: nothing left to route there.
+            *shared.predecessor.lock().unwrap_or_else(|p| p.into_inner()) = None;
         });
     }
     info!(socket = %config.control_socket.display(), "proxy ready");

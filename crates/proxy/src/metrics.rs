@@ -2,10 +2,11 @@
 //! read by the controller as snapshots and by Prometheus as text. The snapshots'
 //! types are wire types, in `baton-proxy-api`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub use baton_proxy_api::metrics::{BUCKETS, RevisionStats, StatsSnapshot};
 use baton_proxy_api::metrics::{FINE_BUCKETS, fine_index};
@@ -127,9 +128,15 @@ impl RevisionMetrics {
 /// A per-revision counter family: name, help text, and how to read it.
 type Counter = (&'static str, &'static str, fn(&RevisionStats) -> u64);
 
+/// How long a revision's counters outlive the last table that routed to it: past its
+/// instances' drain and a Prometheus scrape or two, so the last requests are seen.
+pub const RETAIN_UNROUTED: Duration = Duration::from_secs(120);
+
 #[derive(Default)]
 pub struct Metrics {
     by_revision: Mutex<BTreeMap<(String, String), Arc<RevisionMetrics>>>,
+    /// Revisions no table routes to, since when.
+    unrouted_since: Mutex<HashMap<(String, String), Instant>>,
 }
 
 impl Metrics {
@@ -140,6 +147,31 @@ impl Metrics {
         map.entry((service.to_string(), revision.to_string()))
             .or_default()
             .clone()
+    }
+
+    /// Forgets the counters of revisions that no table has named for `keep`: each holds
+    /// some 50 kB (fine histograms in every shard), and kept for every revision ever
+    /// routed they grew the proxy by every deploy (and every stats read, and the
+    /// exposition's series, with it).
+    pub fn retire(&self, in_table: &HashSet<(String, String)>, now: Instant, keep: Duration) {
+        let mut map = self.by_revision.lock().unwrap_or_else(|p| p.into_inner());
+        let mut since = self
+            .unrouted_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for k in map.keys() {
+            if in_table.contains(k) {
+                since.remove(k);
+            } else {
+                since.entry(k.clone()).or_insert(now);
+            }
+        }
+        map.retain(|k, _| {
+            since
+                .get(k)
+                .is_none_or(|t| now.saturating_duration_since(*t) < keep)
+        });
+        since.retain(|k, _| map.contains_key(k));
     }
 
     /// Starts from another process's counters (hot restart), so that rates and
@@ -304,6 +336,31 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revision_out_of_every_table_is_forgotten_after_a_while() {
+        let m = Metrics::default();
+        let key = |r: &str| ("svc".to_string(), r.to_string());
+        m.revision("svc", "v1").observe(200, 0.01);
+        m.revision("svc", "v2").observe(200, 0.01);
+        let t0 = Instant::now();
+        let keep = Duration::from_secs(120);
+        let both: HashSet<_> = [key("v1"), key("v2")].into();
+        let v2: HashSet<_> = [key("v2")].into();
+        let names = |m: &Metrics| m.snapshot()["svc"].keys().cloned().collect::<Vec<_>>();
+        m.retire(&both, t0, keep);
+        m.retire(&v2, t0 + Duration::from_secs(1), keep);
+        m.retire(&v2, t0 + Duration::from_secs(100), keep);
+        assert_eq!(names(&m), ["v1", "v2"], "kept for its last scrapes");
+        // Routed again meanwhile: its clock starts over.
+        m.retire(&both, t0 + Duration::from_secs(110), keep);
+        m.retire(&v2, t0 + Duration::from_secs(120), keep);
+        m.retire(&v2, t0 + Duration::from_secs(200), keep);
+        assert_eq!(names(&m), ["v1", "v2"]);
+        m.retire(&v2, t0 + Duration::from_secs(241), keep);
+        assert_eq!(names(&m), ["v2"]);
+        assert_eq!(m.snapshot()["svc"]["v2"].requests(), 1);
+    }
 
     #[test]
     fn quantiles_interpolate_like_prometheus() {

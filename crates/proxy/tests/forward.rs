@@ -692,6 +692,93 @@ async fn a_hot_restart_under_load_loses_nothing() {
     let _ = tokio::time::timeout(Duration::from_secs(10), new).await;
 }
 
+/// After a hot restart the old process still takes requests on the connections open
+/// to it (an HTTP/2 client's, for its drain): it routes them by the new process's
+/// tables, not by the one of the moment it handed over. The chaos soak saw 502s when a
+/// rollout finished within that drain and its old instances stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_proxy_routes_by_its_successors_tables() {
+    use std::os::unix::fs::MetadataExt;
+    let old = proxy().await;
+    let (a, b) = (backend("a").await, backend("b").await);
+    let listen = free();
+    old.client
+        .set_table(&table(7, listen, vec![("a", 100, vec![a])]))
+        .await
+        .expect("ack");
+    let s = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(s),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let get = |tx: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>| {
+        let req = Request::get(format!("http://{listen}/"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let sent = tx.send_request(req);
+        async move {
+            let resp = sent.await.expect("response");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            String::from_utf8_lossy(&body).into_owned()
+        }
+    };
+    assert_eq!(get(&mut tx).await, "a");
+    let sock = old._dir.path().join("proxy.sock");
+    let first = std::fs::metadata(&sock).expect("socket").ino();
+    let new = tokio::spawn(baton_proxy::run(Config {
+        control_socket: sock.clone(),
+        metrics_listen: None,
+        metrics_textfile: None,
+        max_body_bytes: 1024,
+        drain_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(10),
+        takeover: true,
+        workers: 2,
+        cpu_affinity: Default::default(),
+    }));
+    // The new process binds the control socket's path once it has taken over.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(&sock).map(|m| m.ino()).ok() == Some(first) {
+        assert!(std::time::Instant::now() < deadline, "no takeover");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let client = ProxyClient::new(&sock);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while client.ping().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new proxy did not answer"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client
+        .set_table(&table(8, listen, vec![("b", 100, vec![b])]))
+        .await
+        .expect("ack");
+    // Still on the connection to the old process (its soft drain lasts 2 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        last = get(&mut tx).await;
+        if last == "b" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        last, "b",
+        "the draining process kept the table it handed over"
+    );
+    client.shutdown().await.expect("shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(10), new).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), old.task).await;
+}
+
 /// TLS with ALPN: an HTTP/2 client and an HTTP/1.1 client on the same listener.
 #[tokio::test]
 async fn tls_serves_h2_and_http1_by_alpn() {

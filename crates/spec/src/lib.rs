@@ -82,6 +82,12 @@ pub struct RolloutSpec {
     #[serde(default = "default_progress_deadline")]
     #[schemars(range(min = 1, max = crate::validate::MAX_DURATION_SECONDS))]
     pub progress_deadline_seconds: u64,
+    /// Old revisions remembered for `undo` and `history` (on a cluster, their
+    /// ReplicaSets kept at zero), besides those running or in use; older ones are
+    /// forgotten, so that a rollout's status does not grow with every deploy.
+    #[serde(default = "default_history")]
+    #[schemars(range(max = crate::validate::MAX_HISTORY))]
+    pub revision_history_limit: u32,
     pub traffic: Traffic,
     pub strategy: Strategy,
     #[serde(default)]
@@ -98,6 +104,9 @@ fn one() -> u32 {
 }
 fn default_progress_deadline() -> u64 {
     600
+}
+fn default_history() -> u32 {
+    3
 }
 
 /// How to start one instance. Any change here makes a new revision.

@@ -16,6 +16,8 @@ pub const MAX_ARG_BYTES: usize = 128 * 1024;
 /// with an 8 MiB stack), which the inherited environment shares.
 pub const MAX_RUN_BYTES: usize = 1024 * 1024;
 pub const MAX_REPLICAS: u32 = 100;
+/// The most old revisions a rollout remembers (`revisionHistoryLimit`).
+pub const MAX_HISTORY: u32 = 100;
 /// The largest gate count or limit (`count`, `failureLimit`, `inconclusiveLimit`,
 /// `consecutiveErrorLimit`) and probe threshold.
 pub const MAX_COUNT: u32 = 1000;
@@ -161,6 +163,15 @@ pub fn validate(r: &Rollout) -> Vec<FieldError> {
         err("spec.progressDeadlineSeconds", "must be at least 1".into());
     } else if let Some(why) = too_long(Duration::from_secs(s.progress_deadline_seconds)) {
         err("spec.progressDeadlineSeconds", why);
+    }
+    if s.revision_history_limit > MAX_HISTORY {
+        err(
+            "spec.revisionHistoryLimit",
+            format!(
+                "must be between 0 and {MAX_HISTORY}, got {}",
+                s.revision_history_limit
+            ),
+        );
     }
     let listen = check_addr("spec.traffic.listen", &s.traffic.listen, &mut err);
     let header_name = |h: &str| {
