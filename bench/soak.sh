@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # The chaos soak: consecutive rollouts of `examples/hello` under wrk — canary, blue-green
 # and rolling, good versions promoted and broken ones (half their answers 500s) rolled
-# back — and of the gRPC example under grpcio's calls and open streams, with an
-# instance of hello SIGKILLed in every rollout of it, the controller SIGKILLed (and
-# started again) and the proxy hot-restarted every 10 rollouts. Loopback only; bounded
-# in time; stops everything it started.
+# back — of the gRPC example under grpcio's calls and open streams, and of the example
+# exchange (trade by canary, notification by canary, user by blue-green) under its
+# trader: orders with idempotency keys and WebSocket feeds. An instance is SIGKILLed in
+# every rollout of hello, trade and user; the controller is SIGKILLed (and started
+# again) and the proxy hot-restarted every 10 rollouts; the state directory's disk (a
+# 64 MB tmpfs, when root) fills up once. Loopback only; bounded in time; stops
+# everything it started.
 #
 # Usage: bench/soak.sh [--rollouts N] [--minutes M]   (default: 100 rollouts, no time cap)
-#   BATON=path   the baton binary (default target/debug/baton, as scripts/test builds it)
-#   HELLO=path   the hello binary (default: beside it, with grpc-hello)
-#   SEED=n       the random choices (which instance, when) repeat with the same seed
-#   SOAK_RSS=f   appends, per rollout: number, seconds, controller and proxy RSS (kB)
+#   BATON=path     the baton binary (default target/debug/baton, as scripts/test builds it)
+#   HELLO=path     the hello binary (default: beside it, with grpc-hello and exchange-*)
+#   SEED=n         the random choices (which instance, when) repeat with the same seed
+#   SOAK_RSS=f     appends, per rollout: number, seconds, controller and proxy RSS (kB)
+#   SOAK_DISK=0    no full-disk episode; SOAK_DISK_AT=n: at rollout n (default 25)
 #
 # Pass: wrk saw 0 failed requests (non-2xx or socket errors: the canaries shield their
-# users, so a broken version's 500s are retried on stable and reach no one) and no
-# timeouts, every good version promoted and every broken one rolled back, each controller
-# restart resumed exactly (same step, same instances, no extra revision), no gRPC call
-# failed and no stream broke (streams end with UNAVAILABLE when their instance drains or
-# the proxy restarts, and reconnect), `baton audit verify` clean at the end, and the controller's and the proxy's RSS grew less than 10 %
-# from the 10th rollout to the last. Prints a summary and exits 1 on any failure.
+# users, so a broken version's 500s are retried on stable and reach no one), every good
+# version promoted and every broken one rolled back, each controller restart resumed
+# exactly (same step, same instances, no extra revision), no gRPC call failed and no
+# stream broke (streams end with UNAVAILABLE when their instance drains or the proxy
+# restarts, and reconnect), the trader lost, doubled and missed nothing, had no failed
+# request but the broken versions' own and no feed ended without a close frame, the
+# controller lived through the full disk, `baton audit verify` is clean at the end, and
+# over 100 rollouts or more the controller's and the proxy's RSS grew less than 10 %
+# from the 10th to the last. Prints a summary and exits 1 on any failure (keeping its
+# logs and state for a look).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rollouts=100
@@ -27,14 +35,15 @@ while [ $# -gt 0 ]; do
   case $1 in
     --rollouts) rollouts=$2; shift 2;;
     --minutes) minutes=$2; shift 2;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0;;
     *) echo "unknown argument '$1' (see --help)" >&2; exit 2;;
   esac
 done
 baton=$(realpath "${BATON:-target/debug/baton}")
 hello=$(realpath "${HELLO:-$(dirname "$baton")/hello}")
-grpc_hello=$(dirname "$hello")/grpc-hello
-for b in "$baton" "$hello" "$grpc_hello"; do [ -x "$b" ] || { echo "missing $b: cargo build --workspace --bins" >&2; exit 2; }; done
+bin=$(dirname "$hello")
+grpc_hello=$bin/grpc-hello
+for b in "$baton" "$hello" "$grpc_hello" "$bin"/exchange-{user,trade,notification,trader}; do [ -x "$b" ] || { echo "missing $b: cargo build --workspace --bins" >&2; exit 2; }; done
 command -v wrk >/dev/null || { echo "needs wrk: apt-get install wrk" >&2; exit 2; }
 # grpcio for the gRPC client: the test venv scripts/deps makes.
 python=${XDG_CACHE_HOME:-$HOME/.cache}/baton-test-venv/bin/python
@@ -50,6 +59,10 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   if [ -n "$up_pid" ]; then kill -9 "$up_pid" 2>/dev/null || true; wait "$up_pid" 2>/dev/null || true; fi
   "$baton" --dir "$work/state" down >/dev/null 2>&1 || true
+  if [ "${tmpfs:-0}" = 1 ]; then
+    [ "${keep:-0}" = 1 ] && cp -a "$work/state" "$work/state-kept" 2>/dev/null
+    umount "$work/state" 2>/dev/null || umount -l "$work/state" 2>/dev/null || true
+  fi
   if [ "${keep:-0}" = 1 ]; then echo "soak: its logs and state are kept in $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -58,9 +71,76 @@ unset BATON_AUDIT_KEY BATON_AUDIT_KEY_FILE BATON_AUDIT_HEAD
 b() { "$baton" --dir "$work/state" "$@"; }
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
-declare -A LISTEN=([hello]=127.0.0.1:$(port) [hello-bg]=127.0.0.1:$(port) [hello-roll]=127.0.0.1:$(port) [greeter]=127.0.0.1:$(port))
+declare -A LISTEN=([hello]=127.0.0.1:$(port) [hello-bg]=127.0.0.1:$(port) [hello-roll]=127.0.0.1:$(port) [greeter]=127.0.0.1:$(port)
+  [user]=127.0.0.1:$(port) [user-preview]=127.0.0.1:$(port) [trade]=127.0.0.1:$(port) [notification]=127.0.0.1:$(port))
+
+exchange_spec() { # name version fail_rate -> the spec of one of the exchange's services
+  local strategy gates env="APP_VERSION: $2, BIND: 127.0.0.1, EXCHANGE_DATABASE_URL: \"sqlite:$work/exchange.db\", EXCHANGE_JWT_SECRET: soak-exchange-secret-0123456789abcdef, FAULT_ERROR_RATE: \"$3\""
+  local traffic="listen: \"${LISTEN[$1]}\", shieldCanary: true"
+  case $1 in
+    # Orders carry an Idempotency-Key: a broken canary's 500s are retried on stable.
+    trade) strategy="    canary:
+      steps:
+        - setWeight: 20
+        - pause: { duration: 3s }
+        - setWeight: 50
+        - pause: { duration: 2s }"
+      gates="      - name: errors
+        metric: { builtin: error_rate }
+        successCondition: \"result <= 0.01\"
+        interval: 1s
+        minRequests: 20";;
+    # Feeds are few and long-lived: the gate checks the canary's API directly.
+    notification) env="$env, DRAIN_TIMEOUT_SECONDS: \"3\""
+      strategy="    canary:
+      steps:
+        - setWeight: 50
+        - pause: { duration: 2s }
+        - analysis: { gates: [api] }"
+      gates="      - name: api
+        metric:
+          smoke:
+            - path: /readyz
+            - { path: /events, expectStatus: 401 }
+            - { path: /events, expectStatus: 401 }";;
+    user) env="$env, SMOKE_USER: smoke-test, SMOKE_PASSWORD: smoke-test-password"
+      traffic="listen: \"${LISTEN[user]}\""
+      strategy="    blueGreen:
+      previewListen: \"${LISTEN[user-preview]}\"
+      autoPromote: true
+      smoke:
+        - path: /readyz
+        - method: POST
+          path: /login
+          headers: { Content-Type: application/json }
+          body: '{\"username\": \"smoke-test\", \"password\": \"smoke-test-password\"}'
+          expectBodyContains: '\"token\"'"
+      gates="";;
+  esac
+  cat <<SPEC
+apiVersion: baton.dev/v1alpha1
+kind: Rollout
+metadata: { name: $1 }
+spec:
+  replicas: 2
+  run:
+    command: ["$bin/exchange-$1", "--port", "{port}"]
+    env: { $env }
+  probes:
+    readiness: { httpGet: { path: /readyz }, periodSeconds: 0.25, failureThreshold: 2 }
+    liveness: { httpGet: { path: /healthz }, periodSeconds: 1, failureThreshold: 3 }
+  minReadySeconds: 1
+  shutdown: { preStopSeconds: 0.5, drainTimeoutSeconds: 5 }
+  traffic: { $traffic }
+  strategy:
+$strategy
+$([ -n "$gates" ] && printf '  analysis:\n    gates:\n%s\n' "$gates")
+  rollback: { onFailure: true }
+SPEC
+}
 
 spec() { # name version fail_rate -> the spec's text
+  case $1 in trade|notification|user) exchange_spec "$@"; return;; esac
   local strategy
   case $1 in
     hello) strategy="    canary:
@@ -158,8 +238,39 @@ PY
 }
 
 
+# The state directory fills up: the apply made then is refused with a reason (or taken
+# and kept), the controller lives on, traffic never notices, and once space is back the
+# rollout goes through.
+full_disk() { # rollout-number name
+  event "state disk: filling it"
+  dd if=/dev/zero of="$work/state/filler" bs=1M status=none 2>/dev/null || true
+  dd if=/dev/zero of="$work/state/filler2" bs=4k status=none 2>/dev/null || true
+  local out rc=0
+  out=$(b apply -f "$work/$2.yaml" 2>&1) || rc=$?
+  event "state disk full: apply exited $rc: $out"
+  sleep 3
+  local st; st=$(b status "$2" 2>&1 | head -5 | tr '\n' ' ')
+  if ! kill -0 "$up_pid" 2>/dev/null; then
+    failures+=("rollout $1: the controller died while the state disk was full: $(tail -5 "$work/up.log" | tr '\n' ' ')")
+    rm -f "$work/state/filler" "$work/state/filler2"
+    start_up
+  fi
+  rm -f "$work/state/filler" "$work/state/filler2"
+  event "state disk: space back"
+  disk_report="apply on a full disk exited $rc ($(echo "$out" | head -c 200)); status meanwhile: $(echo "$st" | head -c 200)"
+  if [ "$rc" != 0 ]; then
+    b apply -f "$work/$2.yaml" >/dev/null || failures+=("rollout $1: apply failed after the disk had space again")
+  fi
+}
+
 mkdir -p "$work/state"
-names=(hello hello-bg hello-roll greeter)
+# The state directory on a small tmpfs of its own, to fill it once (needs root).
+tmpfs=0
+if [ "${SOAK_DISK:-1}" = 1 ] && mount -t tmpfs -o size=64m tmpfs "$work/state" 2>/dev/null; then tmpfs=1
+else echo "soak: the state directory is not a tmpfs (mounting one needs root): no full-disk episode" >&2; fi
+disk_at=${SOAK_DISK_AT:-25}
+disk_report=""
+names=(hello hello-bg hello-roll greeter trade notification user)
 for name in "${names[@]}"; do spec "$name" v0 0 >"$work/$name.yaml"; done
 for name in "${names[@]}"; do cat "$work/$name.yaml"; echo ---; done >"$work/all.yaml"
 start_up "$work/all.yaml"
@@ -180,26 +291,42 @@ wrk_pids=("${pids[@]}")
 mkfifo "$work/grpc.in"
 "$python" crates/baton/tests/grpc_client.py "${LISTEN[greeter]}" 2 2 <"$work/grpc.in" >"$work/grpc.out" 2>&1 & grpc_pid=$!
 exec 3>"$work/grpc.in"
+# The exchange under the trader: orders with idempotency keys, each trader following its
+# WebSocket feed (resuming from its last sequence number); checked at the end.
+"$bin/exchange-trader" --user-url "http://${LISTEN[user]}" --trade-url "http://${LISTEN[trade]}" \
+  --notify-url "http://${LISTEN[notification]}" --traders 4 --rate 50 --duration 24h --output json \
+  >"$work/trader.json" 2>"$work/trader.log" 3>&- & trader_pid=$!
 
 start=$(date +%s)
 deadline=$(( minutes > 0 ? start + minutes * 60 : 0 ))
 failures=()
+broken_versions=()
 promoted=0 rolled_back=0 killed=0 controller_kills=0 proxy_restarts=0 done_rollouts=0
 rss10_up="" rss10_proxy=""
 for i in $(seq 1 "$rollouts"); do
   if [ "$deadline" -gt 0 ] && [ "$(date +%s)" -ge "$deadline" ]; then break; fi
-  name=${names[$(( (i - 1) % 4 ))]}
+  name=${names[$(( (i - 1) % ${#names[@]} ))]}
+  round=$(( (i - 1) / ${#names[@]} ))
   broken=0
-  # Every fourth canary of hello is broken: half its answers are 500s.
-  [ "$name" = hello ] && [ $(( (i - 1) / 4 % 4 )) -eq 0 ] && broken=1
+  # Every fourth canary of hello and every third of trade is broken: half its answers
+  # are 500s.
+  [ "$name" = hello ] && [ $(( round % 4 )) -eq 0 ] && broken=1
+  [ "$name" = trade ] && [ $(( round % 3 )) -eq 1 ] && broken=1
+  [ $broken = 1 ] && broken_versions+=("v$i")
   fail=0; [ $broken = 1 ] && fail=0.5
   spec "$name" "v$i" "$fail" >"$work/$name.yaml"
-  b apply -f "$work/$name.yaml" >/dev/null
+  if [ "$tmpfs" = 1 ] && [ "$i" -eq "$disk_at" ]; then
+    full_disk "$i" "$name"
+  else
+    b apply -f "$work/$name.yaml" >/dev/null
+  fi
   event "rollout $i: $name v$i applied$([ $broken = 1 ] && echo " (broken)")"
   # An instance SIGKILLed at a random moment of the rollout.
   sleep "0.$(( RANDOM % 9 + 1 ))"
   read -ra ip <<<"$(instance_pids "$name")"
-  if [ "$name" != greeter ] && [ ${#ip[@]} -gt 0 ]; then
+  # Not the greeter's nor the notification service's: a killed instance's gRPC streams
+  # and WebSocket feeds end abruptly, and the soak counts those as failures.
+  if [ "$name" != greeter ] && [ "$name" != notification ] && [ ${#ip[@]} -gt 0 ]; then
     victim=${ip[$(( RANDOM % ${#ip[@]} ))]}
     kill -9 "$victim" 2>/dev/null && killed=$((killed + 1)) && event "instance $victim of $name SIGKILLed"
   fi
@@ -244,12 +371,17 @@ exec 3>&-   # the gRPC client reports once its stdin closes
 for _ in $(seq 300); do kill -0 "$grpc_pid" 2>/dev/null || break; sleep 0.1; done
 kill "$grpc_pid" 2>/dev/null || true
 wait "$grpc_pid" 2>/dev/null || true
+# The trader checks the books once stopped: at most a minute for that.
+kill -INT "$trader_pid" 2>/dev/null || true
+for _ in $(seq 600); do kill -0 "$trader_pid" 2>/dev/null || break; sleep 0.1; done
+kill "$trader_pid" 2>/dev/null || true
+wait "$trader_pid" 2>/dev/null || true
 pids=()
 verify=$(b audit verify 2>&1) || failures+=("audit verify: $verify")
 
-python3 - "$work" "$done_rollouts" "$promoted" "$rolled_back" "$killed" "$controller_kills" "$proxy_restarts" \
+DISK="$disk_report" DISK_AT="$disk_at" BROKEN="${broken_versions[*]}" python3 - "$work" "$done_rollouts" "$promoted" "$rolled_back" "$killed" "$controller_kills" "$proxy_restarts" \
   "${rss10_up:-0}" "$rss_end_up" "${rss10_proxy:-0}" "$rss_end_proxy" "$(( $(date +%s) - start ))" "${failures[@]}" <<'PY'
-import glob, json, re, sys
+import glob, json, os, re, sys
 work, n, promoted, rolled, killed, ckills, prestarts, u10, uend, p10, pend, secs = sys.argv[1:13]
 failures = sys.argv[13:]
 total = failed = 0
@@ -284,6 +416,23 @@ if grpc:
             print(f"  {t} {what}")
     if grpc.get("stuck"):
         failures.append(f"{grpc['stuck']} gRPC client threads were still in a call 10 s after the end")
+trader = {}
+try:
+    trader = json.loads(open(f"{work}/trader.json").read())
+except (OSError, ValueError) as e:
+    failures.append(f"the trader gave no report ({e}): {open(f'{work}/trader.log').read()[-300:]}")
+broken_versions = set(os.environ.get("BROKEN", "").split())
+if trader:
+    for k in ("ordersLost", "duplicateOrders", "fillsMissed", "notificationsMissed", "notificationsDuplicated", "wsAbnormal"):
+        if trader.get(k):
+            failures.append(f"the trader counted {k} = {trader[k]}")
+    listed = trader.get("failures", [])
+    ours = [f for f in listed if f.get("version") not in broken_versions]
+    trader_failed = trader.get("failedRequests", 0) - (len(listed) - len(ours))
+    if len(listed) >= 1000 and trader.get("failedRequests", 0) > len(listed):
+        failures.append(f"the trader had {trader['failedRequests']} failed requests, too many to tell apart")
+    elif trader_failed:
+        failures.append(f"the trader had {trader_failed} failed requests not answered by a broken version: {ours[:5]}")
 growth = lambda a, b: (int(b) - int(a)) / int(a) * 100 if int(a) > 0 else 0.0
 gu, gp = growth(u10, uend), growth(p10, pend)
 # The criterion is the issue's: from the 10th rollout to the 100th. Shorter runs (CI's
@@ -299,6 +448,14 @@ print(f"soak: {total} requests through wrk, {failed} failed")
 if grpc:
     print(f"soak: {grpc['calls']} gRPC calls, {grpc['calls'] - grpc['ok']} failed; {grpc['streams']} streams, "
           f"{grpc['ticks']} messages, clean ends {grpc['stream_ends']}, broken {grpc['stream_errors']}")
+if os.environ.get("DISK"):
+    print(f"soak: full state disk at rollout {os.environ.get('DISK_AT')}: {os.environ['DISK']}")
+if trader:
+    print(f"soak: exchange: {trader.get('ordersAccepted')} orders accepted of {trader.get('ordersSent')} sent, "
+          f"{trader.get('ordersLost')} lost, {trader.get('duplicateOrders')} duplicated; "
+          f"{trader.get('notificationsReceived')} notifications, {trader.get('notificationsMissed')} missed; "
+          f"{trader.get('failedRequests')} failed requests ({trader.get('failedRequests', 0) - trader_failed} by broken versions); "
+          f"feeds: {trader.get('wsReconnects')} reconnects, close codes {trader.get('wsCloseCodes')}, {trader.get('wsAbnormal')} abnormal")
 if int(n) >= 20:
     print(f"soak: RSS from rollout 10 to {n}: controller {u10} → {uend} kB ({gu:+.1f} %), proxy {p10} → {pend} kB ({gp:+.1f} %)")
 else:

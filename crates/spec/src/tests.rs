@@ -327,7 +327,9 @@ fn numbers_above_their_maximum_are_refused_by_name() {
     let canary = CANARY
         .replace(
             "minReadySeconds: 1",
-            &format!("minReadySeconds: {HUGE}\n  progressDeadlineSeconds: {HUGE}"),
+            &format!(
+                "minReadySeconds: {HUGE}\n  progressDeadlineSeconds: {HUGE}\n  revisionHistoryLimit: 101"
+            ),
         )
         .replace("failureThreshold: 2", "failureThreshold: 1001")
         .replacen("{ duration: 5s }", &format!("{{ duration: {HUGE} }}"), 1)
@@ -347,6 +349,7 @@ fn numbers_above_their_maximum_are_refused_by_name() {
         "spec.probes.readiness.failureThreshold",
         "spec.minReadySeconds",
         "spec.progressDeadlineSeconds",
+        "spec.revisionHistoryLimit",
         "spec.strategy.canary.steps[1].pause.duration",
         "spec.analysis.gates[0].interval",
         "spec.analysis.gates[0].initialDelay",
@@ -430,7 +433,7 @@ fn every_type_error_is_listed_with_its_path() {
             ("spec.replicas", "must be at least 1, got -2"),
             (
                 "spec.replicaz",
-                "is not a field here; expected one of analysis, minReadySeconds, notifications, probes, progressDeadlineSeconds, replicas, rollback, run, shutdown, strategy, traffic"
+                "is not a field here; expected one of analysis, minReadySeconds, notifications, probes, progressDeadlineSeconds, replicas, revisionHistoryLimit, rollback, run, shutdown, strategy, traffic"
             ),
             ("spec.run.command", "must not be empty"),
             (
