@@ -248,8 +248,12 @@ full_disk() { # rollout-number name
   local out rc=0
   out=$(b apply -f "$work/$2.yaml" 2>&1) || rc=$?
   event "state disk full: apply exited $rc: $out"
-  sleep 3
+  # Full while the rollout runs (instances start and log, the status is saved), for as
+  # long as it takes or 15 s.
+  local waited=0
+  b wait "$2" --timeout 15s >/dev/null 2>&1 || waited=$?
   local st; st=$(b status "$2" 2>&1 | head -5 | tr '\n' ' ')
+  event "state disk still full: wait exited $waited; $st"
   if ! kill -0 "$up_pid" 2>/dev/null; then
     failures+=("rollout $1: the controller died while the state disk was full: $(tail -5 "$work/up.log" | tr '\n' ' ')")
     rm -f "$work/state/filler" "$work/state/filler2"
@@ -257,7 +261,7 @@ full_disk() { # rollout-number name
   fi
   rm -f "$work/state/filler" "$work/state/filler2"
   event "state disk: space back"
-  disk_report="apply on a full disk exited $rc ($(echo "$out" | head -c 200)); status meanwhile: $(echo "$st" | head -c 200)"
+  disk_report="apply on a full disk exited $rc ($(echo "$out" | head -c 200)); the rollout $([ "$waited" = 0 ] && echo "finished on the full disk" || echo "had not finished after 15 s on it"); status then: $(echo "$st" | head -c 300)"
   if [ "$rc" != 0 ]; then
     b apply -f "$work/$2.yaml" >/dev/null || failures+=("rollout $1: apply failed after the disk had space again")
   fi
@@ -266,7 +270,7 @@ full_disk() { # rollout-number name
 mkdir -p "$work/state"
 # The state directory on a small tmpfs of its own, to fill it once (needs root).
 tmpfs=0
-if [ "${SOAK_DISK:-1}" = 1 ] && mount -t tmpfs -o size=64m tmpfs "$work/state" 2>/dev/null; then tmpfs=1
+if [ "${SOAK_DISK:-1}" = 1 ] && mount -t tmpfs -o size=64m,mode=700 tmpfs "$work/state" 2>/dev/null; then tmpfs=1
 else echo "soak: the state directory is not a tmpfs (mounting one needs root): no full-disk episode" >&2; fi
 disk_at=${SOAK_DISK_AT:-25}
 disk_report=""
@@ -279,10 +283,17 @@ for name in "${names[@]}"; do
     echo "$name v0 never became healthy:" >&2; cat "$work/wait.txt" >&2; tail -20 "$work/up.log" >&2; exit 1; }
 done
 
-# wrk through each listener for the whole soak (stopped at the end: its report is then
-# complete); 2 connections each, one thread.
+# wrk through each listener for the whole soak, 2 connections each, one thread, in runs
+# of 5 s: a failure is then placed within 5 s, beside the events that may explain it.
+wrk_loop() { # name
+  while [ ! -e "$work/wrk.stop" ]; do
+    local at; at=$(date +%s.%3N)
+    wrk -t1 -c2 -d5s --timeout 5s "http://${LISTEN[$1]}/" >"$work/wrk-$1.run" 2>&1 || true
+    { echo "=== run from $at"; cat "$work/wrk-$1.run"; } >>"$work/wrk-$1.txt"
+  done
+}
 for name in hello hello-bg hello-roll; do
-  wrk -t1 -c2 -d24h --timeout 5s "http://${LISTEN[$name]}/" >"$work/wrk-$name.txt" 2>&1 & pids+=($!)
+  wrk_loop "$name" 3>&- & pids+=($!)
 done
 wrk_pids=("${pids[@]}")
 # gRPC: unary calls and open streams through the whole soak (the greeter's instances are
@@ -364,7 +375,7 @@ for i in $(seq 1 "$rollouts"); do
   echo "soak: rollout $i ($name v$i$([ $broken = 1 ] && echo ", broken")) done after $(( $(date +%s) - start )) s" >&2
 done
 rss_end_up=$(rss_kb "$up_pid"); rss_end_proxy=$(rss_kb "$(proxy_pid)")
-for p in "${wrk_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+touch "$work/wrk.stop"
 for p in "${wrk_pids[@]}"; do wait "$p" 2>/dev/null || true; done
 exec 3>&-   # the gRPC client reports once its stdin closes
 # At most 30 s for its report (a client stuck in a call is a failure, not a hang).
@@ -386,19 +397,25 @@ work, n, promoted, rolled, killed, ckills, prestarts, u10, uend, p10, pend, secs
 failures = sys.argv[13:]
 total = failed = 0
 for f in sorted(glob.glob(f"{work}/wrk-*.txt")):
-    t = open(f).read()
-    m = re.search(r"(\d+) requests in", t)
-    if not m:
-        failures.append(f"{f}: no wrk report: {t[-300:]}")
-        continue
-    total += int(m.group(1))
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
-    f_bad = int(bad.group(1)) if bad else 0
-    f_sock = sum(map(int, sock.groups())) if sock else 0
-    failed += f_bad + f_sock
-    if f_bad or f_sock:
-        failures.append(f"{f.rsplit('/', 1)[-1]}: {f_bad} non-2xx, socket errors {sock.groups() if sock else ()}")
+    name = f.rsplit("/", 1)[-1][4:-4]
+    runs = open(f).read().split("=== run from ")[1:]
+    if not runs:
+        failures.append(f"{name}: no wrk run")
+    for run in runs:
+        at, t = run.split("\n", 1)
+        m = re.search(r"(\d+) requests in", t)
+        if not m:
+            failures.append(f"{name}: a wrk run from {at} gave no report: {t[-300:]}")
+            continue
+        total += int(m.group(1))
+        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+        sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
+        f_bad = int(bad.group(1)) if bad else 0
+        f_sock = sum(map(int, sock.groups())) if sock else 0
+        failed += f_bad + f_sock
+        if f_bad or f_sock:
+            failures.append(f"{name}: {f_bad} non-2xx, socket errors (connect, read, write, timeout) "
+                            f"{sock.groups() if sock else ()} in the 5 s from {at} (events.log has what happened then)")
 grpc = {}
 try:
     lines = [l for l in open(f"{work}/grpc.out") if l.startswith("{")]

@@ -27,27 +27,25 @@ def varint(n):
             return bytes(out)
 
 
+def read_varint(buf, i):
+    """The varint at buf[i:] and the index after it."""
+    val, shift = 0, 0
+    while True:
+        b = buf[i]
+        i += 1
+        val |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return val, i
+
+
 def fields(buf):
     """Field number -> value (varints as int, length-delimited as bytes)."""
     out, i = {}, 0
     while i < len(buf):
-        key, shift = 0, 0
-        while True:
-            b = buf[i]
-            i += 1
-            key |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        key, i = read_varint(buf, i)
         num, wire = key >> 3, key & 7
-        val, shift = 0, 0
-        while True:
-            b = buf[i]
-            i += 1
-            val |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        val, i = read_varint(buf, i)
         if wire == 2:
             out[num] = buf[i:i + val]
             i += val

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::Duration;
 
@@ -150,6 +150,8 @@ struct Backoff {
 
 pub struct Platform {
     log_dir: PathBuf,
+    /// Free bytes on the disk of `log_dir` (a field so that tests can fill it).
+    free_space: fn(&Path) -> Option<u64>,
     instances: BTreeMap<u64, Instance>,
     next_id: u64,
     backoff: HashMap<(String, String), Backoff>,
@@ -159,6 +161,24 @@ pub struct Platform {
 }
 
 const MAX_BACKOFF_MS: u64 = 30_000;
+/// Under this much free space the disk of the instances' logs counts as full.
+const FULL_DISK_BYTES: u64 = 1 << 20;
+const FULL_DISK_RETRY_MS: u64 = 1_000;
+
+/// Free bytes for an unprivileged writer on the filesystem holding `dir`.
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid C string and `st` is written by statvfs before it is read.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    let (avail, size): (u64, u64) = (st.f_bavail, st.f_frsize);
+    Some(avail.saturating_mul(size))
+}
 /// An instance that stays ready this long proves its revision healthy again: the crash
 /// backoff starts over. Resetting on mere readiness would let an instance that turns
 /// ready and then fails liveness restart in a tight loop.
@@ -191,6 +211,7 @@ impl Platform {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut p = Platform {
             log_dir,
+            free_space,
             instances: BTreeMap::new(),
             next_id: 1,
             backoff: HashMap::new(),
@@ -638,7 +659,26 @@ impl Platform {
                 s.abort();
             }
             let key = (inst.rec.rollout.clone(), inst.rec.revision.clone());
-            if matches!(inst.phase, InstancePhase::Starting | InstancePhase::Running) {
+            if matches!(inst.phase, InstancePhase::Starting | InstancePhase::Running)
+                && let Some(free) =
+                    (self.free_space)(&self.log_dir).filter(|f| *f < FULL_DISK_BYTES)
+            {
+                // Its output goes to a file on a full disk: a program that dies when it
+                // cannot write (Rust's `println!` panics) died of Baton's state, not of
+                // its revision. Not a crash: no backoff, no restart counted.
+                let b = self.backoff.entry(key).or_default();
+                b.not_before = now + FULL_DISK_RETRY_MS;
+                events.push(PlatformEvent {
+                    rollout: inst.rec.rollout.clone(),
+                    reason: "StateDiskFull",
+                    message: format!(
+                        "instance {id} (pid {}) of revision {} exited while the disk of Baton's state directory is full ({free} bytes free under {}), where its output goes: Baton's problem, not the revision's (not counted as a crash); starting it again in {FULL_DISK_RETRY_MS} ms",
+                        inst.rec.pid,
+                        inst.rec.revision,
+                        self.log_dir.display()
+                    ),
+                });
+            } else if matches!(inst.phase, InstancePhase::Starting | InstancePhase::Running) {
                 let b = self.backoff.entry(key.clone()).or_default();
                 b.crashes += 1;
                 b.not_before = now + backoff_ms(b.crashes);
@@ -893,4 +933,83 @@ fn start_probes(
         }));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want(command: &str) -> RevisionWant {
+        RevisionWant {
+            replicas: 1,
+            run: RunSpec {
+                command: vec!["sh".into(), "-c".into(), command.into()],
+                env: Default::default(),
+                working_dir: None,
+            },
+            probes: Default::default(),
+            shutdown: Default::default(),
+            min_ready_ms: 0,
+            replace_before: None,
+        }
+    }
+
+    /// Reconciles until an instance of `web/r1` has exited; that exit's event.
+    async fn first_exit(p: &mut Platform, store: &Store, desired: &Desired) -> PlatformEvent {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let events = p.reconcile(desired, store, now).expect("reconcile");
+            if let Some(e) = events
+                .into_iter()
+                .find(|e| e.reason != "Started" && e.reason != "Stopped")
+            {
+                return e;
+            }
+            assert!(std::time::Instant::now() < deadline, "no exit seen");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The soak filled the state directory's disk: the new revision's instances died
+    /// writing their output, and were reported as crashing, with a backoff growing to
+    /// 30 s, for Baton's own full disk.
+    #[tokio::test]
+    async fn an_exit_on_a_full_state_disk_is_not_the_revisions_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("state.db")).expect("store");
+        let logs = dir.path().join("logs");
+        std::fs::create_dir_all(&logs).expect("logs");
+        let (mut p, _) = Platform::adopt(logs, &store, &HashSet::new()).expect("platform");
+        let desired: Desired = [(
+            "web".to_string(),
+            [("r1".to_string(), want("exit 3"))].into(),
+        )]
+        .into();
+        let key = ("web".to_string(), "r1".to_string());
+
+        p.free_space = |_| Some(4096);
+        let e = first_exit(&mut p, &store, &desired).await;
+        assert_eq!(e.reason, "StateDiskFull", "{}", e.message);
+        assert!(e.message.contains("4096 bytes free"), "{}", e.message);
+        assert_eq!(p.backoff.get(&key).map(|b| b.crashes), Some(0));
+        assert_eq!(p.restarts.get(&key), None);
+
+        // With room on the disk, the same exit is the revision's crash.
+        p.free_space = |_| Some(1 << 30);
+        p.backoff.clear();
+        let e = first_exit(&mut p, &store, &desired).await;
+        assert_eq!(e.reason, "Crashed", "{}", e.message);
+        assert_eq!(p.backoff.get(&key).map(|b| b.crashes), Some(1));
+        assert_eq!(p.restarts.get(&key), Some(&1));
+    }
+
+    #[test]
+    fn the_free_space_of_a_real_directory_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(free_space(dir.path()).is_some());
+        assert_eq!(free_space(&dir.path().join("missing")), None);
+    }
 }

@@ -87,6 +87,25 @@ pub async fn write_request(
     body: &Bytes,
 ) -> io::Result<()> {
     let mut out = Vec::with_capacity(256 + headers.len() * 32 + body.len().min(INLINE_BODY));
+    request_head(&mut out, method, path, headers, body.len());
+    if body.len() <= INLINE_BODY {
+        out.extend_from_slice(body);
+        conn.stream.write_all(&out).await
+    } else {
+        conn.stream.write_all(&out).await?;
+        conn.stream.write_all(body).await
+    }
+}
+
+/// The request head as sent to an instance: the framing is ours (`content-length` of
+/// the body read whole), whatever the client sent.
+pub(crate) fn request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body_len: usize,
+) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
@@ -100,19 +119,12 @@ pub async fn write_request(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !body.is_empty() || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+    if body_len > 0 || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(body_len.to_string().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    if body.len() <= INLINE_BODY {
-        out.extend_from_slice(body);
-        conn.stream.write_all(&out).await
-    } else {
-        conn.stream.write_all(&out).await?;
-        conn.stream.write_all(body).await
-    }
 }
 
 /// How the answer's body is delimited.

@@ -39,6 +39,102 @@ pub mod fuzzing {
         }
     }
 
+    /// A client's request head, as hyper's server hands it over, through what the proxy
+    /// does with it: the Host rules, the upgrade check, the pick of a revision (canary
+    /// header, sticky cookie), the hop-by-hop stripping, and the head sent on to an
+    /// instance. That head must read back as one request, the same one: a value that
+    /// ended it early would smuggle a second request past the proxy.
+    pub fn request(data: &[u8]) {
+        use hyper::header::{HeaderName, HeaderValue};
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(_)) = req.parse(data) else {
+            return;
+        };
+        let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+            return;
+        };
+        let Ok(method) = hyper::Method::from_bytes(method.as_bytes()) else {
+            return;
+        };
+        let Ok(uri) = path.parse::<hyper::Uri>() else {
+            return;
+        };
+        let version = match version {
+            0 => hyper::Version::HTTP_10,
+            _ => hyper::Version::HTTP_11,
+        };
+        let mut b = hyper::Request::builder()
+            .method(method)
+            .uri(uri)
+            .version(version);
+        for h in req.headers.iter() {
+            let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_bytes(h.value),
+            ) else {
+                return;
+            };
+            b = b.header(n, v);
+        }
+        let Ok(r) = b.body(()) else {
+            return;
+        };
+        let (mut parts, ()) = r.into_parts();
+        if crate::pipeline::host_rules_for_fuzzing(&mut parts).is_err() {
+            return;
+        }
+        let _ = crate::upgrade::is_upgrade(&parts.headers);
+        let _ = route().pick(&parts.headers);
+        crate::pipeline::prepare_for_fuzzing(&mut parts);
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut out = Vec::new();
+        crate::h1::request_head(&mut out, &parts.method, path, &parts.headers, 0);
+        let mut again = [httparse::EMPTY_HEADER; 80];
+        let mut back = httparse::Request::new(&mut again);
+        match back.parse(&out) {
+            Ok(httparse::Status::Complete(n)) => {
+                assert_eq!(n, out.len(), "the head sent on ends early");
+                assert_eq!(back.method, Some(parts.method.as_str()));
+                assert_eq!(back.path, Some(path));
+                let framed = matches!(
+                    parts.method,
+                    hyper::Method::POST | hyper::Method::PUT | hyper::Method::PATCH
+                );
+                let sent = parts
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| *n != hyper::header::CONTENT_LENGTH)
+                    .count()
+                    + usize::from(framed);
+                assert_eq!(back.headers.len(), sent, "headers lost or added on the way");
+            }
+            other => panic!("the head sent on does not parse: {other:?}"),
+        }
+    }
+
+    /// A route with every way of picking: a canary header, a sticky cookie, weights.
+    fn route() -> &'static crate::table::Route {
+        static ROUTE: std::sync::OnceLock<crate::table::Compiled> = std::sync::OnceLock::new();
+        let compiled = ROUTE.get_or_init(|| {
+            let table: crate::RoutingTable = serde_json::from_str(
+                r#"{"version": 1, "services": [{"name": "svc", "listen": "127.0.0.1:1",
+                    "revisions": [{"name": "a", "weight": 90, "backends": ["127.0.0.1:2"]},
+                                  {"name": "b", "weight": 10, "backends": ["127.0.0.1:3"]}],
+                    "stable": "a", "canary": "b", "stickyCookie": "session",
+                    "canaryHeader": ["x-canary", "1"]}]}"#,
+            )
+            .expect("the fuzz table");
+            crate::table::Compiled::build(
+                &table,
+                &crate::metrics::Metrics::default(),
+                &crate::table::Outliers::default(),
+            )
+            .expect("compiles")
+        });
+        compiled.routes.values().next().expect("one route")
+    }
+
     /// A routing table as the control socket's `setTable` hands it over, compiled.
     pub fn table(table: &crate::RoutingTable) {
         let metrics = crate::metrics::Metrics::default();

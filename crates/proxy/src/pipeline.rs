@@ -159,6 +159,18 @@ fn host_rules(parts: &mut hyper::http::request::Parts) -> Result<(), &'static st
     Ok(())
 }
 
+#[cfg(fuzzing)]
+pub(crate) fn host_rules_for_fuzzing(
+    parts: &mut hyper::http::request::Parts,
+) -> Result<(), &'static str> {
+    host_rules(parts)
+}
+
+#[cfg(fuzzing)]
+pub(crate) fn prepare_for_fuzzing(parts: &mut hyper::http::request::Parts) {
+    prepare(parts, SocketAddr::from(([192, 0, 2, 1], 40000)), None);
+}
+
 /// `uri-host [ ":" port ]` (RFC 3986's reg-name, IP literal or address), or empty.
 fn valid_host(v: &[u8]) -> bool {
     v.iter()

@@ -84,6 +84,30 @@ async fn proxy_with(tweak: impl FnOnce(&mut Config)) -> Proxy {
     }
 }
 
+/// An HTTP/2 (prior knowledge) connection to `listen`.
+async fn h2_client(listen: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let s = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(s),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    tx
+}
+
+/// A gRPC call's request: `body` is the length-prefixed message.
+fn grpc_request(listen: SocketAddr, path: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
+    Request::post(format!("http://{listen}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(body)))
+        .expect("request")
+}
+
 fn table(
     version: u64,
     listen: SocketAddr,
@@ -340,16 +364,7 @@ async fn http2_clients_are_served_over_h2c() {
         .set_table(&table(1, listen, vec![("a", 100, vec![a])]))
         .await
         .expect("ack");
-    let s = tokio::net::TcpStream::connect(listen)
-        .await
-        .expect("connect");
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(s),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut tx = h2_client(listen).await;
     // Many streams on one connection, all answered by the HTTP/1.1 backend.
     let mut answers = Vec::new();
     for _ in 0..20 {
@@ -706,16 +721,7 @@ async fn a_draining_proxy_routes_by_its_successors_tables() {
         .set_table(&table(7, listen, vec![("a", 100, vec![a])]))
         .await
         .expect("ack");
-    let s = tokio::net::TcpStream::connect(listen)
-        .await
-        .expect("connect");
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(s),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut tx = h2_client(listen).await;
     let get = |tx: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>| {
         let req = Request::get(format!("http://{listen}/"))
             .body(Full::new(Bytes::new()))
@@ -1463,24 +1469,11 @@ async fn grpc_over_h2c_keeps_its_trailers_and_counts_by_grpc_status() {
     let mut t = table(1, listen, vec![("a", 100, vec![a])]);
     t.services[0].backend_protocol = baton_proxy::table::BackendProtocol::H2c;
     p.client.set_table(&t).await.expect("ack");
-    let s = tokio::net::TcpStream::connect(listen)
-        .await
-        .expect("connect");
-    let (tx, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(s),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let tx = h2_client(listen).await;
     let call = |path: &'static str| {
         let mut tx = tx.clone();
         async move {
-            let req = Request::post(format!("http://{listen}{path}"))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
-                .expect("request");
+            let req = grpc_request(listen, path, b"\0\0\0\0\x02yo");
             let resp = tx.send_request(req).await.expect("response");
             let Some(te) = resp
                 .headers()
@@ -1537,21 +1530,8 @@ async fn a_stopping_proxy_ends_open_grpc_streams_with_unavailable() {
     let mut t = table(1, listen, vec![("a", 100, vec![a])]);
     t.services[0].backend_protocol = baton_proxy::table::BackendProtocol::H2c;
     p.client.set_table(&t).await.expect("ack");
-    let s = tokio::net::TcpStream::connect(listen)
-        .await
-        .expect("connect");
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(s),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
-    let req = Request::post(format!("http://{listen}/watch"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
-        .expect("request");
+    let mut tx = h2_client(listen).await;
+    let req = grpc_request(listen, "/watch", b"\0\0\0\0\0");
     let resp = tx.send_request(req).await.expect("response");
     let mut body = resp.into_body();
     // The stream runs: a few messages through.
