@@ -275,7 +275,8 @@ full_disk() { # rollout-number name
 mkdir -p "$work/state"
 # The state directory on a small tmpfs of its own, to fill it once (needs root).
 tmpfs=0
-if [ "${SOAK_DISK:-1}" = 1 ] && mount -t tmpfs -o size=64m,mode=700 tmpfs "$work/state" 2>/dev/null; then tmpfs=1
+if [ "${SOAK_DISK:-1}" != 1 ]; then echo "soak: SOAK_DISK=${SOAK_DISK}: no full-disk episode" >&2
+elif mount -t tmpfs -o size=64m,mode=700 tmpfs "$work/state" 2>/dev/null; then tmpfs=1
 else echo "soak: the state directory is not a tmpfs (mounting one needs root): no full-disk episode" >&2; fi
 disk_at=${SOAK_DISK_AT:-25}
 disk_report=""

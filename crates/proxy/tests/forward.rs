@@ -50,16 +50,10 @@ struct Proxy {
     _dir: tempfile::TempDir,
 }
 
-async fn proxy() -> Proxy {
-    proxy_with(|_| {}).await
-}
-
-/// A proxy with the test settings, changed by `tweak`.
-async fn proxy_with(tweak: impl FnOnce(&mut Config)) -> Proxy {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("proxy.sock");
-    let mut config = Config {
-        control_socket: sock.clone(),
+/// The test settings, for a proxy on the control socket `sock`.
+fn test_config(sock: &std::path::Path) -> Config {
+    Config {
+        control_socket: sock.to_path_buf(),
         metrics_listen: None,
         metrics_textfile: None,
         max_body_bytes: 1024,
@@ -68,7 +62,18 @@ async fn proxy_with(tweak: impl FnOnce(&mut Config)) -> Proxy {
         takeover: false,
         workers: 2,
         cpu_affinity: Default::default(),
-    };
+    }
+}
+
+async fn proxy() -> Proxy {
+    proxy_with(|_| {}).await
+}
+
+/// A proxy with the test settings, changed by `tweak`.
+async fn proxy_with(tweak: impl FnOnce(&mut Config)) -> Proxy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("proxy.sock");
+    let mut config = test_config(&sock);
     tweak(&mut config);
     let task = tokio::spawn(baton_proxy::run(config));
     let client = ProxyClient::new(&sock);
@@ -646,15 +651,8 @@ async fn a_hot_restart_under_load_loses_nothing() {
     // The new process, on the same control socket path.
     let sock = old._dir.path().join("proxy.sock");
     let new = tokio::spawn(baton_proxy::run(Config {
-        control_socket: sock.clone(),
-        metrics_listen: None,
-        metrics_textfile: None,
-        max_body_bytes: 1024,
-        drain_timeout: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(10),
         takeover: true,
-        workers: 2,
-        cpu_affinity: Default::default(),
+        ..test_config(&sock)
     }));
     // The old one drains and exits by itself.
     tokio::time::timeout(Duration::from_secs(15), old.task)
@@ -737,15 +735,8 @@ async fn a_draining_proxy_routes_by_its_successors_tables() {
     let sock = old._dir.path().join("proxy.sock");
     let first = std::fs::metadata(&sock).expect("socket").ino();
     let new = tokio::spawn(baton_proxy::run(Config {
-        control_socket: sock.clone(),
-        metrics_listen: None,
-        metrics_textfile: None,
-        max_body_bytes: 1024,
-        drain_timeout: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(10),
         takeover: true,
-        workers: 2,
-        cpu_affinity: Default::default(),
+        ..test_config(&sock)
     }));
     // The new process binds the control socket's path once it has taken over.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -1325,15 +1316,8 @@ async fn a_proxy_that_goes_away_closes_its_websockets_with_1001() {
     // A new process takes over; the old one drains, closes the tunnel and exits.
     let sock = old._dir.path().join("proxy.sock");
     let new = tokio::spawn(baton_proxy::run(Config {
-        control_socket: sock.clone(),
-        metrics_listen: None,
-        metrics_textfile: None,
-        max_body_bytes: 1024,
-        drain_timeout: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(10),
         takeover: true,
-        workers: 2,
-        cpu_affinity: Default::default(),
+        ..test_config(&sock)
     }));
     closes_with_1001(&mut ws).await;
     tokio::time::timeout(Duration::from_secs(15), old.task)
