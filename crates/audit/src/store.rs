@@ -397,7 +397,7 @@ mod tests {
             verdict(&log, &head_file),
             Some(Problem::HeadMismatch { seq: 6 })
         );
-        // Nor for a trail truncated below the committed head.
+        // Nor, with no committed entry before it, for another first entry.
         let empty = Entry::after(None, entry(52), 1, Some(&key()));
         Head::before_commit(None, &empty)
             .write(&head_file)
