@@ -322,7 +322,8 @@ impl Measurer {
     }
 
     /// What it holds, for tests: series, windows, sequential tests.
-    pub fn held(&self) -> (usize, usize, usize) {
+    #[cfg(test)]
+    fn held(&self) -> (usize, usize, usize) {
         (self.series.len(), self.windows.len(), self.sequential.len())
     }
 

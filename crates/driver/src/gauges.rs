@@ -35,14 +35,6 @@ impl Gauges {
             .retain(key, live);
     }
 
-    /// What the measurer holds: series, windows, sequential tests.
-    pub fn held(&self) -> (usize, usize, usize) {
-        self.measurer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .held()
-    }
-
     /// Measurements finished since the rollout's last cycle.
     pub fn take(&self, key: &str) -> Vec<Measurement> {
         self.inbox

@@ -1279,6 +1279,10 @@ pub fn describe(step: &Step) -> String {
 /// status grew by a revision with every deploy, and everything that reads it with it.
 fn forget_old_revisions(cx: &mut Ctx) {
     let limit = cx.spec.spec.revision_history_limit as usize;
+    // The common case, every cycle: nothing to forget, and no hash of the spec to take.
+    if cx.s.revisions.len() <= limit {
+        return;
+    }
     let target = cx.spec.spec.run.revision_hash();
     let s = &cx.s;
     let undo = undo_target(s).map(|r| r.name.clone());
