@@ -450,6 +450,19 @@ impl Controller {
             .iter()
             .map(|(n, r)| (n.clone(), wants_for(&r.spec, &r.record.status)))
             .collect();
+        let reserved = self
+            .rollouts
+            .values()
+            .flat_map(|r| baton_spec::addr::listeners(&r.spec))
+            .filter_map(|a| a.parse::<SocketAddr>().ok())
+            .chain(
+                [Some(self.opts.api_listen), self.opts.metrics_listen]
+                    .into_iter()
+                    .flatten(),
+            )
+            .map(|a| a.port())
+            .collect();
+        self.world.platform.reserve_ports(reserved);
         let events = self
             .world
             .platform

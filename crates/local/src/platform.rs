@@ -6,7 +6,7 @@
 //! drain timeout, SIGKILL) → gone. An instance that exits or fails liveness while it
 //! should run is replaced, with exponential backoff per revision.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -153,6 +153,9 @@ pub struct Platform {
     /// Free bytes on the disk of `log_dir` (a field so that tests can fill it).
     free_space: fn(&Path) -> Option<u64>,
     instances: BTreeMap<u64, Instance>,
+    /// Ports an instance must not be given: the rollouts' and the controller's own
+    /// listeners.
+    reserved: BTreeSet<u16>,
     next_id: u64,
     backoff: HashMap<(String, String), Backoff>,
     restarts: HashMap<(String, String), u32>,
@@ -212,6 +215,7 @@ impl Platform {
         let mut p = Platform {
             log_dir,
             free_space,
+            reserved: BTreeSet::new(),
             instances: BTreeMap::new(),
             next_id: 1,
             backoff: HashMap::new(),
@@ -299,6 +303,11 @@ impl Platform {
             self.instances.insert(id, Instance::adopted(rec, ready));
         }
         Ok(())
+    }
+
+    /// Ports no instance started from now on is given (replacing the last set).
+    pub fn reserve_ports(&mut self, ports: BTreeSet<u16>) {
+        self.reserved = ports;
     }
 
     /// One supervision pass: take in probe results, notice exits, start and stop
@@ -454,7 +463,7 @@ impl Platform {
         now: Millis,
     ) -> Result<u64, String> {
         let id = self.next_id;
-        let port = process::free_port().map_err(|e| e.to_string())?;
+        let port = process::free_port_avoiding(&self.reserved).map_err(|e| e.to_string())?;
         let log = self.log_dir.join(format!("{rollout}-{rev}-{id}.log"));
         let mark = process::Mark {
             id,

@@ -40,14 +40,24 @@ static RECENT: std::sync::Mutex<std::collections::VecDeque<u16>> =
 /// A free loopback port, found by binding port 0 and letting it go, and not one of the
 /// last [`RECENT_PORTS`] this process handed out.
 pub fn free_port() -> Result<u16, SpawnError> {
+    free_port_avoiding(&std::collections::BTreeSet::new())
+}
+
+/// [`free_port`], never one of `avoid`: a rollout's listener is free until the proxy
+/// binds it, after its first instances are ready, and an instance handed that port
+/// would take the rollout's own address.
+pub fn free_port_avoiding(avoid: &std::collections::BTreeSet<u16>) -> Result<u16, SpawnError> {
     let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
     // Rejected listeners stay bound until a port is chosen, so the kernel offers
     // another one each time.
     let mut held = Vec::new();
-    loop {
+    for _ in 0..MAX_OFFERS {
         let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(SpawnError::Port)?;
         let port = l.local_addr().map_err(SpawnError::Port)?.port();
-        if !recent.contains(&port) || held.len() >= RECENT_PORTS {
+        // A reserved port is held too (the kernel offers a port just let go again),
+        // for the microseconds until another is chosen; a proxy binding it in that
+        // window fails once and binds it on its next table.
+        if !avoid.contains(&port) && (!recent.contains(&port) || held.len() >= RECENT_PORTS) {
             if recent.len() >= RECENT_PORTS {
                 recent.pop_front();
             }
@@ -56,7 +66,14 @@ pub fn free_port() -> Result<u16, SpawnError> {
         }
         held.push(l);
     }
+    Err(SpawnError::Port(std::io::Error::other(format!(
+        "the kernel offered only reserved ports in {MAX_OFFERS} tries"
+    ))))
 }
+
+/// Offers of the kernel looked at before giving up; one or two do unless the reserved
+/// ports cover most of the ephemeral range.
+const MAX_OFFERS: usize = 4096;
 
 /// Starts one instance of `run` on `port`, its output appended to `log`.
 /// The environment variable that marks an instance as this state directory's, so a
@@ -376,5 +393,31 @@ mod mark_tests {
         let text = m.encode(root);
         assert_eq!(Mark::decode(&text), Some((m, "/tmp/my state/.baton/logs")));
         assert_eq!(Mark::decode("2 7 1 a b /x"), None);
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    /// A rollout's listener is free until the proxy binds it; an instance once got the
+    /// port a blue-green's listener was about to take.
+    #[test]
+    fn no_instance_port_is_a_reserved_one() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("the ephemeral port range");
+        let mut bounds = range
+            .split_whitespace()
+            .map(|x| x.parse::<u16>().expect("a port"));
+        let (lo, hi) = (bounds.next().expect("low"), bounds.next().expect("high"));
+        // Every other port of the range: without the reservation about half of the
+        // kernel's offers are reserved ones (it offers odd ports to bind, so "other"
+        // means every second odd port).
+        let avoid: std::collections::BTreeSet<u16> =
+            (lo..=hi).filter(|p| (p / 2) % 2 == 0).collect();
+        for _ in 0..50 {
+            let port = free_port_avoiding(&avoid).expect("a free port");
+            assert!(!avoid.contains(&port), "handed out reserved port {port}");
+        }
     }
 }
