@@ -27,6 +27,15 @@ impl MetricProvider for Command<'_> {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true);
+        // The machine's transparent-huge-page policy, not the one `baton up` chose for
+        // itself (the kernel passes it on through fork and exec).
+        // SAFETY: prctl with integer arguments is async-signal-safe and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
+                Ok(())
+            });
+        }
         let mut child = cmd
             .spawn()
             .map_err(|e| ProviderError::Invalid(format!("cannot run {program:?}: {e}")))?;

@@ -17,7 +17,9 @@ use cmd::{
 mod cmd;
 
 /// The proxy allocates for every request (headers, bodies, connection state); glibc's
-/// malloc and free were 5–6 % of its CPU under load.
+/// malloc and free were 5–6 % of its CPU under load. The `system-allocator` feature
+/// leaves it out for heap profilers (heaptrack) that see only malloc.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -33,6 +35,23 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn purge_freed_memory_at_once() {
     // SAFETY: sets one integer option; mimalloc reads options at each purge decision.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+}
+
+/// Turns transparent huge pages off for this process, as `MIMALLOC_ALLOW_THP=0` would
+/// (mimalloc reads that before `main`, so this does what it does: the prctl). mimalloc
+/// asks for huge pages on its arena; with the kernel's `madvise` policy the
+/// controller's and the proxy's anonymous memory then moved in 2 MiB steps, 12–35 MB
+/// for a live heap of 2–3 MB, and read as growth in the soak (BENCHMARKS.md). An
+/// explicit `MIMALLOC_ALLOW_THP` is left to decide. Instances get the machine's policy
+/// back (`process::allow_huge_pages`).
+fn no_transparent_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return;
+    }
+    // SAFETY: prctl with integer arguments; it changes only this process's flag.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
 }
 
 /// `baton 0.1.0 (1a2b3c4d5e6f)`: the commit tells which source a binary was built
@@ -246,12 +265,16 @@ async fn run(cli: Cli) -> Result<()> {
     };
     match cli.command {
         Cmd::Up(args) => {
+            no_transparent_huge_pages();
             purge_freed_memory_at_once();
             up::run(&paths, seal, cli.log_format, args).await
         }
         Cmd::Down => down::down(&paths, &seal).await,
         Cmd::RestartProxy => down::restart_proxy(&paths, &seal).await,
-        Cmd::Proxy(args) => proxy::run(cli.log_format, args).await,
+        Cmd::Proxy(args) => {
+            no_transparent_huge_pages();
+            proxy::run(cli.log_format, args).await
+        }
         Cmd::Smoke(args) => smoke::run(args).await,
         Cmd::Apply(spec) => apply::run(&paths, spec).await,
         Cmd::Validate(args) => validate::run(args),
