@@ -103,6 +103,7 @@ pub(crate) fn hand_over(shared: &Shared, socket: RawFd) -> std::io::Result<Contr
                 .unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
             s
         },
+        unrouted: shared.metrics.unrouted(std::time::Instant::now()),
     })
 }
 

@@ -23,6 +23,7 @@ pub struct Inherited {
     pub metrics: Option<(SocketAddr, std::net::TcpListener)>,
     pub table: RoutingTable,
     pub stats: StatsSnapshot,
+    pub unrouted: Vec<baton_proxy_api::control::Unrouted>,
     /// The connection to the old process, to tell it when to stop accepting.
     pub old: UnixStream,
 }
@@ -76,6 +77,7 @@ pub fn take_over(control_socket: &Path) -> std::io::Result<Inherited> {
         metrics,
         table,
         stats,
+        unrouted,
     } = serde_json::from_str::<Response>(&answer).map_err(std::io::Error::other)?
     else {
         return Err(std::io::Error::other(format!(
@@ -106,6 +108,7 @@ pub fn take_over(control_socket: &Path) -> std::io::Result<Inherited> {
         metrics,
         table,
         stats,
+        unrouted,
         old,
     })
 }

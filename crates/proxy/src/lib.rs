@@ -281,7 +281,7 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(Compiled::default()),
         apply_lock: tokio::sync::Mutex::new(()),
-        metrics: Metrics::default(),
+        metrics: Metrics::new(workers.len()),
         worker_conns: workers.iter().map(|_| AtomicUsize::new(0)).collect(),
         workers,
         listeners: Mutex::new(HashMap::new()),
@@ -314,6 +314,9 @@ pub async fn run(config: Config) -> Result<(), ProxyError> {
             .map_err(|e| ProxyError::Takeover(std::io::Error::other(e)))?
             .map_err(ProxyError::Takeover)?;
         shared.metrics.seed(&got.stats);
+        shared
+            .metrics
+            .carry_unrouted(&got.unrouted, std::time::Instant::now());
         Some(got)
     } else {
         None
@@ -488,6 +491,7 @@ fn start_workers(
             .name(format!("baton-proxy-{i}"))
             .spawn(move || {
                 fairness::register(i, placements);
+                metrics::use_shard(i);
                 if let Some(cpu) = cpu {
                     match affinity::bind_current_thread(cpu) {
                         Ok(()) => info!(thread = i, cpu, "data-plane thread bound"),

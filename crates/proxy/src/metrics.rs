@@ -8,18 +8,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use baton_proxy_api::control::Unrouted;
 pub use baton_proxy_api::metrics::{BUCKETS, RevisionStats, StatsSnapshot};
 use baton_proxy_api::metrics::{FINE_BUCKETS, fine_index};
 
-/// Counter sets per revision, one used by each data-plane thread (by a thread's
-/// index modulo this), so that threads never write to the same cache line: shared
-/// counters bounced between the cores on every request.
+/// Counter sets per revision when the number of data-plane threads is not given
+/// (tests): each thread writes its own set, so that threads never write to the same
+/// cache line (shared counters bounced between the cores on every request).
 const SHARDS: usize = 8;
 
-static NEXT_SHARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 thread_local! {
-    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    /// This thread's counter set; `usize::MAX` (any thread not of the data plane)
+    /// means the last one.
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Makes the calling data-plane thread write counter set `i`.
+pub fn use_shard(i: usize) {
+    SHARD.with(|s| s.set(i));
 }
 
 /// The index of a status's class: 1xx..5xx.
@@ -27,9 +33,10 @@ fn class(status: u16) -> usize {
     usize::from((status / 100).clamp(1, 5)) - 1
 }
 
-#[derive(Default)]
 pub struct RevisionMetrics {
-    shards: [Shard; SHARDS],
+    /// One per data-plane thread and one for every other thread: some 6.6 kB each,
+    /// kept for every revision of the last two minutes.
+    shards: Box<[Shard]>,
 }
 
 #[repr(align(128))]
@@ -69,8 +76,14 @@ impl Default for Shard {
 }
 
 impl RevisionMetrics {
+    fn new(shards: usize) -> Self {
+        RevisionMetrics {
+            shards: (0..shards.max(1)).map(|_| Shard::default()).collect(),
+        }
+    }
     fn mine(&self) -> &Shard {
-        &self.shards[SHARD.with(|i| *i)]
+        let last = self.shards.len() - 1;
+        &self.shards[SHARD.with(|i| i.get()).min(last)]
     }
     pub fn observe(&self, status: u16, seconds: f64) {
         let me = self.mine();
@@ -132,25 +145,41 @@ type Counter = (&'static str, &'static str, fn(&RevisionStats) -> u64);
 /// instances' drain and a Prometheus scrape or two, so the last requests are seen.
 pub const RETAIN_UNROUTED: Duration = Duration::from_secs(120);
 
-#[derive(Default)]
 pub struct Metrics {
+    /// Counter sets per revision: the data-plane threads' and one more.
+    shards: usize,
     by_revision: Mutex<BTreeMap<(String, String), Arc<RevisionMetrics>>>,
     /// Revisions no table routes to, since when.
     unrouted_since: Mutex<HashMap<(String, String), Instant>>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new(SHARDS - 1)
+    }
+}
+
 impl Metrics {
+    /// Counters for `workers` data-plane threads, thread `i` calling [`use_shard`]`(i)`.
+    pub fn new(workers: usize) -> Self {
+        Metrics {
+            shards: workers + 1,
+            by_revision: Mutex::default(),
+            unrouted_since: Mutex::default(),
+        }
+    }
+
     /// The counters of one revision, created on first use and kept across tables so
     /// a weight change never resets them.
     pub fn revision(&self, service: &str, revision: &str) -> Arc<RevisionMetrics> {
         let mut map = self.by_revision.lock().unwrap_or_else(|p| p.into_inner());
         map.entry((service.to_string(), revision.to_string()))
-            .or_default()
+            .or_insert_with(|| Arc::new(RevisionMetrics::new(self.shards)))
             .clone()
     }
 
     /// Forgets the counters of revisions that no table has named for `keep`: each holds
-    /// some 50 kB (fine histograms in every shard), and kept for every revision ever
+    /// 6.6 kB per counter set (fine histograms), and kept for every revision ever
     /// routed they grew the proxy by every deploy (and every stats read, and the
     /// exposition's series, with it).
     pub fn retire(&self, in_table: &HashSet<(String, String)>, now: Instant, keep: Duration) {
@@ -172,6 +201,41 @@ impl Metrics {
                 .is_none_or(|t| now.saturating_duration_since(*t) < keep)
         });
         since.retain(|k, _| map.contains_key(k));
+    }
+
+    /// The revisions out of every table, with how long they have been (for the next
+    /// process of a hot restart).
+    pub fn unrouted(&self, now: Instant) -> Vec<Unrouted> {
+        let since = self
+            .unrouted_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        since
+            .iter()
+            .map(|((service, revision), t)| Unrouted {
+                service: service.clone(),
+                revision: revision.clone(),
+                for_ms: now.saturating_duration_since(*t).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// Takes over how long the previous process had these revisions out of every
+    /// table, so that a hot restart does not keep them longer.
+    pub fn carry_unrouted(&self, unrouted: &[Unrouted], now: Instant) {
+        let mut since = self
+            .unrouted_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for u in unrouted {
+            let t = now
+                .checked_sub(Duration::from_millis(u.for_ms))
+                .unwrap_or(now);
+            let e = since
+                .entry((u.service.clone(), u.revision.clone()))
+                .or_insert(t);
+            *e = (*e).min(t);
+        }
     }
 
     /// Starts from another process's counters (hot restart), so that rates and
@@ -362,9 +426,67 @@ mod tests {
         assert_eq!(m.snapshot()["svc"]["v2"].requests(), 1);
     }
 
+    /// The soak restarts the proxy every 45 s or so: with each new process starting
+    /// the two minutes again, no revision was ever forgotten.
+    #[test]
+    fn a_hot_restart_keeps_how_long_a_revision_has_been_out_of_every_table() {
+        let key = |r: &str| ("svc".to_string(), r.to_string());
+        let keep = Duration::from_secs(120);
+        let v2: HashSet<_> = [key("v2")].into();
+        let names = |m: &Metrics| m.snapshot()["svc"].keys().cloned().collect::<Vec<_>>();
+        let old = Metrics::default();
+        old.revision("svc", "v1").observe(200, 0.01);
+        old.revision("svc", "v2").observe(200, 0.01);
+        let t0 = Instant::now();
+        old.retire(&v2, t0, keep);
+        let t1 = t0 + Duration::from_secs(100);
+        let handed = old.unrouted(t1);
+        assert_eq!(handed.len(), 1);
+        assert_eq!(
+            (handed[0].revision.as_str(), handed[0].for_ms),
+            ("v1", 100_000)
+        );
+        let new = Metrics::default();
+        new.seed(&old.snapshot());
+        new.carry_unrouted(&handed, t1);
+        new.retire(&v2, t1, keep);
+        new.retire(&v2, t1 + Duration::from_secs(19), keep);
+        assert_eq!(names(&new), ["v1", "v2"]);
+        new.retire(&v2, t1 + Duration::from_secs(21), keep);
+        assert_eq!(names(&new), ["v2"], "kept past its two minutes");
+    }
+
+    /// A counter set per data-plane thread and one for the rest, and no more: each is
+    /// 6.6 kB per revision, eight of them were kept on a two-core machine.
+    #[test]
+    fn each_data_plane_thread_counts_in_a_set_of_its_own() {
+        let m = Metrics::new(2);
+        let r = m.revision("svc", "v1");
+        assert_eq!(r.shards.len(), 3);
+        std::thread::scope(|s| {
+            for i in [0, 1] {
+                let r = &r;
+                s.spawn(move || {
+                    use_shard(i);
+                    for _ in 0..=i {
+                        r.observe(200, 0.01);
+                    }
+                });
+            }
+        });
+        r.observe(500, 0.01);
+        let per_set: Vec<u64> = r
+            .shards
+            .iter()
+            .map(|s| s.classes.iter().map(|c| c.load(Ordering::Relaxed)).sum())
+            .collect();
+        assert_eq!(per_set, [1, 2, 1]);
+        assert_eq!(r.snapshot().requests(), 4);
+    }
+
     #[test]
     fn quantiles_interpolate_like_prometheus() {
-        let m = RevisionMetrics::default();
+        let m = RevisionMetrics::new(SHARDS);
         for _ in 0..99 {
             m.observe(200, 0.004);
         }
@@ -406,7 +528,7 @@ mod tests {
 
     #[test]
     fn windows_subtract() {
-        let m = RevisionMetrics::default();
+        let m = RevisionMetrics::new(SHARDS);
         m.observe(500, 0.01);
         let a = m.snapshot();
         for _ in 0..10 {
