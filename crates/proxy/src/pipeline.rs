@@ -268,10 +268,12 @@ async fn attempt(
                 Err(e) => {
                     // A connection that failed before the request went out can always
                     // be retried; one that failed later only for idempotent methods;
-                    // either only within the retry budget.
+                    // either only within the retry budget, but for a refused connection.
                     last_error = format!("{addr}: {e}");
                     shared.outcome(target, health, true);
-                    if (e.is_connect() || retry_safe(parts)) && route.spend_retry() {
+                    if e.is_refused()
+                        || ((e.is_connect() || retry_safe(parts)) && route.spend_retry())
+                    {
                         target.metrics.retry();
                         continue;
                     }
@@ -372,6 +374,19 @@ impl AttemptError {
             AttemptError::Send(e) => e.is_connect(),
             AttemptError::H2(e) => e.is_connect(),
             AttemptError::Timeout(_) => false,
+        }
+    }
+
+    /// Refused at once: nothing there (an instance that just died). Retrying costs no
+    /// instance anything, so the retry budget does not apply (a burst of in-flight
+    /// requests at a SIGKILLed instance spent it and got 502s while others could
+    /// answer); the attempts per request still do.
+    fn is_refused(&self) -> bool {
+        let refused = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionRefused;
+        match self {
+            AttemptError::Send(pool::SendError::Connect(e)) => refused(e),
+            AttemptError::H2(crate::h2c::H2Error::Connect(e)) => refused(e),
+            _ => false,
         }
     }
 }

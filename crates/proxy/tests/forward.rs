@@ -584,10 +584,55 @@ async fn the_active_check_takes_a_dead_instance_out_before_any_request() {
     );
 }
 
+/// A backend that reads each request and hangs up without an answer: the request
+/// went out, so only an idempotent one is retried, and only within the budget.
+async fn hanging_up_backend() -> SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
 #[tokio::test]
 async fn retries_stay_within_their_budget() {
     let p = proxy().await;
-    // Only dead instances: every request would retry three more times without a budget.
+    // Instances that take each request and hang up: every request would retry three
+    // more times without a budget.
+    let mut gone = Vec::new();
+    for _ in 0..4 {
+        gone.push(hanging_up_backend().await);
+    }
+    let listen = free();
+    p.client
+        .set_table(&table(1, listen, vec![("a", 100, gone)]))
+        .await
+        .expect("ack");
+    for _ in 0..50 {
+        assert_eq!(send(listen, b"").await.0, 502);
+    }
+    let s = &p.client.stats().await.expect("stats")["svc"]["a"];
+    // A burst of ten, then about one retry per ten requests.
+    assert!(s.retries <= 10 + 5, "{s:?}");
+    assert!(s.retries >= 10, "the burst was used: {s:?}");
+}
+
+/// A refused connection is retried whatever the budget: it costs no instance anything,
+/// and a burst of requests at an instance that just died spent the budget and got
+/// 502s while other instances could answer.
+#[tokio::test]
+async fn refused_connections_are_retried_beyond_the_budget() {
+    let p = proxy().await;
     let dead: Vec<SocketAddr> = (0..4).map(|_| free()).collect();
     let listen = free();
     p.client
@@ -598,9 +643,9 @@ async fn retries_stay_within_their_budget() {
         assert_eq!(send(listen, b"").await.0, 502);
     }
     let s = &p.client.stats().await.expect("stats")["svc"]["a"];
-    // A burst of ten, then about one retry per ten requests.
-    assert!(s.retries <= 10 + 5, "{s:?}");
-    assert!(s.retries >= 10, "the burst was used: {s:?}");
+    // Every request tried every instance (MAX_ATTEMPTS is 4): three retries each at
+    // least, where the budget allows about 15 in all.
+    assert!(s.retries >= 50 * 3, "{s:?}");
 }
 
 /// Hot restart under load: a second proxy process takes the sockets over; no request
