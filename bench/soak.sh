@@ -16,6 +16,8 @@
 #   SOAK_RSS=f     appends, per rollout: number, seconds, controller and proxy anonymous
 #                  RSS, then their VmRSS (kB)
 #   SOAK_DISK=0    no full-disk episode; SOAK_DISK_AT=n: at rollout n (default 25)
+#   SOAK_RESTARTS=0  no controller kill nor proxy restart: one life of each, whose RSS
+#                  curve tells a leak (a slope) from warm-up (a plateau)
 #
 # Pass: wrk saw 0 failed requests (non-2xx or socket errors: the canaries shield their
 # users, so a broken version's 500s are retried on stable and reach no one), every good
@@ -36,7 +38,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --rollouts) rollouts=$2; shift 2;;
     --minutes) minutes=$2; shift 2;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0;;
     *) echo "unknown argument '$1' (see --help)" >&2; exit 2;;
   esac
 done
@@ -348,7 +350,7 @@ for i in $(seq 1 "$rollouts"); do
     victim=${ip[$(( RANDOM % ${#ip[@]} ))]}
     kill -9 "$victim" 2>/dev/null && killed=$((killed + 1)) && event "instance $victim of $name SIGKILLed"
   fi
-  if [ $(( i % 10 )) -eq 5 ]; then
+  if [ "${SOAK_RESTARTS:-1}" != 0 ] && [ $(( i % 10 )) -eq 5 ]; then
     # The controller SIGKILLed mid-rollout: the next one resumes where it was.
     before=$(resume_key "$name")
     kill -9 "$up_pid"; wait "$up_pid" 2>/dev/null || true
@@ -361,7 +363,7 @@ for i in $(seq 1 "$rollouts"); do
       failures+=("rollout $i ($name): the resume changed the rollout: $why (before $before, after $after)")
     fi
   fi
-  if [ $(( i % 10 )) -eq 0 ]; then
+  if [ "${SOAK_RESTARTS:-1}" != 0 ] && [ $(( i % 10 )) -eq 0 ]; then
     event "proxy restart"
     b restart-proxy >/dev/null || failures+=("rollout $i: restart-proxy failed")
     event "proxy restarted"
