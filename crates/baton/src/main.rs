@@ -37,13 +37,13 @@ fn purge_freed_memory_at_once() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
 }
 
-/// Turns transparent huge pages off for this process, as `MIMALLOC_ALLOW_THP=0` would
-/// (mimalloc reads that before `main`, so this does what it does: the prctl). mimalloc
-/// asks for huge pages on its arena; with the kernel's `madvise` policy the
-/// controller's and the proxy's anonymous memory then moved in 2 MiB steps, 12–35 MB
-/// for a live heap of 2–3 MB, and read as growth in the soak (BENCHMARKS.md). An
-/// explicit `MIMALLOC_ALLOW_THP` is left to decide. Instances get the machine's policy
-/// back (`process::allow_huge_pages`).
+/// Turns transparent huge pages off for this process. mimalloc asked for them on its
+/// arena (it is built without that now, the `no_thp` feature): with the kernel's
+/// `madvise` policy the controller's and the proxy's anonymous memory then moved in
+/// 2 MiB steps, 12–35 MB for a live heap of 2–3 MB, and read as growth in the soak
+/// (BENCHMARKS.md). This covers kernels whose policy is `always`. An explicit
+/// `MIMALLOC_ALLOW_THP` is left to decide. Instances get the machine's policy back
+/// (`process::allow_huge_pages`).
 fn no_transparent_huge_pages() {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
         return;
