@@ -516,7 +516,18 @@ impl Controller {
                 Some(s) => Some(s),
                 None => self.world.proxy.stats().await.ok(),
             };
-            if let Some(s) = stats {
+            if let Some(mut s) = stats {
+                // The rollouts' own revisions only: the proxy keeps a revision's
+                // counters two minutes past its last table, and a copy of them all
+                // would grow with the deploy rate.
+                s.retain(|name, revisions| {
+                    let Some(r) = self.rollouts.get(name) else {
+                        return false;
+                    };
+                    let known = &r.record.status.revisions;
+                    revisions.retain(|rev, _| known.iter().any(|k| k.name == *rev));
+                    true
+                });
                 self.board.sample(now, s);
             }
         }
