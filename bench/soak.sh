@@ -4,7 +4,8 @@
 # back — of the gRPC example under grpcio's calls and open streams, and of the example
 # exchange (trade by canary, notification by canary, user by blue-green) under its
 # trader: orders with idempotency keys and WebSocket feeds. An instance is SIGKILLed in
-# every rollout of hello, trade and user; the controller is SIGKILLed (and started
+# every rollout of hello, trade and user (of user, an active one: a preview instance
+# killed during its smoke test rightly fails it); the controller is SIGKILLed (and started
 # again) and the proxy hot-restarted every 10 rollouts; the state directory's disk (a
 # 64 MB tmpfs, when root) fills up once. Loopback only; bounded in time; stops
 # everything it started.
@@ -38,7 +39,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --rollouts) rollouts=$2; shift 2;;
     --minutes) minutes=$2; shift 2;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0;;
     *) echo "unknown argument '$1' (see --help)" >&2; exit 2;;
   esac
 done
