@@ -843,21 +843,40 @@ async fn scaling_down_without_a_pre_stop_delay_races_the_data_plane() {
     common::wait_until(Duration::from_secs(30), "both ReplicaSets ready", || {
         ready("bare") && ready("delayed")
     });
-    let mut results = BTreeMap::new();
-    for name in ["bare", "delayed"] {
-        let header = format!("x-app: {name}");
-        let load = wrk_with(b.gw.listen, 6, &["-t1", "-c8", "-H", &header]);
-        std::thread::sleep(Duration::from_secs(2));
+    let scale = |name: &str, replicas: u64| {
         let key = Key::new("apps/v1", "replicasets", Some("default"), name);
         b.api
             .store
             .modify(&key, false, |o| {
-                o["spec"]["replicas"] = json!(1);
+                o["spec"]["replicas"] = json!(replicas);
                 Ok(())
             })
-            .expect("scale down");
-        let (requests, failed, text) = load.join().expect("wrk");
-        assert!(requests > 500, "{text}");
+            .expect("scale");
+    };
+    let mut results = BTreeMap::new();
+    for name in ["bare", "delayed"] {
+        // A race does not show every time (it did not once in CI, of about 59,000
+        // requests): the bare ReplicaSet is scaled down up to three times, until a
+        // request fails; the delayed one must fail none in its one.
+        let rounds = if name == "bare" { 3 } else { 1 };
+        let (mut requests, mut failed) = (0, 0);
+        for round in 0..rounds {
+            if round > 0 {
+                scale(name, 4);
+                common::wait_until(Duration::from_secs(30), "back to 4 ready", || ready(name));
+            }
+            let header = format!("x-app: {name}");
+            let load = wrk_with(b.gw.listen, 6, &["-t1", "-c8", "-H", &header]);
+            std::thread::sleep(Duration::from_secs(2));
+            scale(name, 1);
+            let (r, f, text) = load.join().expect("wrk");
+            assert!(r > 500, "{text}");
+            requests += r;
+            failed += f;
+            if failed > 0 {
+                break;
+            }
+        }
         results.insert(name, (requests, failed));
     }
     eprintln!("scaling 4 → 1 under wrk through Envoy: (requests, failed) {results:?}");
