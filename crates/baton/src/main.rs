@@ -28,9 +28,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Returns freed memory to the system at once instead of after mimalloc's purge delay.
-/// In the chaos soak the controller's anonymous memory grew by a quarter over 100
-/// rollouts with the delay and stayed flat without it (BENCHMARKS.md). Only the
-/// controller asks for it: on the proxy's request path each purge is a system call,
+/// In the chaos soak a fresh controller then held 12–14 MB instead of 15–27 MB (with
+/// huge pages still on; BENCHMARKS.md, "Where the memory goes"). Only the controller
+/// asks for it: on the proxy's request path each purge is a system call,
 /// and its cost there is not measured yet.
 fn purge_freed_memory_at_once() {
     // SAFETY: sets one integer option; mimalloc reads options at each purge decision.

@@ -54,8 +54,9 @@ pub fn free_port_avoiding(avoid: &std::collections::BTreeSet<u16>) -> Result<u16
     for _ in 0..MAX_OFFERS {
         let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(SpawnError::Port)?;
         let port = l.local_addr().map_err(SpawnError::Port)?.port();
-        // A reserved port is held too (the kernel offers a port just let go again),
-        // for the microseconds until another is chosen; a proxy binding it in that
+        // A reserved port is held too (let go, it was offered again and again: the
+        // kernel prefers one half of the range for these sockets), for the
+        // microseconds until another is chosen; a proxy binding it in that
         // window fails once and binds it on its next table.
         if !avoid.contains(&port) && (!recent.contains(&port) || held.len() >= RECENT_PORTS) {
             if recent.len() >= RECENT_PORTS {
