@@ -160,6 +160,11 @@ impl Ctx<'_> {
         if let Some(r) = self.s.revision_mut(&c) {
             r.promoted_at = Some(now);
         }
+        // Only the stack just replaced is kept warm: an undo goes back to it, never
+        // further. Kept longer, every promotion within `retainPrevious` (an hour by
+        // default for blue-green) added a full stack: the soak found 15 instances of a
+        // 3-replica rollout.
+        self.s.retain_until.clear();
         if let (Some(old), StrategyRef::Canary(cs)) = (&old, self.spec.spec.strategy.kind())
             && let Some(d) = cs.retain_previous
         {
@@ -183,7 +188,6 @@ impl Ctx<'_> {
                 });
             }
         }
-        self.s.retain_until.remove(&c);
         self.s.promote_full = false;
         self.s.promote_once = false;
         self.s.preview = None;

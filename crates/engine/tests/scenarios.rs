@@ -281,6 +281,42 @@ fn blue_green_previews_smokes_switches_and_retains() {
     );
 }
 
+/// Blue-green to `version`, through preview and smoke, until it serves everything.
+fn switch_to(w: &mut World, version: &str) {
+    w.spec = with_version(&w.spec, version);
+    w.tick();
+    w.tick();
+    let rev = w.name_of(version);
+    assert_eq!(w.status.preview.as_deref(), Some(rev.as_str()));
+    w.tick();
+    w.obs.smoke = Some((rev, true, "ok".into()));
+    w.tick();
+    w.tick();
+    assert_eq!(w.status.phase, Phase::Healthy, "{}", w.status.message);
+    assert_eq!(w.weight(version), 100);
+}
+
+/// The soak shipped a blue-green rollout every 30 s: each promotion kept its previous
+/// stack for `retainPrevious` on top of those already kept, five stacks at once.
+#[test]
+fn a_promotion_keeps_only_the_stack_it_replaced_warm() {
+    let mut w = started(BLUE_GREEN);
+    switch_to(&mut w, "v2");
+    switch_to(&mut w, "v3");
+    // Once the router confirms v3's table, v1 serves nothing.
+    w.tick();
+    w.tick();
+    let (v1, v2) = (w.name_of("v1"), w.name_of("v2"));
+    assert_eq!(w.status.desired.get(&v2), Some(&2), "the replaced stack is warm");
+    assert!(
+        !w.status.desired.contains_key(&v1),
+        "the one before it goes: {:?}",
+        w.status.desired
+    );
+    assert_eq!(w.status.retain_until.len(), 1, "{:?}", w.status.retain_until);
+    assert_eq!(undo_target(&w.status).map(|r| r.name.clone()), Some(v2));
+}
+
 #[test]
 fn blue_green_failed_smoke_aborts() {
     let mut w = started(BLUE_GREEN);
