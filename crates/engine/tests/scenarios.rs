@@ -307,13 +307,22 @@ fn a_promotion_keeps_only_the_stack_it_replaced_warm() {
     w.tick();
     w.tick();
     let (v1, v2) = (w.name_of("v1"), w.name_of("v2"));
-    assert_eq!(w.status.desired.get(&v2), Some(&2), "the replaced stack is warm");
+    assert_eq!(
+        w.status.desired.get(&v2),
+        Some(&2),
+        "the replaced stack is warm"
+    );
     assert!(
         !w.status.desired.contains_key(&v1),
         "the one before it goes: {:?}",
         w.status.desired
     );
-    assert_eq!(w.status.retain_until.len(), 1, "{:?}", w.status.retain_until);
+    assert_eq!(
+        w.status.retain_until.len(),
+        1,
+        "{:?}",
+        w.status.retain_until
+    );
     assert_eq!(undo_target(&w.status).map(|r| r.name.clone()), Some(v2));
 }
 
