@@ -332,6 +332,15 @@ impl Platform {
                     .remove(&(inst.rec.rollout.clone(), inst.rec.revision.clone()));
             }
         }
+        // A revision no longer wanted takes its crash record with it: a long-lived
+        // controller would otherwise keep one for every revision that ever crashed.
+        let wanted = |(rollout, rev): &(String, String)| {
+            desired
+                .get(rollout)
+                .is_some_and(|revs| revs.contains_key(rev))
+        };
+        self.backoff.retain(|k, _| wanted(k));
+        self.restarts.retain(|k, _| wanted(k));
         // Attach wants (for adopted instances) and start probes where missing.
         for inst in self.instances.values_mut() {
             let want = desired
@@ -1013,6 +1022,15 @@ mod tests {
         assert_eq!(e.reason, "Crashed", "{}", e.message);
         assert_eq!(p.backoff.get(&key).map(|b| b.crashes), Some(1));
         assert_eq!(p.restarts.get(&key), Some(&1));
+
+        // Once the revision is no longer wanted, its crash record goes.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        p.reconcile(&Desired::new(), &store, now)
+            .expect("reconcile");
+        assert!(!p.backoff.contains_key(&key));
+        assert_eq!(p.restarts("web", "r1"), 0);
     }
 
     #[test]
