@@ -233,10 +233,16 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The controller runs on one thread: its work is mostly waiting (probes, scrapes,
+    // the proxy's socket, SQLite on the local disk), and each runtime thread keeps its
+    // own allocator pages and stack: on two workers it held 8.0 MB at the chaos soak's
+    // 10th rollout, on one 6.5 MB (BENCHMARKS.md, "Where the memory goes").
+    let mut builder = if matches!(cli.command, Cmd::Up(_)) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
