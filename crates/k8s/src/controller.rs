@@ -549,18 +549,26 @@ async fn observe_replicasets(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     Ok(match cache {
-        // Every revision the engine knows, and the current one: lookups by name.
-        Some(store) => prev
-            .revisions
-            .iter()
-            .map(|r| r.name.clone())
-            .chain(std::iter::once(current_rev.to_string()))
-            .filter_map(|rev| {
-                let key = kube::runtime::reflector::ObjectRef::new(&workload::rs_name(name, &rev))
-                    .within(ns);
-                store.get(&key).map(|rs| (rev, (*rs).clone()))
-            })
-            .collect(),
+        // Every revision the engine knows, and the current one: lookups by name. Only
+        // once the cache holds what exists, or the reconcile would create it again (the
+        // controller drives the watch that fills it meanwhile).
+        Some(store) => {
+            store
+                .wait_until_ready()
+                .await
+                .map_err(|_| Error::CacheGone)?;
+            prev.revisions
+                .iter()
+                .map(|r| r.name.clone())
+                .chain(std::iter::once(current_rev.to_string()))
+                .filter_map(|rev| {
+                    let key =
+                        kube::runtime::reflector::ObjectRef::new(&workload::rs_name(name, &rev))
+                            .within(ns);
+                    store.get(&key).map(|rs| (rev, (*rs).clone()))
+                })
+                .collect()
+        }
         None => workload::observe(&Api::namespaced(ctx.client.clone(), ns), name).await?,
     })
 }
@@ -1090,27 +1098,28 @@ pub async fn run(
     };
     let ctx2 = ctx.clone();
     let (reader, writer) = kube::runtime::reflector::store::<ReplicaSet>();
-    // With a backoff: a watcher without one retries a failing API server at once, and
-    // this loop, which only drains the stream, then never yields its thread (found as
-    // a test runtime that could not shut down once its fake API server was gone).
-    let cache = kube::runtime::reflector(
+    // One watch of the ReplicaSets both fills the cache reconciles read and triggers
+    // them, each change in the cache before its trigger. With a watch of each, a
+    // reconcile could run on a change its cache had not seen yet, find the Rollout
+    // settled, and wait the idle requeue (30 s) for the next look.
+    // With a backoff: without one a watcher retries a failing API server at once and
+    // never yields its thread (found as a test runtime that could not shut down once its
+    // fake API server was gone).
+    let replicasets = kube::runtime::reflector(
         writer,
         watcher(
-            rss.clone(),
+            rss,
             watcher::Config::default().labels(workload::ROLLOUT_LABEL),
         )
         .default_backoff(),
     )
-    .for_each(|_| async {});
-    *ctx.replicasets.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader.clone());
+    .touched_objects();
+    *ctx.replicasets.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader);
     // A bounded number of reconciles at once: beyond the API server's parallelism more
     // only queue inside it, and a Rollout waits in the work queue instead.
     let controller = Controller::new(rollouts, watcher::Config::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(16))
-        .owns(
-            rss,
-            watcher::Config::default().labels(workload::ROLLOUT_LABEL),
-        )
+        .owns_stream(replicasets)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx2)
         .for_each(|r| async move {
@@ -1118,13 +1127,5 @@ pub async fn run(
                 tracing::debug!(error = %e, "controller event");
             }
         });
-    // Reconcile only once the cache holds what exists, or it would recreate it.
-    let main = async move {
-        let _ = reader.wait_until_ready().await;
-        controller.await;
-    };
-    tokio::select! {
-        _ = cache => {}
-        _ = main => {}
-    }
+    controller.await;
 }

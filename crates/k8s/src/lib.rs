@@ -29,6 +29,9 @@ pub enum Error {
     /// The audit trail refused an entry, or its key or head is unusable.
     #[error("audit trail: {0}")]
     Audit(String),
+    /// The ReplicaSet watch ended before its first full list: nothing to reconcile on.
+    #[error("the ReplicaSet cache ended before it held what exists")]
+    CacheGone,
 }
 
 /// Milliseconds since the Unix epoch: read here, handed to the pure engine.

@@ -174,14 +174,27 @@ async fn wait_for<T>(limit: Duration, what: &str, mut f: impl AsyncFnMut() -> Op
         }
         assert!(
             Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
+            "timed out after {limit:?} waiting for {what}; the last status read: {}",
+            LAST_STATUS.lock().map(|s| s.clone()).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
+/// The last Rollout status a test read, for `wait_for`'s timeout message: a wait that
+/// ran out says where the rollout stood (nextest runs each test in its own process).
+static LAST_STATUS: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
 async fn status(api: &Api<Rollout>, name: &str) -> Value {
-    serde_json::to_value(api.get(name).await.expect("rollout").status).expect("json")
+    let ro = api.get(name).await.expect("rollout");
+    let s = serde_json::to_value(&ro.status).expect("json");
+    if let Ok(mut last) = LAST_STATUS.lock() {
+        *last = format!(
+            "{name} (generation {:?}, resourceVersion {:?}): {s}",
+            ro.metadata.generation, ro.metadata.resource_version
+        );
+    }
+    s
 }
 
 /// The `web` HTTPRoute as the fake API stores it.
@@ -1371,15 +1384,26 @@ async fn an_api_server_that_fails_every_request_is_retried_with_backoff_not_in_a
         Some("default".into()),
         std::future::pending(),
     ));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The ReplicaSet watch (one: it fills the cache and triggers reconciles) backs off
+    // from 0.8 s, with jitter: its second attempt within seconds; without a backoff,
+    // thousands of attempts by then.
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(15);
+    while rs_requests.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        rs_requests.load(Ordering::SeqCst) >= 2,
+        "the watch did not try again in 15 s"
+    );
+    // Two seconds more: a watch retrying in a loop would make thousands.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     op.abort();
     let n = rs_requests.load(Ordering::SeqCst);
-    // Two ReplicaSet watchers (the cache and the controller's), each backing off from
-    // 0.8 s: a handful of attempts in 3 s; without a backoff, thousands.
-    assert!(n >= 2, "the watchers did try: {n}");
     assert!(
         n < 40,
-        "{n} ReplicaSet requests in 3 s: retried without backoff"
+        "{n} ReplicaSet requests in {:?}: retried without backoff",
+        started.elapsed()
     );
 }
 
