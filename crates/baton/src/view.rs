@@ -66,7 +66,7 @@ pub fn rollout(
     let now = crate::now_ms();
     let obs = platform.observe(name, spec.spec.min_ready_seconds.saturating_mul(1000), now);
     let instances = platform.instances(name);
-    let v = baton_driver::view::rollout(
+    let mut v = baton_driver::view::rollout(
         name,
         spec,
         status,
@@ -89,6 +89,7 @@ pub fn rollout(
             }
         },
     );
+    v.baton_error = platform.state_disk_full();
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
@@ -157,6 +158,13 @@ pub fn render(v: &Value) -> String {
             o,
             "Routing:   ✖ not served as asked: {}",
             text(&v["routingError"], "")
+        );
+    }
+    if v["batonError"].is_string() {
+        let _ = writeln!(
+            o,
+            "Baton:     ✖ its own problem, not the rollout's: {}",
+            text(&v["batonError"], "")
         );
     }
     if let Some(step) = v["step"].as_object() {
@@ -405,6 +413,26 @@ mod tests {
             "events": [{"at": 0, "action": "step", "reason": FORGED}],
         });
         no_raw_controls(&render_history(&h));
+    }
+
+    /// The soak filled the state disk: status said only "Progressing", the instances
+    /// exiting for want of room went unexplained.
+    #[test]
+    fn status_shows_batons_own_problem_on_a_line_of_its_own() {
+        let mut v = json!({
+            "name": "web", "phase": "Progressing", "message": "rolling out #2 (v2)",
+            "strategy": "canary", "listen": "127.0.0.1:8080", "revisions": [], "gates": [],
+        });
+        assert!(!render(&v).contains("Baton:"), "{}", render(&v));
+        v["batonError"] =
+            json!("the disk of Baton's state directory is full (4096 bytes free under /s/logs)");
+        let text = render(&v);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Baton:"))
+            .unwrap_or_else(|| panic!("no Baton line: {text}"));
+        assert!(line.contains("not the rollout's"), "{line}");
+        assert!(line.contains("4096 bytes free"), "{line}");
     }
 
     #[test]

@@ -74,6 +74,10 @@ pub struct RolloutView {
     /// route it had): `revisions[].servedWeight` is what it serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing_error: Option<String>,
+    /// A failure of Baton's own that holds the rollout back (on one machine, a full
+    /// state disk): said apart, never laid on the rollout's instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baton_error: Option<String>,
     pub revisions: Vec<RevisionView>,
     pub gates: Vec<GateView>,
     /// Kubernetes conditions, on a cluster.
@@ -243,6 +247,7 @@ pub fn rollout(
         router_acked,
         listen,
         routing_error: routing.refusal,
+        baton_error: None,
         revisions,
         gates: status
             .gates

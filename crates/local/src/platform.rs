@@ -305,6 +305,17 @@ impl Platform {
         Ok(())
     }
 
+    /// Why rollouts may be held back by Baton itself: its state directory's disk is
+    /// full, where instances write their output (they exit when they cannot) and the
+    /// state is kept.
+    pub fn state_disk_full(&self) -> Option<String> {
+        let free = (self.free_space)(&self.log_dir).filter(|f| *f < FULL_DISK_BYTES)?;
+        Some(format!(
+            "the disk of Baton's state directory is full ({free} bytes free under {}): instances that cannot write their output there exit, and are started again once there is room",
+            self.log_dir.display()
+        ))
+    }
+
     /// Ports no instance started from now on is given (replacing the last set).
     pub fn reserve_ports(&mut self, ports: BTreeSet<u16>) {
         self.reserved = ports;
@@ -1012,11 +1023,15 @@ mod tests {
         let e = first_exit(&mut p, &store, &desired).await;
         assert_eq!(e.reason, "StateDiskFull", "{}", e.message);
         assert!(e.message.contains("4096 bytes free"), "{}", e.message);
+        // And `baton status` says so, apart from the rollout's own state.
+        let said = p.state_disk_full().expect("a full disk is reported");
+        assert!(said.contains("4096 bytes free"), "{said}");
         assert_eq!(p.backoff.get(&key).map(|b| b.crashes), Some(0));
         assert_eq!(p.restarts.get(&key), None);
 
         // With room on the disk, the same exit is the revision's crash.
         p.free_space = |_| Some(1 << 30);
+        assert_eq!(p.state_disk_full(), None);
         p.backoff.clear();
         let e = first_exit(&mut p, &store, &desired).await;
         assert_eq!(e.reason, "Crashed", "{}", e.message);
