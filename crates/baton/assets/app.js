@@ -197,8 +197,13 @@ function weightTexts(rev) {
   return [`${s} %`, ''];
 }
 
+// Warnings on a rollout: the router's refusal, and Baton's own trouble (a full state
+// disk), each said apart from the rollout's state.
 function routingText(r) {
-  return r.routingError ? `⚠ Not served as asked: ${r.routingError}` : '';
+  const w = [];
+  if (r.routingError) w.push(`⚠ Not served as asked: ${r.routingError}`);
+  if (r.batonError) w.push(`⚠ Baton's own problem, not the rollout's: ${r.batonError}`);
+  return w.join(' · ');
 }
 
 function patchPhase(badge, phase) {
@@ -237,7 +242,7 @@ function patchListRow(tr, r) {
   const $ = tr.$;
   setText($.link, r.name);
   setText($.warn, routingText(r));
-  setAttr($.warn, 'hidden', !r.routingError);
+  setAttr($.warn, 'hidden', !routingText(r));
   patchPhase($.phase, r.phase);
   setText($.strategy, r.strategy);
   setText($.step, stepText(r));
@@ -528,7 +533,7 @@ function rolloutView(name) {
       patchPhase($.phase, r.phase);
       setText($.about, `${r.strategy} · ${r.listen}`);
       setText($.routing, routingText(r));
-      setAttr($.routing, 'hidden', !r.routingError);
+      setAttr($.routing, 'hidden', !routingText(r));
       setText($.message, r.message || '-');
       for (const p of panels) p.update(r);
     },
