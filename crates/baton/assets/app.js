@@ -199,7 +199,7 @@ function weightTexts(rev) {
 
 // Warnings on a rollout: the router's refusal, and Baton's own trouble (a full state
 // disk), each said apart from the rollout's state.
-function routingText(r) {
+function warningText(r) {
   const w = [];
   if (r.routingError) w.push(`⚠ Not served as asked: ${r.routingError}`);
   if (r.batonError) w.push(`⚠ Baton's own problem, not the rollout's: ${r.batonError}`);
@@ -241,8 +241,8 @@ function listRow(r) {
 function patchListRow(tr, r) {
   const $ = tr.$;
   setText($.link, r.name);
-  setText($.warn, routingText(r));
-  setAttr($.warn, 'hidden', !routingText(r));
+  setText($.warn, warningText(r));
+  setAttr($.warn, 'hidden', !warningText(r));
   patchPhase($.phase, r.phase);
   setText($.strategy, r.strategy);
   setText($.step, stepText(r));
@@ -532,8 +532,8 @@ function rolloutView(name) {
       setText($.name, r.name);
       patchPhase($.phase, r.phase);
       setText($.about, `${r.strategy} · ${r.listen}`);
-      setText($.routing, routingText(r));
-      setAttr($.routing, 'hidden', !routingText(r));
+      setText($.routing, warningText(r));
+      setAttr($.routing, 'hidden', !warningText(r));
       setText($.message, r.message || '-');
       for (const p of panels) p.update(r);
     },
