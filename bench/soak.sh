@@ -5,10 +5,10 @@
 # exchange (trade by canary, notification by canary, user by blue-green) under its
 # trader: orders with idempotency keys and WebSocket feeds. An instance is SIGKILLed in
 # every rollout of hello, trade and user (of the blue-green ones, an active one: a
-# preview instance killed during its smoke test rightly fails it); the controller is SIGKILLed (and started
-# again) and the proxy hot-restarted every 10 rollouts; the state directory's disk (a
-# 64 MB tmpfs, when root) fills up once. Loopback only; bounded in time; stops
-# everything it started.
+# preview instance killed during its smoke test rightly fails it); the controller is
+# SIGKILLed (and started again) and the proxy hot-restarted every 10 rollouts; the
+# state directory's disk (a 64 MB tmpfs, when root) fills up once. Loopback only;
+# bounded in time; stops everything it started.
 #
 # Usage: bench/soak.sh [--rollouts N] [--minutes M]   (default: 100 rollouts, no time cap)
 #   BATON=path     the baton binary (default target/debug/baton, as scripts/test builds it)
