@@ -35,7 +35,7 @@ fn class(status: u16) -> usize {
 
 pub struct RevisionMetrics {
     /// One per data-plane thread and one for every other thread: some 6.6 kB each,
-    /// kept for every revision of the last two minutes.
+    /// kept while the revision is routed or a request in flight holds it ([`Counters`]).
     shards: Box<[Shard]>,
 }
 
@@ -253,10 +253,10 @@ impl Metrics {
         }
     }
 
-    /// Forgets the counters of revisions that no table has named for `keep`: each holds
-    /// 6.6 kB per counter set (fine histograms), and kept for every revision ever
-    /// routed they grew the proxy by every deploy (and every stats read, and the
-    /// exposition's series, with it).
+    /// Forgets the counters of revisions that no table has named for `keep`, and
+    /// freezes those nothing can count into. Kept for every revision ever routed they
+    /// grew the proxy by every deploy (and every stats read, and the exposition's
+    /// series, with it).
     pub fn retire(&self, in_table: &HashSet<(String, String)>, now: Instant, keep: Duration) {
         let mut map = self.by_revision.lock().unwrap_or_else(|p| p.into_inner());
         let mut since = self
