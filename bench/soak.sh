@@ -472,9 +472,10 @@ if trader:
         failures.append(f"the trader had {trader_failed} failed requests not answered by a broken version: {ours[:5]}")
 growth = lambda a, b: (int(b) - int(a)) / int(a) * 100 if int(a) > 0 else 0.0
 gu, gp = growth(u10, uend), growth(p10, pend)
-# One sample is a lottery: between two hot restarts the proxy climbs by a quarter, and
-# samples of one run at the same point of a life moved between 6.3 and 8.7 MB. So the
-# medians of rollouts 10-19 and of the last ten are held to the same limit.
+# One sample is a lottery: between two hot restarts the proxy climbed by a quarter, and
+# samples of one run at the same point of a life moved between 6.3 and 8.7 MB (before
+# its retired counters were frozen). So the medians of rollouts 10-19 and of the last
+# ten are held to the same limit.
 rss_file = f"{work}/rss.tsv"
 curve = [l.split("\t") for l in open(rss_file) if l.strip()] if os.path.exists(rss_file) else []
 def median(xs):
