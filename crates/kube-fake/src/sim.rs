@@ -104,11 +104,18 @@ impl Sim {
             // Pods being deleted no longer count, as for the ReplicaSet controller.
             let mut mine: Vec<&Value> = by_owner.get(uid).cloned().unwrap_or_default();
             mine.retain(|p| p["metadata"]["deletionTimestamp"].is_null());
+            // The last is deleted first: as the ReplicaSet controller ranks them, a pod
+            // not ready before a ready one, then the newest. By creation time alone (whole
+            // seconds) a restart's surge scaled away a ready pod beside one still
+            // starting, and the operator's test saw capacity drop to 2 of 3.
             mine.sort_by_key(|p| {
-                p["metadata"]["creationTimestamp"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string()
+                (
+                    !ready(p),
+                    p["metadata"]["creationTimestamp"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                )
             });
             while mine.len() > want {
                 if let Some(p) = mine.pop() {
@@ -306,5 +313,59 @@ impl Sim {
             }]});
             self.set_status(&key, &r, status);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replicaset_scaled_down_deletes_a_pod_that_is_not_ready_first() {
+        let store = Store::default();
+        let rs = store
+            .create(
+                &Key::new("apps/v1", "replicasets", Some("default"), ""),
+                json!({"metadata": {"name": "web"}, "spec": {"replicas": 2, "template": {}}}),
+            )
+            .expect("replicaset");
+        let pod = |name: &str, ready: bool| {
+            store
+                .create(
+                    &Key::new("v1", "pods", Some("default"), ""),
+                    json!({
+                        "metadata": {"name": name, "ownerReferences": [{"uid": rs["metadata"]["uid"]}]},
+                        "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+                    }),
+                )
+                .expect("pod")
+        };
+        // The one still starting is the oldest: by creation time alone a ready one went.
+        let starting = pod("web-starting", false);
+        let born = starting["metadata"]["creationTimestamp"].clone();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while crate::store::now_rfc3339() == born.as_str().unwrap_or("") {
+            assert!(
+                Instant::now() < deadline,
+                "the clock's second never changed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pod("web-a", true);
+        pod("web-b", true);
+        let mut sim = Sim {
+            store: store.clone(),
+            cfg: SimConfig::default(),
+            born: HashMap::new(),
+            routes: HashMap::new(),
+        };
+        sim.workloads("apps/v1", "replicasets", "ReplicaSet");
+        let (left, _) = store.list("v1", "pods", Some("default"));
+        let mut names: Vec<_> = left
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["web-a", "web-b"]);
     }
 }
