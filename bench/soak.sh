@@ -413,6 +413,7 @@ verify=$(b audit verify 2>&1) || failures+=("audit verify: $verify")
 VM="${vm10_up:-0} $vm_end_up ${vm10_proxy:-0} $vm_end_proxy" DISK="$disk_report" DISK_AT="$disk_at" BROKEN="${broken_versions[*]}" python3 - "$work" "$done_rollouts" "$promoted" "$rolled_back" "$killed" "$controller_kills" "$proxy_restarts" \
   "${rss10_up:-0}" "$rss_end_up" "${rss10_proxy:-0}" "$rss_end_proxy" "$(( $(date +%s) - start ))" "${failures[@]}" <<'PY'
 import glob, json, os, re, sys
+from statistics import median
 work, n, promoted, rolled, killed, ckills, prestarts, u10, uend, p10, pend, secs = sys.argv[1:13]
 failures = sys.argv[13:]
 total = failed = 0
@@ -478,9 +479,6 @@ gu, gp = growth(u10, uend), growth(p10, pend)
 # ten are held to the same limit.
 rss_file = f"{work}/rss.tsv"
 curve = [l.split("\t") for l in open(rss_file) if l.strip()] if os.path.exists(rss_file) else []
-def median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 mu = mp = None
 if len(curve) >= 29:
     first, last = curve[9:19], curve[-10:]
